@@ -1,0 +1,271 @@
+"""The robot cell actor: one per robot, in its own process (the simulator is CPU-bound).
+
+Loop: ask the scheduler for a lease, reset the scene with the lease's seed, run the policy (in its
+sandbox process: observations in, actions out, every action checked), ask the verifier for the
+verdict on the trusted final state, report the episode. Per-step control never crosses the bus.
+
+The cell records its own state changes (idle, resetting, running, verifying, faulted) as time
+segments and ships them with heartbeats and reports, so MRU is computed from what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import trio
+
+from actors.runtime import Actor
+from bus.messages import (
+    Array,
+    Attempt,
+    CellState,
+    EpisodeReport,
+    Failure,
+    Heartbeat,
+    Hello,
+    JobKind,
+    Lease,
+    LeaseRequest,
+    NoWork,
+    Segment,
+    Trajectory,
+    Verdict,
+    VerifyReply,
+    VerifyRequest,
+    Welcome,
+)
+from bus.transport import RequestClient
+from enpire.safety import ActionLimits, check_action
+from enpire.sandbox import PolicyError, PolicySandbox, SandboxLimits
+from hw.driver import Driver
+
+
+class Timeline:
+    """The cell's state over time; closed segments wait here until the scheduler acknowledges them."""
+
+    def __init__(self, clock=time.time):
+        self._clock = clock
+        self._lock = threading.Lock()  # the episode runs in a worker thread, heartbeats in trio
+        self.state: CellState = "idle"
+        self.kind: JobKind | None = None
+        self._since = clock()
+        self._closed: list[Segment] = []
+
+    def enter(self, state: CellState, kind: JobKind | None = None) -> None:
+        with self._lock:
+            now = self._clock()
+            if now > self._since:
+                self._closed.append(Segment(self.state, self._since, now, self.kind))
+            self.state, self.kind, self._since = state, kind, now
+
+    def take(self) -> list[Segment]:
+        """Closed segments so far; call `acked` with them once delivered."""
+        with self._lock:
+            return list(self._closed)
+
+    def acked(self, segments: list[Segment]) -> None:
+        with self._lock:
+            del self._closed[: len(segments)]
+
+
+def _flagged_report(cell_id: str, lease: Lease, verdict: Verdict, reset_s: float, verify_s: float) -> EpisodeReport:
+    return EpisodeReport(
+        cell_id=cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=verdict, attempts=[],
+        steps=0, reset_s=reset_s, run_s=0.0, verify_s=verify_s, flagged="success_at_reset",
+    )
+
+
+class Cell(Actor):
+    concurrent_handlers = False
+
+    def __init__(
+        self,
+        cell_id: str,
+        connect: str,
+        driver: Driver,
+        sandbox_limits: SandboxLimits,
+        scratch: Path,
+        *,
+        secret: bytes | None = None,
+        real: bool = False,
+    ):
+        self.name = f"cell:{cell_id}"
+        super().__init__()
+        self.cell_id = cell_id
+        self.connect = connect
+        self.driver = driver
+        self.sandbox_limits = sandbox_limits
+        self.scratch = scratch
+        self.secret = secret
+        self.real = real
+        self.timeline = Timeline()
+        self.heartbeat_s = 1.0
+        self.episodes = 0
+
+    async def main(self) -> None:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        sandbox = PolicySandbox(self.sandbox_limits, self.scratch)
+        client = RequestClient(self.connect, sender=self.cell_id, secret=self.secret)
+        try:
+            await client.wait_ready(timeout=60.0)
+            self.driver.connect()
+            welcome = await client.request(
+                Hello(cell_id=self.cell_id, driver=self.driver.name, tasks=[self.driver.task],
+                      host=socket.gethostname(), pid=os.getpid(), real=self.real),
+                timeout=10.0,
+            )
+            if not isinstance(welcome, Welcome):
+                raise RuntimeError(f"scheduler refused the cell: {welcome}")
+            self.heartbeat_s = welcome.heartbeat_s
+            self.log.info("cell_ready", run=welcome.run_id, driver=self.driver.name)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, client)
+                await self._work(client, sandbox)
+        finally:
+            sandbox.close()
+            self.driver.disconnect()
+            client.close()
+
+    async def _heartbeats(self, client: RequestClient) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_s)
+            segments = self.timeline.take()
+            msg = Heartbeat(cell_id=self.cell_id, state=self.timeline.state, segments=segments)
+            reply = await client.request(msg, timeout=max(1.0, self.heartbeat_s), retries=2)
+            if isinstance(reply, Failure) and not reply.retry:
+                raise RuntimeError(f"heartbeat refused: {reply.error}")
+            self.timeline.acked(segments)
+
+    async def _work(self, client: RequestClient, sandbox: PolicySandbox) -> None:
+        while True:
+            self.timeline.enter("idle")
+            reply = await client.request(LeaseRequest(cell_id=self.cell_id, wait_s=2.0), timeout=6.0, retries=10)
+            if isinstance(reply, NoWork):
+                await trio.sleep(reply.retry_after_s)
+                continue
+            if not isinstance(reply, Lease):
+                self.log.warning("lease_refused", reply=str(reply)[:200])
+                await trio.sleep(1.0)
+                continue
+            report = await trio.to_thread.run_sync(self._run_episode, reply, sandbox, client)
+            self.timeline.enter("idle")
+            segments = self.timeline.take()
+            report = _with_segments(report, segments)
+            await client.request(report, timeout=10.0, retries=30)
+            self.timeline.acked(segments)
+            self.episodes += 1
+
+    # ------------------------------------------------------------------ one episode (worker thread)
+
+    def _verify(self, client: RequestClient, lease: Lease) -> Verdict:
+        frame = self.driver.frame() if lease.verifier == "vision" else None
+        request = VerifyRequest(
+            episode_id=lease.episode_id, task=lease.task, state=self.driver.trusted_state(),
+            frame=Array.of(frame) if frame is not None else None,
+        )
+        reply = trio.from_thread.run(lambda: client.request(request, timeout=10.0, retries=10))
+        if not isinstance(reply, VerifyReply):
+            raise RuntimeError(f"verifier failed: {reply}")
+        return reply.verdict
+
+    def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport:
+        t0 = time.perf_counter()
+        self.timeline.enter("resetting", lease.kind)
+        obs = self.driver.reset(lease.seed)
+        reset_s = time.perf_counter() - t0
+        self.timeline.enter("verifying", lease.kind)
+        t1 = time.perf_counter()
+        at_reset = self._verify(client, lease)
+        if at_reset.success:  # nothing to learn from this seed; the scheduler replaces it
+            return _flagged_report(self.cell_id, lease, at_reset, reset_s, time.perf_counter() - t1)
+        verify_s = time.perf_counter() - t1
+
+        limits = ActionLimits(
+            dim=len(self.driver.action_low), low=self.driver.action_low, high=self.driver.action_high,
+            max_delta=lease.max_delta,
+        )
+        observations, actions, rewards = [obs], [], []
+        attempts: list[Attempt] = []
+        run_s = 0.0
+        error = ""
+        try:
+            sandbox.load(lease.policy.files, lease.policy.spec.params)
+        except PolicyError as e:
+            error = f"policy_error: {e}"
+        for k in range(lease.attempts):
+            if error:
+                break
+            self.timeline.enter("running", lease.kind)
+            t2 = time.perf_counter()
+            if k > 0:
+                last = attempts[-1].verdict
+                sandbox.notify_failure({"attempt": k, "reason": last.reason, "score": last.score})
+            steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards)
+            run_s += time.perf_counter() - t2
+            self.timeline.enter("verifying", lease.kind)
+            t3 = time.perf_counter()
+            verdict = self._verify(client, lease)
+            verify_s += time.perf_counter() - t3
+            if error:  # a violation or policy fault ends the episode whatever the scene looks like
+                verdict = Verdict(success=False, score=verdict.score, reason=error, verifier=verdict.verifier)
+            attempts.append(Attempt(verdict=verdict, steps=steps))
+            if verdict.success:
+                break
+        if not attempts:
+            attempts.append(Attempt(Verdict(False, 0.0, error, "cell"), 0))
+        self.timeline.enter("idle")
+        trajectory = Trajectory(
+            observations=Array.of(np.asarray(observations, dtype=np.float32)),
+            actions=Array.of(np.asarray(actions, dtype=np.float32).reshape(-1, limits.dim)),
+            rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
+        )
+        return EpisodeReport(
+            cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=attempts[0].verdict,
+            attempts=attempts, steps=sum(a.steps for a in attempts), reset_s=reset_s, run_s=run_s,
+            verify_s=verify_s, trajectory=trajectory,
+        )
+
+    def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards) -> tuple[int, str, np.ndarray]:
+        """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs)."""
+        try:
+            sandbox.reset()
+        except PolicyError as e:
+            return 0, f"policy_error: {e}", obs
+        previous = actions[-1] if actions else None
+        missed = 0
+        for step in range(lease.horizon):
+            result = sandbox.act(obs)
+            if result.error:
+                return step, result.error, obs
+            if result.deadline_missed:
+                missed += 1
+                if missed > self.sandbox_limits.max_missed_deadlines:
+                    return step, f"policy_timeout: {missed} consecutive act() deadlines missed", obs
+                if previous is None:
+                    continue  # nothing safe to hold yet: the robot stays where it is
+                action = previous  # hold the last safe action
+            else:
+                missed = 0
+                reason = check_action(result.action, previous, limits)
+                if reason:
+                    return step, reason, obs
+                action = np.asarray(result.action, dtype=np.float64)
+            out = self.driver.step(action)
+            obs = out.observation
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(out.reward)
+            previous = action
+            if out.done:
+                return step + 1, "", obs
+        return lease.horizon, "", obs
+
+
+def _with_segments(report: EpisodeReport, segments: list[Segment]) -> EpisodeReport:
+    return msgspec.structs.replace(report, segments=segments)

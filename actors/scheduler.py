@@ -1,0 +1,511 @@
+"""The scheduler actor: turns jobs into episodes and leases them to free cells.
+
+- Cells pull work (`LeaseRequest`, long-polled) so a free robot is never left waiting for a push.
+- Every episode is leased with a deadline. A lease that expires, or whose cell stops heartbeating, is
+  put back in the queue under the same episode id; the first report for an episode id is recorded
+  and any later one is acknowledged and ignored, so each episode ends with exactly one result.
+- Order: held-out judging of candidates first, then agents' evaluations (fair share between agents),
+  then background work: re-evaluating the champion on further held-out seeds to tighten its interval.
+- Promotion: a candidate replaces the champion only when it is better with statistical confidence on
+  the same held-out seeds (one-sided two-proportion z-test, `metrics.better_with_confidence`).
+
+Everything that must survive a restart (jobs, episodes, champion, cells, timelines) is on the
+blackboard; `setup()` rebuilds the queue from it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from actors.runtime import Actor
+from bus.blackboard import Blackboard
+from bus.messages import (
+    Ack,
+    EpisodeReport,
+    EpisodeSummary,
+    EvalRequest,
+    EvalResult,
+    Failure,
+    Heartbeat,
+    Hello,
+    JobKind,
+    Lease,
+    LeaseRequest,
+    Message,
+    NoWork,
+    PolicyBundle,
+    PolicySpec,
+    PromoteRequest,
+    PromoteResult,
+    Segment,
+    Welcome,
+)
+from bus.records import CellRecord, Champion, EpisodeRecord, JobRecord, TimelineRecord
+from enpire.config import Config
+from enpire.metrics import Utilization, better_with_confidence, utilization
+
+
+@dataclass
+class Episode:
+    episode_id: str
+    job_id: str
+    kind: JobKind
+    task: str
+    seed: int
+    attempts: int
+    policy: PolicySpec
+    priority: int
+    agent: str
+
+
+@dataclass
+class Job:
+    record: JobRecord
+    episode_ids: list[str]
+    results: dict[str, EpisodeRecord] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def complete(self) -> bool:
+        return all(e in self.results for e in self.episode_ids)
+
+
+@dataclass
+class LeaseState:
+    episode: Episode
+    cell_id: str
+    expires: float
+
+
+@dataclass
+class CellState:
+    record: CellRecord
+    segments: list[Segment] = field(default_factory=list)
+    last_heartbeat: float = 0.0
+
+
+class PolicyLoader:
+    """Reads a policy's files for a cell. The daemon gives the workspace's reader here."""
+
+    def __init__(self, read_files):
+        self._read = read_files
+        self._cache: dict[str, dict[str, str]] = {}
+
+    def bundle(self, spec: PolicySpec) -> PolicyBundle:
+        files = self._cache.get(spec.commit)
+        if files is None:
+            files = self._cache[spec.commit] = self._read(spec.commit)
+        return PolicyBundle(spec=spec, files=files)
+
+
+class Scheduler(Actor):
+    name = "scheduler"
+    concurrent_handlers = True  # lease requests long-poll; agents wait for their jobs
+
+    def __init__(self, config: Config, board: Blackboard, policies: PolicyLoader, state_dir: Path, run_id: str):
+        super().__init__()
+        self.config = config
+        self.board = board
+        self.policies = policies
+        self.state_dir = state_dir
+        self.run_id = run_id
+        self.jobs: dict[str, Job] = {}
+        self.pending: dict[str, deque[Episode]] = {}  # per agent (or "judge"), served fairly
+        self.leases: dict[str, LeaseState] = {}
+        self.cells: dict[str, CellState] = {}
+        self.served: dict[str, int] = {}  # episodes leased per agent, for fair share
+        self._work = trio.Event()
+        self._rotation = itertools.count()
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def setup(self) -> None:
+        """Rebuild the queue from the blackboard: unfinished jobs, minus episodes already recorded."""
+        self.jobs.clear()
+        self.pending.clear()
+        self.leases.clear()
+        for _, record in self.board.items("jobs", JobRecord):
+            if record.done:
+                continue
+            self._add_job(record, persist=False)
+        requeued = sum(len(q) for q in self.pending.values())
+        if requeued:
+            self.log.info("queue_restored", jobs=len(self.jobs), episodes=requeued)
+
+    async def main(self) -> None:
+        while True:
+            await trio.sleep(0.25)
+            self._expire(time.time())
+
+    # ------------------------------------------------------------------ messages
+
+    async def handle(self, msg: Message) -> Message:
+        match msg:
+            case LeaseRequest():
+                return await self._lease(msg)
+            case EpisodeReport():
+                return await self._report(msg)
+            case Heartbeat():
+                return self._heartbeat(msg)
+            case Hello():
+                return self._hello(msg)
+            case EvalRequest():
+                return await self._eval(msg)
+            case PromoteRequest():
+                return await self._promote(msg)
+        return Failure(error=f"scheduler does not handle {type(msg).__name__}")
+
+    def _hello(self, msg: Hello) -> Welcome:
+        now = time.time()
+        previous = self.cells.get(msg.cell_id)
+        record = CellRecord(msg.cell_id, msg.driver, msg.host, msg.pid, joined=now, last_seen=now, real=msg.real)
+        if previous is not None:  # a restarted cell keeps its place in the MRU window
+            record.joined = previous.record.joined
+            self._release_cell(msg.cell_id, "cell restarted")
+        self.cells[msg.cell_id] = CellState(record, previous.segments if previous else [], now)
+        self.board.put("cells", msg.cell_id, record)
+        self.log.info("cell_joined", cell=msg.cell_id, host=msg.host, pid=msg.pid, driver=msg.driver)
+        return Welcome(run_id=self.run_id, heartbeat_s=self.config.scheduler.heartbeat_s)
+
+    def _heartbeat(self, msg: Heartbeat) -> Message:
+        cell = self.cells.get(msg.cell_id)
+        if cell is None:
+            return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
+        cell.last_heartbeat = cell.record.last_seen = time.time()
+        cell.record.state = msg.state
+        self._add_segments(msg.cell_id, msg.segments)
+        return Ack()
+
+    async def _lease(self, msg: LeaseRequest) -> Message:
+        cell = self.cells.get(msg.cell_id)
+        if cell is None:
+            return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
+        with trio.move_on_after(min(msg.wait_s, 10.0)):
+            while True:
+                episode = self._next_episode()
+                if episode is not None:
+                    return self._grant(episode, msg.cell_id)
+                await self._work.wait()
+        return NoWork(retry_after_s=0.0)
+
+    def _grant(self, episode: Episode, cell_id: str) -> Lease:
+        task = self.config.task(episode.task)
+        lease_id = uuid.uuid4().hex[:12]
+        self.leases[lease_id] = LeaseState(episode, cell_id, time.time() + self.config.scheduler.lease_s)
+        self.served[episode.agent] = self.served.get(episode.agent, 0) + 1
+        return Lease(
+            lease_id=lease_id,
+            episode_id=episode.episode_id,
+            job_id=episode.job_id,
+            kind=episode.kind,
+            task=episode.task,
+            seed=episode.seed,
+            attempts=episode.attempts,
+            policy=self.policies.bundle(episode.policy),
+            deadline_s=self.config.scheduler.lease_s,
+            horizon=task.horizon,
+            max_delta=task.limits.max_delta,
+            verifier=task.verifier,
+        )
+
+    async def _report(self, msg: EpisodeReport) -> Message:
+        lease = self.leases.pop(msg.lease_id, None)
+        job_id = lease.episode.job_id if lease else msg.episode_id.rsplit(":", 1)[0]
+        job = self.jobs.get(job_id)
+        self._add_segments(msg.cell_id, msg.segments)
+        episode = lease.episode if lease else self._find_episode(job, msg.episode_id)
+        if job is None or episode is None or msg.episode_id in job.results:
+            return Ack(detail="duplicate or unknown episode; ignored")
+        # A re-leased copy of this episode may still be queued or running: drop it, this result wins.
+        for queue in self.pending.values():
+            for queued in [e for e in queue if e.episode_id == msg.episode_id]:
+                queue.remove(queued)
+        for lease_id in [k for k, v in self.leases.items() if v.episode.episode_id == msg.episode_id]:
+            del self.leases[lease_id]
+
+        trajectory_file = ""
+        if msg.trajectory is not None and self.config.task(episode.task).record_trajectories:
+            trajectory_file = await trio.to_thread.run_sync(self._write_trajectory, msg)
+        record = EpisodeRecord(
+            episode_id=msg.episode_id,
+            job_id=job_id,
+            kind=episode.kind,
+            task=episode.task,
+            seed=episode.seed,
+            policy=episode.policy,
+            cell_id=msg.cell_id,
+            verdict=msg.verdict,
+            success_at_k=any(a.verdict.success for a in msg.attempts) or msg.verdict.success,
+            attempts=len(msg.attempts),
+            steps=msg.steps,
+            reset_s=msg.reset_s,
+            run_s=msg.run_s,
+            verify_s=msg.verify_s,
+            finished=time.time(),
+            trajectory_file=trajectory_file,
+            flagged=msg.flagged,
+        )
+        with self.board.write() as w:
+            if not w.put("episodes", msg.episode_id, record, overwrite=False):
+                return Ack(detail="already recorded")
+            w.incr("episodes")
+            if msg.flagged:
+                w.incr("episodes_flagged")
+        job.results[msg.episode_id] = record
+        if msg.flagged:  # e.g. success at reset: the seed says nothing about the policy; use another
+            self._replace(job, episode)
+        self._job_progress(job)
+        return Ack()
+
+    # ------------------------------------------------------------------ jobs
+
+    async def _eval(self, msg: EvalRequest) -> Message:
+        task = self.config.tasks.get(msg.task)
+        if task is None:
+            return Failure(error=f"unknown task {msg.task!r}")
+        heldout = task.heldout_seeds.seeds()
+        if any(s in heldout for s in msg.seeds):
+            return Failure(error="held-out seeds are reserved for judging; evaluate on tuning seeds")
+        if not msg.seeds:
+            return Failure(error="an evaluation needs at least one seed")
+        job = self.jobs.get(msg.job_id) or self._job_from_board(msg.job_id)
+        if job is None:
+            record = JobRecord(
+                msg.job_id, msg.agent, "agent", msg.task, msg.policy, list(msg.seeds),
+                msg.attempts, msg.priority, time.time(),
+            )
+            job = self._add_job(record)
+        await job.done.wait()
+        return self._eval_result(job)
+
+    async def _promote(self, msg: PromoteRequest) -> Message:
+        task = self.config.tasks.get(msg.task)
+        if task is None:
+            return Failure(error=f"unknown task {msg.task!r}")
+        job = self.jobs.get(msg.job_id) or self._job_from_board(msg.job_id)
+        if job is None:
+            seeds = list(task.heldout_seeds.seeds()[: self.config.scheduler.promote_seeds])
+            record = JobRecord(
+                msg.job_id, msg.agent, "heldout", msg.task, msg.policy, seeds, 1, 100, time.time(), purpose="promote"
+            )
+            job = self._add_job(record)
+        await job.done.wait()
+        return self._judge(job)
+
+    def _judge(self, job: Job) -> PromoteResult:
+        """Decide promotion once, when the held-out judging job completes; idempotent afterwards."""
+        counted = [r for r in job.results.values() if not r.flagged]
+        s, n = sum(r.verdict.success for r in counted), len(counted)
+        task = job.record.task
+        champion = self.board.get("champion", task, Champion)
+        cs, cn = (champion.judged_successes, champion.judged_n) if champion else (0, 0)
+        if champion and champion.policy == job.record.policy:
+            promoted, detail = True, "already the champion"
+        elif better_with_confidence(s, n, cs, cn, self.config.scheduler.alpha):
+            promoted, detail = True, f"{s}/{n} beats {cs}/{cn} (one-sided z-test, alpha {self.config.scheduler.alpha})"
+            new = Champion(task, job.record.policy, judged_successes=s, judged_n=n, promoted=time.time(),
+                           agent=job.record.agent, confirm_next=self.config.scheduler.promote_seeds)
+            self.board.put("champion", task, new)
+            self.log.info("champion_promoted", task=task, policy=job.record.policy.ref, successes=s, n=n,
+                          previous=champion.policy.ref if champion else "")
+            self._work.set()
+        else:
+            promoted, detail = False, f"{s}/{n} is not better than {cs}/{cn} with confidence"
+        return PromoteResult(
+            job_id=job.record.job_id, policy=job.record.policy, promoted=promoted, successes=s, n=n,
+            champion_successes=cs, champion_n=cn, detail=detail,
+        )
+
+    def _add_job(self, record: JobRecord, persist: bool = True) -> Job:
+        ids = [f"{record.job_id}:{i}" for i in range(len(record.seeds))]
+        job = Job(record, ids)
+        if persist:
+            self.board.put("jobs", record.job_id, record)
+        else:  # resuming: results recorded before the restart count
+            for eid in ids:
+                done = self.board.get("episodes", eid, EpisodeRecord)
+                if done is not None:
+                    job.results[eid] = done
+        self.jobs[record.job_id] = job
+        queue = self.pending.setdefault("judge" if record.kind == "heldout" else record.agent, deque())
+        for eid, seed in zip(ids, record.seeds):
+            if eid not in job.results:
+                queue.append(self._episode(record, eid, seed))
+        self._job_progress(job)
+        self._work.set()
+        return job
+
+    def _job_from_board(self, job_id: str) -> Job | None:
+        record = self.board.get("jobs", job_id, JobRecord)
+        if record is None:
+            return None
+        job = Job(record, [f"{job_id}:{i}" for i in range(len(record.seeds))])
+        for eid in job.episode_ids:
+            done = self.board.get("episodes", eid, EpisodeRecord)
+            if done is not None:
+                job.results[eid] = done
+        self.jobs[job_id] = job
+        job.done.set()
+        return job
+
+    def _episode(self, record: JobRecord, episode_id: str, seed: int) -> Episode:
+        return Episode(episode_id, record.job_id, record.kind, record.task, seed, record.attempts, record.policy,
+                       record.priority, record.agent)
+
+    def _replace(self, job: Job, episode: Episode) -> None:
+        task = self.config.task(episode.task)
+        pool = task.heldout_seeds if episode.kind != "agent" else task.tuning_seeds
+        seed = pool.start + (episode.seed - pool.start + 7919) % pool.count
+        eid = f"{job.record.job_id}:r{len(job.episode_ids)}"
+        job.episode_ids.append(eid)
+        job.episode_ids.remove(episode.episode_id)
+        replacement = Episode(eid, episode.job_id, episode.kind, episode.task, seed, episode.attempts,
+                              episode.policy, episode.priority, episode.agent)
+        self.pending.setdefault(episode.agent if episode.kind == "agent" else "judge", deque()).appendleft(replacement)
+        self._work.set()
+
+    def _job_progress(self, job: Job) -> None:
+        if job.complete and not job.done.is_set():
+            job.record.done = True
+            self.board.put("jobs", job.record.job_id, job.record)
+            job.done.set()
+            if job.record.purpose == "confirm":
+                self._confirmed(job)
+                del self.jobs[job.record.job_id]  # nobody waits on background jobs
+
+    def _eval_result(self, job: Job) -> EvalResult:
+        episodes = [
+            EpisodeSummary(
+                episode_id=r.episode_id, seed=r.seed, success=r.verdict.success, success_at_k=r.success_at_k,
+                score=r.verdict.score, reason=r.verdict.reason, steps=r.steps,
+            )
+            for eid in job.episode_ids
+            if (r := job.results.get(eid)) is not None and not r.flagged
+        ]
+        return EvalResult(job_id=job.record.job_id, policy=job.record.policy, task=job.record.task, episodes=episodes)
+
+    # ------------------------------------------------------------------ background work
+
+    def _background(self) -> Episode | None:
+        """One more held-out episode for the champion, beyond the seeds it was judged on."""
+        if not self.config.scheduler.background:
+            return None
+        task_name = self.config.cells.task
+        champion = self.board.get("champion", task_name, Champion)
+        if champion is None:
+            return None
+        heldout = self.config.task(task_name).heldout_seeds.seeds()
+        if champion.confirm_next >= len(heldout):
+            return None
+        seed = heldout[champion.confirm_next]
+        job_id = f"confirm-{champion.policy.ref}-{seed}"
+        record = JobRecord(job_id, champion.agent, "background", task_name, champion.policy, [seed], 1, -1,
+                           time.time(), purpose="confirm")
+        champion.confirm_next += 1
+        with self.board.write() as w:
+            w.put("champion", task_name, champion)
+            w.put("jobs", job_id, record)
+        job = Job(record, [f"{job_id}:0"])
+        self.jobs[job_id] = job
+        return self._episode(record, job.episode_ids[0], seed)
+
+    def _confirmed(self, job: Job) -> None:
+        champion = self.board.get("champion", job.record.task, Champion)
+        if champion is None or champion.policy != job.record.policy:
+            return  # the champion changed while this ran: the episode stays recorded, not counted
+        for r in job.results.values():
+            if not r.flagged:
+                champion.successes += r.verdict.success
+                champion.n += 1
+        self.board.put("champion", job.record.task, champion)
+
+    # ------------------------------------------------------------------ queue
+
+    def _next_episode(self) -> Episode | None:
+        judge = self.pending.get("judge")
+        if judge:
+            return judge.popleft()
+        agents = [a for a, q in self.pending.items() if q and a != "judge"]
+        if agents:
+            # Highest priority first, then the agent served least so far (fair share).
+            best = min(agents, key=lambda a: (-self.pending[a][0].priority, self.served.get(a, 0)))
+            return self.pending[best].popleft()
+        self._work = trio.Event() if self._work.is_set() else self._work
+        return self._background()
+
+    def _requeue(self, lease_id: str, why: str) -> None:
+        state = self.leases.pop(lease_id)
+        episode = state.episode
+        job = self.jobs.get(episode.job_id)
+        if job is None or episode.episode_id in job.results:
+            return
+        key = "judge" if episode.kind == "heldout" else episode.agent
+        self.pending.setdefault(key, deque()).appendleft(episode)
+        self.board.incr("episodes_requeued")
+        self.log.warning("lease_requeued", episode=episode.episode_id, cell=state.cell_id, why=why)
+        self._work.set()
+
+    def _release_cell(self, cell_id: str, why: str) -> None:
+        for lease_id in [k for k, v in self.leases.items() if v.cell_id == cell_id]:
+            self._requeue(lease_id, why)
+
+    def _expire(self, now: float) -> None:
+        for lease_id, state in list(self.leases.items()):
+            if state.expires < now:
+                self._requeue(lease_id, "lease expired")
+        silent = 4 * self.config.scheduler.heartbeat_s + 1.0
+        for cell_id, cell in self.cells.items():
+            if cell.record.state != "offline" and now - cell.last_heartbeat > silent:
+                cell.record.state = "offline"
+                self.board.put("cells", cell_id, cell.record)
+                self.log.warning("cell_silent", cell=cell_id, silent_s=round(now - cell.last_heartbeat, 1))
+                self._release_cell(cell_id, "cell stopped heartbeating")
+
+    def _find_episode(self, job: Job | None, episode_id: str) -> Episode | None:
+        """A late report whose lease expired: the episode is queued again or leased to another cell."""
+        if job is None:
+            return None
+        candidates = itertools.chain(*self.pending.values(), (s.episode for s in self.leases.values()))
+        return next((e for e in candidates if e.episode_id == episode_id), None)
+
+    # ------------------------------------------------------------------ records
+
+    def _add_segments(self, cell_id: str, segments: list[Segment]) -> None:
+        cell = self.cells.get(cell_id)
+        if cell is None or not segments:
+            return
+        # A cell's segments are consecutive in its clock; one that starts before the last recorded end
+        # was already delivered (a retried heartbeat), so time is never counted twice.
+        last = cell.segments[-1].end if cell.segments else float("-inf")
+        fresh = [s for s in segments if s.start >= last - 1e-9]
+        if fresh:
+            cell.segments.extend(fresh)
+            self.board.append("timeline", TimelineRecord(cell_id, fresh))
+
+    def _write_trajectory(self, msg: EpisodeReport) -> str:
+        rel = Path("episodes") / (msg.episode_id.replace(":", "_").replace("/", "_") + ".npz")
+        path = self.state_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = msg.trajectory
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, observations=t.observations.numpy(), actions=t.actions.numpy(), rewards=t.rewards.numpy())
+        tmp.replace(path)
+        return str(rel)
+
+    # ------------------------------------------------------------------ status
+
+    def utilization(self, now: float | None = None) -> dict[str, Utilization]:
+        now = now or time.time()
+        return {
+            cid: utilization(c.segments, (c.record.last_seen if c.record.state == "offline" else now) - c.record.joined)
+            for cid, c in self.cells.items()
+        }

@@ -1,0 +1,58 @@
+"""The summarizer actor: condenses the team's findings into a digest of bounded size.
+
+Agents read the digest instead of every peer's findings, so the context an agent sends per turn stays
+the same size however large the team grows. The built-in summarizer is deterministic: outcome counts,
+the best findings ranked by the success they reached, and the most recent ones, each cut to one line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import trio
+
+from actors.runtime import Actor
+from bus.blackboard import Blackboard
+from bus.records import Champion, Digest, Finding
+
+
+def _line(f: Finding, width: int = 160) -> str:
+    text = f"[{f.agent} {f.outcome} {f.score:.0%}] {f.change} :: {f.evidence}"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def write_digest(findings: list[Finding], champion: Champion | None, top: int = 5, recent: int = 3) -> Digest:
+    """Pure: the digest of a list of findings (bounded: top + recent lines whatever the count)."""
+    outcomes = Counter(f.outcome for f in findings)
+    best = sorted((f for f in findings if f.outcome != "note"), key=lambda f: (-f.score, -f.t))[:top]
+    lines = [f"{len(findings)} findings: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))]
+    if champion is not None:
+        rate = champion.judged_successes / max(1, champion.judged_n)
+        lines.append(f"champion {champion.policy.ref} by {champion.agent}: judged {rate:.0%} on {champion.judged_n}")
+    lines.append("best:")
+    lines += ["  " + _line(f) for f in best]
+    lines.append("recent:")
+    lines += ["  " + _line(f) for f in findings[-recent:]]
+    return Digest(t=time.time(), text="\n".join(lines), findings=len(findings), best=best[0].finding_id if best else "")
+
+
+class Summarizer(Actor):
+    name = "summarizer"
+
+    def __init__(self, board: Blackboard, task: str, interval_s: float = 5.0):
+        super().__init__()
+        self.board = board
+        self.task = task
+        self.interval_s = interval_s
+
+    async def main(self) -> None:
+        written = -1
+        while True:
+            count = self.board.count("findings")
+            if count != written:
+                findings = self.board.values("findings", Finding)
+                digest = write_digest(findings, self.board.get("champion", self.task, Champion))
+                self.board.append("digests", digest)
+                written = count
+            await trio.sleep(self.interval_s)

@@ -1,0 +1,36 @@
+"""The verifier actor: success, score and reason come from trusted code only.
+
+It judges the state (and, for vision verification, the camera frame) that the cell's driver read from
+the simulator or scene. It never sees policy output, and nothing an agent writes is loaded here.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from actors.runtime import Actor
+from bus.messages import Message, VerifyReply, VerifyRequest
+from enpire import verify
+
+
+class Verifier(Actor):
+    name = "verifier"
+    concurrent_handlers = True  # verdicts are independent; vision checks run in worker threads
+
+    def __init__(self, task_kinds: dict[str, str]):
+        """task_kinds maps a task name to its verification kind (the task's driver family)."""
+        super().__init__()
+        self.task_kinds = task_kinds
+        self.verdicts = 0
+
+    async def handle(self, msg: Message) -> Message:
+        if not isinstance(msg, VerifyRequest):
+            raise TypeError(f"verifier does not handle {type(msg).__name__}")
+        kind = self.task_kinds.get(msg.task)
+        if kind is None:
+            raise ValueError(f"unknown task {msg.task!r}")
+        frame = msg.frame.numpy() if msg.frame is not None else None
+        method = "vision" if frame is not None else "state"
+        verdict = await trio.to_thread.run_sync(verify.verify, kind, msg.state, frame, method)
+        self.verdicts += 1
+        return VerifyReply(episode_id=msg.episode_id, verdict=verdict)

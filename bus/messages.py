@@ -1,0 +1,316 @@
+"""Every message that crosses the bus: one msgspec tagged union, one module.
+
+A frame on the wire is an `Envelope` encoded with msgpack. The envelope carries the request id that
+makes the acked path idempotent: a receiver that sees an id twice answers with the reply it gave the
+first time instead of acting again.
+
+Rules of thumb:
+- Messages are immutable value objects (frozen Structs); anything that must survive a restart is also
+  written to the blackboard by the actor that owns it.
+- Arrays travel as `Array` (dtype, shape, raw bytes), never pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal, Union
+
+import msgspec
+import numpy as np
+
+
+class Message(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Base of every bus message; the tag is the class name."""
+
+
+# ----------------------------------------------------------------------------- values
+
+
+class Array(msgspec.Struct, frozen=True):
+    """A numpy array as raw bytes: cheap to encode, no pickle."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def of(cls, a: np.ndarray) -> Array:
+        a = np.ascontiguousarray(a)
+        return cls(dtype=a.dtype.str, shape=tuple(a.shape), data=a.tobytes())
+
+    def numpy(self) -> np.ndarray:
+        dtype = np.dtype(self.dtype)
+        if dtype.hasobject:
+            raise ValueError(f"Array with object dtype {self.dtype!r} refused")
+        expected = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        if expected != len(self.data):
+            raise ValueError(f"Array of shape {self.shape} {self.dtype} needs {expected} bytes, got {len(self.data)}")
+        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+
+
+class PolicySpec(msgspec.Struct, frozen=True):
+    """What a cell runs: a commit of the policy workspace, optional parameters, optional checkpoint."""
+
+    commit: str
+    params: dict[str, float] = {}
+    artifact: str = ""  # content hash of a checkpoint in artifacts/, "" for none
+
+    @property
+    def ref(self) -> str:
+        """Short, stable name of this exact candidate (commit + parameters + artifact)."""
+        blob = msgspec.json.encode([self.commit, sorted(self.params.items()), self.artifact])
+        return f"{self.commit[:10]}-{hashlib.sha1(blob).hexdigest()[:8]}"
+
+
+class PolicyBundle(msgspec.Struct, frozen=True):
+    """A policy as shipped to a cell: the spec plus the source files it needs."""
+
+    spec: PolicySpec
+    files: dict[str, str]  # relative path -> source text; must contain "policy.py"
+
+
+class Verdict(msgspec.Struct, frozen=True):
+    success: bool
+    score: float  # task-defined progress in [0, 1] (coverage for Push-T)
+    reason: str  # "success", "timeout", "safety_violation: ...", "policy_error: ...", ...
+    verifier: str  # which trusted check decided: "pusht_state", "pusht_vision", "metaworld"
+
+
+CellState = Literal["idle", "resetting", "running", "verifying", "faulted", "offline"]
+JobKind = Literal["agent", "heldout", "background"]
+
+
+class Segment(msgspec.Struct, frozen=True):
+    """One stretch of a cell's time in one state, in the cell's own clock (durations are what count)."""
+
+    state: CellState
+    start: float
+    end: float
+    kind: JobKind | None = None  # for "running": whose experiment it was
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """One try within a pass@k rollout."""
+
+    verdict: Verdict
+    steps: int
+
+
+# ----------------------------------------------------------------------------- cell <-> scheduler
+
+
+class Hello(Message, frozen=True):
+    cell_id: str
+    driver: str
+    tasks: list[str]
+    host: str
+    pid: int
+    real: bool = False
+    auth: str = ""  # HMAC proof of the shared secret for tcp peers
+
+
+class Welcome(Message, frozen=True):
+    run_id: str
+    heartbeat_s: float
+
+
+class LeaseRequest(Message, frozen=True):
+    cell_id: str
+    wait_s: float = 2.0  # how long the scheduler may hold the request open when there is no work
+
+
+class Lease(Message, frozen=True):
+    lease_id: str
+    episode_id: str
+    job_id: str
+    kind: JobKind
+    task: str
+    seed: int
+    attempts: int  # k of pass@k
+    policy: PolicyBundle
+    deadline_s: float  # lease expires this many seconds after it was granted
+    horizon: int  # steps per attempt
+    max_delta: float  # largest allowed change between consecutive actions
+    verifier: str = "state"  # "state" or "vision"
+
+
+class NoWork(Message, frozen=True):
+    retry_after_s: float
+
+
+class Heartbeat(Message, frozen=True):
+    cell_id: str
+    state: CellState
+    lease_id: str = ""
+    segments: list[Segment] = []  # closed segments since the last acknowledged heartbeat or report
+
+
+class EpisodeReport(Message, frozen=True):
+    """A finished episode. Idempotent by episode_id: the first report wins, later ones are acked only."""
+
+    cell_id: str
+    lease_id: str
+    episode_id: str
+    verdict: Verdict  # pass@1: the first attempt's; pass@k success is any(attempt.verdict.success)
+    attempts: list[Attempt]
+    steps: int
+    reset_s: float
+    run_s: float
+    verify_s: float
+    trajectory: Trajectory | None = None
+    segments: list[Segment] = []
+    flagged: str = ""  # e.g. "success_at_reset" when the seed had to be replaced
+
+
+class Trajectory(msgspec.Struct, frozen=True):
+    observations: Array  # (T+1, obs_dim)
+    actions: Array  # (T, act_dim)
+    rewards: Array  # (T,)
+
+
+class Ack(Message, frozen=True):
+    ok: bool = True
+    detail: str = ""
+
+
+class Failure(Message, frozen=True):
+    """The reply when a request could not be handled: the requester decides whether to retry."""
+
+    error: str
+    retry: bool = False
+
+
+# ----------------------------------------------------------------------------- verifier
+
+
+class VerifyRequest(Message, frozen=True):
+    episode_id: str
+    task: str
+    state: dict[str, list[float]]  # trusted simulator state, as the driver reports it
+    frame: Array | None = None  # rendered camera frame, HxWx3 uint8, for vision verification
+
+
+class VerifyReply(Message, frozen=True):
+    episode_id: str
+    verdict: Verdict
+
+
+# ----------------------------------------------------------------------------- agents <-> scheduler
+
+
+class EvalRequest(Message, frozen=True):
+    job_id: str
+    agent: str
+    task: str
+    policy: PolicySpec
+    seeds: list[int]
+    attempts: int = 1
+    priority: int = 0
+
+
+class EpisodeSummary(msgspec.Struct, frozen=True):
+    episode_id: str
+    seed: int
+    success: bool  # pass@1
+    success_at_k: bool
+    score: float
+    reason: str
+    steps: int
+
+
+class EvalResult(Message, frozen=True):
+    job_id: str
+    policy: PolicySpec
+    task: str
+    episodes: list[EpisodeSummary]
+
+    @property
+    def successes(self) -> int:
+        return sum(e.success for e in self.episodes)
+
+
+class PromoteRequest(Message, frozen=True):
+    """Ask for a candidate to be judged on the held-out seeds against the champion."""
+
+    job_id: str
+    agent: str
+    task: str
+    policy: PolicySpec
+
+
+class PromoteResult(Message, frozen=True):
+    job_id: str
+    policy: PolicySpec
+    promoted: bool
+    successes: int
+    n: int
+    champion_successes: int
+    champion_n: int
+    detail: str
+
+
+# ----------------------------------------------------------------------------- telemetry (pub/sub)
+
+
+class CellStateChanged(Message, frozen=True):
+    cell_id: str
+    state: CellState
+    t: float
+
+
+class Progress(Message, frozen=True):
+    t: float
+    episodes: int
+    champion: str
+    champion_success: float
+    champion_n: int
+    mru: float
+    tokens: int
+
+
+BusMessage = Union[
+    Hello,
+    Welcome,
+    LeaseRequest,
+    Lease,
+    NoWork,
+    Heartbeat,
+    EpisodeReport,
+    Ack,
+    Failure,
+    VerifyRequest,
+    VerifyReply,
+    EvalRequest,
+    EvalResult,
+    PromoteRequest,
+    PromoteResult,
+    CellStateChanged,
+    Progress,
+]
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """One frame on the wire. `id` is unique per logical request; retries reuse it."""
+
+    id: str
+    sender: str
+    body: BusMessage
+
+
+class DecodeError(ValueError):
+    """Raised for bytes that are not a valid Envelope; the message names what was wrong."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode(envelope: Envelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def decode(data: bytes) -> Envelope:
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise DecodeError(f"bad frame ({len(data)} bytes): {e}") from None

@@ -1,0 +1,117 @@
+"""Typed records kept on the blackboard (LMDB). One Struct per table; see `bus/blackboard.py`."""
+
+from __future__ import annotations
+
+import msgspec
+
+from bus.messages import JobKind, PolicySpec, Segment, Verdict
+
+SCHEMA_VERSION = 1
+
+
+class Meta(msgspec.Struct):
+    schema_version: int
+    run_id: str
+    created: float
+
+
+class EpisodeRecord(msgspec.Struct):
+    """One finished episode; keyed by episode_id and written once (the first result wins)."""
+
+    episode_id: str
+    job_id: str
+    kind: JobKind
+    task: str
+    seed: int
+    policy: PolicySpec
+    cell_id: str
+    verdict: Verdict
+    success_at_k: bool
+    attempts: int
+    steps: int
+    reset_s: float
+    run_s: float
+    verify_s: float
+    finished: float  # daemon wall clock
+    trajectory_file: str = ""  # relative to the state dir, "" when not recorded
+    flagged: str = ""
+
+
+class JobRecord(msgspec.Struct):
+    job_id: str
+    agent: str
+    kind: JobKind
+    task: str
+    policy: PolicySpec
+    seeds: list[int]
+    attempts: int
+    priority: int
+    submitted: float
+    done: bool = False
+    purpose: str = "eval"  # "eval", "promote", "champion"
+
+
+class Finding(msgspec.Struct):
+    """What an agent learned: the unit the summarizer condenses and peers read."""
+
+    finding_id: str
+    agent: str
+    t: float
+    hypothesis: str
+    change: str
+    evidence: str
+    outcome: str  # "improved", "no_change", "worse", "inconclusive", "note"
+    fingerprint: str = ""  # of the change (parameters or diff), so peers do not repeat it
+    score: float = 0.0  # success rate the change reached on its evaluation, when it has one
+
+
+class Digest(msgspec.Struct):
+    t: float
+    text: str
+    findings: int  # how many findings it covers
+    best: str = ""
+
+
+class Champion(msgspec.Struct):
+    """The best policy of a task. Two held-out tallies, so the reported figure is unbiased:
+
+    - judged: the promotion seeds it won on (selection happened there, so they flatter it);
+    - confirmed: further held-out seeds run afterwards (background work), never used to choose it.
+    """
+
+    task: str
+    policy: PolicySpec
+    judged_successes: int
+    judged_n: int
+    promoted: float
+    agent: str = ""
+    successes: int = 0  # confirmed
+    n: int = 0
+    confirm_next: int = 0  # index of the next held-out seed to confirm on
+
+
+class CellRecord(msgspec.Struct):
+    cell_id: str
+    driver: str
+    host: str
+    pid: int
+    joined: float
+    last_seen: float
+    state: str = "idle"
+    real: bool = False
+
+
+class TimelineRecord(msgspec.Struct):
+    """A batch of state segments a cell reported, kept for MRU."""
+
+    cell_id: str
+    segments: list[Segment]
+
+
+class TokenRecord(msgspec.Struct):
+    agent: str
+    model: str
+    t: float
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int

@@ -1,0 +1,196 @@
+"""Typed configuration: `enpire.toml` decoded into msgspec Structs, validated at start.
+
+The embedded default is the Structs' own defaults (2 simulated Push-T cells, 1 built-in agent), so
+`python -m enpire.fleet` runs with no file at all. Every problem is reported as one line naming the
+file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SeedRange(Strict):
+    start: NonNegInt
+    count: PositiveInt
+
+    def seeds(self) -> range:
+        return range(self.start, self.start + self.count)
+
+
+class ActionLimitsConfig(Strict):
+    max_delta: PositiveFloat = 100.0  # largest allowed change between consecutive actions
+
+
+class TaskConfig(Strict):
+    driver: str = "pusht"
+    observation: Literal["state"] = "state"
+    horizon: PositiveInt = 300
+    verifier: Literal["state", "vision"] = "state"
+    attempts: PositiveInt = 1  # k of pass@k for evaluations
+    tuning_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=0, count=100_000))
+    heldout_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=1_000_000, count=1_000))
+    limits: ActionLimitsConfig = msgspec.field(default_factory=ActionLimitsConfig)
+    record_trajectories: bool = True
+
+
+class FleetConfig(Strict):
+    state_dir: str = "state"
+    budget_minutes: PositiveFloat = 15.0
+    target: Fraction = 0.9  # held-out success rate of the champion that ends the run
+    min_heldout: PositiveInt = 100  # held-out episodes the champion needs before the target counts
+    progress_s: PositiveFloat = 10.0
+
+
+class CellsConfig(Strict):
+    count: NonNegInt = 2
+    task: str = "pusht"
+    real: bool = False
+
+
+class AgentsConfig(Strict):
+    count: NonNegInt = 1
+    backend: Literal["builtin"] = "builtin"
+    population: PositiveInt = 12  # candidates per search generation
+    seeds_per_candidate: PositiveInt = 6
+
+
+class SchedulerConfig(Strict):
+    lease_s: PositiveFloat = 60.0  # a leased episode not reported by then is re-queued
+    heartbeat_s: PositiveFloat = 1.0
+    background: bool = True  # idle cells re-evaluate the champion on more held-out seeds
+    promote_seeds: PositiveInt = 100  # held-out seeds a candidate is judged on
+    alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.05  # promotion test significance
+
+
+class SandboxConfig(Strict):
+    act_timeout_s: PositiveFloat = 0.05
+    max_missed_deadlines: PositiveInt = 3
+    load_timeout_s: PositiveFloat = 10.0
+    cpu_seconds: PositiveInt = 600
+    memory_mb: PositiveInt = 1024
+
+
+class BusConfig(Strict):
+    listen: str = ""  # e.g. "tcp://0.0.0.0:7700" to accept remote cells; "" = local ipc only
+    secret_env: str = "ENPIRE_SECRET"  # environment variable holding the shared secret for tcp peers
+
+
+class Config(Strict):
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    cells: CellsConfig = msgspec.field(default_factory=CellsConfig)
+    agents: AgentsConfig = msgspec.field(default_factory=AgentsConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    tasks: dict[str, TaskConfig] = msgspec.field(default_factory=lambda: {"pusht": TaskConfig()})
+
+    def task(self, name: str | None = None) -> TaskConfig:
+        return self.tasks[name or self.cells.task]
+
+
+class ConfigError(ValueError):
+    """One line: file, key, reason."""
+
+
+def _key_of(message: str) -> tuple[str, str]:
+    """msgspec says '... - at `$.cells.count`'; return ('cells.count', reason)."""
+    m = re.search(r"\s*-\s*at `\$\.?([^`]*)`", message)
+    if not m:
+        return "", message
+    return m.group(1), message[: m.start()]
+
+
+def _convert(raw: object, type_, source: str, prefix: str = ""):
+    try:
+        return msgspec.convert(raw, type_)
+    except msgspec.ValidationError as e:
+        key, reason = _key_of(str(e))
+        raise ConfigError(f"{source}: {prefix}{key or '(top level)'}: {reason}") from None
+
+
+def decode(text: str | bytes, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    # Tasks are checked one by one first: msgspec hides dict keys in its error paths.
+    tasks = raw.get("tasks")
+    if isinstance(tasks, dict):
+        for name, task in tasks.items():
+            _convert(task, TaskConfig, source, f"tasks.{name}.")
+    config = _convert(raw, Config, source)
+    check(config, source)
+    return config
+
+
+def check(config: Config, source: str = "<config>") -> None:
+    """Cross-field checks that types alone cannot express."""
+    if config.cells.task not in config.tasks:
+        known = ", ".join(sorted(config.tasks)) or "none"
+        raise ConfigError(f"{source}: cells.task: task {config.cells.task!r} is not defined (tasks: {known})")
+    for name, task in config.tasks.items():
+        DRIVERS = ("pusht",)  # TODO: hw registry
+
+        if task.driver not in DRIVERS:
+            raise ConfigError(
+                f"{source}: tasks.{name}.driver: unknown driver {task.driver!r} (known: {', '.join(sorted(DRIVERS))})"
+            )
+        if _overlap(task.tuning_seeds.seeds(), task.heldout_seeds.seeds()):
+            raise ConfigError(f"{source}: tasks.{name}.heldout_seeds: overlaps tuning_seeds; held-out seeds must stay unseen")
+        if task.heldout_seeds.count < config.fleet.min_heldout:
+            raise ConfigError(
+                f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} < fleet.min_heldout "
+                f"{config.fleet.min_heldout}"
+            )
+    if config.bus.listen and not config.bus.listen.startswith(("tcp://", "ipc://")):
+        raise ConfigError(f"{source}: bus.listen: {config.bus.listen!r} is not a tcp:// or ipc:// url")
+
+
+def _overlap(a: range, b: range) -> bool:
+    return a.start < b.stop and b.start < a.stop
+
+
+def load(path: str | Path | None) -> Config:
+    """Load a config file; None means the embedded default."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return decode(text, str(path))
+
+
+def with_overrides(config: Config, **overrides) -> Config:
+    """Apply command-line flags (dotted keys, None = not given) and re-check."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, field = dotted.split(".")
+        part = getattr(config, section)
+        config = msgspec.structs.replace(config, **{section: msgspec.structs.replace(part, **{field: value})})
+    # Convert through builtins so flag values get the same validation as file values.
+    config = _convert(msgspec.to_builtins(config), Config, "command line")
+    check(config, "command line")
+    return config
+
+
+def to_toml(config: Config) -> str:
+    return msgspec.toml.encode(config).decode()

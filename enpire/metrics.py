@@ -1,0 +1,137 @@
+"""Metric definitions used everywhere (see DESIGN.md): pure functions, no I/O."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bus.messages import Segment
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) when there is no data."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes} not in [0, {n}]")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At the edges the bound is exactly 0 or 1; say so rather than trust rounding.
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def better_with_confidence(s_new: int, n_new: int, s_old: int, n_old: int, alpha: float = 0.05) -> bool:
+    """One-sided two-proportion z-test (pooled): is the new success rate higher than the old one?
+
+    A champion with no evaluation (n_old == 0) is beaten by any candidate whose Wilson lower bound is
+    above zero, i.e. one that succeeds at all.
+    """
+    if n_new <= 0:
+        return False
+    if n_old <= 0:
+        return wilson_interval(s_new, n_new)[0] > 0.0
+    p_new, p_old = s_new / n_new, s_old / n_old
+    if p_new <= p_old:
+        return False
+    pooled = (s_new + s_old) / (n_new + n_old)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_new + 1 / n_old))
+    if se == 0.0:
+        return p_new > p_old
+    z = (p_new - p_old) / se
+    # one-sided p-value from the normal tail
+    p_value = 0.5 * math.erfc(z / math.sqrt(2))
+    return p_value < alpha
+
+
+@dataclass(frozen=True)
+class Utilization:
+    """Time shares of one cell over a window; MRU counts only `running`."""
+
+    wall_s: float
+    running_s: float
+    agent_s: float  # running on agent-requested experiments (including held-out judging of candidates)
+    background_s: float  # running background work (champion re-evaluation)
+    by_state: dict[str, float]
+
+    @property
+    def mru(self) -> float:
+        return self.running_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def agent_share(self) -> float:
+        """Share of running time spent on agents' experiments."""
+        return self.agent_s / self.running_s if self.running_s > 0 else 0.0
+
+
+def utilization(segments: Iterable[Segment], wall_s: float) -> Utilization:
+    """Utilization of one cell from its state segments over a window of `wall_s` seconds."""
+    by_state: dict[str, float] = {}
+    agent = background = 0.0
+    for seg in segments:
+        d = max(0.0, seg.end - seg.start)
+        by_state[seg.state] = by_state.get(seg.state, 0.0) + d
+        if seg.state == "running":
+            if seg.kind == "background":
+                background += d
+            else:
+                agent += d
+    running = by_state.get("running", 0.0)
+    # Durations come from the cell's clock and the window from the daemon's: clamp so skew can't exceed 1.
+    wall = max(wall_s, sum(by_state.values()))
+    return Utilization(wall, running, agent, background, by_state)
+
+
+def mean_robot_utilization(per_cell: dict[str, Utilization]) -> float:
+    """MRU: the fraction of wall time a robot actively executes an experiment, averaged over robots."""
+    if not per_cell:
+        return 0.0
+    return sum(u.mru for u in per_cell.values()) / len(per_cell)
+
+
+def mean_token_utilization(total_tokens: int, wall_s: float) -> float:
+    """MTU: tokens (input + output) consumed per minute by the whole team."""
+    return total_tokens / (wall_s / 60.0) if wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SuccessSummary:
+    n: int
+    successes: int  # pass@1
+    successes_at_k: int
+    k: int
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n if self.n else 0.0
+
+    @property
+    def rate_at_k(self) -> float:
+        return self.successes_at_k / self.n if self.n else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.successes, self.n)
+
+    def __str__(self) -> str:
+        lo, hi = self.interval
+        text = f"{self.successes}/{self.n} = {self.rate:.1%} (95% CI {lo:.3f}-{hi:.3f})"
+        if self.k > 1:
+            text += f", pass@{self.k} {self.rate_at_k:.1%}"
+        return text
+
+
+def summarize(outcomes: Iterable[tuple[bool, bool]], k: int = 1) -> SuccessSummary:
+    """From (pass@1 success, pass@k success) pairs."""
+    n = s1 = sk = 0
+    for first, any_ in outcomes:
+        n += 1
+        s1 += bool(first)
+        sk += bool(any_ or first)
+    return SuccessSummary(n, s1, sk, k)

@@ -1,0 +1,99 @@
+"""The policy workspace: a git repository in the state directory, one branch per agent.
+
+Commits are made with git plumbing (a private index per commit, no checkout), so several agents can
+commit to their own branches at once without sharing a work tree. A commit id is a policy reference.
+Protected paths (verifier, reset, held-out seeds, safety limits, evaluation code) can never be
+committed; cells never load them from here anyway.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+PROTECTED = ("verify*", "verifier*", "reset*", "eval*", "seeds*", "heldout*", "safety*", "limits*", ".git*")
+MAIN = "main"
+
+
+class WorkspaceError(RuntimeError):
+    pass
+
+
+class ProtectedPathError(WorkspaceError):
+    pass
+
+
+class Workspace:
+    def __init__(self, path: str | os.PathLike, protected: tuple[str, ...] = PROTECTED):
+        self.path = Path(path)
+        self.protected = protected
+        self._env = {
+            "GIT_AUTHOR_NAME": "enpire", "GIT_AUTHOR_EMAIL": "enpire@localhost",
+            "GIT_COMMITTER_NAME": "enpire", "GIT_COMMITTER_EMAIL": "enpire@localhost",
+            "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(self.path), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        }
+        if not (self.path / "HEAD").exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._git("init", "--bare", "--quiet", f"--initial-branch={MAIN}")
+            readme = "Policy workspace of an enpire fleet. One branch per agent; the champion is on main.\n"
+            self.commit(MAIN, {"README.md": readme}, "workspace created", allow_empty_parent=True)
+
+    def _git(self, *args: str, input: bytes | None = None, index: str | None = None) -> str:
+        env = dict(self._env, GIT_DIR=str(self.path))
+        if index:
+            env["GIT_INDEX_FILE"] = index
+        proc = subprocess.run(["git", *args], input=input, capture_output=True, env=env)
+        if proc.returncode != 0:
+            raise WorkspaceError(f"git {args[0]}: {proc.stderr.decode(errors='replace').strip()}")
+        return proc.stdout.decode()
+
+    def check_paths(self, paths) -> None:
+        for p in paths:
+            parts = Path(p).parts
+            if Path(p).is_absolute() or ".." in parts or not parts:
+                raise ProtectedPathError(f"path {p!r} leaves the workspace")
+            if any(fnmatch.fnmatch(part.lower(), pat) for part in parts for pat in self.protected):
+                raise ProtectedPathError(f"refused: {p!r} is a protected path (verifier, reset, seeds, safety, eval)")
+
+    def head(self, branch: str) -> str | None:
+        try:
+            return self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").strip() or None
+        except WorkspaceError:
+            return None
+
+    def commit(self, branch: str, files: dict[str, str | None], message: str, *, allow_empty_parent=False) -> str:
+        """Commit `files` (None deletes) on top of `branch` (or main when the branch is new)."""
+        self.check_paths(files)
+        parent = self.head(branch) or self.head(MAIN)
+        if parent is None and not allow_empty_parent:
+            raise WorkspaceError("workspace has no main branch")
+        with tempfile.TemporaryDirectory() as tmp:
+            index = str(Path(tmp) / "index")
+            if parent:
+                self._git("read-tree", parent, index=index)
+            for path, text in files.items():
+                if text is None:
+                    self._git("update-index", "--force-remove", path, index=index)
+                    continue
+                blob = self._git("hash-object", "-w", "--stdin", input=text.encode()).strip()
+                self._git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", index=index)
+            tree = self._git("write-tree", index=index).strip()
+        args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
+        commit = self._git(*args).strip()
+        self._git("update-ref", f"refs/heads/{branch}", commit)
+        return commit
+
+    def read(self, commit: str) -> dict[str, str]:
+        """All files of a commit (protected paths cannot be there: commits refuse them)."""
+        names = self._git("ls-tree", "-r", "--name-only", commit).splitlines()
+        return {n: self._git("cat-file", "blob", f"{commit}:{n}") for n in names}
+
+    def set_main(self, commit: str) -> None:
+        """Point main at the champion's commit (promotion or rollback)."""
+        self._git("update-ref", f"refs/heads/{MAIN}", commit)
+
+    def log(self, branch: str, limit: int = 20) -> list[str]:
+        return self._git("log", f"-{limit}", "--format=%h %s", branch).splitlines()

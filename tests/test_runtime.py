@@ -1,0 +1,69 @@
+import trio
+
+from actors.runtime import Actor, ActorSystem, RestartPolicy
+from bus.messages import Ack, Failure, NoWork
+
+
+class Flaky(Actor):
+    """Crashes on its first message after each start; counts its starts."""
+
+    name = "flaky"
+    starts = 0
+
+    async def setup(self):
+        Flaky.starts += 1
+        self.crash_next = True
+
+    async def handle(self, msg):
+        if self.crash_next:
+            self.crash_next = False
+            raise RuntimeError("boom")
+        return NoWork(retry_after_s=Flaky.starts)
+
+
+async def test_crashed_actor_is_restarted_and_keeps_its_address():
+    Flaky.starts = 0
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery, RestartPolicy(initial_s=0.01))
+        ref = await system.spawn("flaky", Flaky)
+        first = await ref.ask(Ack())
+        assert isinstance(first, Failure) and "boom" in first.error  # the asker is told, not left hanging
+        again = await ref.ask(Ack())  # same ref, new instance: it crashes once more on its first message
+        assert isinstance(again, Failure)
+        with trio.fail_after(5):
+            while Flaky.starts < 3:
+                await trio.sleep(0.01)
+        assert system.actors["flaky"].restarts == 2
+        assert system.actors["flaky"].last_error == "RuntimeError: boom"
+        nursery.cancel_scope.cancel()
+
+
+class Crasher(Actor):
+    name = "crasher"
+
+    async def main(self):
+        await trio.sleep(0.01)
+        raise ValueError("main loop died")
+
+
+class Steady(Actor):
+    name = "steady"
+
+    async def handle(self, msg):
+        return Ack(detail="fine")
+
+
+async def test_one_crashing_actor_does_not_take_down_the_others():
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery, RestartPolicy(initial_s=0.01, max_s=0.02))
+        await system.spawn("crasher", Crasher)
+        steady = await system.spawn("steady", Steady)
+        await trio.sleep(0.3)
+        assert system.actors["crasher"].restarts >= 3
+        assert (await steady.ask(Ack())).detail == "fine"
+        nursery.cancel_scope.cancel()
+
+
+def test_backoff_grows_and_caps():
+    p = RestartPolicy(initial_s=0.1, max_s=1.0)
+    assert [p.delay(i) for i in (1, 2, 3, 4, 5, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]

@@ -1,0 +1,173 @@
+"""The scheduler in-process: leases, expiry, idempotent results, fair share, promotion, resume."""
+
+import time
+
+import trio
+
+from actors.runtime import ActorSystem
+from actors.scheduler import PolicyLoader, Scheduler
+from bus.blackboard import Blackboard
+from bus.messages import (
+    Ack, EpisodeReport, EvalRequest, EvalResult, Hello, Lease, LeaseRequest, NoWork, PolicySpec, PromoteRequest,
+    PromoteResult, Verdict,
+)
+from bus.records import Champion, EpisodeRecord
+from enpire import config as cfg
+
+POLICY = PolicySpec("c0ffee", {"gain": 1.0})
+
+
+def _config(**sched) -> cfg.Config:
+    c = cfg.Config()
+    return cfg.with_overrides(c, **{f"scheduler.{k}": v for k, v in sched.items()})
+
+
+async def _start(nursery, tmp_path, config=None, board=None):
+    config = config or _config()
+    board = board or Blackboard(tmp_path / "bb")
+    system = ActorSystem(nursery)
+    ref = await system.spawn(
+        "scheduler", lambda: Scheduler(config, board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run")
+    )
+    return ref, board, system
+
+
+async def _hello(ref, cell="cell-0"):
+    await ref.ask(Hello(cell_id=cell, driver="pusht", tasks=["pusht"], host="h", pid=1))
+
+
+def _report(lease: Lease, success: bool, cell="cell-0") -> EpisodeReport:
+    return EpisodeReport(
+        cell_id=cell, lease_id=lease.lease_id, episode_id=lease.episode_id,
+        verdict=Verdict(success, 1.0 if success else 0.2, "success" if success else "timeout", "pusht_state"),
+        attempts=[], steps=10, reset_s=0.0, run_s=0.1, verify_s=0.0,
+    )
+
+
+async def test_eval_job_is_leased_reported_once_and_returned(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path)
+        await _hello(ref)
+        result = {}
+
+        async def agent():
+            result["r"] = await ref.ask(EvalRequest(job_id="j1", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+
+        nursery.start_soon(agent)
+        leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(2)]
+        assert all(isinstance(l, Lease) for l in leases)
+        assert sorted(l.seed for l in leases) == [1, 2]
+        assert leases[0].policy.files == {"policy.py": "x"}
+        await ref.ask(_report(leases[0], True))
+        dup = await ref.ask(_report(leases[0], False))  # a duplicate delivery changes nothing
+        assert isinstance(dup, Ack) and "ignored" in dup.detail
+        await ref.ask(_report(leases[1], False))
+        with trio.fail_after(5):
+            while "r" not in result:
+                await trio.sleep(0.01)
+        r = result["r"]
+        assert isinstance(r, EvalResult) and r.successes == 1 and len(r.episodes) == 2
+        assert board.get("episodes", leases[0].episode_id, EpisodeRecord).verdict.success
+        assert board.counter("episodes") == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_expired_lease_is_requeued_and_recorded_exactly_once(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, _config(lease_s=0.3, heartbeat_s=10.0))
+        await _hello(ref, "a")
+        await _hello(ref, "b")
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="x", task="pusht", policy=POLICY, seeds=[7]))
+        first = await ref.ask(LeaseRequest(cell_id="a"))
+        assert isinstance(first, Lease)
+        # cell a freezes; its lease expires and the same episode goes to cell b
+        with trio.fail_after(5):
+            second = await ref.ask(LeaseRequest(cell_id="b", wait_s=3))
+        assert isinstance(second, Lease) and second.episode_id == first.episode_id
+        assert second.lease_id != first.lease_id
+        await ref.ask(_report(second, True, "b"))
+        late = await ref.ask(_report(first, False, "a"))  # the frozen cell wakes up and reports
+        assert "ignored" in late.detail or "already" in late.detail
+        assert board.counter("episodes") == 1
+        assert board.get("episodes", first.episode_id, EpisodeRecord).cell_id == "b"
+        assert board.counter("episodes_requeued") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_work_without_jobs_or_champion(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path)
+        await _hello(ref)
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
+        nursery.cancel_scope.cancel()
+
+
+async def test_fair_share_between_agents(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path)
+        await _hello(ref)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="ja", agent="a", task="pusht", policy=POLICY, seeds=list(range(10))))
+        await trio.sleep(0.05)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=list(range(10))))
+        await trio.sleep(0.05)
+        agents = []
+        for _ in range(8):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            agents.append(lease.job_id)
+        assert agents.count("ja") == 4 and agents.count("jb") == 4  # b is not starved by a's earlier job
+        nursery.cancel_scope.cancel()
+
+
+async def test_promotion_then_background_confirmation(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, _config(promote_seeds=20))
+        await _hello(ref)
+        out = {}
+
+        async def promote():
+            out["p"] = await ref.ask(PromoteRequest(job_id="p1", agent="a", task="pusht", policy=POLICY))
+
+        nursery.start_soon(promote)
+        heldout = range(1_000_000, 1_000_020)
+        for _ in range(20):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            assert lease.kind == "heldout" and lease.seed in heldout
+            await ref.ask(_report(lease, lease.seed % 10 != 0))  # 18/20
+        with trio.fail_after(5):
+            while "p" not in out:
+                await trio.sleep(0.01)
+        p = out["p"]
+        assert isinstance(p, PromoteResult) and p.promoted and (p.successes, p.n) == (18, 20)
+        # idle cells now confirm the champion on held-out seeds beyond the judged ones
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        assert lease.kind == "background" and lease.seed == 1_000_020
+        await ref.ask(_report(lease, True))
+        champ = board.get("champion", "pusht", Champion)
+        assert (champ.successes, champ.n, champ.judged_successes) == (1, 1, 18)
+        nursery.cancel_scope.cancel()
+
+
+async def test_agent_may_not_evaluate_on_heldout_seeds(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path)
+        r = await ref.ask(EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1_000_005]))
+        assert "held-out" in r.error
+        nursery.cancel_scope.cancel()
+
+
+async def test_queue_is_restored_after_a_restart(tmp_path):
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, board=board)
+        await _hello(ref)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        await ref.ask(_report(lease, True))
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:  # a new scheduler on the same blackboard
+        ref, _, _ = await _start(nursery, tmp_path, board=board)
+        await _hello(ref)
+        seeds = sorted([(await ref.ask(LeaseRequest(cell_id="cell-0"))).seed for _ in range(2)])
+        assert seeds == [2, 3]  # the recorded episode is not run again
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
+        nursery.cancel_scope.cancel()
