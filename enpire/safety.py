@@ -1,0 +1,55 @@
+"""Cell-side action checks: pure functions, run on every action before it reaches the simulator/robot.
+
+The action comes from untrusted policy code, so `check_action` accepts anything and never raises: junk
+is a reason string (the episode ends as `safety_violation`), not an exception in the cell.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+
+class ActionLimits(msgspec.Struct, frozen=True, kw_only=True):
+    dim: int
+    low: float | list[float]  # one bound for all components, or one per component
+    high: float | list[float]
+    max_delta: float | None = None  # largest change of any component between consecutive actions
+
+
+def check_action(action: object, previous: np.ndarray | None, limits: ActionLimits) -> str | None:
+    """None when `action` is safe to execute after `previous`; otherwise a `safety_violation: ...` reason."""
+    try:
+        return _check(action, previous, limits)
+    except Exception as exc:  # noqa: BLE001 - numpy can raise on truly odd inputs; the answer is still "unsafe"
+        return f"safety_violation: unreadable action ({type(exc).__name__})"
+
+
+def _check(action: object, previous: np.ndarray | None, limits: ActionLimits) -> str | None:
+    try:
+        raw = np.asarray(action)
+    except Exception as exc:  # noqa: BLE001 - any junk the policy sent
+        return f"safety_violation: action is not an array ({type(exc).__name__})"
+    if raw.dtype.kind not in "iuf":  # bools, strings, objects, complex: never a command
+        return f"safety_violation: action dtype {raw.dtype} is not real-valued"
+    if raw.shape != (limits.dim,):
+        return f"safety_violation: action shape {raw.shape} != ({limits.dim},)"
+    a = raw.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        return f"safety_violation: action non-finite at index {int(bad[0])}"
+    low = np.broadcast_to(np.asarray(limits.low, dtype=np.float64), a.shape)
+    high = np.broadcast_to(np.asarray(limits.high, dtype=np.float64), a.shape)
+    out = np.flatnonzero((a < low) | (a > high))
+    if out.size:
+        i = int(out[0])
+        return (
+            f"safety_violation: action out of bounds: a[{i}]={a[i]:.4g} not in [{low[i]:.4g}, {high[i]:.4g}]"
+        )
+    if previous is not None and limits.max_delta is not None:
+        prev = np.asarray(previous, dtype=np.float64)
+        if prev.shape == a.shape:
+            delta = float(np.max(np.abs(a - prev)))
+            if delta > limits.max_delta:
+                return f"safety_violation: step change {delta:.4g} > {limits.max_delta:g}"
+    return None

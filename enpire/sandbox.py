@@ -1,0 +1,401 @@
+"""Parent side of the policy sandbox: run agent-written policy code in a confined child process.
+
+The cell (trusted) owns the simulator and the verifier; the policy only ever sees observations and only
+ever returns actions, over a pipe. Everything the child sends is untrusted: frames are size-capped,
+decoded into typed structs, matched by sequence number, and every action still goes through
+`enpire.safety.check_action` in the cell.
+
+Synchronous by design: a cell drives one `PolicySandbox` from its episode thread. Not thread-safe.
+See `enpire/sandbox_child.py` for the isolation layers inside the child.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import math
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import msgspec
+import numpy as np
+
+from enpire import sandbox_child as proto
+
+CHILD_SCRIPT = Path(proto.__file__).resolve()
+STDERR_NAME = ".sandbox-stderr.log"  # the child's stderr/print output, inside scratch, size-capped
+_LOCALE_VARS = ("LANG", "LC_ALL", "LC_CTYPE")
+F_SETPIPE_SZ = 1031  # Linux fcntl
+PIPE_BYTES = 1 << 20
+
+
+class SandboxLimits(msgspec.Struct, frozen=True, kw_only=True):
+    act_timeout_s: float = 0.05  # one act() reply; later than this the cell holds its last safe action
+    max_missed_deadlines: int = 3  # consecutive misses before the episode ends as `policy_timeout`
+    load_timeout_s: float = 10.0  # process start + imports + Policy(params); covers slow imports
+    call_timeout_s: float = 1.0  # reset() and on_failure()
+    cpu_seconds: int = 300  # RLIMIT_CPU over the child's life; the child is recycled at half of it
+    memory_mb: int = 1024  # RLIMIT_AS
+    max_output_bytes: int = 1 << 20  # cap on one reply frame
+    max_files: int = 64  # RLIMIT_NOFILE
+    max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE: caps scratch files and the stderr log
+
+
+class PolicyError(Exception):
+    """The policy could not be loaded/reset; `reason` is a verdict reason ("policy_error: ...")."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ActResult:
+    """Exactly one of: an action, a missed deadline (hold the last safe action), or a terminal error."""
+
+    action: np.ndarray | None = None
+    deadline_missed: bool = False
+    error: str | None = None  # verdict reason; the episode ends, the sandbox restarts on next load/reset
+    latency_s: float = 0.0
+
+
+class _Terminal(Exception):
+    """Internal: the child can no longer be trusted to answer; it gets killed."""
+
+
+def child_env(scratch: Path) -> dict[str, str]:
+    """An allowlist, not a blocklist: nothing from the cell's environment leaks by default."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(scratch),
+        "TMPDIR": str(scratch),
+        "OPENBLAS_NUM_THREADS": "1",  # one core per policy; cells share the machine
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    for name in _LOCALE_VARS:
+        value = os.environ.get(name, "")
+        if value and len(value) < 40 and value.replace(".", "").replace("_", "").replace("-", "").isalnum():
+            env[name] = value
+    return env
+
+
+def code_key(files: dict[str, str]) -> str:
+    return hashlib.sha256(msgspec.msgpack.encode(sorted(files.items()))).hexdigest()
+
+
+def _safe_relpath(name: str) -> Path:
+    rel = Path(name)
+    if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
+        raise PolicyError(f"policy_error: bad file name {name!r}")
+    return rel
+
+
+def _death_reason(returncode: int | None) -> str:
+    if returncode is None:
+        return "policy_crashed (no exit status)"
+    if returncode < 0:
+        sig = -returncode
+        if sig == signal.SIGXCPU:
+            return "cpu_limit"
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return f"policy_crashed (signal {name})"
+    return f"policy_crashed (exit code {returncode})"
+
+
+class PolicySandbox:
+    def __init__(
+        self, limits: SandboxLimits, scratch_dir: str | os.PathLike[str], *, _audit_hook: bool = True
+    ):
+        self.limits = limits
+        self.scratch = Path(scratch_dir).resolve()
+        self.isolation: list[
+            str
+        ] = []  # layers the child reported active, e.g. ["rlimits", "landlock-abi7", ...]
+        self._audit_hook = _audit_hook
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._files: dict[str, str] = {}
+        self._params: dict[str, float] = {}
+        self._key = ""
+        self._seq = 0
+        self._missed = 0
+        self._inbuf = bytearray()
+        self._poll_in = select.poll()  # re-made for each child
+        self._poll_out = select.poll()
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder(proto.Reply)
+
+    # ------------------------------------------------------------------------- public API
+
+    def load(self, files: dict[str, str], params: dict[str, float]) -> None:
+        """Make `Policy(params)` from `files` ready. Raises PolicyError with a verdict reason."""
+        if "policy.py" not in files:
+            raise PolicyError("policy_error: no policy.py")
+        key = code_key(files)
+        self._files, self._params = dict(files), dict(params)
+        if self._alive() and key == self._key and self._cpu_used() < self.limits.cpu_seconds / 2:
+            self._call(proto.Load(self._next_seq(), self._params), self.limits.load_timeout_s)
+            return
+        self._key = key
+        self._start()
+
+    def reset(self) -> None:
+        """Start of an episode/attempt; restarts a child that died or was killed."""
+        if not self._alive():
+            if not self._files:
+                raise PolicyError("policy_error: nothing loaded")
+            self._start()
+        self._missed = 0
+        self._call(proto.Reset(self._next_seq()), self.limits.call_timeout_s)
+
+    def act(self, obs: np.ndarray) -> ActResult:
+        t0 = time.monotonic()
+        if not self._alive():
+            return ActResult(error="policy_crashed (not running)")
+        arr = np.ascontiguousarray(obs)
+        seq = self._next_seq()
+        deadline = t0 + self.limits.act_timeout_s
+        try:
+            self._send(proto.Act(seq, arr.dtype.str, list(arr.shape), arr.tobytes()), deadline)
+            reply = self._recv(seq, deadline)
+            if reply is None:
+                self._missed += 1
+                if self._missed >= self.limits.max_missed_deadlines:
+                    raise _Terminal(
+                        f"policy_timeout: {self._missed} consecutive replies later than "
+                        f"{self.limits.act_timeout_s * 1000:.0f} ms"
+                    )
+                return ActResult(deadline_missed=True, latency_s=time.monotonic() - t0)
+            self._missed = 0
+            if isinstance(reply, proto.Failed):
+                raise _Terminal(reply.reason)
+            if not isinstance(reply, proto.Action):
+                raise _Terminal(f"protocol_error: {type(reply).__name__} in reply to act")
+            return ActResult(action=self._decode_action(reply), latency_s=time.monotonic() - t0)
+        except _Terminal as exc:
+            self._kill()
+            return ActResult(error=str(exc), latency_s=time.monotonic() - t0)
+
+    def notify_failure(self, info: dict[str, Any]) -> None:
+        """Tell the policy an attempt failed (pass@k). Raises PolicyError if the policy misbehaves."""
+        if not self._alive():
+            raise PolicyError("policy_crashed (not running)")
+        self._call(proto.Notify(self._next_seq(), info), self.limits.call_timeout_s)
+
+    def close(self) -> None:
+        self._kill()
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        """The end of the child's stderr/print output, for logs (never parsed)."""
+        try:
+            with open(self.scratch / STDERR_NAME, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - n))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._kill()
+
+    # ------------------------------------------------------------------------- child lifecycle
+
+    def _start(self) -> None:
+        self._kill()
+        self._write_files()
+        with open(self.scratch / STDERR_NAME, "wb") as stderr:  # the child keeps its own copy of the fd
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", str(CHILD_SCRIPT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=self.scratch,
+                env=child_env(self.scratch),
+                close_fds=True,  # only the two pipes and the stderr file reach the child
+                start_new_session=True,  # its own process group: killed as a whole, deaf to our ^C
+            )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            try:  # image observations fit in one pipe buffer: fewer wake-ups per step
+                fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass
+        os.set_blocking(self._proc.stdin.fileno(), False)
+        self._poll_in = select.poll()
+        self._poll_in.register(self._proc.stdout.fileno(), select.POLLIN)
+        self._poll_out = select.poll()
+        self._poll_out.register(self._proc.stdin.fileno(), select.POLLOUT)
+        self._inbuf.clear()
+        self._missed = 0
+        lim = self.limits
+        init = proto.Init(
+            self._next_seq(),
+            self._params,
+            str(self.scratch),
+            lim.cpu_seconds,
+            lim.memory_mb,
+            lim.max_files,
+            lim.max_file_bytes,
+            lim.max_output_bytes,
+            self._audit_hook,
+        )
+        reply = self._call(init, lim.load_timeout_s)
+        self.isolation = list(reply.isolation) if isinstance(reply, proto.Ready) else []
+
+    def _write_files(self) -> None:
+        """Fresh scratch for new code: nothing an earlier policy left behind survives."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        for entry in self.scratch.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for name, text in self._files.items():
+            path = self.scratch / _safe_relpath(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _cpu_used(self) -> float:
+        """utime + stime of the child from /proc, so a long-lived child is recycled before RLIMIT_CPU."""
+        try:
+            fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()  # type: ignore[union-attr]
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError, AttributeError):
+            return 0.0
+
+    def _kill(self) -> None:
+        proc, self._proc = getattr(self, "_proc", None), None
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: also any process that slipped out
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def _death(self) -> _Terminal:
+        proc = self._proc
+        rc = None
+        if proc is not None:
+            try:
+                rc = proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        return _Terminal(_death_reason(rc))
+
+    # ------------------------------------------------------------------------- framing
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _call(self, msg: Any, timeout: float) -> proto.Reply:
+        """Request/reply for everything but act(): any failure is a PolicyError and kills the child."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._send(msg, deadline)
+            reply = self._recv(msg.seq, deadline)
+            if reply is None:
+                what = "load" if isinstance(msg, (proto.Init, proto.Load)) else type(msg).__name__.lower()
+                raise _Terminal(f"policy_timeout: {what} took longer than {timeout:g} s")
+            if isinstance(reply, proto.Failed):
+                raise _Terminal(reply.reason)
+            if isinstance(reply, proto.Action):
+                raise _Terminal("protocol_error: action in reply to a control message")
+            return reply
+        except _Terminal as exc:
+            self._kill()
+            raise PolicyError(str(exc)) from None
+
+    def _send(self, msg: Any, deadline: float) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        fd = self._proc.stdin.fileno()
+        view = memoryview(proto.frame(self._enc.encode(msg)))
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except BrokenPipeError:
+                raise self._death() from None
+            remaining = deadline - time.monotonic()
+            # A child that stopped reading: a partial frame would desync the stream, so give up on it.
+            if remaining <= 0 or not self._poll_out.poll(math.ceil(remaining * 1000)):
+                raise _Terminal("policy_timeout: not reading its input")
+
+    def _recv(self, seq: int, deadline: float) -> proto.Reply | None:
+        """The reply for `seq`, skipping late replies to earlier requests; None at the deadline."""
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        while True:
+            body = self._pop_frame()
+            if body is not None:
+                try:
+                    reply = self._dec.decode(body)
+                except msgspec.DecodeError as exc:
+                    raise _Terminal(f"protocol_error: {proto.describe(exc)}") from None
+                if reply.seq == seq:
+                    return reply
+                if reply.seq > seq:
+                    raise _Terminal(f"protocol_error: reply for request {reply.seq} not yet sent")
+                continue  # a late answer to a step we already gave up on
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._poll_in.poll(math.ceil(remaining * 1000)):
+                return None
+            chunk = os.read(fd, proto.want(self._inbuf))
+            if not chunk:
+                raise self._death()
+            self._inbuf += chunk
+
+    def _pop_frame(self) -> bytes | None:
+        buf = self._inbuf
+        if len(buf) < proto.HEADER:
+            return None
+        n = int.from_bytes(buf[: proto.HEADER], "big")
+        if n > self.limits.max_output_bytes:
+            raise _Terminal(f"output_too_large: reply frame of {n} bytes > {self.limits.max_output_bytes}")
+        if len(buf) < proto.HEADER + n:
+            return None
+        body = bytes(buf[proto.HEADER : proto.HEADER + n])
+        del buf[: proto.HEADER + n]
+        return body
+
+    @staticmethod
+    def _decode_action(reply: proto.Action) -> np.ndarray:
+        try:
+            dtype = np.dtype(reply.dtype)
+            if dtype.kind not in "biuf":
+                raise ValueError(f"dtype {reply.dtype!r} is not numeric")
+            if any(d < 0 for d in reply.shape) or math.prod(reply.shape) * dtype.itemsize != len(reply.data):
+                raise ValueError(f"shape {tuple(reply.shape)} does not match {len(reply.data)} bytes")
+            return np.frombuffer(reply.data, dtype=dtype).reshape(reply.shape)
+        except (TypeError, ValueError) as exc:
+            raise _Terminal(f"protocol_error: bad action ({proto.describe(exc)})") from None
