@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import trio
 
@@ -47,7 +46,10 @@ from hw.driver import Driver
 
 
 class Timeline:
-    """The cell's state over time; closed segments wait here until the scheduler acknowledges them."""
+    """The cell's state over time; closed segments wait here until the scheduler acknowledges them.
+
+    Only the heartbeat task ships segments (one sender, in order), so `take`/`acked` stay simple.
+    """
 
     def __init__(self, clock=time.time):
         self._clock = clock
@@ -143,48 +145,52 @@ class Cell(Actor):
             self.timeline.acked(segments)
 
     async def _work(self, client: RequestClient, sandbox: PolicySandbox) -> None:
-        while True:
-            self.timeline.enter("idle")
-            reply = await client.request(LeaseRequest(cell_id=self.cell_id, wait_s=2.0), timeout=6.0, retries=10)
-            if isinstance(reply, NoWork):
-                await trio.sleep(reply.retry_after_s)
-                continue
-            if not isinstance(reply, Lease):
-                self.log.warning("lease_refused", reply=str(reply)[:200])
-                await trio.sleep(1.0)
-                continue
-            report = await trio.to_thread.run_sync(self._run_episode, reply, sandbox, client)
-            self.timeline.enter("idle")
-            segments = self.timeline.take()
-            report = _with_segments(report, segments)
+        # Reports go out in the background so the robot asks for its next lease at once; a small limit
+        # keeps a dead daemon from piling them up (they are acked and idempotent, order does not matter).
+        outbox = trio.Semaphore(4)
+        async with trio.open_nursery() as nursery:
+            while True:
+                self.timeline.enter("idle")
+                reply = await client.request(LeaseRequest(cell_id=self.cell_id, wait_s=2.0), timeout=6.0, retries=10)
+                if isinstance(reply, NoWork):
+                    await trio.sleep(reply.retry_after_s)
+                    continue
+                if not isinstance(reply, Lease):
+                    self.log.warning("lease_refused", reply=str(reply)[:200])
+                    await trio.sleep(1.0)
+                    continue
+                report = await trio.to_thread.run_sync(self._run_episode, reply, sandbox, client)
+                self.timeline.enter("idle")
+                await outbox.acquire()
+                nursery.start_soon(self._send_report, client, report, outbox)
+
+    async def _send_report(self, client: RequestClient, report: EpisodeReport, outbox: trio.Semaphore) -> None:
+        try:
             await client.request(report, timeout=10.0, retries=30)
-            self.timeline.acked(segments)
             self.episodes += 1
+        finally:
+            outbox.release()
 
     # ------------------------------------------------------------------ one episode (worker thread)
 
-    def _verify(self, client: RequestClient, lease: Lease) -> Verdict:
+    def _verify(self, client: RequestClient, lease: Lease, reset_state=None) -> VerifyReply:
         frame = self.driver.frame() if lease.verifier == "vision" else None
         request = VerifyRequest(
             episode_id=lease.episode_id, task=lease.task, state=self.driver.trusted_state(),
-            frame=Array.of(frame) if frame is not None else None,
+            frame=Array.of(frame) if frame is not None else None, reset_state=reset_state,
         )
         reply = trio.from_thread.run(lambda: client.request(request, timeout=10.0, retries=10))
         if not isinstance(reply, VerifyReply):
             raise RuntimeError(f"verifier failed: {reply}")
-        return reply.verdict
+        return reply
 
     def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport:
         t0 = time.perf_counter()
         self.timeline.enter("resetting", lease.kind)
         obs = self.driver.reset(lease.seed)
+        reset_state = self.driver.trusted_state()
         reset_s = time.perf_counter() - t0
-        self.timeline.enter("verifying", lease.kind)
-        t1 = time.perf_counter()
-        at_reset = self._verify(client, lease)
-        if at_reset.success:  # nothing to learn from this seed; the scheduler replaces it
-            return _flagged_report(self.cell_id, lease, at_reset, reset_s, time.perf_counter() - t1)
-        verify_s = time.perf_counter() - t1
+        verify_s = 0.0
 
         limits = ActionLimits(
             dim=len(self.driver.action_low), low=self.driver.action_low, high=self.driver.action_high,
@@ -210,8 +216,12 @@ class Cell(Actor):
             run_s += time.perf_counter() - t2
             self.timeline.enter("verifying", lease.kind)
             t3 = time.perf_counter()
-            verdict = self._verify(client, lease)
+            reply = self._verify(client, lease, reset_state if k == 0 else None)
             verify_s += time.perf_counter() - t3
+            if reply.at_reset is not None and reply.at_reset.success:
+                # Already solved at reset: the seed says nothing about the policy; the scheduler replaces it.
+                return _flagged_report(self.cell_id, lease, reply.at_reset, reset_s, verify_s)
+            verdict = reply.verdict
             if error:  # a violation or policy fault ends the episode whatever the scene looks like
                 verdict = Verdict(success=False, score=verdict.score, reason=error, verifier=verdict.verifier)
             attempts.append(Attempt(verdict=verdict, steps=steps))
@@ -266,6 +276,3 @@ class Cell(Actor):
                 return step + 1, "", obs
         return lease.horizon, "", obs
 
-
-def _with_segments(report: EpisodeReport, segments: list[Segment]) -> EpisodeReport:
-    return msgspec.structs.replace(report, segments=segments)

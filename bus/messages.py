@@ -188,11 +188,15 @@ class VerifyRequest(Message, frozen=True):
     task: str
     state: dict[str, list[float]]  # trusted simulator state, as the driver reports it
     frame: Array | None = None  # rendered camera frame, HxWx3 uint8, for vision verification
+    # The start state, judged in the same call: an episode that was already a success at reset is
+    # flagged and its seed replaced (one round trip per attempt instead of two).
+    reset_state: dict[str, list[float]] | None = None
 
 
 class VerifyReply(Message, frozen=True):
     episode_id: str
     verdict: Verdict
+    at_reset: Verdict | None = None
 
 
 # ----------------------------------------------------------------------------- agents <-> scheduler

@@ -115,3 +115,15 @@ class TokenRecord(msgspec.Struct):
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
+
+
+class DaemonRecord(msgspec.Struct):
+    """Written by the daemon at start, at every progress tick and at stop; read by `enpire.status`."""
+
+    pid: int
+    started: float
+    last_seen: float
+    state: str  # "running", "stopped: target", "stopped: budget", "stopped: signal"
+    cells: int
+    agents: int
+    task: str

@@ -145,7 +145,7 @@ def check(config: Config, source: str = "<config>") -> None:
         known = ", ".join(sorted(config.tasks)) or "none"
         raise ConfigError(f"{source}: cells.task: task {config.cells.task!r} is not defined (tasks: {known})")
     for name, task in config.tasks.items():
-        DRIVERS = ("pusht",)  # TODO: hw registry
+        from hw import DRIVERS  # local import: config stays light for tools that only read it
 
         if task.driver not in DRIVERS:
             raise ConfigError(

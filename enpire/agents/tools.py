@@ -1,0 +1,110 @@
+"""The tool surface of an agent: everything a backend may do goes through here.
+
+Built-in and model-driven backends use the same tools, so the fleet treats them alike: edits go to
+the agent's own workspace branch, evaluations and promotions go to the scheduler as messages, and
+findings go to the blackboard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import msgspec
+import trio
+
+from actors.runtime import Ref
+from bus.blackboard import Blackboard
+from bus.messages import EvalRequest, EvalResult, Failure, PolicySpec, PromoteRequest, PromoteResult
+from bus.records import Champion, Digest, Finding
+from enpire.workspace import Workspace
+
+
+class ToolError(RuntimeError):
+    pass
+
+
+def fingerprint(change: object) -> str:
+    """A stable id of a change (parameters or a diff), so an idea a peer already tested is recognised."""
+    return hashlib.sha1(msgspec.json.encode(change, order="sorted")).hexdigest()[:16]
+
+
+def failure_summary(result: EvalResult) -> str:
+    """Short, model-friendly account of how an evaluation's episodes ended."""
+    n = len(result.episodes)
+    if n == 0:
+        return "no episodes"
+    wins = sum(e.success for e in result.episodes)
+    reasons = Counter(e.reason.split(":")[0] if not e.success else "success" for e in result.episodes)
+    near = sum(1 for e in result.episodes if not e.success and e.score >= 0.8)
+    mean_score = sum(e.score for e in result.episodes) / n
+    parts = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
+    return f"{wins}/{n} succeeded; mean score {mean_score:.3f}; near misses (score>=0.8) {near}; outcomes: {parts}"
+
+
+@dataclass
+class Tools:
+    agent: str
+    task: str
+    workspace: Workspace
+    scheduler: Ref
+    board: Blackboard
+    eval_timeout_s: float = 3600.0
+
+    @property
+    def branch(self) -> str:
+        return f"agent/{self.agent}"
+
+    async def read_files(self, commit: str | None = None) -> dict[str, str]:
+        ref = commit or self.workspace.head(self.branch) or self.workspace.head("main")
+        return await trio.to_thread.run_sync(self.workspace.read, ref)
+
+    async def commit(self, files: dict[str, str | None], message: str) -> str:
+        return await trio.to_thread.run_sync(self.workspace.commit, self.branch, files, message)
+
+    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 1) -> EvalResult:
+        job_id = f"{self.agent}-{uuid.uuid4().hex[:10]}"
+        reply = await self.scheduler.ask(
+            EvalRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy, seeds=seeds, attempts=attempts),
+            timeout=self.eval_timeout_s,
+        )
+        if isinstance(reply, Failure):
+            raise ToolError(f"evaluation refused: {reply.error}")
+        assert isinstance(reply, EvalResult)
+        return reply
+
+    async def promote(self, policy: PolicySpec) -> PromoteResult:
+        job_id = f"{self.agent}-promote-{uuid.uuid4().hex[:10]}"
+        reply = await self.scheduler.ask(
+            PromoteRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy), timeout=self.eval_timeout_s
+        )
+        if isinstance(reply, Failure):
+            raise ToolError(f"promotion refused: {reply.error}")
+        assert isinstance(reply, PromoteResult)
+        if reply.promoted:
+            await trio.to_thread.run_sync(self.workspace.set_main, policy.commit)
+        return reply
+
+    def champion(self) -> Champion | None:
+        return self.board.get("champion", self.task, Champion)
+
+    def digest(self) -> Digest | None:
+        latest = self.board.items("digests", Digest)
+        return latest[-1][1] if latest else None
+
+    def post_finding(self, hypothesis: str, change: str, evidence: str, outcome: str, *,
+                     fingerprint: str = "", score: float = 0.0) -> Finding:
+        finding = Finding(
+            finding_id=f"{self.agent}-{uuid.uuid4().hex[:10]}", agent=self.agent, t=time.time(),
+            hypothesis=hypothesis, change=change, evidence=evidence, outcome=outcome,
+            fingerprint=fingerprint, score=score,
+        )
+        self.board.append("findings", finding)
+        return finding
+
+    def tested(self, fp: str) -> Finding | None:
+        """A finding with this fingerprint, from any agent."""
+        return next((f for f in self.board.values("findings", Finding) if f.fingerprint == fp), None)

@@ -1,0 +1,79 @@
+"""`python -m enpire.cell`: one robot cell process, joining a fleet over the bus.
+
+The daemon starts one per local cell over ipc://; a robot on another machine joins with
+`python -m enpire.cell --connect tcp://HOST:PORT --cell-id NAME --driver pusht` and the fleet's shared
+secret in the environment variable named by --secret-env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from actors.cell import Cell
+from actors.runtime import ActorSystem
+from enpire import log
+from enpire.sandbox import SandboxLimits
+from hw import make_driver
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m enpire.cell", description=__doc__.splitlines()[0])
+    p.add_argument("--connect", required=True, help="bus url of the fleet, ipc://... or tcp://HOST:PORT")
+    p.add_argument("--cell-id", required=True, help="unique name of this cell in the fleet")
+    p.add_argument("--driver", default="pusht", help="robot or simulator driver (default: pusht)")
+    p.add_argument("--state-dir", type=Path, help="fleet state dir, for logs (local cells only)")
+    p.add_argument("--scratch", type=Path, help="scratch directory for the policy sandbox")
+    p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret (tcp)")
+    p.add_argument("--real", action="store_true", help="this cell drives a real robot")
+    p.add_argument("--act-timeout", type=float, default=0.05, help="seconds the policy has per act() call")
+    p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
+    p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address space of the sandbox process")
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
+    return p.parse_args(argv)
+
+
+async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
+    while os.getppid() == parent:
+        await trio.sleep(0.5)
+    cancel.cancel()
+
+
+async def run(args: argparse.Namespace, secret: bytes | None) -> None:
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
+    limits = SandboxLimits(
+        act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
+        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
+    )
+    parent = os.getppid()
+    async with trio.open_nursery() as nursery:
+        if args.exit_with_parent:
+            nursery.start_soon(_watch_parent, parent, nursery.cancel_scope)
+        system = ActorSystem(nursery)
+        await system.spawn(
+            f"cell:{args.cell_id}",
+            lambda: Cell(args.cell_id, args.connect, make_driver(args.driver), limits, scratch,
+                         secret=secret if args.connect.startswith("tcp://") else None, real=args.real),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Take the secret out of the environment so no child process (the policy sandbox) can inherit it.
+    secret = os.environ.pop(args.secret_env, "").encode() or None
+    log.configure(args.state_dir, f"cell:{args.cell_id}", console=args.state_dir is None)
+    try:
+        trio.run(run, args, secret)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""`python -m enpire.fleet`: the headless fleet daemon.
+
+It wires the actors together (verifier, scheduler, summarizer, agents in this process; one process per
+robot cell), serves the bus, and runs until the champion reaches the target success rate on held-out
+seeds or the time budget ends. It then prints the report: best policy, success with its Wilson 95%
+interval on held-out seeds the agents never tuned on, episodes, time to target, MRU per cell.
+
+Exit codes: 0 target reached, 3 budget ended first, 2 bad configuration or state dir, 130 stopped
+by a signal (SIGINT/SIGTERM drain the fleet and keep everything recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import trio
+
+from actors.agent import AgentActor
+from actors.runtime import ActorSystem, Ref
+from actors.scheduler import PolicyLoader, Scheduler
+from actors.summarizer import Summarizer
+from actors.verifier import Verifier
+from bus.blackboard import Blackboard
+from bus.messages import (
+    Envelope,
+    EpisodeReport,
+    Failure,
+    Heartbeat,
+    Hello,
+    LeaseRequest,
+    Message,
+    VerifyRequest,
+)
+from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Meta
+from bus.transport import RequestServer, ipc_url
+from enpire import config as cfg
+from enpire import log
+from enpire.agents.builtin import BuiltinResearcher, SearchSettings
+from enpire.agents.tools import Tools
+from enpire.metrics import mean_robot_utilization, wilson_interval
+from enpire.workspace import Workspace
+
+EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
+
+
+class StateDirError(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m enpire.fleet",
+        description="Run a fleet of robot cells and agents that improve a policy until a target or a budget.",
+    )
+    p.add_argument("--config", type=Path, help="enpire.toml to use (default: ./enpire.toml if present, "
+                   "else the embedded default: 2 simulated Push-T cells, 1 built-in agent)")
+    p.add_argument("--state-dir", help="directory holding everything of this run (default from config: state)")
+    p.add_argument("--cells", type=int, help="number of local simulated cells (config cells.count)")
+    p.add_argument("--agents", type=int, help="number of agents (config agents.count)")
+    p.add_argument("--budget-minutes", type=float, help="stop after this many minutes (config fleet.budget_minutes)")
+    p.add_argument("--target", type=float, help="held-out success rate that ends the run (config fleet.target)")
+    p.add_argument("--min-heldout", type=int, help="held-out episodes the champion needs (config fleet.min_heldout)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    p.add_argument("--quiet", action="store_true", help="no console log; the JSON log file is still written")
+    return p.parse_args(argv)
+
+
+def effective_config(args: argparse.Namespace) -> cfg.Config:
+    path = args.config
+    if path is None and Path("enpire.toml").exists():
+        path = Path("enpire.toml")
+    config = cfg.load(path)
+    return cfg.with_overrides(
+        config,
+        **{
+            "fleet.state_dir": args.state_dir,
+            "cells.count": args.cells,
+            "agents.count": args.agents,
+            "fleet.budget_minutes": args.budget_minutes,
+            "fleet.target": args.target,
+            "fleet.min_heldout": args.min_heldout,
+        },
+    )
+
+
+def open_state_dir(path: Path) -> tuple[Blackboard, Meta]:
+    """Create (private to this user) or reopen a state directory; refuse one of another schema version."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    board = Blackboard(path / "blackboard.lmdb")
+    meta = board.get("meta", "meta", Meta)
+    if meta is None:
+        meta = Meta(schema_version=SCHEMA_VERSION, run_id=uuid.uuid4().hex[:12], created=time.time())
+        board.put("meta", "meta", meta)
+    elif meta.schema_version != SCHEMA_VERSION:
+        board.close()
+        raise StateDirError(
+            f"{path}: state directory has schema version {meta.schema_version}, this enpire needs "
+            f"{SCHEMA_VERSION}; use a new --state-dir"
+        )
+    return board, meta
+
+
+@dataclass
+class Outcome:
+    reason: str  # "target", "budget", "signal"
+    elapsed_s: float
+    time_to_target_s: float | None
+
+
+async def _cell_process(config: cfg.Config, index: int, url: str, state_dir: Path, stopping: trio.Event) -> None:
+    """Keep one local cell process alive; restart it with backoff if it dies."""
+    cell_id = f"cell-{index}"
+    logger = structlog.get_logger().bind(actor="fleet")
+    task = config.task()
+    sb = config.sandbox
+    command = [
+        sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", task.driver,
+        "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
+        "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
+        "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
+    ]
+    failures = 0
+    while not stopping.is_set():
+        began = time.time()
+        result = await trio.run_process(command, check=False, stdin=None)
+        if stopping.is_set():
+            return
+        failures = 0 if time.time() - began > 30 else failures + 1
+        logger.error("cell_process_exited", cell=cell_id, code=result.returncode, restart_in_s=min(5, 0.5 * 2**failures))
+        await trio.sleep(min(5.0, 0.5 * 2**failures))
+
+
+def champion_summary(board: Blackboard, task: str) -> dict:
+    c = board.get("champion", task, Champion)
+    if c is None:
+        return {"policy": None}
+    lo, hi = wilson_interval(c.successes, c.n)
+    jlo, jhi = wilson_interval(c.judged_successes, c.judged_n)
+    return {
+        "policy": c.policy.ref, "commit": c.policy.commit, "params": c.policy.params, "agent": c.agent,
+        "heldout_confirm": {"successes": c.successes, "n": c.n, "rate": c.successes / c.n if c.n else 0.0,
+                            "wilson95": [round(lo, 4), round(hi, 4)]},
+        "heldout_judged": {"successes": c.judged_successes, "n": c.judged_n,
+                           "rate": c.judged_successes / c.judged_n if c.judged_n else 0.0,
+                           "wilson95": [round(jlo, 4), round(jhi, 4)]},
+    }
+
+
+def target_met(board: Blackboard, config: cfg.Config) -> bool:
+    c = board.get("champion", config.cells.task, Champion)
+    return c is not None and c.n >= config.fleet.min_heldout and c.successes / c.n >= config.fleet.target
+
+
+async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta: Meta) -> tuple[Outcome, dict]:
+    logger = structlog.get_logger().bind(actor="fleet")
+    started = time.time()
+    deadline = started + config.fleet.budget_minutes * 60
+    workspace = Workspace(state_dir / "workspace")
+    task_kinds = {name: t.driver for name, t in config.tasks.items()}
+    outcome = Outcome("budget", 0.0, None)
+    stopping = trio.Event()
+    stats: dict = {}
+
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery)
+        verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
+        scheduler = await system.spawn(
+            "scheduler",
+            lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id),
+        )
+        routes: dict[type, Ref] = {
+            Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,
+            VerifyRequest: verifier,
+        }
+
+        async def route(envelope: Envelope) -> Message:
+            ref = routes.get(type(envelope.body))
+            if ref is None:
+                return Failure(error=f"no actor takes {type(envelope.body).__name__} from the bus")
+            return await ref.ask(envelope.body, timeout=60.0)
+
+        url = ipc_url(state_dir, "bus")
+        await nursery.start(RequestServer(url, route, sender="fleet").serve)
+        if config.bus.listen:
+            secret = os.environ.get(config.bus.secret_env, "").encode()
+            if not secret:
+                raise StateDirError(f"bus.listen is set but ${config.bus.secret_env} is empty: remote cells need it")
+            await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret).serve)
+            logger.info("listening", url=config.bus.listen)
+        for i in range(config.cells.count):
+            nursery.start_soon(_cell_process, config, i, url, state_dir, stopping)
+        await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
+        task = config.task()
+        for i in range(config.agents.count):
+            name = f"agent-{i}"
+            settings = SearchSettings(
+                population=config.agents.population, seeds_per_candidate=config.agents.seeds_per_candidate,
+                target=config.fleet.target,
+            )
+            tools = Tools(name, config.cells.task, workspace, scheduler, board)
+            await system.spawn(
+                name,
+                lambda tools=tools, settings=settings, i=i: AgentActor(
+                    tools.agent, BuiltinResearcher(settings, i, task.tuning_seeds.seeds(), task.driver), tools
+                ),
+            )
+        logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
+                    budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
+
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async def on_signal() -> None:
+                async for signum in signals:
+                    logger.warning("stopping", signal=signal.Signals(signum).name)
+                    outcome.reason = "signal"
+                    stopping.set()
+                    return
+
+            nursery.start_soon(on_signal)
+            next_progress = 0.0
+            daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
+                                  config.agents.count, config.cells.task)
+            while not stopping.is_set() and time.time() < deadline:
+                if target_met(board, config):
+                    outcome.reason = "target"
+                    outcome.time_to_target_s = time.time() - started
+                    break
+                if time.time() >= next_progress:
+                    daemon.last_seen = time.time()
+                    board.put("meta", "daemon", daemon)
+                    _progress(logger, board, config, system, started)
+                    next_progress = time.time() + config.fleet.progress_s
+                with trio.move_on_after(0.5):
+                    await stopping.wait()
+        outcome.elapsed_s = time.time() - started
+        sched = system.actors["scheduler"].current
+        stats["utilization"] = sched.utilization() if isinstance(sched, Scheduler) else {}
+        stats["restarts"] = {name: s.restarts for name, s in system.actors.items()}
+        daemon.last_seen, daemon.state = time.time(), f"stopped: {outcome.reason}"
+        board.put("meta", "daemon", daemon)
+        stopping.set()
+        nursery.cancel_scope.cancel()
+    return outcome, stats
+
+
+def _progress(logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float) -> None:
+    sched = system.actors["scheduler"].current
+    mru = mean_robot_utilization(sched.utilization()) if isinstance(sched, Scheduler) else 0.0
+    champ = board.get("champion", config.cells.task, Champion)
+    logger.info(
+        "progress",
+        elapsed_s=round(time.time() - started, 1),
+        episodes=board.counter("episodes"),
+        champion=champ.policy.ref if champ else "",
+        judged=f"{champ.judged_successes}/{champ.judged_n}" if champ else "",
+        confirmed=f"{champ.successes}/{champ.n}" if champ else "",
+        mru=round(mru, 3),
+        tokens=0,
+    )
+
+
+def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats: dict) -> dict:
+    util = stats.get("utilization", {})
+    episodes = board.values("episodes", EpisodeRecord)
+    by_kind: dict[str, int] = {}
+    for e in episodes:
+        by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
+    return {
+        "outcome": outcome.reason,
+        "elapsed_s": round(outcome.elapsed_s, 1),
+        "time_to_target_s": round(outcome.time_to_target_s, 1) if outcome.time_to_target_s else None,
+        "target": config.fleet.target,
+        "champion": champion_summary(board, config.cells.task),
+        "episodes": len(episodes),
+        "episodes_by_kind": by_kind,
+        "episodes_flagged": board.counter("episodes_flagged"),
+        "episodes_requeued": board.counter("episodes_requeued"),
+        "mru": round(mean_robot_utilization(util), 4),
+        "cells": {
+            cid: {"mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4), "wall_s": round(u.wall_s, 1),
+                  "by_state_s": {k: round(v, 1) for k, v in u.by_state.items()}}
+            for cid, u in util.items()
+        },
+        "actor_restarts": stats.get("restarts", {}),
+    }
+
+
+def format_report(report: dict) -> str:
+    c = report["champion"]
+    lines = [f"enpire fleet: {report['outcome']} after {report['elapsed_s']:.0f}s"]
+    if c.get("policy"):
+        conf, judged = c["heldout_confirm"], c["heldout_judged"]
+        lines.append(f"  champion {c['policy']} (agent {c['agent']})")
+        lines.append(f"  held-out success {conf['successes']}/{conf['n']} = {conf['rate']:.1%}, Wilson 95% "
+                     f"[{conf['wilson95'][0]:.3f}, {conf['wilson95'][1]:.3f}] (seeds never used to choose it)")
+        lines.append(f"  judged on {judged['n']} held-out seeds at promotion: {judged['rate']:.1%}")
+    else:
+        lines.append("  no champion yet")
+    ttt = report["time_to_target_s"]
+    lines.append(f"  time to target: {ttt:.0f}s" if ttt else "  target not reached")
+    lines.append(f"  episodes {report['episodes']} {report['episodes_by_kind']}; MRU {report['mru']:.1%}")
+    for cid, u in sorted(report["cells"].items()):
+        lines.append(f"    {cid}: MRU {u['mru']:.1%}, agent share {u['agent_share']:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = effective_config(args)
+    except cfg.ConfigError as e:
+        print(f"enpire: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        print(cfg.to_toml(config), end="")
+        return 0
+    state_dir = Path(config.fleet.state_dir).resolve()
+    try:
+        board, meta = open_state_dir(state_dir)
+    except StateDirError as e:
+        print(f"enpire: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.configure(state_dir, "fleet", console=not args.quiet)
+    try:
+        outcome, stats = trio.run(run_fleet, config, state_dir, board, meta, restrict_keyboard_interrupt_to_checkpoints=True)
+        report = build_report(board, config, outcome, stats)
+        (state_dir / "report.json").write_text(json.dumps(report, indent=2))
+        print(format_report(report))
+    finally:
+        board.close()
+    return {"target": EXIT_TARGET, "budget": EXIT_BUDGET, "signal": EXIT_SIGNAL}[outcome.reason]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""`python -m enpire.status --state-dir DIR`: the fleet at a glance, while it runs or after.
+
+Reads the blackboard only (read-only), so it is safe beside a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bus.blackboard import Blackboard
+from bus.records import CellRecord, Champion, DaemonRecord, JobRecord, TimelineRecord, TokenRecord
+from enpire.metrics import mean_robot_utilization, utilization, wilson_interval
+
+
+def collect(state_dir: Path, now: float | None = None) -> dict:
+    board = Blackboard(state_dir / "blackboard.lmdb", readonly=True)
+    try:
+        return _collect(board, now or time.time())
+    finally:
+        board.close()
+
+
+def _collect(board: Blackboard, now: float) -> dict:
+    daemon = board.get("meta", "daemon", DaemonRecord)
+    alive = daemon is not None and daemon.state == "running" and now - daemon.last_seen < 60
+    segments: dict[str, list] = {}
+    for rec in board.values("timeline", TimelineRecord):
+        segments.setdefault(rec.cell_id, []).extend(rec.segments)
+    cells = {}
+    per_cell = {}
+    for cell in board.values("cells", CellRecord):
+        end = now if alive and cell.state != "offline" else cell.last_seen
+        u = utilization(segments.get(cell.cell_id, []), max(0.0, end - cell.joined))
+        per_cell[cell.cell_id] = u
+        cells[cell.cell_id] = {
+            "state": cell.state if alive else "offline", "host": cell.host, "pid": cell.pid,
+            "mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4),
+        }
+    jobs = [j for j in board.values("jobs", JobRecord) if not j.done]
+    champions = {}
+    for _, c in board.items("champion", Champion):
+        lo, hi = wilson_interval(c.successes, c.n)
+        champions[c.task] = {
+            "policy": c.policy.ref, "agent": c.agent, "confirmed": [c.successes, c.n],
+            "rate": round(c.successes / c.n, 4) if c.n else None, "wilson95": [round(lo, 4), round(hi, 4)],
+            "judged": [c.judged_successes, c.judged_n],
+        }
+    tokens: dict[str, int] = {}
+    for t in board.values("tokens", TokenRecord):
+        tokens[t.agent] = tokens.get(t.agent, 0) + t.input_tokens + t.output_tokens
+    return {
+        "daemon": {
+            "state": (daemon.state if alive or daemon.state != "running" else "not responding") if daemon else "never ran",
+            "pid": daemon.pid if daemon else None,
+            "running_s": round((now if alive else daemon.last_seen) - daemon.started, 1) if daemon else 0.0,
+        },
+        "episodes": board.counter("episodes"),
+        "episodes_requeued": board.counter("episodes_requeued"),
+        "cells": cells,
+        "mru": round(mean_robot_utilization(per_cell), 4),
+        "jobs_queued": len(jobs),
+        "jobs": [{"job": j.job_id, "agent": j.agent, "kind": j.kind, "episodes": len(j.seeds)} for j in jobs[:20]],
+        "champions": champions,
+        "tokens": tokens,
+        "findings": board.count("findings"),
+    }
+
+
+def render(status: dict) -> str:
+    d = status["daemon"]
+    lines = [f"daemon: {d['state']} (pid {d['pid']}), running {d['running_s']:.0f}s; "
+             f"episodes {status['episodes']} (requeued {status['episodes_requeued']}); MRU {status['mru']:.1%}"]
+    for cid, c in sorted(status["cells"].items()):
+        lines.append(f"  {cid:<10} {c['state']:<10} MRU {c['mru']:.1%}  agent share {c['agent_share']:.1%}  "
+                     f"{c['host']}:{c['pid']}")
+    lines.append(f"jobs queued: {status['jobs_queued']}")
+    for j in status["jobs"]:
+        lines.append(f"  {j['job']} ({j['kind']}, {j['agent']}): {j['episodes']} episodes")
+    for task, c in status["champions"].items():
+        s, n = c["confirmed"]
+        lo, hi = c["wilson95"]
+        lines.append(f"champion[{task}]: {c['policy']} by {c['agent']}; held-out {s}/{n} "
+                     f"[{lo:.3f}, {hi:.3f}]; judged {c['judged'][0]}/{c['judged'][1]}")
+    if not status["champions"]:
+        lines.append("champion: none yet")
+    for agent, n in sorted(status["tokens"].items()):
+        lines.append(f"agent {agent}: {n} tokens")
+    lines.append(f"findings: {status['findings']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m enpire.status", description=__doc__.splitlines()[0])
+    p.add_argument("--state-dir", type=Path, default=Path("state"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    if not (args.state_dir / "blackboard.lmdb").exists():
+        print(f"enpire.status: {args.state_dir}: no fleet state here", file=sys.stderr)
+        return 2
+    status = collect(args.state_dir)
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
