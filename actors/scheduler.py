@@ -167,11 +167,14 @@ class Scheduler(Actor):
     def _hello(self, msg: Hello) -> Welcome:
         now = time.time()
         previous = self.cells.get(msg.cell_id)
-        record = CellRecord(msg.cell_id, msg.driver, msg.host, msg.pid, joined=now, last_seen=now, real=msg.real)
-        if previous is not None:  # a restarted cell keeps its place in the MRU window
-            record.joined = previous.record.joined
+        known = self.board.get("cells", msg.cell_id, CellRecord)
+        # A restarted cell (or daemon) keeps the cell's MRU window: downtime counts as not running.
+        joined = known.joined if known is not None else now
+        record = CellRecord(msg.cell_id, msg.driver, msg.host, msg.pid, joined=joined, last_seen=now, real=msg.real)
+        if previous is not None:
             self._release_cell(msg.cell_id, "cell restarted")
-        self.cells[msg.cell_id] = CellState(record, previous.segments if previous else [], now)
+        segments = previous.segments if previous else self._stored_segments(msg.cell_id)
+        self.cells[msg.cell_id] = CellState(record, segments, now)
         self.board.put("cells", msg.cell_id, record)
         self.log.info("cell_joined", cell=msg.cell_id, host=msg.host, pid=msg.pid, driver=msg.driver)
         return Welcome(run_id=self.run_id, heartbeat_s=self.config.scheduler.heartbeat_s)
@@ -337,7 +340,7 @@ class Scheduler(Actor):
                     job.results[eid] = done
         self.jobs[record.job_id] = job
         queue = self.pending.setdefault("judge" if record.kind == "heldout" else record.agent, deque())
-        for eid, seed in zip(ids, record.seeds):
+        for eid, seed in zip(ids, record.seeds, strict=True):
             if eid not in job.results:
                 queue.append(self._episode(record, eid, seed))
         self._job_progress(job)
@@ -490,6 +493,10 @@ class Scheduler(Actor):
         if fresh:
             cell.segments.extend(fresh)
             self.board.append("timeline", TimelineRecord(cell_id, fresh))
+
+    def _stored_segments(self, cell_id: str) -> list[Segment]:
+        return [seg for rec in self.board.values("timeline", TimelineRecord) if rec.cell_id == cell_id
+                for seg in rec.segments]
 
     def _write_trajectory(self, msg: EpisodeReport) -> str:
         rel = Path("episodes") / (msg.episode_id.replace(":", "_").replace("/", "_") + ".npz")

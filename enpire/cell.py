@@ -13,10 +13,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import structlog
 import trio
 
 from actors.cell import Cell
 from actors.runtime import ActorSystem
+from bus.transport import AuthError, RequestClient, RequestTimeout
 from enpire import log
 from enpire.sandbox import SandboxLimits
 from hw import make_driver
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
     p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
     p.add_argument("--memory-mb", type=int, default=1024, help="address space of the sandbox process")
+    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
     return p.parse_args(argv)
 
@@ -51,6 +54,12 @@ async def run(args: argparse.Namespace, secret: bytes | None) -> None:
         act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
         cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
     )
+    # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.
+    probe = RequestClient(args.connect, sender=args.cell_id, secret=secret)
+    try:
+        await probe.wait_ready(timeout=args.connect_timeout)
+    finally:
+        probe.close()
     parent = os.getppid()
     async with trio.open_nursery() as nursery:
         if args.exit_with_parent:
@@ -59,7 +68,7 @@ async def run(args: argparse.Namespace, secret: bytes | None) -> None:
         await system.spawn(
             f"cell:{args.cell_id}",
             lambda: Cell(args.cell_id, args.connect, make_driver(args.driver), limits, scratch,
-                         secret=secret if args.connect.startswith("tcp://") else None, real=args.real),
+                         secret=secret, real=args.real),
         )
 
 
@@ -70,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     log.configure(args.state_dir, f"cell:{args.cell_id}", console=args.state_dir is None)
     try:
         trio.run(run, args, secret)
+    except AuthError as e:
+        structlog.get_logger().error("cell_refused", cell=args.cell_id, error=str(e))
+        print(f"enpire.cell: {e}", file=sys.stderr)
+        return 3
+    except RequestTimeout as e:
+        print(f"enpire.cell: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         return 130
     return 0

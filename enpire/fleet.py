@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -117,7 +118,12 @@ class Outcome:
     time_to_target_s: float | None
 
 
-async def _cell_process(config: cfg.Config, index: int, url: str, state_dir: Path, stopping: trio.Event) -> None:
+LOCAL_SECRET_ENV = "ENPIRE_LOCAL_SECRET"
+
+
+async def _cell_process(
+    config: cfg.Config, index: int, url: str, state_dir: Path, stopping: trio.Event, secret: bytes
+) -> None:
     """Keep one local cell process alive; restart it with backoff if it dies."""
     cell_id = f"cell-{index}"
     logger = structlog.get_logger().bind(actor="fleet")
@@ -128,11 +134,14 @@ async def _cell_process(config: cfg.Config, index: int, url: str, state_dir: Pat
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
+        "--secret-env", LOCAL_SECRET_ENV,
     ]
+    env = {k: v for k, v in os.environ.items() if k != config.bus.secret_env}
+    env[LOCAL_SECRET_ENV] = secret.hex()
     failures = 0
     while not stopping.is_set():
         began = time.time()
-        result = await trio.run_process(command, check=False, stdin=None)
+        result = await trio.run_process(command, check=False, stdin=None, env=env)
         if stopping.is_set():
             return
         failures = 0 if time.time() - began > 30 else failures + 1
@@ -189,16 +198,17 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 return Failure(error=f"no actor takes {type(envelope.body).__name__} from the bus")
             return await ref.ask(envelope.body, timeout=60.0)
 
+        # Local peers authenticate too: a per-run secret, so nothing else on the machine (a policy that
+        # escaped its sandbox, say) can speak on the socket in the state dir.
+        local_secret = secrets.token_bytes(32)
         url = ipc_url(state_dir, "bus")
-        await nursery.start(RequestServer(url, route, sender="fleet").serve)
+        await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode()).serve)
         if config.bus.listen:
-            secret = os.environ.get(config.bus.secret_env, "").encode()
-            if not secret:
-                raise StateDirError(f"bus.listen is set but ${config.bus.secret_env} is empty: remote cells need it")
+            secret = os.environ[config.bus.secret_env].encode()
             await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret).serve)
             logger.info("listening", url=config.bus.listen)
         for i in range(config.cells.count):
-            nursery.start_soon(_cell_process, config, i, url, state_dir, stopping)
+            nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
         task = config.task()
         for i in range(config.agents.count):
@@ -323,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_toml(config), end="")
         return 0
+    if config.bus.listen and not os.environ.get(config.bus.secret_env):
+        print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
+              "remote cells authenticate with that shared secret", file=sys.stderr)
+        return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:
         board, meta = open_state_dir(state_dir)

@@ -1,6 +1,5 @@
 """The scheduler in-process: leases, expiry, idempotent results, fair share, promotion, resume."""
 
-import time
 
 import trio
 
@@ -8,8 +7,18 @@ from actors.runtime import ActorSystem
 from actors.scheduler import PolicyLoader, Scheduler
 from bus.blackboard import Blackboard
 from bus.messages import (
-    Ack, EpisodeReport, EvalRequest, EvalResult, Hello, Lease, LeaseRequest, NoWork, PolicySpec, PromoteRequest,
-    PromoteResult, Verdict,
+    Ack,
+    EpisodeReport,
+    EvalRequest,
+    EvalResult,
+    Hello,
+    Lease,
+    LeaseRequest,
+    NoWork,
+    PolicySpec,
+    PromoteRequest,
+    PromoteResult,
+    Verdict,
 )
 from bus.records import Champion, EpisodeRecord
 from enpire import config as cfg
@@ -55,8 +64,8 @@ async def test_eval_job_is_leased_reported_once_and_returned(tmp_path):
 
         nursery.start_soon(agent)
         leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(2)]
-        assert all(isinstance(l, Lease) for l in leases)
-        assert sorted(l.seed for l in leases) == [1, 2]
+        assert all(isinstance(lease, Lease) for lease in leases)
+        assert sorted(lease.seed for lease in leases) == [1, 2]
         assert leases[0].policy.files == {"policy.py": "x"}
         await ref.ask(_report(leases[0], True))
         dup = await ref.ask(_report(leases[0], False))  # a duplicate delivery changes nothing

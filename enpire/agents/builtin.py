@@ -63,7 +63,7 @@ class BuiltinResearcher:
     # parameters live in [0, 1]^d for the search; the policy gets them in its own units
     def _params(self, x: np.ndarray) -> dict[str, float]:
         values = self.low + np.clip(x, 0.0, 1.0) * (self.high - self.low)
-        return {k: round(float(v), 5) for k, v in zip(self.names, values)}
+        return {k: round(float(v), 5) for k, v in zip(self.names, values, strict=True)}
 
     def _unit(self, params: dict[str, float]) -> np.ndarray:
         v = np.array([params[k] for k in self.names], dtype=float)
@@ -75,7 +75,10 @@ class BuiltinResearcher:
     async def run(self, tools: Tools) -> None:
         s = self.settings
         commit = await self._write_policy(tools)
-        mean = self._unit(self.template.INITIAL_PARAMS)
+        # Resuming (after a restart): start the search from the champion rather than from scratch.
+        champion = tools.champion()
+        start = {**self.template.INITIAL_PARAMS, **(champion.policy.params if champion else {})}
+        mean = self._unit(start)
         std = np.full_like(mean, s.init_std)
         best_validated = -1.0
         promoting = False
@@ -105,7 +108,7 @@ class BuiltinResearcher:
                 xs = [mean] + [np.clip(mean + std * self.rng.standard_normal(mean.shape), 0, 1)
                                for _ in range(s.population - 1)]
                 specs = [PolicySpec(commit=commit, params=self._params(x)) for x in xs]
-                results = await _gather([lambda sp=sp: tools.evaluate(sp, seeds) for sp in specs])
+                results = await _gather([lambda sp=sp, seeds=seeds: tools.evaluate(sp, seeds) for sp in specs])
                 scores = np.array([_score(r, s.horizon, s.step_weight) for r in results])
                 order = np.argsort(-scores, kind="stable")
                 elite = np.array([xs[i] for i in order[: s.elites]])
@@ -115,7 +118,7 @@ class BuiltinResearcher:
                 stalled = scores[order[0]] <= scores[0] + 1e-9
                 spread = elite.std(axis=0) * (1.5 if stalled else 1.0)
                 std = np.maximum(spread, s.min_std)
-                moved = sorted(zip(self.names, new_mean - mean), key=lambda kv: -abs(kv[1]))[:3]
+                moved = sorted(zip(self.names, new_mean - mean, strict=True), key=lambda kv: -abs(kv[1]))[:3]
                 tools.post_finding(
                     hypothesis=f"generation {self.generation}: moving the search mean toward the elites improves success",
                     change="mean shift " + ", ".join(f"{k} {d:+.3f}" for k, d in moved),
@@ -148,8 +151,11 @@ class BuiltinResearcher:
         return champion.judged_successes / champion.judged_n >= self.settings.target + 0.03
 
     async def _write_policy(self, tools: Tools) -> str:
-        """Start from nothing: write the heuristic policy into the agent's branch."""
+        """Start from nothing: write the heuristic policy into the agent's branch (once)."""
         source = Path(self.template.__file__).read_text()
+        head = tools.workspace.head(tools.branch)
+        if head is not None and (await tools.read_files(head)).get("policy.py") == source:
+            return head  # written before a restart: keep the same commit
         commit = await tools.commit({"policy.py": source}, "heuristic policy: approach behind the block, push, turn")
         tools.post_finding(
             hypothesis="a phased heuristic (reach behind the block, push toward the goal, turn at the bar ends) "
