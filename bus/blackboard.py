@@ -93,7 +93,7 @@ class Txn:
 def _decode(raw: bytes, type_: type[T], table: str, key: str) -> T:
     try:
         return msgspec.msgpack.decode(raw, type=type_)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise RecordError(f"blackboard table {table!r} key {key!r}: not a valid {type_.__name__}: {e}") from None
 
 

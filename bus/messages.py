@@ -316,5 +316,5 @@ def encode(envelope: Envelope) -> bytes:
 def decode(data: bytes) -> Envelope:
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise DecodeError(f"bad frame ({len(data)} bytes): {e}") from None

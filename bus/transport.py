@@ -165,6 +165,10 @@ class RequestServer:
         return seal(payload, self.secret if seal_it else None)
 
 
+def _refused(body: Message) -> bool:
+    return isinstance(body, Failure) and body.error == "unauthenticated"
+
+
 class RequestClient:
     """Acked requests to one server; safe to use from many trio tasks at once (one nng context each)."""
 
@@ -194,18 +198,20 @@ class RequestClient:
 
     def _read_reply(self, reply: bytes) -> Message | None:
         try:
-            return decode(unseal(reply, self.secret)).body
+            body = decode(unseal(reply, self.secret)).body
         except DecodeError:
             return None
         except AuthError:
-            # The server's refusal is not sealed (it does not trust our key): surface it, nothing else.
+            # The server's refusal is not sealed (it does not trust our key): read it, trust nothing else.
             try:
                 body = decode(reply).body
             except DecodeError:
                 return None
-            if isinstance(body, Failure) and body.error == "unauthenticated":
-                raise AuthError(f"{self.url}: the server refused our credentials") from None
-            return None
+            if not _refused(body):
+                return None
+        if _refused(body):
+            raise AuthError(f"{self.url}: the server refused our credentials")
+        return body
 
     async def _once(self, frame: bytes, timeout: float) -> bytes | None:
         with self._sock.new_context() as ctx:
@@ -227,6 +233,9 @@ class RequestClient:
 
     def close(self) -> None:
         self._sock.close()
+
+
+_PROBE = Ack(detail="__probe__")
 
 
 class Publisher:
@@ -267,8 +276,24 @@ class Subscriber:
             except DecodeError:
                 self.stats["bad_frames"] += 1
                 continue
+            if envelope.body == _PROBE:
+                continue
             self.stats["received"] += 1
             return envelope
+
+    async def wait_joined(self, publisher: Publisher, timeout: float = 10.0) -> None:
+        """The pub/sub ready barrier (same process): probe until one arrives, so later events are not lost
+        to a subscription still being set up. Across processes, use the acked path as the barrier."""
+        with trio.fail_after(timeout):
+            while True:
+                await publisher.publish(_PROBE)
+                with trio.move_on_after(0.05):
+                    frame = await _fast_recv(self._sock)
+                    try:
+                        if decode(unseal(frame, self.secret)).body == _PROBE:
+                            return
+                    except (AuthError, DecodeError):
+                        pass
 
     def __aiter__(self):
         return self

@@ -1,0 +1,254 @@
+"""Bus benchmark: enpire's transport against raw blocking pynng, cross-process, in the same run.
+
+    python bench/bus.py [--seconds S] [--quick]
+
+Prints one JSON object: request/reply throughput and latency (p50/p99 microseconds) with 1 and N
+concurrent requesters, pub/sub event throughput, for (a) bus.transport (msgspec envelopes, ids, dedup
+cache, HMAC) and (b) raw pynng Req0/Rep0 and Pub0/Sub0 with plain blocking calls and raw bytes, plus
+the ratios transport/raw. The peer always runs in a separate process. Every loop is bounded by time
+and count and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pynng  # noqa: E402
+import trio  # noqa: E402
+
+from bus import messages as m  # noqa: E402
+from bus.transport import Publisher, RequestClient, RequestServer, Subscriber, ipc_url  # noqa: E402
+
+SECRET = b"bench-secret"
+REQUEST = m.LeaseRequest(cell_id="bench")
+EVENT = m.Progress(t=0.0, episodes=1, champion="c", champion_success=0.9, champion_n=100, mru=0.9, tokens=1)
+MAX_COUNT = 200_000
+
+
+# ----------------------------------------------------------------------------- peers (separate processes)
+
+
+def transport_server(url: str, ready, seconds: float) -> None:
+    async def handler(env):
+        return m.NoWork(retry_after_s=0.0)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(RequestServer(url, handler, secret=SECRET).serve)
+            ready.set()
+            await trio.sleep(seconds)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def raw_server(url: str, ready, seconds: float) -> None:
+    with pynng.Rep0(listen=url, recv_timeout=200) as sock:
+        ready.set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                sock.send(sock.recv())
+            except pynng.Timeout:
+                pass
+
+
+def transport_subscriber(url: str, ready, out, seconds: float) -> None:
+    async def main():
+        sub = Subscriber(url, secret=SECRET)
+        ready.set()
+        count, first, last = 0, None, None
+        with trio.move_on_after(seconds):
+            while True:
+                await sub.receive()
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                count += 1
+        out.put((count, (last - first) if first and last else 0.0))
+        sub.close()
+
+    trio.run(main)
+
+
+def raw_subscriber(url: str, ready, out, seconds: float) -> None:
+    with pynng.Sub0(dial=url, recv_timeout=300) as sock:
+        sock.subscribe(b"")
+        ready.set()
+        count, first, last = 0, None, None
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                sock.recv()
+            except pynng.Timeout:
+                if count:
+                    break
+                continue
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += 1
+    out.put((count, (last - first) if first and last else 0.0))
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _summary(latencies: list[float], elapsed: float) -> dict:
+    lat = sorted(latencies)
+    return {
+        "msgs_per_s": round(len(lat) / elapsed, 1) if elapsed else 0.0,
+        "p50_us": round(statistics.median(lat) * 1e6, 1) if lat else None,
+        "p99_us": round(lat[int(0.99 * (len(lat) - 1))] * 1e6, 1) if lat else None,
+        "count": len(lat),
+    }
+
+
+def bench_transport_reqrep(url: str, concurrency: int, seconds: float) -> dict:
+    async def main():
+        client = RequestClient(url, sender="bench", secret=SECRET)
+        await client.wait_ready(timeout=30)
+        latencies: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def worker():
+            while time.perf_counter() < end and len(latencies) < MAX_COUNT:
+                t = time.perf_counter()
+                await client.request(REQUEST, timeout=5)
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        elapsed = time.perf_counter() - start
+        client.close()
+        return _summary(latencies, elapsed)
+
+    return trio.run(main)
+
+
+def bench_raw_reqrep(url: str, concurrency: int, seconds: float) -> dict:
+    """Raw pynng, blocking: N threads each with its own Req0 socket (Req0 is one request at a time)."""
+    import threading
+
+    payload = m.encode(m.Envelope(id="x", sender="bench", body=REQUEST))
+    latencies: list[float] = []
+    lock = threading.Lock()
+    end = time.perf_counter() + seconds
+
+    def worker():
+        with pynng.Req0(dial=url, recv_timeout=5000) as sock:
+            local = []
+            while time.perf_counter() < end and len(local) < MAX_COUNT // concurrency:
+                t = time.perf_counter()
+                sock.send(payload)
+                sock.recv()
+                local.append(time.perf_counter() - t)
+            with lock:
+                latencies.extend(local)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _summary(latencies, time.perf_counter() - start)
+
+
+def bench_pubsub(kind: str, seconds: float) -> dict:
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        url = ipc_url(tmp, f"pub-{kind}")
+        ready, out = ctx.Event(), ctx.Queue()
+        target = transport_subscriber if kind == "transport" else raw_subscriber
+        if kind == "transport":
+            pub_sock = None
+            publisher = Publisher(url, secret=SECRET)
+        else:
+            pub_sock = pynng.Pub0(listen=url)
+        proc = ctx.Process(target=target, args=(url, ready, out, seconds + 3))
+        proc.start()
+        ready.wait(30)
+        time.sleep(0.5)  # the subscriber's dial completes (pub/sub has no acknowledgement)
+        sent = 0
+        end = time.perf_counter() + seconds
+        if kind == "transport":
+            async def send():
+                nonlocal sent
+                while time.perf_counter() < end and sent < MAX_COUNT:
+                    await publisher.publish(EVENT)
+                    sent += 1
+                    if sent % 256 == 0:
+                        await trio.sleep(0)
+
+            trio.run(send)
+            publisher.close()
+        else:
+            payload = m.encode(m.Envelope(id="x", sender="bench", body=EVENT))
+            while time.perf_counter() < end and sent < MAX_COUNT:
+                pub_sock.send(payload)
+                sent += 1
+            pub_sock.close()
+        received, span = out.get(timeout=seconds + 30)
+        proc.join(10)
+    return {"sent": sent, "received": received, "events_per_s": round(received / span, 1) if span else 0.0,
+            "delivered": round(received / sent, 4) if sent else 0.0}
+
+
+def with_server(kind: str, seconds_total: float, fn):
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        url = ipc_url(tmp, f"rr-{kind}")
+        ready = ctx.Event()
+        target = transport_server if kind == "transport" else raw_server
+        proc = ctx.Process(target=target, args=(url, ready, seconds_total + 5))
+        proc.start()
+        try:
+            assert ready.wait(30), "server did not start"
+            return fn(url)
+        finally:
+            proc.terminate()
+            proc.join(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="0.5 s per measurement")
+    args = p.parse_args(argv)
+    s = 0.5 if args.quick else args.seconds
+    n = args.concurrency
+    result = {"seconds_per_measurement": s, "concurrency": n}
+    for kind, bench in (("transport", bench_transport_reqrep), ("raw_pynng", bench_raw_reqrep)):
+        result[f"reqrep_{kind}"] = with_server(
+            kind if kind == "transport" else "raw", 2 * s + 10,
+            lambda url, bench=bench: {"1": bench(url, 1, s), str(n): bench(url, n, s)},
+        )
+    result["pubsub_transport"] = bench_pubsub("transport", s)
+    result["pubsub_raw_pynng"] = bench_pubsub("raw", s)
+    t, r = result["reqrep_transport"], result["reqrep_raw_pynng"]
+    result["ratios_transport_over_raw"] = {
+        "reqrep_1_throughput": round(t["1"]["msgs_per_s"] / r["1"]["msgs_per_s"], 3),
+        f"reqrep_{n}_throughput": round(t[str(n)]["msgs_per_s"] / r[str(n)]["msgs_per_s"], 3),
+        "reqrep_1_p50_latency": round(t["1"]["p50_us"] / r["1"]["p50_us"], 3),
+        "pubsub_throughput": round(result["pubsub_transport"]["events_per_s"]
+                                   / max(1.0, result["pubsub_raw_pynng"]["events_per_s"]), 3),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
