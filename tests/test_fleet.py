@@ -102,6 +102,15 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
     data = np.load(tmp_path / "state" / some.trajectory_file)
     assert data["observations"].shape[1] == 5 and data["actions"].shape[1] == 2
     board.close()
+    # the report CLI draws the run
+    r = subprocess.run([sys.executable, "-m", "enpire.report", "--state-dir", str(tmp_path / "state")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in ("success.png", "cells.png", "tokens.png"):
+        png = tmp_path / "state" / "report" / name
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    summary = (tmp_path / "state" / "report" / "summary.md").read_text()
+    assert "champion" in summary and "held-out" in summary
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
