@@ -170,45 +170,65 @@ def target_met(board: Blackboard, config: cfg.Config) -> bool:
     return c is not None and c.n >= config.fleet.min_heldout and c.successes / c.n >= config.fleet.target
 
 
+@dataclass
+class Core:
+    """The part of a fleet that serves cells: verifier, scheduler, the bus, local cell processes."""
+
+    system: ActorSystem
+    scheduler: Ref
+    verifier: Ref
+    workspace: Workspace
+    url: str
+    stopping: trio.Event
+
+
+async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path, board: Blackboard,
+                     meta: Meta) -> Core:
+    """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
+    workspace = Workspace(state_dir / "workspace")
+    task_kinds = {name: t.driver for name, t in config.tasks.items()}
+    system = ActorSystem(nursery)
+    verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
+    scheduler = await system.spawn(
+        "scheduler",
+        lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id),
+    )
+    routes: dict[type, Ref] = {
+        Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,
+        VerifyRequest: verifier,
+    }
+
+    async def route(envelope: Envelope) -> Message:
+        ref = routes.get(type(envelope.body))
+        if ref is None:
+            return Failure(error=f"no actor takes {type(envelope.body).__name__} from the bus")
+        return await ref.ask(envelope.body, timeout=60.0)
+
+    # Local peers authenticate too: a per-run secret, so nothing else on the machine (a policy that
+    # escaped its sandbox, say) can speak on the socket in the state dir.
+    local_secret = secrets.token_bytes(32)
+    url = ipc_url(state_dir, "bus")
+    await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode()).serve)
+    if config.bus.listen:
+        secret = os.environ[config.bus.secret_env].encode()
+        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret).serve)
+        structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
+    stopping = trio.Event()
+    for i in range(config.cells.count):
+        nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
+    return Core(system, scheduler, verifier, workspace, url, stopping)
+
+
 async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta: Meta) -> tuple[Outcome, dict]:
     logger = structlog.get_logger().bind(actor="fleet")
     started = time.time()
     deadline = started + config.fleet.budget_minutes * 60
-    workspace = Workspace(state_dir / "workspace")
-    task_kinds = {name: t.driver for name, t in config.tasks.items()}
     outcome = Outcome("budget", 0.0, None)
-    stopping = trio.Event()
     stats: dict = {}
 
     async with trio.open_nursery() as nursery:
-        system = ActorSystem(nursery)
-        verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
-        scheduler = await system.spawn(
-            "scheduler",
-            lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id),
-        )
-        routes: dict[type, Ref] = {
-            Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,
-            VerifyRequest: verifier,
-        }
-
-        async def route(envelope: Envelope) -> Message:
-            ref = routes.get(type(envelope.body))
-            if ref is None:
-                return Failure(error=f"no actor takes {type(envelope.body).__name__} from the bus")
-            return await ref.ask(envelope.body, timeout=60.0)
-
-        # Local peers authenticate too: a per-run secret, so nothing else on the machine (a policy that
-        # escaped its sandbox, say) can speak on the socket in the state dir.
-        local_secret = secrets.token_bytes(32)
-        url = ipc_url(state_dir, "bus")
-        await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode()).serve)
-        if config.bus.listen:
-            secret = os.environ[config.bus.secret_env].encode()
-            await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret).serve)
-            logger.info("listening", url=config.bus.listen)
-        for i in range(config.cells.count):
-            nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
+        core = await start_core(nursery, config, state_dir, board, meta)
+        system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
         task = config.task()
         for i in range(config.agents.count):
