@@ -42,7 +42,9 @@ def failure_summary(result: EvalResult) -> str:
     near = sum(1 for e in result.episodes if not e.success and e.score >= 0.8)
     mean_score = sum(e.score for e in result.episodes) / n
     parts = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
-    return f"{wins}/{n} succeeded; mean score {mean_score:.3f}; near misses (score>=0.8) {near}; outcomes: {parts}"
+    at_k = sum(e.success_at_k or e.success for e in result.episodes)
+    return (f"{wins}/{n} succeeded (pass@1), {at_k}/{n} pass@k; mean score {mean_score:.3f}; "
+            f"near misses (score>=0.8) {near}; outcomes: {parts}")
 
 
 @dataclass

@@ -1,0 +1,79 @@
+"""The cell path for real (fleet core + a cell process + sandbox): pass@k and verdicts that name faults."""
+
+from pathlib import Path
+
+import trio
+
+from bus.messages import EvalRequest, EvalResult, PolicySpec
+from enpire import config as cfg
+from enpire.agents import pusht_policy
+from enpire.fleet import open_state_dir, start_core
+
+HEURISTIC = Path(pusht_policy.__file__).read_text()
+
+# Sits still on its first attempt; once told of the failure it runs the heuristic (kept in lib.py).
+RETRYING = """
+import numpy as np
+from lib import Policy as Heuristic
+
+
+class Policy:
+    def __init__(self, params):
+        self.inner = Heuristic(params)
+        self.failures = []
+
+    def reset(self):
+        self.inner.reset()
+
+    def on_failure(self, info):
+        self.failures.append(info)
+
+    def act(self, obs):
+        if not self.failures:
+            return np.asarray(obs[:2], dtype=float)  # stay where we are
+        return self.inner.act(obs)
+"""
+
+WILD = """
+import numpy as np
+
+
+class Policy:
+    def __init__(self, params):
+        self.t = 0
+
+    def act(self, obs):
+        self.t += 1
+        return np.array([256.0, 256.0]) if self.t < 3 else np.array([900.0, 256.0])
+"""
+
+
+async def _evaluate(tmp_path, files, attempts=1, seeds=(11, 12)):
+    config = cfg.with_overrides(cfg.Config(), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    board, meta = open_state_dir(tmp_path / "state")
+    async with trio.open_nursery() as nursery:
+        core = await start_core(nursery, config, tmp_path / "state", board, meta)
+        commit = core.workspace.commit("agent/test", files, "test policy")
+        with trio.fail_after(120):
+            result = await core.scheduler.ask(
+                EvalRequest(job_id="j", agent="t", task="pusht", policy=PolicySpec(commit, {}),
+                            seeds=list(seeds), attempts=attempts), timeout=120)
+        core.stopping.set()
+        nursery.cancel_scope.cancel()
+    board.close()
+    assert isinstance(result, EvalResult), result
+    return result
+
+
+async def test_pass_at_k_continues_from_the_failed_state(tmp_path):
+    result = await _evaluate(tmp_path, {"policy.py": RETRYING, "lib.py": HEURISTIC}, attempts=2)
+    for e in result.episodes:
+        assert not e.success  # pass@1: the first attempt sat still
+        assert e.success_at_k  # pass@2: told of the failure, it solved the task from where it stood
+        assert e.steps > 300  # both attempts ran in one rollout
+
+
+async def test_wild_action_ends_the_episode_as_a_safety_violation(tmp_path):
+    result = await _evaluate(tmp_path, {"policy.py": WILD}, seeds=(5,))
+    (e,) = result.episodes
+    assert not e.success and e.reason.startswith("safety_violation") and "bounds" in e.reason
