@@ -77,3 +77,35 @@ async def test_wild_action_ends_the_episode_as_a_safety_violation(tmp_path):
     result = await _evaluate(tmp_path, {"policy.py": WILD}, seeds=(5,))
     (e,) = result.episodes
     assert not e.success and e.reason.startswith("safety_violation") and "bounds" in e.reason
+
+
+ADVERSARIAL = Path(__file__).parent / "adversarial"
+
+
+async def test_hostile_policies_do_not_stop_a_real_cell(tmp_path):
+    """Several hostile policies in a row on one cell process; each verdict names what happened, none
+    succeeds, and the same cell then runs the heuristic to success."""
+    config = cfg.with_overrides(cfg.Config(), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    board, meta = open_state_dir(tmp_path / "state")
+    expected = {
+        "patch_verifier": "sandbox_denied", "kill_parent": "sandbox_denied", "loop_act": "policy_timeout",
+        "fork": "sandbox_denied", "raises": "policy_error", "nan_action": "safety_violation",
+        "exit_process": "policy_crashed",
+    }
+    async with trio.open_nursery() as nursery:
+        core = await start_core(nursery, config, tmp_path / "state", board, meta)
+        for name, reason in expected.items():
+            commit = core.workspace.commit(f"agent/{name}", {"policy.py": (ADVERSARIAL / f"{name}.py").read_text()},
+                                           name)
+            with trio.fail_after(120):
+                result = await core.scheduler.ask(EvalRequest(job_id=name, agent="t", task="pusht",
+                                                              policy=PolicySpec(commit, {}), seeds=[3]), timeout=120)
+            (e,) = result.episodes
+            assert not e.success and reason in e.reason, (name, e.reason)
+        commit = core.workspace.commit("agent/good", {"policy.py": HEURISTIC}, "good")
+        result = await core.scheduler.ask(EvalRequest(job_id="good", agent="t", task="pusht",
+                                                      policy=PolicySpec(commit, {}), seeds=[3, 4]), timeout=120)
+        assert result.successes == 2
+        core.stopping.set()
+        nursery.cancel_scope.cancel()
+    board.close()
