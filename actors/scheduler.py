@@ -48,7 +48,7 @@ from bus.messages import (
     Segment,
     Welcome,
 )
-from bus.records import CellRecord, Champion, EpisodeRecord, JobRecord, TimelineRecord
+from bus.records import CellRecord, Champion, EpisodeRecord, JobRecord, LeaseRecord, TimelineRecord
 from enpire.config import Config
 from enpire.metrics import Utilization, better_with_confidence, utilization
 
@@ -203,7 +203,9 @@ class Scheduler(Actor):
     def _grant(self, episode: Episode, cell_id: str) -> Lease:
         task = self.config.task(episode.task)
         lease_id = uuid.uuid4().hex[:12]
-        self.leases[lease_id] = LeaseState(episode, cell_id, time.time() + self.config.scheduler.lease_s)
+        now = time.time()
+        self.leases[lease_id] = LeaseState(episode, cell_id, now + self.config.scheduler.lease_s)
+        self.board.put("leases", lease_id, LeaseRecord(lease_id, episode.episode_id, episode.job_id, cell_id, now))
         self.served[episode.agent] = self.served.get(episode.agent, 0) + 1
         return Lease(
             lease_id=lease_id,
@@ -379,10 +381,12 @@ class Scheduler(Actor):
     def _job_progress(self, job: Job) -> None:
         if job.complete and not job.done.is_set():
             job.record.done = True
-            self.board.put("jobs", job.record.job_id, job.record)
+            with self.board.write() as w:  # one transaction: a crash leaves both or neither
+                w.put("jobs", job.record.job_id, job.record)
+                if job.record.purpose == "confirm":
+                    self._confirmed(w, job)
             job.done.set()
             if job.record.purpose == "confirm":
-                self._confirmed(job)
                 del self.jobs[job.record.job_id]  # nobody waits on background jobs
 
     def _eval_result(self, job: Job) -> EvalResult:
@@ -421,15 +425,15 @@ class Scheduler(Actor):
         self.jobs[job_id] = job
         return self._episode(record, job.episode_ids[0], seed)
 
-    def _confirmed(self, job: Job) -> None:
-        champion = self.board.get("champion", job.record.task, Champion)
+    def _confirmed(self, w, job: Job) -> None:
+        champion = w.get("champion", job.record.task, Champion)
         if champion is None or champion.policy != job.record.policy:
             return  # the champion changed while this ran: the episode stays recorded, not counted
         for r in job.results.values():
             if not r.flagged:
                 champion.successes += r.verdict.success
                 champion.n += 1
-        self.board.put("champion", job.record.task, champion)
+        w.put("champion", job.record.task, champion)
 
     # ------------------------------------------------------------------ queue
 

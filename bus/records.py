@@ -101,6 +101,16 @@ class CellRecord(msgspec.Struct):
     real: bool = False
 
 
+class LeaseRecord(msgspec.Struct):
+    """Every lease ever granted, for the ledger check: each leased episode ends with one result."""
+
+    lease_id: str
+    episode_id: str
+    job_id: str
+    cell_id: str
+    granted: float
+
+
 class TimelineRecord(msgspec.Struct):
     """A batch of state segments a cell reported, kept for MRU."""
 

@@ -55,6 +55,8 @@ class FleetConfig(Strict):
     target: Fraction = 0.9  # held-out success rate of the champion that ends the run
     min_heldout: PositiveInt = 100  # held-out episodes the champion needs before the target counts
     progress_s: PositiveFloat = 10.0
+    stop_at_target: bool = True  # false: run the whole budget (benchmarks, soak)
+    map_size_mb: PositiveInt = 1024  # initial LMDB map; it grows by doubling when nearly full
 
 
 class CellsConfig(Strict):

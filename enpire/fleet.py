@@ -93,11 +93,11 @@ def effective_config(args: argparse.Namespace) -> cfg.Config:
     )
 
 
-def open_state_dir(path: Path) -> tuple[Blackboard, Meta]:
+def open_state_dir(path: Path, map_size_mb: int = 1024) -> tuple[Blackboard, Meta]:
     """Create (private to this user) or reopen a state directory; refuse one of another schema version."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
-    board = Blackboard(path / "blackboard.lmdb")
+    board = Blackboard(path / "blackboard.lmdb", map_size=map_size_mb << 20)
     meta = board.get("meta", "meta", Meta)
     if meta is None:
         meta = Meta(schema_version=SCHEMA_VERSION, run_id=uuid.uuid4().hex[:12], created=time.time())
@@ -260,7 +260,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                   config.agents.count, config.cells.task)
             while not stopping.is_set() and time.time() < deadline:
-                if target_met(board, config):
+                if config.fleet.stop_at_target and target_met(board, config):
                     outcome.reason = "target"
                     outcome.time_to_target_s = time.time() - started
                     break
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:
-        board, meta = open_state_dir(state_dir)
+        board, meta = open_state_dir(state_dir, config.fleet.map_size_mb)
     except StateDirError as e:
         print(f"enpire: {e}", file=sys.stderr)
         return EXIT_CONFIG
