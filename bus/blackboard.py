@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import lmdb
 import msgspec
+import structlog
 
 T = TypeVar("T")
 
@@ -132,6 +133,7 @@ class Blackboard:
         used = (info["last_pgno"] + 1) * page
         if used > 0.7 * info["map_size"] and info["map_size"] * 2 <= MAX_MAP_SIZE:
             self._env.set_mapsize(info["map_size"] * 2)
+            structlog.get_logger().info("blackboard_grown", actor="blackboard", map_mb=info["map_size"] * 2 >> 20)
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
