@@ -48,7 +48,7 @@ from bus.messages import (
     Segment,
     Welcome,
 )
-from bus.records import CellRecord, Champion, EpisodeRecord, JobRecord, LeaseRecord, TimelineRecord
+from bus.records import CellRecord, Champion, EpisodeRecord, JobRecord, LeaseRecord, SmokeRecord, TimelineRecord
 from enpire.config import Config
 from enpire.metrics import Utilization, better_with_confidence, utilization
 
@@ -110,8 +110,11 @@ class Scheduler(Actor):
     name = "scheduler"
     concurrent_handlers = True  # lease requests long-poll; agents wait for their jobs
 
-    def __init__(self, config: Config, board: Blackboard, policies: PolicyLoader, state_dir: Path, run_id: str):
+    def __init__(self, config: Config, board: Blackboard, policies: PolicyLoader, state_dir: Path, run_id: str,
+                 set_main=None):
+        """`set_main(commit)` points the workspace's main branch at the champion (promotion, rollback)."""
         super().__init__()
+        self.set_main = set_main or (lambda commit: None)
         self.config = config
         self.board = board
         self.policies = policies
@@ -123,8 +126,9 @@ class Scheduler(Actor):
         self.cells: dict[str, CellState] = {}
         self.served: dict[str, int] = {}  # episodes leased per agent, for fair share
         self._work = trio.Event()
-        self._rotation = itertools.count()
         self.started = time.time()
+        self.smoke: dict[str, SmokeRecord] = {}  # by policy ref
+        self.committed: dict[str, int] = {}  # episodes accepted per agent, for the episode budget
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -133,7 +137,11 @@ class Scheduler(Actor):
         self.jobs.clear()
         self.pending.clear()
         self.leases.clear()
+        self.smoke = {r.policy.ref: r for r in self.board.values("smoke", SmokeRecord)}
+        self.committed.clear()
         for _, record in self.board.items("jobs", JobRecord):
+            if record.kind == "agent" and record.purpose == "eval":
+                self.committed[record.agent] = self.committed.get(record.agent, 0) + len(record.seeds)
             if record.done:
                 continue
             self._add_job(record, persist=False)
@@ -194,7 +202,7 @@ class Scheduler(Actor):
             return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
         with trio.move_on_after(min(msg.wait_s, 10.0)):
             while True:
-                episode = self._next_episode()
+                episode = self._next_episode(real=cell.record.real)
                 if episode is not None:
                     return self._grant(episode, msg.cell_id)
                 await self._work.wait()
@@ -284,6 +292,11 @@ class Scheduler(Actor):
             return Failure(error="an evaluation needs at least one seed")
         job = self.jobs.get(msg.job_id) or self._job_from_board(msg.job_id)
         if job is None:
+            budget = self.config.agents.episode_budget
+            spent = self.committed.get(msg.agent, 0)
+            if budget and spent + len(msg.seeds) > budget:
+                return Failure(error=f"episode budget exhausted: {spent} of {budget} used, {len(msg.seeds)} asked")
+            self.committed[msg.agent] = spent + len(msg.seeds)
             record = JobRecord(
                 msg.job_id, msg.agent, "agent", msg.task, msg.policy, list(msg.seeds),
                 msg.attempts, msg.priority, time.time(),
@@ -318,8 +331,12 @@ class Scheduler(Actor):
         elif better_with_confidence(s, n, cs, cn, self.config.scheduler.alpha):
             promoted, detail = True, f"{s}/{n} beats {cs}/{cn} (one-sided z-test, alpha {self.config.scheduler.alpha})"
             new = Champion(task, job.record.policy, judged_successes=s, judged_n=n, promoted=time.time(),
-                           agent=job.record.agent, confirm_next=self.config.scheduler.promote_seeds)
+                           agent=job.record.agent, confirm_next=self.config.scheduler.promote_seeds,
+                           previous=champion.policy if champion else None,
+                           previous_successes=champion.successes if champion else 0,
+                           previous_n=champion.n if champion else 0)
             self.board.put("champion", task, new)
+            self.set_main(job.record.policy.commit)
             self.log.info("champion_promoted", task=task, policy=job.record.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
             self._work.set()
@@ -388,6 +405,8 @@ class Scheduler(Actor):
             job.done.set()
             if job.record.purpose == "confirm":
                 del self.jobs[job.record.job_id]  # nobody waits on background jobs
+            elif job.record.purpose == "smoke":
+                self._smoke_result(job)
 
     def _eval_result(self, job: Job) -> EvalResult:
         episodes = [
@@ -433,21 +452,77 @@ class Scheduler(Actor):
             if not r.flagged:
                 champion.successes += r.verdict.success
                 champion.n += 1
+        if self._regressed(champion):
+            previous = champion.previous
+            self.log.warning("champion_rolled_back", task=champion.task, policy=champion.policy.ref,
+                             confirmed=f"{champion.successes}/{champion.n}", back_to=previous.ref,
+                             previous=f"{champion.previous_successes}/{champion.previous_n}")
+            champion = Champion(champion.task, previous, judged_successes=champion.previous_successes,
+                                judged_n=champion.previous_n, promoted=time.time(), agent="rollback",
+                                successes=champion.previous_successes, n=champion.previous_n,
+                                confirm_next=champion.confirm_next)
+            self.set_main(previous.commit)
         w.put("champion", job.record.task, champion)
+
+    def _regressed(self, c: Champion) -> bool:
+        """Confirmation shows the new champion worse than the one it replaced, with confidence."""
+        return (c.previous is not None and c.n >= self.config.scheduler.rollback_min_n
+                and better_with_confidence(c.previous_successes, c.previous_n, c.successes, c.n,
+                                           self.config.scheduler.alpha))
 
     # ------------------------------------------------------------------ queue
 
-    def _next_episode(self) -> Episode | None:
-        judge = self.pending.get("judge")
-        if judge:
-            return judge.popleft()
-        agents = [a for a, q in self.pending.items() if q and a != "judge"]
-        if agents:
-            # Highest priority first, then the agent served least so far (fair share).
-            best = min(agents, key=lambda a: (-self.pending[a][0].priority, self.served.get(a, 0)))
-            return self.pending[best].popleft()
+    def _next_episode(self, real: bool = False) -> Episode | None:
+        # Judging first, then agents: highest priority, then the agent served least so far (fair share).
+        agents = sorted((a for a, q in self.pending.items() if q and a != "judge"),
+                        key=lambda a: (-self.pending[a][0].priority, self.served.get(a, 0)))
+        for key in ["judge", *agents]:
+            queue = self.pending.get(key)
+            if not queue:
+                continue
+            if not real:
+                return queue.popleft()
+            for episode in queue:  # a real robot runs only what passed its simulated smoke test
+                if self._smoke_passed(episode.policy):
+                    queue.remove(episode)
+                    return episode
         self._work = trio.Event() if self._work.is_set() else self._work
-        return self._background()
+        episode = self._background()
+        if episode is not None and real and not self._smoke_passed(episode.policy):
+            self._requeue_episode(episode)
+            return None
+        return episode
+
+    def _smoke_passed(self, policy: PolicySpec) -> bool:
+        """True once the policy passed its smoke evaluation; queues that evaluation (on sim cells) if needed."""
+        record = self.smoke.get(policy.ref)
+        if record is not None:
+            return record.passed
+        job_id = f"smoke-{policy.ref}"
+        if job_id not in self.jobs:
+            task = self.config.task()
+            seeds = list(task.tuning_seeds.seeds()[: self.config.scheduler.smoke_seeds])
+            self._add_job(JobRecord(job_id, "smoke", "agent", self.config.cells.task, policy, seeds, 1, 50,
+                                    time.time(), purpose="smoke"))
+        return False
+
+    def _smoke_result(self, job: Job) -> None:
+        results = list(job.results.values())
+        faults = [r.verdict.reason for r in results if r.verdict.reason.startswith(
+            ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit"))]
+        wins = sum(r.verdict.success for r in results)
+        passed = not faults and wins > 0
+        detail = f"{wins}/{len(results)} succeeded" + (f"; faults: {faults[:3]}" if faults else "")
+        record = SmokeRecord(job.record.policy, passed, detail, time.time())
+        self.smoke[job.record.policy.ref] = record
+        self.board.put("smoke", job.record.policy.ref, record)
+        self.log.info("smoke_tested", policy=job.record.policy.ref, passed=passed, detail=detail)
+        self._work.set()
+
+    def _requeue_episode(self, episode: Episode) -> None:
+        key = "judge" if episode.kind == "heldout" else episode.agent
+        self.pending.setdefault(key, deque()).appendleft(episode)
+        self._work.set()
 
     def _requeue(self, lease_id: str, why: str) -> None:
         state = self.leases.pop(lease_id)
@@ -455,11 +530,9 @@ class Scheduler(Actor):
         job = self.jobs.get(episode.job_id)
         if job is None or episode.episode_id in job.results:
             return
-        key = "judge" if episode.kind == "heldout" else episode.agent
-        self.pending.setdefault(key, deque()).appendleft(episode)
+        self._requeue_episode(episode)
         self.board.incr("episodes_requeued")
         self.log.warning("lease_requeued", episode=episode.episode_id, cell=state.cell_id, why=why)
-        self._work.set()
 
     def _release_cell(self, cell_id: str, why: str) -> None:
         for lease_id in [k for k, v in self.leases.items() if v.cell_id == cell_id]:

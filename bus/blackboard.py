@@ -31,6 +31,7 @@ TABLES = (
     "tokens",
     "counters",
     "leases",
+    "smoke",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written
 MAX_MAP_SIZE = 1 << 36

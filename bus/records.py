@@ -88,6 +88,19 @@ class Champion(msgspec.Struct):
     successes: int = 0  # confirmed
     n: int = 0
     confirm_next: int = 0  # index of the next held-out seed to confirm on
+    # The champion it replaced, kept so a regression found by confirmation is rolled back.
+    previous: PolicySpec | None = None
+    previous_successes: int = 0
+    previous_n: int = 0
+
+
+class SmokeRecord(msgspec.Struct):
+    """A policy's simulated smoke evaluation: cells marked real run only policies that passed."""
+
+    policy: PolicySpec
+    passed: bool
+    detail: str
+    t: float
 
 
 class CellRecord(msgspec.Struct):

@@ -70,6 +70,7 @@ class AgentsConfig(Strict):
     backend: Literal["builtin"] = "builtin"
     population: PositiveInt = 12  # candidates per search generation
     seeds_per_candidate: PositiveInt = 6
+    episode_budget: NonNegInt = 0  # episodes each agent may request; 0 = no limit
 
 
 class SchedulerConfig(Strict):
@@ -78,6 +79,8 @@ class SchedulerConfig(Strict):
     background: bool = True  # idle cells re-evaluate the champion on more held-out seeds
     promote_seeds: PositiveInt = 100  # held-out seeds a candidate is judged on
     alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.05  # promotion test significance
+    rollback_min_n: PositiveInt = 30  # confirmation episodes before a regression can roll a champion back
+    smoke_seeds: PositiveInt = 5  # simulated episodes a policy passes before a real cell runs it
 
 
 class SandboxConfig(Strict):

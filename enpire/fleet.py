@@ -191,7 +191,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     scheduler = await system.spawn(
         "scheduler",
-        lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id),
+        lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id, workspace.set_main),
     )
     routes: dict[type, Ref] = {
         Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,

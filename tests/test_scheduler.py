@@ -180,3 +180,76 @@ async def test_queue_is_restored_after_a_restart(tmp_path):
         assert seeds == [2, 3]  # the recorded episode is not run again
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
         nursery.cancel_scope.cancel()
+
+
+async def _judge(ref, policy, job_id, wins, n, cell="cell-0"):
+    out = {}
+
+    async def promote():
+        out["p"] = await ref.ask(PromoteRequest(job_id=job_id, agent="a", task="pusht", policy=policy))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(promote)
+        await trio.sleep(0.05)  # the judging job is queued before we ask for work
+        for i in range(n):
+            lease = await ref.ask(LeaseRequest(cell_id=cell))
+            assert lease.kind == "heldout"
+            await ref.ask(_report(lease, i < wins, cell))
+    return out["p"]
+
+
+async def _confirm(ref, wins, n, cell="cell-0"):
+    for i in range(n):
+        lease = await ref.ask(LeaseRequest(cell_id=cell))
+        assert lease.kind == "background"
+        await ref.ask(_report(lease, i < wins, cell))
+
+
+async def test_a_regression_found_by_confirmation_is_rolled_back(tmp_path):
+    moved = []
+    config = _config(promote_seeds=20, rollback_min_n=20)
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery)
+        ref = await system.spawn("scheduler", lambda: Scheduler(
+            config, board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run", moved.append))
+        await _hello(ref)
+        a, b = PolicySpec("aaaa", {}), PolicySpec("bbbb", {})
+        assert (await _judge(ref, a, "pa", 10, 20)).promoted
+        await _confirm(ref, 18, 20)  # A holds up: 18/20 on fresh held-out seeds
+        assert (await _judge(ref, b, "pb", 20, 20)).promoted  # B looks perfect on the judging seeds...
+        assert board.get("champion", "pusht", Champion).policy == b
+        await _confirm(ref, 2, 20)  # ...but fails on fresh ones: 2/20
+        champ = board.get("champion", "pusht", Champion)
+        assert champ.policy == a and champ.agent == "rollback"
+        assert moved == ["aaaa", "bbbb", "aaaa"]  # main followed: promotion, promotion, rollback
+        nursery.cancel_scope.cancel()
+
+
+async def test_real_cells_run_only_smoke_tested_policies(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path)
+        await ref.ask(Hello(cell_id="robot", driver="pusht", tasks=["pusht"], host="lab", pid=2, real=True))
+        await _hello(ref, "sim")
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+        await trio.sleep(0.05)
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="robot", wait_s=0.2)), NoWork)  # not smoke-tested yet
+        # the sim cell gets the smoke episodes first (higher priority), then the job itself
+        smoke = [await ref.ask(LeaseRequest(cell_id="sim")) for _ in range(5)]
+        assert all(lease.job_id.startswith("smoke-") for lease in smoke)
+        for lease in smoke:
+            await ref.ask(_report(lease, True, "sim"))
+        lease = await ref.ask(LeaseRequest(cell_id="robot", wait_s=1))
+        assert isinstance(lease, Lease) and lease.job_id == "j"
+        nursery.cancel_scope.cancel()
+
+
+async def test_episode_budget_is_enforced(tmp_path):
+    async with trio.open_nursery() as nursery:
+        config = cfg.with_overrides(cfg.Config(), **{"agents.episode_budget": 5})
+        ref, _, _ = await _start(nursery, tmp_path, config)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j1", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
+        await trio.sleep(0.05)
+        r = await ref.ask(EvalRequest(job_id="j2", agent="a", task="pusht", policy=POLICY, seeds=[4, 5, 6]))
+        assert "budget exhausted" in r.error
+        nursery.cancel_scope.cancel()

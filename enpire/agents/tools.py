@@ -86,9 +86,7 @@ class Tools:
         if isinstance(reply, Failure):
             raise ToolError(f"promotion refused: {reply.error}")
         assert isinstance(reply, PromoteResult)
-        if reply.promoted:
-            await trio.to_thread.run_sync(self.workspace.set_main, policy.commit)
-        return reply
+        return reply  # on promotion the scheduler has pointed the workspace's main at the champion
 
     def champion(self) -> Champion | None:
         return self.board.get("champion", self.task, Champion)
