@@ -48,7 +48,15 @@ from bus.messages import (
     Segment,
     Welcome,
 )
-from bus.records import CellRecord, Champion, EpisodeRecord, JobRecord, LeaseRecord, SmokeRecord, TimelineRecord
+from bus.records import (
+    CellRecord,
+    Champion,
+    EpisodeRecord,
+    JobRecord,
+    LeaseRecord,
+    SmokeRecord,
+    TimelineRecord,
+)
 from enpire.config import Config
 from enpire.metrics import Utilization, better_with_confidence, utilization
 

@@ -34,7 +34,7 @@ import pynng  # noqa: E402
 
 from bus import messages as m  # noqa: E402
 from bus.blackboard import Blackboard  # noqa: E402
-from bus.records import CellRecord, Champion, EpisodeRecord, Finding, JobRecord, LeaseRecord, TokenRecord  # noqa: E402
+from bus.records import CellRecord, Champion, EpisodeRecord, Finding, JobRecord, LeaseRecord  # noqa: E402
 from bus.transport import ipc_url  # noqa: E402
 
 CONFIG = """

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from bus import messages as m
 from bus.transport import (
-    AuthError, Publisher, RequestClient, RequestServer, RequestTimeout, Subscriber, ipc_url, seal,
+    AuthError,
+    Publisher,
+    RequestClient,
+    RequestServer,
+    RequestTimeout,
+    Subscriber,
+    ipc_url,
 )
 
 SPEC = m.PolicySpec("c0ffee", {"gain": 1.5}, "")
