@@ -32,6 +32,7 @@ TABLES = (
     "counters",
     "leases",
     "smoke",
+    "tested",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written
 MAX_MAP_SIZE = 1 << 36

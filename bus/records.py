@@ -65,6 +65,17 @@ class Finding(msgspec.Struct):
     score: float = 0.0  # success rate the change reached on its evaluation, when it has one
 
 
+class TestedRecord(msgspec.Struct):
+    """A candidate some agent already evaluated, keyed by the fingerprint of the change."""
+
+    agent: str
+    t: float
+    successes: int
+    n: int
+    score: float  # the evaluating agent's own objective
+    summary: str
+
+
 class Digest(msgspec.Struct):
     t: float
     text: str

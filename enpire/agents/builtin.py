@@ -10,6 +10,7 @@ Everything it does goes through `Tools`, the same surface model-driven backends 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +109,22 @@ class BuiltinResearcher:
                 xs = [mean] + [np.clip(mean + std * self.rng.standard_normal(mean.shape), 0, 1)
                                for _ in range(s.population - 1)]
                 specs = [PolicySpec(commit=commit, params=self._params(x)) for x in xs]
-                results = await _gather([lambda sp=sp, seeds=seeds: tools.evaluate(sp, seeds) for sp in specs])
-                scores = np.array([_score(r, s.horizon, s.step_weight) for r in results])
+                # A candidate any teammate already evaluated is not run again: its recorded score counts.
+                fps = [fingerprint([self.source_hash, sp.params]) for sp in specs]
+                known = [tools.tested(fp) for fp in fps]
+                fresh = [i for i, k in enumerate(known) if k is None]
+                evaluated = await _gather([lambda sp=specs[i], seeds=seeds: tools.evaluate(sp, seeds) for i in fresh])
+                results: list[EvalResult | None] = [None] * len(specs)
+                scores = np.array([k.score if k is not None else 0.0 for k in known])
+                for i, result in zip(fresh, evaluated, strict=True):
+                    results[i] = result
+                    scores[i] = _score(result, s.horizon, s.step_weight)
+                    tools.record_tested(fps[i], result, float(scores[i]))
                 order = np.argsort(-scores, kind="stable")
                 elite = np.array([xs[i] for i in order[: s.elites]])
                 new_mean = (1 - s.smoothing) * elite.mean(axis=0) + s.smoothing * mean
                 # Failure analysis steers exploration: a stalled search widens, a converging one narrows.
-                best = results[order[0]]
+                best = results[order[0]] or await tools.evaluate(specs[order[0]], seeds)
                 stalled = scores[order[0]] <= scores[0] + 1e-9
                 spread = elite.std(axis=0) * (1.5 if stalled else 1.0)
                 std = np.maximum(spread, s.min_std)
@@ -122,7 +132,8 @@ class BuiltinResearcher:
                 tools.post_finding(
                     hypothesis=f"generation {self.generation}: moving the search mean toward the elites improves success",
                     change="mean shift " + ", ".join(f"{k} {d:+.3f}" for k, d in moved),
-                    evidence=f"best {failure_summary(best)}; mean candidate {failure_summary(results[0])}",
+                    evidence=f"best {failure_summary(best)}; {len(fresh)} run, {len(specs) - len(fresh)} reused "
+                    "from teammates' results",
                     outcome="improved" if not stalled else "no_change",
                     fingerprint=fingerprint(specs[order[0]].params),
                     score=best.successes / max(1, len(best.episodes)),
@@ -153,6 +164,7 @@ class BuiltinResearcher:
     async def _write_policy(self, tools: Tools) -> str:
         """Start from nothing: write the heuristic policy into the agent's branch (once)."""
         source = Path(self.template.__file__).read_text()
+        self.source_hash = hashlib.sha1(source.encode()).hexdigest()  # same code = same idea, whoever wrote it
         head = tools.workspace.head(tools.branch)
         if head is not None and (await tools.read_files(head)).get("policy.py") == source:
             return head  # written before a restart: keep the same commit

@@ -19,7 +19,7 @@ import trio
 from actors.runtime import Ref
 from bus.blackboard import Blackboard
 from bus.messages import EvalRequest, EvalResult, Failure, PolicySpec, PromoteRequest, PromoteResult
-from bus.records import Champion, Digest, Finding
+from bus.records import Champion, Digest, Finding, TestedRecord
 from enpire.workspace import Workspace
 
 
@@ -105,6 +105,11 @@ class Tools:
         self.board.append("findings", finding)
         return finding
 
-    def tested(self, fp: str) -> Finding | None:
-        """A finding with this fingerprint, from any agent."""
-        return next((f for f in self.board.values("findings", Finding) if f.fingerprint == fp), None)
+    def tested(self, fp: str) -> TestedRecord | None:
+        """What any agent found when it evaluated the change with this fingerprint."""
+        return self.board.get("tested", fp, TestedRecord)
+
+    def record_tested(self, fp: str, result: EvalResult, score: float) -> None:
+        record = TestedRecord(self.agent, time.time(), result.successes, len(result.episodes), score,
+                              failure_summary(result))
+        self.board.put("tested", fp, record, overwrite=False)
