@@ -22,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import trio
 
 from actors.runtime import Actor
@@ -58,6 +57,7 @@ from bus.records import (
     TimelineRecord,
 )
 from enpire.config import Config
+from enpire.episodes import write_trajectory
 from enpire.metrics import Utilization, better_with_confidence, utilization
 
 
@@ -585,12 +585,8 @@ class Scheduler(Actor):
 
     def _write_trajectory(self, msg: EpisodeReport) -> str:
         rel = Path("episodes") / (msg.episode_id.replace(":", "_").replace("/", "_") + ".npz")
-        path = self.state_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
         t = msg.trajectory
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, observations=t.observations.numpy(), actions=t.actions.numpy(), rewards=t.rewards.numpy())
-        tmp.replace(path)
+        write_trajectory(self.state_dir / rel, t.observations.numpy(), t.actions.numpy(), t.rewards.numpy())
         return str(rel)
 
     # ------------------------------------------------------------------ status

@@ -34,13 +34,21 @@ heartbeat_s = 0.5
 """
 
 
-def _start(tmp_path: Path, cells=2, budget=2.0, lease_s=60.0, extra=()) -> subprocess.Popen:
+FAKE_SECRETS = {
+    "ANTHROPIC_API_KEY": "sk-ant-fake-7Hq2ZtXk9LmN3pQr",
+    "OPENAI_API_KEY": "sk-fake-openai-Vw8Yb4Cd6Ef2Gh",
+    "ENPIRE_SECRET": "fleet-secret-Jk5Lm7No9Pq1",
+    "HF_TOKEN": "hf_fakeTokenRs3Tu5Vw7",
+}
+
+
+def _start(tmp_path: Path, cells=2, budget=2.0, lease_s=60.0, extra=(), env=None) -> subprocess.Popen:
     config = tmp_path / "fleet.toml"
     config.write_text(FAST.format(budget=budget, cells=cells, lease_s=lease_s))
     return subprocess.Popen(
         [sys.executable, "-m", "enpire.fleet", "--config", str(config), "--state-dir", str(tmp_path / "state"),
          "--quiet", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
@@ -81,7 +89,7 @@ def _check_ledger(board: Blackboard) -> None:
 
 
 def test_short_fleet_run_improves_over_its_start(tmp_path):
-    proc = _start(tmp_path)
+    proc = _start(tmp_path, env={**os.environ, **FAKE_SECRETS})  # keys in the environment must leak nowhere
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-3000:]}"
     report = json.loads((tmp_path / "state" / "report.json").read_text())
@@ -111,6 +119,16 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
     summary = (tmp_path / "state" / "report" / "summary.md").read_text()
     assert "champion" in summary and "held-out" in summary
+    # No secret in any log line, finding, digest, error, report, workspace object or episode file.
+    for path in (tmp_path / "state").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for value in FAKE_SECRETS.values():
+                assert value.encode() not in data, f"{value} leaked into {path}"
+    for value in FAKE_SECRETS.values():
+        assert value not in out and value not in err
+    # the state directory is private to its user
+    assert (tmp_path / "state").stat().st_mode & 0o077 == 0
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
