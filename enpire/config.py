@@ -67,10 +67,23 @@ class CellsConfig(Strict):
 
 class AgentsConfig(Strict):
     count: NonNegInt = 1
-    backend: Literal["builtin"] = "builtin"
+    backend: Literal["builtin", "anthropic", "openai"] = "builtin"
+    # built-in researcher
     population: PositiveInt = 12  # candidates per search generation
     seeds_per_candidate: PositiveInt = 6
     episode_budget: NonNegInt = 0  # episodes each agent may request; 0 = no limit
+    # model-driven backends
+    model: str = ""  # required when backend is not "builtin"
+    base_url: str = ""  # "" = the provider's own; e.g. "http://127.0.0.1:8000/v1" for vLLM, llama.cpp, Ollama
+    api_key_env: str = ""  # "" = ANTHROPIC_API_KEY / OPENAI_API_KEY; keys are read from the environment only
+    token_budget: NonNegInt = 0  # per agent, input + output tokens; 0 = no limit
+    wall_budget_minutes: Annotated[float, Meta(ge=0)] = 0.0  # 0 = no limit
+    max_turns_window: PositiveInt = 6  # turns kept verbatim in the prompt; older ones become journal lines
+    max_output_tokens: PositiveInt = 4096
+    request_timeout_s: PositiveFloat = 120.0
+    max_failures: PositiveInt = 5  # consecutive failed model calls before the agent pauses
+    pause_s: PositiveFloat = 300.0
+    notes_dir: str = ""  # a folder of notes / literature the agents may search
 
 
 class SchedulerConfig(Strict):
@@ -163,6 +176,8 @@ def check(config: Config, source: str = "<config>") -> None:
                 f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} < fleet.min_heldout "
                 f"{config.fleet.min_heldout}"
             )
+    if config.agents.backend != "builtin" and not config.agents.model:
+        raise ConfigError(f"{source}: agents.model: backend {config.agents.backend!r} needs a model name")
     if config.bus.listen and not config.bus.listen.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"{source}: bus.listen: {config.bus.listen!r} is not a tcp:// or ipc:// url")
 

@@ -38,7 +38,8 @@ def read_trajectory(path: Path) -> dict[str, np.ndarray]:
         raise EpisodeFileError(f"{path}: missing") from None
     except KeyError as e:
         raise EpisodeFileError(f"{path}: no array {e}") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+        # NotImplementedError: zipfile's answer to corrupted header flags it does not support
         raise EpisodeFileError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     t = len(arrays["actions"])
     if arrays["observations"].shape[:1] != (t + 1,) or arrays["rewards"].shape != (t,):

@@ -45,10 +45,12 @@ from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, M
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
 from enpire import log
-from enpire.agents.builtin import BuiltinResearcher, SearchSettings
+from enpire.agents.backends import make_backend
+from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
 from enpire.metrics import mean_robot_utilization, wilson_interval
 from enpire.workspace import Workspace
+from hw import VERIFIER_KIND
 
 EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
@@ -186,7 +188,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
                      meta: Meta) -> Core:
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
     workspace = Workspace(state_dir / "workspace")
-    task_kinds = {name: t.driver for name, t in config.tasks.items()}
+    task_kinds = {name: VERIFIER_KIND[t.driver] for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     scheduler = await system.spawn(
@@ -230,20 +232,9 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         core = await start_core(nursery, config, state_dir, board, meta)
         system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
-        task = config.task()
         for i in range(config.agents.count):
-            name = f"agent-{i}"
-            settings = SearchSettings(
-                population=config.agents.population, seeds_per_candidate=config.agents.seeds_per_candidate,
-                target=config.fleet.target,
-            )
-            tools = Tools(name, config.cells.task, workspace, scheduler, board)
-            await system.spawn(
-                name,
-                lambda tools=tools, settings=settings, i=i: AgentActor(
-                    tools.agent, BuiltinResearcher(settings, i, task.tuning_seeds.seeds(), task.driver), tools
-                ),
-            )
+            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board)
+            await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
 
@@ -353,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_toml(config), end="")
         return 0
+    try:
+        make_backend(config, 0)  # a missing API key or model setting fails here, in one line
+    except LLMConfigError as e:
+        print(f"enpire: agents: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)

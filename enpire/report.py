@@ -65,7 +65,7 @@ def plot_success(episodes: list[EpisodeRecord], t0: float, path: Path) -> None:
 
 def plot_cells(timelines: dict[str, list], t0: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.5 * max(1, len(timelines))))
-    for row, (cell, segments) in enumerate(sorted(timelines.items())):
+    for row, (_cell, segments) in enumerate(sorted(timelines.items())):
         for state, color in STATE_COLORS.items():
             bars = [((s.start - t0) / 60, (s.end - s.start) / 60) for s in segments if s.state == state]
             if bars:

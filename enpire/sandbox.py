@@ -47,6 +47,10 @@ class SandboxLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_output_bytes: int = 1 << 20  # cap on one reply frame
     max_files: int = 64  # RLIMIT_NOFILE
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE: caps scratch files and the stderr log
+    # Busy-wait budget (µs) before blocking on the pipe, on both sides: the cell waiting for an action,
+    # the child waiting for the next observation. Adaptive: a side spins only while its recent waits
+    # fit in the budget (see sandbox_child.Waiter). 0 = always block.
+    spin_us: float = 200.0
 
 
 class PolicyError(Exception):
@@ -128,8 +132,9 @@ class PolicySandbox:
         self._seq = 0
         self._missed = 0
         self._inbuf = bytearray()
-        self._poll_in = select.poll()  # re-made for each child
+        self._waiter: proto.Waiter | None = None  # re-made for each child
         self._poll_out = select.poll()
+        self._wfd = -1
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(proto.Reply)
 
@@ -160,11 +165,15 @@ class PolicySandbox:
         t0 = time.monotonic()
         if not self._alive():
             return ActResult(error="policy_crashed (not running)")
-        arr = np.ascontiguousarray(obs)
-        seq = self._next_seq()
+        arr = np.asarray(obs)
+        self._seq = seq = self._seq + 1
         deadline = t0 + self.limits.act_timeout_s
         try:
-            self._send(proto.Act(seq, arr.dtype.str, list(arr.shape), arr.tobytes()), deadline)
+            if arr.ndim == 1 and arr.dtype == proto.F8:
+                self._send_raw(proto.fast_frame(seq, arr), deadline)
+            else:
+                arr = np.ascontiguousarray(arr)
+                self._send(proto.Act(seq, arr.dtype.str, list(arr.shape), arr.tobytes()), deadline)
             reply = self._recv(seq, deadline)
             if reply is None:
                 self._missed += 1
@@ -175,6 +184,8 @@ class PolicySandbox:
                     )
                 return ActResult(deadline_missed=True, latency_s=time.monotonic() - t0)
             self._missed = 0
+            if type(reply) is np.ndarray:
+                return ActResult(action=reply, latency_s=time.monotonic() - t0)
             if isinstance(reply, proto.Failed):
                 raise _Terminal(reply.reason)
             if not isinstance(reply, proto.Action):
@@ -234,11 +245,12 @@ class PolicySandbox:
                 fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:
                 pass
-        os.set_blocking(self._proc.stdin.fileno(), False)
-        self._poll_in = select.poll()
-        self._poll_in.register(self._proc.stdout.fileno(), select.POLLIN)
+        self._wfd = self._proc.stdin.fileno()
+        os.set_blocking(self._wfd, False)
+        os.set_blocking(self._proc.stdout.fileno(), False)  # reads go through the Waiter
+        self._waiter = proto.Waiter(self._proc.stdout.fileno(), self.limits.spin_us)
         self._poll_out = select.poll()
-        self._poll_out.register(self._proc.stdin.fileno(), select.POLLOUT)
+        self._poll_out.register(self._wfd, select.POLLOUT)
         self._inbuf.clear()
         self._missed = 0
         lim = self.limits
@@ -252,6 +264,7 @@ class PolicySandbox:
             lim.max_file_bytes,
             lim.max_output_bytes,
             self._audit_hook,
+            lim.spin_us,
         )
         reply = self._call(init, lim.load_timeout_s)
         self.isolation = list(reply.isolation) if isinstance(reply, proto.Ready) else []
@@ -327,7 +340,7 @@ class PolicySandbox:
                 raise _Terminal(f"policy_timeout: {what} took longer than {timeout:g} s")
             if isinstance(reply, proto.Failed):
                 raise _Terminal(reply.reason)
-            if isinstance(reply, proto.Action):
+            if isinstance(reply, (proto.Action, np.ndarray)):
                 raise _Terminal("protocol_error: action in reply to a control message")
             return reply
         except _Terminal as exc:
@@ -335,9 +348,19 @@ class PolicySandbox:
             raise PolicyError(str(exc)) from None
 
     def _send(self, msg: Any, deadline: float) -> None:
-        assert self._proc is not None and self._proc.stdin is not None
-        fd = self._proc.stdin.fileno()
-        view = memoryview(proto.frame(self._enc.encode(msg)))
+        self._send_raw(proto.frame(self._enc.encode(msg)), deadline)
+
+    def _send_raw(self, data: bytes, deadline: float) -> None:
+        fd = self._wfd
+        try:  # the usual case: a small frame goes into the pipe buffer in one write
+            n = os.write(fd, data)
+        except BlockingIOError:
+            n = 0
+        except BrokenPipeError:
+            raise self._death() from None
+        if n == len(data):
+            return
+        view = memoryview(data)[n:]
         while view:
             try:
                 view = view[os.write(fd, view) :]
@@ -351,29 +374,35 @@ class PolicySandbox:
             if remaining <= 0 or not self._poll_out.poll(math.ceil(remaining * 1000)):
                 raise _Terminal("policy_timeout: not reading its input")
 
-    def _recv(self, seq: int, deadline: float) -> proto.Reply | None:
-        """The reply for `seq`, skipping late replies to earlier requests; None at the deadline."""
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
+    def _recv(self, seq: int, deadline: float) -> proto.Reply | np.ndarray | None:
+        """The reply for `seq` (an action frame decodes to an array), skipping late replies to earlier
+        requests; None at the deadline."""
+        assert self._waiter is not None
         while True:
             body = self._pop_frame()
             if body is not None:
                 try:
-                    reply = self._dec.decode(body)
-                except msgspec.DecodeError as exc:
+                    if body[:1] == b"\xc1":
+                        reply_seq, reply = proto.fast_unpack(body)
+                    else:
+                        reply = self._dec.decode(body)
+                        reply_seq = reply.seq
+                except (msgspec.DecodeError, ValueError) as exc:
                     raise _Terminal(f"protocol_error: {proto.describe(exc)}") from None
-                if reply.seq == seq:
+                if reply_seq == seq:
                     return reply
-                if reply.seq > seq:
-                    raise _Terminal(f"protocol_error: reply for request {reply.seq} not yet sent")
+                if reply_seq > seq:
+                    raise _Terminal(f"protocol_error: reply for request {reply_seq} not yet sent")
                 continue  # a late answer to a step we already gave up on
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._poll_in.poll(math.ceil(remaining * 1000)):
+            chunk = self._waiter.read(proto.want(self._inbuf), deadline)
+            if chunk is None:
                 return None
-            chunk = os.read(fd, proto.want(self._inbuf))
             if not chunk:
                 raise self._death()
-            self._inbuf += chunk
+            if self._inbuf:
+                self._inbuf += chunk
+            else:
+                self._inbuf = bytearray(chunk)
 
     def _pop_frame(self) -> bytes | None:
         buf = self._inbuf
@@ -384,6 +413,9 @@ class PolicySandbox:
             raise _Terminal(f"output_too_large: reply frame of {n} bytes > {self.limits.max_output_bytes}")
         if len(buf) < proto.HEADER + n:
             return None
+        if len(buf) == proto.HEADER + n:  # the usual case: exactly one frame buffered
+            self._inbuf = bytearray()
+            return bytes(buf[proto.HEADER :])
         body = bytes(buf[proto.HEADER : proto.HEADER + n])
         del buf[: proto.HEADER + n]
         return body

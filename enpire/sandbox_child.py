@@ -17,16 +17,27 @@ parent in `Ready.isolation`):
    tripwire that gives clear reasons (`sandbox_denied: <event> ...`), not a security boundary on its
    own: CPython documents audit hooks as unsuitable for sandboxing.
 
-Wire format: 4-byte big-endian length + msgpack body, one message per frame, on the pipes the parent
-gave as stdin/stdout. Every request carries a sequence number and the reply repeats it, so a late reply
-to a step whose deadline passed is never taken for the next step's answer.
+Wire format: 4-byte big-endian length + body, one message per frame, on the pipes the parent gave as
+stdin/stdout. A body is msgpack, except on the act() hot path: a 1-D float64 observation and a 1-D
+float64 action travel as a fixed binary body (`FAST_MAGIC`, a big-endian u64 sequence number, then the
+raw little-endian float64 values) -- no generic encoding, no dtype/shape strings. Every request carries a
+sequence number and the reply repeats it, so a late reply to a step whose deadline passed is never taken
+for the next step's answer.
+
+Waiting: both sides may spin (non-blocking reads) for up to `spin_us` before blocking in poll, which
+skips the scheduler wake-up when the answer comes quickly. The spin is adaptive: a side spins only while
+its recent waits (a moving average) fit in the budget, so a waiting side never burns CPU for nothing
+when the other side is regularly slower than that (e.g. the child while the cell steps a slow simulator).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import select
+import struct
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -47,6 +58,7 @@ class Init(msgspec.Struct, tag=True, frozen=True):
     max_file_bytes: int
     max_output_bytes: int
     audit_hook: bool = True  # False only in tests of the kernel layer
+    spin_us: float = 0.0  # busy-wait budget before blocking for the next request (adaptive, see above)
 
 
 class Load(msgspec.Struct, tag=True, frozen=True):
@@ -98,6 +110,82 @@ Reply = Ready | Done | Action | Failed
 
 HEADER = 4  # bytes of big-endian frame length
 MAX_REASON = 300  # characters of an error message that travel back
+FAST_MAGIC = 0xC1  # first body byte of a binary act/action frame; never the first byte of msgpack
+FAST_HEAD = struct.Struct(">IBQ")  # frame length, FAST_MAGIC, seq: then the float64 payload
+FAST_BODY = FAST_HEAD.size - HEADER  # body bytes before the payload
+F8 = np.dtype("<f8")
+
+
+def fast_frame(seq: int, arr: np.ndarray) -> bytes:
+    """A whole frame for a 1-D little-endian float64 array (the caller checked dtype and ndim)."""
+    data = arr.tobytes()
+    return FAST_HEAD.pack(FAST_BODY + len(data), FAST_MAGIC, seq) + data
+
+
+def fast_unpack(body: bytes) -> tuple[int, np.ndarray]:
+    """(seq, writable contiguous float64 array) of a binary frame body; ValueError if malformed."""
+    n = len(body) - FAST_BODY
+    if n < 0 or n % 8:
+        raise ValueError(f"binary frame of {len(body)} bytes")
+    seq = int.from_bytes(body[1:FAST_BODY], "big")
+    return seq, np.frombuffer(body, dtype=F8, offset=FAST_BODY).copy()
+
+
+class Waiter:
+    """Adaptive spin-then-block wait for a readable non-blocking fd.
+
+    Spins (non-blocking reads) for at most `spin_s`, but only while the moving average of recent waits
+    fits in that budget; otherwise it goes straight to poll. Each wait's length updates the average, so
+    spinning resumes when the other side speeds up again."""
+
+    def __init__(self, fd: int, spin_us: float) -> None:
+        self.fd = fd
+        self.spin_s = max(0.0, spin_us) / 1e6
+        self.avg = 0.0  # seconds; starts optimistic
+        self.cap = 2 * self.spin_s  # one long wait (a load, a pause between episodes) counts as this
+        self.poll = select.poll()
+        self.poll.register(fd, select.POLLIN)
+
+    def read(self, size: int, deadline: float | None) -> bytes | None:
+        """Up to `size` bytes (b"" at EOF), or None when `deadline` (monotonic) passed first."""
+        fd, clock, read = self.fd, time.monotonic, os.read
+        t0 = clock()
+        try:
+            chunk = read(fd, size)
+            self.avg *= 0.9
+            return chunk
+        except BlockingIOError:
+            pass
+        spin_s = self.spin_s
+        if spin_s and self.avg < spin_s:
+            end = t0 + spin_s if deadline is None else min(t0 + spin_s, deadline)
+            yield_ = os.sched_yield
+            while clock() < end:
+                try:
+                    chunk = read(fd, size)
+                except BlockingIOError:
+                    yield_()  # let a runnable process on this core (e.g. the other side) go first
+                    continue
+                self.avg = 0.9 * self.avg + 0.1 * min(clock() - t0, self.cap)
+                return chunk
+        while True:
+            if deadline is None:
+                ready = self.poll.poll()
+            else:
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    self.avg = 0.9 * self.avg + 0.1 * min(clock() - t0, self.cap)
+                    return None
+                ready = self.poll.poll(math.ceil(remaining * 1000))
+            try:
+                chunk = read(fd, size)
+            except BlockingIOError:
+                if not ready and deadline is not None and clock() >= deadline:
+                    self.avg = 0.9 * self.avg + 0.1 * min(clock() - t0, self.cap)
+                    return None
+                continue
+            self.avg = 0.9 * self.avg + 0.1 * min(clock() - t0, self.cap)
+            return chunk
 
 
 def frame(body: bytes) -> bytes:
@@ -390,61 +478,87 @@ def install_audit_hook(scratch: str, roots: tuple[str, ...], denials: list[str])
 # ----------------------------------------------------------------------------- main loop
 
 
+class FastAct:
+    """An act request that came as a binary frame: the observation is already a float64 array."""
+
+    __slots__ = ("obs", "seq")
+
+    def __init__(self, seq: int, obs: np.ndarray) -> None:
+        self.seq, self.obs = seq, obs
+
+
 class _Channel:
     """Frames in from the parent, frames out to it; both on private fds, away from fd 0/1."""
 
     def __init__(self, rfd: int, wfd: int) -> None:
         self.rfd, self.wfd = rfd, wfd
-        os.set_blocking(rfd, False)  # waits go through select, so a peek for newer frames never blocks
+        os.set_blocking(rfd, False)  # waits go through Waiter, so a peek for newer frames never blocks
         self.buf = bytearray()
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(Request)
+        self.waiter = Waiter(rfd, 0.0)
 
     def _fill(self, block: bool) -> bool:
         if block:
-            select.select([self.rfd], [], [])
-        try:
-            chunk = os.read(self.rfd, want(self.buf))
-        except BlockingIOError:
-            return False
+            chunk = self.waiter.read(want(self.buf), None)
+        else:
+            try:
+                chunk = os.read(self.rfd, want(self.buf))
+            except BlockingIOError:
+                return False
         if not chunk:
             raise EOFError
-        self.buf += chunk
+        if self.buf:
+            self.buf += chunk
+        else:
+            self.buf = bytearray(chunk)
         return True
 
     def _pop(self) -> bytes | None:
-        if len(self.buf) < HEADER:
+        buf = self.buf
+        if len(buf) < HEADER:
             return None
-        n = int.from_bytes(self.buf[:HEADER], "big")
-        if len(self.buf) < HEADER + n:
+        n = int.from_bytes(buf[:HEADER], "big")
+        if len(buf) < HEADER + n:
             return None
-        body = bytes(self.buf[HEADER : HEADER + n])
-        del self.buf[: HEADER + n]
+        if len(buf) == HEADER + n:  # the usual case: exactly one frame buffered
+            self.buf = bytearray()
+            return bytes(buf[HEADER:])
+        body = bytes(buf[HEADER : HEADER + n])
+        del buf[: HEADER + n]
         return body
 
-    def recv(self) -> Request:
+    def _decode(self, body: bytes) -> Request | FastAct:
+        if body[:1] == b"\xc1":
+            return FastAct(*fast_unpack(body))
+        return self.decoder.decode(body)
+
+    def recv(self) -> Request | FastAct:
         while (body := self._pop()) is None:
             self._fill(block=True)
-        msg = self.decoder.decode(body)
+        msg = self._decode(body)
         # A slow policy falls behind: answer only the newest observation, the rest are stale.
-        while isinstance(msg, Act):
-            while (nxt := self._peek_decoded()) is None and self._fill(block=False):
+        while isinstance(msg, (Act, FastAct)):
+            while (nxt := self._peek()) is None and self._fill(block=False):
                 pass
-            if not isinstance(nxt, Act):
+            if nxt is None or not (nxt[:1] == b"\xc1" or isinstance(self.decoder.decode(nxt), Act)):
                 break
-            msg = self.decoder.decode(self._pop() or b"")
+            msg = self._decode(self._pop() or b"")
         return msg
 
-    def _peek_decoded(self) -> Request | None:
+    def _peek(self) -> bytes | None:
         if len(self.buf) < HEADER:
             return None
         n = int.from_bytes(self.buf[:HEADER], "big")
         if len(self.buf) < HEADER + n:
             return None
-        return self.decoder.decode(bytes(self.buf[HEADER : HEADER + n]))
+        return bytes(self.buf[HEADER : HEADER + n])
 
     def send(self, msg: Reply) -> None:
-        view = memoryview(frame(self.encoder.encode(msg)))
+        self.send_raw(frame(self.encoder.encode(msg)))
+
+    def send_raw(self, data: bytes) -> None:
+        view = memoryview(data)
         while view:
             view = view[os.write(self.wfd, view) :]
 
@@ -458,7 +572,8 @@ def _failure(exc: BaseException, denials: list[str]) -> str:
     return text if text.startswith("sandbox_denied:") else f"policy_error: {text}"
 
 
-def _to_action(result: Any, seq: int, max_bytes: int) -> Action | Failed:
+def _to_action(result: Any, seq: int, max_bytes: int) -> Action | Failed | bytes:
+    """The reply to an act request: a ready binary frame for a 1-D float64 action, else a struct."""
     if isinstance(result, (list, tuple)) and len(result) * 8 > max_bytes:
         return Failed(seq, f"output_too_large: sequence of {len(result)} items")
     try:
@@ -471,6 +586,8 @@ def _to_action(result: Any, seq: int, max_bytes: int) -> Action | Failed:
         )
     if arr.nbytes > max_bytes:
         return Failed(seq, f"output_too_large: action of {arr.nbytes} bytes")
+    if arr.ndim == 1 and arr.dtype == F8:
+        return fast_frame(seq, arr)
     arr = np.ascontiguousarray(arr)
     return Action(seq, arr.dtype.str, list(arr.shape), arr.tobytes())
 
@@ -491,6 +608,7 @@ def main() -> None:
         return
     if not isinstance(init, Init):
         return
+    chan.waiter = Waiter(rfd, init.spin_us)
     scratch = os.path.realpath(init.scratch)
     os.chdir(scratch)
     sys.dont_write_bytecode = True
@@ -529,9 +647,11 @@ def main() -> None:
             msg = chan.recv()
         except EOFError:
             return  # the parent is gone or closed us
-        reply: Reply
+        reply: Reply | bytes
         try:
-            if isinstance(msg, Act):
+            if type(msg) is FastAct:
+                reply = _to_action(policy.act(msg.obs), msg.seq, init.max_output_bytes)
+            elif isinstance(msg, Act):
                 obs = np.frombuffer(msg.data, dtype=np.dtype(msg.dtype)).reshape(msg.shape).copy()
                 reply = _to_action(policy.act(obs), msg.seq, init.max_output_bytes)
             elif isinstance(msg, Reset):
@@ -551,7 +671,10 @@ def main() -> None:
                 reply = Failed(msg.seq, denials[0])
         except BaseException as exc:  # noqa: BLE001 - anything the policy does is its verdict
             reply = Failed(msg.seq, _failure(exc, denials))
-        chan.send(reply)
+        if type(reply) is bytes:
+            chan.send_raw(reply)
+        else:
+            chan.send(reply)
 
 
 if __name__ == "__main__":

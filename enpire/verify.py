@@ -104,6 +104,7 @@ _FLOOR, _GOAL, _BLOCK, _AGENT = 0, 1, 2, 3
 _CLASS_OF = np.array([_FLOOR, _FLOOR, _GOAL, _BLOCK, _BLOCK, _AGENT, _AGENT, _FLOOR], dtype=np.uint8)
 
 VISION_MARGIN = 0.015  # coverage margin over PUSHT_SUCCESS (see bench/vision_verifier.py)
+VISION_MIN_FRAME = 256  # pixels; below this the p99 coverage error (~0.04 at 128) exceeds the margin
 _MIN_IOU = 0.93  # the fitted model must explain the silhouette this well
 _GREEN_SLACK = 0.02  # of the goal area: tolerated excess of visible green over the prediction
 # The T's rectangles in the body frame as (centre x, centre y, half width, half height).
@@ -245,6 +246,8 @@ def verify_pusht_frame(
     frame = np.asarray(frame)
     if frame.dtype != np.uint8:
         return fail(f"frame dtype {frame.dtype}, expected uint8")
+    if frame.ndim == 3 and min(frame.shape[:2]) < VISION_MIN_FRAME:
+        return fail(f"frame {frame.shape[0]}x{frame.shape[1]} below {VISION_MIN_FRAME} px: too coarse to judge")
     m = estimate_pusht_coverage(frame, goal_pose)
     if "error" in m:
         return fail(m["error"])
@@ -301,3 +304,4 @@ def verify(task_kind: str, state: Mapping, frame: np.ndarray | None = None, meth
 def success_at_reset(task_kind: str, state: Mapping, frame: np.ndarray | None = None, method: str = "state") -> bool:
     """True when a seed's start state already counts as solved: such seeds are flagged and replaced."""
     return verify(task_kind, state, frame, method).success
+

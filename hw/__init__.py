@@ -6,6 +6,8 @@ from hw.driver import Driver, StepResult
 
 METAWORLD_TASKS = ("peg-insert-side-v3", "drawer-open-v3", "door-open-v3")
 DRIVERS = ("pusht", *METAWORLD_TASKS)
+# Which trusted check (enpire.verify) judges each driver's scenes.
+VERIFIER_KIND = {"pusht": "pusht", **{task: "metaworld" for task in METAWORLD_TASKS}}
 
 
 def make_driver(name: str, **options) -> Driver:

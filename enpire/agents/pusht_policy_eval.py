@@ -35,7 +35,7 @@ def run_episode(env, policy, seed: int) -> dict:
     prev = np.asarray(obs[:2], dtype=np.float64)
     coverage, success, violation = 0.0, False, None
     steps = 0
-    for steps in range(1, HORIZON + 1):
+    for steps in range(1, HORIZON + 1):  # noqa: B007 (the count is used after the loop)
         a = np.asarray(policy.act(np.asarray(obs, dtype=np.float64)), dtype=np.float64)
         if a.shape != (2,) or not np.all(np.isfinite(a)):
             violation = "bad action"
@@ -89,7 +89,9 @@ def cem(env, budget: int, pop: int, elites: int, seeds_per: int, rng_seed: int, 
     rng = np.random.default_rng(rng_seed)
     mu = np.clip((np.array([init.get(n, pp.INITIAL_PARAMS[n]) for n in names]) - lo) / (hi - lo), 0, 1)
     sigma = np.full(len(names), sigma0)
-    to_params = lambda z: {n: float(v) for n, v in zip(names, lo + np.clip(z, 0, 1) * (hi - lo))}
+    def to_params(z):
+        return {n: float(v) for n, v in zip(names, lo + np.clip(z, 0, 1) * (hi - lo), strict=True)}
+
     check = list(range(9000, 9000 + check_seeds))  # fixed tuning seeds for progress checks
     used, gen, reached = 0, 0, None
     if check_every:

@@ -19,7 +19,7 @@ import trio
 from actors.runtime import Ref
 from bus.blackboard import Blackboard
 from bus.messages import EvalRequest, EvalResult, Failure, PolicySpec, PromoteRequest, PromoteResult
-from bus.records import Champion, Digest, Finding, TestedRecord
+from bus.records import Champion, Digest, Finding, TestedRecord, TokenRecord
 from enpire.workspace import Workspace
 
 
@@ -113,3 +113,9 @@ class Tools:
         record = TestedRecord(self.agent, time.time(), result.successes, len(result.episodes), score,
                               failure_summary(result))
         self.board.put("tested", fp, record, overwrite=False)
+
+    def record_tokens(self, model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> TokenRecord:
+        """Append one model call to the token ledger (input includes cached input; see enpire/ledger.py)."""
+        record = TokenRecord(self.agent, model, time.time(), input_tokens, cached_input_tokens, output_tokens)
+        self.board.append("tokens", record)
+        return record
