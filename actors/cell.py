@@ -249,7 +249,12 @@ class Cell(Actor):
             return 0, f"policy_error: {e}", obs
         previous = actions[-1] if actions else None
         missed = 0
+        period = 1.0 / lease.control_hz if lease.control_hz > 0 else 0.0
+        tick = time.perf_counter()
         for step in range(lease.horizon):
+            if period:  # a real robot's control loop runs at a fixed rate; so does a paced simulator
+                tick += period
+                time.sleep(max(0.0, tick - time.perf_counter()))
             result = sandbox.act(obs)
             if result.error:
                 return step, result.error, obs

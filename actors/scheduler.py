@@ -236,6 +236,7 @@ class Scheduler(Actor):
             horizon=task.horizon,
             max_delta=task.limits.max_delta,
             verifier=task.verifier,
+            control_hz=task.control_hz,
         )
 
     async def _report(self, msg: EpisodeReport) -> Message:

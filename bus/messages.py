@@ -132,6 +132,7 @@ class Lease(Message, frozen=True):
     horizon: int  # steps per attempt
     max_delta: float  # largest allowed change between consecutive actions
     verifier: str = "state"  # "state" or "vision"
+    control_hz: float = 0.0  # pace steps like a real robot; 0 = as fast as the simulator goes
 
 
 class NoWork(Message, frozen=True):

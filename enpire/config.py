@@ -43,6 +43,7 @@ class TaskConfig(Strict):
     horizon: PositiveInt = 300
     verifier: Literal["state", "vision"] = "state"
     attempts: PositiveInt = 1  # k of pass@k for evaluations
+    control_hz: Annotated[float, Meta(ge=0)] = 0.0  # pace simulated steps like a real robot; 0 = unpaced
     tuning_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=0, count=100_000))
     heldout_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=1_000_000, count=1_000))
     limits: ActionLimitsConfig = msgspec.field(default_factory=ActionLimitsConfig)

@@ -74,10 +74,11 @@ class AnthropicClient:
     """A `ModelClient` for the Messages API. The key comes only from the environment variable named."""
 
     def __init__(self, model: str, *, api_key_env: str = "ANTHROPIC_API_KEY", base_url: str | None = None,
-                 timeout_s: float = 120.0, sdk_retries: int = 0):
+                 timeout_s: float = 120.0, sdk_retries: int = 0, user: str = ""):
         key = os.environ.get(api_key_env, "")
         if not key and base_url is None:
             raise LLMConfigError(f"environment variable {api_key_env} is not set (the Anthropic API key)")
+        self.user = user  # which agent calls (metadata.user_id); never a secret
         self.model = model
         self.secrets = (key,) if key else ()
         # Our own loop retries (backoff, pause); sdk_retries > 0 adds the SDK's retries underneath.
@@ -93,6 +94,7 @@ class AnthropicClient:
                 system=[{"type": "text", "text": prompt.system, "cache_control": {"type": "ephemeral"}}],
                 tools=[{"name": t.name, "description": t.description, "input_schema": t.parameters} for t in tools],
                 messages=to_messages(prompt),
+                **({"metadata": {"user_id": self.user}} if self.user else {}),
             )
         except ModelError:
             raise

@@ -20,16 +20,16 @@ def make_backend(config: cfg.Config, index: int):
         from enpire.agents.anthropic_backend import AnthropicClient
 
         client = AnthropicClient(a.model, api_key_env=a.api_key_env or "ANTHROPIC_API_KEY",
-                                 base_url=a.base_url or None, timeout_s=a.request_timeout_s)
+                                 base_url=a.base_url or None, timeout_s=a.request_timeout_s, user=f"agent-{index}")
     else:
         from enpire.agents.openai_backend import OpenAIClient
 
         client = OpenAIClient(a.model, api_key_env=a.api_key_env or "OPENAI_API_KEY",
-                              base_url=a.base_url or None, timeout_s=a.request_timeout_s)
+                              base_url=a.base_url or None, timeout_s=a.request_timeout_s, user=f"agent-{index}")
     settings = LLMSettings(
         token_budget=a.token_budget, wall_budget_s=a.wall_budget_minutes * 60, max_turns_window=a.max_turns_window,
         max_output_tokens=a.max_output_tokens, max_failures=a.max_failures, pause_s=a.pause_s,
-        notes_dir=a.notes_dir,
+        notes_dir=a.notes_dir, target=config.fleet.target,
     )
     return LLMAgent(client, settings, task_text=TASK_TEXTS.get(task.driver, config.cells.task),
                     tuning_seeds=task.tuning_seeds.seeds(), rng_seed=index)

@@ -195,6 +195,7 @@ class LLMSettings:
     backoff_max_s: float = 60.0
     retry_after_max_s: float = 300.0
     pause_s: float = 300.0
+    target: float = 0.0  # the fleet's target success; while the champion meets it the agent makes no calls
 
 
 # ----------------------------------------------------------------------------- tool protocol
@@ -500,6 +501,21 @@ def _journal_line(turn: Turn) -> str:
     return truncate("; ".join(parts), 240)
 
 
+async def _dispatch_all(dispatch: Dispatcher, calls: Sequence[ToolCall], log) -> list[ToolOutput]:
+    """The calls of one turn run side by side, so several evaluations share the fleet at once."""
+    outputs: list[ToolOutput | None] = [None] * len(calls)
+
+    async def one(i: int, call: ToolCall) -> None:
+        outputs[i] = out = await dispatch(call)
+        if out.is_error:
+            log.info("tool_error", tool=call.name, error=truncate(out.content, 200))
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    return outputs  # type: ignore[return-value]
+
+
 NUDGE = "Continue: act through the tools (evaluate, post_finding, promote …)."
 
 
@@ -540,6 +556,9 @@ class LLMAgent:
                 if reason:
                     await self._stop(tools, log, reason, used, now - started)
                     return
+                if self._team_goal_met(tools):
+                    await trio.sleep(1.0)  # nothing to improve until confirmation disagrees: spend no tokens
+                    continue
                 prompt = build_prompt(self.system, tools, self.settings, self.turns, self.journal,
                                       self._budget_line(used, now - started))
                 self.last_prompt_chars = prompt.chars()
@@ -553,12 +572,7 @@ class LLMAgent:
                 log.info("llm_turn", prompt_chars=self.last_prompt_chars, input_tokens=reply.usage.input_tokens,
                          cached_input_tokens=reply.usage.cached_input_tokens, output_tokens=reply.usage.output_tokens,
                          tools=[c.name for c in reply.calls], stop=reply.stop)
-                outputs = []
-                for call in reply.calls:
-                    out = await dispatch(call)
-                    if out.is_error:
-                        log.info("tool_error", tool=call.name, error=truncate(out.content, 200))
-                    outputs.append(out)
+                outputs = await _dispatch_all(dispatch, reply.calls, log)
                 turn = Turn(reply, outputs, "" if reply.calls else NUDGE)
                 if len(self.turns) == self.turns.maxlen:
                     self.journal.append(_journal_line(self.turns[0]))  # leaves the window: keep one line of it
@@ -591,6 +605,14 @@ class LLMAgent:
                 delay = max(delay, min(err.retry_after, self.settings.retry_after_max_s))
             log.info("llm_retry", failures=failures, delay_s=round(delay, 3), error=error)
             await trio.sleep(delay)
+
+    def _team_goal_met(self, tools: Tools) -> bool:
+        """The champion already meets the target on its judging and on what confirmation has seen so far."""
+        target = self.settings.target
+        c = tools.champion()
+        if target <= 0 or c is None or c.judged_n == 0 or c.judged_successes / c.judged_n < target:
+            return False
+        return c.n < 20 or c.successes / c.n >= target
 
     def _exhausted(self, used: int, elapsed: float) -> str:
         s = self.settings

@@ -65,8 +65,9 @@ class OpenAIClient:
 
     def __init__(self, model: str, *, api_key_env: str = "OPENAI_API_KEY", base_url: str | None = None,
                  timeout_s: float = 120.0, sdk_retries: int = 0,
-                 token_field: Literal["max_tokens", "max_completion_tokens"] | None = None):
+                 token_field: Literal["max_tokens", "max_completion_tokens"] | None = None, user: str = ""):
         key = os.environ.get(api_key_env, "")
+        self.user = user  # which agent calls (the API's `user` field); never a secret
         if not key and base_url is None:
             raise LLMConfigError(f"environment variable {api_key_env} is not set (the OpenAI API key)")
         self.model = model
@@ -84,6 +85,7 @@ class OpenAIClient:
                 tools=[{"type": "function", "function": {"name": t.name, "description": t.description,
                                                          "parameters": t.parameters}} for t in tools],
                 **{self.token_field: max_output_tokens},
+                **({"user": self.user} if self.user else {}),
             )
         except ModelError:
             raise
