@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from bus.messages import EvalRequest, EvalResult, PolicySpec
@@ -109,3 +110,49 @@ async def test_hostile_policies_do_not_stop_a_real_cell(tmp_path):
         core.stopping.set()
         nursery.cancel_scope.cancel()
     board.close()
+
+
+ZERO_ARM = """
+import numpy as np
+
+
+class Policy:
+    def __init__(self, params):
+        pass
+
+    def act(self, obs):
+        return np.zeros(4)
+"""
+
+
+@pytest.mark.metaworld
+async def test_meta_world_task_runs_from_the_config(tmp_path):
+    pytest.importorskip("metaworld")
+    text = """
+[cells]
+count = 1
+task = "drawer"
+[agents]
+count = 0
+[scheduler]
+background = false
+[tasks.drawer]
+driver = "drawer-open-v3"
+horizon = 60
+[tasks.drawer.limits]
+max_delta = 2.0
+"""
+    config = cfg.decode(text, "mw.toml")
+    board, meta = open_state_dir(tmp_path / "state")
+    async with trio.open_nursery() as nursery:
+        core = await start_core(nursery, config, tmp_path / "state", board, meta)
+        commit = core.workspace.commit("agent/t", {"policy.py": ZERO_ARM}, "still arm")
+        with trio.fail_after(180):
+            result = await core.scheduler.ask(EvalRequest(job_id="mw", agent="t", task="drawer",
+                                                          policy=PolicySpec(commit, {}), seeds=[1, 2]), timeout=180)
+        core.stopping.set()
+        nursery.cancel_scope.cancel()
+    board.close()
+    assert isinstance(result, EvalResult) and len(result.episodes) == 2
+    for e in result.episodes:
+        assert not e.success and e.steps == 60 and e.reason.startswith("not solved")
