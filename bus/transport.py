@@ -1,18 +1,27 @@
 """nng transport under trio: an acked request/reply path and lossy pub/sub for telemetry.
 
-Acked path (anything that must not be lost): `RequestClient.request` sends an Envelope with an id and
-waits for the reply; on timeout it resends the SAME id with backoff. `RequestServer` answers each id
-once: replies are cached (bounded LRU) and a duplicate, even one arriving while the first is still
-being handled, gets the first reply without running the handler again.
+Acked path (anything that must not be lost: assignments, results, jobs, findings):
+`RequestClient.request` sends an Envelope with an id and waits for the reply; on timeout it resends
+the SAME id with backoff. `RequestServer` answers each (sender, id) once: replies are cached (bounded
+LRU) and a duplicate, even one arriving while the first copy is still being handled, gets the first
+reply without running the handler again. The ready barrier is `RequestClient.wait_ready`: a ping
+the server answers itself, so a client knows the server is up before it relies on it.
 
-Pub/sub (telemetry only): nng drops silently when a subscriber is slow or not yet joined.
+Pub/sub (telemetry ONLY): nng drops silently when a subscriber is slow, not yet joined, or its
+queue is full. Nothing that must arrive may travel there. `Publisher.heartbeat` + `Subscriber.wait_joined`
+is its ready barrier: once a probe has arrived, the subscription is live and later events reach it
+(unless dropped for being slow).
 
-Frames are msgpack Envelopes; with a shared secret each frame is prefixed by its HMAC-SHA256, and
-frames that fail the check are refused, logged and counted. A frame that fails to decode is answered
-with a `Failure`, logged and counted; it never stops a reader.
+Frames are msgpack Envelopes. With a shared secret each frame is HMAC-SHA256(secret, payload) || payload
+and the receiver checks the MAC (constant time) before decoding. Frames that fail authentication or
+decoding are refused (a `Failure` reply on the request path, dropped on pub/sub), logged without their
+content and counted; they never stop a reader.
 
-Readers use the fast path: a non-blocking receive first, an awaited receive only when nothing is
-waiting (per-message awaits cap throughput at a few thousand messages per second).
+Fast path: a reader tries a non-blocking receive first and awaits only when nothing is waiting (one
+await per message caps a trio reader at a few thousand messages per second). pynng 0.9's `Context`
+has no non-blocking recv (its `recv` blocks the thread), so the request path, which needs contexts
+for concurrency, always awaits; the subscriber (a single-socket reader) uses the fast path, and the
+publisher sends without awaiting (Pub0 never blocks: it drops instead).
 """
 
 from __future__ import annotations
@@ -20,10 +29,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pynng
 import structlog
@@ -31,26 +42,33 @@ import trio
 
 from bus.messages import Ack, DecodeError, Envelope, Failure, Message, decode, encode
 
-MAX_FRAME = 64 << 20  # a frame above this is refused by nng before we see it
-_MAC = 32
+MAX_FRAME = 64 << 20  # nng refuses larger frames before we see them
+MAC_SIZE = 32
+IPC_PATH_LIMIT = 100  # sun_path is 108 bytes on Linux (104 on macOS): stay clear of both
+PING = Ack(detail="__ping__")  # the request path's ready probe; answered by the server itself
+PROBE = Ack(detail="__probe__")  # the pub/sub ready probe; never handed to subscribers' readers
 
 Handler = Callable[[Envelope], Awaitable[Message]]
 
 
 class RequestTimeout(TimeoutError):
-    pass
+    """No reply after every retry (or the server never became ready)."""
 
 
 class AuthError(ValueError):
-    pass
+    """A frame failed authentication, or the server refused our credentials."""
 
 
-def ipc_url(state_dir: str | os.PathLike, name: str) -> str:
-    """An ipc:// url for a socket in the state dir, or under /tmp when that path is too long for unix sockets."""
+# ----------------------------------------------------------------------------- helpers
+
+
+def ipc_url(state_dir: str | os.PathLike[str], name: str) -> str:
+    """An ipc:// url for a socket in the state dir, or a short, stable path under /tmp when that path
+    would exceed the unix socket path limit (same inputs -> same url, so every process agrees)."""
     path = Path(state_dir).resolve() / f"{name}.sock"
-    if len(str(path)) > 100:
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
-        path = Path("/tmp") / f"enpire-{digest}-{name}.sock"
+    if len(str(path).encode()) > IPC_PATH_LIMIT:
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:20]
+        path = Path("/tmp") / f"enpire-{digest}.sock"
     return f"ipc://{path}"
 
 
@@ -61,23 +79,57 @@ def seal(payload: bytes, secret: bytes | None) -> bytes:
 
 
 def unseal(frame: bytes, secret: bytes | None) -> bytes:
+    """The payload of an authenticated frame; raises AuthError when the MAC is missing or wrong."""
     if not secret:
         return frame
-    mac, payload = frame[:_MAC], frame[_MAC:]
-    if len(frame) < _MAC or not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
+    if len(frame) < MAC_SIZE:
+        raise AuthError("frame shorter than its MAC")
+    mac, payload = frame[:MAC_SIZE], frame[MAC_SIZE:]
+    if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
         raise AuthError("frame failed authentication")
     return payload
 
 
-async def _fast_recv(sock) -> bytes:
+def _redact(reason: str) -> str:
+    """A decode error without the quoted values msgspec copies from the frame (never log payloads)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason)[:200]
+
+
+def _count_and_log(stats: dict[str, int], key: str, log: Any, event: str, **fields: Any) -> None:
+    """Count a refused frame; log the first few and then every 1000th so a flood cannot flood the log."""
+    stats[key] += 1
+    n = stats[key]
+    if n <= 10 or n % 1000 == 0:
+        log.warning(event, count=n, **fields)
+
+
+async def _fast_recv(sock: pynng.Socket) -> bytes:
     """Take a waiting message without a trio round trip; await only when the queue is empty."""
     try:
-        return sock.recv(block=False)
+        frame = sock.recv(block=False)
     except pynng.TryAgain:
         return await sock.arecv()
+    await trio.lowlevel.checkpoint_if_cancelled()  # stay cancellable while the queue never empties
+    return frame
+
+
+# ----------------------------------------------------------------------------- acked path
+
+
+class _Pending:
+    """The first copy of a request being handled; duplicates wait on it and share its reply."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: bytes | None = None
 
 
 class RequestServer:
+    """Answers requests on a Rep0 socket with `workers` concurrent contexts (so a long-poll holds one
+    worker, not the server). Run it in a nursery you own: `server = await nursery.start(srv.serve)`;
+    cancelling that nursery stops the workers and closes the socket. `url` is updated to the bound
+    address once listening (useful with tcp://host:0)."""
+
     def __init__(
         self,
         url: str,
@@ -87,106 +139,138 @@ class RequestServer:
         secret: bytes | None = None,
         workers: int = 16,
         dedup_capacity: int = 50_000,
-    ):
+        dedup_max_bytes: int = 256 << 20,  # replies can carry policy bundles: bound memory too
+    ) -> None:
         self.url = url
         self.handler = handler
         self.sender = sender
         self.secret = secret
         self.workers = workers
         self.dedup_capacity = dedup_capacity
-        self.stats = {"requests": 0, "duplicates": 0, "bad_frames": 0, "unauthenticated": 0, "handler_errors": 0}
-        self._replies: OrderedDict[str, bytes] = OrderedDict()
-        self._inflight: dict[str, trio.Event] = {}
+        self.dedup_max_bytes = dedup_max_bytes
+        self.stats = {
+            "requests": 0, "duplicates": 0, "pings": 0, "bad_frames": 0, "unauthenticated": 0,
+            "handler_errors": 0, "send_errors": 0,
+        }
+        self._replies: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._reply_bytes = 0
+        self._inflight: dict[tuple[str, str], _Pending] = {}
         self.log = structlog.get_logger().bind(actor="bus", url=url)
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and answer until cancelled; ready (task_status) once listening."""
+    async def serve(self, *, task_status: trio.TaskStatus[RequestServer] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and answer until cancelled; reports started (with self) once listening."""
         with pynng.Rep0(recv_max_size=MAX_FRAME) as sock:
             sock.listen(self.url)
+            if self.url.startswith("tcp://") and self.url.endswith(":0"):
+                port = sock.listeners[0].local_address.port
+                self.url = f"{self.url[:-2]}:{port}"
+                self.log = self.log.bind(url=self.url)
             async with trio.open_nursery() as nursery:
                 for _ in range(self.workers):
                     nursery.start_soon(self._worker, sock.new_context())
                 task_status.started(self)
 
-    async def _worker(self, ctx) -> None:
-        with ctx:
+    async def _worker(self, ctx: pynng.Context) -> None:
+        with ctx:  # closed before the socket, so no context outlives it
             while True:
                 frame = await ctx.arecv()
-                await ctx.asend(await self.answer(frame))
+                reply = await self.answer(frame)
+                try:
+                    await ctx.asend(reply)
+                except pynng.NNGException as e:  # the requester went away; it will resend if it cares
+                    self.stats["send_errors"] += 1
+                    self.log.info("reply_not_sent", error=type(e).__name__)
 
     async def answer(self, frame: bytes) -> bytes:
-        """The reply frame for a request frame (public for tests and in-process use)."""
+        """The reply frame for any request frame; never raises for bad input (public for tests)."""
         try:
             envelope = decode(unseal(frame, self.secret))
-        except AuthError:
-            self.stats["unauthenticated"] += 1
-            self.log.warning("frame_unauthenticated", bytes=len(frame))
-            return self._reply("", Failure(error="unauthenticated", retry=False), seal_it=False)
+        except AuthError as e:
+            _count_and_log(self.stats, "unauthenticated", self.log, "frame_unauthenticated", bytes=len(frame),
+                           reason=str(e))
+            # Unsealed on purpose: the peer does not hold our key, so a MAC would prove nothing to it.
+            return self._reply("", Failure(error="unauthenticated"), sealed=False)
         except DecodeError as e:
-            self.stats["bad_frames"] += 1
-            self.log.warning("frame_undecodable", bytes=len(frame), reason=str(e)[:200])
-            return self._reply("", Failure(error="undecodable frame", retry=False))
+            _count_and_log(self.stats, "bad_frames", self.log, "frame_undecodable", bytes=len(frame),
+                           reason=_redact(str(e)))
+            return self._reply("", Failure(error="undecodable frame"))
+        if envelope.body == PING:
+            self.stats["pings"] += 1
+            return self._reply(envelope.id, Ack(detail="ready"))
         self.stats["requests"] += 1
-        key = f"{envelope.sender}\x00{envelope.id}"
+        key = (envelope.sender, envelope.id)  # sender too: two peers may pick the same id
         cached = self._replies.get(key)
         if cached is not None:
             self.stats["duplicates"] += 1
+            self._replies.move_to_end(key)
             return cached
         pending = self._inflight.get(key)
-        if pending is not None:  # the first copy is still being handled: share its reply
+        if pending is not None:
             self.stats["duplicates"] += 1
-            await pending.wait()
-            return self._replies.get(key) or self._reply(envelope.id, Failure(error="retry", retry=True))
-        done = self._inflight[key] = trio.Event()
+            await pending.done.wait()
+            return pending.reply or self._reply(envelope.id, Failure(error="first copy was cancelled", retry=True))
+        pending = self._inflight[key] = _Pending()
         try:
             body = await self._handle(envelope)
-            reply = self._reply(envelope.id, body)
-            if not (isinstance(body, Failure) and body.retry):  # a retryable failure runs again on retry
-                self._replies[key] = reply
-                while len(self._replies) > self.dedup_capacity:
-                    self._replies.popitem(last=False)
-            return reply
+            pending.reply = self._reply(envelope.id, body)
+            if not (isinstance(body, Failure) and body.retry):  # a retryable failure runs again on resend
+                self._remember(key, pending.reply)
+            return pending.reply
         finally:
             del self._inflight[key]
-            done.set()
+            pending.done.set()
 
     async def _handle(self, envelope: Envelope) -> Message:
-        if isinstance(envelope.body, Ack):  # ping: the ready barrier
-            return Ack(detail="ready")
+        request = type(envelope.body).__name__
         try:
-            return await self.handler(envelope)
+            body = await self.handler(envelope)
+            if not isinstance(body, Message):
+                raise TypeError(f"handler returned {type(body).__name__}, not a Message")
+            return body
         except Exception as e:
             self.stats["handler_errors"] += 1
-            self.log.error("handler_failed", request=type(envelope.body).__name__, error=f"{type(e).__name__}: {e}")
+            self.log.error("handler_failed", request=request, sender=envelope.sender, id=envelope.id,
+                           error=f"{type(e).__name__}: {e}")
             return Failure(error=f"{type(e).__name__}: {e}", retry=True)
 
-    def _reply(self, request_id: str, body: Message, seal_it: bool = True) -> bytes:
+    def _remember(self, key: tuple[str, str], reply: bytes) -> None:
+        self._replies[key] = reply
+        self._reply_bytes += len(reply)
+        while self._replies and (len(self._replies) > self.dedup_capacity or self._reply_bytes > self.dedup_max_bytes):
+            _, old = self._replies.popitem(last=False)
+            self._reply_bytes -= len(old)
+
+    def _reply(self, request_id: str, body: Message, *, sealed: bool = True) -> bytes:
         payload = encode(Envelope(id=request_id, sender=self.sender, body=body))
-        return seal(payload, self.secret if seal_it else None)
-
-
-def _refused(body: Message) -> bool:
-    return isinstance(body, Failure) and body.error == "unauthenticated"
+        return seal(payload, self.secret if sealed else None)
 
 
 class RequestClient:
-    """Acked requests to one server; safe to use from many trio tasks at once (one nng context each)."""
+    """Acked requests to one server. Safe to use from many trio tasks at once: each request has its
+    own nng context. Dials at construction; nng keeps redialling in the background, so a client may
+    be created (and may send) before the server exists."""
 
-    def __init__(self, url: str, *, sender: str, secret: bytes | None = None):
+    def __init__(self, url: str, *, sender: str, secret: bytes | None = None) -> None:
         self.url = url
         self.sender = sender
         self.secret = secret
-        self._sock = pynng.Req0(recv_max_size=MAX_FRAME, resend_time=-1)  # we resend ourselves, same id
-        self._sock.reconnect_time_min = 20
+        # resend_time=-1: nng must not resend on its own; we resend ourselves, with the same id.
+        self._sock = pynng.Req0(recv_max_size=MAX_FRAME, resend_time=-1)
+        self._sock.reconnect_time_min = 20  # ms: a late server is found quickly
         self._sock.reconnect_time_max = 500
-        self._sock.dial(url, block=False)  # dials in the background until the server exists
+        self._sock.dial(url, block=False)
 
-    async def request(self, body: Message, *, timeout: float = 2.0, retries: int = 5, id: str | None = None) -> Message:
+    async def request(
+        self, body: Message, *, timeout: float = 2.0, retries: int = 5, id: str | None = None
+    ) -> Message:
+        """Send `body` and return the reply body. On each `timeout` the same id is resent (after a
+        backoff of 50 ms doubling up to 2 s), so the server runs it at most once. Raises RequestTimeout
+        after `retries` resends, AuthError when the server refuses our credentials."""
         envelope = Envelope(id=id or uuid.uuid4().hex, sender=self.sender, body=body)
         frame = seal(encode(envelope), self.secret)
         delay = 0.05
         for attempt in range(retries + 1):
-            reply = await self._once(frame, timeout)
+            reply = await self._exchange(frame, timeout)
             if reply is not None:
                 answer = self._read_reply(reply)
                 if answer is not None:
@@ -194,108 +278,149 @@ class RequestClient:
             if attempt < retries:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        raise RequestTimeout(f"{self.url}: no reply to {type(body).__name__} after {retries + 1} tries of {timeout}s")
+        raise RequestTimeout(
+            f"{self.url}: no reply to {type(body).__name__} (id {envelope.id}) after {retries + 1} tries of {timeout}s"
+        )
+
+    async def _exchange(self, frame: bytes, timeout: float) -> bytes | None:
+        # A fresh context per try: closing it abandons the old copy, so a late reply to it is dropped.
+        with self._sock.new_context() as ctx, trio.move_on_after(timeout):
+            await ctx.asend(frame)
+            return await ctx.arecv()
+        return None
 
     def _read_reply(self, reply: bytes) -> Message | None:
+        """The reply body; None for a frame to ignore (a resend follows)."""
         try:
-            body = decode(unseal(reply, self.secret)).body
+            return decode(unseal(reply, self.secret)).body
         except DecodeError:
             return None
         except AuthError:
-            # The server's refusal is not sealed (it does not trust our key): read it, trust nothing else.
-            try:
-                body = decode(reply).body
-            except DecodeError:
-                return None
-            if not _refused(body):
-                return None
-        if _refused(body):
-            raise AuthError(f"{self.url}: the server refused our credentials")
-        return body
-
-    async def _once(self, frame: bytes, timeout: float) -> bytes | None:
-        with self._sock.new_context() as ctx:
-            with trio.move_on_after(timeout):
-                await ctx.asend(frame)
-                return await ctx.arecv()
+            pass
+        # Not sealed with our key: the server does not share it. Believe only a plain refusal (a forged
+        # one can cost a retry loop, never a wrong answer).
+        try:
+            body = decode(reply).body
+        except DecodeError:
+            return None
+        if isinstance(body, Failure):
+            raise AuthError(f"{self.url}: the server refused our credentials ({body.error})")
         return None
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """The ready barrier: returns once the server answers a ping."""
+        """The ready barrier: returns once the server answers a ping (handled by the server itself,
+        never by its handler). Raises RequestTimeout after `timeout`, AuthError if refused."""
         with trio.move_on_after(timeout):
             while True:
                 try:
-                    await self.request(Ack(), timeout=0.5, retries=0)
+                    await self.request(PING, timeout=0.25, retries=0)
+                    return
                 except RequestTimeout:
                     continue
-                return
         raise RequestTimeout(f"{self.url}: server not ready after {timeout}s")
 
     def close(self) -> None:
         self._sock.close()
 
+    def __enter__(self) -> RequestClient:
+        return self
 
-_PROBE = Ack(detail="__probe__")
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- telemetry (lossy)
 
 
 class Publisher:
-    """Telemetry out (lossy): listens; subscribers dial."""
+    """Telemetry out, lossy by nature: listens; subscribers dial. Never put anything here that must
+    arrive. Run `heartbeat` in a nursery so subscribers can pass `wait_joined`."""
 
-    def __init__(self, url: str, *, sender: str = "fleet", secret: bytes | None = None):
+    def __init__(self, url: str, secret: bytes | None = None, *, sender: str = "fleet", buffer: int = 1024) -> None:
         self.sender = sender
         self.secret = secret
-        self._sock = pynng.Pub0()
+        self._sock = pynng.Pub0(send_buffer_size=buffer)  # per-subscriber queue before nng drops
         self._sock.listen(url)
 
     async def publish(self, body: Message) -> None:
         envelope = Envelope(id=uuid.uuid4().hex, sender=self.sender, body=body)
-        await self._sock.asend(seal(encode(envelope), self.secret))
+        frame = seal(encode(envelope), self.secret)
+        try:  # Pub0 drops rather than blocks, so this nearly always completes without a trio round trip
+            self._sock.send(frame, block=False)
+        except pynng.TryAgain:
+            await self._sock.asend(frame)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def heartbeat(self, interval: float = 0.05, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish a probe every `interval` seconds until cancelled (the pub/sub ready barrier)."""
+        task_status.started()
+        while True:
+            await self.publish(PROBE)
+            await trio.sleep(interval)
 
     def close(self) -> None:
         self._sock.close()
 
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class Subscriber:
-    """Telemetry in: frames that fail authentication or decoding are dropped and counted."""
+    """Telemetry in: dials (in the background), subscribes to everything. Frames that fail
+    authentication or decoding are dropped, logged and counted; heartbeat probes are skipped."""
 
-    def __init__(self, url: str, *, secret: bytes | None = None):
+    def __init__(self, url: str, secret: bytes | None = None, *, buffer: int = 1024) -> None:
+        self.url = url
         self.secret = secret
         self.stats = {"received": 0, "bad_frames": 0, "unauthenticated": 0}
-        self._sock = pynng.Sub0(recv_max_size=MAX_FRAME)
+        self.log = structlog.get_logger().bind(actor="bus", url=url)
+        self._sock = pynng.Sub0(recv_max_size=MAX_FRAME, recv_buffer_size=buffer)
         self._sock.subscribe(b"")
         self._sock.dial(url, block=False)
+        self._joined = False
+        self._early: Envelope | None = None  # an event that arrived during wait_joined
 
-    async def receive(self) -> Envelope:
+    async def _next(self) -> Envelope:
+        """The next valid envelope, probes included."""
         while True:
             frame = await _fast_recv(self._sock)
             try:
-                envelope = decode(unseal(frame, self.secret))
-            except AuthError:
-                self.stats["unauthenticated"] += 1
-                continue
-            except DecodeError:
-                self.stats["bad_frames"] += 1
-                continue
-            if envelope.body == _PROBE:
-                continue
-            self.stats["received"] += 1
+                return decode(unseal(frame, self.secret))
+            except AuthError as e:
+                _count_and_log(self.stats, "unauthenticated", self.log, "frame_unauthenticated",
+                               bytes=len(frame), reason=str(e))
+            except DecodeError as e:
+                _count_and_log(self.stats, "bad_frames", self.log, "frame_undecodable", bytes=len(frame),
+                               reason=_redact(str(e)))
+
+    async def receive(self) -> Envelope:
+        if self._early is not None:
+            envelope, self._early = self._early, None
             return envelope
+        while True:
+            envelope = await self._next()
+            self._joined = True
+            if envelope.body != PROBE:
+                self.stats["received"] += 1
+                return envelope
 
-    async def wait_joined(self, publisher: Publisher, timeout: float = 10.0) -> None:
-        """The pub/sub ready barrier (same process): probe until one arrives, so later events are not lost
-        to a subscription still being set up. Across processes, use the acked path as the barrier."""
+    async def wait_joined(self, timeout: float = 10.0) -> None:
+        """The ready barrier: returns once a frame from the publisher has arrived (its heartbeat must
+        be running). Events published afterwards reach this subscriber unless it falls behind. Tell the
+        publisher's side over the acked path if it must wait for you."""
         with trio.fail_after(timeout):
-            while True:
-                await publisher.publish(_PROBE)
-                with trio.move_on_after(0.05):
-                    frame = await _fast_recv(self._sock)
-                    try:
-                        if decode(unseal(frame, self.secret)).body == _PROBE:
-                            return
-                    except (AuthError, DecodeError):
-                        pass
+            while not self._joined:
+                envelope = await self._next()
+                self._joined = True
+                if envelope.body != PROBE:  # an event came first: keep it for receive()
+                    self.stats["received"] += 1
+                    self._early = envelope
 
-    def __aiter__(self):
+    def __aiter__(self) -> Subscriber:
         return self
 
     async def __anext__(self) -> Envelope:
@@ -303,3 +428,9 @@ class Subscriber:
 
     def close(self) -> None:
         self._sock.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
