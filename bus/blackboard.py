@@ -33,6 +33,7 @@ TABLES = (
     "leases",
     "smoke",
     "tested",
+    "training",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written
 MAX_MAP_SIZE = 1 << 36

@@ -254,6 +254,29 @@ class PromoteResult(Message, frozen=True):
     detail: str
 
 
+# ----------------------------------------------------------------------------- agents <-> trainer
+
+
+class TrainRequest(Message, frozen=True):
+    """Run a training recipe (e.g. "bc", "rl") on the fleet's recorded episodes. Idempotent by job_id."""
+
+    job_id: str
+    agent: str
+    task: str
+    recipe: str
+    time_budget_s: float = 300.0
+    max_rss_mb: int = 4096
+    options: dict[str, str] = {}
+
+
+class TrainResult(Message, frozen=True):
+    job_id: str
+    ok: bool
+    artifact: str = ""  # content hash of the checkpoint in artifacts/ ("" on failure)
+    error: str = ""  # one line: why it failed (crash, NaN, time or memory budget, no data)
+    metrics: dict[str, float] = {}
+
+
 # ----------------------------------------------------------------------------- telemetry (pub/sub)
 
 
@@ -289,6 +312,8 @@ BusMessage = Union[
     EvalResult,
     PromoteRequest,
     PromoteResult,
+    TrainRequest,
+    TrainResult,
     CellStateChanged,
     Progress,
 ]

@@ -161,3 +161,16 @@ class DaemonRecord(msgspec.Struct):
     cells: int
     agents: int
     task: str
+
+
+class TrainRecord(msgspec.Struct):
+    """A finished training job (success or failure), so a repeated request gets the same answer."""
+
+    job_id: str
+    agent: str
+    recipe: str
+    ok: bool
+    artifact: str
+    error: str
+    metrics: dict[str, float]
+    seconds: float

@@ -29,6 +29,7 @@ from actors.agent import AgentActor
 from actors.runtime import ActorSystem, Ref
 from actors.scheduler import PolicyLoader, Scheduler
 from actors.summarizer import Summarizer
+from actors.trainer import Trainer
 from actors.verifier import Verifier
 from bus.blackboard import Blackboard
 from bus.messages import (
@@ -179,6 +180,7 @@ class Core:
     system: ActorSystem
     scheduler: Ref
     verifier: Ref
+    trainer: Ref
     workspace: Workspace
     url: str
     stopping: trio.Event
@@ -195,6 +197,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
         "scheduler",
         lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id, workspace.set_main),
     )
+    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
     routes: dict[type, Ref] = {
         Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,
         VerifyRequest: verifier,
@@ -218,7 +221,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     stopping = trio.Event()
     for i in range(config.cells.count):
         nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
-    return Core(system, scheduler, verifier, workspace, url, stopping)
+    return Core(system, scheduler, verifier, trainer, workspace, url, stopping)
 
 
 async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta: Meta) -> tuple[Outcome, dict]:
@@ -233,7 +236,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board)
+            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)

@@ -18,7 +18,16 @@ import trio
 
 from actors.runtime import Ref
 from bus.blackboard import Blackboard
-from bus.messages import EvalRequest, EvalResult, Failure, PolicySpec, PromoteRequest, PromoteResult
+from bus.messages import (
+    EvalRequest,
+    EvalResult,
+    Failure,
+    PolicySpec,
+    PromoteRequest,
+    PromoteResult,
+    TrainRequest,
+    TrainResult,
+)
 from bus.records import Champion, Digest, Finding, TestedRecord, TokenRecord
 from enpire.workspace import Workspace
 
@@ -55,6 +64,7 @@ class Tools:
     scheduler: Ref
     board: Blackboard
     eval_timeout_s: float = 3600.0
+    trainer: Ref | None = None
 
     @property
     def branch(self) -> str:
@@ -87,6 +97,20 @@ class Tools:
             raise ToolError(f"promotion refused: {reply.error}")
         assert isinstance(reply, PromoteResult)
         return reply  # on promotion the scheduler has pointed the workspace's main at the champion
+
+    async def train(self, recipe: str, *, time_budget_s: float = 300.0, options: dict[str, str] | None = None,
+                    max_rss_mb: int = 4096) -> TrainResult:
+        """Train a recipe on the fleet's recorded episodes; the result names a checkpoint (artifact hash)."""
+        if self.trainer is None:
+            raise ToolError("this fleet has no trainer")
+        request = TrainRequest(job_id=f"{self.agent}-train-{uuid.uuid4().hex[:10]}", agent=self.agent, task=self.task,
+                               recipe=recipe, time_budget_s=time_budget_s, max_rss_mb=max_rss_mb,
+                               options=options or {})
+        reply = await self.trainer.ask(request, timeout=time_budget_s + 120.0)
+        if isinstance(reply, Failure):
+            raise ToolError(f"training refused: {reply.error}")
+        assert isinstance(reply, TrainResult)
+        return reply
 
     def champion(self) -> Champion | None:
         return self.board.get("champion", self.task, Champion)
