@@ -65,18 +65,21 @@ def raw_server(url: str, ready, seconds: float) -> None:
 
 def transport_subscriber(url: str, ready, out, seconds: float) -> None:
     async def main():
-        sub = Subscriber(url, secret=SECRET)
-        ready.set()
-        count, first, last = 0, None, None
-        with trio.move_on_after(seconds):
-            while True:
-                await sub.receive()
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                count += 1
+        with Subscriber(url, secret=SECRET) as sub:
+            await sub.wait_joined(timeout=30)  # the publisher's heartbeat reached us: the barrier
+            ready.set()
+            count, first, last = 0, None, None
+            with trio.move_on_after(seconds):
+                while True:
+                    with trio.move_on_after(1.0 if count else seconds) as idle:
+                        await sub.receive()
+                    if idle.cancelled_caught:
+                        break  # the publisher has stopped
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    count += 1
         out.put((count, (last - first) if first and last else 0.0))
-        sub.close()
 
     trio.run(main)
 
@@ -92,7 +95,7 @@ def raw_subscriber(url: str, ready, out, seconds: float) -> None:
                 sock.recv()
             except pynng.Timeout:
                 if count:
-                    break
+                    break  # the publisher has stopped
                 continue
             now = time.perf_counter()
             first = first or now
@@ -173,35 +176,36 @@ def bench_pubsub(kind: str, seconds: float) -> dict:
         url = ipc_url(tmp, f"pub-{kind}")
         ready, out = ctx.Event(), ctx.Queue()
         target = transport_subscriber if kind == "transport" else raw_subscriber
-        if kind == "transport":
-            pub_sock = None
-            publisher = Publisher(url, secret=SECRET)
-        else:
-            pub_sock = pynng.Pub0(listen=url)
-        proc = ctx.Process(target=target, args=(url, ready, out, seconds + 3))
-        proc.start()
-        ready.wait(30)
-        time.sleep(0.5)  # the subscriber's dial completes (pub/sub has no acknowledgement)
+        proc = ctx.Process(target=target, args=(url, ready, out, seconds + 30))
         sent = 0
-        end = time.perf_counter() + seconds
         if kind == "transport":
-            async def send():
+            async def run():
                 nonlocal sent
-                while time.perf_counter() < end and sent < MAX_COUNT:
-                    await publisher.publish(EVENT)
-                    sent += 1
-                    if sent % 256 == 0:
-                        await trio.sleep(0)
+                with Publisher(url, SECRET) as publisher:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(publisher.heartbeat)
+                        proc.start()
+                        await trio.to_thread.run_sync(ready.wait, 30)  # the subscriber passed wait_joined
+                        end = time.perf_counter() + seconds
+                        while time.perf_counter() < end and sent < MAX_COUNT:
+                            await publisher.publish(EVENT)
+                            sent += 1
+                            if sent % 256 == 0:
+                                await trio.sleep(0)
+                        nursery.cancel_scope.cancel()
 
-            trio.run(send)
-            publisher.close()
+            trio.run(run)
         else:
             payload = m.encode(m.Envelope(id="x", sender="bench", body=EVENT))
-            while time.perf_counter() < end and sent < MAX_COUNT:
-                pub_sock.send(payload)
-                sent += 1
-            pub_sock.close()
-        received, span = out.get(timeout=seconds + 30)
+            with pynng.Pub0(listen=url) as pub_sock:
+                proc.start()
+                ready.wait(30)
+                time.sleep(0.5)  # raw pynng has no barrier: give the dial time to complete
+                end = time.perf_counter() + seconds
+                while time.perf_counter() < end and sent < MAX_COUNT:
+                    pub_sock.send(payload)
+                    sent += 1
+        received, span = out.get(timeout=seconds + 60)
         proc.join(10)
     return {"sent": sent, "received": received, "events_per_s": round(received / span, 1) if span else 0.0,
             "delivered": round(received / sent, 4) if sent else 0.0}
@@ -244,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         "reqrep_1_throughput": round(t["1"]["msgs_per_s"] / r["1"]["msgs_per_s"], 3),
         f"reqrep_{n}_throughput": round(t[str(n)]["msgs_per_s"] / r[str(n)]["msgs_per_s"], 3),
         "reqrep_1_p50_latency": round(t["1"]["p50_us"] / r["1"]["p50_us"], 3),
+        "reqrep_1_p99_latency": round(t["1"]["p99_us"] / r["1"]["p99_us"], 3),
+        f"reqrep_{n}_p50_latency": round(t[str(n)]["p50_us"] / r[str(n)]["p50_us"], 3),
         "pubsub_throughput": round(result["pubsub_transport"]["events_per_s"]
                                    / max(1.0, result["pubsub_raw_pynng"]["events_per_s"]), 3),
     }

@@ -47,6 +47,7 @@ MAC_SIZE = 32
 IPC_PATH_LIMIT = 100  # sun_path is 108 bytes on Linux (104 on macOS): stay clear of both
 PING = Ack(detail="__ping__")  # the request path's ready probe; answered by the server itself
 PROBE = Ack(detail="__probe__")  # the pub/sub ready probe; never handed to subscribers' readers
+REFUSED = Failure(error="unauthenticated")  # the reply to a frame that failed authentication
 
 Handler = Callable[[Envelope], Awaitable[Message]]
 
@@ -103,13 +104,31 @@ def _count_and_log(stats: dict[str, int], key: str, log: Any, event: str, **fiel
         log.warning(event, count=n, **fields)
 
 
-async def _fast_recv(sock: pynng.Socket) -> bytes:
+class _Yielder:
+    """Fast paths complete without a trio checkpoint; yield to the scheduler every `every` calls so a
+    reader or writer that never waits cannot starve the other tasks."""
+
+    def __init__(self, every: int = 64) -> None:
+        self.every = every
+        self.count = 0
+
+    async def tick(self) -> None:
+        self.count += 1
+        if self.count >= self.every:
+            self.count = 0
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+
+async def _fast_recv(sock: pynng.Socket, yielder: _Yielder) -> bytes:
     """Take a waiting message without a trio round trip; await only when the queue is empty."""
     try:
         frame = sock.recv(block=False)
     except pynng.TryAgain:
+        yielder.count = 0
         return await sock.arecv()
-    await trio.lowlevel.checkpoint_if_cancelled()  # stay cancellable while the queue never empties
+    await yielder.tick()
     return frame
 
 
@@ -162,7 +181,8 @@ class RequestServer:
         with pynng.Rep0(recv_max_size=MAX_FRAME) as sock:
             sock.listen(self.url)
             if self.url.startswith("tcp://") and self.url.endswith(":0"):
-                port = sock.listeners[0].local_address.port
+                # str(), not .port: pynng 0.9's InAddr.port is in network byte order
+                port = str(sock.listeners[0].local_address).rsplit(":", 1)[1]
                 self.url = f"{self.url[:-2]}:{port}"
                 self.log = self.log.bind(url=self.url)
             async with trio.open_nursery() as nursery:
@@ -174,7 +194,11 @@ class RequestServer:
         with ctx:  # closed before the socket, so no context outlives it
             while True:
                 frame = await ctx.arecv()
-                reply = await self.answer(frame)
+                try:
+                    reply = await self.answer(frame)
+                except Exception as e:  # a bug here must cost one request, not the server
+                    self.log.exception("request_failed", bytes=len(frame), error=type(e).__name__)
+                    reply = self._reply("", Failure(error="internal error", retry=True))
                 try:
                     await ctx.asend(reply)
                 except pynng.NNGException as e:  # the requester went away; it will resend if it cares
@@ -189,7 +213,7 @@ class RequestServer:
             _count_and_log(self.stats, "unauthenticated", self.log, "frame_unauthenticated", bytes=len(frame),
                            reason=str(e))
             # Unsealed on purpose: the peer does not hold our key, so a MAC would prove nothing to it.
-            return self._reply("", Failure(error="unauthenticated"), sealed=False)
+            return self._reply("", REFUSED, sealed=False)
         except DecodeError as e:
             _count_and_log(self.stats, "bad_frames", self.log, "frame_undecodable", bytes=len(frame),
                            reason=_redact(str(e)))
@@ -212,7 +236,13 @@ class RequestServer:
         pending = self._inflight[key] = _Pending()
         try:
             body = await self._handle(envelope)
-            pending.reply = self._reply(envelope.id, body)
+            try:
+                pending.reply = self._reply(envelope.id, body)
+            except Exception as e:  # e.g. a value msgspec cannot encode in the handler's reply
+                self.stats["handler_errors"] += 1
+                self.log.error("reply_unencodable", request=type(envelope.body).__name__, error=f"{type(e).__name__}: {e}")
+                body = Failure(error=f"reply could not be encoded: {type(e).__name__}", retry=True)
+                pending.reply = self._reply(envelope.id, body)
             if not (isinstance(body, Failure) and body.retry):  # a retryable failure runs again on resend
                 self._remember(key, pending.reply)
             return pending.reply
@@ -292,31 +322,34 @@ class RequestClient:
     def _read_reply(self, reply: bytes) -> Message | None:
         """The reply body; None for a frame to ignore (a resend follows)."""
         try:
-            return decode(unseal(reply, self.secret)).body
+            body = decode(unseal(reply, self.secret)).body
         except DecodeError:
             return None
         except AuthError:
-            pass
-        # Not sealed with our key: the server does not share it. Believe only a plain refusal (a forged
-        # one can cost a retry loop, never a wrong answer).
-        try:
-            body = decode(reply).body
-        except DecodeError:
+            # Not sealed with our key: the server does not share it. Believe only a plain Failure, as a
+            # refusal (a forged one can cost a failed request, never a wrong answer).
+            try:
+                body = decode(reply).body
+            except DecodeError:
+                return None
+            if isinstance(body, Failure):
+                raise AuthError(f"{self.url}: the server refused our credentials ({body.error})") from None
             return None
-        if isinstance(body, Failure):
+        if body == REFUSED:
             raise AuthError(f"{self.url}: the server refused our credentials ({body.error})")
-        return None
+        return body
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """The ready barrier: returns once the server answers a ping (handled by the server itself,
         never by its handler). Raises RequestTimeout after `timeout`, AuthError if refused."""
+        per_try = 0.25  # grows, so a slow (remote) link still gets an answer in
         with trio.move_on_after(timeout):
             while True:
                 try:
-                    await self.request(PING, timeout=0.25, retries=0)
+                    await self.request(PING, timeout=per_try, retries=0)
                     return
                 except RequestTimeout:
-                    continue
+                    per_try = min(per_try * 2, 2.0)
         raise RequestTimeout(f"{self.url}: server not ready after {timeout}s")
 
     def close(self) -> None:
@@ -341,6 +374,7 @@ class Publisher:
         self.secret = secret
         self._sock = pynng.Pub0(send_buffer_size=buffer)  # per-subscriber queue before nng drops
         self._sock.listen(url)
+        self._yielder = _Yielder()
 
     async def publish(self, body: Message) -> None:
         envelope = Envelope(id=uuid.uuid4().hex, sender=self.sender, body=body)
@@ -350,7 +384,7 @@ class Publisher:
         except pynng.TryAgain:
             await self._sock.asend(frame)
             return
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._yielder.tick()
 
     async def heartbeat(self, interval: float = 0.05, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish a probe every `interval` seconds until cancelled (the pub/sub ready barrier)."""
@@ -383,11 +417,12 @@ class Subscriber:
         self._sock.dial(url, block=False)
         self._joined = False
         self._early: Envelope | None = None  # an event that arrived during wait_joined
+        self._yielder = _Yielder()
 
     async def _next(self) -> Envelope:
         """The next valid envelope, probes included."""
         while True:
-            frame = await _fast_recv(self._sock)
+            frame = await _fast_recv(self._sock, self._yielder)
             try:
                 return decode(unseal(frame, self.secret))
             except AuthError as e:
@@ -411,14 +446,16 @@ class Subscriber:
     async def wait_joined(self, timeout: float = 10.0) -> None:
         """The ready barrier: returns once a frame from the publisher has arrived (its heartbeat must
         be running). Events published afterwards reach this subscriber unless it falls behind. Tell the
-        publisher's side over the acked path if it must wait for you."""
-        with trio.fail_after(timeout):
+        publisher's side over the acked path if it must wait for you. Raises TimeoutError."""
+        with trio.move_on_after(timeout):
             while not self._joined:
                 envelope = await self._next()
                 self._joined = True
                 if envelope.body != PROBE:  # an event came first: keep it for receive()
                     self.stats["received"] += 1
                     self._early = envelope
+        if not self._joined:
+            raise TimeoutError(f"{self.url}: nothing from the publisher after {timeout}s (is its heartbeat running?)")
 
     def __aiter__(self) -> Subscriber:
         return self

@@ -1,9 +1,8 @@
-"""Messages and the nng transport: round trips, malformed bytes, late joiners, duplicates, auth."""
+"""Messages and the nng transport: round trips, malformed bytes, late joiners, duplicates, auth, pub/sub."""
 
 import multiprocessing as mp
 import os
 
-import msgspec
 import numpy as np
 import pynng
 import pytest
@@ -13,6 +12,8 @@ from hypothesis import strategies as st
 
 from bus import messages as m
 from bus.transport import (
+    PING,
+    PROBE,
     AuthError,
     Publisher,
     RequestClient,
@@ -20,6 +21,8 @@ from bus.transport import (
     RequestTimeout,
     Subscriber,
     ipc_url,
+    seal,
+    unseal,
 )
 
 SPEC = m.PolicySpec("c0ffee", {"gain": 1.5}, "")
@@ -45,6 +48,8 @@ EXAMPLES = [
     m.PromoteRequest(job_id="p", agent="a", task="pusht", policy=SPEC),
     m.PromoteResult(job_id="p", policy=SPEC, promoted=True, successes=9, n=10, champion_successes=0,
                     champion_n=0, detail="d"),
+    m.TrainRequest(job_id="t", agent="a", task="pusht", recipe="bc", options={"epochs": "3"}),
+    m.TrainResult(job_id="t", ok=True, artifact="ab12", metrics={"loss": 0.1}),
     m.CellStateChanged(cell_id="c", state="idle", t=1.0),
     m.Progress(t=1.0, episodes=3, champion="x", champion_success=0.5, champion_n=4, mru=0.8, tokens=10),
 ]
@@ -79,25 +84,6 @@ def test_random_bytes_never_crash_the_decoder(data):
     assert isinstance(env, m.Envelope)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.sampled_from(EXAMPLES), st.data())
-def test_mutated_frames_never_crash_the_decoder(body, data):
-    frame = bytearray(m.encode(m.Envelope(id="1", sender="s", body=body)))
-    kind = data.draw(st.sampled_from(["truncate", "flip", "insert"]))
-    i = data.draw(st.integers(0, len(frame) - 1))
-    if kind == "truncate":
-        frame = frame[:i]
-    elif kind == "flip":
-        frame[i] ^= 1 << data.draw(st.integers(0, 7))
-    else:
-        frame[i:i] = data.draw(st.binary(min_size=1, max_size=8))
-    try:
-        env = m.decode(bytes(frame))
-    except m.DecodeError:
-        return
-    assert isinstance(env, m.Envelope)
-
-
 def _server(url, calls, **kw):
     async def handler(env):
         calls.append(env.id)
@@ -107,20 +93,84 @@ def _server(url, calls, **kw):
     return RequestServer(url, handler, **kw)
 
 
+def _mutate(frame: bytes, data) -> bytes:
+    """A valid frame truncated, bit-flipped or with bytes inserted."""
+    frame = bytearray(frame)
+    kind = data.draw(st.sampled_from(["truncate", "flip", "insert"]))
+    i = data.draw(st.integers(0, len(frame) - 1))
+    if kind == "truncate":
+        return bytes(frame[:i])
+    if kind == "flip":
+        frame[i] ^= 1 << data.draw(st.integers(0, 7))
+    else:
+        frame[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    return bytes(frame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(EXAMPLES), st.data())
+def test_mutated_frames_never_crash_the_decoder(body, data):
+    frame = _mutate(m.encode(m.Envelope(id="1", sender="s", body=body)), data)
+    try:
+        env = m.decode(frame)
+    except m.DecodeError:
+        return
+    assert isinstance(env, m.Envelope)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(EXAMPLES), st.data(), st.booleans())
+def test_server_answers_any_frame_with_an_envelope(body, data, secret):
+    """Whatever bytes arrive, the server's answer is a decodable envelope and the frame is counted."""
+    key = b"k" if secret else None
+    calls = []
+
+    async def handler(env):
+        calls.append(env.id)
+        return m.Ack()
+
+    server = RequestServer("inproc://unused", handler, secret=key)
+    valid = seal(m.encode(m.Envelope(id="1", sender="s", body=body)), key)
+    frame = data.draw(st.binary(max_size=256)) if data.draw(st.booleans()) else _mutate(valid, data)
+    reply = trio.run(server.answer, frame)
+    try:
+        reply = m.decode(unseal(reply, key))
+    except AuthError:  # a refusal is sent unsealed: the peer does not hold the key
+        reply = m.decode(reply)
+        assert reply.body == m.Failure(error="unauthenticated")
+    assert isinstance(reply, m.Envelope)
+    s = server.stats
+    assert s["bad_frames"] + s["unauthenticated"] + s["requests"] + s["pings"] == 1
+    if isinstance(reply.body, m.Failure) and reply.body.error in ("unauthenticated", "undecodable frame"):
+        assert not calls
+
+
 async def test_late_joining_server_still_gets_the_request(tmp_path):
     url = ipc_url(tmp_path, "bus")
     calls = []
-    client = RequestClient(url, sender="c")
-    async with trio.open_nursery() as nursery:
-        async def start_late():
-            await trio.sleep(0.4)
-            await nursery.start(_server(url, calls).serve)
+    with RequestClient(url, sender="c") as client:  # dials before anyone listens
+        async with trio.open_nursery() as nursery:
+            async def start_late():
+                await trio.sleep(0.4)
+                await nursery.start(_server(url, calls).serve)
 
-        nursery.start_soon(start_late)
-        reply = await client.request(m.LeaseRequest(cell_id="c"), timeout=0.2, retries=20)
-        assert reply == m.NoWork(retry_after_s=1.0) and len(calls) == 1
-        nursery.cancel_scope.cancel()
-    client.close()
+            nursery.start_soon(start_late)
+            reply = await client.request(m.LeaseRequest(cell_id="c"), timeout=0.2, retries=20)
+            assert reply == m.NoWork(retry_after_s=1.0) and len(calls) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_wait_ready_before_and_after_the_server_starts(tmp_path):
+    url = ipc_url(tmp_path, "bus")
+    calls = []
+    with RequestClient(url, sender="c") as client:
+        with pytest.raises(RequestTimeout, match="not ready"):
+            await client.wait_ready(timeout=0.3)
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(_server(url, calls).serve)
+            await client.wait_ready(timeout=5)
+            assert calls == [] and server.stats["pings"] >= 1  # the ping never reaches the handler
+            nursery.cancel_scope.cancel()
 
 
 async def test_duplicate_delivery_runs_the_handler_once(tmp_path):
@@ -140,8 +190,12 @@ async def test_duplicate_delivery_runs_the_handler_once(tmp_path):
         await send()  # and a late one
         assert calls == ["same-id"]
         assert replies == [m.NoWork(retry_after_s=1.0)] * 4
-        assert server.stats["duplicates"] == 3
-        client.close()
+        assert server.stats["duplicates"] == 3 and server.stats["requests"] == 4
+        # the same id from another sender is another request
+        other = RequestClient(url, sender="d")
+        assert await other.request(m.LeaseRequest(cell_id="d"), id="same-id") == m.NoWork(retry_after_s=2.0)
+        for c in (client, other):
+            c.close()
         nursery.cancel_scope.cancel()
 
 
@@ -156,80 +210,144 @@ async def test_timed_out_request_is_retried_with_the_same_id(tmp_path):
         return m.Ack(detail="done")
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(RequestServer(url, slow_first).serve)
-        client = RequestClient(url, sender="c")
-        reply = await client.request(m.LeaseRequest(cell_id="c"), timeout=0.2, retries=10)
+        server = await nursery.start(RequestServer(url, slow_first).serve)
+        with RequestClient(url, sender="c") as client:
+            reply = await client.request(m.LeaseRequest(cell_id="c"), timeout=0.2, retries=10)
         assert reply.detail == "done"
-        assert len(seen) == 1  # the retry joined the in-flight first copy instead of running again
-        with pytest.raises(RequestTimeout):
-            await RequestClient(ipc_url(tmp_path, "nobody"), sender="c").request(m.Ack(), timeout=0.05, retries=1)
-        client.close()
+        assert len(seen) == 1  # the retries joined the in-flight first copy instead of running again
+        assert server.stats["duplicates"] >= 1
+        with RequestClient(ipc_url(tmp_path, "nobody"), sender="c") as lost:
+            with pytest.raises(RequestTimeout, match=r"nobody.*LeaseRequest"):
+                await lost.request(m.LeaseRequest(cell_id="c"), timeout=0.05, retries=1)
         nursery.cancel_scope.cancel()
+
+
+async def test_slow_request_does_not_block_others_and_errors_become_retryable_failures(tmp_path):
+    url = ipc_url(tmp_path, "bus")
+    attempts = []
+
+    async def handler(env):
+        if isinstance(env.body, m.LeaseRequest):
+            await trio.sleep(env.body.wait_s)  # a long-poll
+            return m.NoWork(retry_after_s=0)
+        attempts.append(env.id)
+        if len(attempts) == 1:
+            raise RuntimeError("boom")
+        return m.Ack(detail="ok")
+
+    with RequestClient(url, sender="c") as client:  # outlives the nursery and its long-polls
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(RequestServer(url, handler, workers=4).serve)
+            for _ in range(2):
+                nursery.start_soon(client.request, m.LeaseRequest(cell_id="c", wait_s=3.0))
+            await trio.sleep(0.1)
+            with trio.fail_after(1):  # served while two long-polls hold workers
+                failed = await client.request(m.NoWork(retry_after_s=0), id="x")
+                assert failed == m.Failure(error="RuntimeError: boom", retry=True)
+                # a retryable failure is not cached: the resend runs the handler again
+                assert await client.request(m.NoWork(retry_after_s=0), id="x") == m.Ack(detail="ok")
+            assert attempts == ["x", "x"] and server.stats["handler_errors"] == 1
+            nursery.cancel_scope.cancel()
 
 
 async def test_garbage_frames_do_not_kill_the_server(tmp_path):
     url = ipc_url(tmp_path, "bus")
     calls = []
+    valid = m.encode(m.Envelope(id="1", sender="s", body=m.LeaseRequest(cell_id="c")))
+    junk = [b"", b"\xff" * 100, b"\x92\x01", os.urandom(1000), valid[:-3], valid.replace(b"LeaseRequest", b"LeaseRequesX")]
     async with trio.open_nursery() as nursery:
         server = await nursery.start(_server(url, calls).serve)
         with pynng.Req0(dial=url) as raw:
-            for junk in (b"", b"\xff" * 100, b"\x92\x01", os.urandom(1000)):
-                await raw.asend(junk)
+            for frame in junk:
+                await raw.asend(frame)
                 reply = m.decode(await raw.arecv())
                 assert isinstance(reply.body, m.Failure)
-        client = RequestClient(url, sender="c")
-        assert isinstance(await client.request(m.LeaseRequest(cell_id="c")), m.NoWork)
-        assert server.stats["bad_frames"] == 4
-        client.close()
+        with RequestClient(url, sender="c") as client:
+            assert isinstance(await client.request(m.LeaseRequest(cell_id="c")), m.NoWork)
+        assert server.stats["bad_frames"] == len(junk) and calls and len(calls) == 1
         nursery.cancel_scope.cancel()
 
 
 async def test_tcp_peers_need_the_shared_secret():
-    url = "tcp://127.0.0.1:0"
     calls = []
     async with trio.open_nursery() as nursery:
-        server = _server(url, calls, secret=b"s3cret")
-        # find the port the listener got
-        with pynng.Rep0() as probe:
-            probe.listen("tcp://127.0.0.1:0")
-            port = probe.listeners[0].local_address.port
-        server.url = url = f"tcp://127.0.0.1:{port}"
-        await nursery.start(server.serve)
-        good = RequestClient(url, sender="good", secret=b"s3cret")
-        assert isinstance(await good.request(m.LeaseRequest(cell_id="c")), m.NoWork)
+        server = await nursery.start(_server("tcp://127.0.0.1:0", calls, secret=b"s3cret").serve)
+        url = server.url
+        assert not url.endswith(":0")
+        with RequestClient(url, sender="good", secret=b"s3cret") as good:
+            await good.wait_ready(timeout=5)
+            assert isinstance(await good.request(m.LeaseRequest(cell_id="c")), m.NoWork)
         for secret in (b"wrong", None):
-            bad = RequestClient(url, sender="bad", secret=secret)
-            with pytest.raises(AuthError):
-                await bad.wait_ready(timeout=3)
-            bad.close()
-        assert server.stats["unauthenticated"] >= 2 and len(calls) == 1
-        good.close()
+            with RequestClient(url, sender="bad", secret=secret) as bad:
+                with pytest.raises(AuthError, match="refused"):
+                    await bad.request(m.LeaseRequest(cell_id="c"))
+        assert server.stats["unauthenticated"] == 2 and len(calls) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_client_with_a_secret_refuses_an_unsealed_server(tmp_path):
+    url = ipc_url(tmp_path, "bus")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_server(url, []).serve)  # no secret: it cannot read our sealed frame
+        with RequestClient(url, sender="c", secret=b"k") as client:
+            with pytest.raises(AuthError):
+                await client.wait_ready(timeout=3)
+        nursery.cancel_scope.cancel()
+
+
+def _progress(i: int) -> m.Progress:
+    return m.Progress(t=i, episodes=i, champion="", champion_success=0, champion_n=0, mru=0, tokens=0)
 
 
 async def test_pub_sub_after_the_ready_barrier(tmp_path):
     url = ipc_url(tmp_path, "telemetry")
-    pub = Publisher(url, secret=b"k")
-    sub = Subscriber(url, secret=b"k")
-    with trio.fail_after(5):
-        await sub.wait_joined(pub)
-        for i in range(20):
-            await pub.publish(m.Progress(t=i, episodes=i, champion="", champion_success=0, champion_n=0, mru=0,
-                                         tokens=0))
-        got = [(await sub.receive()).body.episodes for _ in range(20)]
-    assert got == list(range(20))
-    # a frame without a valid MAC (from a rogue publisher the subscriber also hears) is dropped
-    rogue_url = ipc_url(tmp_path, "rogue")
-    rogue = pynng.Pub0(listen=rogue_url)
-    sub._sock.dial(rogue_url)
-    await trio.sleep(0.3)
-    await rogue.asend(m.encode(m.Envelope(id="x", sender="rogue", body=m.Ack(detail="forged"))))
-    await trio.sleep(0.1)
-    await pub.publish(m.Ack(detail="after"))
-    assert (await sub.receive()).body == m.Ack(detail="after")
-    assert sub.stats["unauthenticated"] == 1
-    for s in (rogue, pub, sub):
-        s.close()
+    with Publisher(url, secret=b"k") as pub, Subscriber(url, secret=b"k") as sub:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.heartbeat, 0.02)
+            with trio.fail_after(5):
+                await sub.wait_joined()
+                for i in range(200):
+                    await pub.publish(_progress(i))
+                got = []
+                async for env in sub:  # heartbeat probes are skipped
+                    got.append(env.body.episodes)
+                    if len(got) == 200:
+                        break
+            assert got == list(range(200))
+            # a frame without a valid MAC (from a rogue publisher the subscriber also hears) is dropped
+            rogue_url = ipc_url(tmp_path, "rogue")
+            with pynng.Pub0(listen=rogue_url) as rogue:
+                sub._sock.dial(rogue_url)
+                await trio.sleep(0.3)
+                await rogue.asend(m.encode(m.Envelope(id="x", sender="rogue", body=m.Ack(detail="forged"))))
+                await rogue.asend(b"\x00" * 40)
+                await trio.sleep(0.1)
+                await pub.publish(m.Ack(detail="after"))
+                with trio.fail_after(5):
+                    assert (await sub.receive()).body == m.Ack(detail="after")
+            assert sub.stats["unauthenticated"] == 2 and sub.stats["received"] == 201
+            nursery.cancel_scope.cancel()
+
+
+async def test_wait_joined_keeps_an_event_that_beats_the_probe(tmp_path):
+    url = ipc_url(tmp_path, "telemetry")
+    with Publisher(url) as pub, Subscriber(url) as sub:
+        async def spam():
+            while True:
+                await pub.publish(_progress(7))
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spam)  # no heartbeat: any event counts as joined
+            await sub.wait_joined(timeout=5)
+            assert (await sub.receive()).body == _progress(7)
+            nursery.cancel_scope.cancel()
+        with pytest.raises(TimeoutError, match="heartbeat"):
+            await Subscriber(ipc_url(tmp_path, "silent")).wait_joined(timeout=0.1)
+
+
+def test_probes_are_not_ordinary_messages():
+    assert PING != PROBE and PING != m.Ack() and PROBE != m.Ack()
 
 
 def _serve_in_process(url: str, ready) -> None:
@@ -249,19 +367,29 @@ async def test_cross_process_request_reply(tmp_path):
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     proc = ctx.Process(target=_serve_in_process, args=(url, ready), daemon=True)
-    proc.start()
-    try:
-        client = RequestClient(url, sender="c", secret=b"x")
-        await client.wait_ready(timeout=30)
-        reply = await client.request(m.LeaseRequest(cell_id="c"))
-        assert reply.detail == f"pid {proc.pid}"
-        client.close()
-    finally:
-        proc.kill()
-        proc.join()
+    with RequestClient(url, sender="c", secret=b"x") as client:
+        proc.start()  # after the client dialled: the barrier, not luck, orders them
+        try:
+            await client.wait_ready(timeout=30)
+            reply = await client.request(m.LeaseRequest(cell_id="c"))
+            assert reply.detail == f"pid {proc.pid}"
+        finally:
+            proc.kill()
+            proc.join()
 
 
-def test_ipc_url_stays_short(tmp_path):
+def test_ipc_url_stays_short_and_stable(tmp_path):
     long_dir = tmp_path / ("x" * 150)
-    assert len(ipc_url(long_dir, "bus")) < 110
-    assert msgspec.json.encode(ipc_url(tmp_path, "bus"))
+    url = ipc_url(long_dir, "bus")
+    assert len(url.removeprefix("ipc://").encode()) <= 100 and url == ipc_url(long_dir, "bus")
+    assert ipc_url(long_dir, "a") != ipc_url(long_dir, "b")
+    assert ipc_url(tmp_path, "bus") == f"ipc://{tmp_path.resolve()}/bus.sock"
+
+
+async def test_a_reply_that_cannot_be_encoded_is_a_retryable_failure():
+    async def handler(env):
+        return m.Ack(detail=object())  # a handler bug
+
+    server = RequestServer("inproc://unused", handler)
+    reply = m.decode(await server.answer(m.encode(m.Envelope(id="1", sender="s", body=m.LeaseRequest(cell_id="c")))))
+    assert isinstance(reply.body, m.Failure) and reply.body.retry and server.stats["handler_errors"] == 1
