@@ -213,10 +213,13 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     # escaped its sandbox, say) can speak on the socket in the state dir.
     local_secret = secrets.token_bytes(32)
     url = ipc_url(state_dir, "bus")
-    await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode()).serve)
+    # Each cell's long-polled LeaseRequest holds one server worker: leave room for heartbeats and reports.
+    workers = 2 * config.cells.count + 8
+    await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
+                                      workers=workers).serve)
     if config.bus.listen:
         secret = os.environ[config.bus.secret_env].encode()
-        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret).serve)
+        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret, workers=32).serve)
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
     stopping = trio.Event()
     for i in range(config.cells.count):
