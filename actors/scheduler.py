@@ -210,7 +210,7 @@ class Scheduler(Actor):
             return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
         with trio.move_on_after(min(msg.wait_s, 10.0)):
             while True:
-                episode = self._next_episode(real=cell.record.real)
+                episode = self._next_episode(real=cell.record.real, cell_id=msg.cell_id)
                 if episode is not None:
                     return self._grant(episode, msg.cell_id)
                 await self._work.wait()
@@ -481,7 +481,9 @@ class Scheduler(Actor):
 
     # ------------------------------------------------------------------ queue
 
-    def _next_episode(self, real: bool = False) -> Episode | None:
+    def _next_episode(self, real: bool = False, cell_id: str = "") -> Episode | None:
+        if not self.config.scheduler.pooled:
+            return self._owned_episode(cell_id)
         # Judging first, then agents: highest priority, then the agent served least so far (fair share).
         agents = sorted((a for a, q in self.pending.items() if q and a != "judge"),
                         key=lambda a: (-self.pending[a][0].priority, self.served.get(a, 0)))
@@ -501,6 +503,19 @@ class Scheduler(Actor):
             self._requeue_episode(episode)
             return None
         return episode
+
+    def _owned_episode(self, cell_id: str) -> Episode | None:
+        """Unpooled (`[scheduler] pooled = false`, the paper's set-up): cell-i runs only agent-i's episodes
+        (its evaluations and the judging of its candidates) and no background work."""
+        owner = "agent-" + cell_id.rsplit("-", 1)[-1]
+        for key in ("judge", owner):
+            queue = self.pending.get(key)
+            for episode in queue or ():
+                if episode.agent == owner:
+                    queue.remove(episode)
+                    return episode
+        self._work = trio.Event() if self._work.is_set() else self._work
+        return None
 
     def _smoke_passed(self, policy: PolicySpec) -> bool:
         """True once the policy passed its smoke evaluation; queues that evaluation (on sim cells) if needed."""

@@ -85,12 +85,14 @@ class AgentsConfig(Strict):
     max_failures: PositiveInt = 5  # consecutive failed model calls before the agent pauses
     pause_s: PositiveFloat = 300.0
     notes_dir: str = ""  # a folder of notes / literature the agents may search
+    digest: bool = True  # false (ablation): briefings list every peer finding instead of the summarizer's digest
 
 
 class SchedulerConfig(Strict):
     lease_s: PositiveFloat = 60.0  # a leased episode not reported by then is re-queued
     heartbeat_s: PositiveFloat = 1.0
     background: bool = True  # idle cells re-evaluate the champion on more held-out seeds
+    pooled: bool = True  # false: cell-i runs only agent-i's episodes and no background work (the paper's set-up)
     promote_seeds: PositiveInt = 100  # held-out seeds a candidate is judged on
     alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.05  # promotion test significance
     rollback_min_n: PositiveInt = 30  # confirmation episodes before a regression can roll a champion back

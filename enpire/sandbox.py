@@ -49,8 +49,11 @@ class SandboxLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE: caps scratch files and the stderr log
     # Busy-wait budget (µs) before blocking on the pipe, on both sides: the cell waiting for an action,
     # the child waiting for the next observation. Adaptive: a side spins only while its recent waits
-    # fit in the budget (see sandbox_child.Waiter). 0 = always block.
-    spin_us: float = 200.0
+    # fit in the budget (see sandbox_child.Waiter). 0 = always block. It pays only when the cell and its
+    # child run on different, otherwise idle cores; on a shared 2-core VM the scheduler mostly puts
+    # both on one core, where spinning made the 1- and 2-cell rollouts slower (bench/rollout.py), so
+    # the default blocks. Try 100-300 on a machine with a spare core per cell (bench/sandbox_ipc.py).
+    spin_us: float = 0.0
 
 
 class PolicyError(Exception):

@@ -335,3 +335,19 @@ def test_ledger_figures():
     assert ledger.time_to_success(10.0, 100.0) == 90.0
     assert ledger.budget_left(rec, "a", 2500) == 500 and ledger.budget_left(rec, "a", 0) is None
     assert ledger.over_budget(rec, "a", 2000) and not ledger.over_budget(rec, "b", 2000)
+
+
+def test_briefing_lists_every_finding_when_the_digest_is_off(tmp_path):
+    """`[agents] digest = false` (ablation): the briefing carries all peers' findings instead of the digest."""
+    from enpire.agents.llm import briefing_state
+
+    board = Blackboard(tmp_path / "bb")
+    for p in range(3):
+        board.append("findings", Finding(f"f{p}", f"agent-{p}", time.time(), f"hypothesis {p}", f"change {p}",
+                                         f"evidence {p}", "improved", score=0.5))
+    board.append("digests", write_digest(board.values("findings", Finding), None))
+    tools = Tools("agent-0", "pusht", None, None, board)
+    on, off = briefing_state(tools, 3000), briefing_state(tools, 3000, digest=False)
+    assert on.startswith("## Team digest") and "hypothesis 1" not in on
+    assert off.startswith("## Team findings") and all(f"hypothesis {p} | change {p} | evidence {p}" in off
+                                                       for p in range(3))

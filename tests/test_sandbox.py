@@ -322,3 +322,65 @@ def test_check_action_never_raises(action: object, previous: np.ndarray | None) 
     if reason is None:  # anything accepted really is a finite in-bounds 2-vector
         a = np.asarray(action, dtype=np.float64)
         assert a.shape == (2,) and np.all(np.isfinite(a)) and np.all((a >= 0) & (a <= 512))
+
+
+# ----------------------------------------------------------------------------- act fast path
+
+PROBE = """
+import numpy as np
+class Policy:
+    def __init__(self, params):
+        pass
+    def act(self, obs):
+        obs[0] += 1  # the observation is the policy's own writable copy
+        kind = 1.0 if (obs.dtype == np.float64 and obs.flags.writeable and obs.flags.c_contiguous) else 0.0
+        if obs.ndim == 2:
+            return np.array([obs.shape[0], obs.shape[1]], dtype=np.int32)  # a non-float64 action
+        return [float(obs[0]), kind + 10.0 * float(obs.dtype.itemsize)]
+"""
+
+
+@pytest.mark.parametrize("spin_us", [0.0, 300.0])
+def test_act_frames_round_trip(state: Path, spin_us: float) -> None:
+    """Binary frames for 1-D float64, msgpack for everything else: the policy sees the same array."""
+    with PolicySandbox(SandboxLimits(spin_us=spin_us), state / "scratch") as sb:
+        sb.load({"policy.py": PROBE}, {})
+        sb.reset()
+        obs = np.arange(5.0)
+        for t in range(50):  # enough steps for the adaptive spin to engage
+            obs[0] = t
+            action = sb.act(obs).action
+            assert action is not None and action.dtype == np.float64
+            assert list(action) == [t + 1.0, 81.0]
+        assert obs[0] == 49.0  # the child's edit did not reach our array
+        strided = np.arange(10.0)[::2]  # non-contiguous float64
+        assert list(sb.act(strided).action) == [1.0, 81.0]  # type: ignore[arg-type]
+        assert list(sb.act(np.zeros(5, dtype=np.float32)).action) == [1.0, 40.0]  # type: ignore[arg-type]
+        image = sb.act(np.zeros((3, 4), dtype=np.uint8)).action
+        assert image is not None and image.dtype == np.int32 and list(image) == [3, 4]
+        assert sb.act(np.zeros(5)).action is not None  # and the fast path still works after that
+
+
+def test_parent_rejects_forged_binary_frames(state: Path) -> None:
+    """A policy writing raw binary action frames cannot get a malformed or future reply accepted."""
+    forge = """
+import os, struct
+class Policy:
+    def __init__(self, params):
+        self.mode = params["mode"]
+        self.n = 0
+    def act(self, obs):
+        self.n += 1
+        if self.mode == 0:  # a payload that is not a whole number of float64s
+            os.write(4, struct.pack(">IBQ", 9 + 5, 0xC1, 10**6) + b"12345")
+        elif self.mode == 1:  # a well-formed frame answering a request not sent yet
+            os.write(4, struct.pack(">IBQ", 9 + 16, 0xC1, 10**6) + struct.pack("<2d", 1.0, 2.0))
+        return [256.0, 256.0]
+"""
+    with PolicySandbox(FAST, state / "scratch") as sb:
+        sb.load({"policy.py": forge}, {"mode": 0.0})
+        sb.reset()
+        assert (sb.act(np.zeros(5)).error or "").startswith("protocol_error: ValueError: binary frame")
+        sb.load({"policy.py": forge}, {"mode": 1.0})
+        sb.reset()
+        assert (sb.act(np.zeros(5)).error or "").startswith("protocol_error: reply for request")

@@ -253,3 +253,27 @@ async def test_episode_budget_is_enforced(tmp_path):
         r = await ref.ask(EvalRequest(job_id="j2", agent="a", task="pusht", policy=POLICY, seeds=[4, 5, 6]))
         assert "budget exhausted" in r.error
         nursery.cancel_scope.cancel()
+
+
+async def test_unpooled_cells_run_only_their_own_agents_work(tmp_path):
+    """`pooled = false` (the paper's set-up): agent-i's evaluations and judging go only to cell-i; no background."""
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, _config(pooled=False))
+        await _hello(ref, "cell-0")
+        await _hello(ref, "cell-1")
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j0", agent="agent-0", task="pusht", policy=POLICY,
+                                                seeds=list(range(3))))
+        nursery.start_soon(ref.ask, PromoteRequest(job_id="p1", agent="agent-1", task="pusht", policy=POLICY))
+        await trio.sleep(0.05)
+        for _ in range(3):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1))
+            assert isinstance(lease, Lease) and lease.job_id == "j0"
+            await ref.ask(_report(lease, True))
+        # agent-0 has nothing left: cell-0 waits although agent-1's judging is queued
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
+        lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
+        assert isinstance(lease, Lease) and lease.job_id == "p1" and lease.kind == "heldout"
+        # with a champion on the board, an unpooled idle cell still gets no background work
+        board.put("champion", "pusht", Champion("pusht", POLICY, 10, 10, 0.0, agent="agent-0", confirm_next=100))
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
+        nursery.cancel_scope.cancel()

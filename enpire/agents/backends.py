@@ -29,7 +29,7 @@ def make_backend(config: cfg.Config, index: int):
     settings = LLMSettings(
         token_budget=a.token_budget, wall_budget_s=a.wall_budget_minutes * 60, max_turns_window=a.max_turns_window,
         max_output_tokens=a.max_output_tokens, max_failures=a.max_failures, pause_s=a.pause_s,
-        notes_dir=a.notes_dir, target=config.fleet.target,
+        notes_dir=a.notes_dir, target=config.fleet.target, digest=a.digest,
     )
     return LLMAgent(client, settings, task_text=TASK_TEXTS.get(task.driver, config.cells.task),
                     tuning_seeds=task.tuning_seeds.seeds(), rng_seed=index)

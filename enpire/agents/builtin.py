@@ -22,7 +22,11 @@ from bus.messages import EvalResult, PolicySpec
 from enpire.agents.tools import Tools, failure_summary, fingerprint
 
 # The policy the researcher writes for each task: a module with PARAM_SPACE, INITIAL_PARAMS and Policy.
-TEMPLATES = {"pusht": "enpire.agents.pusht_policy"}
+TEMPLATES = {
+    "pusht": "enpire.agents.pusht_policy",
+    "drawer-open-v3": "enpire.agents.metaworld_drawer_policy",
+    "peg-insert-side-v3": "enpire.agents.metaworld_peg_policy",
+}
 
 
 @dataclass

@@ -196,6 +196,7 @@ class LLMSettings:
     retry_after_max_s: float = 300.0
     pause_s: float = 300.0
     target: float = 0.0  # the fleet's target success; while the champion meets it the agent makes no calls
+    digest: bool = True  # False (ablation): the briefing lists every peer finding instead of the digest
 
 
 # ----------------------------------------------------------------------------- tool protocol
@@ -432,7 +433,7 @@ class Dispatcher:
                       "detail": result.detail})
 
     async def _read_digest(self, a: NoArgs) -> str:
-        return briefing_state(self.tools, self.settings.digest_chars)
+        return briefing_state(self.tools, self.settings.digest_chars, self.settings.digest)
 
     async def _read_findings(self, a: ReadFindingsArgs) -> str:
         limit = min(a.limit, self.settings.max_findings)
@@ -468,10 +469,15 @@ class Dispatcher:
 # ----------------------------------------------------------------------------- context
 
 
-def briefing_state(tools: Tools, digest_chars: int) -> str:
-    digest = tools.digest()
+def briefing_state(tools: Tools, digest_chars: int, digest: bool = True) -> str:
     champion = tools.champion()
-    parts = ["## Team digest", truncate(digest.text, digest_chars) if digest else "(no findings yet)"]
+    if digest:
+        d = tools.digest()
+        parts = ["## Team digest", truncate(d.text, digest_chars) if d else "(no findings yet)"]
+    else:  # ablation: every finding of the team, one line each; the context grows with the team and the run
+        lines = [f"[{f.agent} {f.outcome} {f.score:.0%}] {f.hypothesis} | {f.change} | {f.evidence}"
+                 for f in tools.board.values("findings", Finding)]
+        parts = ["## Team findings", "\n".join(lines) or "(no findings yet)"]
     if champion is not None:
         params = truncate(_json(champion.policy.params), 800)
         parts.append(f"## Champion\ncommit {champion.policy.commit} params {params}: judged "
@@ -483,7 +489,7 @@ def build_prompt(system: str, tools: Tools, settings: LLMSettings, turns: Sequen
                  journal: Sequence[str], budget_line: str) -> Prompt:
     """Bounded by construction: fixed system text, a digest cut to size, a capped journal, N turns."""
     briefing = "\n\n".join([
-        briefing_state(tools, settings.digest_chars),
+        briefing_state(tools, settings.digest_chars, settings.digest),
         f"## Your budget\n{budget_line}",
         "## Your earlier actions (oldest first)\n" + ("\n".join(journal) if journal else "(none)"),
         "Decide the next step and act through the tools.",

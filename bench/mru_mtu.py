@@ -1,0 +1,339 @@
+"""MRU / MTU scaling of the real fleet against the paper's table (1, 4, 8 robots, one agent each).
+
+Every run is the real daemon (`python -m enpire.fleet` as a subprocess: cells as processes, bus,
+blackboard, verifier, scheduler, summarizer) on simulated Push-T, with agents on the `openai` backend
+pointed at `bench/model_sim.py`, a simulated hosted model on 127.0.0.1 (OpenAI wire format, latency
+from token counts, decisions from the built-in researcher's cross-entropy method).
+
+Cells are paced to `--control-hz` (default 50 Hz: 5x Push-T's real 10 Hz, so 8 paced robots fit on 2
+cores the way real robots run at a fixed rate; the CPU busy share of every run is reported to show
+the simulation is not the bottleneck). A run ends when the champion's held-out success reaches the
+target on `--min-heldout` confirmation seeds (time-to-success), or at the budget.
+
+Runs: the fleet sizes (`--sizes`, default 1,4,8) with the pooled scheduler and the digest (the
+system's design), then ablations at the largest size: `unpooled` (`[scheduler] pooled = false`:
+agent-i's episodes run only on cell-i and no background work, as in the paper) and `no_digest`
+(`[agents] digest = false`: each briefing lists every peer's findings instead of the digest).
+
+    python bench/mru_mtu.py            # full run (about 30 minutes)
+    python bench/mru_mtu.py --quick    # a few minutes, tiny settings (CI)
+
+Writes `<out>/mru_mtu.json` and `<out>/mru_mtu.png`, and prints a table beside the paper's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/ holds bus.py (the bus benchmark): keep it off the path so the `bus` package is found.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+from bus.blackboard import Blackboard  # noqa: E402
+from bus.records import DaemonRecord, JobRecord, TimelineRecord, TokenRecord  # noqa: E402
+from enpire import ledger  # noqa: E402
+
+
+def _load_model_sim():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_sim", ROOT / "bench" / "model_sim.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["model_sim"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_sim = _load_model_sim()
+ModelSimulator, SearchConfig, Timing = _sim.ModelSimulator, _sim.SearchConfig, _sim.Timing
+
+PAPER = {  # pin insertion, one agent per robot (DESIGN.md)
+    1: {"mru": 0.49, "mtu": 9269, "tokens_to_success": 2.50e6, "time_to_success_s": 4.5 * 3600},
+    4: {"mru": 0.31, "mtu": 40029, "tokens_to_success": 7.69e6, "time_to_success_s": 3.2 * 3600},
+    8: {"mru": 0.30, "mtu": 140310, "tokens_to_success": 16.84e6, "time_to_success_s": 2.0 * 3600},
+}
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores from /proc/stat."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+def fleet_config(args, cells: int, base_url: str, state_dir: Path, pooled: bool, digest: bool) -> str:
+    return f"""
+[fleet]
+state_dir = "{state_dir}"
+budget_minutes = {args.budget_minutes}
+target = {args.target}
+min_heldout = {args.min_heldout}
+progress_s = 5.0
+stop_at_target = true
+
+[cells]
+count = {cells}
+
+[agents]
+count = {cells}
+backend = "openai"
+model = "sim-model"
+base_url = "{base_url}"
+api_key_env = "ENPIRE_BENCH_NO_KEY"
+max_turns_window = 6
+max_output_tokens = 8192
+request_timeout_s = 600.0
+digest = {str(digest).lower()}
+
+[scheduler]
+promote_seeds = {args.promote_seeds}
+background = {str(pooled).lower()}
+pooled = {str(pooled).lower()}
+lease_s = 120.0
+
+[tasks.pusht]
+control_hz = {args.control_hz}
+record_trajectories = false
+"""
+
+
+def run_one(args, label: str, cells: int, pooled: bool, digest: bool, out: Path) -> dict:
+    state_dir = out / "runs" / label
+    if state_dir.exists():
+        subprocess.run(["rm", "-rf", str(state_dir)], check=True)
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    sim = ModelSimulator(
+        Timing(args.overhead_s, args.input_tok_s, args.output_tok_s),
+        SearchConfig(population=args.population, n_seeds=args.n_seeds, validation_seeds=args.validation_seeds,
+                     target=args.target),
+    )
+    base_url = sim.start()
+    config_path = out / "runs" / f"{label}.toml"
+    config_path.write_text(fleet_config(args, cells, base_url, state_dir, pooled, digest))
+    env = {k: v for k, v in os.environ.items() if k != "ENPIRE_BENCH_NO_KEY"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    busy0, total0 = cpu_times()
+    began = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "enpire.fleet", "--config", str(config_path), "--quiet"],
+                              cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=args.budget_minutes * 60 + 120)
+    finally:
+        sim.stop()
+    wall = time.time() - began
+    busy1, total1 = cpu_times()
+    load1 = os.getloadavg()[0]
+    report_path = state_dir / "report.json"
+    if not report_path.exists():
+        raise RuntimeError(f"{label}: the fleet wrote no report (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    report = json.loads(report_path.read_text())
+    board = Blackboard(state_dir / "blackboard.lmdb", readonly=True)
+    try:
+        tokens = board.values("tokens", TokenRecord)
+        daemon = board.get("meta", "daemon", DaemonRecord)
+        jobs = board.values("jobs", JobRecord)
+        timeline = board.values("timeline", TimelineRecord)
+    finally:
+        board.close()
+    start = daemon.started
+    elapsed = float(report["elapsed_s"])
+    ttt = report["time_to_target_s"]
+    success_t = start + ttt if ttt else None
+    totals = ledger.totals(tokens)
+    running = sum(c["by_state_s"].get("running", 0.0) for c in report["cells"].values())
+    agent_running = sum(c["agent_share"] * c["by_state_s"].get("running", 0.0) for c in report["cells"].values())
+    # MRU once the first evaluation was asked for: the start-up (agents reading and writing the first
+    # policy, nothing to run yet) is left out. Reported beside MRU, never instead of it.
+    first_eval = min((j.submitted for j in jobs if j.kind == "agent"), default=None)
+    mru_after = None
+    if first_eval is not None:
+        end = start + elapsed
+        per_cell: dict[str, float] = {}
+        for rec in timeline:
+            for seg in rec.segments:
+                if seg.state == "running":
+                    per_cell[rec.cell_id] = per_cell.get(rec.cell_id, 0.0) + max(
+                        0.0, min(seg.end, end) - max(seg.start, first_eval))
+        window = max(1e-9, end - first_eval)
+        mru_after = round(sum(min(1.0, per_cell.get(c, 0.0) / window) for c in report["cells"]) /
+                          max(1, len(report["cells"])), 4)
+    result = {
+        "label": label, "cells": cells, "agents": cells, "pooled": pooled, "digest": digest,
+        "outcome": report["outcome"], "exit_code": proc.returncode,
+        "elapsed_s": elapsed,
+        "time_to_success_s": ttt,
+        "mru": report["mru"],
+        "mru_after_first_eval": mru_after,
+        "agent_share": round(agent_running / running, 4) if running else 0.0,
+        "cells_detail": report["cells"],
+        "episodes": report["episodes"], "episodes_by_kind": report["episodes_by_kind"],
+        "tokens": {"calls": totals.calls, "input": totals.input_tokens, "cached_input": totals.cached_input_tokens,
+                   "output": totals.output_tokens, "total": totals.total},
+        "mtu": round(ledger.mtu(tokens, elapsed), 1),
+        "tokens_to_success": ledger.tokens_to_success(tokens, success_t),
+        "tokens_per_call": round(totals.total / totals.calls, 1) if totals.calls else 0.0,
+        "champion": {k: report["champion"].get(k) for k in ("policy", "heldout_confirm", "heldout_judged")},
+        "model_sim": sim.summary(),
+        "cpu": {"busy_share": round((busy1 - busy0) / (total1 - total0), 3) if total1 > total0 else None,
+                "cores": os.cpu_count(), "loadavg_1min_at_end": round(load1, 2)},
+        "harness_wall_s": round(wall, 1),
+    }
+    return result
+
+
+def table(results: list[dict]) -> str:
+    head = (f"{'run':<14}{'cells':>6}{'MRU':>7}{'MRU*':>7}{'agent':>7}{'MTU/min':>10}{'tok-to-succ':>13}"
+            f"{'time-to-succ':>14}{'cpu':>6}  | paper: {'MRU':>5}{'MTU/min':>9}{'tok-to-succ':>12}{'time':>7}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        p = PAPER.get(r["cells"]) if r["pooled"] and r["digest"] else None
+        tts = f"{r['tokens_to_success'] / 1e6:.3f}M" if r["tokens_to_success"] is not None else "n/a"
+        ttt = f"{r['time_to_success_s']:.0f}s" if r["time_to_success_s"] else "n/a"
+        mru_after = f"{r['mru_after_first_eval']:.0%}" if r["mru_after_first_eval"] is not None else "n/a"
+        cpu = f"{r['cpu']['busy_share']:.0%}" if r["cpu"]["busy_share"] is not None else "n/a"
+        line = (f"{r['label']:<14}{r['cells']:>6}{r['mru']:>7.0%}{mru_after:>7}{r['agent_share']:>7.0%}"
+                f"{r['mtu']:>10,.0f}{tts:>13}{ttt:>14}{cpu:>6}  |")
+        if p:
+            line += f"        {p['mru']:>5.0%}{p['mtu']:>9,}{p['tokens_to_success'] / 1e6:>11.2f}M" \
+                    f"{p['time_to_success_s'] / 3600:>6.1f}h"
+        lines.append(line)
+    lines.append("MRU* = MRU from the first evaluation request on (start-up coding left out); "
+                 "agent = agent-requested share of running time; cpu = busy share of all cores during the run")
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> dict:
+    main = {r["cells"]: r for r in results if r["pooled"] and r["digest"]}
+    out: dict = {}
+    if main:
+        lo, hi = min(main), max(main)
+        a, b = main[lo], main[hi]
+        if a["tokens_to_success"] and b["tokens_to_success"]:
+            out[f"tokens_to_success_{hi}_over_{lo}"] = round(b["tokens_to_success"] / a["tokens_to_success"], 3)
+        if a["time_to_success_s"] and b["time_to_success_s"]:
+            out[f"speedup_time_to_success_{lo}_to_{hi}"] = round(a["time_to_success_s"] / b["time_to_success_s"], 3)
+        out["paper"] = {"tokens_to_success_8_over_1": round(16.84 / 2.50, 2), "speedup_1_to_8": round(4.5 / 2.0, 2)}
+        out["targets"] = {
+            "mru_ge_0.9_all_sizes": all(r["mru"] >= 0.9 for r in main.values()),
+            "agent_share_ge_0.7_all_sizes": all(r["agent_share"] >= 0.7 for r in main.values()),
+            "tokens_to_success_ratio_le_2": (out.get(f"tokens_to_success_{hi}_over_{lo}") or 1e9) <= 2.0,
+            "speedup_ge_3": (out.get(f"speedup_time_to_success_{lo}_to_{hi}") or 0.0) >= 3.0,
+        }
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in results]
+    x = range(len(results))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0][0]
+    ax.bar(x, [r["mru"] for r in results], color="#4c72b0", label="MRU")
+    ax.bar(x, [r["mru"] * r["agent_share"] for r in results], color="#55a868", label="of which agent-requested")
+    ax.scatter([i for i, r in enumerate(results) if r["cells"] in PAPER and r["pooled"] and r["digest"]],
+               [PAPER[r["cells"]]["mru"] for r in results if r["cells"] in PAPER and r["pooled"] and r["digest"]],
+               color="k", marker="x", zorder=3, label="paper")
+    ax.set_ylim(0, 1)
+    ax.set_title("MRU")
+    ax.legend(fontsize=8)
+    for ax, key, title, scale in (
+        (axes[0][1], "mtu", "MTU (tokens/min)", 1.0),
+        (axes[1][0], "tokens_to_success", "tokens to success (M)", 1e-6),
+        (axes[1][1], "time_to_success_s", "time to success (min)", 1 / 60),
+    ):
+        ax.bar(x, [(r[key] or 0) * scale for r in results], color="#4c72b0")
+        ax.set_title(title)
+    for row in axes:
+        for ax in row:
+            ax.set_xticks(list(x))
+            ax.set_xticklabels(labels, rotation=20, fontsize=8)
+    fig.suptitle("enpire fleet with a simulated hosted model (Push-T); x = paper's MRU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings: a few minutes")
+    p.add_argument("--sizes", help="fleet sizes, comma separated (default 1,4,8; quick 1,2)")
+    p.add_argument("--ablations", help="comma separated from unpooled,no_digest, or none (default both)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    p.add_argument("--control-hz", type=float)
+    p.add_argument("--target", type=float)
+    p.add_argument("--promote-seeds", type=int)
+    p.add_argument("--min-heldout", type=int)
+    p.add_argument("--budget-minutes", type=float)
+    p.add_argument("--population", type=int)
+    p.add_argument("--n-seeds", type=int)
+    p.add_argument("--validation-seeds", type=int)
+    p.add_argument("--overhead-s", type=float)
+    p.add_argument("--input-tok-s", type=float)
+    p.add_argument("--output-tok-s", type=float)
+    args = p.parse_args(argv)
+    full = dict(sizes="1,4,8", control_hz=50.0, target=0.9, promote_seeds=40, min_heldout=40, budget_minutes=8.0,
+                population=4, n_seeds=5, validation_seeds=10, overhead_s=0.8, input_tok_s=4000.0, output_tok_s=60.0)
+    # quick: the same pipeline with a fast model and few episodes (the model's timing rule is unchanged)
+    quick = dict(sizes="1,2", control_hz=200.0, target=0.8, promote_seeds=10, min_heldout=10, budget_minutes=2.5,
+                 population=2, n_seeds=3, validation_seeds=5, overhead_s=0.05, input_tok_s=40000.0,
+                 output_tok_s=2000.0)
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.ablations is None:
+        args.ablations = "unpooled,no_digest"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    plan = [(f"pooled-{n}", n, True, True) for n in sizes]
+    ablations = [a for a in args.ablations.split(",") if a and a != "none"]
+    for a in ablations:
+        if a not in ("unpooled", "no_digest"):
+            raise SystemExit(f"unknown ablation {a!r}")
+        plan.append((f"{a}-{max(sizes)}", max(sizes), a != "unpooled", a != "no_digest"))
+    settings = {k: getattr(args, k) for k in ("control_hz", "target", "promote_seeds", "min_heldout", "budget_minutes",
+                                              "population", "n_seeds", "validation_seeds", "overhead_s",
+                                              "input_tok_s", "output_tok_s")}
+    results: list[dict] = []
+    doc: dict = {}
+    for label, cells, pooled, digest in plan:
+        r = run_one(args, label, cells, pooled, digest, out)
+        print(f"{label}: {r['outcome']} in {r['elapsed_s']:.0f}s, MRU {r['mru']:.1%}, agent share "
+              f"{r['agent_share']:.1%}, tokens {r['tokens']['total']:,}, cpu {r['cpu']['busy_share']}", flush=True)
+        results.append(r)
+        doc = {  # written after every run, so a cut-short benchmark keeps what it measured
+            "benchmark": "mru_mtu", "quick": args.quick, "settings": settings, "complete": len(results) == len(plan),
+            "token_counting": "ceil(utf8 bytes / 4) of the request's messages+tools JSON and of the reply message JSON",
+            "model_timing": asdict(Timing(args.overhead_s, args.input_tok_s, args.output_tok_s)),
+            "runs": results, "ratios": ratios(results), "paper": {str(k): v for k, v in PAPER.items()},
+        }
+        (out / "mru_mtu.json").write_text(json.dumps(doc, indent=2))
+    plot(results, out / "mru_mtu.png")
+    print(table(results))
+    print(json.dumps(doc["ratios"], indent=2))
+    print(f"wrote {out / 'mru_mtu.json'} and {out / 'mru_mtu.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Training recipes: the trainer actor's entry point, meant to run in its own process.
+
+    python -m enpire.learning.recipes --recipe bc --task pusht --state-dir D --out O \
+        --time-budget-s S --max-rss-mb M [--option key=value ...]
+
+Reads the fleet's recorded episodes from the state dir (only successful ones unless
+`--option success_only=0`), trains, and writes `O/weights.npz` (plain arrays for `mlp_policy.py`) and
+`O/metrics.json`. On any failure it exits non-zero with one line on stderr saying why:
+no data, NaN loss, time budget, memory budget (RLIMIT_AS caps the address space; a MemoryError or a
+failed allocation ends as "memory budget exceeded").
+
+Options (all strings on the command line): max_episodes, success_only, hidden, layers, max_epochs,
+patience, lr, seed; for "rl" also rl_steps, alpha, online_episodes; inject_nan (tests only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RECIPES = ("bc", "rl")
+EXIT_FAILED = 2
+
+
+class RecipeError(RuntimeError):
+    """A failure that ends the recipe with a one-line reason."""
+
+
+@dataclass
+class TrainResult:
+    recipe: str
+    weights_path: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _opt(options: dict[str, str], key: str, kind, default):
+    if key not in options:
+        return default
+    try:
+        if kind is bool:
+            return options[key].strip().lower() not in ("0", "false", "no", "")
+        return kind(options[key])
+    except ValueError:
+        raise RecipeError(f"option {key}={options[key]!r} is not a valid {kind.__name__}") from None
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run_recipe(
+    name: str, state_dir: str | Path, out_dir: str | Path, budget: float, *, task: str = "pusht",
+    options: dict[str, str] | None = None, max_rss_mb: float | None = None,
+) -> TrainResult:
+    """Train recipe `name` on the state dir's episodes within `budget` seconds; write weights and metrics.
+    Raises RecipeError (or NoDataError / NaNLossError) with a one-line reason."""
+    import torch
+
+    from enpire.learning import bc
+    from enpire.learning.dataset import load_dataset
+
+    if name not in RECIPES:
+        raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    options = dict(options or {})
+    torch.set_num_threads(max(1, _opt(options, "threads", int, 1)))
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    ds = load_dataset(state_dir, task=task, success_only=_opt(options, "success_only", bool, True),
+                      max_episodes=_opt(options, "max_episodes", int, None))
+    load_s = time.monotonic() - t0
+    remaining = budget - load_s
+    if remaining <= 1.0:
+        raise RecipeError(f"time budget exceeded while loading data ({load_s:.0f} s of {budget:.0f} s)")
+
+    bc_share = remaining * (0.8 if name == "bc" else 0.4)
+    cfg = bc.BCConfig(
+        hidden=_opt(options, "hidden", int, 512), layers=_opt(options, "layers", int, 4),
+        max_epochs=_opt(options, "max_epochs", int, 60), patience=_opt(options, "patience", int, 15),
+        lr=_opt(options, "lr", float, 1e-3), seed=_opt(options, "seed", int, 0), time_budget_s=bc_share,
+        inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
+    )
+    model, metrics = bc.train_bc(ds, cfg)
+    if name == "rl":
+        from enpire.learning import rl
+
+        rl_cfg = rl.RLConfig(
+            steps=_opt(options, "rl_steps", int, 20000), alpha=_opt(options, "alpha", float, 2.5),
+            online_episodes=_opt(options, "online_episodes", int, 0), seed=cfg.seed,
+            time_budget_s=max(1.0, budget - (time.monotonic() - t0)) * 0.9,
+        )
+        model, rl_metrics = rl.train_td3bc(ds, rl_cfg, init=model)
+        metrics.update({f"rl_{k}": v for k, v in rl_metrics.items()})
+
+    weights = bc.export_numpy(model)
+    bad = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise bc.NaNLossError(f"non-finite exported weights: {', '.join(bad)}")
+    elapsed = time.monotonic() - t0
+    if elapsed > budget:
+        raise RecipeError(f"time budget exceeded ({elapsed:.0f} s > {budget:.0f} s)")
+    rss = _peak_rss_mb()
+    if max_rss_mb is not None and rss > max_rss_mb:
+        raise RecipeError(f"memory budget exceeded (peak RSS {rss:.0f} MiB > {max_rss_mb:.0f} MiB)")
+
+    metrics.update({"episodes": float(ds.n_episodes), "transitions": float(len(ds)),
+                    "skipped_files": float(len(ds.skipped)), "wall_s": elapsed, "peak_rss_mb": rss})
+    weights_path = out_dir / "weights.npz"
+    tmp = out_dir / "weights.tmp.npz"
+    np.savez(tmp, **weights)
+    tmp.replace(weights_path)
+    doc = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
+    doc["recipe"] = name
+    doc["skipped"] = ds.skipped[:20]
+    (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1))
+    return TrainResult(name, weights_path, metrics)
+
+
+def _limit_memory(max_rss_mb: float) -> None:
+    """Cap the address space. torch maps a lot of virtual memory up front, so the cap allows a fixed
+    headroom over the requested resident budget; the resident peak is also checked at the end."""
+    limit = int((max_rss_mb + 1024) * (1 << 20))
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m enpire.learning.recipes")
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--task", default="pusht")
+    ap.add_argument("--state-dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--time-budget-s", type=float, default=300.0)
+    ap.add_argument("--max-rss-mb", type=float, default=4096.0)
+    ap.add_argument("--option", action="append", default=[], help="key=value, repeatable")
+    args = ap.parse_args(argv)
+
+    def fail(msg: str) -> int:
+        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            return fail(f"--option {item!r} is not key=value")
+        options[key.strip()] = value.strip()
+    _limit_memory(args.max_rss_mb)
+    import signal
+
+    def on_alarm(signum, frame):
+        raise RecipeError(f"time budget exceeded ({args.time_budget_s:.0f} s)")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, args.time_budget_s + 5.0)  # hard stop a little after the soft one
+    try:
+        from enpire.learning.bc import NaNLossError
+        from enpire.learning.dataset import NoDataError
+
+        result = run_recipe(args.recipe, args.state_dir, args.out, args.time_budget_s, task=args.task,
+                            options=options, max_rss_mb=args.max_rss_mb)
+    except MemoryError:
+        return fail(f"memory budget exceeded (address space capped near {args.max_rss_mb:.0f} MiB + headroom)")
+    except NaNLossError as exc:
+        return fail(f"NaN loss: {exc}")
+    except NoDataError as exc:
+        return fail(f"no data: {exc}")
+    except RecipeError as exc:
+        return fail(str(exc))
+    except RuntimeError as exc:  # torch reports failed allocations as RuntimeError
+        if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
+            return fail(f"memory budget exceeded: {exc}")
+        return fail(f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any other crash still ends as one clear line
+        if "memory" in f"{type(exc).__name__} {exc}".lower():  # e.g. lmdb.MemoryError under RLIMIT_AS
+            return fail(f"memory budget exceeded: {exc}")
+        return fail(f"{type(exc).__name__}: {exc}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+    print(json.dumps({"ok": True, "weights": str(result.weights_path),
+                      **{k: round(v, 5) for k, v in result.metrics.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

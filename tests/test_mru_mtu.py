@@ -1,0 +1,56 @@
+"""bench/mru_mtu.py --quick end to end: the real fleet against the simulated model; the JSON is complete
+and internally consistent (MTU x minutes = tokens, utilizations in [0, 1], every cell accounted for)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # about 3 minutes of paced fleet runs; run with -m slow
+def test_quick_benchmark_json_is_complete_and_consistent(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "mru_mtu.py"), "--quick", "--sizes", "2", "--ablations", "unpooled",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "mru_mtu.json").read_text())
+    assert (out / "mru_mtu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "paper" in doc and "ratios" in doc and "settings" in doc and doc["quick"] is True
+    runs = {r["label"]: r for r in doc["runs"]}
+    assert set(runs) == {"pooled-2", "unpooled-2"}
+    for r in runs.values():
+        for key in ("mru", "mru_after_first_eval", "agent_share", "mtu", "tokens", "tokens_to_success",
+                    "time_to_success_s", "elapsed_s", "cells_detail", "cpu", "model_sim", "episodes_by_kind"):
+            assert key in r, (r["label"], key)
+        # every cell of the run is accounted for, with utilizations in [0, 1]
+        assert set(r["cells_detail"]) == {f"cell-{i}" for i in range(r["cells"])}
+        for u in [r["mru"], r["agent_share"], *(c["mru"] for c in r["cells_detail"].values()),
+                  *(c["agent_share"] for c in r["cells_detail"].values())]:
+            assert 0.0 <= u <= 1.0
+        if r["mru_after_first_eval"] is not None:
+            assert 0.0 <= r["mru_after_first_eval"] <= 1.0
+        assert abs(r["mru"] - sum(c["mru"] for c in r["cells_detail"].values()) / r["cells"]) < 1e-3
+        # MTU x minutes = tokens (MTU is rounded to 0.1 token/min)
+        t = r["tokens"]
+        assert t["total"] == t["input"] + t["output"] and 0 <= t["cached_input"] <= t["input"]
+        assert t["total"] > 0 and t["calls"] > 0
+        assert abs(r["mtu"] * r["elapsed_s"] / 60 - t["total"]) <= 0.1 * r["elapsed_s"] / 60 + 1 + 1e-3 * t["total"]
+        # the ledger holds what the simulated model reported (a reply cut off by the stop may be missing)
+        sim = r["model_sim"]
+        assert t["calls"] <= sim["calls"] and t["total"] <= sim["input_tokens"] + sim["output_tokens"]
+        if r["outcome"] == "target":
+            assert r["time_to_success_s"] is not None and 0 < r["time_to_success_s"] <= r["elapsed_s"] + 1
+            assert r["tokens_to_success"] is not None and 0 < r["tokens_to_success"] <= t["total"]
+        else:
+            assert r["time_to_success_s"] is None and r["tokens_to_success"] is None
+        assert r["cpu"]["busy_share"] is None or 0.0 <= r["cpu"]["busy_share"] <= 1.0
+    # unpooled: no background work at all
+    assert runs["unpooled-2"]["episodes_by_kind"].get("background", 0) == 0
+    assert not runs["unpooled-2"]["pooled"] and runs["pooled-2"]["pooled"]
