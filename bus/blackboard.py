@@ -58,6 +58,8 @@ class Txn:
         return self._txn.put(key.encode(), msgspec.msgpack.encode(record), db=self._db(table), overwrite=overwrite)
 
     def get(self, table: str, key: str, type_: type[T]) -> T | None:
+        if self._db(table) is None:
+            return None
         raw = self._txn.get(key.encode(), db=self._db(table))
         return None if raw is None else _decode(raw, type_, table, key)
 
@@ -65,6 +67,8 @@ class Txn:
         return self._txn.delete(key.encode(), db=self._db(table))
 
     def items(self, table: str, type_: type[T], prefix: str = "", start: str = "") -> Iterator[tuple[str, T]]:
+        if self._db(table) is None:
+            return
         cursor = self._txn.cursor(db=self._db(table))
         first = max(prefix, start)
         if not cursor.set_range(first.encode()):
@@ -76,9 +80,11 @@ class Txn:
             yield key, _decode(raw, type_, table, key)
 
     def count(self, table: str) -> int:
-        return self._txn.stat(self._db(table))["entries"]
+        return 0 if self._db(table) is None else self._txn.stat(self._db(table))["entries"]
 
     def counter(self, name: str) -> int:
+        if self._db("counters") is None:
+            return 0
         raw = self._txn.get(name.encode(), db=self._db("counters"))
         return 0 if raw is None else int(raw)
 
@@ -118,7 +124,13 @@ class Blackboard:
             create=not readonly,
         )
         # Named databases must be opened inside a write txn unless readonly.
-        self._dbs = {name: self._env.open_db(name.encode(), create=not readonly) for name in TABLES}
+        self._dbs = {name: self._open_table(name, readonly) for name in TABLES}
+
+    def _open_table(self, name: str, readonly: bool):
+        try:
+            return self._env.open_db(name.encode(), create=not readonly)
+        except lmdb.NotFoundError:  # a reader that came before the writer created the table: it is empty
+            return None
 
     @property
     def map_size(self) -> int:
