@@ -3,6 +3,9 @@
 Loop: ask the scheduler for a lease, reset the scene with the lease's seed, run the policy (in its
 sandbox process: observations in, actions out, every action checked), ask the verifier for the
 verdict on the trusted final state, report the episode. Per-step control never crosses the bus.
+The robot does not wait for the last verdict: the end state is captured, and the verifier is asked
+(and the report sent) in the background while the robot takes its next lease. Only a pass@k retry
+waits, since the policy must be told of the failure before it tries again.
 
 The cell records its own state changes (idle, resetting, running, verifying, faulted) as time
 segments and ships them with heartbeats and reports, so MRU is computed from what happened.
@@ -10,11 +13,14 @@ segments and ships them with heartbeats and reports, so MRU is computed from wha
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import trio
@@ -74,6 +80,13 @@ class Timeline:
     def acked(self, segments: list[Segment]) -> None:
         with self._lock:
             del self._closed[: len(segments)]
+
+
+class Unverified(NamedTuple):
+    """An episode whose last verdict is still to be asked for: the trusted end state, and how to finish."""
+
+    request: VerifyRequest
+    finish: Callable[[VerifyReply, float], EpisodeReport | None]  # (reply, seconds it took) -> report
 
 
 def _flagged_report(cell_id: str, lease: Lease, verdict: Verdict, reset_s: float, verify_s: float) -> EpisodeReport:
@@ -159,32 +172,45 @@ class Cell(Actor):
                     self.log.warning("lease_refused", reply=str(reply)[:200])
                     await trio.sleep(1.0)
                     continue
-                report = await trio.to_thread.run_sync(self._run_episode, reply, sandbox, client)
+                outcome = await trio.to_thread.run_sync(self._run_episode, reply, sandbox, client)
                 self.timeline.enter("idle")
                 await outbox.acquire()
-                nursery.start_soon(self._send_report, client, report, outbox)
+                nursery.start_soon(self._send_report, client, outcome, outbox)
 
-    async def _send_report(self, client: RequestClient, report: EpisodeReport, outbox: trio.Semaphore) -> None:
+    async def _send_report(self, client: RequestClient, outcome: EpisodeReport | Unverified,
+                           outbox: trio.Semaphore) -> None:
         try:
-            await client.request(report, timeout=10.0, retries=30)
+            if isinstance(outcome, Unverified):
+                t = time.perf_counter()
+                reply = await self._ask_verifier(client, outcome.request)
+                outcome = outcome.finish(reply, time.perf_counter() - t)
+            await client.request(outcome, timeout=10.0, retries=30)
             self.episodes += 1
         finally:
             outbox.release()
 
     # ------------------------------------------------------------------ one episode (worker thread)
 
-    def _verify(self, client: RequestClient, lease: Lease, reset_state=None) -> VerifyReply:
-        frame = self.driver.frame() if lease.verifier == "vision" else None
-        request = VerifyRequest(
-            episode_id=lease.episode_id, task=lease.task, state=self.driver.trusted_state(),
-            frame=Array.of(frame) if frame is not None else None, reset_state=reset_state,
-        )
-        reply = trio.from_thread.run(lambda: client.request(request, timeout=10.0, retries=10))
+    async def _ask_verifier(self, client: RequestClient, request: VerifyRequest) -> VerifyReply:
+        reply = await client.request(request, timeout=10.0, retries=10)
         if not isinstance(reply, VerifyReply):
             raise RuntimeError(f"verifier failed: {reply}")
         return reply
 
-    def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport:
+    def _verify_request(self, lease: Lease, reset_state=None) -> VerifyRequest:
+        """The trusted end state (and camera frame for a vision verifier), read before the next reset."""
+        frame = self.driver.frame() if lease.verifier == "vision" else None
+        return VerifyRequest(
+            episode_id=lease.episode_id, task=lease.task, state=self.driver.trusted_state(),
+            frame=Array.of(frame) if frame is not None else None, reset_state=reset_state,
+        )
+
+    def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
+        """Reset, run up to `lease.attempts` attempts, and return the report.
+
+        Only a retry needs a verdict before the robot can go on; the last attempt's verdict is asked for
+        after the robot has moved on to its next lease (`Unverified`), off the robot's time.
+        """
         t0 = time.perf_counter()
         self.timeline.enter("resetting", lease.kind)
         obs = self.driver.reset(lease.seed)
@@ -199,47 +225,67 @@ class Cell(Actor):
         observations, actions, rewards = [obs], [], []
         attempts: list[Attempt] = []
         run_s = 0.0
-        error = ""
-        try:
-            sandbox.load(lease.policy.files, lease.policy.spec.params)
-        except PolicyError as e:
-            error = f"policy_error: {e}"
-        for k in range(lease.attempts):
-            if error:
-                break
-            self.timeline.enter("running", lease.kind)
-            t2 = time.perf_counter()
-            if k > 0:
-                last = attempts[-1].verdict
-                sandbox.notify_failure({"attempt": k, "reason": last.reason, "score": last.score})
-            steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards)
-            run_s += time.perf_counter() - t2
-            self.timeline.enter("verifying", lease.kind)
-            t3 = time.perf_counter()
-            reply = self._verify(client, lease, reset_state if k == 0 else None)
-            verify_s += time.perf_counter() - t3
+
+        def report(verify_total: float) -> EpisodeReport:
+            trajectory = Trajectory(
+                observations=Array.of(np.asarray(observations, dtype=np.float32)),
+                actions=Array.of(np.asarray(actions, dtype=np.float32).reshape(-1, limits.dim)),
+                rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
+            )
+            return EpisodeReport(
+                cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id,
+                verdict=attempts[0].verdict, attempts=attempts, steps=sum(a.steps for a in attempts),
+                reset_s=reset_s, run_s=run_s, verify_s=verify_total, trajectory=trajectory,
+            )
+
+        def judged(reply: VerifyReply, secs: float, *, error: str, steps: int, spent: float,
+                   final: bool) -> EpisodeReport | None:
+            """Record an attempt's verdict; the report when the episode ends with it (None: retry)."""
+            verify_total = spent + secs
             if reply.at_reset is not None and reply.at_reset.success:
                 # Already solved at reset: the seed says nothing about the policy; the scheduler replaces it.
-                return _flagged_report(self.cell_id, lease, reply.at_reset, reset_s, verify_s)
+                return _flagged_report(self.cell_id, lease, reply.at_reset, reset_s, verify_total)
             verdict = reply.verdict
             if error:  # a violation or policy fault ends the episode whatever the scene looks like
                 verdict = Verdict(success=False, score=verdict.score, reason=error, verifier=verdict.verifier)
             attempts.append(Attempt(verdict=verdict, steps=steps))
-            if verdict.success:
-                break
-        if not attempts:
-            attempts.append(Attempt(Verdict(False, 0.0, error, "cell"), 0))
+            return report(verify_total) if final or verdict.success or error else None
+
+        try:
+            sandbox.load(lease.policy.files, lease.policy.spec.params)
+        except PolicyError as e:
+            attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
+            self.timeline.enter("idle")
+            return report(0.0)
+        for k in range(lease.attempts):
+            self.timeline.enter("running", lease.kind)
+            t2 = time.perf_counter()
+            if k > 0:
+                last = attempts[-1].verdict
+                try:
+                    sandbox.notify_failure({"attempt": k, "reason": last.reason, "score": last.score})
+                except PolicyError as e:
+                    attempts.append(Attempt(Verdict(False, last.score, f"policy_error: {e}", "cell"), 0))
+                    break
+            steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards)
+            run_s += time.perf_counter() - t2
+            request = self._verify_request(lease, reset_state if k == 0 else None)
+            final = bool(error) or k == lease.attempts - 1
+            finish = functools.partial(judged, error=error, steps=steps, spent=verify_s, final=final)
+            if final:
+                self.timeline.enter("idle")
+                return Unverified(request, finish)
+            self.timeline.enter("verifying", lease.kind)
+            t3 = time.perf_counter()
+            reply = trio.from_thread.run(self._ask_verifier, client, request)
+            secs = time.perf_counter() - t3
+            verify_s += secs
+            done = finish(reply, secs)
+            if done is not None:
+                self.timeline.enter("idle")
+                return done
         self.timeline.enter("idle")
-        trajectory = Trajectory(
-            observations=Array.of(np.asarray(observations, dtype=np.float32)),
-            actions=Array.of(np.asarray(actions, dtype=np.float32).reshape(-1, limits.dim)),
-            rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
-        )
-        return EpisodeReport(
-            cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=attempts[0].verdict,
-            attempts=attempts, steps=sum(a.steps for a in attempts), reset_s=reset_s, run_s=run_s,
-            verify_s=verify_s, trajectory=trajectory,
-        )
+        return report(verify_s)
 
     def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards) -> tuple[int, str, np.ndarray]:
         """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs)."""

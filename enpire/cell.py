@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
     p.add_argument("--memory-mb", type=int, default=1024, help="address space of the sandbox process")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
+    p.add_argument("--cpu", type=int, help="run this cell and its policy sandbox on this CPU only")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
     return p.parse_args(argv)
 
@@ -77,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     # Take the secret out of the environment so no child process (the policy sandbox) can inherit it.
     secret = os.environ.pop(args.secret_env, "").encode() or None
     log.configure(args.state_dir, f"cell:{args.cell_id}", console=args.state_dir is None)
+    if args.cpu is not None:
+        # Before any thread starts: threads and the sandbox process inherit the mask.
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+        except (OSError, ValueError) as e:
+            print(f"enpire.cell: --cpu {args.cpu}: {e}", file=sys.stderr)
+            return 2
     try:
         trio.run(run, args, secret)
     except AuthError as e:

@@ -64,6 +64,9 @@ class CellsConfig(Strict):
     count: NonNegInt = 2
     task: str = "pusht"
     real: bool = False
+    # Each local cell and its policy sandbox share one CPU (cell i on CPU i mod n): every control step
+    # hands off between the two processes, and a hand-off on one core skips a cross-core wake-up.
+    pin_cpus: bool = True
 
 
 class AgentsConfig(Strict):

@@ -139,6 +139,9 @@ async def _cell_process(
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
         "--secret-env", LOCAL_SECRET_ENV,
     ]
+    if config.cells.pin_cpus:
+        cpus = sorted(os.sched_getaffinity(0))
+        command += ["--cpu", str(cpus[index % len(cpus)])]
     env = {k: v for k, v in os.environ.items() if k != config.bus.secret_env}
     env[LOCAL_SECRET_ENV] = secret.hex()
     failures = 0

@@ -34,22 +34,27 @@ def _check(action: object, previous: np.ndarray | None, limits: ActionLimits) ->
         return f"safety_violation: action dtype {raw.dtype} is not real-valued"
     if raw.shape != (limits.dim,):
         return f"safety_violation: action shape {raw.shape} != ({limits.dim},)"
-    a = raw.astype(np.float64)
+    a = raw if raw.dtype == np.float64 else raw.astype(np.float64)
+    low, high = np.asarray(limits.low, dtype=np.float64), np.asarray(limits.high, dtype=np.float64)
+    prev = None
+    if previous is not None and limits.max_delta is not None:
+        prev = np.asarray(previous, dtype=np.float64)
+        if prev.shape != a.shape:
+            prev = None
+    # Every step passes through here: one cheap test for the common case (all checks pass; NaN fails
+    # every comparison; an infinite bound would let inf through, hence the finiteness test), and the
+    # reason is worked out only for an action that fails.
+    if np.isfinite(a).all() and (a >= low).all() and (a <= high).all() and (prev is None or abs(a - prev).max() <= limits.max_delta):
+        return None
     bad = np.flatnonzero(~np.isfinite(a))
     if bad.size:
         return f"safety_violation: action non-finite at index {int(bad[0])}"
-    low = np.broadcast_to(np.asarray(limits.low, dtype=np.float64), a.shape)
-    high = np.broadcast_to(np.asarray(limits.high, dtype=np.float64), a.shape)
+    low, high = np.broadcast_to(low, a.shape), np.broadcast_to(high, a.shape)
     out = np.flatnonzero((a < low) | (a > high))
     if out.size:
         i = int(out[0])
         return (
             f"safety_violation: action out of bounds: a[{i}]={a[i]:.4g} not in [{low[i]:.4g}, {high[i]:.4g}]"
         )
-    if previous is not None and limits.max_delta is not None:
-        prev = np.asarray(previous, dtype=np.float64)
-        if prev.shape == a.shape:
-            delta = float(np.max(np.abs(a - prev)))
-            if delta > limits.max_delta:
-                return f"safety_violation: step change {delta:.4g} > {limits.max_delta:g}"
-    return None
+    delta = float(abs(a - prev).max())
+    return f"safety_violation: step change {delta:.4g} > {limits.max_delta:g}"

@@ -295,6 +295,9 @@ def test_check_action_reasons() -> None:
     assert check_action(np.array([10.0, 20.0], dtype=np.float32), np.array([0.0, 0.0]), lim) is None
     assert check_action([1, 2, 3], None, lim) == "safety_violation: action shape (3,) != (2,)"
     assert "non-finite" in (check_action([np.inf, 0], None, lim) or "")
+    unbounded = ActionLimits(dim=2, low=-np.inf, high=np.inf)  # no bound may let inf or NaN through
+    assert "non-finite" in (check_action([np.inf, 0], None, unbounded) or "")
+    assert "non-finite" in (check_action([0, np.nan], None, unbounded) or "")
     assert "out of bounds" in (check_action([-1, 0], None, lim) or "")
     assert check_action([250, 0], np.array([106.8, 0.0]), lim) == "safety_violation: step change 143.2 > 100"
     assert "not real-valued" in (check_action("ab", None, lim) or "")
