@@ -166,7 +166,8 @@ class PolicySandbox:
 
     def act(self, obs: np.ndarray) -> ActResult:
         t0 = time.monotonic()
-        if not self._alive():
+        # No waitpid here (this runs every control step): a child that died shows as EOF on its pipe.
+        if self._proc is None:
             return ActResult(error="policy_crashed (not running)")
         arr = np.asarray(obs)
         self._seq = seq = self._seq + 1
@@ -177,7 +178,7 @@ class PolicySandbox:
             else:
                 arr = np.ascontiguousarray(arr)
                 self._send(proto.Act(seq, arr.dtype.str, list(arr.shape), arr.tobytes()), deadline)
-            reply = self._recv(seq, deadline)
+            reply = self._recv(seq, deadline, sent=True)
             if reply is None:
                 self._missed += 1
                 if self._missed >= self.limits.max_missed_deadlines:
@@ -377,9 +378,10 @@ class PolicySandbox:
             if remaining <= 0 or not self._poll_out.poll(math.ceil(remaining * 1000)):
                 raise _Terminal("policy_timeout: not reading its input")
 
-    def _recv(self, seq: int, deadline: float) -> proto.Reply | np.ndarray | None:
+    def _recv(self, seq: int, deadline: float, sent: bool = False) -> proto.Reply | np.ndarray | None:
         """The reply for `seq` (an action frame decodes to an array), skipping late replies to earlier
-        requests; None at the deadline."""
+        requests; None at the deadline. `sent`: the request just went out, so the first read can wait
+        at once instead of trying (and failing) a non-blocking read."""
         assert self._waiter is not None
         while True:
             body = self._pop_frame()
@@ -397,7 +399,8 @@ class PolicySandbox:
                 if reply_seq > seq:
                     raise _Terminal(f"protocol_error: reply for request {reply_seq} not yet sent")
                 continue  # a late answer to a step we already gave up on
-            chunk = self._waiter.read(proto.want(self._inbuf), deadline)
+            chunk = self._waiter.read(proto.want(self._inbuf), deadline, try_first=not sent)
+            sent = False
             if chunk is None:
                 return None
             if not chunk:

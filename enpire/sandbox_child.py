@@ -146,16 +146,18 @@ class Waiter:
         self.poll = select.poll()
         self.poll.register(fd, select.POLLIN)
 
-    def read(self, size: int, deadline: float | None) -> bytes | None:
-        """Up to `size` bytes (b"" at EOF), or None when `deadline` (monotonic) passed first."""
+    def read(self, size: int, deadline: float | None, try_first: bool = True) -> bytes | None:
+        """Up to `size` bytes (b"" at EOF), or None when `deadline` (monotonic) passed first.
+        `try_first=False` skips the opening non-blocking read when the caller knows nothing is there yet."""
         fd, clock, read = self.fd, time.monotonic, os.read
         t0 = clock()
-        try:
-            chunk = read(fd, size)
-            self.avg *= 0.9
-            return chunk
-        except BlockingIOError:
-            pass
+        if try_first:
+            try:
+                chunk = read(fd, size)
+                self.avg *= 0.9
+                return chunk
+            except BlockingIOError:
+                pass
         spin_s = self.spin_s
         if spin_s and self.avg < spin_s:
             end = t0 + spin_s if deadline is None else min(t0 + spin_s, deadline)
@@ -499,8 +501,8 @@ class _Channel:
         self.waiter = Waiter(rfd, 0.0)
 
     def _fill(self, block: bool) -> bool:
-        if block:
-            chunk = self.waiter.read(want(self.buf), None)
+        if block:  # called when nothing complete is buffered, so a read would mostly find the pipe empty
+            chunk = self.waiter.read(want(self.buf), None, try_first=False)
         else:
             try:
                 chunk = os.read(self.rfd, want(self.buf))
