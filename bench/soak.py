@@ -25,8 +25,9 @@ episodes recorded while its agent was paused. At the end the state is audited: e
 ever leased has exactly one recorded result (or its job is still open and will run on resume), no
 episode is counted twice, every finding and token record ever seen is still there, every agent has
 token records and none more than the calls the simulator answered, rate limits were waited out,
-the key appears in no file of the run, the champion's tallies match the episodes behind them, and
-the fleet made progress. Prints one JSON object; exits 1 when the audit fails.
+the key appears in no file of the run nor in any policy sandbox's environment, the champion's
+tallies match the episodes behind them, and the fleet made progress. Prints one JSON object; exits 1
+when the audit fails.
 """
 
 from __future__ import annotations
