@@ -36,6 +36,9 @@ Cached input imitates automatic prefix caching: the byte prefix the request shar
 agent's previous request (tools first, then messages), counted in tokens, rounded down to a multiple
 of 128 and only when it is at least 1024 tokens (OpenAI's published rule). Cached tokens are part of
 `prompt_tokens`, as on the real API.
+
+Faults. Set `sim.faults = Faults(...)` and arm provider failures (429, 500, timeout, malformed
+bodies) that answer the next requests in place of the model; `bench/soak.py` does so at random times.
 """
 
 from __future__ import annotations
@@ -308,6 +311,8 @@ class CallLog:
 class ModelSimulator:
     """The HTTP server (a thread per request) around `Policy`; `start()` returns the base_url."""
 
+    faults: Faults | None = None  # set to inject provider failures (see `Faults`)
+
     def __init__(self, timing: Timing | None = None, search: SearchConfig | None = None, model: str = "sim-model"):
         self.timing = timing or Timing()
         self.policy = Policy(search or SearchConfig())
@@ -332,6 +337,9 @@ class ModelSimulator:
                 raw = self.rfile.read(length)
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                fault = sim.faults.take(raw) if sim.faults is not None else None
+                if fault is not None:
+                    return self._fault(*sim.faults.reply(fault, self.headers.get("Authorization", "")))
                 try:
                     body = json.loads(raw)
                     status, reply = sim.handle(body)
@@ -339,6 +347,23 @@ class ModelSimulator:
                     status, reply = 400, {"error": {"message": f"{type(e).__name__}: {e}",
                                                     "type": "invalid_request_error"}}
                 self._send(status, reply)
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except ConnectionError:  # the client went away (a killed daemon, a timeout): nobody to answer
+                    pass
+
+            def _fault(self, status: int, data: bytes, headers: dict[str, str], hold_s: float) -> None:
+                time.sleep(hold_s)
+                if not status:  # a timeout: the client has given up by now; drop the connection unanswered
+                    self.close_connection = True
+                    return
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
 
             def _send(self, status: int, obj: dict) -> None:
                 data = json.dumps(obj).encode()
@@ -411,6 +436,82 @@ class ModelSimulator:
                               "max_input_tokens": max(c.input_tokens for c in calls if c.agent == a)}
                           for a in agents},
         }
+
+
+FAULT_KINDS = ("rate_limit", "server_error", "timeout", "bad_json", "not_completion")
+
+
+@dataclass
+class Fault:
+    """One armed provider failure; the simulator notes when it fired and on which agent's request."""
+
+    kind: str  # one of FAULT_KINDS
+    agent: str = ""  # only this agent's requests meet it; "" = the next request of any agent
+    fired_at: float | None = None
+    fired_on: str = ""
+
+
+class Faults:
+    """Provider failures armed from outside (e.g. `bench/soak.py`), each answering one request in place
+    of the model, in the order armed:
+
+    - ``rate_limit``: 429 with a ``retry-after`` header of `retry_after_s`;
+    - ``server_error``: 500 whose message echoes the request's Authorization header (as careless
+      gateways do), so any unscrubbed path would leak the key;
+    - ``timeout``: holds the request `hold_s` (set it past the client's timeout), then drops it;
+    - ``bad_json``: 200 with a completion cut off mid-body;
+    - ``not_completion``: 200 with valid JSON that is no completion (an inference server's error object).
+
+    The model never sees a faulted request, so the agent's retry gets the decision it would have got."""
+
+    def __init__(self, hold_s: float, retry_after_s: float = 1.0):
+        self.hold_s = hold_s
+        self.retry_after_s = retry_after_s
+        self._armed: list[Fault] = []
+        self._lock = threading.Lock()
+
+    def arm(self, kind: str, agent: str = "") -> Fault:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r} (kinds: {', '.join(FAULT_KINDS)})")
+        fault = Fault(kind, agent)
+        with self._lock:
+            self._armed.append(fault)
+        return fault
+
+    def disarm(self) -> list[Fault]:
+        """Drop the faults that have not fired yet and return them."""
+        with self._lock:
+            left, self._armed = self._armed, []
+        return left
+
+    def take(self, raw: bytes) -> Fault | None:
+        """The first armed fault meant for the agent that sent this request body, now fired."""
+        try:
+            agent = str(json.loads(raw).get("user") or "agent-0")
+        except (ValueError, AttributeError):
+            return None  # not a request the model would answer either
+        with self._lock:
+            for i, fault in enumerate(self._armed):
+                if fault.agent in ("", agent):
+                    del self._armed[i]
+                    fault.fired_at, fault.fired_on = time.time(), agent
+                    return fault
+        return None
+
+    def reply(self, fault: Fault, authorization: str) -> tuple[int, bytes, dict[str, str], float]:
+        """(status, body, extra headers, seconds to hold); status 0 = drop the connection unanswered."""
+        if fault.kind == "rate_limit":
+            error = {"message": "Rate limit reached for requests", "type": "requests", "code": "rate_limit_exceeded"}
+            return 429, json.dumps({"error": error}).encode(), {"retry-after": f"{self.retry_after_s:g}"}, 0.0
+        if fault.kind == "server_error":
+            error = {"message": f"upstream failed for request with Authorization: {authorization}",
+                     "type": "server_error", "code": None}
+            return 500, json.dumps({"error": error}).encode(), {}, 0.0
+        if fault.kind == "timeout":
+            return 0, b"", {}, self.hold_s
+        if fault.kind == "bad_json":
+            return 200, b'{"id": "chatcmpl-cut", "object": "chat.completion", "choices": [{"index": 0, "mess', {}, 0.0
+        return 200, json.dumps({"object": "error", "message": "model overloaded, try again", "code": 503}).encode(), {}, 0.0
 
 
 if __name__ == "__main__":  # serve on its own, e.g. to point a hand-started fleet at it

@@ -1,16 +1,33 @@
 """Soak test with fault injection: run the real fleet for N minutes while breaking it, then audit it.
 
-    python bench/soak.py [--minutes 30] [--ci] [--cells 3] [--seed 0] [--state-dir DIR]
+    python bench/soak.py [--minutes 30] [--ci] [--cells 3] [--agents 2] [--seed 0] [--state-dir DIR]
 
-Faults, drawn at random every few seconds: SIGKILL of a cell, SIGSTOP of a cell for longer than its
-lease, SIGKILL of the daemon followed by a restart on the same state directory, garbage and truncated
-frames (and well-formed frames without the fleet's key) sent to every bus endpoint. The blackboard
-starts with a 1 MiB map so it must grow several times while the fleet writes.
+The agents are model-driven: the `openai` backend (official SDK) configured through enpire.toml as a
+user would (`base_url`, `api_key_env`, `request_timeout_s`, `max_failures`, `pause_s`), pointed at
+`bench/model_sim.py` served from this process on 127.0.0.1, so it outlives every daemon kill. The key
+is a fake one made per run and passed only in the daemon's environment. The simulator answers fast
+(0.05 s per reply, 200k input and 5k output tokens/s): the soak is about faults, not latency.
+Episodes are cut to 100 steps, where the heuristic policy succeeds about half the time: the champion
+stays short of the target (1.0), so the agents never idle and keep calling the model.
 
-At the end the state is audited: every episode id ever leased has exactly one recorded result (or
-its job is still open and will run on resume), no episode is counted twice, every finding and token
-record ever seen is still there, the champion's tallies match the episodes behind them, and the
-fleet made progress. Prints one JSON object; exits 1 when the audit fails.
+Faults, drawn every few seconds from a shuffled bag of every kind (each kind once per round):
+SIGKILL of a cell, SIGSTOP of a cell for longer than its lease, SIGKILL of the daemon followed by a
+restart on the same state directory, garbage and truncated frames (and well-formed frames without the
+fleet's key) sent to every bus endpoint, and model backend errors met by the next model request: 429
+with retry-after, 500 echoing the Authorization header, a timeout (held past the client's timeout),
+a completion cut off mid-JSON, valid JSON that is no completion, and an outage (`max_failures` errors
+in a row to one agent, which must pause that agent and not the fleet). The blackboard starts with a
+1 MiB map so it must grow several times while the fleet writes.
+
+A fault is survived when the fleet records new episodes afterwards; a model fault also needs the
+agent it hit to get a later answer onto the token ledger (within 2 minutes), and an outage needs
+episodes recorded while its agent was paused. At the end the state is audited: every episode id
+ever leased has exactly one recorded result (or its job is still open and will run on resume), no
+episode is counted twice, every finding and token record ever seen is still there, every agent has
+token records and none more than the calls the simulator answered, rate limits were waited out,
+the key appears in no file of the run nor in any policy sandbox's environment, the champion's
+tallies match the episodes behind them, and the fleet made progress. Prints one JSON object; exits 1
+when the audit fails.
 """
 
 from __future__ import annotations
@@ -19,23 +36,32 @@ import argparse
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pynng  # noqa: E402
+from model_sim import FAULT_KINDS, Fault, Faults, ModelSimulator, SearchConfig, Timing  # noqa: E402 (bench/)
 
 from bus import messages as m  # noqa: E402
 from bus.blackboard import Blackboard  # noqa: E402
-from bus.records import CellRecord, Champion, EpisodeRecord, Finding, JobRecord, LeaseRecord  # noqa: E402
+from bus.records import CellRecord, Champion, EpisodeRecord, Finding, JobRecord, LeaseRecord, TokenRecord  # noqa: E402
 from bus.transport import ipc_url  # noqa: E402
+
+KEY_ENV = "ENPIRE_SOAK_OPENAI_KEY"
+FAST = Timing(overhead_s=0.05, input_tok_s=200_000.0, output_tok_s=5_000.0)
+CLIENT = {"request_timeout_s": 5.0, "max_failures": 3, "pause_s": 10.0}  # [agents] keys of the backend
+RETRY_AFTER_S = 2.0
+KINDS = ["kill_cell", "stop_cell", "kill_daemon", "garbage", *(f"model_{k}" for k in FAULT_KINDS), "model_outage"]
 
 CONFIG = """
 [fleet]
@@ -47,13 +73,20 @@ progress_s = 5.0
 [cells]
 count = {cells}
 [agents]
-population = 6
-seeds_per_candidate = 4
+count = {agents}
+backend = "openai"
+model = "sim-model"
+base_url = "{base_url}"
+api_key_env = "{key_env}"
+request_timeout_s = {request_timeout_s}
+max_failures = {max_failures}
+pause_s = {pause_s}
 [scheduler]
 promote_seeds = 30
 lease_s = {lease_s}
 heartbeat_s = 0.5
 [tasks.pusht]
+horizon = 100  # about half the episodes succeed: the champion stays below the target, the agents keep working
 heldout_seeds = {{ start = 1000000, count = 1000000 }}
 """
 
@@ -61,15 +94,18 @@ heldout_seeds = {{ start = 1000000, count = 1000000 }}
 class Fleet:
     """The daemon process under test."""
 
-    def __init__(self, state: Path, config: Path):
+    def __init__(self, state: Path, config: Path, key: str):
         self.state, self.config = state, config
+        self.env = {**os.environ, KEY_ENV: key}  # the model key exists only here, as a user would export it
+        self.output = state.parent / "daemon.out"  # scanned for the key at the end
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "enpire.fleet", "--config", str(self.config), "--state-dir", str(self.state),
-             "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with self.output.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "enpire.fleet", "--config", str(self.config), "--state-dir", str(self.state),
+                 "--quiet"], cwd=ROOT, env=self.env, stdout=out, stderr=out)
         self.starts += 1
 
     def board(self) -> Blackboard | None:
@@ -82,6 +118,18 @@ class Fleet:
             return 0
         try:
             return board.counter(name)
+        finally:
+            board.close()
+
+    def answered_after(self, agent: str, t: float) -> bool:
+        """The agent got a model answer after time t and the ledger recorded it."""
+        board = self.board()
+        if board is None:
+            return False
+        try:
+            count = board.count("tokens")
+            tail = board.items("tokens", TokenRecord, start=f"{max(0, count - 20):012d}")
+            return any(r.agent == agent and r.t > t for _, r in tail)
         finally:
             board.close()
 
@@ -139,6 +187,61 @@ def _wait_progress(fleet: Fleet, before: int, timeout: float) -> bool:
     return False
 
 
+def _wait(predicate, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _model_fault(fleet: Fleet, faults: Faults, armed: list[Fault], timeout: float = 120.0) -> bool:
+    """Wait for armed faults to fire and for their agent to be answered again; an outage (several in a
+    row) also needs episodes recorded while its agent was paused."""
+    if not _wait(lambda: all(f.fired_at for f in armed), timeout):
+        faults.disarm()
+        return False  # no model request for two minutes: the agents are stuck
+    last = max(f.fired_at for f in armed)
+    during = fleet.counter("episodes")
+    if not _wait(lambda: fleet.answered_after(armed[-1].fired_on, last), timeout):
+        return False
+    return len(armed) == 1 or fleet.counter("episodes") > during
+
+
+def _retry_after_honoured(sim: ModelSimulator, fired: list[Fault], retry_after_s: float) -> bool:
+    """After a 429 the same agent's next request came no sooner than retry-after said."""
+    requests = [(c.agent, c.t) for c in sim.calls] + [(f.fired_on, f.fired_at) for f in fired]
+    for f in fired:
+        if f.kind == "rate_limit":
+            later = [t for agent, t in requests if agent == f.fired_on and t > f.fired_at]
+            if later and min(later) - f.fired_at < retry_after_s - 0.05:
+                return False
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes, whichever of its threads started them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _holds(pid: int, secret: bytes) -> bool:
+    try:
+        return secret in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+def _files_with(paths, secret: bytes) -> list[str]:
+    return [str(p) for p in paths if p.is_file() and secret in p.read_bytes()]
+
+
 def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
     board = Blackboard(state / "blackboard.lmdb", readonly=True)
     try:
@@ -162,7 +265,8 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
         finding_keys = [k for k, _ in board.items("findings", Finding)]
         findings_ok = finding_keys == [f"{i:012d}" for i in range(1, len(finding_keys) + 1)] and len(
             finding_keys) >= seen_findings
-        tokens_ok = board.count("tokens") >= seen_tokens
+        tokens = board.values("tokens", TokenRecord)
+        tokens_ok = len(tokens) >= seen_tokens
         champion = board.get("champion", "pusht", Champion)
         champion_ok, champion_detail = True, "no champion"
         if champion is not None:
@@ -179,6 +283,7 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
             "episodes_recorded": len(episodes), "episodes_leased": len(leased), "episodes_open": open_,
             "episodes_lost": len(lost), "lost_ids": lost[:10], "duplicates": duplicates,
             "findings": len(finding_keys), "findings_intact": findings_ok, "tokens_intact": tokens_ok,
+            "token_records": dict(sorted(Counter(r.agent for r in tokens).items())),
             "champion_consistent": champion_ok, "champion": champion_detail,
             "blackboard_file_mb": round((state / "blackboard.lmdb" / "data.mdb").stat().st_size / 2**20, 2),
             "blackboard_grown": (state / "logs" / "fleet.jsonl").read_text().count('"blackboard_grown"'),
@@ -192,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--ci", action="store_true", help="2-minute mode")
     p.add_argument("--cells", type=int, default=3)
+    p.add_argument("--agents", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state-dir", type=Path)
     args = p.parse_args(argv)
@@ -202,13 +308,20 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory()
         args.state_dir = Path(tmp.name) / "state"
     lease_s = 4.0
+    sim = ModelSimulator(FAST, SearchConfig(population=4, n_seeds=4, validation_seeds=8, target=0.5))
+    sim.faults = faults = Faults(hold_s=CLIENT["request_timeout_s"] + 2.0, retry_after_s=RETRY_AFTER_S)
+    key = "sk-soak-" + secrets.token_hex(16)  # fake, new every run: found anywhere in the run's files = a leak
     config = args.state_dir.parent / "soak.toml"
     args.state_dir.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(CONFIG.format(cells=args.cells, lease_s=lease_s))
-    fleet = Fleet(args.state_dir, config)
+    config.write_text(CONFIG.format(cells=args.cells, agents=args.agents, lease_s=lease_s, base_url=sim.start(),
+                                    key_env=KEY_ENV, **CLIENT))
+    fleet = Fleet(args.state_dir, config, key)
     fleet.start()
     injected, survived = Counter(), Counter()
+    fired: list[Fault] = []
+    bag: list[str] = []
     rss = {"daemon_mb": 0.0, "cell_mb": 0.0}
+    sandboxes = [0, 0]  # policy processes seen, of which holding the key
     seen_findings = seen_tokens = 0
     started = time.time()
     deadline = started + minutes * 60
@@ -218,14 +331,20 @@ def main(argv: list[str] | None = None) -> int:
         rss["daemon_mb"] = max(rss["daemon_mb"], _rss_mb(fleet.proc.pid))
         for pid in fleet.cell_pids():
             rss["cell_mb"] = max(rss["cell_mb"], _rss_mb(pid))
+            policies = _children(pid)  # agent-written code in its sandbox: it must never see the key
+            sandboxes[0] += len(policies)
+            sandboxes[1] += sum(_holds(child, key.encode()) for child in policies)
         board = fleet.board()
         seen_findings, seen_tokens = max(seen_findings, board.count("findings")), max(seen_tokens, board.count("tokens"))
         board.close()
         before = fleet.counter("episodes")
-        kind = rng.choice(["kill_cell", "stop_cell", "kill_daemon", "garbage"])
+        if not bag:  # every kind once per round, in random order
+            bag = rng.sample(KINDS, len(KINDS))
+        kind = bag.pop()
         pids = fleet.cell_pids()
         if kind in ("kill_cell", "stop_cell") and not pids:
             kind = "garbage"
+        armed: list[Fault] = []
         if kind == "kill_cell":
             os.kill(rng.choice(pids), signal.SIGKILL)
         elif kind == "stop_cell":
@@ -238,10 +357,17 @@ def main(argv: list[str] | None = None) -> int:
             fleet.proc.wait()
             time.sleep(1.0)
             fleet.start()
-        else:
+        elif kind == "garbage":
             _garbage(ipc_url(args.state_dir, "bus"), rng)
+        elif kind == "model_outage":  # one agent's backend fails until it pauses
+            agent = f"agent-{rng.randrange(args.agents)}"
+            armed = [faults.arm(rng.choice(FAULT_KINDS), agent) for _ in range(CLIENT["max_failures"])]
+        else:
+            armed = [faults.arm(kind.removeprefix("model_"))]
         injected[kind] += 1
-        if _wait_progress(fleet, before, 90):
+        ok = _model_fault(fleet, faults, armed) if armed else True
+        fired += [f for f in armed if f.fired_at]
+        if ok and _wait_progress(fleet, before, 90):
             survived[kind] += 1
     # Stop gracefully and audit.
     fleet.proc.send_signal(signal.SIGTERM)
@@ -250,17 +376,34 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.TimeoutExpired:
         fleet.proc.kill()
         code = "killed after 30 s"
+    sim.stop()
     result = {
-        "minutes": minutes, "cells": args.cells, "daemon_starts": fleet.starts,
+        "minutes": minutes, "cells": args.cells, "agents": args.agents, "daemon_starts": fleet.starts,
         "faults_injected": dict(injected), "faults_survived": dict(survived),
-        "model_errors": "not injected: the built-in agent makes no model calls",
         "final_exit_code": code, "max_rss": {k: round(v, 1) for k, v in rss.items()},
         **audit(args.state_dir, seen_findings, seen_tokens),
     }
+    log = (args.state_dir / "logs" / "fleet.jsonl").read_text()
+    served = Counter(c.agent for c in sim.calls)
+    recorded = result["token_records"]
+    result["model"] = {
+        "backend": "openai", "timing": asdict(FAST), "client": CLIENT, "retry_after_s": RETRY_AFTER_S,
+        "calls_answered": dict(sorted(served.items())), "errors_met": dict(Counter(f.kind for f in fired)),
+        # answered but never recorded: a reply in flight when the daemon was killed
+        "unrecorded_answers": sum(served.values()) - sum(recorded.values()),
+        "retries_logged": log.count('"llm_retry"'), "pauses_logged": log.count('"backend_paused"'),
+        "retry_after_honoured": _retry_after_honoured(sim, fired, RETRY_AFTER_S),
+        "key_redactions_logged": log.count("[redacted]"),
+        "files_with_key": _files_with([*sorted(args.state_dir.rglob("*")), fleet.output], key.encode()),
+        "policy_sandboxes_seen": sandboxes[0], "policy_sandboxes_with_key": sandboxes[1],
+    }
+    result["ledger_ok"] = (set(recorded) == {f"agent-{i}" for i in range(args.agents)}
+                           and all(n <= served[a] for a, n in recorded.items()))
     result["progress"] = result["episodes_recorded"] > 0 and result["champion"] != "no champion"
     result["ok"] = (result["episodes_lost"] == 0 and result["duplicates"] == 0 and result["findings_intact"]
-                    and result["tokens_intact"] and result["champion_consistent"] and result["progress"]
-                    and injected == survived)
+                    and result["tokens_intact"] and result["ledger_ok"] and result["champion_consistent"]
+                    and result["progress"] and injected == survived and result["model"]["retry_after_honoured"]
+                    and not result["model"]["files_with_key"] and not sandboxes[1])
     print(json.dumps(result, indent=2))
     if tmp is not None:
         tmp.cleanup()

@@ -1,8 +1,8 @@
 """Model-driven backends through the official SDKs, against a scripted local server in each API's wire format.
 
 The server (127.0.0.1, ephemeral port, a thread) first fails in every way a provider does (429 with
-retry-after, 500 echoing the Authorization header, a malformed body, a reply slower than the client
-timeout), then plays tool-use turns: a bad call, read files, commit, evaluate, post a finding, promote.
+retry-after, 500 echoing the Authorization header, a malformed body, valid JSON that is no reply, a
+reply slower than the client timeout), then plays tool-use turns: a bad call, read files, commit, evaluate, post a finding, promote.
 The agent runs on the real Tools, Blackboard and Workspace with an in-process scheduler actor.
 """
 
@@ -101,7 +101,8 @@ def ok(body: dict) -> Step:
 
 
 def failures(api: str) -> list[Step]:
-    """429 with retry-after, 500 echoing the caller's key, a cut-off body, a reply after the client timeout."""
+    """429 with retry-after, 500 echoing the caller's key, a cut-off body, JSON that is no reply, a reply after
+    the client timeout."""
     if api == "anthropic":
         limited = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
     else:
@@ -116,6 +117,7 @@ def failures(api: str) -> list[Step]:
         lambda h: (429, json.dumps(limited).encode(), {"retry-after": "0.05"}, 0.0),
         lambda h: (500, json.dumps(echo(h)).encode(), {}, 0.0),
         lambda h: (200, b'{"id": "x", "content": [{"type": ', {}, 0.0),
+        lambda h: (200, b'{"object": "error", "message": "model overloaded", "code": 503}', {}, 0.0),
         lambda h: (200, b"{}", {}, 1.0),  # the client times out at 0.5 s
     ]
 
@@ -203,7 +205,7 @@ async def test_agent_runs_the_improvement_cycle_through_the_sdk(api, tmp_path, m
     server = ScriptedAPI(steps, fallback=TURN[api]("read_digest", {}, 99))
     board, workspace, seen = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws"), []
     # Six turns of 1000 tokens each: the budget ends the agent right after the promotion.
-    agent = LLMAgent(client(api, server.url), settings(token_budget=6000, max_turns_window=3),
+    agent = LLMAgent(client(api, server.url), settings(token_budget=6000, max_turns_window=3, max_failures=6),
                      task_text="Push the T onto the goal.",
                      tuning_seeds=TUNING, rng_seed=7)
     try:
@@ -226,7 +228,7 @@ async def test_agent_runs_the_improvement_cycle_through_the_sdk(api, tmp_path, m
     findings = board.values("findings", Finding)
     assert [f.hypothesis for f in findings] == ["a higher gain pushes harder", "budget exhausted: this agent stops"]
     # The bad call came back as a tool error the model saw in its next request.
-    assert "bad arguments for evaluate" in json.dumps(server.requests[5][2])
+    assert "bad arguments for evaluate" in json.dumps(server.requests[len(failures(api)) + 1][2])
     # Only the last 3 turns stay verbatim; the older ones left one journal line each in the briefing.
     assert [t.reply.calls[0].name for t in agent.turns] == ["evaluate", "post_finding", "promote"]
     assert [line.split(" ")[0] for line in agent.journal] == ["evaluate", "read_files", "commit"]
@@ -240,9 +242,9 @@ async def test_agent_runs_the_improvement_cycle_through_the_sdk(api, tmp_path, m
         ("agent-0", 900, 300, 100)}
     assert ledger.per_agent(records)["agent-0"].total == 6000
 
-    # Retries were logged (4 failures before the first answer), and the key leaked nowhere.
+    # Retries were logged (5 failures before the first answer), and the key leaked nowhere.
     events = [e["event"] for e in logs]
-    assert events.count("llm_retry") == 4 and "backend_paused" not in events
+    assert events.count("llm_retry") == 5 and "backend_paused" not in events
     assert all(h.get("authorization") == f"Bearer {SECRET}" or h.get("x-api-key") == SECRET
                for _, h, _ in server.requests)  # the key did reach the server, from the environment
     echoed = [e for e in logs if e["event"] == "llm_retry" and "500" in e["error"]]

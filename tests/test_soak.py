@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MODEL_FAULTS = {"model_rate_limit", "model_server_error", "model_timeout", "model_bad_json", "model_not_completion",
+                "model_outage"}
 
 
 def test_soak_ci_mode_loses_nothing(tmp_path):
@@ -16,4 +18,11 @@ def test_soak_ci_mode_loses_nothing(tmp_path):
     assert result["findings_intact"] and result["champion_consistent"] and result["progress"], result
     assert sum(result["faults_injected"].values()) >= 10
     assert result["faults_injected"] == result["faults_survived"], result
+    # The agents ran on the model simulator, met every kind of backend error and recovered from each.
+    assert MODEL_FAULTS <= set(result["faults_survived"]), result
+    model = result["model"]
+    assert result["tokens_intact"] and result["ledger_ok"] and model["retry_after_honoured"], model
+    assert model["pauses_logged"] >= result["faults_injected"]["model_outage"], model
+    assert model["key_redactions_logged"] >= 1 and model["files_with_key"] == [], model
+    assert model["policy_sandboxes_seen"] > 0 and model["policy_sandboxes_with_key"] == 0, model
     assert r.returncode == 0
