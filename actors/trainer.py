@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from actors.runtime import Actor
 from bus.blackboard import Blackboard
 from bus.messages import Message, TrainRequest, TrainResult
 from bus.records import TrainRecord
+from enpire.sandbox import without_credentials
 
 RECIPES = ("bc", "rl")
 
@@ -84,7 +86,8 @@ class Trainer(Actor):
             self.log.info("training_started", job=msg.job_id, recipe=msg.recipe, agent=msg.agent)
             proc = None
             with trio.move_on_after(msg.time_budget_s + 30.0) as scope:  # the recipe's own budget, plus grace
-                proc = await trio.run_process(command, check=False, capture_stdout=True, capture_stderr=True)
+                proc = await trio.run_process(command, check=False, capture_stdout=True, capture_stderr=True,
+                                              env=without_credentials(os.environ))  # recipes need no model key
             if scope.cancelled_caught or proc is None:
                 return record(False, error=f"time budget exceeded ({msg.time_budget_s:.0f} s)")
             if proc.returncode != 0:

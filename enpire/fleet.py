@@ -50,6 +50,7 @@ from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
 from enpire.metrics import mean_robot_utilization, wilson_interval
+from enpire.sandbox import without_credentials
 from enpire.workspace import Workspace
 from hw import VERIFIER_KIND
 
@@ -142,7 +143,7 @@ async def _cell_process(
     if config.cells.pin_cpus:
         cpus = sorted(os.sched_getaffinity(0))
         command += ["--cpu", str(cpus[index % len(cpus)])]
-    env = {k: v for k, v in os.environ.items() if k != config.bus.secret_env}
+    env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
     env[LOCAL_SECRET_ENV] = secret.hex()
     failures = 0
     while not stopping.is_set():

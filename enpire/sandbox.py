@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -76,6 +77,15 @@ class ActResult:
 
 class _Terminal(Exception):
     """Internal: the child can no longer be trusted to answer; it gets killed."""
+
+
+CREDENTIAL_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+
+
+def without_credentials(environ: Mapping[str, str], *also: str) -> dict[str, str]:
+    """`environ` minus every credential-like variable (`*_KEY`, `*_TOKEN`, `*_SECRET`, `*_PASSWORD`, and
+    the names in `also`): for trusted helper processes (cells, training recipes) that need no model key."""
+    return {k: v for k, v in environ.items() if not k.upper().endswith(CREDENTIAL_SUFFIXES) and k not in also}
 
 
 def child_env(scratch: Path) -> dict[str, str]:

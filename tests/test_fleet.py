@@ -88,9 +88,32 @@ def _check_ledger(board: Blackboard) -> None:
             assert len({e.episode_id for e in recorded}) == len(recorded)
 
 
+def _cell_environments(daemon_pid: int, timeout: float) -> list[bytes]:
+    """The environments of the daemon's cell processes, read from /proc once they are up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != daemon_pid:
+                    continue
+                if b"enpire.cell" in (stat.parent / "cmdline").read_bytes():
+                    found.append((stat.parent / "environ").read_bytes())
+            except (OSError, ValueError, IndexError):
+                continue
+        if found:
+            return found
+        time.sleep(0.2)
+    return []
+
+
 def test_short_fleet_run_improves_over_its_start(tmp_path):
     proc = _start(tmp_path, env={**os.environ, **FAKE_SECRETS})  # keys in the environment must leak nowhere
+    cell_envs = _cell_environments(proc.pid, timeout=60)
     out, err = proc.communicate(timeout=240)
+    assert cell_envs, "no cell process seen"
+    for environ in cell_envs:  # cells need no model key: they never get one
+        assert not any(value.encode() in environ for value in FAKE_SECRETS.values())
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err[-3000:]}"
     report = json.loads((tmp_path / "state" / "report.json").read_text())
     champion = report["champion"]

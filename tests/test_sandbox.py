@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from enpire.safety import ActionLimits, check_action
-from enpire.sandbox import STDERR_NAME, PolicyError, PolicySandbox, SandboxLimits
+from enpire.sandbox import STDERR_NAME, PolicyError, PolicySandbox, SandboxLimits, without_credentials
 
 ADVERSARIAL = Path(__file__).parent / "adversarial"
 FAKE_KEY = "sk-ant-test-DO-NOT-LEAK-0123456789"
@@ -387,3 +387,9 @@ class Policy:
         sb.load({"policy.py": forge}, {"mode": 1.0})
         sb.reset()
         assert (sb.act(np.zeros(5)).error or "").startswith("protocol_error: reply for request")
+
+
+def test_without_credentials_drops_every_credential_like_variable() -> None:
+    environ = {"PATH": "/bin", "OPENAI_API_KEY": "k", "hf_token": "t", "ENPIRE_SECRET": "s", "DB_PASSWORD": "p",
+               "MY_MODEL_KEY_FILE": "/x", "CUSTOM": "c"}
+    assert without_credentials(environ, "CUSTOM") == {"PATH": "/bin", "MY_MODEL_KEY_FILE": "/x"}
