@@ -12,6 +12,7 @@ def test_embedded_default_is_valid():
 def test_repository_enpire_toml_is_valid():
     c = cfg.load("enpire.toml")
     assert c.cells.task in c.tasks
+    assert c == cfg.Config(), "enpire.toml says it shows the embedded defaults; keep them in step"
 
 
 @pytest.mark.parametrize(
