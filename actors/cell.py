@@ -288,7 +288,10 @@ class Cell(Actor):
         return report(verify_s)
 
     def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards) -> tuple[int, str, np.ndarray]:
-        """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs)."""
+        """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs).
+
+        Each new observation goes to the policy before the simulator scores the step, so the policy
+        computes its next action while the cell waits for the reward and termination."""
         try:
             sandbox.reset()
         except PolicyError as e:
@@ -297,11 +300,12 @@ class Cell(Actor):
         missed = 0
         period = 1.0 / lease.control_hz if lease.control_hz > 0 else 0.0
         tick = time.perf_counter()
+        sandbox.submit(obs)
         for step in range(lease.horizon):
             if period:  # a real robot's control loop runs at a fixed rate; so does a paced simulator
                 tick += period
                 time.sleep(max(0.0, tick - time.perf_counter()))
-            result = sandbox.act(obs)
+            result = sandbox.result()
             if result.error:
                 return step, result.error, obs
             if result.deadline_missed:
@@ -309,6 +313,7 @@ class Cell(Actor):
                 if missed > self.sandbox_limits.max_missed_deadlines:
                     return step, f"policy_timeout: {missed} consecutive act() deadlines missed", obs
                 if previous is None:
+                    sandbox.submit(obs)
                     continue  # nothing safe to hold yet: the robot stays where it is
                 action = previous  # hold the last safe action
             else:
@@ -317,13 +322,14 @@ class Cell(Actor):
                 if reason:
                     return step, reason, obs
                 action = np.asarray(result.action, dtype=np.float64)
-            out = self.driver.step(action)
-            obs = out.observation
+            obs = self.driver.act(action)
+            if step + 1 < lease.horizon:
+                sandbox.submit(obs)
+            reward, done = self.driver.outcome()
             observations.append(obs)
             actions.append(action)
-            rewards.append(out.reward)
+            rewards.append(reward)
             previous = action
-            if out.done:
+            if done:  # the action asked for meanwhile is never collected; the next request skips it
                 return step + 1, "", obs
         return lease.horizon, "", obs
-

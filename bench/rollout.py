@@ -6,7 +6,8 @@ Full path = a real fleet core (scheduler, verifier, bus) and 1 or 2 cell process
 policy in its sandbox process, checking every action, asking the verifier, recording trajectories.
 Raw = the same policy object called in-process on a bare gym-pusht env, no checks, no recording (for 2
 cells: two such processes side by side). Same seeds, same parameters. Prints JSON with episodes/s,
-steps/s and the ratio full/raw.
+steps/s and the ratio full/raw, for the fleet's default CPU placement (`[cells] cpu_pinning = "auto"`)
+and, as an ablation, the other placement at each size.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def raw(seeds: list[int], params: dict[str, float], procs: int) -> dict:
             "steps_per_s": round(steps / secs, 1)}
 
 
-def full_path(seeds: list[int], params: dict[str, float], cells: int) -> dict:
+def full_path(seeds: list[int], params: dict[str, float], cells: int, pinning: str = "auto") -> dict:
     base = cfg.Config()
-    config = cfg.with_overrides(base, **{"cells.count": cells, "agents.count": 0, "scheduler.background": False})
+    config = cfg.with_overrides(base, **{"cells.count": cells, "cells.cpu_pinning": pinning, "agents.count": 0,
+                                         "scheduler.background": False})
 
     async def main(state_dir: Path):
         board, meta = open_state_dir(state_dir)
@@ -114,7 +116,7 @@ def full_path(seeds: list[int], params: dict[str, float], cells: int) -> dict:
         disk = sum(f.stat().st_size for f in files)
         return {"episodes": n, "steps": steps, "seconds": round(secs, 3), "episodes_per_s": round(n / secs, 2),
                 "steps_per_s": round(steps / secs, 1), "success": sum(e.success for e in result.episodes) / n,
-                "recorded_bytes_per_episode": round(disk / max(1, len(files)))}
+                "recorded_bytes_per_episode": round(disk / max(1, len(files))), "cpu_pinning": pinning}
 
     with tempfile.TemporaryDirectory() as tmp:
         return trio.run(main, Path(tmp) / "state")
@@ -136,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         out[f"raw_{cells}"] = raw(seeds, params, cells)
         out[f"full_{cells}"] = full_path(seeds, params, cells)
         out[f"ratio_steps_{cells}"] = round(out[f"full_{cells}"]["steps_per_s"] / out[f"raw_{cells}"]["steps_per_s"], 3)
+    # Ablation: the other CPU placement than "auto" chose for each size ("auto" = off for 1 cell on a
+    # multi-core machine, on for as many cells as CPUs).
+    for cells, pinning in ((1, "on"), (2, "off")):
+        full = full_path(seeds, params, cells, pinning)
+        out[f"full_{cells}_pinning_{pinning}"] = full
+        out[f"ratio_steps_{cells}_pinning_{pinning}"] = round(full["steps_per_s"] / out[f"raw_{cells}"]["steps_per_s"], 3)
     out["ratio_full_2_over_raw_1"] = round(out["full_2"]["steps_per_s"] / out["raw_1"]["steps_per_s"], 3)
     print(json.dumps(out, indent=2))
 

@@ -64,9 +64,11 @@ class CellsConfig(Strict):
     count: NonNegInt = 2
     task: str = "pusht"
     real: bool = False
-    # Each local cell and its policy sandbox share one CPU (cell i on CPU i mod n): every control step
-    # hands off between the two processes, and a hand-off on one core skips a cross-core wake-up.
-    pin_cpus: bool = True
+    # "on": each local cell and its policy sandbox share one CPU (cell i on CPU i mod n), so the hand-off
+    # at every control step stays on one core. "off": the OS places them, so a policy can think on another
+    # core while its cell's simulator scores the step. "auto": on when there are at least as many cells
+    # as CPUs (every core has a cell to run anyway), off otherwise.
+    cpu_pinning: Literal["auto", "on", "off"] = "auto"
 
 
 class AgentsConfig(Strict):

@@ -140,8 +140,9 @@ async def _cell_process(
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
         "--secret-env", LOCAL_SECRET_ENV,
     ]
-    if config.cells.pin_cpus:
-        cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
+    pinning = config.cells.cpu_pinning
+    if pinning == "on" or (pinning == "auto" and config.cells.count >= len(cpus)):
         command += ["--cpu", str(cpus[index % len(cpus)])]
     env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
     env[LOCAL_SECRET_ENV] = secret.hex()

@@ -144,6 +144,8 @@ class PolicySandbox:
         self._key = ""
         self._seq = 0
         self._missed = 0
+        self._t0 = self._deadline = 0.0  # of the act request in flight (submit -> result)
+        self._failed = ""  # why that request could not be sent
         self._inbuf = bytearray()
         self._waiter: proto.Waiter | None = None  # re-made for each child
         self._poll_out = select.poll()
@@ -175,20 +177,43 @@ class PolicySandbox:
         self._call(proto.Reset(self._next_seq()), self.limits.call_timeout_s)
 
     def act(self, obs: np.ndarray) -> ActResult:
-        t0 = time.monotonic()
+        """The policy's action for `obs`: `submit` then `result`."""
+        self.submit(obs)
+        return self._result(sent=True)
+
+    def submit(self, obs: np.ndarray) -> None:
+        """Send `obs` to the policy and return at once: the caller does its own work (e.g. the simulator
+        scoring the step) while the policy thinks, then collects the action with `result()`. The act
+        deadline runs from here."""
+        self._t0 = t0 = time.monotonic()
+        self._deadline = t0 + self.limits.act_timeout_s
+        self._seq = seq = self._seq + 1
+        self._failed = ""
         # No waitpid here (this runs every control step): a child that died shows as EOF on its pipe.
         if self._proc is None:
-            return ActResult(error="policy_crashed (not running)")
+            self._failed = "policy_crashed (not running)"
+            return
         arr = np.asarray(obs)
-        self._seq = seq = self._seq + 1
-        deadline = t0 + self.limits.act_timeout_s
         try:
             if arr.ndim == 1 and arr.dtype == proto.F8:
-                self._send_raw(proto.fast_frame(seq, arr), deadline)
+                self._send_raw(proto.fast_frame(seq, arr), self._deadline)
             else:
                 arr = np.ascontiguousarray(arr)
-                self._send(proto.Act(seq, arr.dtype.str, list(arr.shape), arr.tobytes()), deadline)
-            reply = self._recv(seq, deadline, sent=True)
+                self._send(proto.Act(seq, arr.dtype.str, list(arr.shape), arr.tobytes()), self._deadline)
+        except _Terminal as exc:
+            self._kill()
+            self._failed = str(exc)
+
+    def result(self) -> ActResult:
+        """The reply to the last `submit`: an action, a missed deadline, or a terminal error."""
+        return self._result(sent=False)
+
+    def _result(self, sent: bool) -> ActResult:
+        t0 = self._t0
+        if self._failed:
+            return ActResult(error=self._failed, latency_s=time.monotonic() - t0)
+        try:
+            reply = self._recv(self._seq, self._deadline, sent=sent)
             if reply is None:
                 self._missed += 1
                 if self._missed >= self.limits.max_missed_deadlines:

@@ -1,4 +1,4 @@
-"""The driver surface every robot or simulator fills: connect, reset, observe, act, disconnect.
+"""The driver surface every robot or simulator fills: connect, reset, act, outcome, disconnect.
 
 A driver is trusted code that runs inside a cell process. It never runs agent code; the policy lives
 in a sandbox and only sees the observations the cell forwards. `trusted_state()` and `frame()` are
@@ -33,7 +33,21 @@ class Driver(Protocol):
     def reset(self, seed: int) -> np.ndarray:
         """Put the scene in the seeded start state and return the first observation."""
 
-    def step(self, action: np.ndarray) -> StepResult: ...
+    def act(self, action: np.ndarray) -> np.ndarray:
+        """Command the robot (or advance the simulator) and return the observation that follows.
+
+        Only what the policy needs next: the cell hands it to the policy before asking for `outcome()`,
+        so a simulator's scoring of the step overlaps with the policy's thinking."""
+
+    def outcome(self) -> tuple[float, bool]:
+        """(reward, done) of the last `act`; done is the task's own termination (e.g. success
+        reached), not the horizon. A real robot without a reward signal returns (0.0, False)."""
+
+    def step(self, action: np.ndarray) -> StepResult:
+        """`act` then `outcome`, for code that has nothing to do in between."""
+        observation = self.act(action)
+        reward, done = self.outcome()
+        return StepResult(observation=observation, reward=reward, done=done)
 
     def trusted_state(self) -> dict[str, list[float]]:
         """Simulator/scene state for the verifier (e.g. block pose, goal pose)."""

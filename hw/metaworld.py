@@ -22,12 +22,12 @@ try:
 except ImportError as e:  # hw.make_driver turns this into an install hint
     raise ImportError(f"Meta-World is not installed: pip install 'enpire[metaworld]' ({e})") from e
 
-from hw.driver import StepResult
+from hw.driver import Driver
 
 TASKS = ("peg-insert-side-v3", "drawer-open-v3", "door-open-v3")
 
 
-class MetaWorldDriver:
+class MetaWorldDriver(Driver):
     name = "metaworld"
     observation_dim = 39  # hand (3), gripper (1), objects (14), previous of those (18), goal (3)
 
@@ -87,14 +87,17 @@ class MetaWorldDriver:
         self._last_reward, self._last_info = env.evaluate_state(self._last_obs, np.zeros(4))
         return self._last_obs.copy()
 
-    def step(self, action: np.ndarray) -> StepResult:
+    def act(self, action: np.ndarray) -> np.ndarray:
+        """One MuJoCo step (Meta-World scores inside it, so `outcome()` only reads what it computed)."""
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(4), -1.0, 1.0)
         obs, reward, _terminated, _truncated, info = self.env.step(a)
         self._last_obs = np.asarray(obs, dtype=np.float64)
         self._last_reward, self._last_info = float(reward), dict(info)
+        return self._last_obs.copy()
+
+    def outcome(self) -> tuple[float, bool]:
         # Meta-World never terminates by itself; its benchmarks stop an episode on success.
-        done = self.terminate_on_success and bool(info.get("success", 0.0))
-        return StepResult(observation=self._last_obs.copy(), reward=float(reward), done=done)
+        return self._last_reward, self.terminate_on_success and bool(self._last_info.get("success", 0.0))
 
     # ------------------------------------------------------------------ trusted reads
 

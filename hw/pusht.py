@@ -11,13 +11,13 @@ import warnings
 
 import numpy as np
 
-from hw.driver import StepResult
+from hw.driver import Driver
 
 ENV_ID = "gym_pusht/PushT-v0"
 WORKSPACE = 512.0  # gym-pusht's world and action range is [0, 512]^2
 
 
-class PushTDriver:
+class PushTDriver(Driver):
     name = "pusht"
     observation_dim = 5  # [agent_x, agent_y, block_x, block_y, block_angle]
 
@@ -45,6 +45,9 @@ class PushTDriver:
             warnings.simplefilter("ignore")
             import gym_pusht  # noqa: F401  (registers the env id)
             import gymnasium as gym
+            from pymunk.vec2d import Vec2d
+
+            self._still = Vec2d(0, 0)  # the PD controller's target velocity, as gym-pusht writes it
 
             # The unwrapped env: the cell owns the horizon, and the passive checker would only warn.
             self._env = gym.make(ENV_ID, obs_type="state").unwrapped
@@ -66,10 +69,24 @@ class PushTDriver:
         obs, _ = self.env.reset(seed=int(seed))
         return np.asarray(obs, dtype=np.float64)
 
-    def step(self, action: np.ndarray) -> StepResult:
+    def act(self, action: np.ndarray) -> np.ndarray:
+        """gym-pusht's step without its scoring: PD control of the agent towards the target, physics at
+        the env's own rates; the coverage (a polygon intersection, about a third of a step) waits for
+        `outcome()`, so it runs while the policy computes its next action."""
+        env = self.env
         a = np.asarray(action, dtype=np.float64).reshape(2)
-        obs, reward, terminated, _truncated, _info = self.env.step(a)
-        return StepResult(observation=np.asarray(obs, dtype=np.float64), reward=float(reward), done=bool(terminated))
+        env.n_contact_points = 0
+        env._last_action = a
+        for _ in range(int(1 / (env.dt * env.control_hz))):
+            acceleration = env.k_p * (a - env.agent.position) + env.k_v * (self._still - env.agent.velocity)
+            env.agent.velocity += acceleration * env.dt
+            env.space.step(env.dt)
+        return np.asarray(env.get_obs(), dtype=np.float64)
+
+    def outcome(self) -> tuple[float, bool]:
+        env = self.env
+        coverage = env._get_coverage()
+        return float(np.clip(coverage / env.success_threshold, 0.0, 1.0)), bool(coverage > env.success_threshold)
 
     def set_state(self, block_pose: list[float] | np.ndarray, agent_pos: list[float] | np.ndarray) -> dict:
         """Place block and agent exactly and return the trusted state read back from the bodies.

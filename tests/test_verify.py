@@ -30,6 +30,36 @@ def driver() -> PushTDriver:
     d.disconnect()
 
 
+def test_driver_steps_exactly_like_gym_pusht(driver: PushTDriver) -> None:
+    """act() + outcome() re-order gym-pusht's step (observation first, scoring second); observations and
+    terminations must stay identical to the env's own step, rewards equal to the last bits (the block's
+    shapes are a set, so two env instances may sum the coverage polygons in a different order)."""
+    import gym_pusht  # noqa: F401
+    import gymnasium as gym
+
+    from enpire.agents import pusht_policy
+
+    env = gym.make("gym_pusht/PushT-v0", obs_type="state").unwrapped
+    policy = pusht_policy.Policy(dict(pusht_policy.INITIAL_PARAMS))  # solves most seeds: terminations happen
+    terminations = 0
+    for seed in range(8):
+        obs_env, _ = env.reset(seed=seed)
+        obs = driver.reset(seed)
+        policy.reset()
+        assert np.array_equal(obs, obs_env)
+        for _ in range(300):
+            a = np.asarray(policy.act(obs_env), dtype=np.float64)
+            obs_env, reward_env, terminated, _, _ = env.step(a)
+            out = driver.step(a)
+            assert np.array_equal(out.observation, obs_env)
+            assert out.reward == pytest.approx(float(reward_env), abs=1e-12) and out.done == bool(terminated)
+            if terminated:
+                terminations += 1
+                break
+    env.close()
+    assert terminations >= 4
+
+
 def test_coverage_agrees_with_env(driver: PushTDriver) -> None:
     rng = np.random.default_rng(7)
     checked = 0
