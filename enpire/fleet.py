@@ -195,7 +195,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     scheduler = await system.spawn(
         "scheduler",
-        lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id, workspace.set_main),
+        lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main),
     )
     trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
     routes: dict[type, Ref] = {

@@ -70,11 +70,12 @@ class Tools:
     def branch(self) -> str:
         return f"agent/{self.agent}"
 
-    async def read_files(self, commit: str | None = None) -> dict[str, str]:
+    async def read_files(self, commit: str | None = None) -> dict[str, str | bytes]:
+        """Files of a commit (default: the agent's branch head): text as str, checkpoints as bytes."""
         ref = commit or self.workspace.head(self.branch) or self.workspace.head("main")
         return await trio.to_thread.run_sync(self.workspace.read, ref)
 
-    async def commit(self, files: dict[str, str | None], message: str) -> str:
+    async def commit(self, files: dict[str, str | bytes | None], message: str) -> str:
         return await trio.to_thread.run_sync(self.workspace.commit, self.branch, files, message)
 
     async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 1) -> EvalResult:
