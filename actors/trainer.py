@@ -22,6 +22,7 @@ from actors.runtime import Actor
 from bus.blackboard import Blackboard
 from bus.messages import Message, TrainRequest, TrainResult
 from bus.records import TrainRecord
+from enpire.learning.dataset import ARTIFACTS
 
 RECIPES = ("bc", "rl")
 
@@ -42,7 +43,7 @@ class Trainer(Actor):
         super().__init__()
         self.board = board
         self.state_dir = state_dir
-        self.artifacts = state_dir / "artifacts"
+        self.artifacts = state_dir / ARTIFACTS
         self.slots = trio.Semaphore(slots)
         self.running: dict[str, trio.Event] = {}
 

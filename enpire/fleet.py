@@ -49,6 +49,7 @@ from enpire import log
 from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
+from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, wilson_interval
 from enpire.workspace import Workspace
 from hw import VERIFIER_KIND
@@ -239,7 +240,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer)
+            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer,
+                          artifacts=state_dir / ARTIFACTS)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
