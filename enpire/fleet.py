@@ -42,7 +42,7 @@ from bus.messages import (
     Message,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Meta
+from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
 from enpire import log
@@ -50,7 +50,7 @@ from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
 from enpire.learning.dataset import ARTIFACTS
-from enpire.metrics import mean_robot_utilization, wilson_interval
+from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.workspace import Workspace
 from hw import VERIFIER_KIND
 
@@ -313,6 +313,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
         "episodes_by_kind": by_kind,
         "episodes_flagged": board.counter("episodes_flagged"),
         "episodes_requeued": board.counter("episodes_requeued"),
+        "regimes": regimes_used(board.values("findings", Finding)),
         "mru": round(mean_robot_utilization(util), 4),
         "cells": {
             cid: {"mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4), "wall_s": round(u.wall_s, 1),
@@ -337,6 +338,8 @@ def format_report(report: dict) -> str:
     ttt = report["time_to_target_s"]
     lines.append(f"  time to target: {ttt:.0f}s" if ttt else "  target not reached")
     lines.append(f"  episodes {report['episodes']} {report['episodes_by_kind']}; MRU {report['mru']:.1%}")
+    for agent, regimes in sorted(report["regimes"].items()):
+        lines.append(f"    {agent}: regimes {' > '.join(regimes)}")
     for cid, u in sorted(report["cells"].items()):
         lines.append(f"    {cid}: MRU {u['mru']:.1%}, agent share {u['agent_share']:.1%}")
     return "\n".join(lines)

@@ -150,11 +150,11 @@ class Tools:
         return latest[-1][1] if latest else None
 
     def post_finding(self, hypothesis: str, change: str, evidence: str, outcome: str, *,
-                     fingerprint: str = "", score: float = 0.0) -> Finding:
+                     fingerprint: str = "", score: float = 0.0, regime: str = "") -> Finding:
         finding = Finding(
             finding_id=f"{self.agent}-{uuid.uuid4().hex[:10]}", agent=self.agent, t=time.time(),
             hypothesis=hypothesis, change=change, evidence=evidence, outcome=outcome,
-            fingerprint=fingerprint, score=score,
+            fingerprint=fingerprint, score=score, regime=regime,
         )
         self.board.append("findings", finding)
         return finding
