@@ -196,3 +196,28 @@ async def test_researcher_moves_from_tuning_to_learning_on_a_plateau(tmp_path, b
         assert rl.options["init_artifact"] == bc_artifact  # RL starts from the BC checkpoint
         assert any(f.regime == "rl" and "did not beat" in f.evidence for f in findings)
 
+
+def test_policy_eval_judges_like_a_cell():
+    """The offline evaluation tool: the fleet's action checks and verifier, one loop for every task."""
+    from enpire.agents import pusht_policy
+    from enpire.agents.policy_eval import evaluate, run_episode
+    from enpire.safety import ActionLimits
+    from hw import make_driver
+
+    driver = make_driver("pusht")
+    limits = ActionLimits(dim=2, low=0.0, high=512.0, max_delta=100.0)
+    summary = evaluate(driver, pusht_policy, pusht_policy.INITIAL_PARAMS, [1000000, 1000001], limits)
+    assert summary["episodes"] == 2 and summary["violations"] == 0 and summary["success_rate"] == 1.0
+
+    class Jumpy:
+        def reset(self):
+            self.t = 0
+
+        def act(self, obs):
+            self.t += 1
+            return [256.0, 256.0] if self.t < 3 else [256.0, 400.0]
+
+    episode = run_episode(driver, Jumpy(), 1000000, limits)
+    assert not episode["success"] and episode["steps"] == 3
+    assert episode["violation"] == "safety_violation: step change 144 > 100"
+    driver.disconnect()
