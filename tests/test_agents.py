@@ -133,9 +133,12 @@ class ScriptedTrainer(Actor):
     concurrent_handlers = True
     requests: list = []
     artifacts: Path = Path()
+    fail = ""
 
     async def handle(self, msg):
         ScriptedTrainer.requests.append(msg)
+        if ScriptedTrainer.fail:
+            return TrainResult(job_id=msg.job_id, ok=False, error=ScriptedTrainer.fail)
         data = b"PK\x03\x04\xff" + msg.job_id.encode()  # binary, like an npz
         artifact = hashlib.sha256(data).hexdigest()[:32]
         ScriptedTrainer.artifacts.mkdir(parents=True, exist_ok=True)
@@ -144,10 +147,9 @@ class ScriptedTrainer(Actor):
                            metrics={"episodes": 120.0, "transitions": 9000.0, "wall_s": 3.0})
 
 
-@pytest.mark.parametrize("bc_good", [True, False], ids=["bc_promoted", "bc_stalls_then_rl"])
-async def test_researcher_moves_from_tuning_to_learning_on_a_plateau(tmp_path, bc_good):
-    LearningScheduler.learned_rate, LearningScheduler.promoted = (1.0 if bc_good else 0.25), []
-    ScriptedTrainer.requests, ScriptedTrainer.artifacts = [], tmp_path / "artifacts"
+async def _run_until_learning(tmp_path, done, linger_s: float = 0.0):
+    """The researcher on a plateau (every tuned candidate succeeds half the time) with 120 recorded successes,
+    until `done()`, then `linger_s` longer."""
     board = Blackboard(tmp_path / "bb")
     verdict = Verdict(True, 1.0, "success", "pusht_state")
     for i in range(130):  # 120 successes the recipe may use; held-out ones never count
@@ -157,24 +159,28 @@ async def test_researcher_moves_from_tuning_to_learning_on_a_plateau(tmp_path, b
     workspace = Workspace(tmp_path / "ws")
     settings = SearchSettings(population=4, elites=2, seeds_per_candidate=2, validation_seeds=4,
                               plateau_generations=3, learn_min_successes=100)
+    researcher = BuiltinResearcher(settings, 0, range(0, 1000))
     async with trio.open_nursery() as nursery:
         system = ActorSystem(nursery)
         scheduler = await system.spawn("scheduler", LearningScheduler)
         trainer = await system.spawn("trainer", ScriptedTrainer)
         tools = Tools("agent-0", "pusht", workspace, scheduler, board, trainer=trainer, artifacts=tmp_path / "artifacts")
-        researcher = BuiltinResearcher(settings, 0, range(0, 1000))
-
-        def done() -> bool:
-            if bc_good:
-                return any(not p.params for p in LearningScheduler.promoted)
-            return any(r.recipe == "rl" for r in ScriptedTrainer.requests)
-
         with trio.fail_after(30):
             nursery.start_soon(researcher.run, tools)
             while not done():
                 await trio.sleep(0.01)
+            await trio.sleep(linger_s)
         nursery.cancel_scope.cancel()
+    return board, workspace, researcher
 
+
+@pytest.mark.parametrize("bc_good", [True, False], ids=["bc_promoted", "bc_stalls_then_rl"])
+async def test_researcher_moves_from_tuning_to_learning_on_a_plateau(tmp_path, bc_good):
+    LearningScheduler.learned_rate, LearningScheduler.promoted = (1.0 if bc_good else 0.25), []
+    ScriptedTrainer.requests, ScriptedTrainer.artifacts, ScriptedTrainer.fail = [], tmp_path / "artifacts", ""
+    board, workspace, researcher = await _run_until_learning(
+        tmp_path, lambda: any(not p.params for p in LearningScheduler.promoted) if bc_good
+        else any(r.recipe == "rl" for r in ScriptedTrainer.requests))
     bc = ScriptedTrainer.requests[0]
     assert bc.recipe == "bc" and researcher.trained_on["bc"] == 120  # only the agents' episodes count
     bc_artifact = researcher.bc_artifact
@@ -195,6 +201,18 @@ async def test_researcher_moves_from_tuning_to_learning_on_a_plateau(tmp_path, b
         rl = next(r for r in ScriptedTrainer.requests if r.recipe == "rl")
         assert rl.options["init_artifact"] == bc_artifact  # RL starts from the BC checkpoint
         assert any(f.regime == "rl" and "did not beat" in f.evidence for f in findings)
+
+
+async def test_a_failed_training_job_is_a_finding_and_tuning_goes_on(tmp_path):
+    LearningScheduler.learned_rate, LearningScheduler.promoted = 1.0, []
+    ScriptedTrainer.requests, ScriptedTrainer.artifacts = [], tmp_path / "artifacts"
+    ScriptedTrainer.fail = "recipe failed (exit 2): error: NaN loss: non-finite training loss at epoch 0 step 0"
+    board, _, researcher = await _run_until_learning(tmp_path, lambda: bool(ScriptedTrainer.requests), linger_s=0.5)
+    failed = [f for f in board.values("findings", Finding) if f.outcome == "inconclusive"]
+    assert len(failed) == 1 and failed[0].regime == "bc" and "NaN loss" in failed[0].evidence
+    assert not researcher.learning and researcher.generation > 5  # tuning carried on
+    assert len(ScriptedTrainer.requests) == 1  # not retried until the store has grown
+    assert not any(not p.params for p in LearningScheduler.promoted)
 
 
 def test_policy_eval_judges_like_a_cell():

@@ -256,28 +256,26 @@ class BuiltinResearcher:
             options = {"seed": str(self.generation)}
             if recipe == "rl":
                 options |= {"init_artifact": self.bc_artifact, "online_episodes": str(s.rl_online_episodes)}
+            hypothesis = f"{recipe} on the fleet's {successes} recorded successes beats the best tuned candidate"
             try:
                 trained = await tools.train(recipe, time_budget_s=s.train_budget_s, options=options)
-                error = "" if trained.ok else trained.error or "training failed"
-            except ToolError as exc:
-                error = str(exc)
-            if error:
-                tools.post_finding(
-                    hypothesis=f"{recipe} on the fleet's {successes} recorded successes beats the best tuned candidate",
-                    change=f"trained {recipe}: failed", evidence=error, outcome="inconclusive", regime=recipe,
-                )
+                if not trained.ok:
+                    raise ToolError(trained.error or "training failed")
+                m = trained.metrics
+                commit = await tools.commit_checkpoint(
+                    trained.artifact, f"{recipe} on {m.get('episodes', 0):.0f} recorded successes")
+                spec = PolicySpec(commit=commit)
+                check = await tools.evaluate(spec, self._seeds(s.validation_seeds))
+            except ToolError as exc:  # a failed job is evidence too; the fleet and the tuning carry on
+                tools.post_finding(hypothesis=hypothesis, change=f"trained {recipe}: failed", evidence=str(exc),
+                                   outcome="inconclusive", regime=recipe)
                 return
-            m = trained.metrics
-            commit = await tools.commit_checkpoint(
-                trained.artifact, f"{recipe} on {m.get('episodes', 0):.0f} recorded successes")
-            spec = PolicySpec(commit=commit)
-            check = await tools.evaluate(spec, self._seeds(s.validation_seeds))
             validated = _rate(check)
             beat = validated > self.best_validated
             if recipe == "bc":
                 self.bc_artifact, self.bc_beat_best = trained.artifact, beat
             tools.post_finding(
-                hypothesis=f"{recipe} on the fleet's {successes} recorded successes beats the best tuned candidate",
+                hypothesis=hypothesis,
                 change=f"trained {recipe} ({m.get('episodes', 0):.0f} episodes, {m.get('transitions', 0):.0f} "
                 f"transitions, {m.get('wall_s', 0):.0f} s), checkpoint {trained.artifact[:12]} at {commit[:10]}",
                 evidence=f"validation {validated:.0%} on {len(check.episodes)} tuning seeds vs best validated "
