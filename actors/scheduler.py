@@ -101,11 +101,11 @@ class CellState:
 
 
 class PolicyLoader:
-    """Reads a policy's files for a cell. The daemon gives the workspace's reader here."""
+    """Reads a policy's files (path -> exact bytes) for a cell. The daemon gives the workspace's reader here."""
 
     def __init__(self, read_files):
         self._read = read_files
-        self._cache: dict[str, dict[str, str]] = {}
+        self._cache: dict[str, dict[str, bytes]] = {}
 
     def bundle(self, spec: PolicySpec) -> PolicyBundle:
         files = self._cache.get(spec.commit)

@@ -2,7 +2,8 @@
 
 Agents read the digest instead of every peer's findings, so the context an agent sends per turn stays
 the same size however large the team grows. The built-in summarizer is deterministic: outcome counts,
-the best findings ranked by the success they reached, and the most recent ones, each cut to one line.
+the improvement regimes each agent chose, the best findings ranked by the success they reached, and the
+most recent ones, each cut to one line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import trio
 from actors.runtime import Actor
 from bus.blackboard import Blackboard
 from bus.records import Champion, Digest, Finding
+from enpire.metrics import regimes_used
 
 
 def _line(f: Finding, width: int = 160) -> str:
@@ -27,6 +29,9 @@ def write_digest(findings: list[Finding], champion: Champion | None, top: int = 
     outcomes = Counter(f.outcome for f in findings)
     best = sorted((f for f in findings if f.outcome != "note"), key=lambda f: (-f.score, -f.t))[:top]
     lines = [f"{len(findings)} findings: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))]
+    regimes = regimes_used(findings)
+    if regimes:
+        lines.append("regimes: " + "; ".join(f"{agent} {' > '.join(r)}" for agent, r in sorted(regimes.items())))
     if champion is not None:
         rate = champion.judged_successes / max(1, champion.judged_n)
         lines.append(f"champion {champion.policy.ref} by {champion.agent}: judged {rate:.0%} on {champion.judged_n}")

@@ -23,6 +23,7 @@ from actors.runtime import Actor
 from bus.blackboard import Blackboard
 from bus.messages import Message, TrainRequest, TrainResult
 from bus.records import TrainRecord
+from enpire.learning.dataset import ARTIFACTS
 from enpire.sandbox import without_credentials
 
 RECIPES = ("bc", "rl")
@@ -44,7 +45,7 @@ class Trainer(Actor):
         super().__init__()
         self.board = board
         self.state_dir = state_dir
-        self.artifacts = state_dir / "artifacts"
+        self.artifacts = state_dir / ARTIFACTS
         self.slots = trio.Semaphore(slots)
         self.running: dict[str, trio.Event] = {}
 

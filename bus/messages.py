@@ -66,7 +66,9 @@ class PolicyBundle(msgspec.Struct, frozen=True):
     """A policy as shipped to a cell: the spec plus the source files it needs."""
 
     spec: PolicySpec
-    files: dict[str, str]  # relative path -> source text; must contain "policy.py"
+    # relative path -> exact file content (sources as UTF-8, checkpoints such as weights.npz as raw
+    # bytes: msgpack carries bytes as they are); must contain "policy.py"
+    files: dict[str, bytes]
 
 
 class Verdict(msgspec.Struct, frozen=True):

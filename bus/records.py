@@ -63,6 +63,7 @@ class Finding(msgspec.Struct):
     outcome: str  # "improved", "no_change", "worse", "inconclusive", "note"
     fingerprint: str = ""  # of the change (parameters or diff), so peers do not repeat it
     score: float = 0.0  # success rate the change reached on its evaluation, when it has one
+    regime: str = ""  # set when the finding is a choice of improvement regime: "tune", "bc", "rl"
 
 
 class TestedRecord(msgspec.Struct):

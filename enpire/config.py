@@ -77,6 +77,9 @@ class AgentsConfig(Strict):
     # built-in researcher
     population: PositiveInt = 12  # candidates per search generation
     seeds_per_candidate: PositiveInt = 6
+    learn: bool = True  # may train BC / RL on the fleet's successes once tuning plateaus
+    plateau_generations: PositiveInt = 5  # generations without gain that make a tuning plateau
+    learn_min_successes: PositiveInt = 100  # recorded successes before the first behaviour cloning
     episode_budget: NonNegInt = 0  # episodes each agent may request; 0 = no limit
     # model-driven backends
     model: str = ""  # required when backend is not "builtin"

@@ -42,14 +42,15 @@ from bus.messages import (
     Message,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Meta
+from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
 from enpire import log
 from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
-from enpire.metrics import mean_robot_utilization, wilson_interval
+from enpire.learning.dataset import ARTIFACTS
+from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.workspace import Workspace
 from hw import VERIFIER_KIND
@@ -200,7 +201,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     scheduler = await system.spawn(
         "scheduler",
-        lambda: Scheduler(config, board, PolicyLoader(workspace.read), state_dir, meta.run_id, workspace.set_main),
+        lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main),
     )
     trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
     routes: dict[type, Ref] = {
@@ -244,7 +245,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer)
+            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer,
+                          artifacts=state_dir / ARTIFACTS)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
@@ -316,6 +318,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
         "episodes_by_kind": by_kind,
         "episodes_flagged": board.counter("episodes_flagged"),
         "episodes_requeued": board.counter("episodes_requeued"),
+        "regimes": regimes_used(board.values("findings", Finding)),
         "mru": round(mean_robot_utilization(util), 4),
         "cells": {
             cid: {"mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4), "wall_s": round(u.wall_s, 1),
@@ -340,6 +343,8 @@ def format_report(report: dict) -> str:
     ttt = report["time_to_target_s"]
     lines.append(f"  time to target: {ttt:.0f}s" if ttt else "  target not reached")
     lines.append(f"  episodes {report['episodes']} {report['episodes_by_kind']}; MRU {report['mru']:.1%}")
+    for agent, regimes in sorted(report["regimes"].items()):
+        lines.append(f"    {agent}: regimes {' > '.join(regimes)}")
     for cid, u in sorted(report["cells"].items()):
         lines.append(f"    {cid}: MRU {u['mru']:.1%}, agent share {u['agent_share']:.1%}")
     return "\n".join(lines)

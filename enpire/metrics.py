@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bus.messages import Segment
+from bus.records import Finding
 
 Z95 = 1.959963984540054
 
@@ -135,3 +136,12 @@ def summarize(outcomes: Iterable[tuple[bool, bool]], k: int = 1) -> SuccessSumma
         s1 += bool(first)
         sk += bool(any_ or first)
     return SuccessSummary(n, s1, sk, k)
+
+
+def regimes_used(findings: Iterable[Finding]) -> dict[str, list[str]]:
+    """Per agent, the improvement regimes ("tune", "bc", "rl") it chose, in the order it first chose them."""
+    used: dict[str, list[str]] = {}
+    for f in findings:
+        if f.regime and f.regime not in used.setdefault(f.agent, []):
+            used[f.agent].append(f.regime)
+    return {agent: regimes for agent, regimes in used.items() if regimes}

@@ -18,10 +18,11 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bus.blackboard import Blackboard  # noqa: E402
-from bus.records import Champion, EpisodeRecord, Meta, TimelineRecord, TokenRecord  # noqa: E402
-from enpire.metrics import summarize, utilization, wilson_interval  # noqa: E402
+from bus.records import Champion, EpisodeRecord, Finding, Meta, TimelineRecord, TokenRecord  # noqa: E402
+from enpire.metrics import regimes_used, summarize, utilization, wilson_interval  # noqa: E402
 from enpire.status import collect  # noqa: E402
 
+REGIME_NAMES = {"tune": "heuristic tuning (CEM)", "bc": "behaviour cloning", "rl": "offline-to-online RL (TD3+BC)"}
 STATE_COLORS = {"running": "#2e7d32", "resetting": "#f9a825", "verifying": "#1565c0", "idle": "#bdbdbd",
                 "faulted": "#c62828", "offline": "#424242"}
 
@@ -117,6 +118,7 @@ def write(state_dir: Path) -> Path:
             timelines[rec.cell_id].extend(rec.segments)
         tokens = board.values("tokens", TokenRecord)
         champions = board.values("champion", Champion)
+        regimes = regimes_used(board.values("findings", Finding))
     finally:
         board.close()
     starts = [s.start for segs in timelines.values() for s in segs] + [e.finished for e in episodes]
@@ -135,6 +137,8 @@ def write(state_dir: Path) -> Path:
         s = summarize(((e.verdict.success, e.success_at_k) for e in confirm), k=max([e.attempts for e in confirm] or [1]))
         lines.append(f"- champion `{c.policy.ref}` ({c.task}, by {c.agent}): held-out {s}; "
                      f"judged {c.judged_successes}/{c.judged_n} at promotion")
+    for agent, used in sorted(regimes.items()):
+        lines.append(f"- {agent} improved the policy by: {', '.join(REGIME_NAMES.get(r, r) for r in used)}")
     for cell, segs in sorted(timelines.items()):
         wall = max(s.end for s in segs) - min(s.start for s in segs) if segs else 0.0
         lines.append(f"- {cell}: MRU over its reported time {utilization(segs, wall).mru:.1%}")

@@ -105,7 +105,7 @@ def child_env(scratch: Path) -> dict[str, str]:
     return env
 
 
-def code_key(files: dict[str, str]) -> str:
+def code_key(files: dict[str, bytes]) -> str:
     return hashlib.sha256(msgspec.msgpack.encode(sorted(files.items()))).hexdigest()
 
 
@@ -139,7 +139,7 @@ class PolicySandbox:
         ] = []  # layers the child reported active, e.g. ["rlimits", "landlock-abi7", ...]
         self._audit_hook = _audit_hook
         self._proc: subprocess.Popen[bytes] | None = None
-        self._files: dict[str, str] = {}
+        self._files: dict[str, bytes] = {}
         self._params: dict[str, float] = {}
         self._key = ""
         self._seq = 0
@@ -155,12 +155,20 @@ class PolicySandbox:
 
     # ------------------------------------------------------------------------- public API
 
-    def load(self, files: dict[str, str], params: dict[str, float]) -> None:
-        """Make `Policy(params)` from `files` ready. Raises PolicyError with a verdict reason."""
+    def load(self, files: Mapping[str, bytes | str], params: dict[str, float]) -> None:
+        """Make `Policy(params)` from `files` (exact bytes; a str is taken as UTF-8 text) ready.
+        Raises PolicyError with a verdict reason."""
         if "policy.py" not in files:
             raise PolicyError("policy_error: no policy.py")
-        key = code_key(files)
-        self._files, self._params = dict(files), dict(params)
+        data = {name: content.encode() if isinstance(content, str) else bytes(content)
+                for name, content in files.items()}
+        for name, content in data.items():
+            _safe_relpath(name)
+            if len(content) > self.limits.max_file_bytes:
+                raise PolicyError(f"policy_error: file {name!r} is {len(content)} bytes, more than the sandbox's "
+                                  f"max_file_bytes ({self.limits.max_file_bytes})")
+        key = code_key(data)
+        self._files, self._params = data, dict(params)
         if self._alive() and key == self._key and self._cpu_used() < self.limits.cpu_seconds / 2:
             self._call(proto.Load(self._next_seq(), self._params), self.limits.load_timeout_s)
             return
@@ -316,10 +324,10 @@ class PolicySandbox:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        for name, text in self._files.items():
+        for name, content in self._files.items():
             path = self.scratch / _safe_relpath(name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            path.write_bytes(content)
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -4,6 +4,9 @@ Commits are made with git plumbing (a private index per commit, no checkout), so
 commit to their own branches at once without sharing a work tree. A commit id is a policy reference.
 Protected paths (verifier, reset, held-out seeds, safety limits, evaluation code) can never be
 committed; cells never load them from here anyway.
+
+Files are bytes to git: a source is committed as UTF-8 text, a checkpoint (e.g. `weights.npz`) as
+raw bytes. Every lease ships all files of its commit to a cell, so files and commits are size-capped.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import fnmatch
 import os
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 PROTECTED = ("verify*", "verifier*", "reset*", "eval*", "seeds*", "heldout*", "safety*", "limits*", ".git*")
 MAIN = "main"
+MAX_FILE_BYTES = 8 << 20  # one file, e.g. a trained policy's weights
+MAX_COMMIT_BYTES = 16 << 20  # all files of a commit: what every lease carries to a cell
 
 
 class WorkspaceError(RuntimeError):
@@ -23,6 +29,10 @@ class WorkspaceError(RuntimeError):
 
 
 class ProtectedPathError(WorkspaceError):
+    pass
+
+
+class TooLargeError(WorkspaceError):
     pass
 
 
@@ -41,14 +51,17 @@ class Workspace:
             readme = "Policy workspace of an enpire fleet. One branch per agent; the champion is on main.\n"
             self.commit(MAIN, {"README.md": readme}, "workspace created", allow_empty_parent=True)
 
-    def _git(self, *args: str, input: bytes | None = None, index: str | None = None) -> str:
+    def _git_bytes(self, *args: str, input: bytes | None = None, index: str | None = None) -> bytes:
         env = dict(self._env, GIT_DIR=str(self.path))
         if index:
             env["GIT_INDEX_FILE"] = index
         proc = subprocess.run(["git", *args], input=input, capture_output=True, env=env)
         if proc.returncode != 0:
             raise WorkspaceError(f"git {args[0]}: {proc.stderr.decode(errors='replace').strip()}")
-        return proc.stdout.decode()
+        return proc.stdout
+
+    def _git(self, *args: str, input: bytes | None = None, index: str | None = None) -> str:
+        return self._git_bytes(*args, input=input, index=index).decode()
 
     def check_paths(self, paths) -> None:
         for p in paths:
@@ -64,9 +77,19 @@ class Workspace:
         except WorkspaceError:
             return None
 
-    def commit(self, branch: str, files: dict[str, str | None], message: str, *, allow_empty_parent=False) -> str:
-        """Commit `files` (None deletes) on top of `branch` (or main when the branch is new)."""
+    def commit(self, branch: str, files: Mapping[str, str | bytes | None], message: str, *,
+               allow_empty_parent=False) -> str:
+        """Commit `files` (text, bytes, or None to delete) on top of `branch` (or main when the branch is new)."""
         self.check_paths(files)
+        blobs: dict[str, bytes | None] = {}
+        for path, content in files.items():
+            if isinstance(content, str):
+                content = content.encode()
+            elif content is not None and not isinstance(content, bytes):
+                raise WorkspaceError(f"{path!r}: content must be str, bytes or None, not {type(content).__name__}")
+            if content is not None and len(content) > MAX_FILE_BYTES:
+                raise TooLargeError(f"{path!r} is {len(content)} bytes; a policy file may hold at most {MAX_FILE_BYTES}")
+            blobs[path] = content
         parent = self.head(branch) or self.head(MAIN)
         if parent is None and not allow_empty_parent:
             raise WorkspaceError("workspace has no main branch")
@@ -74,22 +97,37 @@ class Workspace:
             index = str(Path(tmp) / "index")
             if parent:
                 self._git("read-tree", parent, index=index)
-            for path, text in files.items():
-                if text is None:
+            for path, content in blobs.items():
+                if content is None:
                     self._git("update-index", "--force-remove", path, index=index)
                     continue
-                blob = self._git("hash-object", "-w", "--stdin", input=text.encode()).strip()
+                blob = self._git("hash-object", "-w", "--stdin", input=content).strip()
                 self._git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", index=index)
             tree = self._git("write-tree", index=index).strip()
+        total = sum(int(line.split()[3]) for line in self._git("ls-tree", "-r", "-l", tree).splitlines())
+        if total > MAX_COMMIT_BYTES:
+            raise TooLargeError(f"commit on {branch!r} would hold {total} bytes of files; at most {MAX_COMMIT_BYTES}")
         args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
         commit = self._git(*args).strip()
         self._git("update-ref", f"refs/heads/{branch}", commit)
         return commit
 
-    def read(self, commit: str) -> dict[str, str]:
-        """All files of a commit (protected paths cannot be there: commits refuse them)."""
-        names = self._git("ls-tree", "-r", "--name-only", commit).splitlines()
-        return {n: self._git("cat-file", "blob", f"{commit}:{n}") for n in names}
+    def read_bytes(self, commit: str) -> dict[str, bytes]:
+        """All files of a commit, exactly as committed: what a cell runs (protected paths cannot be
+        there: commits refuse them)."""
+        names = self._git("ls-tree", "-r", "--name-only", "-z", commit).split("\0")
+        return {n: self._git_bytes("cat-file", "blob", f"{commit}:{n}") for n in names if n}
+
+    def read(self, commit: str) -> dict[str, str | bytes]:
+        """All files of a commit: text (valid UTF-8) as str, anything else (checkpoints) as bytes.
+        Committing a file back as read gives the same bytes either way."""
+        files: dict[str, str | bytes] = {}
+        for name, data in self.read_bytes(commit).items():
+            try:
+                files[name] = data.decode()
+            except UnicodeDecodeError:
+                files[name] = data
+        return files
 
     def set_main(self, commit: str) -> None:
         """Point main at the champion's commit (promotion or rollback)."""

@@ -33,7 +33,7 @@ EXAMPLES = [
     m.Welcome(run_id="r", heartbeat_s=1.0),
     m.LeaseRequest(cell_id="c"),
     m.Lease(lease_id="l", episode_id="e", job_id="j", kind="agent", task="pusht", seed=3, attempts=2,
-            policy=m.PolicyBundle(SPEC, {"policy.py": "x = 1"}), deadline_s=60, horizon=300, max_delta=100),
+            policy=m.PolicyBundle(SPEC, {"policy.py": b"x = 1", "weights.npz": b"PK\x03\x04\xff\x00"}), deadline_s=60, horizon=300, max_delta=100),
     m.NoWork(retry_after_s=0.5),
     m.Heartbeat(cell_id="c", state="running", segments=[m.Segment("running", 0.0, 1.0, "agent")]),
     m.EpisodeReport(cell_id="c", lease_id="l", episode_id="e", verdict=VERDICT,

@@ -123,7 +123,8 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
     assert report["time_to_target_s"] > 0
     assert set(report["cells"]) == {"cell-0", "cell-1"}
     assert 0.0 < report["mru"] <= 1.0
-    assert "held-out success" in out
+    assert report["regimes"]["agent-0"][0] == "tune"  # it starts by tuning its heuristic
+    assert "held-out success" in out and "agent-0: regimes tune" in out
     board = _board(tmp_path)
     _check_ledger(board)
     # trajectories were recorded and read back as arrays

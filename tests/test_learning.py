@@ -17,7 +17,7 @@ from bus.records import EpisodeRecord
 from enpire.agents.pusht_policy import INITIAL_PARAMS
 from enpire.agents.pusht_policy import Policy as Scripted
 from enpire.learning import bc, mlp_policy
-from enpire.learning.dataset import BOARD_NAME, NoDataError, load_dataset, record_scripted
+from enpire.learning.dataset import ARTIFACTS, BOARD_NAME, NoDataError, load_dataset, record_scripted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,9 @@ def test_dataset_arrays_and_filters(recorded, tmp_path):
 
     failed = msgspec.structs.replace(rec, episode_id="failed", verdict=Verdict(False, 0.3, "timeout", "pusht_state"))
     board.put("episodes", "failed", failed)
+    # held-out episodes judge policies: never training data, successful or not
+    for kind in ("heldout", "background"):
+        board.put("episodes", kind, msgspec.structs.replace(rec, episode_id=kind, kind=kind))
     board.close()
     assert load_dataset(state).n_episodes == 3
     assert load_dataset(state, success_only=False).n_episodes == 4
@@ -101,6 +104,9 @@ def test_export_round_trip_numpy_matches_torch(recorded, tmp_path, monkeypatch):
     want = model.predict_actions(ds.obs, prev)
     got = mlp_policy.predict(policy.w, ds.obs, prev)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    # and back: a checkpoint imported into torch (RL starts from one) predicts the same
+    again = bc.import_numpy(mlp_policy.load_weights(str(tmp_path / "weights.npz")))
+    np.testing.assert_allclose(again.predict_actions(ds.obs, prev), want, rtol=0, atol=1e-9)
     # through the protocol: the same action whenever no safety clip applies, and always safe
     policy.reset()
     last = None
@@ -134,6 +140,19 @@ def test_recipe_process_ok_nan_and_empty(recorded, tmp_path):
     assert metrics["episodes"] == 3 and metrics["recipe"] == "bc"
     with np.load(tmp_path / "ok" / "weights.npz", allow_pickle=False) as w:
         assert int(w["n_layers"]) == 4
+
+    # RL from that BC checkpoint, once it is an artifact of the state dir
+    state = _copy(recorded, tmp_path / "s")
+    artifact = "0123456789abcdef0123456789abcdef"
+    (state / ARTIFACTS).mkdir()
+    shutil.copy(tmp_path / "ok" / "weights.npz", state / ARTIFACTS / f"{artifact}.npz")
+    rl = _recipe(state, tmp_path / "rl", "--recipe", "rl", "--option", f"init_artifact={artifact}",
+                 "--option", "rl_steps=20")
+    assert rl.returncode == 0, rl.stderr
+    metrics = json.loads((tmp_path / "rl" / "metrics.json").read_text())
+    assert metrics["recipe"] == "rl" and metrics["init_from_artifact"] == 1 and metrics["rl_offline_steps"] == 20
+    missing = _recipe(state, tmp_path / "rl2", "--recipe", "rl", "--option", "init_artifact=" + "f" * 32)
+    assert missing.returncode != 0 and "no checkpoint at" in missing.stderr.strip().splitlines()[-1]
 
     nan = _recipe(recorded, tmp_path / "nan", "--option", "inject_nan=1")
     lines = nan.stderr.strip().splitlines()

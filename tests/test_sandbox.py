@@ -8,6 +8,7 @@ and the fake API key in our environment must not show up anywhere the policy cou
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -251,6 +252,42 @@ def test_load_errors_are_reasons(state: Path) -> None:
         )
         sb.reset()
         assert sb.act(np.zeros(5)).action[0] == 1.0  # type: ignore[index]
+
+
+WEIGHTED = """
+import numpy as np
+
+
+class Policy:
+    def __init__(self, params):
+        with np.load("weights.npz", allow_pickle=False) as data:
+            self.target = data["target"]
+
+    def act(self, obs):
+        return self.target
+"""
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_binary_files_reach_the_policy_exactly(state: Path) -> None:
+    blob = _npz(target=np.array([300.0, 200.0]))
+    with PolicySandbox(FAST, state / "scratch") as sb:
+        outcome, action = run_episode(sb, {"policy.py": WEIGHTED.encode(), "weights.npz": blob})
+        assert outcome == "ok" and list(action) == [300.0, 200.0]  # type: ignore[arg-type]
+        assert (state / "scratch" / "weights.npz").read_bytes() == blob
+        # pickled arrays are data the policy refuses to unpickle, not code it runs
+        pickled = _npz(target=np.array([{"x": 1}], dtype=object))
+        outcome, _ = run_episode(sb, {"policy.py": WEIGHTED.encode(), "weights.npz": pickled})
+        assert outcome.startswith("policy_error: ValueError") and "allow_pickle" in outcome, outcome
+    small = SandboxLimits(load_timeout_s=1.0, max_file_bytes=len(blob) - 1)
+    with PolicySandbox(small, state / "scratch") as sb:
+        with pytest.raises(PolicyError, match=rf"file 'weights.npz' is {len(blob)} bytes, more than"):
+            sb.load({"policy.py": WEIGHTED.encode(), "weights.npz": blob}, {})
 
 
 def test_parent_caps_forged_frames(state: Path) -> None:

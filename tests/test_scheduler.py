@@ -36,7 +36,7 @@ async def _start(nursery, tmp_path, config=None, board=None):
     board = board or Blackboard(tmp_path / "bb")
     system = ActorSystem(nursery)
     ref = await system.spawn(
-        "scheduler", lambda: Scheduler(config, board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run")
+        "scheduler", lambda: Scheduler(config, board, PolicyLoader(lambda c: {"policy.py": b"x"}), tmp_path, "run")
     )
     return ref, board, system
 
@@ -66,7 +66,7 @@ async def test_eval_job_is_leased_reported_once_and_returned(tmp_path):
         leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(2)]
         assert all(isinstance(lease, Lease) for lease in leases)
         assert sorted(lease.seed for lease in leases) == [1, 2]
-        assert leases[0].policy.files == {"policy.py": "x"}
+        assert leases[0].policy.files == {"policy.py": b"x"}
         await ref.ask(_report(leases[0], True))
         dup = await ref.ask(_report(leases[0], False))  # a duplicate delivery changes nothing
         assert isinstance(dup, Ack) and "ignored" in dup.detail
@@ -212,7 +212,7 @@ async def test_a_regression_found_by_confirmation_is_rolled_back(tmp_path):
     async with trio.open_nursery() as nursery:
         system = ActorSystem(nursery)
         ref = await system.spawn("scheduler", lambda: Scheduler(
-            config, board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run", moved.append))
+            config, board, PolicyLoader(lambda c: {"policy.py": b"x"}), tmp_path, "run", moved.append))
         await _hello(ref)
         a, b = PolicySpec("aaaa", {}), PolicySpec("bbbb", {})
         assert (await _judge(ref, a, "pa", 10, 20)).promoted

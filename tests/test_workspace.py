@@ -1,6 +1,7 @@
 import pytest
 
-from enpire.workspace import ProtectedPathError, Workspace
+from enpire import workspace
+from enpire.workspace import ProtectedPathError, TooLargeError, Workspace, WorkspaceError
 
 
 def test_commits_on_agent_branches_are_policy_references(tmp_path):
@@ -24,3 +25,28 @@ def test_protected_paths_are_refused(tmp_path, path):
     with pytest.raises(ProtectedPathError):
         ws.commit("agent/a", {"policy.py": "ok\n", path: "evil\n"}, "sneaky")
     assert ws.head("agent/a") is None and ws.head("main") == before
+
+
+def test_binary_files_round_trip_and_are_size_capped(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws")
+    weights = bytes(range(256)) * 4  # not UTF-8: stays bytes
+    c = ws.commit("agent/a", {"policy.py": "P = 1\n", "weights.npz": weights}, "learned policy")
+    assert ws.read_bytes(c) == {"README.md": ws.read_bytes(c)["README.md"], "policy.py": b"P = 1\n",
+                                "weights.npz": weights}
+    files = ws.read(c)
+    assert files["policy.py"] == "P = 1\n" and files["weights.npz"] == weights
+    # what was read commits back to the same tree
+    again = ws.commit("agent/b", files, "copy")
+    assert ws.read_bytes(again) == ws.read_bytes(c)
+    with pytest.raises(ProtectedPathError):
+        ws.commit("agent/a", {"verifier.npz": weights}, "sneaky binary")
+    with pytest.raises(WorkspaceError, match="must be str, bytes or None"):
+        ws.commit("agent/a", {"policy.py": 3}, "junk")
+    monkeypatch.setattr(workspace, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(TooLargeError, match=r"'weights.npz' is 1024 bytes; a policy file may hold at most 1000"):
+        ws.commit("agent/a", {"weights.npz": weights}, "too big")
+    monkeypatch.setattr(workspace, "MAX_COMMIT_BYTES", 1500)
+    head = ws.head("agent/a")
+    with pytest.raises(TooLargeError, match="would hold"):
+        ws.commit("agent/a", {"more.bin": weights[:900]}, "too much in all")  # 1024 inherited + 900
+    assert ws.head("agent/a") == head

@@ -14,7 +14,9 @@ def make_backend(config: cfg.Config, index: int):
     task = config.task()
     if a.backend == "builtin":
         settings = SearchSettings(population=a.population, seeds_per_candidate=a.seeds_per_candidate,
-                                  target=config.fleet.target, horizon=task.horizon)
+                                  target=config.fleet.target, horizon=task.horizon, learn=a.learn,
+                                  plateau_generations=a.plateau_generations,
+                                  learn_min_successes=a.learn_min_successes)
         return BuiltinResearcher(settings, index, task.tuning_seeds.seeds(), task.driver)
     if a.backend == "anthropic":
         from enpire.agents.anthropic_backend import AnthropicClient

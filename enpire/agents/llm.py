@@ -406,7 +406,10 @@ class Dispatcher:
         self._remember(commit)
         if a.paths:
             files = {p: files[p] for p in a.paths if p in files}
-        return _json({"commit": commit, "files": files})
+        # A checkpoint (e.g. weights.npz) is named with its size, never pasted into the context.
+        binary = {p: f"{len(v)} bytes" for p, v in files.items() if isinstance(v, bytes)}
+        text = {p: v for p, v in files.items() if isinstance(v, str)}
+        return _json({"commit": commit, "files": text, **({"binary_files": binary} if binary else {})})
 
     async def _commit(self, a: CommitArgs) -> str:
         commit = await self.tools.commit(a.files, a.message)

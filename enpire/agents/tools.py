@@ -8,10 +8,12 @@ findings go to the blackboard.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import trio
@@ -28,8 +30,12 @@ from bus.messages import (
     TrainRequest,
     TrainResult,
 )
-from bus.records import Champion, Digest, Finding, TestedRecord, TokenRecord
+from bus.records import Champion, Digest, EpisodeRecord, Finding, TestedRecord, TokenRecord
+from enpire.learning import mlp_policy
+from enpire.learning.dataset import trainable
 from enpire.workspace import Workspace
+
+LEARNED_POLICY = Path(mlp_policy.__file__)  # the numpy policy file every checkpoint of the trainer runs in
 
 
 class ToolError(RuntimeError):
@@ -65,17 +71,41 @@ class Tools:
     board: Blackboard
     eval_timeout_s: float = 3600.0
     trainer: Ref | None = None
+    artifacts: Path | None = None  # the trainer's checkpoints by content hash (state dir's artifacts/)
 
     @property
     def branch(self) -> str:
         return f"agent/{self.agent}"
 
-    async def read_files(self, commit: str | None = None) -> dict[str, str]:
+    async def read_files(self, commit: str | None = None) -> dict[str, str | bytes]:
+        """Files of a commit (default: the agent's branch head): text as str, checkpoints as bytes."""
         ref = commit or self.workspace.head(self.branch) or self.workspace.head("main")
         return await trio.to_thread.run_sync(self.workspace.read, ref)
 
-    async def commit(self, files: dict[str, str | None], message: str) -> str:
-        return await trio.to_thread.run_sync(self.workspace.commit, self.branch, files, message)
+    async def commit(self, files: dict[str, str | bytes | None], message: str, branch: str | None = None) -> str:
+        return await trio.to_thread.run_sync(self.workspace.commit, branch or self.branch, files, message)
+
+    async def commit_checkpoint(self, artifact: str, message: str) -> str:
+        """Make a trained checkpoint a policy version: a commit holding the learning library's policy
+        file as `policy.py` and the checkpoint as `weights.npz`, on the agent's `learned/` branch (its
+        heuristic branch stays as it was). The commit id is evaluated and promoted like any other."""
+        if self.artifacts is None:
+            raise ToolError("this fleet keeps no checkpoints")
+        if not re.fullmatch(r"[0-9a-f]{32}", artifact):
+            raise ToolError(f"{artifact!r} is not a checkpoint hash (32 hex digits)")
+        path = self.artifacts / f"{artifact}.npz"
+        try:
+            weights = await trio.to_thread.run_sync(path.read_bytes)
+        except FileNotFoundError:
+            raise ToolError(f"no checkpoint {artifact} in {self.artifacts}") from None
+        if hashlib.sha256(weights).hexdigest()[:32] != artifact:
+            raise ToolError(f"checkpoint {artifact} does not match its content hash: the file was altered")
+        files = {"policy.py": LEARNED_POLICY.read_text(), "weights.npz": weights}
+        return await self.commit(files, f"{message} (checkpoint {artifact})", branch=f"learned/{self.agent}")
+
+    def training_successes(self) -> int:
+        """Successful episodes on the episode store that a training recipe for this task would use."""
+        return sum(trainable(r, self.task) for r in self.board.values("episodes", EpisodeRecord))
 
     async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 1) -> EvalResult:
         job_id = f"{self.agent}-{uuid.uuid4().hex[:10]}"
@@ -120,11 +150,11 @@ class Tools:
         return latest[-1][1] if latest else None
 
     def post_finding(self, hypothesis: str, change: str, evidence: str, outcome: str, *,
-                     fingerprint: str = "", score: float = 0.0) -> Finding:
+                     fingerprint: str = "", score: float = 0.0, regime: str = "") -> Finding:
         finding = Finding(
             finding_id=f"{self.agent}-{uuid.uuid4().hex[:10]}", agent=self.agent, t=time.time(),
             hypothesis=hypothesis, change=change, evidence=evidence, outcome=outcome,
-            fingerprint=fingerprint, score=score,
+            fingerprint=fingerprint, score=score, regime=regime,
         )
         self.board.append("findings", finding)
         return finding

@@ -127,19 +127,40 @@ class MLP(nn.Module):
 
 
 def export_numpy(model: MLP) -> dict[str, np.ndarray]:
-    """The arrays `mlp_policy.py` reads (save with np.savez; loads with allow_pickle=False)."""
+    """The arrays `mlp_policy.py` reads (save with np.savez; loads with allow_pickle=False). Kept in the
+    model's own float32: exact, and half the bytes every lease carries to a cell."""
     out: dict[str, np.ndarray] = {}
     for i, layer in enumerate(model.linears):
-        out[f"w{i}"] = layer.weight.detach().double().numpy().T.copy()
-        out[f"b{i}"] = layer.bias.detach().double().numpy().copy()
+        out[f"w{i}"] = layer.weight.detach().numpy().T.copy()
+        out[f"b{i}"] = layer.bias.detach().numpy().copy()
     for name in ("feat_mean", "feat_std", "act_mean", "act_std"):
-        out[name] = getattr(model, name).detach().double().numpy().copy()
+        out[name] = getattr(model, name).detach().numpy().copy()
     out["n_layers"] = np.array(len(model.linears))
     out["feature_version"] = np.array(FEATURE_VERSION)
     out["act_low"] = np.full(2, ACT_LOW)
     out["act_high"] = np.full(2, ACT_HIGH)
     out["max_delta"] = np.array(MAX_DELTA)
     return out
+
+
+def import_numpy(weights: dict[str, np.ndarray]) -> MLP:
+    """The model back from exported arrays (e.g. a BC checkpoint that RL starts from)."""
+    if int(weights.get("feature_version", -1)) != FEATURE_VERSION:
+        raise ValueError(f"checkpoint feature_version {weights.get('feature_version')} != {FEATURE_VERSION}")
+    n = int(weights["n_layers"])
+    w0 = weights["w0"]
+    model = MLP(w0.shape[0], weights[f"w{n - 1}"].shape[1], hidden=w0.shape[1] if n > 1 else 1, layers=n)
+    with torch.no_grad():
+        for i, layer in enumerate(model.linears):
+            if tuple(weights[f"w{i}"].shape) != (layer.in_features, layer.out_features):
+                raise ValueError(f"checkpoint layer {i} has shape {weights[f'w{i}'].shape}, "
+                                 f"expected {(layer.in_features, layer.out_features)}")
+            layer.weight.copy_(torch.as_tensor(np.asarray(weights[f"w{i}"]).T.copy()))
+            layer.bias.copy_(torch.as_tensor(np.asarray(weights[f"b{i}"])))
+        for name in ("feat_mean", "feat_std", "act_mean", "act_std"):
+            getattr(model, name).copy_(torch.as_tensor(np.asarray(weights[name])))
+    model.eval()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Transitions from the fleet's episode store, and a recorder that fills a state dir from a scripted policy.
 
 `load_dataset(state_dir, task=...)` reads the blackboard's episode index (table "episodes",
-`EpisodeRecord`), keeps the episodes that match (task, successful verdict, recorded trajectory), reads
+`EpisodeRecord`), keeps the episodes that match (agents' experiments on tuning seeds only, never
+held-out ones; task, successful verdict, recorded trajectory), reads
 each `.npz` with `enpire.episodes.read_trajectory` (allow_pickle=False) and concatenates them into flat
 transition arrays. A truncated or corrupt file is skipped and reported (`Dataset.skipped` names the file
 and what is wrong); it never stops the load.
@@ -26,6 +27,7 @@ from bus.records import EpisodeRecord
 from enpire.episodes import EpisodeFileError, read_trajectory, write_trajectory
 
 BOARD_NAME = "blackboard.lmdb"
+ARTIFACTS = "artifacts"  # checkpoints by content hash, in the state dir
 
 
 class NoDataError(RuntimeError):
@@ -61,11 +63,18 @@ class Dataset:
         return np.cumsum(self.episode_start) - 1
 
 
+def trainable(record: EpisodeRecord, task: str | None = "pusht", success_only: bool = True) -> bool:
+    """An episode a recipe may learn from: an agent's experiment (tuning seeds: held-out and background
+    episodes judge policies and must stay unseen by training), matching task, recorded trajectory, a
+    successful verdict (unless `success_only=False`), not flagged (e.g. successful at reset)."""
+    return (record.kind == "agent" and bool(record.trajectory_file) and not record.flagged
+            and (task is None or record.task == task) and (record.verdict.success or not success_only))
+
+
 def select_episodes(
     state_dir: str | Path, *, task: str | None = "pusht", success_only: bool = True, max_episodes: int | None = None
 ) -> list[EpisodeRecord]:
-    """The index entries to train on: matching task, recorded trajectory, a successful verdict (unless
-    `success_only=False`), not flagged (e.g. successful at reset); newest first when capped."""
+    """The `trainable` index entries; newest first when capped."""
     path = Path(state_dir) / BOARD_NAME
     if not path.exists():
         raise NoDataError(f"no blackboard at {path}")
@@ -74,12 +83,7 @@ def select_episodes(
         records = board.values("episodes", EpisodeRecord)
     finally:
         board.close()
-    chosen = [
-        r for r in records
-        if r.trajectory_file and not r.flagged
-        and (task is None or r.task == task)
-        and (r.verdict.success or not success_only)
-    ]
+    chosen = [r for r in records if trainable(r, task, success_only)]
     chosen.sort(key=lambda r: (r.finished, r.episode_id), reverse=True)
     if max_episodes is not None:
         chosen = chosen[: max(0, int(max_episodes))]
@@ -234,7 +238,7 @@ def record_scripted(
             write_trajectory(state_dir / rel, arrays["observations"], arrays["actions"], arrays["rewards"])
             t = len(arrays["actions"])
             record = EpisodeRecord(
-                episode_id=episode_id, job_id=f"rec-{policy_ref}", kind="background", task=task, seed=int(seed),
+                episode_id=episode_id, job_id=f"rec-{policy_ref}", kind="agent", task=task, seed=int(seed),
                 policy=PolicySpec(commit=policy_ref), cell_id="recorder",
                 verdict=Verdict(success=success, score=coverage, reason="success" if success else "timeout",
                                 verifier="pusht_state"),

@@ -10,7 +10,8 @@ no data, NaN loss, time budget, memory budget (RLIMIT_AS caps the address space;
 failed allocation ends as "memory budget exceeded").
 
 Options (all strings on the command line): max_episodes, success_only, hidden, layers, max_epochs,
-patience, lr, seed; for "rl" also rl_steps, alpha, online_episodes; inject_nan (tests only).
+patience, lr, seed; for "rl" also rl_steps, alpha, online_episodes and init_artifact (the content hash
+of a BC checkpoint in artifacts/ to start from instead of training BC first); inject_nan (tests only).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import resource
 import sys
 import time
@@ -89,7 +91,13 @@ def run_recipe(
         lr=_opt(options, "lr", float, 1e-3), seed=_opt(options, "seed", int, 0), time_budget_s=bc_share,
         inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
     )
-    model, metrics = bc.train_bc(ds, cfg)
+    init = options.get("init_artifact", "")
+    if init and name == "rl":  # RL from a BC checkpoint the fleet already has: no second BC run
+        model, metrics = bc.import_numpy(_checkpoint(Path(state_dir), init)), {"init_from_artifact": 1.0}
+    elif init:
+        raise RecipeError(f"option init_artifact is for the rl recipe, not {name!r}")
+    else:
+        model, metrics = bc.train_bc(ds, cfg)
     if name == "rl":
         from enpire.learning import rl
 
@@ -123,6 +131,22 @@ def run_recipe(
     doc["skipped"] = ds.skipped[:20]
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1))
     return TrainResult(name, weights_path, metrics)
+
+
+def _checkpoint(state_dir: Path, artifact: str) -> dict[str, np.ndarray]:
+    """The arrays of a checkpoint in the state dir's artifacts/ (by content hash; never unpickled)."""
+    from enpire.learning.dataset import ARTIFACTS
+    from enpire.learning.mlp_policy import load_weights
+
+    if not re.fullmatch(r"[0-9a-f]{32}", artifact):
+        raise RecipeError(f"init_artifact {artifact!r} is not a checkpoint hash (32 hex digits)")
+    path = state_dir / ARTIFACTS / f"{artifact}.npz"
+    if not path.exists():
+        raise RecipeError(f"init_artifact {artifact}: no checkpoint at {path}")
+    try:
+        return load_weights(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise RecipeError(f"init_artifact {artifact}: unreadable checkpoint ({exc})") from None
 
 
 def _limit_memory(max_rss_mb: float) -> None:
