@@ -89,7 +89,7 @@ class AgentsConfig(Strict):
     digest: bool = True  # false (ablation): briefings list every peer finding instead of the summarizer's digest
     # model agents on a pooled fleet start a turn once some results are in and fewer than this many
     # episodes per cell are queued (teammates' coming requests included); 0 = after all their results
-    pace_per_cell: Annotated[float, Meta(ge=0)] = 6.0
+    pace_per_cell: Annotated[float, Meta(ge=0)] = 10.0
 
 
 class SchedulerConfig(Strict):

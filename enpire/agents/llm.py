@@ -545,6 +545,12 @@ class _Running:
     def finished(self) -> int:
         return sum(o is not None for o in self.outputs)
 
+    @property
+    def results(self) -> int:
+        """Finished experiments (evaluations, judgings): what a paced turn waits for before it thinks again."""
+        return sum(o is not None and c.name in ("evaluate", "promote") for o, c in zip(self.outputs, self.reply.calls,
+                                                                                        strict=True))
+
 
 def _episodes(calls: Sequence[ToolCall]) -> int:
     """Episodes a turn's evaluate calls ask for (as the dispatcher will read them)."""
@@ -644,14 +650,13 @@ class LLMAgent:
     async def _settle(self, running: _Running | None, tools: Tools) -> None:
         """Wait until the next turn may start, then record the last one.
 
-        Unpaced: when all its calls are done. Paced: once some results are in (or there were no calls)
-        and the fleet admits a turn (`_admit`), so robots never wait for a model reading results that
-        would only queue, and a large team thinks at the pace its robots can test."""
-        total = len(running.outputs) if running else 0
+        Unpaced: when all its calls are done. Paced: once some of its experiments' results are in (or all
+        calls are done) and the fleet admits a turn (`_admit`): robots do not wait for the model while
+        its last episodes run, and a large team thinks at the pace its robots can test."""
         pace = self.settings.pace_per_cell
         while True:
-            finished = running.finished if running else 0
-            if (finished == total or (pace and finished)) and (not pace or self._admit(tools)):
+            done = running is None or running.finished == len(running.outputs) or (pace and running.results)
+            if done and (not pace or self._admit(tools)):
                 break
             with trio.move_on_after(0.25):
                 await self._wake.wait()
