@@ -61,7 +61,7 @@ from bus.records import (
 from enpire import leaderboard
 from enpire.config import Config
 from enpire.episodes import write_trajectory
-from enpire.metrics import Utilization, better_with_confidence, utilization
+from enpire.metrics import Utilization, better_with_confidence, utilization, wilson_interval
 
 
 @dataclass
@@ -493,11 +493,12 @@ class Scheduler(Actor):
         return queue.popleft() if queue else None
 
     def _decisive(self) -> bool:
-        """The champion was judged at the target and its confirmation, which ends the run, is not complete:
-        that confirmation goes before agents' queued experiments."""
+        """The champion's judging does not rule out the target (Wilson upper bound) and its confirmation, which
+        may end the run, is not complete: that confirmation goes before agents' queued experiments."""
         c = self.board.get("champion", self.config.cells.task, Champion)
         return (c is not None and self.config.scheduler.background and c.judged_n > 0
-                and c.judged_successes / c.judged_n >= self.config.fleet.target and c.n < self.config.fleet.min_heldout)
+                and wilson_interval(c.judged_successes, c.judged_n)[1] >= self.config.fleet.target
+                and c.n < self.config.fleet.min_heldout)
 
     def _queue_background(self) -> None:
         task_name = self.config.cells.task

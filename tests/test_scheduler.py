@@ -365,7 +365,7 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
         nursery.cancel_scope.cancel()
 
 
-async def test_a_champion_at_the_target_is_confirmed_before_queued_experiments(tmp_path):
+async def test_a_champion_that_may_meet_the_target_is_confirmed_before_queued_experiments(tmp_path):
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path, cfg.with_overrides(cfg.Config(), **{"fleet.min_heldout": 2}))
         await _hello(ref)
@@ -378,6 +378,11 @@ async def test_a_champion_at_the_target_is_confirmed_before_queued_experiments(t
             kinds.append(lease.kind)
             await ref.ask(_report(lease, True))
         assert kinds == ["background", "background", "agent", "agent"]  # the run may end on these two
+        # a champion whose judging rules the target out (10/20: Wilson upper bound 0.70) waits for idle cells
+        board.put("champion", "pusht", Champion("pusht", POLICY, 10, 20, 0.0, agent="a", confirm_next=200))
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j2", agent="a", task="pusht", policy=POLICY, seeds=[4]))
+        await trio.sleep(0.05)
+        assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).kind == "agent"
         nursery.cancel_scope.cancel()
 
 
