@@ -4,8 +4,10 @@
 - Every episode is leased with a deadline. A lease that expires, or whose cell stops heartbeating, is
   put back in the queue under the same episode id; the first report for an episode id is recorded
   and any later one is acknowledged and ignored, so each episode ends with exactly one result.
-- Order: held-out judging of candidates first, then agents' evaluations (fair share between agents),
-  then background work: re-evaluating the champion on further held-out seeds to tighten its interval.
+- Order: the confirmation of a champion that may meet the target, held-out judging of candidates,
+  then agents' evaluations (re-evaluations of measured candidates first, then fair share between
+  agents), then background work: judging the starting policy, re-evaluating the champion on further
+  held-out seeds to tighten its interval.
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence on
   the same held-out seeds (one-sided two-proportion z-test, `metrics.better_with_confidence`).
 
@@ -328,6 +330,8 @@ class Scheduler(Actor):
             )
             with self.board.write() as w:  # teammates see what is being measured right now
                 candidate = self._candidate(w, record)
+                if candidate.n:  # more evidence on a measured candidate is on the way to a promotion: first
+                    record.priority += 1
                 candidate.pending += len(record.seeds)
                 w.put("candidates", _candidate_key(record), candidate)
             job = self._add_job(record)
@@ -395,9 +399,11 @@ class Scheduler(Actor):
                     job.results[eid] = done
         self.jobs[record.job_id] = job
         queue = self.pending.setdefault(_queue_key(record.kind, record.agent), deque())
-        for eid, seed in zip(ids, record.seeds, strict=True):
+        # Within a queue, higher priority first, then in order of arrival.
+        at = next((i for i, e in enumerate(queue) if e.priority < record.priority), len(queue))
+        for eid, seed in reversed(list(zip(ids, record.seeds, strict=True))):
             if eid not in job.results:
-                queue.append(self._episode(record, eid, seed))
+                queue.insert(at, self._episode(record, eid, seed))
         self._job_progress(job)
         self._work.set()
         return job

@@ -427,3 +427,24 @@ async def test_a_promotion_ends_the_baselines_judging(tmp_path):
         assert isinstance(await ref.ask(_report(first, True)), Ack)  # its late report is acknowledged, not counted
         assert board.get("champion", "pusht", Champion).policy == POLICY
         nursery.cancel_scope.cancel()
+
+
+async def test_more_episodes_of_a_measured_candidate_go_before_first_looks(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path)
+        await _hello(ref)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j1", agent="a", task="pusht", policy=POLICY, seeds=[1]))
+        await trio.sleep(0.05)
+        await ref.ask(_report(await ref.ask(LeaseRequest(cell_id="cell-0")), True))
+        other = PolicySpec("c0ffee", {"gain": 2.0})
+        nursery.start_soon(ref.ask, EvalRequest(job_id="new", agent="b", task="pusht", policy=other, seeds=[2, 3]))
+        await trio.sleep(0.05)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="more", agent="c", task="pusht", policy=POLICY, seeds=[4, 5]))
+        await trio.sleep(0.05)
+        order = []
+        for _ in range(4):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            order.append(lease.job_id)
+            await ref.ask(_report(lease, True))
+        assert order == ["more", "more", "new", "new"]
+        nursery.cancel_scope.cancel()
