@@ -240,7 +240,8 @@ class Scheduler(Actor):
         now = time.time()
         self.leases[lease_id] = LeaseState(episode, cell_id, now + self.config.scheduler.lease_s)
         self.board.put("leases", lease_id, LeaseRecord(lease_id, episode.episode_id, episode.job_id, cell_id, now))
-        self.served[episode.agent] = self.served.get(episode.agent, 0) + 1
+        if episode.kind == "agent":  # judging and confirmation are for the team: not charged to one agent's share
+            self.served[episode.agent] = self.served.get(episode.agent, 0) + 1
         return Lease(
             lease_id=lease_id,
             episode_id=episode.episode_id,

@@ -16,8 +16,9 @@ Decisions. Each agent (told apart by the request's `user` field, which the frame
    team's best entry (`init_std` in [0, 1]^d, scaled with the built-in researcher's helpers; with
    `elites` > 1, the mean and spread of the best entries; numbers written to four significant
    digits), `n_seeds` episodes each;
-   `evaluate` more episodes of the best entry not yet judged whose success reaches target + margin
-   (at most doubling its episodes, less what teammates already run), until it has `validation_seeds`;
+   `evaluate` more episodes of the (`topups`) best entries not yet judged whose success reaches
+   target + margin (at most doubling their episodes, less what teammates already run), until they
+   have `validation_seeds`;
    `promote` such an entry once it has them; `post_finding` on the turn's results.
 
 There is no private search state: a team divides one search kept on the blackboard instead of
@@ -94,6 +95,7 @@ class SearchConfig:
     population: int = 4  # new candidates per turn, sampled around the team's elites
     n_seeds: int = 5  # tuning episodes per new candidate
     validation_seeds: int = 20  # episodes a candidate needs before it is promoted
+    topups: int = 2  # open entries topped up per turn
     margin: float = 0.05  # promote only at target + margin on tuning seeds: held-out judging must agree
     elites: int = 1  # best leaderboard entries the search distribution is fitted to (1: around the best)
     init_std: float = 0.15  # in [0, 1]^d units, also the largest spread
@@ -180,17 +182,17 @@ class Policy:
         ready = next((e for e in open_ if e.n >= s.validation_seeds), None)
         if ready is not None:
             calls.append(("promote", {"params": ready.params}))
-        # Top up the best open entry, doubling its episodes at most, so a lucky start is dropped early.
-        topup = next((e for e in open_ if e.n + e.pending < s.validation_seeds and e.n > e.pending), None)
-        if topup is not None:
-            calls.append(("evaluate", {"params": topup.params, "n_seeds": min(
-                s.validation_seeds - topup.n - topup.pending, topup.n - topup.pending)}))
+        # Top up the best open entries, doubling their episodes at most, so a lucky start is dropped early.
+        topups = [e for e in open_ if e.n + e.pending < s.validation_seeds and e.n > e.pending][: s.topups]
+        for e in topups:
+            calls.append(("evaluate", {"params": e.params, "n_seeds": min(s.validation_seeds - e.n - e.pending,
+                                                                           e.n - e.pending)}))
         mean, std = self._distribution(board, champion)
         for _ in range(s.population):
             x = np.clip(mean + std * a.rng.standard_normal(mean.shape), 0.0, 1.0)
             calls.append(("evaluate", {"params": _rounded(self.scale._params(x)), "n_seeds": s.n_seeds}))
         text = (f"Turn {a.turns}: {s.population} new candidates around the team's best"
-                + (f", topping up {topup.ref}" if topup else "") + (f", promoting {ready.ref}" if ready else "") + ".")
+                + "".join(f", topping up {e.ref}" for e in topups) + (f", promoting {ready.ref}" if ready else "") + ".")
         return self._calls(a, text, calls)
 
     def _distribution(self, board: list[Entry], champion) -> tuple[np.ndarray, np.ndarray]:

@@ -448,3 +448,21 @@ async def test_more_episodes_of_a_measured_candidate_go_before_first_looks(tmp_p
             await ref.ask(_report(lease, True))
         assert order == ["more", "more", "new", "new"]
         nursery.cancel_scope.cancel()
+
+
+async def test_judging_a_candidate_is_not_charged_to_the_promoting_agents_share(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(promote_seeds=4))
+        await _hello(ref)
+        assert (await _judge(ref, POLICY, "p", 1, 4)).promoted  # agent "a" asked for 4 held-out episodes
+        nursery.start_soon(ref.ask, EvalRequest(job_id="ja", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+        await trio.sleep(0.05)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=[3, 4]))
+        await trio.sleep(0.05)
+        jobs = []
+        for _ in range(2):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            jobs.append(lease.job_id)
+            await ref.ask(_report(lease, True))
+        assert jobs == ["ja", "jb"] or jobs == ["jb", "ja"]  # served alternately, "a" not pushed back
+        nursery.cancel_scope.cancel()
