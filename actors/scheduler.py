@@ -4,8 +4,10 @@
 - Every episode is leased with a deadline. A lease that expires, or whose cell stops heartbeating, is
   put back in the queue under the same episode id; the first report for an episode id is recorded
   and any later one is acknowledged and ignored, so each episode ends with exactly one result.
-- Order: held-out judging of candidates first, then agents' evaluations (fair share between agents),
-  then background work: re-evaluating the champion on further held-out seeds to tighten its interval.
+- Order: the confirmation of a champion that may meet the target, held-out judging of candidates,
+  then agents' evaluations (re-evaluations of measured candidates first, then fair share between
+  agents), then background work: judging the starting policy, re-evaluating the champion on further
+  held-out seeds to tighten its interval.
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence on
   the same held-out seeds (one-sided two-proportion z-test, `metrics.better_with_confidence`).
 
@@ -48,17 +50,20 @@ from bus.messages import (
     Welcome,
 )
 from bus.records import (
+    CandidateRecord,
     CellRecord,
     Champion,
     EpisodeRecord,
     JobRecord,
     LeaseRecord,
+    QueueRecord,
     SmokeRecord,
     TimelineRecord,
 )
+from enpire import leaderboard
 from enpire.config import Config
 from enpire.episodes import write_trajectory
-from enpire.metrics import Utilization, better_with_confidence, utilization
+from enpire.metrics import Utilization, better_with_confidence, utilization, wilson_interval
 
 
 @dataclass
@@ -119,9 +124,11 @@ class Scheduler(Actor):
     concurrent_handlers = True  # lease requests long-poll; agents wait for their jobs
 
     def __init__(self, config: Config, board: Blackboard, policies: PolicyLoader, state_dir: Path, run_id: str,
-                 set_main=None):
-        """`set_main(commit)` points the workspace's main branch at the champion (promotion, rollback)."""
+                 set_main=None, baseline: PolicySpec | None = None):
+        """`set_main(commit)` points the workspace's main branch at the champion (promotion, rollback);
+        `baseline` is the policy the team starts from, judged by idle cells while there is no champion."""
         super().__init__()
+        self.baseline = baseline
         self.set_main = set_main or (lambda commit: None)
         self.config = config
         self.board = board
@@ -137,6 +144,7 @@ class Scheduler(Actor):
         self.started = time.time()
         self.smoke: dict[str, SmokeRecord] = {}  # by policy ref
         self.committed: dict[str, int] = {}  # episodes accepted per agent, for the episode budget
+        self.promotions: dict[str, str] = {}  # policy ref -> its judging job
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -147,9 +155,12 @@ class Scheduler(Actor):
         self.leases.clear()
         self.smoke = {r.policy.ref: r for r in self.board.values("smoke", SmokeRecord)}
         self.committed.clear()
+        self.promotions.clear()
         for _, record in self.board.items("jobs", JobRecord):
             if record.kind == "agent" and record.purpose == "eval":
                 self.committed[record.agent] = self.committed.get(record.agent, 0) + len(record.seeds)
+            if record.purpose == "promote":
+                self.promotions.setdefault(record.policy.ref, record.job_id)
             if record.done:
                 continue
             self._add_job(record, persist=False)
@@ -158,9 +169,16 @@ class Scheduler(Actor):
             self.log.info("queue_restored", jobs=len(self.jobs), episodes=requeued)
 
     async def main(self) -> None:
+        published = None
         while True:
             await trio.sleep(0.25)
-            self._expire(time.time())
+            now = time.time()
+            self._expire(now)
+            queue = (sum(len(q) for k, q in self.pending.items() if k != "background"),
+                     sum(c.record.state != "offline" for c in self.cells.values()))
+            if queue != published:  # agents pace their turns by this (enpire/agents/llm.py)
+                self.board.put("meta", "queue", QueueRecord(*queue, now))
+                published = queue
 
     # ------------------------------------------------------------------ messages
 
@@ -222,7 +240,8 @@ class Scheduler(Actor):
         now = time.time()
         self.leases[lease_id] = LeaseState(episode, cell_id, now + self.config.scheduler.lease_s)
         self.board.put("leases", lease_id, LeaseRecord(lease_id, episode.episode_id, episode.job_id, cell_id, now))
-        self.served[episode.agent] = self.served.get(episode.agent, 0) + 1
+        if episode.kind == "agent":  # judging and confirmation are for the team: not charged to one agent's share
+            self.served[episode.agent] = self.served.get(episode.agent, 0) + 1
         return Lease(
             lease_id=lease_id,
             episode_id=episode.episode_id,
@@ -310,6 +329,12 @@ class Scheduler(Actor):
                 msg.job_id, msg.agent, "agent", msg.task, msg.policy, list(msg.seeds),
                 msg.attempts, msg.priority, time.time(),
             )
+            with self.board.write() as w:  # teammates see what is being measured right now
+                candidate = self._candidate(w, record)
+                if candidate.n:  # more evidence on a measured candidate is on the way to a promotion: first
+                    record.priority += 1
+                candidate.pending += len(record.seeds)
+                w.put("candidates", _candidate_key(record), candidate)
             job = self._add_job(record)
         await job.done.wait()
         return self._eval_result(job)
@@ -318,12 +343,16 @@ class Scheduler(Actor):
         task = self.config.tasks.get(msg.task)
         if task is None:
             return Failure(error=f"unknown task {msg.task!r}")
-        job = self.jobs.get(msg.job_id) or self._job_from_board(msg.job_id)
+        # One judging per candidate: teammates who ask for the same one wait for that verdict.
+        job_id = self.promotions.get(msg.policy.ref, msg.job_id)
+        job = self.jobs.get(job_id) or self._job_from_board(job_id)
         if job is None:
             seeds = list(task.heldout_seeds.seeds()[: self.config.scheduler.promote_seeds])
             record = JobRecord(
                 msg.job_id, msg.agent, "heldout", msg.task, msg.policy, seeds, 1, 100, time.time(), purpose="promote"
             )
+            self.promotions[msg.policy.ref] = msg.job_id
+            self._mark(record, "judging")
             job = self._add_job(record)
         await job.done.wait()
         return self._judge(job)
@@ -344,6 +373,8 @@ class Scheduler(Actor):
                            previous=champion.policy if champion else None,
                            previous_successes=champion.successes if champion else 0,
                            previous_n=champion.n if champion else 0)
+            if not self.config.scheduler.pooled:
+                self._confirm_on_own_cell(new)
             self.board.put("champion", task, new)
             self.set_main(job.record.policy.commit)
             self.log.info("champion_promoted", task=task, policy=job.record.policy.ref, successes=s, n=n,
@@ -351,6 +382,7 @@ class Scheduler(Actor):
             self._work.set()
         else:
             promoted, detail = False, f"{s}/{n} is not better than {cs}/{cn} with confidence"
+        self._mark(job.record, "promoted" if promoted else "rejected")
         return PromoteResult(
             job_id=job.record.job_id, policy=job.record.policy, promoted=promoted, successes=s, n=n,
             champion_successes=cs, champion_n=cn, detail=detail,
@@ -367,10 +399,12 @@ class Scheduler(Actor):
                 if done is not None:
                     job.results[eid] = done
         self.jobs[record.job_id] = job
-        queue = self.pending.setdefault("judge" if record.kind == "heldout" else record.agent, deque())
-        for eid, seed in zip(ids, record.seeds, strict=True):
+        queue = self.pending.setdefault(_queue_key(record.kind, record.agent), deque())
+        # Within a queue, higher priority first, then in order of arrival.
+        at = next((i for i, e in enumerate(queue) if e.priority < record.priority), len(queue))
+        for eid, seed in reversed(list(zip(ids, record.seeds, strict=True))):
             if eid not in job.results:
-                queue.append(self._episode(record, eid, seed))
+                queue.insert(at, self._episode(record, eid, seed))
         self._job_progress(job)
         self._work.set()
         return job
@@ -401,7 +435,7 @@ class Scheduler(Actor):
         job.episode_ids.remove(episode.episode_id)
         replacement = Episode(eid, episode.job_id, episode.kind, episode.task, seed, episode.attempts,
                               episode.policy, episode.priority, episode.agent)
-        self.pending.setdefault(episode.agent if episode.kind == "agent" else "judge", deque()).appendleft(replacement)
+        self.pending.setdefault(_queue_key(episode.kind, episode.agent), deque()).appendleft(replacement)
         self._work.set()
 
     def _job_progress(self, job: Job) -> None:
@@ -411,9 +445,14 @@ class Scheduler(Actor):
                 w.put("jobs", job.record.job_id, job.record)
                 if job.record.purpose == "confirm":
                     self._confirmed(w, job)
+                elif job.record.purpose == "baseline":
+                    self._baseline_judged(w, job)
+                elif job.record.purpose == "eval" and job.record.kind == "agent":
+                    self._tally(w, job)
             job.done.set()
-            if job.record.purpose == "confirm":
-                del self.jobs[job.record.job_id]  # nobody waits on background jobs
+            if job.record.purpose in ("confirm", "baseline"):
+                del self.jobs[job.record.job_id]  # nobody waits on these
+                self._work.set()
             elif job.record.purpose == "smoke":
                 self._smoke_result(job)
 
@@ -428,19 +467,65 @@ class Scheduler(Actor):
         ]
         return EvalResult(job_id=job.record.job_id, policy=job.record.policy, task=job.record.task, episodes=episodes)
 
+    # ------------------------------------------------------------------ the team's leaderboard
+
+    def _candidate(self, w, record: JobRecord) -> CandidateRecord:
+        return w.get("candidates", _candidate_key(record), CandidateRecord) or CandidateRecord(
+            record.task, record.policy, record.agent, t=time.time())
+
+    def _tally(self, w, job: Job) -> None:
+        """Add a finished evaluation to its candidate's record (in the job's own transaction)."""
+        counted = [r for eid in job.episode_ids if (r := job.results.get(eid)) is not None and not r.flagged]
+        candidate = leaderboard.add(self._candidate(w, job.record),
+                                    [(r.verdict.success, r.verdict.score, r.steps) for r in counted],
+                                    len(job.record.seeds), time.time())
+        w.put("candidates", _candidate_key(job.record), candidate)
+
+    def _mark(self, record: JobRecord, judged: str) -> None:
+        with self.board.write() as w:
+            candidate = w.get("candidates", _candidate_key(record), CandidateRecord)
+            if candidate is not None and candidate.judged != judged:
+                candidate.judged = judged
+                w.put("candidates", _candidate_key(record), candidate)
+
     # ------------------------------------------------------------------ background work
 
     def _background(self) -> Episode | None:
-        """One more held-out episode for the champion, beyond the seeds it was judged on."""
+        """Work for otherwise idle cells: judging the starting policy while there is no champion, then
+        more held-out episodes for the champion, beyond the seeds it was judged on."""
         if not self.config.scheduler.background:
             return None
+        self._queue_background()
+        queue = self.pending["background"]
+        return queue.popleft() if queue else None
+
+    def _decisive(self) -> bool:
+        """The champion's judging does not rule out the target (Wilson upper bound) and its confirmation, which
+        may end the run, is not complete: that confirmation goes before agents' queued experiments."""
+        c = self.board.get("champion", self.config.cells.task, Champion)
+        return (c is not None and self.config.scheduler.background and c.judged_n > 0
+                and wilson_interval(c.judged_successes, c.judged_n)[1] >= self.config.fleet.target
+                and c.n < self.config.fleet.min_heldout)
+
+    def _queue_background(self) -> None:
         task_name = self.config.cells.task
         champion = self.board.get("champion", task_name, Champion)
-        if champion is None:
-            return None
         heldout = self.config.task(task_name).heldout_seeds.seeds()
-        if champion.confirm_next >= len(heldout):
-            return None
+        queue = self.pending.setdefault("background", deque())
+        baseline = f"baseline-{self.baseline.ref}" if self.baseline else ""
+        if champion is None:
+            if baseline and baseline not in self.jobs and self.board.get("jobs", baseline, JobRecord) is None:
+                seeds = list(heldout[: self.config.scheduler.promote_seeds])
+                self._add_job(JobRecord(baseline, "baseline", "background", task_name, self.baseline, seeds, 1, -1,
+                                        time.time(), purpose="baseline"))
+            return
+        if baseline in self.jobs:  # a promotion came first: the baseline no longer sets the bar
+            job = self.jobs.pop(baseline)
+            job.record.done = True
+            self.board.put("jobs", baseline, job.record)
+            self.pending["background"] = queue = deque(e for e in queue if e.job_id != baseline)
+        if queue or champion.confirm_next >= len(heldout):
+            return
         seed = heldout[champion.confirm_next]
         job_id = f"confirm-{champion.policy.ref}-{seed}"
         record = JobRecord(job_id, champion.agent, "background", task_name, champion.policy, [seed], 1, -1,
@@ -448,10 +533,27 @@ class Scheduler(Actor):
         champion.confirm_next += 1
         with self.board.write() as w:
             w.put("champion", task_name, champion)
-            w.put("jobs", job_id, record)
-        job = Job(record, [f"{job_id}:0"])
-        self.jobs[job_id] = job
-        return self._episode(record, job.episode_ids[0], seed)
+        self._add_job(record)
+
+    def _confirm_on_own_cell(self, champion: Champion) -> None:
+        """Unpooled fleets have no background work: the promoting agent's own robot runs the champion's
+        confirmation (the held-out episodes the target counts), as part of its promotion."""
+        heldout = self.config.task(champion.task).heldout_seeds.seeds()
+        seeds = list(heldout[champion.confirm_next: champion.confirm_next + self.config.fleet.min_heldout])
+        if seeds:
+            champion.confirm_next += len(seeds)
+            self._add_job(JobRecord(f"confirm-{champion.policy.ref}-{seeds[0]}", champion.agent, "heldout",
+                                    champion.task, champion.policy, seeds, 1, 100, time.time(), purpose="confirm"))
+
+    def _baseline_judged(self, w, job: Job) -> None:
+        if w.get("champion", job.record.task, Champion) is not None:
+            return  # a promotion came first; the baseline's episodes stay recorded
+        counted = [r for r in job.results.values() if not r.flagged]
+        w.put("champion", job.record.task, Champion(
+            job.record.task, job.record.policy, judged_successes=sum(r.verdict.success for r in counted),
+            judged_n=len(counted), promoted=time.time(), agent="baseline", confirm_next=len(job.record.seeds)))
+        self.log.info("baseline_judged", policy=job.record.policy.ref,
+                      judged=f"{sum(r.verdict.success for r in counted)}/{len(counted)}")
 
     def _confirmed(self, w, job: Job) -> None:
         champion = w.get("champion", job.record.task, Champion)
@@ -484,8 +586,12 @@ class Scheduler(Actor):
     def _next_episode(self, real: bool = False, cell_id: str = "") -> Episode | None:
         if not self.config.scheduler.pooled:
             return self._owned_episode(cell_id)
+        if self._decisive() and (episode := self._background()) is not None:
+            if not real or self._smoke_passed(episode.policy):
+                return episode
+            self.pending["background"].appendleft(episode)
         # Judging first, then agents: highest priority, then the agent served least so far (fair share).
-        agents = sorted((a for a, q in self.pending.items() if q and a != "judge"),
+        agents = sorted((a for a, q in self.pending.items() if q and a not in ("judge", "background")),
                         key=lambda a: (-self.pending[a][0].priority, self.served.get(a, 0)))
         for key in ["judge", *agents]:
             queue = self.pending.get(key)
@@ -500,7 +606,7 @@ class Scheduler(Actor):
         self._work = trio.Event() if self._work.is_set() else self._work
         episode = self._background()
         if episode is not None and real and not self._smoke_passed(episode.policy):
-            self._requeue_episode(episode)
+            self.pending["background"].appendleft(episode)  # no wake-up: nothing new to run
             return None
         return episode
 
@@ -544,8 +650,7 @@ class Scheduler(Actor):
         self._work.set()
 
     def _requeue_episode(self, episode: Episode) -> None:
-        key = "judge" if episode.kind == "heldout" else episode.agent
-        self.pending.setdefault(key, deque()).appendleft(episode)
+        self.pending.setdefault(_queue_key(episode.kind, episode.agent), deque()).appendleft(episode)
         self._work.set()
 
     def _requeue(self, lease_id: str, why: str) -> None:
@@ -613,3 +718,12 @@ class Scheduler(Actor):
             cid: utilization(c.segments, (c.record.last_seen if c.record.state == "offline" else now) - c.record.joined)
             for cid, c in self.cells.items()
         }
+
+
+def _candidate_key(record: JobRecord) -> str:
+    return f"{record.task}/{record.policy.ref}"
+
+
+def _queue_key(kind: JobKind, agent: str) -> str:
+    """Held-out judging first, agents' own queues next, background work last."""
+    return {"heldout": "judge", "background": "background"}.get(kind, agent)

@@ -6,27 +6,30 @@ JSON string), `finish_reason: "tool_calls"` and `usage {prompt_tokens, completio
 prompt_tokens_details.cached_tokens}`.
 
 Decisions. Each agent (told apart by the request's `user` field, which the framework sets to
-"agent-N") has a state machine that follows the built-in researcher's method, acting only through the
-tools the framework offers:
+"agent-N") acts only through the tools the framework offers, on what its request carries:
 
-1. `read_files` (the current workspace);
-2. `commit` the template `enpire/agents/pusht_policy.py` as policy.py (the full source is written out,
-   so the reply costs its real output tokens);
-3. cross-entropy generations: ONE reply with `population` parallel `evaluate` calls (params in policy
-   units, scaled from [0, 1]^d with the built-in researcher's own helpers, `n_seeds` each) plus a
-   `post_finding` on the previous generation; the next request's `role: "tool"` messages carry the
-   results (JSON with successes, n, summary); score = success + 0.5 * mean progress (the built-in's
-   score without its speed term, which the tool output does not carry);
-4. a candidate whose tuning success reaches the target is validated on `validation_seeds` fresh
-   tuning seeds, then `promote`d when validation also reaches it and no champion in the briefing is as
-   good. The champion shown in the briefing (its params) is adopted as the search mean when it is
-   better than the agent's own best: the team learns from each other through the blackboard.
+1. `read_files`: the policy the team starts from (the fleet's baseline on main: the template
+   `enpire/agents/pusht_policy.py`, whose parameters are tuned from its `INITIAL_PARAMS`), and
+   `evaluate` it as it is (`n_seeds` episodes), so the robots have work while the model reads;
+2. then every turn, from the briefing's leaderboard (the team's best candidates, tallied by the
+   scheduler from verdicts) and champion: `evaluate` `population` new candidates sampled around the
+   team's best entry (`init_std` in [0, 1]^d, scaled with the built-in researcher's helpers; with
+   `elites` > 1, the mean and spread of the best entries; numbers written to four significant
+   digits), `n_seeds` episodes each;
+   `evaluate` more episodes of the (`topups`) best entries not yet judged whose success reaches
+   target + margin (at most doubling their episodes, less what teammates already run), until they
+   have `validation_seeds`;
+   `promote` such an entry once it has them; `post_finding` on the turn's results.
+
+There is no private search state: a team divides one search kept on the blackboard instead of
+running one search per agent, and a candidate any member found is topped up and promoted by
+whichever member reads the board next.
 
 Time. A reply takes ``overhead_s + input_tokens / input_tok_s + output_tokens / output_tok_s``.
 Defaults 0.8 s, 4000 tok/s, 60 tok/s: the order of a hosted frontier model reached over the internet
 (time to first token about 0.5-1 s, prefill a few thousand tokens per second, decoding 50-100 tokens
-per second). Writing the 12.8 kB policy file (~3,200 tokens) therefore takes about 55 s, like a real
-model typing it out. All three are constructor arguments (and `bench/mru_mtu.py` flags).
+per second); a turn of five evaluate calls and a finding (~650 output tokens) takes about 13 s, most
+of it decoding. All three are constructor arguments (and `bench/mru_mtu.py` flags).
 
 Tokens. No tokenizer can be downloaded here, so tokens are counted by a documented rule:
 ``ceil(utf8_bytes / 4)`` (OpenAI's own rule of thumb for English text and code) of
@@ -85,160 +88,142 @@ def cached_tokens(previous: str, current: str) -> int:
 
 
 _CHAMPION = re.compile(r"## Champion\ncommit (\w+) params (\{.*?\}): judged (\d+)/(\d+) held-out")
-_MEAN_SCORE = re.compile(r"mean score ([0-9.]+)")
+_BOARD = re.compile(r"## Team's best candidates[^\n]*\n(.*?)(?=\n## |\Z)", re.S)
+_ENTRY = re.compile(r"^(\S+) commit (\w+) params (\{.*?\}): (\d+)/(\d+) succeeded, progress ([0-9.]+), (\d+) steps"
+                    r"(?:; (\d+) more running)?(?:; held-out judging: (\w+))?$")
 
 
 @dataclass
 class SearchConfig:
-    population: int = 4  # parallel evaluate calls per generation (candidate 0 is the mean)
-    n_seeds: int = 5  # tuning episodes per candidate
-    validation_seeds: int = 10
-    elites: int = 2
-    init_std: float = 0.15
-    min_std: float = 0.02
-    smoothing: float = 0.3
+    population: int = 4  # new candidates per turn, sampled around the team's elites
+    n_seeds: int = 5  # tuning episodes per new candidate
+    validation_seeds: int = 20  # episodes a candidate needs before it is promoted
+    topups: int = 2  # open entries topped up per turn
+    margin: float = 0.05  # promote only at target + margin on tuning seeds: held-out judging must agree
+    elites: int = 1  # best leaderboard entries the search distribution is fitted to (1: around the best)
+    init_std: float = 0.15  # in [0, 1]^d units, also the largest spread
+    min_std: float = 0.03
     target: float = 0.9
 
 
 @dataclass
-class Candidate:
-    kind: str  # "cand" or "validate"
+class Entry:
+    """One line of the team's leaderboard, as the briefing shows it."""
+
+    ref: str
     params: dict[str, float]
-    x: np.ndarray
+    successes: int
+    n: int
+    pending: int
+    judged: str
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n if self.n else 0.0
 
 
 @dataclass
 class AgentState:
     name: str
-    helper: BuiltinResearcher  # parameter scaling [0, 1]^d <-> policy units
     rng: np.random.Generator
-    mean: np.ndarray
-    std: np.ndarray
-    commit: str = ""
-    generation: int = 0
+    read: bool = False
+    turns: int = 0
     pending: dict[str, Any] = field(default_factory=dict)  # call id -> what it asked
-    best_validated: float = 0.0
-    promoting: bool = False
-    last_body: str = ""
-    last_finding: dict | None = None
 
 
 class Policy:
-    """The decisions: a function of the agent's state and the tool results the request carries."""
+    """The decisions: a function of the briefing (leaderboard, champion) and the agent's last tool results.
+
+    Every agent works on ONE team search whose state is the leaderboard the fleet keeps: it fits the
+    search distribution (mean and spread of the best entries, in [0, 1]^d) to the team's results,
+    samples `population` new candidates from it, tops up the evaluation of the best unjudged entry that
+    reaches the target until it has `validation_seeds` episodes (unless teammates already run them),
+    and promotes such an entry once it has them. No agent keeps a search of its own, so a larger team
+    divides the same search instead of running several side by side.
+    """
 
     def __init__(self, search: SearchConfig):
         self.search = search
         self.agents: dict[str, AgentState] = {}
         self.lock = threading.Lock()
-
-    def _agent(self, name: str) -> AgentState:
-        if name not in self.agents:
-            index = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else len(self.agents)
-            helper = BuiltinResearcher(SearchSettings(), index, range(0, 1))
-            mean = helper._unit(dict(pusht_policy.INITIAL_PARAMS))
-            self.agents[name] = AgentState(name, helper, np.random.default_rng(1000 + index), mean,
-                                           np.full_like(mean, self.search.init_std))
-        return self.agents[name]
+        self.scale = BuiltinResearcher(SearchSettings(), 0, range(0, 1))  # [0, 1]^d <-> policy units
 
     def decide(self, name: str, messages: list[dict]) -> tuple[str, list[dict]]:
-        """Returns (text, tool calls as [{"name", "arguments" (dict)}])."""
+        """Returns (text, tool calls as [{"id", "name", "arguments" (dict)}])."""
         with self.lock:
-            a = self._agent(name)
-            results = _tool_results(messages, a.pending)
-            champion = _champion(messages)
-            return self._step(a, results, champion)
+            if name not in self.agents:
+                index = name.rsplit("-", 1)[-1]
+                self.agents[name] = AgentState(name, np.random.default_rng(1000 + (int(index) if index.isdigit()
+                                                                                    else len(self.agents))))
+            a = self.agents[name]
+            results = [(a.pending[m["tool_call_id"]], m.get("content") or "") for m in messages
+                       if m.get("role") == "tool" and m.get("tool_call_id") in a.pending]
+            a.pending.clear()
+            briefing = next((m["content"] for m in messages if m.get("role") == "user"
+                             and isinstance(m.get("content"), str)), "")
+            return self._step(a, results, _board(briefing), _champion(briefing))
 
-    def _step(self, a: AgentState, results: list[tuple[Any, str]], champion) -> tuple[str, list[dict]]:
+    def _step(self, a: AgentState, results: list[tuple[Any, str]], board: list[Entry], champion) -> tuple[str, list]:
         s = self.search
-        a.pending.clear()
-        cands: list[tuple[Candidate, dict | None]] = []
-        validation: tuple[Candidate, dict | None] | None = None
-        for what, content in results:
-            data = _loads(content)
-            if what == "read_files":
-                pass
-            elif what == "commit" and data and data.get("commit"):
-                a.commit = data["commit"]
-            elif isinstance(what, Candidate) and what.kind == "cand":
-                cands.append((what, data))
-            elif isinstance(what, Candidate) and what.kind == "validate":
-                validation = (what, data)
-            elif what == "promote":
-                a.promoting = False
-        if not a.commit:
-            if any(w == "read_files" for w, _ in results):
-                return self._call(a, "Writing the phased push heuristic as policy.py.", [
-                    ("commit", {"files": {"policy.py": TEMPLATE_SOURCE},
-                                "message": "heuristic policy: approach behind the block, push, turn"})])
-            return self._call(a, "Reading the workspace first.", [("read_files", {})])
-
-        calls: list[tuple[Any, dict]] = []
-        text = ""
+        if not a.read:  # look at the starting code and measure where it stands
+            a.read = True
+            return self._calls(a, "Reading the policy the team starts from and measuring it as it is.",
+                               [("read_files", {}), ("evaluate", {"params": {}, "n_seeds": s.n_seeds})])
+        a.turns += 1
+        calls: list[tuple[str, dict]] = []
+        evaluated = [(json.loads(args_json), _loads(out)) for (tool, args_json), out in results if tool == "evaluate"]
+        evaluated = [(params, data) for params, data in evaluated if data]
+        if evaluated:
+            best_params, best = max(evaluated, key=lambda pd: _rate(pd[1]))
+            calls.append(("post_finding", _finding(
+                f"turn {a.turns}: candidates sampled around the team's best entries keep improving success",
+                f"{len(evaluated)} candidates, best {_short(best_params)}",
+                best.get("summary", "") or "-", "improved" if _rate(best) >= s.target else "inconclusive")))
         champ_rate = champion[2] / champion[3] if champion and champion[3] else 0.0
-        # Adopt the champion (shown in the briefing) when it is better than where this search stands.
-        if champion is not None and champ_rate > a.best_validated:
-            try:
-                params = json.loads(champion[1])
-                a.mean = a.helper._unit({**pusht_policy.INITIAL_PARAMS, **params})
-                a.best_validated = champ_rate
-            except (ValueError, KeyError):
-                pass
-        if cands:
-            scored = [(_rate(d) + 0.5 * _progress(d), c, d) for c, d in cands]
-            scored.sort(key=lambda t: -t[0])
-            elite = np.array([c.x for _, c, _ in scored[: s.elites]])
-            new_mean = (1 - s.smoothing) * elite.mean(axis=0) + s.smoothing * a.mean
-            stalled = scored[0][1] is cands[0][0]  # the mean itself was best
-            a.std = np.maximum(elite.std(axis=0) * (1.5 if stalled else 1.0), s.min_std)
-            best_score, best, best_data = scored[0]
-            best_rate = _rate(best_data)
-            moved = sorted(zip(a.helper.names, new_mean - a.mean, strict=True), key=lambda kv: -abs(kv[1]))[:3]
-            a.mean = new_mean
-            calls.append((("post_finding", None), _finding(
-                f"generation {a.generation}: moving the search mean toward the elites improves success",
-                "mean shift " + ", ".join(f"{k} {d:+.3f}" for k, d in moved),
-                f"best {best_data.get('summary', '') if best_data else 'error'}",
-                "no_change" if stalled else "improved")))
-            validated_ok = validation is not None and _rate(validation[1]) >= s.target and _rate(validation[1]) > champ_rate
-            if best_rate >= s.target and best_rate > champ_rate and not a.promoting and not validated_ok:
-                calls.append((Candidate("validate", best.params, best.x),
-                               {"commit": a.commit, "params": best.params, "n_seeds": s.validation_seeds}))
-                text = f"Candidate reached {best_rate:.0%}: validating it on fresh seeds. "
-        # The validation of a candidate came back: promote it if it reaches the target and beats the champion.
-        if validation is not None:
-            cand, data = validation
-            rate = _rate(data)
-            if rate >= s.target and rate > champ_rate and rate >= a.best_validated - 0.05:
-                a.best_validated = max(a.best_validated, rate)
-                a.promoting = True
-                calls.append((("promote", None), {"commit": a.commit, "params": cand.params}))
-                calls.append((("post_finding", None), _finding(
-                    f"candidate validated at {rate:.0%} on {data.get('n', 0)} fresh tuning seeds should beat the "
-                    "champion on held-out seeds", f"promotion request for params {_short(cand.params)}",
-                    f"validation {data.get('summary', '')}", "improved")))
-                return self._calls(a, text + f"Validated at {rate:.0%}: promoting.", calls)
-        # The next generation, run side by side.
-        a.generation += 1
-        for i in range(s.population):
-            x = a.mean.copy() if i == 0 else np.clip(a.mean + a.std * a.rng.standard_normal(a.mean.shape), 0, 1)
-            params = a.helper._params(x)
-            calls.append((Candidate("cand", params, x), {"commit": a.commit, "params": params, "n_seeds": s.n_seeds}))
-        return self._calls(a, text + f"Generation {a.generation}: evaluating {s.population} candidates.", calls)
+        bar = min(1.0, max(s.target + s.margin - 1e-9, champ_rate + 1e-9))
+        open_ = [e for e in board if not e.judged and e.rate >= bar]
+        ready = next((e for e in open_ if e.n >= s.validation_seeds), None)
+        if ready is not None:
+            calls.append(("promote", {"params": ready.params}))
+        # Top up the best open entries, doubling their episodes at most, so a lucky start is dropped early.
+        topups = [e for e in open_ if e.n + e.pending < s.validation_seeds and e.n > e.pending][: s.topups]
+        for e in topups:
+            calls.append(("evaluate", {"params": e.params, "n_seeds": min(s.validation_seeds - e.n - e.pending,
+                                                                           e.n - e.pending)}))
+        mean, std = self._distribution(board, champion)
+        for _ in range(s.population):
+            x = np.clip(mean + std * a.rng.standard_normal(mean.shape), 0.0, 1.0)
+            calls.append(("evaluate", {"params": _rounded(self.scale._params(x)), "n_seeds": s.n_seeds}))
+        text = (f"Turn {a.turns}: {s.population} new candidates around the team's best"
+                + "".join(f", topping up {e.ref}" for e in topups) + (f", promoting {ready.ref}" if ready else "") + ".")
+        return self._calls(a, text, calls)
 
-    def _call(self, a: AgentState, text: str, calls: list[tuple[str, dict]]) -> tuple[str, list[dict]]:
-        return self._calls(a, text, [((name, None), args) for name, args in calls])
+    def _distribution(self, board: list[Entry], champion) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and spread of the team's elites; around the champion (or the template) before there are two."""
+        s = self.search
+        elites = np.array([self.scale._unit({**pusht_policy.INITIAL_PARAMS, **e.params})
+                           for e in board[: s.elites]])
+        if len(elites) >= 2:
+            return elites.mean(axis=0), np.clip(elites.std(axis=0), s.min_std, s.init_std)
+        start = dict(pusht_policy.INITIAL_PARAMS)
+        if len(elites):
+            return elites[0], np.full(len(start), s.init_std)
+        if champion is not None:
+            start.update(json.loads(champion[1]))
+        return self.scale._unit(start), np.full(len(start), s.init_std)
 
-    def _calls(self, a: AgentState, text: str, calls: list[tuple[Any, dict]]) -> tuple[str, list[dict]]:
+    def _calls(self, a: AgentState, text: str, calls: list[tuple[str, dict]]) -> tuple[str, list[dict]]:
         out = []
-        for what, args in calls:
+        for name, args in calls:
             call_id = "call_" + uuid.uuid4().hex[:20]
-            if isinstance(what, Candidate):
-                name, a.pending[call_id] = "evaluate", what
-            else:
-                name = what[0]
-                a.pending[call_id] = name
+            a.pending[call_id] = (name, json.dumps(args.get("params", {})))
             out.append({"id": call_id, "name": name, "arguments": args})
         return text, out
+
+
+def _rounded(params: dict[str, float]) -> dict[str, float]:
+    """Four significant digits, as a model writes numbers (and as the leaderboard shows them back)."""
+    return {k: float(f"{v:.4g}") for k, v in params.items()}
 
 
 def _finding(hypothesis: str, change: str, evidence: str, outcome: str) -> dict:
@@ -264,27 +249,20 @@ def _rate(data: dict | None) -> float:
     return float(data.get("successes", 0)) / float(data["n"])
 
 
-def _progress(data: dict | None) -> float:
-    m = _MEAN_SCORE.search((data or {}).get("summary", "") or "")
-    return float(m.group(1)) if m else 0.0
+def _board(briefing: str) -> list[Entry]:
+    section = _BOARD.search(briefing)
+    entries = []
+    for text in (section.group(1).splitlines() if section else []):
+        m = _ENTRY.match(text.strip())
+        if m:
+            entries.append(Entry(m.group(1), json.loads(m.group(3)), int(m.group(4)), int(m.group(5)),
+                                 int(m.group(8) or 0), m.group(9) or ""))
+    return entries
 
 
-def _tool_results(messages: list[dict], pending: dict[str, Any]) -> list[tuple[Any, str]]:
-    """The outputs of this agent's last calls, matched by tool_call_id."""
-    out = []
-    for m in messages:
-        if m.get("role") == "tool" and m.get("tool_call_id") in pending:
-            out.append((pending[m["tool_call_id"]], m.get("content") or ""))
-    return out
-
-
-def _champion(messages: list[dict]):
-    for m in messages:
-        if m.get("role") == "user" and isinstance(m.get("content"), str):
-            match = _CHAMPION.search(m["content"])
-            if match:
-                return match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
-    return None
+def _champion(briefing: str):
+    match = _CHAMPION.search(briefing)
+    return (match.group(1), match.group(2), int(match.group(3)), int(match.group(4))) if match else None
 
 
 @dataclass
@@ -306,6 +284,8 @@ class CallLog:
     cached_tokens: int
     output_tokens: int
     tools: list[str]
+    fixed_tokens: int = 0  # of the input: tools, system prompt and briefing (the rest is the turns window)
+    episodes: int = 0  # episodes its evaluate calls asked for
 
 
 class ModelSimulator:
@@ -406,7 +386,9 @@ class ModelSimulator:
         time.sleep(max(0.0, latency - (time.time() - began)))
         with self._lock:
             self.calls.append(CallLog(agent, began, latency, input_tokens, cached, output_tokens,
-                                      [c["name"] for c in calls]))
+                                      [c["name"] for c in calls], count_tokens(
+                                          json.dumps(body.get("tools") or [], sort_keys=True) + json.dumps(messages[:2])),
+                                      sum(c["arguments"].get("n_seeds", 0) for c in calls if c["name"] == "evaluate")))
         if not message["tool_calls"]:
             del message["tool_calls"]
         return 200, {
@@ -430,6 +412,13 @@ class ModelSimulator:
             "cached_tokens": sum(c.cached_tokens for c in calls),
             "output_tokens": sum(c.output_tokens for c in calls),
             "model_time_s": round(sum(c.latency_s for c in calls), 1),
+            # B: the fixed part of a turn's prompt; window: the rest of it; per candidate: all tokens / candidates
+            "mean_fixed_input_tokens": round(float(np.mean([c.fixed_tokens for c in calls])), 1) if calls else 0.0,
+            "mean_window_input_tokens": round(float(np.mean([c.input_tokens - c.fixed_tokens for c in calls])), 1)
+            if calls else 0.0,
+            "mean_output_tokens": round(float(np.mean([c.output_tokens for c in calls])), 1) if calls else 0.0,
+            "candidates": sum(c.tools.count("evaluate") for c in calls),
+            "episodes_asked": sum(c.episodes for c in calls),
             "per_agent": {a: {"calls": sum(c.agent == a for c in calls),
                               "mean_input_tokens": round(float(np.mean([c.input_tokens for c in calls
                                                                         if c.agent == a])), 1),

@@ -34,6 +34,8 @@ TABLES = (
     "smoke",
     "tested",
     "training",
+    "candidates",
+    "turns",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written
 MAX_MAP_SIZE = 1 << 36

@@ -77,6 +77,38 @@ class TestedRecord(msgspec.Struct):
     summary: str
 
 
+class CandidateRecord(msgspec.Struct):
+    """What the team measured of one candidate on tuning seeds, tallied by the scheduler from episode
+    verdicts (never from what an agent reports); keyed by "task/policy ref". Agents see the best of
+    them in every briefing, so they build on each other's results instead of repeating searches."""
+
+    task: str
+    policy: PolicySpec
+    agent: str  # who asked first
+    successes: int = 0
+    n: int = 0
+    progress: float = 0.0  # sum of verdict scores
+    steps: int = 0  # sum of episode steps
+    pending: int = 0  # episodes asked for and not finished yet
+    judged: str = ""  # "", "judging", "promoted" or "rejected" (held-out judging, figures not shown)
+    t: float = 0.0  # last update
+
+
+class QueueRecord(msgspec.Struct):
+    """The fleet's queue as the scheduler last published it (meta/"queue"): agents pace their turns by it."""
+
+    waiting: int  # episodes of agents' evaluations and judging not yet leased to a cell
+    cells: int  # cells heard from recently
+    t: float
+
+
+class TurnHold(msgspec.Struct):
+    """An agent about to ask for `episodes` (table "turns", by agent): teammates count them as queued."""
+
+    episodes: int
+    until: float
+
+
 class Digest(msgspec.Struct):
     t: float
     text: str

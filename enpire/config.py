@@ -58,6 +58,7 @@ class FleetConfig(Strict):
     progress_s: PositiveFloat = 10.0
     stop_at_target: bool = True  # false: run the whole budget (benchmarks, soak)
     map_size_mb: PositiveInt = 1024  # initial LMDB map; it grows by doubling when nearly full
+    baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
 
 
 class CellsConfig(Strict):
@@ -94,6 +95,9 @@ class AgentsConfig(Strict):
     pause_s: PositiveFloat = 300.0
     notes_dir: str = ""  # a folder of notes / literature the agents may search
     digest: bool = True  # false (ablation): briefings list every peer finding instead of the summarizer's digest
+    # model agents on a pooled fleet start a turn once some results are in and fewer than this many
+    # episodes per cell are queued (teammates' coming requests included); 0 = after all their results
+    pace_per_cell: Annotated[float, Meta(ge=0)] = 10.0
 
 
 class SchedulerConfig(Strict):
@@ -187,6 +191,8 @@ def check(config: Config, source: str = "<config>") -> None:
                 f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} < fleet.min_heldout "
                 f"{config.fleet.min_heldout}"
             )
+    if config.fleet.baseline and not (Path(config.fleet.baseline) / "policy.py").is_file():
+        raise ConfigError(f"{source}: fleet.baseline: {config.fleet.baseline!r} has no policy.py")
     if config.agents.backend != "builtin" and not config.agents.model:
         raise ConfigError(f"{source}: agents.model: backend {config.agents.backend!r} needs a model name")
     if config.bus.listen and not config.bus.listen.startswith(("tcp://", "ipc://")):

@@ -40,6 +40,7 @@ from bus.messages import (
     Hello,
     LeaseRequest,
     Message,
+    PolicySpec,
     VerifyRequest,
 )
 from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
@@ -52,7 +53,7 @@ from enpire.agents.tools import Tools
 from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
-from enpire.workspace import Workspace
+from enpire.workspace import MAIN, Workspace
 from hw import VERIFIER_KIND
 
 EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
@@ -192,16 +193,32 @@ class Core:
     stopping: trio.Event
 
 
+def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> PolicySpec | None:
+    """Commit the starting policy (`[fleet] baseline`) to main once per state dir; its spec afterwards."""
+    if not config.fleet.baseline:
+        return None
+    spec = board.get("meta", "baseline", PolicySpec)
+    if spec is None:
+        root = Path(config.fleet.baseline)
+        files = {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*"))
+                 if p.is_file() and "__pycache__" not in p.parts}
+        spec = PolicySpec(workspace.commit(MAIN, files, "baseline: the policy the team starts from"))
+        board.put("meta", "baseline", spec)
+    return spec
+
+
 async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path, board: Blackboard,
                      meta: Meta) -> Core:
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
     workspace = Workspace(state_dir / "workspace")
+    baseline = _baseline(config, workspace, board)
     task_kinds = {name: VERIFIER_KIND[t.driver] for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     scheduler = await system.spawn(
         "scheduler",
-        lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main),
+        lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main,
+                          baseline),
     )
     trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
     routes: dict[type, Ref] = {

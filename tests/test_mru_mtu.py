@@ -54,3 +54,41 @@ def test_quick_benchmark_json_is_complete_and_consistent(tmp_path):
     # unpooled: no background work at all
     assert runs["unpooled-2"]["episodes_by_kind"].get("background", 0) == 0
     assert not runs["unpooled-2"]["pooled"] and runs["pooled-2"]["pooled"]
+
+
+def _model_sim():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_sim_under_test", ROOT / "bench" / "model_sim.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulated_model_reads_the_leaderboard_and_divides_the_work():
+    """The simulated agents read the leaderboard the product writes: they promote an entry with enough
+    evidence, top up the evaluation of a promising one (minus what teammates already run) and sample new
+    candidates around the team's elites; judged entries are left alone."""
+    from bus.messages import PolicySpec
+    from bus.records import CandidateRecord
+    from enpire import leaderboard
+
+    sim = _model_sim()
+    policy = sim.Policy(sim.SearchConfig(population=3, n_seeds=5, validation_seeds=20, target=0.9, margin=0.05))
+    ready = CandidateRecord("pusht", PolicySpec("c0ffee0000", {"push_gain": 0.9}), "agent-1", 19, 20, 19.0, 1400)
+    judged = CandidateRecord("pusht", PolicySpec("c0ffee0000", {"push_gain": 0.8}), "agent-2", 20, 20, 20.0, 1300,
+                             judged="rejected")
+    promising = CandidateRecord("pusht", PolicySpec("c0ffee0000", {"push_gain": 0.7}), "agent-0", 10, 10, 10.0, 600,
+                                pending=5)
+    briefing = ("## Team digest\n(no findings yet)\n## Team's best candidates (tuning seeds, all agents)\n"
+                + leaderboard.board_text([ready, judged, promising], 120, 5) + "\n## Champion\ncommit c0ffee0000 "
+                'params {}: judged 27/40 held-out, confirmed 3/4\n\n## Your budget\n...')
+    messages = [{"role": "system", "content": "..."}, {"role": "user", "content": briefing}]
+    assert policy.decide("agent-3", messages)[1][0]["name"] == "read_files"
+    text, calls = policy.decide("agent-3", messages)
+    names = [c["name"] for c in calls]
+    assert names == ["promote", "evaluate", "evaluate", "evaluate", "evaluate"]
+    assert calls[0]["arguments"] == {"params": {"push_gain": 0.9}}
+    assert calls[1]["arguments"] == {"params": {"push_gain": 0.7}, "n_seeds": 5}  # 20 - 10 done - 5 running
+    assert all(c["arguments"]["n_seeds"] == 5 and len(c["arguments"]["params"]) == 15 for c in calls[2:])

@@ -20,7 +20,7 @@ from bus.messages import (
     PromoteResult,
     Verdict,
 )
-from bus.records import Champion, EpisodeRecord
+from bus.records import CandidateRecord, Champion, EpisodeRecord
 from enpire import config as cfg
 
 POLICY = PolicySpec("c0ffee", {"gain": 1.0})
@@ -276,4 +276,193 @@ async def test_unpooled_cells_run_only_their_own_agents_work(tmp_path):
         # with a champion on the board, an unpooled idle cell still gets no background work
         board.put("champion", "pusht", Champion("pusht", POLICY, 10, 10, 0.0, agent="agent-0", confirm_next=100))
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
+        nursery.cancel_scope.cancel()
+
+
+def _report_steps(lease: Lease, success: bool, steps: int, cell="cell-0", flagged="") -> EpisodeReport:
+    return EpisodeReport(
+        cell_id=cell, lease_id=lease.lease_id, episode_id=lease.episode_id,
+        verdict=Verdict(success, 1.0 if success else 0.5, "success" if success else "timeout", "pusht_state"),
+        attempts=[], steps=steps, reset_s=0.0, run_s=0.1, verify_s=0.0, flagged=flagged,
+    )
+
+
+async def test_the_leaderboard_tallies_every_agents_evaluations_of_a_candidate(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path)
+        await _hello(ref)
+        key = f"pusht/{POLICY.ref}"
+        nursery.start_soon(ref.ask, EvalRequest(job_id="ja", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+        await trio.sleep(0.05)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=[3, 4, 5]))
+        await trio.sleep(0.05)
+        c = board.get("candidates", key, CandidateRecord)
+        assert (c.pending, c.n, c.agent) == (5, 0, "a")  # teammates see what is running
+        leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(5)]
+        flagged = next(lease for lease in leases if lease.seed == 4)
+        for lease in leases:  # a flagged episode (solved at reset) is replaced, never counted
+            await ref.ask(_report_steps(lease, lease.seed != 5, 40, flagged="at_reset" if lease is flagged else ""))
+        replacement = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        await ref.ask(_report_steps(replacement, True, 60))
+        with trio.fail_after(5):
+            while board.get("candidates", key, CandidateRecord).pending:
+                await trio.sleep(0.01)
+        c = board.get("candidates", key, CandidateRecord)
+        assert (c.successes, c.n, c.steps) == (4, 5, 40 * 4 + 60)
+        assert abs(c.progress - 4.5) < 1e-9
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_candidate_is_judged_once_however_many_agents_promote_it(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, _config(promote_seeds=10))
+        await _hello(ref)
+        out = {}
+
+        async def promote(agent, job):
+            out[agent] = await ref.ask(PromoteRequest(job_id=job, agent=agent, task="pusht", policy=POLICY))
+
+        nursery.start_soon(promote, "a", "pa")
+        await trio.sleep(0.05)
+        nursery.start_soon(promote, "b", "pb")
+        await trio.sleep(0.05)
+        for _ in range(10):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            assert lease.job_id == "pa"
+            await ref.ask(_report(lease, True))
+        with trio.fail_after(5):
+            while len(out) < 2:
+                await trio.sleep(0.01)
+        assert out["a"].promoted and out["b"].promoted and out["b"].n == 10
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1))
+        assert lease.kind == "background"  # no second judging: the idle cell confirms the champion
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path):
+    config = _config(promote_seeds=4)
+    board = Blackboard(tmp_path / "bb")
+    baseline = PolicySpec("ba5e", {})
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery)
+        ref = await system.spawn("scheduler", lambda: Scheduler(
+            config, board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run", baseline=baseline))
+        await _hello(ref)
+        first = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        assert first.kind == "background" and first.job_id.startswith("baseline-") and first.seed == 1_000_000
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[7]))
+        await trio.sleep(0.05)
+        assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).job_id == "j"  # agents' work goes first
+        await ref.ask(_report(first, True))
+        for i in range(3):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            assert lease.job_id == first.job_id
+            await ref.ask(_report(lease, i == 0))
+        champ = board.get("champion", "pusht", Champion)
+        assert champ.policy == baseline and (champ.judged_successes, champ.judged_n, champ.agent) == (2, 4, "baseline")
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        assert lease.kind == "background" and lease.seed == 1_000_004  # then its confirmation, as for any champion
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_champion_that_may_meet_the_target_is_confirmed_before_queued_experiments(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, cfg.with_overrides(cfg.Config(), **{"fleet.min_heldout": 2}))
+        await _hello(ref)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
+        await trio.sleep(0.05)
+        board.put("champion", "pusht", Champion("pusht", POLICY, 19, 20, 0.0, agent="a", confirm_next=100))
+        kinds = []
+        for _ in range(4):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            kinds.append(lease.kind)
+            await ref.ask(_report(lease, True))
+        assert kinds == ["background", "background", "agent", "agent"]  # the run may end on these two
+        # a champion whose judging rules the target out (10/20: Wilson upper bound 0.70) waits for idle cells
+        board.put("champion", "pusht", Champion("pusht", POLICY, 10, 20, 0.0, agent="a", confirm_next=200))
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j2", agent="a", task="pusht", policy=POLICY, seeds=[4]))
+        await trio.sleep(0.05)
+        assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).kind == "agent"
+        nursery.cancel_scope.cancel()
+
+
+async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_path):
+    config = cfg.with_overrides(cfg.Config(), **{"scheduler.pooled": False, "scheduler.promote_seeds": 3,
+                                                  "fleet.min_heldout": 2})
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, config)
+        await _hello(ref, "cell-0")
+        await _hello(ref, "cell-1")
+        nursery.start_soon(ref.ask, PromoteRequest(job_id="p", agent="agent-1", task="pusht", policy=POLICY))
+        await trio.sleep(0.05)
+        for _ in range(3):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
+            await ref.ask(_report(lease, True, "cell-1"))
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
+        seeds = []
+        for _ in range(2):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
+            assert lease.kind == "heldout" and lease.job_id.startswith("confirm-")
+            seeds.append(lease.seed)
+            await ref.ask(_report(lease, True, "cell-1"))
+        assert seeds == [1_000_003, 1_000_004]
+        champ = board.get("champion", "pusht", Champion)
+        assert (champ.successes, champ.n) == (2, 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_promotion_ends_the_baselines_judging(tmp_path):
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery)
+        ref = await system.spawn("scheduler", lambda: Scheduler(
+            _config(promote_seeds=4), board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run",
+            baseline=PolicySpec("ba5e", {})))
+        await _hello(ref)
+        first = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        assert first.job_id.startswith("baseline-")
+        board.put("champion", "pusht", Champion("pusht", POLICY, 3, 4, 0.0, agent="a", confirm_next=4))
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        assert lease.job_id.startswith("confirm-") and lease.seed == 1_000_004  # no more baseline episodes
+        assert isinstance(await ref.ask(_report(first, True)), Ack)  # its late report is acknowledged, not counted
+        assert board.get("champion", "pusht", Champion).policy == POLICY
+        nursery.cancel_scope.cancel()
+
+
+async def test_more_episodes_of_a_measured_candidate_go_before_first_looks(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path)
+        await _hello(ref)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j1", agent="a", task="pusht", policy=POLICY, seeds=[1]))
+        await trio.sleep(0.05)
+        await ref.ask(_report(await ref.ask(LeaseRequest(cell_id="cell-0")), True))
+        other = PolicySpec("c0ffee", {"gain": 2.0})
+        nursery.start_soon(ref.ask, EvalRequest(job_id="new", agent="b", task="pusht", policy=other, seeds=[2, 3]))
+        await trio.sleep(0.05)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="more", agent="c", task="pusht", policy=POLICY, seeds=[4, 5]))
+        await trio.sleep(0.05)
+        order = []
+        for _ in range(4):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            order.append(lease.job_id)
+            await ref.ask(_report(lease, True))
+        assert order == ["more", "more", "new", "new"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_judging_a_candidate_is_not_charged_to_the_promoting_agents_share(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(promote_seeds=4))
+        await _hello(ref)
+        assert (await _judge(ref, POLICY, "p", 1, 4)).promoted  # agent "a" asked for 4 held-out episodes
+        nursery.start_soon(ref.ask, EvalRequest(job_id="ja", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+        await trio.sleep(0.05)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=[3, 4]))
+        await trio.sleep(0.05)
+        jobs = []
+        for _ in range(2):
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            jobs.append(lease.job_id)
+            await ref.ask(_report(lease, True))
+        assert jobs == ["ja", "jb"] or jobs == ["jb", "ja"]  # served alternately, "a" not pushed back
         nursery.cancel_scope.cancel()

@@ -31,7 +31,8 @@ def make_backend(config: cfg.Config, index: int):
     settings = LLMSettings(
         token_budget=a.token_budget, wall_budget_s=a.wall_budget_minutes * 60, max_turns_window=a.max_turns_window,
         max_output_tokens=a.max_output_tokens, max_failures=a.max_failures, pause_s=a.pause_s,
-        notes_dir=a.notes_dir, target=config.fleet.target, digest=a.digest,
+        notes_dir=a.notes_dir, target=config.fleet.target, digest=a.digest, horizon=task.horizon,
+        pace_per_cell=a.pace_per_cell if config.scheduler.pooled else 0.0,  # unpooled: each owns its robot
     )
     return LLMAgent(client, settings, task_text=TASK_TEXTS.get(task.driver, config.cells.task),
                     tuning_seeds=task.tuning_seeds.seeds(), rng_seed=index)

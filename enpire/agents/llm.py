@@ -27,8 +27,8 @@ import trio
 from msgspec import Meta
 
 from bus.messages import EvalResult, PolicySpec
-from bus.records import Finding, TokenRecord
-from enpire import ledger
+from bus.records import CandidateRecord, Finding, QueueRecord, TokenRecord, TurnHold
+from enpire import leaderboard, ledger
 from enpire.agents.tools import Tools, failure_summary, fingerprint
 
 # ----------------------------------------------------------------------------- conversation values
@@ -197,6 +197,12 @@ class LLMSettings:
     pause_s: float = 300.0
     target: float = 0.0  # the fleet's target success; while the champion meets it the agent makes no calls
     digest: bool = True  # False (ablation): the briefing lists every peer finding instead of the digest
+    leaderboard: int = 5  # the team's best candidates shown in every briefing (0 = none)
+    # Paced turns (a pooled fleet): the next model call starts once some results are in and the fleet's
+    # queue holds fewer than this many episodes per cell, counting teammates about to ask; calls still
+    # running then report later. 0: every turn waits for all its results (the paper's agents).
+    pace_per_cell: float = 0.0
+    horizon: int = 300  # the task's episode length, for the leaderboard's score
 
 
 # ----------------------------------------------------------------------------- tool protocol
@@ -257,7 +263,8 @@ _TOOLS: dict[str, tuple[type[_Args], str]] = {
     "commit": (CommitArgs, "Write files to your own branch and commit; returns the commit id (the policy reference). "
                "Protected paths (verifier, reset, eval, seeds, safety) are refused."),
     "evaluate": (EvaluateArgs, "Run the policy on tuning seeds chosen by the harness; returns successes, a failure "
-                 "summary and a job id. Blocks until the episodes finish."),
+                 "summary and a job id when the episodes finish, or 'still running' when the fleet needs your next "
+                 "decision first (the result then comes under Late results)."),
     "promote": (PromoteArgs, "Ask for the candidate to be judged against the champion on held-out seeds you never see."),
     "read_digest": (NoArgs, "The team digest (condensed findings of all agents) and the champion."),
     "read_findings": (ReadFindingsArgs, "The latest raw findings of the team, newest last (capped)."),
@@ -362,6 +369,7 @@ class Dispatcher:
     secrets: tuple[str, ...] = ()
     commits: list[str] = field(default_factory=list)  # full ids this agent saw, to resolve short ones
     jobs: dict[str, EvalResult] = field(default_factory=dict)
+    policies_on_main: dict[str, bool] = field(default_factory=dict)  # main's commits: has it a policy.py?
 
     async def __call__(self, call: ToolCall) -> ToolOutput:
         limit = self.settings.tool_output_chars
@@ -385,8 +393,8 @@ class Dispatcher:
             del self.commits[:-200]
 
     def _resolve(self, commit: str) -> str:
-        if not commit:
-            head = self.tools.workspace.head(self.tools.branch)
+        if not commit:  # your branch head; a new branch starts from main (a baseline or the champion)
+            head = self.tools.workspace.head(self.tools.branch) or self._main_policy()
             if head is None:
                 raise _Refused("your branch has no commit yet: commit a policy first")
             return head
@@ -398,6 +406,12 @@ class Dispatcher:
         if len(matches) != 1:
             raise _Refused(f"unknown commit {commit!r}: use an id returned by commit or read_files")
         return matches.pop()
+
+    def _main_policy(self) -> str | None:
+        main = self.tools.workspace.head("main")
+        if main and main not in self.policies_on_main:
+            self.policies_on_main[main] = "policy.py" in self.tools.workspace.read(main)
+        return main if main and self.policies_on_main[main] else None
 
     async def _read_files(self, a: ReadFilesArgs) -> str:
         commit = self._resolve(a.commit) if a.commit else (
@@ -436,7 +450,8 @@ class Dispatcher:
                       "detail": result.detail})
 
     async def _read_digest(self, a: NoArgs) -> str:
-        return briefing_state(self.tools, self.settings.digest_chars, self.settings.digest)
+        return briefing_state(self.tools, self.settings.digest_chars, self.settings.digest, self.settings.leaderboard,
+                              self.settings.horizon)
 
     async def _read_findings(self, a: ReadFindingsArgs) -> str:
         limit = min(a.limit, self.settings.max_findings)
@@ -472,7 +487,7 @@ class Dispatcher:
 # ----------------------------------------------------------------------------- context
 
 
-def briefing_state(tools: Tools, digest_chars: int, digest: bool = True) -> str:
+def briefing_state(tools: Tools, digest_chars: int, digest: bool = True, leaders: int = 0, horizon: int = 300) -> str:
     champion = tools.champion()
     if digest:
         d = tools.digest()
@@ -481,6 +496,9 @@ def briefing_state(tools: Tools, digest_chars: int, digest: bool = True) -> str:
         lines = [f"[{f.agent} {f.outcome} {f.score:.0%}] {f.hypothesis} | {f.change} | {f.evidence}"
                  for f in tools.board.values("findings", Finding)]
         parts = ["## Team findings", "\n".join(lines) or "(no findings yet)"]
+    if leaders:  # measured by the fleet, not reported by agents: build on these instead of repeating them
+        records = tools.board.values("candidates", CandidateRecord, prefix=f"{tools.task}/")
+        parts += ["## Team's best candidates (tuning seeds, all agents)", leaderboard.board_text(records, horizon, leaders)]
     if champion is not None:
         params = truncate(_json(champion.policy.params), 800)
         parts.append(f"## Champion\ncommit {champion.policy.commit} params {params}: judged "
@@ -489,14 +507,17 @@ def briefing_state(tools: Tools, digest_chars: int, digest: bool = True) -> str:
 
 
 def build_prompt(system: str, tools: Tools, settings: LLMSettings, turns: Sequence[Turn],
-                 journal: Sequence[str], budget_line: str) -> Prompt:
-    """Bounded by construction: fixed system text, a digest cut to size, a capped journal, N turns."""
-    briefing = "\n\n".join([
-        briefing_state(tools, settings.digest_chars, settings.digest),
+                 journal: Sequence[str], budget_line: str, late: Sequence[str] = ()) -> Prompt:
+    """Bounded by construction: fixed system text, a digest cut to size, a capped journal, N turns, and at
+    most `LATE_RESULTS` late results."""
+    parts = [
+        briefing_state(tools, settings.digest_chars, settings.digest, settings.leaderboard, settings.horizon),
         f"## Your budget\n{budget_line}",
         "## Your earlier actions (oldest first)\n" + ("\n".join(journal) if journal else "(none)"),
-        "Decide the next step and act through the tools.",
-    ])
+    ]
+    if late:
+        parts.append("## Late results (calls of earlier turns that finished after them)\n" + "\n".join(late))
+    briefing = "\n\n".join([*parts, "Decide the next step and act through the tools."])
     return Prompt(system, briefing, list(turns)[-settings.max_turns_window:])
 
 
@@ -510,22 +531,40 @@ def _journal_line(turn: Turn) -> str:
     return truncate("; ".join(parts), 240)
 
 
-async def _dispatch_all(dispatch: Dispatcher, calls: Sequence[ToolCall], log) -> list[ToolOutput]:
-    """The calls of one turn run side by side, so several evaluations share the fleet at once."""
-    outputs: list[ToolOutput | None] = [None] * len(calls)
-
-    async def one(i: int, call: ToolCall) -> None:
-        outputs[i] = out = await dispatch(call)
-        if out.is_error:
-            log.info("tool_error", tool=call.name, error=truncate(out.content, 200))
-
-    async with trio.open_nursery() as nursery:
-        for i, call in enumerate(calls):
-            nursery.start_soon(one, i, call)
-    return outputs  # type: ignore[return-value]
-
-
 NUDGE = "Continue: act through the tools (evaluate, post_finding, promote …)."
+STILL_RUNNING = "still running: the fleet needed your next decision first; the result comes under Late results"
+LATE_RESULTS = 10
+
+
+@dataclass
+class _Running:
+    """One turn's tool calls, run side by side so several evaluations share the fleet at once."""
+
+    reply: ModelReply
+    outputs: list[ToolOutput | None]
+    settled: bool = False  # the turn was recorded: what finishes now is a late result
+
+    @property
+    def finished(self) -> int:
+        return sum(o is not None for o in self.outputs)
+
+    @property
+    def results(self) -> int:
+        """Finished experiments (evaluations, judgings): what a paced turn waits for before it thinks again."""
+        return sum(o is not None and c.name in ("evaluate", "promote") for o, c in zip(self.outputs, self.reply.calls,
+                                                                                        strict=True))
+
+
+def _episodes(calls: Sequence[ToolCall]) -> int:
+    """Episodes a turn's evaluate calls ask for (as the dispatcher will read them)."""
+    n = 0
+    for c in calls:
+        if c.name == "evaluate":
+            try:
+                n += msgspec.json.decode(c.arguments or "{}", type=EvaluateArgs).n_seeds
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                pass
+    return n
 
 
 # ----------------------------------------------------------------------------- agent loop
@@ -544,7 +583,10 @@ class LLMAgent:
         self.clock = clock
         self.turns: deque[Turn] = deque(maxlen=settings.max_turns_window)
         self.journal: deque[str] = deque(maxlen=settings.journal_lines)
+        self.late: deque[str] = deque(maxlen=LATE_RESULTS)
         self.last_prompt_chars = 0
+        self.expected = 10  # episodes the next turn will likely ask for (teammates count them while it thinks)
+        self._wake = trio.Event()
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -557,38 +599,104 @@ class LLMAgent:
         own = [r for r in tools.board.values("tokens", TokenRecord) if r.agent == tools.agent]
         used = ledger.totals(own).total
         started = min((r.t for r in own), default=None)
+        running: _Running | None = None
+        async with trio.open_nursery() as calls:  # a paced turn's calls may outlive the turn
+            while True:
+                try:
+                    await self._settle(running, tools)
+                    running = None
+                    now = self.clock()
+                    started = started if started is not None else now
+                    reason = self._exhausted(used, now - started)
+                    if reason:
+                        await self._stop(tools, log, reason, used, now - started)
+                        return
+                    if self._team_goal_met(tools):
+                        self._hold(tools, 0, 0.0)
+                        while self._team_goal_met(tools):  # nothing to improve until confirmation disagrees
+                            await trio.sleep(1.0)
+                        continue
+                    prompt = build_prompt(self.system, tools, self.settings, self.turns, self.journal,
+                                          self._budget_line(used, now - started), list(self.late))
+                    self.late.clear()
+                    self.last_prompt_chars = prompt.chars()
+                    max_out = self.settings.max_output_tokens
+                    if self.settings.token_budget:
+                        max_out = max(1, min(max_out, self.settings.token_budget - used))
+                    reply = await self._call(prompt, max_out, log)
+                    used += reply.usage.total
+                    tools.record_tokens(self.client.model, reply.usage.input_tokens,
+                                        reply.usage.cached_input_tokens, reply.usage.output_tokens)
+                    log.info("llm_turn", prompt_chars=self.last_prompt_chars, input_tokens=reply.usage.input_tokens,
+                             cached_input_tokens=reply.usage.cached_input_tokens,
+                             output_tokens=reply.usage.output_tokens, tools=[c.name for c in reply.calls],
+                             stop=reply.stop)
+                    self.expected = _episodes(reply.calls) or self.expected
+                    self._hold(tools, self.expected, 2.0)  # until the scheduler's queue shows them
+                    running = _Running(reply, [None] * len(reply.calls))
+                    for i, call in enumerate(reply.calls):
+                        calls.start_soon(self._run_call, dispatch, running, i, call, log)
+                except Exception as e:  # last resort: a bug here must not take the fleet down
+                    log.error("llm_agent_error", error=truncate(scrub(f"{type(e).__name__}: {e}", self.secrets), 400))
+                    await trio.sleep(self.settings.backoff_max_s)
+
+    async def _run_call(self, dispatch: Dispatcher, running: _Running, i: int, call: ToolCall, log) -> None:
+        out = await dispatch(call)
+        if out.is_error:
+            log.info("tool_error", tool=call.name, error=truncate(out.content, 200))
+        if running.settled:
+            self.late.append(f"{call.name} (call {call.id}): {truncate(' '.join(out.content.split()), 400)}")
+        else:
+            running.outputs[i] = out
+        self._wake.set()
+
+    async def _settle(self, running: _Running | None, tools: Tools) -> None:
+        """Wait until the next turn may start, then record the last one.
+
+        Unpaced: when all its calls are done. Paced: once some of its experiments' results are in (or all
+        calls are done) and the fleet admits a turn (`_admit`): robots do not wait for the model while
+        its last episodes run, and a large team thinks at the pace its robots can test."""
+        pace = self.settings.pace_per_cell
         while True:
-            try:
-                now = self.clock()
-                started = started if started is not None else now
-                reason = self._exhausted(used, now - started)
-                if reason:
-                    await self._stop(tools, log, reason, used, now - started)
-                    return
-                if self._team_goal_met(tools):
-                    await trio.sleep(1.0)  # nothing to improve until confirmation disagrees: spend no tokens
-                    continue
-                prompt = build_prompt(self.system, tools, self.settings, self.turns, self.journal,
-                                      self._budget_line(used, now - started))
-                self.last_prompt_chars = prompt.chars()
-                max_out = self.settings.max_output_tokens
-                if self.settings.token_budget:
-                    max_out = max(1, min(max_out, self.settings.token_budget - used))
-                reply = await self._call(prompt, max_out, log)
-                used += reply.usage.total
-                tools.record_tokens(self.client.model, reply.usage.input_tokens, reply.usage.cached_input_tokens,
-                                    reply.usage.output_tokens)
-                log.info("llm_turn", prompt_chars=self.last_prompt_chars, input_tokens=reply.usage.input_tokens,
-                         cached_input_tokens=reply.usage.cached_input_tokens, output_tokens=reply.usage.output_tokens,
-                         tools=[c.name for c in reply.calls], stop=reply.stop)
-                outputs = await _dispatch_all(dispatch, reply.calls, log)
-                turn = Turn(reply, outputs, "" if reply.calls else NUDGE)
-                if len(self.turns) == self.turns.maxlen:
-                    self.journal.append(_journal_line(self.turns[0]))  # leaves the window: keep one line of it
-                self.turns.append(turn)
-            except Exception as e:  # last resort: a bug here must not take the fleet down
-                log.error("llm_agent_error", error=truncate(scrub(f"{type(e).__name__}: {e}", self.secrets), 400))
-                await trio.sleep(self.settings.backoff_max_s)
+            done = running is None or running.finished == len(running.outputs) or (pace and running.results)
+            if done and (not pace or self._admit(tools)):
+                break
+            with trio.move_on_after(0.25):
+                await self._wake.wait()
+            self._wake = trio.Event()
+        if running is None:
+            return
+        running.settled = True
+        outputs = [o or ToolOutput(c.id, c.name, STILL_RUNNING) for o, c in zip(running.outputs, running.reply.calls,
+                                                                                 strict=True)]
+        turn = Turn(running.reply, outputs, "" if running.reply.calls else NUDGE)
+        if len(self.turns) == self.turns.maxlen:
+            self.journal.append(_journal_line(self.turns[0]))  # leaves the window: keep one line of it
+        self.turns.append(turn)
+
+    def _admit(self, tools: Tools) -> bool:
+        """The fleet's queue, plus what teammates about to ask hold, is below `pace_per_cell` per cell: hold
+        our own expected episodes and go. Checked read-only first; decided in one write transaction."""
+        def room(r) -> bool:
+            queue = r.get("meta", "queue", QueueRecord)
+            if queue is None or queue.cells == 0:
+                return True  # no figures from a scheduler yet: nothing to pace by
+            now = self.clock()
+            held = sum(h.episodes for agent, h in r.items("turns", TurnHold) if agent != tools.agent and h.until > now)
+            return queue.waiting + held < self.settings.pace_per_cell * queue.cells
+
+        with tools.board.read() as r:
+            if not room(r):
+                return False
+        with tools.board.write() as w:
+            if not room(w):
+                return False
+            w.put("turns", tools.agent, TurnHold(self.expected, self.clock() + 120.0))
+        return True
+
+    def _hold(self, tools: Tools, episodes: int, seconds: float) -> None:
+        if self.settings.pace_per_cell:
+            tools.board.put("turns", tools.agent, TurnHold(episodes, self.clock() + seconds))
 
     async def _call(self, prompt: Prompt, max_out: int, log) -> ModelReply:
         """Call the model until it answers: back off on errors, pause after too many in a row."""

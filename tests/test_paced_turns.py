@@ -1,0 +1,118 @@
+"""Paced turns: on a pooled fleet an agent thinks again once some results are in and the fleet's queue is
+short (teammates about to ask counted), instead of leaving robots idle while it waits for its slowest call."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import trio
+
+from actors.runtime import Actor, ActorSystem
+from bus.blackboard import Blackboard
+from bus.messages import EpisodeSummary, EvalResult
+from bus.records import QueueRecord, TurnHold
+from enpire.agents.llm import STILL_RUNNING, LLMAgent, LLMSettings, ModelReply, ToolCall, Usage, _episodes
+from enpire.agents.tools import Tools
+from enpire.workspace import Workspace
+
+FINDING = {"hypothesis": "h", "change": "c", "evidence": "e", "outcome": "note"}
+
+
+class SlowScheduler(Actor):
+    """Answers a one-episode evaluation at once, longer ones once the test releases them."""
+
+    name = "scheduler"
+    concurrent_handlers = True
+
+    def __init__(self, release: trio.Event):
+        super().__init__()
+        self.release = release
+
+    async def handle(self, msg):
+        if len(msg.seeds) > 1:
+            await self.release.wait()
+        eps = [EpisodeSummary(f"{msg.job_id}:{i}", s, True, True, 1.0, "success", 50) for i, s in enumerate(msg.seeds)]
+        return EvalResult(job_id=msg.job_id, policy=msg.policy, task=msg.task, episodes=eps)
+
+
+class ScriptedModel:
+    """Turn 1 posts a finding and runs a short and a long evaluation; later turns only post findings."""
+
+    model, secrets = "scripted", ()
+
+    def __init__(self):
+        self.prompts = []
+
+    async def complete(self, prompt, tools, max_output_tokens):
+        self.prompts.append(prompt)
+        calls = [ToolCall(f"f{len(self.prompts)}", "post_finding", json.dumps(FINDING))]
+        if len(self.prompts) == 1:
+            calls += [ToolCall("e1", "evaluate", json.dumps({"n_seeds": 1})),
+                      ToolCall("e3", "evaluate", json.dumps({"n_seeds": 3}))]
+        return ModelReply("", calls, Usage(100, 0, 10))
+
+
+async def _run(tmp_path, queue: QueueRecord, steps):
+    board, workspace = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
+    workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
+    board.put("meta", "queue", queue)
+    model, release = ScriptedModel(), trio.Event()
+    agent = LLMAgent(model, LLMSettings(pace_per_cell=6.0), task_text="t", tuning_seeds=range(100), rng_seed=0)
+    async with trio.open_nursery() as nursery:
+        scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
+        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board))
+        await steps(board, model, release)
+        nursery.cancel_scope.cancel()
+    return model
+
+
+async def _until(condition, timeout=5.0):
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_a_paced_agent_thinks_while_its_evaluation_runs_and_reads_the_result_later(tmp_path):
+    async def steps(board, model, release):
+        await _until(lambda: len(model.prompts) >= 2)  # turn 2 began with the evaluation still running
+        outputs = [o.content for o in model.prompts[1].turns[-1].outputs]
+        assert '"successes":1' in outputs[1] and outputs[2] == STILL_RUNNING
+        release.set()
+        await _until(lambda: any("## Late results" in p.briefing for p in model.prompts))
+        late = next(p.briefing for p in model.prompts if "## Late results" in p.briefing)
+        assert '"successes":3' in late
+
+    await _run(tmp_path, QueueRecord(0, 1, time.time()), steps)
+
+
+async def test_a_paced_agent_waits_while_the_fleet_queue_is_long(tmp_path):
+    async def steps(board, model, release):
+        await trio.sleep(0.6)
+        assert not model.prompts  # 10 episodes wait for 1 cell: another idea would only queue
+        board.put("meta", "queue", QueueRecord(2, 1, time.time()))
+        await _until(lambda: len(model.prompts) >= 1)
+        release.set()
+
+    await _run(tmp_path, QueueRecord(10, 1, time.time()), steps)
+
+
+async def test_teammates_about_to_ask_count_as_queued(tmp_path):
+    async def steps(board, model, release):
+        await trio.sleep(0.6)
+        assert not model.prompts  # 2 queued + 5 held by agent-1 >= 6 per cell
+        board.put("turns", "agent-1", TurnHold(5, time.time() - 1))  # its hold ran out
+        await _until(lambda: len(model.prompts) >= 1)
+        assert board.get("turns", "agent-0", TurnHold).episodes >= 4  # now it holds its own
+        release.set()
+
+    board = Blackboard(tmp_path / "bb")
+    board.put("turns", "agent-1", TurnHold(5, time.time() + 60))
+    board.close()
+    await _run(tmp_path, QueueRecord(2, 1, time.time()), steps)
+
+
+def test_episodes_a_turn_asks_for():
+    calls = [ToolCall("a", "evaluate", '{"n_seeds": 4}'), ToolCall("b", "evaluate", "{}"),
+             ToolCall("c", "evaluate", "not json"), ToolCall("d", "promote", "{}")]
+    assert _episodes(calls) == 4 + 10
