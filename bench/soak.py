@@ -50,7 +50,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pynng  # noqa: E402
-from model_sim import FAULT_KINDS, Fault, Faults, ModelSimulator, SearchConfig, Timing  # noqa: E402 (bench/)
+from model_sim import (  # noqa: E402 (bench/)
+    FAULT_KINDS,
+    TEMPLATE_SOURCE,
+    Fault,
+    Faults,
+    ModelSimulator,
+    SearchConfig,
+    Timing,
+)
 
 from bus import messages as m  # noqa: E402
 from bus.blackboard import Blackboard  # noqa: E402
@@ -66,6 +74,7 @@ KINDS = ["kill_cell", "stop_cell", "kill_daemon", "garbage", *(f"model_{k}" for 
 CONFIG = """
 [fleet]
 budget_minutes = 600
+baseline = "{baseline}"  # the policy the simulated team starts from (the Push-T template), as in bench/mru_mtu.py
 stop_at_target = false
 target = 1.0  # never "done": the agent keeps searching and idle cells keep confirming
 map_size_mb = 1
@@ -312,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     sim.faults = faults = Faults(hold_s=CLIENT["request_timeout_s"] + 2.0, retry_after_s=RETRY_AFTER_S)
     key = "sk-soak-" + secrets.token_hex(16)  # fake, new every run: found anywhere in the run's files = a leak
     config = args.state_dir.parent / "soak.toml"
-    args.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    baseline = args.state_dir.parent / "baseline"
+    baseline.mkdir(parents=True, exist_ok=True)
+    (baseline / "policy.py").write_text(TEMPLATE_SOURCE)
     config.write_text(CONFIG.format(cells=args.cells, agents=args.agents, lease_s=lease_s, base_url=sim.start(),
-                                    key_env=KEY_ENV, **CLIENT))
+                                    key_env=KEY_ENV, baseline=baseline, **CLIENT))
     fleet = Fleet(args.state_dir, config, key)
     fleet.start()
     injected, survived = Counter(), Counter()
