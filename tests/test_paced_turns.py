@@ -10,7 +10,7 @@ import trio
 
 from actors.runtime import Actor, ActorSystem
 from bus.blackboard import Blackboard
-from bus.messages import EpisodeSummary, EvalRequest, EvalResult
+from bus.messages import EpisodeSummary, EvalResult
 from bus.records import QueueRecord, TurnHold
 from enpire.agents.llm import STILL_RUNNING, LLMAgent, LLMSettings, ModelReply, ToolCall, Usage, _episodes
 from enpire.agents.tools import Tools
