@@ -11,15 +11,16 @@ Decisions. Each agent (told apart by the request's `user` field, which the frame
 1. `read_files`: the policy the team starts from (the fleet's baseline on main: the template
    `enpire/agents/pusht_policy.py`, whose parameters are tuned from its `INITIAL_PARAMS`), and
    `evaluate` it as it is (`n_seeds` episodes), so the robots have work while the model reads;
-2. then every turn, from the briefing's leaderboard (the team's best candidates, tallied by the
-   scheduler from verdicts) and champion: `evaluate` `population` new candidates sampled around the
+2. then every turn, from the briefing's leaderboard (the team's best and most recent candidates,
+   tallied by the scheduler from verdicts), champion and fleet line: `promote` the best entry not
+   yet judged whose success reaches target + margin on `validation_seeds` episodes; `evaluate`
+   `population` candidates, `n_seeds` episodes each: first top-ups of (at most `topups`) entries not
+   yet judged that reach target + margin with fewer episodes (less what teammates already run; all
+   the rest at once when that is at most two episodes per cell of the fleet, else at most doubling,
+   so a lucky start is dropped cheaply on a small fleet), the rest new candidates sampled around the
    team's best entry (`init_std` in [0, 1]^d, scaled with the built-in researcher's helpers; with
    `elites` > 1, the mean and spread of the best entries; numbers written to four significant
-   digits), `n_seeds` episodes each;
-   `evaluate` more episodes of the (`topups`) best entries not yet judged whose success reaches
-   target + margin (at most doubling their episodes, less what teammates already run), until they
-   have `validation_seeds`;
-   `promote` such an entry once it has them; `post_finding` on the turn's results.
+   digits); `post_finding` on the turn's results.
 
 There is no private search state: a team divides one search kept on the blackboard instead of
 running one search per agent, and a candidate any member found is topped up and promoted by
@@ -88,6 +89,7 @@ def cached_tokens(previous: str, current: str) -> int:
 
 
 _CHAMPION = re.compile(r"## Champion\ncommit (\w+) params (\{.*?\}): judged (\d+)/(\d+) held-out")
+_FLEET = re.compile(r"## Fleet\n(\d+) cells")
 _BOARD = re.compile(r"## Team's best candidates[^\n]*\n(.*?)(?=\n## |\Z)", re.S)
 _ENTRY = re.compile(r"^(\S+) commit (\w+) params (\{.*?\}): (\d+)/(\d+) succeeded, progress ([0-9.]+), (\d+) steps"
                     r"(?:; (\d+) more running)?(?:; held-out judging: (\w+))?$")
@@ -161,9 +163,11 @@ class Policy:
             a.pending.clear()
             briefing = next((m["content"] for m in messages if m.get("role") == "user"
                              and isinstance(m.get("content"), str)), "")
-            return self._step(a, results, _board(briefing), _champion(briefing))
+            fleet = _FLEET.search(briefing)
+            return self._step(a, results, _board(briefing), _champion(briefing), int(fleet.group(1)) if fleet else 1)
 
-    def _step(self, a: AgentState, results: list[tuple[Any, str]], board: list[Entry], champion) -> tuple[str, list]:
+    def _step(self, a: AgentState, results: list[tuple[Any, str]], board: list[Entry], champion,
+              cells: int = 1) -> tuple[str, list]:
         s = self.search
         if not a.read:  # look at the starting code and measure where it stands
             a.read = True
@@ -185,16 +189,19 @@ class Policy:
         ready = next((e for e in open_ if e.n >= s.validation_seeds), None)
         if ready is not None:
             calls.append(("promote", {"params": ready.params}))
-        # Top up the best open entries, doubling their episodes at most, so a lucky start is dropped early.
+        # Top up the best open entries: at once when the fleet runs that in about one round of its cells,
+        # else doubling their episodes at most, so a lucky start is dropped early.
         topups = [e for e in open_ if e.n + e.pending < s.validation_seeds and e.n > e.pending][: s.topups]
         for e in topups:
-            calls.append(("evaluate", {"params": e.params, "n_seeds": min(s.validation_seeds - e.n - e.pending,
-                                                                           e.n - e.pending)}))
+            rest = s.validation_seeds - e.n - e.pending
+            calls.append(("evaluate", {"params": e.params, "n_seeds": rest if rest <= 2 * cells else min(
+                rest, e.n - e.pending)}))
         mean, std = self._distribution(board, champion)
-        for _ in range(s.population):
+        fresh = max(1, s.population - len(topups))  # a turn's candidates: top-ups first, then new ones
+        for _ in range(fresh):
             x = np.clip(mean + std * a.rng.standard_normal(mean.shape), 0.0, 1.0)
             calls.append(("evaluate", {"params": _rounded(self.scale._params(x)), "n_seeds": s.n_seeds}))
-        text = (f"Turn {a.turns}: {s.population} new candidates around the team's best"
+        text = (f"Turn {a.turns}: {fresh} new candidates around the team's best"
                 + "".join(f", topping up {e.ref}" for e in topups) + (f", promoting {ready.ref}" if ready else "") + ".")
         return self._calls(a, text, calls)
 

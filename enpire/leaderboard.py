@@ -58,6 +58,13 @@ def line(c: CandidateRecord) -> str:
     return text
 
 
-def board_text(records: Iterable[CandidateRecord], horizon: int, k: int) -> str:
+def board_text(records: Iterable[CandidateRecord], horizon: int, k: int, recent: int = 3) -> str:
+    """The k best candidates, then the `recent` most recently measured others: a new result is seen even
+    when well-measured candidates hold the top."""
+    records = list(records)
     best = ranked(records, horizon, k)
-    return "\n".join(line(c) for c in best) if best else "(nothing evaluated yet)"
+    shown = {c.policy.ref for c in best}
+    latest = sorted((c for c in records if c.n > 0 and c.policy.ref not in shown), key=lambda c: -c.t)[:recent]
+    if not best:
+        return "(nothing evaluated yet)"
+    return "\n".join(["best:", *(line(c) for c in best), *(["recent:", *(line(c) for c in latest)] if latest else [])])

@@ -36,3 +36,11 @@ def test_the_line_names_the_exact_policy_and_its_evidence():
     assert text.startswith(f"{c.policy.ref} commit c0ffee0000 params " + '{"a":12.5,"b":0.125}: 9/10 succeeded')
     assert "5 more running" in text and "held-out judging: rejected" in text
     assert leaderboard.board_text([], 120, 5) == "(nothing evaluated yet)"
+
+
+def test_recent_results_are_shown_below_the_best():
+    old = [_c({"a": float(i)}, 20, 20, t=float(i)) for i in range(6)]
+    fresh = _c({"a": 9.0}, 5, 5, t=100.0)
+    text = leaderboard.board_text([*old, fresh], 120, 5, recent=1)
+    lines = text.splitlines()
+    assert lines[0] == "best:" and lines[6] == "recent:" and '"a":9.0' in lines[7] and len(lines) == 8

@@ -69,7 +69,7 @@ def _model_sim():
 def test_simulated_model_reads_the_leaderboard_and_divides_the_work():
     """The simulated agents read the leaderboard the product writes: they promote an entry with enough
     evidence, top up the evaluation of a promising one (minus what teammates already run) and sample new
-    candidates around the team's elites; judged entries are left alone."""
+    candidates around the team's best; judged entries are left alone."""
     from bus.messages import PolicySpec
     from bus.records import CandidateRecord
     from enpire import leaderboard
@@ -88,7 +88,25 @@ def test_simulated_model_reads_the_leaderboard_and_divides_the_work():
     assert policy.decide("agent-3", messages)[1][0]["name"] == "read_files"
     text, calls = policy.decide("agent-3", messages)
     names = [c["name"] for c in calls]
-    assert names == ["promote", "evaluate", "evaluate", "evaluate", "evaluate"]
+    assert names == ["promote", "evaluate", "evaluate", "evaluate"]  # the top-up counts in the population
     assert calls[0]["arguments"] == {"params": {"push_gain": 0.9}}
     assert calls[1]["arguments"] == {"params": {"push_gain": 0.7}, "n_seeds": 5}  # 20 - 10 done - 5 running
     assert all(c["arguments"]["n_seeds"] == 5 and len(c["arguments"]["params"]) == 15 for c in calls[2:])
+
+
+def test_simulated_model_sizes_a_top_up_to_the_fleet():
+    """A promising entry is topped up at once on a fleet that runs it in about one round, by doubling on a small one."""
+    from bus.messages import PolicySpec
+    from bus.records import CandidateRecord
+    from enpire import leaderboard
+
+    sim = _model_sim()
+    lucky = CandidateRecord("pusht", PolicySpec("c0ffee0000", {"push_gain": 0.7}), "agent-0", 5, 5, 5.0, 300)
+    for cells, n_seeds in ((8, 15), (1, 5)):
+        policy = sim.Policy(sim.SearchConfig(population=1, n_seeds=5, validation_seeds=20, target=0.9))
+        briefing = ("## Team's best candidates (tuning seeds, all agents)\n" + leaderboard.board_text([lucky], 120, 5)
+                    + f"\n## Fleet\n{cells} cells, 0 episodes queued")
+        messages = [{"role": "user", "content": briefing}]
+        policy.decide("agent-0", messages)  # reads the code first
+        calls = policy.decide("agent-0", messages)[1]
+        assert calls[0]["arguments"] == {"params": {"push_gain": 0.7}, "n_seeds": n_seeds}

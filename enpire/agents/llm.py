@@ -503,6 +503,9 @@ def briefing_state(tools: Tools, digest_chars: int, digest: bool = True, leaders
         params = truncate(_json(champion.policy.params), 800)
         parts.append(f"## Champion\ncommit {champion.policy.commit} params {params}: judged "
                      f"{champion.judged_successes}/{champion.judged_n} held-out, confirmed {champion.successes}/{champion.n}")
+    queue = tools.board.get("meta", "queue", QueueRecord)
+    if queue is not None:  # capacity, so a request can be sized to what the robots can run soon
+        parts.append(f"## Fleet\n{queue.cells} cells, {queue.waiting} episodes queued")
     return "\n".join(parts)
 
 
