@@ -32,7 +32,7 @@ cell), `no_digest` (`[agents] digest = false`: each briefing lists every peer's 
 the digest) and `unpaced` (pooled, but `[agents] pace_per_cell = 0`: each turn waits for all its
 results). The leaderboard is in every briefing in all runs.
 
-    python bench/mru_mtu.py            # full run (about 25 minutes, at most --total-minutes 38)
+    python bench/mru_mtu.py            # full run (about 21 minutes here, at most --total-minutes 38)
     python bench/mru_mtu.py --quick    # a few minutes, tiny settings (CI)
 
 Writes `<out>/mru_mtu.json` and `<out>/mru_mtu.png`, and prints a table beside the paper's figures.
@@ -290,7 +290,7 @@ def plot(results: list[dict], path: Path) -> None:
                color="k", marker="x", zorder=3, label="paper")
     ax.set_ylim(0, 1)
     ax.set_title("MRU")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     for ax, key, title, scale in (
         (axes[0][1], "mtu", "MTU (tokens/min)", 1.0),
         (axes[1][0], "tokens_to_success", "tokens to success (M)", 1e-6),
