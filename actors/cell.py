@@ -173,7 +173,6 @@ class Cell(Actor):
                     await trio.sleep(1.0)
                     continue
                 outcome = await trio.to_thread.run_sync(self._run_episode, reply, sandbox, client)
-                self.timeline.enter("idle")
                 await outbox.acquire()
                 nursery.start_soon(self._send_report, client, outcome, outbox)
 
@@ -206,6 +205,12 @@ class Cell(Actor):
         )
 
     def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
+        try:
+            return self._episode(lease, sandbox, client)
+        finally:
+            self.timeline.enter("idle")  # however the episode ended, the robot is free again
+
+    def _episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
         """Reset, run up to `lease.attempts` attempts, and return the report.
 
         Only a retry needs a verdict before the robot can go on; the last attempt's verdict is asked for
@@ -255,7 +260,6 @@ class Cell(Actor):
             sandbox.load(lease.policy.files, lease.policy.spec.params)
         except PolicyError as e:
             attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
-            self.timeline.enter("idle")
             return report(0.0)
         for k in range(lease.attempts):
             self.timeline.enter("running", lease.kind)
@@ -273,7 +277,6 @@ class Cell(Actor):
             final = bool(error) or k == lease.attempts - 1
             finish = functools.partial(judged, error=error, steps=steps, spent=verify_s, final=final)
             if final:
-                self.timeline.enter("idle")
                 return Unverified(request, finish)
             self.timeline.enter("verifying", lease.kind)
             t3 = time.perf_counter()
@@ -282,9 +285,7 @@ class Cell(Actor):
             verify_s += secs
             done = finish(reply, secs)
             if done is not None:
-                self.timeline.enter("idle")
                 return done
-        self.timeline.enter("idle")
         return report(verify_s)
 
     def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards) -> tuple[int, str, np.ndarray]:
