@@ -43,6 +43,9 @@ TEMPLATES = {
     "drawer-open-v3": "enpire.agents.metaworld_drawer_policy",
     "peg-insert-side-v3": "enpire.agents.metaworld_peg_policy",
 }
+# With pixel observations (a camera frame, no object pose): perception inside the policy feeding the
+# state template's controller.
+PIXEL_TEMPLATES = {"pusht": "enpire.agents.pusht_pixels_policy"}
 LEARNABLE = {"pusht"}  # tasks the learning library has features and a policy file for
 
 Regime = Literal["tune", "bc", "rl"]

@@ -3,6 +3,7 @@
     python -m enpire.agents.policy_eval --task pusht --params '{"ang_len": 80}' --seeds 1000000:1000200
     python -m enpire.agents.policy_eval --task drawer-open-v3 --cem --episodes-budget 2000 --eval-after
     python -m enpire.agents.policy_eval --task peg-insert-side-v3 --params @tuned.json --seeds 0:50
+    python -m enpire.agents.policy_eval --task pusht --observation pixels --seeds 1000000:1000200
 
 One loop for every task, judged the way the fleet judges: the driver (`hw.make_driver`) resets the
 scene with the seed, the template's `Policy` acts, `enpire.safety.check_action` checks every action as a
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from enpire.agents.builtin import TEMPLATES
+from enpire.agents.builtin import PIXEL_TEMPLATES, TEMPLATES
 from enpire.config import ActionLimitsConfig
 from enpire.safety import ActionLimits, check_action
 from enpire.verify import verify
@@ -143,6 +144,8 @@ def parse_seeds(spec: str) -> range:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="pusht", choices=sorted(TEMPLATES))
+    ap.add_argument("--observation", default="state", choices=("state", "pixels"),
+                    help="what the policy sees; pixels: a 96x96 frame and the pusher position (Push-T)")
     ap.add_argument("--params", default="{}", help="JSON dict of parameters (or @file.json)")
     ap.add_argument("--seeds", default="1000000:1000100", help="A:B half-open seed range (default: held-out)")
     ap.add_argument("--max-delta", type=float, default=ActionLimitsConfig().max_delta,
@@ -168,8 +171,14 @@ def main(argv=None) -> int:
         with open(text[1:]) as fh:
             text = fh.read()
     params = json.loads(text)
-    template = importlib.import_module(TEMPLATES[args.task])
-    driver = make_driver(args.task)
+    if args.observation == "pixels":
+        if args.task not in PIXEL_TEMPLATES:
+            ap.error(f"--observation pixels: no pixels template for task {args.task!r}")
+        template = importlib.import_module(PIXEL_TEMPLATES[args.task])
+        driver = make_driver(args.task, obs_type="pixels")
+    else:
+        template = importlib.import_module(TEMPLATES[args.task])
+        driver = make_driver(args.task)
     driver.connect()
     limits = ActionLimits(dim=len(driver.action_low), low=list(driver.action_low), high=list(driver.action_high),
                           max_delta=args.max_delta)
