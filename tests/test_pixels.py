@@ -140,3 +140,47 @@ def test_perception_template_estimates_the_block_pose_from_the_frame():
     # A pixel is 5.3 px of the workspace: the fit is sub-pixel (measured ~0.4 px and ~0.15 degrees).
     assert err[:, 0].max() < 2.0 and err[:, 1].max() < 1.5, err
     assert pp.estimate_pose(np.full((96, 96, 3), 255, np.uint8)) is None  # no block in view
+
+
+async def test_a_real_cell_runs_the_perception_template_on_pixels_and_records_the_frames(tmp_path):
+    """Fleet core + a cell process: the lease says "pixels", the perception template (committed with its
+    controller) succeeds from frames alone, and the recorded episode holds the frames the policy saw."""
+    from pathlib import Path
+
+    import trio
+
+    from bus.messages import EvalRequest, EvalResult, PolicySpec
+    from bus.records import EpisodeRecord
+    from enpire import config as cfg
+    from enpire.agents import pusht_pixels_policy, pusht_policy
+    from enpire.fleet import open_state_dir, start_core
+
+    text = '[cells]\ncount = 1\ntask = "pusht"\n[agents]\ncount = 0\n[scheduler]\nbackground = false\n' \
+           '[sandbox]\nact_timeout_s = 1.0\n[tasks.pusht]\nobservation = "pixels"\n'
+    config = cfg.decode(text, "pixels.toml")
+    files = {"policy.py": Path(pusht_pixels_policy.__file__).read_text(),
+             "pusht_policy.py": Path(pusht_policy.__file__).read_text()}
+    seeds = [3, 4]  # tuning seeds the perception template solves (measured with policy_eval)
+    state = tmp_path / "state"
+    board, meta = open_state_dir(state)
+    async with trio.open_nursery() as nursery:
+        core = await start_core(nursery, config, state, board, meta)
+        commit = core.workspace.commit("agent/pixels", files, "perception + controller")
+        with trio.fail_after(300):
+            result = await core.scheduler.ask(EvalRequest(job_id="px", agent="t", task="pusht",
+                                                          policy=PolicySpec(commit, {}), seeds=seeds), timeout=300)
+        core.stopping.set()
+        nursery.cancel_scope.cancel()
+    assert isinstance(result, EvalResult), result
+    assert result.successes == 2, [e.reason for e in result.episodes]
+    records = {r.seed: r for r in board.values("episodes", EpisodeRecord)}
+    board.close()
+    d = PushTDriver(obs_type="pixels")
+    for seed in seeds:
+        data = read_trajectory(state / records[seed].trajectory_file)
+        t = len(data["actions"])
+        assert data["frames"].shape == (t + 1, PIXELS_SIZE, PIXELS_SIZE, 3)
+        assert data["observations"].shape == (t + 1, 2)  # the flat part the policy saw: the pusher only
+        first = d.reset(seed)
+        assert np.array_equal(data["frames"][0], first["pixels"])
+        assert np.allclose(data["observations"][0], first["agent_pos"])
