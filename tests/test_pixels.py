@@ -16,24 +16,27 @@ from enpire.episodes import EpisodeFileError, read_trajectory, write_trajectory
 from enpire.sandbox import PolicySandbox, SandboxLimits
 from hw.pusht import PIXELS_SIZE, PushTDriver
 
-# A policy that keeps everything it is handed (observations, parameters, failure notices) in its scratch
-# directory, and walks the pusher in a circle so the scene changes.
+# A policy that reports everything it is handed (observations, parameters, environment, files) on its
+# stderr, one JSON line per call, and walks the pusher in a circle so the scene changes.
 RECORDER = textwrap.dedent('''
-    import json, os
+    import hashlib, json, os, sys
     import numpy as np
+
+    def say(**kw):
+        print(json.dumps(kw), file=sys.stderr, flush=True)
 
     class Policy:
         def __init__(self, params):
             self.t = 0
-            with open("handed-params.json", "w") as f:
-                json.dump({"params": params, "env": dict(os.environ), "files": sorted(os.listdir("."))}, f)
+            say(params=params, env=dict(os.environ), files=sorted(os.listdir(".")))
 
         def reset(self):
             pass
 
         def act(self, obs):
             assert isinstance(obs, dict), type(obs)
-            np.savez(f"obs-{self.t:03d}.npz", **obs)
+            say(t=self.t, keys=sorted(obs), shape=list(obs["pixels"].shape), dtype=str(obs["pixels"].dtype),
+                sha=hashlib.sha256(obs["pixels"].tobytes()).hexdigest(), agent_pos=obs["agent_pos"].tolist(), raw=obs["agent_pos"].tobytes().hex())
             self.t += 1
             pos = obs["agent_pos"]
             return pos + 40.0 * np.array([np.cos(self.t / 3.0), np.sin(self.t / 3.0)])
@@ -71,12 +74,14 @@ def test_a_policy_given_pixels_sees_the_simulators_frame_and_never_the_block_pos
     """Through the real sandbox: every observation the policy received is exactly the simulator's frame
     for that step (an independent render of the trusted state) and the pusher position; no block pose
     value is in anything it was handed besides the image."""
+    import hashlib
+    import json
+
     d = PushTDriver(obs_type="pixels")
     check = PushTDriver(obs_type="pixels")  # renders the trusted states independently
-    scratch = tmp_path / "scratch"
     steps = 12
     states = []
-    with PolicySandbox(SandboxLimits(act_timeout_s=5.0), scratch) as sandbox:
+    with PolicySandbox(SandboxLimits(act_timeout_s=5.0), tmp_path / "scratch") as sandbox:
         sandbox.load({"policy.py": RECORDER}, {"gain": 1.0})
         sandbox.reset()
         obs = d.reset(123)
@@ -85,19 +90,22 @@ def test_a_policy_given_pixels_sees_the_simulators_frame_and_never_the_block_pos
             result = sandbox.act(obs)
             assert result.error is None and result.action is not None, result
             obs = d.act(result.action)
-        saved = [dict(np.load(scratch / f"obs-{t:03d}.npz")) for t in range(steps)]
-        handed = (scratch / "handed-params.json").read_bytes()
-    moved = 0
-    for t, (seen, state) in enumerate(zip(saved, states, strict=True)):
-        assert set(seen) == {"pixels", "agent_pos"}, t
+        log = sandbox._stderr_path().read_bytes()
+    lines = [json.loads(line) for line in log.decode().splitlines() if line.startswith("{")]
+    handed, seen = lines[0], lines[1:]
+    assert [s["t"] for s in seen] == list(range(steps))
+    shas = []
+    for t, (step, state) in enumerate(zip(seen, states, strict=True)):
+        assert step["keys"] == ["agent_pos", "pixels"] and step["shape"] == [96, 96, 3] and step["dtype"] == "uint8"
         check.set_state(state["block_pose"], state["agent_pos"])
-        assert np.array_equal(seen["pixels"], check.render(PIXELS_SIZE)), f"step {t}: not the simulator's frame"
-        assert np.allclose(seen["agent_pos"], state["agent_pos"]), t
-        moved += t > 0 and not np.array_equal(seen["pixels"], saved[t - 1]["pixels"])
-        flat = seen["agent_pos"].tobytes() + handed
+        assert step["sha"] == hashlib.sha256(check.render(PIXELS_SIZE).tobytes()).hexdigest(), \
+            f"step {t}: not the simulator's frame"
+        assert np.allclose(step["agent_pos"], state["agent_pos"]), t
+        shas.append(step["sha"])
+        flat = bytes.fromhex(step["raw"]) + json.dumps(step["agent_pos"]).encode() + json.dumps(handed).encode()
         for pattern in _float_patterns(state["block_pose"]):
             assert pattern not in flat, f"step {t}: block pose value {pattern!r} handed to the policy"
-    assert moved >= steps // 2, "the scene hardly changed: the test would not tell frames apart"
+    assert len(set(shas)) >= steps // 2, "the scene hardly changed: the test would not tell frames apart"
 
 
 def test_recorded_frames_round_trip_through_the_bus_and_the_episode_store(tmp_path):
