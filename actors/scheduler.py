@@ -257,6 +257,7 @@ class Scheduler(Actor):
             verifier=task.verifier,
             observation=task.observation,
             control_hz=task.control_hz,
+            joints=task.limits.joints,
         )
 
     async def _report(self, msg: EpisodeReport) -> Message:

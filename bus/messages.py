@@ -136,6 +136,7 @@ class Lease(Message, frozen=True):
     verifier: str = "state"  # "state" or "vision"
     observation: str = "state"  # what the policy is handed: "state" or "pixels" (camera frame + pusher position)
     control_hz: float = 0.0  # pace steps like a real robot; 0 = as fast as the simulator goes
+    joints: dict[str, list[float]] = {}  # the task's [low, high] per named action (joint/workspace limits)
 
 
 class NoWork(Message, frozen=True):
