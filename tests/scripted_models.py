@@ -63,6 +63,7 @@ class Logged:
     exchange: Exchange
     reply: Reply
     usage: Usage
+    headers: dict[str, str]
 
 
 def _texts(content: Any) -> tuple[list[str], int]:
@@ -97,7 +98,7 @@ def _anthropic_exchange(body: dict) -> Exchange:
     return Exchange(tools, results, images, prompt, body)
 
 
-def _openai_exchange(body: dict) -> Exchange:
+def _openai_exchange(body: dict, last_calls: set[str]) -> Exchange:
     tools = []
     for t in body.get("tools", []):
         if t.get("type") == "namespace":  # a group of tools (Codex puts MCP servers' tools in one)
@@ -109,16 +110,10 @@ def _openai_exchange(body: dict) -> Exchange:
     for item in items:
         if item.get("role") == "user":
             prompt = "\n".join(_texts(item.get("content"))[0])
-    tail = []
-    for item in reversed(items):  # the outputs after the model's last calls
-        if item.get("type") in ("function_call_output", "custom_tool_call_output", "mcp_tool_call_output"):
-            tail.append(item)
-        elif item.get("type") in ("function_call", "custom_tool_call", "reasoning"):
-            continue
-        else:
-            break
     results, images = [], 0
-    for item in reversed(tail):
+    for item in items:  # the outputs of the calls of the last reply
+        if item.get("type") != "function_call_output" or item.get("call_id") not in last_calls:
+            continue
         t, i = _texts(item.get("output"))
         results.append("\n".join(t))
         images += i
@@ -139,6 +134,7 @@ class ScriptedModel:
         self.log: list[Logged] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
+        self._last_calls: set[str] = set()  # call ids of the last reply (OpenAI: whose outputs come next)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -167,7 +163,7 @@ class ScriptedModel:
         reasoning = out // 2 if self.provider == "openai" else 0
         return Usage(size + write, cached, write, out, reasoning)
 
-    def respond(self, path: str, raw: bytes) -> tuple[int, str, bytes]:
+    def respond(self, path: str, raw: bytes, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
@@ -177,7 +173,8 @@ class ScriptedModel:
         wanted = "/v1/messages" if self.provider == "anthropic" else "/v1/responses"
         if path.split("?")[0].rstrip("/") != wanted:
             return 404, "application/json", json.dumps({"error": f"no such endpoint {path}"}).encode()
-        exchange = _anthropic_exchange(body) if self.provider == "anthropic" else _openai_exchange(body)
+        exchange = (_anthropic_exchange(body) if self.provider == "anthropic"
+                    else _openai_exchange(body, self._last_calls))
         with self._lock:
             try:
                 reply = self.script(exchange)
@@ -185,7 +182,7 @@ class ScriptedModel:
                 self.errors.append(f"{type(e).__name__}: {e}")
                 reply = Reply(text=f"script error: {e}")
             usage = self._usage(raw, reply, first=not self.log)
-            self.log.append(Logged(path, exchange, reply, usage))
+            self.log.append(Logged(path, exchange, reply, usage, dict(headers or {})))
         stream = self._anthropic(reply, usage) if self.provider == "anthropic" else self._openai(reply, usage)
         return 200, "text/event-stream", b"".join(stream)
 
@@ -228,9 +225,14 @@ class ScriptedModel:
                           "status": "completed",
                           "content": [{"type": "output_text", "text": reply.text, "annotations": []}]})
         for name, args in reply.calls:
-            items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:12]}",
-                          "call_id": f"call_{uuid.uuid4().hex[:12]}", "name": name,
-                          "arguments": json.dumps(args), "status": "completed"})
+            namespace, _, short = name.rpartition(".")  # a tool of a namespace (Codex: MCP servers' tools)
+            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:12]}",
+                    "call_id": f"call_{uuid.uuid4().hex[:12]}", "name": short, "arguments": json.dumps(args),
+                    "status": "completed"}
+            if namespace:
+                item["namespace"] = namespace
+            items.append(item)
+        self._last_calls = {i["call_id"] for i in items if i["type"] == "function_call"}
         for i, item in enumerate(items):
             yield _sse("response.output_item.added", {"type": "response.output_item.added", "sequence_number": next(seq),
                                                       "output_index": i, "item": item})
@@ -269,7 +271,7 @@ class ScriptedModel:
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                self._send(*model.respond(self.path, raw))
+                self._send(*model.respond(self.path, raw, {k.lower(): v for k, v in self.headers.items()}))
 
         return Handler
 

@@ -4,7 +4,7 @@ A CLI coding agent runs in its own network namespace; the only way out is one un
 jail. Inside, `forward()` (run by `enpire.agents.jail_init`) listens on loopback TCP and pipes each
 connection to that socket; outside, `ModelRelay` reads each HTTP request, checks the per-agent relay
 token the CLI was given instead of a real key, refuses a call once the agent's token budget is spent,
-forwards the call to the real endpoint with the real key, and streams the reply back while reading the
+forwards the call to the real endpoint with the real key in the header the CLI used, and streams the reply back while reading the
 usage the provider reports (Anthropic Messages and OpenAI Responses / Chat Completions, streaming SSE or
 JSON). So every model call lands in the token ledger as it happens, whatever the CLI prints, and the
 CLI never holds a key of the fleet.
@@ -140,14 +140,14 @@ class ModelRelay:
     whether the agent may make another call (its token budget); `token` is what the CLI sends as its key.
     """
 
-    def __init__(self, path: Path, upstream: str, *, token: str, key: str, key_header: str,
+    def __init__(self, path: Path, upstream: str, *, token: str, key: str,
                  record: Callable[[CallUsage], None], allow: Callable[[], str | None], on_refusal=None,
                  timeout_s: float = 300.0):
         self.path = Path(path)
         self.upstream = urlsplit(upstream.rstrip("/"))
         if self.upstream.scheme not in ("http", "https") or not self.upstream.hostname:
             raise ValueError(f"[agents] base_url = {upstream!r}: expected http(s)://host[:port][/path]")
-        self.token, self.key, self.key_header = token, key, key_header
+        self.token, self.key = token, key
         self.record, self.allow, self.timeout_s = record, allow, timeout_s
         self.on_refusal = on_refusal or (lambda reason: None)
         self.calls = 0
@@ -172,14 +172,16 @@ class ModelRelay:
             return http.client.HTTPSConnection(u.hostname, u.port or 443, timeout=self.timeout_s)
         return http.client.HTTPConnection(u.hostname, u.port or 80, timeout=self.timeout_s)
 
-    def _authorised(self, headers) -> bool:
+    def _authorised(self, headers) -> tuple[str, bool] | None:
+        """(header, bearer) the CLI sent its relay token in; None when no header holds the token."""
         for name in AUTH_HEADERS:
             value = headers.get(name, "")
-            if value.lower().startswith("bearer "):
+            bearer = value.lower().startswith("bearer ")
+            if bearer:
                 value = value[7:]
             if value and hmac.compare_digest(value.strip().encode(), self.token.encode()):
-                return True
-        return False
+                return name, bearer
+        return None
 
     def _handler(self):
         relay = self
@@ -201,7 +203,8 @@ class ModelRelay:
 
             def _relay(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                if not relay._authorised(self.headers):
+                auth = relay._authorised(self.headers)
+                if auth is None:
                     return self._refuse(401, "model relay: wrong or missing relay token")
                 reason = relay.allow() if self.command == "POST" else None
                 if reason:
@@ -212,9 +215,8 @@ class ModelRelay:
                     model = ""
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP
                            and k.lower() not in AUTH_HEADERS}
-                if relay.key:
-                    headers[relay.key_header] = (f"Bearer {relay.key}" if relay.key_header == "authorization"
-                                                 else relay.key)
+                name, bearer = auth  # the real key goes where the CLI put its token (x-api-key, Bearer, ...)
+                headers[name] = f"Bearer {relay.key}" if bearer else relay.key
                 headers["content-length"] = str(len(raw))
                 path = relay.upstream.path + self.path
                 try:
