@@ -55,8 +55,8 @@ class ToolGateway:
                     stream = await listener.accept()
                     nursery.start_soon(self._connection, stream)
         finally:
+            self.path.unlink(missing_ok=True)  # before the checkpoint below, which a cancellation interrupts
             await listener.aclose()
-            self.path.unlink(missing_ok=True)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         async with stream:
