@@ -13,8 +13,12 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from enpire.agents.mcp_server import request
 from enpire.agents.tool_gateway import ToolGateway
 
-PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-                    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+# A 48x32 PNG (a red rectangle), as an episode frame would be: CLIs decode and resize what they receive.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000030000000200802000000dbb66c4b00000076494441545809cdc1310100000cc2b0"
+    "d6bf68e680836b893c23cfc833f28c3c23cfc833f28c5461270ba9c24e1652859d2ca40a3b59481576b2902aec642155d8c942aab0"
+    "93855461270ba9c24e1652859d2ca40a3b59481576b2902aec642155d8c942aab093853c23cfc833f28c3c23cfc833f2cc01da1c10"
+    "21d5de94d00000000049454e44ae426082")
 
 
 class EchoArgs(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -223,7 +223,8 @@ def cli_argv(s: CLISettings, prefix: list[str], *, prompt: str, session: str, re
                   "-c", f"mcp_servers.enpire.args={json.dumps(server['args'])}",
                   "-c", "mcp_servers.enpire.env={" + ", ".join(f"{k}={json.dumps(v)}" for k, v in
                                                                server["env"].items()) + "}",
-                  "-c", "mcp_servers.enpire.tool_timeout_sec=3600", "-c", "mcp_servers.enpire.startup_timeout_sec=60",
+                  "-c", "mcp_servers.enpire.tool_timeout_sec=3600", "-c", "mcp_servers.enpire.required=true",
+                  "-c", "mcp_servers.enpire.startup_timeout_sec=60",
                   "-c", "analytics.enabled=false", "-c", "check_for_update_on_startup=false"]
         flags = ["--json", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", *config]
         if s.model:
