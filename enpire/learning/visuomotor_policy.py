@@ -7,7 +7,7 @@ network's arithmetic on the numpy side; `enpire.learning.visuomotor` trains the 
 and a test checks that both give the same actions.
 
 Network: the current and the previous frame stacked (6 channels, scaled to [-0.5, 0.5]) -> three
-convolutions with ReLU (c0: 5x5 stride 2, c1: 3x3 stride 2, c2: 3x3 stride 1, "same" padding) ->
+convolutions with ReLU (by default c0: 4x4 stride 4, c1 and c2: 3x3 stride 1; padding k // 2) ->
 spatial soft-argmax (an expected (x, y) in [-1, 1] per channel of c2: keypoints with sub-pixel
 precision) -> concatenated with the normalised pusher position and its change since the previous step
 -> an MLP (ReLU) -> the action as a normalised offset from the pusher position.
@@ -40,7 +40,7 @@ def pos_input(w: dict[str, np.ndarray], pos: np.ndarray, prev_pos: np.ndarray) -
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
-    """(N, C, H, W) * (O, C, k, k), zero padding k // 2 ("same" at stride 1), as torch's conv2d."""
+    """(N, C, H, W) * (O, C, k, k), zero padding k // 2, as torch's conv2d."""
     k = weight.shape[-1]
     p = k // 2
     xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
