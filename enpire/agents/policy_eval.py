@@ -3,6 +3,7 @@
     python -m enpire.agents.policy_eval --task pusht --params '{"ang_len": 80}' --seeds 1000000:1000200
     python -m enpire.agents.policy_eval --task drawer-open-v3 --cem --episodes-budget 2000 --eval-after
     python -m enpire.agents.policy_eval --task peg-insert-side-v3 --params @tuned.json --seeds 0:50
+    python -m enpire.agents.policy_eval --task pusht --observation pixels --seeds 1000000:1000200
 
 One loop for every task, judged the way the fleet judges: the driver (`hw.make_driver`) resets the
 scene with the seed, the template's `Policy` acts, `enpire.safety.check_action` checks every action as a
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from enpire.agents.builtin import TEMPLATES
+from enpire.agents.builtin import PIXEL_TEMPLATES, TEMPLATES
 from enpire.config import ActionLimitsConfig
 from enpire.safety import ActionLimits, check_action
 from enpire.verify import verify
@@ -149,6 +150,8 @@ def parse_seeds(spec: str) -> range:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m enpire.agents.policy_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="pusht", choices=sorted(TEMPLATES))
+    ap.add_argument("--observation", default="state", choices=("state", "pixels"),
+                    help="what the policy sees; pixels: a 96x96 frame and the pusher position (Push-T)")
     ap.add_argument("--params", default="{}", help="JSON dict of parameters (or @file.json)")
     ap.add_argument("--seeds", default=parse_seeds("1000000:1000100"), type=parse_seeds,
                     help="A:B half-open seed range (default: held-out)")
@@ -180,12 +183,17 @@ def main(argv=None) -> int:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         ap.error(f"--params {args.params!r}: {e}")
-    template = importlib.import_module(TEMPLATES[args.task])
+    if args.observation == "pixels":
+        if args.task not in PIXEL_TEMPLATES:
+            ap.error(f"--observation pixels: no pixels template for task {args.task!r}")
+        template = importlib.import_module(PIXEL_TEMPLATES[args.task])
+    else:
+        template = importlib.import_module(TEMPLATES[args.task])
     try:
         template.Policy(params)  # refuses unknown parameter names before any episode runs
     except ValueError as e:
         ap.error(f"--params: {e}")
-    driver = make_driver(args.task)
+    driver = make_driver(args.task, obs_type="pixels") if args.observation == "pixels" else make_driver(args.task)
     driver.connect()
     limits = ActionLimits(dim=len(driver.action_low), low=list(driver.action_low), high=list(driver.action_high),
                           max_delta=args.max_delta)
