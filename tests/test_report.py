@@ -31,14 +31,13 @@ def _run(tmp_path, tokens=False, final=True):
     board.append("timeline", TimelineRecord("cell-0", segs))
     board.append("timeline", TimelineRecord("cell-1", [Segment("idle", T0, T0 + 50),
                                                        Segment("running", T0 + 50, T0 + 100, "heldout")]))
-    n = 0
-    for i in range(12):
-        board.put("episodes", f"e{n}", _episode(n, "agent", "j-agent", B, i % 3 == 0, T0 + 5 + i)); n += 1
+    episodes = [_episode(0, "agent", "j-agent", B, i % 3 == 0, T0 + 5 + i) for i in range(12)]
     for i in range(30):  # judging of A: 27/30, promoted; of B: 10/30, rejected
-        board.put("episodes", f"e{n}", _episode(n, "heldout", "j-a", A, i >= 3, T0 + 20 + 0.1 * i)); n += 1
-        board.put("episodes", f"e{n}", _episode(n, "heldout", "j-b", B, i < 10, T0 + 40 + 0.1 * i)); n += 1
-    for i in range(40):  # A's confirmation on further held-out seeds
-        board.put("episodes", f"e{n}", _episode(n, "background", "j-c", A, i % 10 != 0, T0 + 50 + i)); n += 1
+        episodes.append(_episode(0, "heldout", "j-a", A, i >= 3, T0 + 20 + 0.1 * i))
+        episodes.append(_episode(0, "heldout", "j-b", B, i < 10, T0 + 40 + 0.1 * i))
+    episodes += [_episode(0, "background", "j-c", A, i % 10 != 0, T0 + 50 + i) for i in range(40)]  # confirmation
+    for n, e in enumerate(episodes):
+        board.put("episodes", f"e{n}", e)
     board.put("candidates", "pusht/a", CandidateRecord("pusht", A, "agent-0", judged="promoted"))
     board.put("candidates", "pusht/b", CandidateRecord("pusht", B, "agent-0", judged="rejected"))
     board.put("champion", "pusht", Champion("pusht", A, 27, 30, T0 + 23, "agent-0", 36, 40))
