@@ -32,6 +32,7 @@ from bus.messages import (
     CellState,
     EpisodeReport,
     Failure,
+    Frames,
     Heartbeat,
     Hello,
     JobKind,
@@ -88,6 +89,15 @@ class Unverified(NamedTuple):
 
     request: VerifyRequest
     finish: Callable[[VerifyReply, float], EpisodeReport | None]  # (reply, seconds it took) -> report
+
+
+def _refused_report(cell_id: str, lease: Lease, reason: str) -> EpisodeReport:
+    """An episode this cell cannot run as leased (e.g. an observation its driver cannot give)."""
+    verdict = Verdict(success=False, score=0.0, reason=reason, verifier="cell")
+    return EpisodeReport(
+        cell_id=cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=verdict,
+        attempts=[Attempt(verdict, 0)], steps=0, reset_s=0.0, run_s=0.0, verify_s=0.0,
+    )
 
 
 def _flagged_report(cell_id: str, lease: Lease, verdict: Verdict, reset_s: float, verify_s: float) -> EpisodeReport:
@@ -255,6 +265,11 @@ class Cell(Actor):
         """
         t0 = time.perf_counter()
         self.timeline.enter("resetting", lease.kind)
+        if lease.observation != getattr(self.driver, "obs_type", "state"):
+            if lease.observation not in getattr(self.driver, "observation_modes", ("state",)):
+                return _refused_report(self.cell_id, lease, f"cell_error: driver {self.driver.name!r} has no "
+                                       f"{lease.observation!r} observation")
+            self.driver.set_observation(lease.observation)
         if self.interface is not None:  # a person or an approved reset program resets a real scene
             obs, why = self.interface.reset_scene(self.driver, lease.seed, lease.episode_id)
             if why:
@@ -270,14 +285,22 @@ class Cell(Actor):
                                           self.driver.action_high, lease.joints, require_all=self.real)
         limits = ActionLimits(dim=len(low), low=low.tolist(), high=high.tolist(), max_delta=lease.max_delta)
         observations, actions, rewards = [obs], [], []
+        # A robot's camera (LeRobot drivers): one frame per observation, for the record and the dataset.
+        camera = [self.driver.frame()] if getattr(self.driver, "record_frames", False) else None
         attempts: list[Attempt] = []
         run_s = 0.0
 
         def trajectory() -> Trajectory:
+            pixels = isinstance(observations[0], dict)  # camera frames travel deflated, beside the flat part
+            flat = [o["agent_pos"] for o in observations] if pixels else observations
+            frames = np.stack([o["pixels"] for o in observations]) if pixels else None
+            if camera is not None and len(camera) == len(observations):  # a robot's camera, recorded per step
+                frames = np.stack(camera)
             return Trajectory(
-                observations=Array.of(np.asarray(observations, dtype=np.float32)),
+                observations=Array.of(np.asarray(flat, dtype=np.float32)),
                 actions=Array.of(np.asarray(actions, dtype=np.float32).reshape(-1, limits.dim)),
                 rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
+                frames=Frames.of(frames) if frames is not None else None,
             )
 
         def report(verify_total: float) -> EpisodeReport:
@@ -322,7 +345,7 @@ class Cell(Actor):
                 except PolicyError as e:
                     attempts.append(Attempt(Verdict(False, last.score, f"policy_error: {e}", "cell"), 0))
                     break
-            steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards)
+            steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards, camera)
             run_s += time.perf_counter() - t2
             if error == "estop":  # halted by the person: held unverified, never counted
                 self.interface.pause("e-stop")
@@ -348,7 +371,8 @@ class Cell(Actor):
                 return done
         return report(verify_s)
 
-    def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards) -> tuple[int, str, np.ndarray]:
+    def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards,
+                 camera=None) -> tuple[int, str, np.ndarray]:
         """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs).
 
         Each new observation goes to the policy before the simulator scores the step, so the policy
@@ -393,6 +417,8 @@ class Cell(Actor):
                 sandbox.submit(obs)
             reward, done = self.driver.outcome()
             observations.append(obs)
+            if camera is not None:
+                camera.append(self.driver.frame())
             actions.append(action)
             rewards.append(reward)
             previous = action

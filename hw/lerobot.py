@@ -68,6 +68,7 @@ class LeRobotDriver:
         self.action_low = np.full(len(self.action_names), -np.inf)
         self.action_high = np.full(len(self.action_names), np.inf)
         self.frames: dict[str, np.ndarray] = {}
+        self.record_frames = bool(self.camera)  # the cell keeps the verifier camera's frame of every step
         self._last: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
