@@ -298,7 +298,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
             nursery.start_soon(on_signal)
             next_progress = 0.0
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
-                                  config.agents.count, config.cells.task)
+                                  config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
+                                  target=config.fleet.target)
             while not stopping.is_set() and time.time() < deadline:
                 if config.fleet.stop_at_target and target_met(board, config):
                     outcome.reason = "target"
@@ -386,6 +387,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def idle_fleet(config: cfg.Config) -> str | None:
+    """Why a fleet with this configuration could never run an episode, or None."""
+    if config.cells.count == 0 and not config.bus.listen:
+        return ("cells.count is 0 and bus.listen is empty: no cell could ever join, so the fleet would do no "
+                "work; add local cells (--cells N) or listen for remote ones ([bus] listen)")
+    if config.agents.count == 0 and not config.fleet.baseline:
+        return ("agents.count is 0 and fleet.baseline is empty: no policy would ever exist to run; add agents "
+                "(--agents N) or a starting policy ([fleet] baseline)")
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
     args = parse_args(argv, prog)
     try:
@@ -411,6 +423,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)
+        return EXIT_CONFIG
+    if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
+        print(f"enpire: {idle}", file=sys.stderr)
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:
