@@ -281,3 +281,17 @@ async def test_visuomotor_checkpoint_trained_by_the_trainer_runs_in_a_real_cell(
     for frame, pos, action in zip(arrays["frames"], arrays["observations"], arrays["actions"], strict=False):
         mine = model.act({"pixels": frame, "agent_pos": pos.astype(np.float64)})
         np.testing.assert_allclose(mine, action, rtol=0, atol=1e-2)  # stored as float32
+
+
+def test_model_agents_get_the_pixels_task_card(monkeypatch):
+    from enpire import config as cfg
+    from enpire.agents.backends import make_backend
+
+    monkeypatch.setenv("ENPIRE_TEST_KEY", "not-a-real-key")
+    agents = '[agents]\nbackend = "openai"\nmodel = "m"\napi_key_env = "ENPIRE_TEST_KEY"\n'
+    pixels = make_backend(cfg.decode('[cells]\ntask = "pusht"\n[tasks.pusht]\nobservation = "pixels"\n' + agents), 0)
+    state = make_backend(cfg.decode('[cells]\ntask = "pusht"\n' + agents), 0)
+    assert "'pixels': (96, 96, 3) uint8" in pixels.system and "block_x" not in pixels.system
+    assert "block_x" in state.system and "'pixels'" not in state.system
+    default = make_backend(cfg.decode(agents), 0)  # the embedded default task has its own card too
+    assert "peg-insert-side-v3" in default.system and "[-1, 1]^4" in default.system

@@ -34,5 +34,6 @@ def make_backend(config: cfg.Config, index: int):
         notes_dir=a.notes_dir, target=config.fleet.target, digest=a.digest, horizon=task.horizon,
         pace_per_cell=a.pace_per_cell if config.scheduler.pooled else 0.0,  # unpooled: each owns its robot
     )
-    return LLMAgent(client, settings, task_text=TASK_TEXTS.get(task.driver, config.cells.task),
+    return LLMAgent(client, settings, task_text=TASK_TEXTS.get(
+        f"{task.driver}:pixels" if task.observation == "pixels" else task.driver, config.cells.task),
                     tuning_seeds=task.tuning_seeds.seeds(), rng_seed=index)

@@ -291,6 +291,19 @@ TASK_TEXTS = {
     "the top edge of the T bar); action = absolute target [x, y] in [0, 512]^2 for the PD-controlled "
     "pusher, 10 Hz, 300 steps; the change between consecutive actions is limited. Success: the block "
     "covers more than 95% of the goal area. Score = coverage (progress in [0, 1]).",
+    "pusht:pixels": "Push-T (gym-pusht) from a camera: push the T-shaped block onto the goal pose with a round "
+    "pusher. obs = {'pixels': (96, 96, 3) uint8 RGB image of the 512 x 512 px table (row = y, column = x; "
+    "white floor, light-green goal T, blue pusher, grey block drawn on top), 'agent_pos': (2,) pusher "
+    "position in px}; the block's pose is never given: estimate it from the image (numpy) or learn from "
+    "it. action = absolute target [x, y] in [0, 512]^2 for the PD-controlled pusher, 10 Hz, 300 steps; "
+    "the change between consecutive actions is limited. Success: the block covers more than 95% of the "
+    "goal area. Score = coverage (progress in [0, 1]).",
+    "peg-insert-side-v3": "Meta-World peg-insert-side-v3 (MuJoCo, Sawyer arm): grasp the peg and insert its "
+    "head into the hole in the side of the box. obs = 39 floats: hand xyz (0:3), gripper opening (3), the "
+    "peg's grasp site xyz (4:7) and orientation quaternion (7:11), zeros (11:18), the previous frame of "
+    "those 18 values (18:36), the goal inside the hole (36:39); metres. action = [dx, dy, dz, grip] in "
+    "[-1, 1]^4 (hand motion, gripper effort), 500 steps; the change between consecutive actions is "
+    "limited. Success: the env's own success flag (peg head within reach of the goal).",
 }
 
 
