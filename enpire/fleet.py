@@ -26,16 +26,22 @@ import structlog
 import trio
 
 from actors.agent import AgentActor
+from actors.judge import Judge
+from actors.lease_queue import LeaseQueue
 from actors.runtime import ActorSystem, Ref
-from actors.scheduler import PolicyLoader, Scheduler
 from actors.summarizer import Summarizer
 from actors.trainer import Trainer
 from actors.verifier import Verifier
 from bus.blackboard import Blackboard
+from bus.events import EventHub
 from bus.messages import (
+    BundleRequest,
+    ChampionChanged,
     Envelope,
     EpisodeReport,
     Failure,
+    FinalJudging,
+    FinalResult,
     Heartbeat,
     Hello,
     LeaseRequest,
@@ -43,13 +49,14 @@ from bus.messages import (
     PolicySpec,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
+from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, FinalRecord, Finding, HeldoutRecord, Meta
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
 from enpire import log
 from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
+from enpire.bundles import BundleStore
 from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
