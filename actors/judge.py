@@ -27,9 +27,25 @@ from actors.runtime import Actor, Ref
 from bus.blackboard import Blackboard
 from bus.events import EventHub
 from bus.messages import (
-    CancelJob, ChampionChanged, Clearance, EvalRequest, EvalResult, Failure, FinalJudging, FinalResult,
-    HeldoutUsage, JobDone, JobSpec, Message, PolicySpec, PromoteRequest, PromoteResult, Purpose, QueueDepth,
-    SmokeNeeded, SubmitJob,
+    CancelJob,
+    ChampionChanged,
+    Clearance,
+    EvalRequest,
+    EvalResult,
+    Failure,
+    FinalJudging,
+    FinalResult,
+    HeldoutUsage,
+    JobDone,
+    JobSpec,
+    Message,
+    PolicySpec,
+    PromoteRequest,
+    PromoteResult,
+    Purpose,
+    QueueDepth,
+    SmokeNeeded,
+    SubmitJob,
 )
 from bus.records import CandidateRecord, Champion, FinalRecord, HeldoutRecord, JobRecord, SmokeRecord
 from enpire import leaderboard
@@ -61,7 +77,7 @@ class Judge(Actor):
         self.committed: dict[str, int] = {}  # episodes asked per agent, for the episode budget
         self.cells = 0
         self._confirming = 0  # background episodes (confirmation, baseline) submitted and not done
-        self._baseline_job = ""
+        self._background: set[str] = set()  # background jobs running (their ids)
         self._changed = trio.Event()
 
     async def setup(self) -> None:
@@ -72,7 +88,8 @@ class Judge(Actor):
                 self.committed[record.agent] = self.committed.get(record.agent, 0) + len(record.seeds)
             elif record.purpose is Purpose.PROMOTE:
                 self.promotions.setdefault(record.policy.ref, record.job_id)
-        self._confirming, self._baseline_job = 0, ""
+        self._confirming = 0
+        self._background.clear()
         if (champion := self.champion()) is not None:
             self._publish(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
@@ -83,6 +100,7 @@ class Judge(Actor):
             for _, record in self.board.items("jobs", JobRecord):  # resume what a restart interrupted
                 if not record.done and record.purpose in (Purpose.BASELINE, Purpose.CONFIRM):
                     self._confirming += len(record.seeds)
+                    self._background.add(record.job_id)
                     nursery.start_soon(self._background_job, _spec(record))
             while True:
                 self._top_up(nursery)
@@ -191,10 +209,10 @@ class Judge(Actor):
                              champion_successes=cs, champion_n=cn, detail=detail)
 
     async def _crown(self, champion: Champion) -> None:
-        if self._baseline_job and champion.agent != "baseline":  # the baseline no longer sets the bar
-            await self.queue.ask(CancelJob(job_id=self._baseline_job))
-            self._baseline_job = ""
         self.board.put("champion", champion.task, champion)
+        # The old champion's confirmation (or the baseline's judging) no longer counts: drop what is queued.
+        for job_id in list(self._background):
+            await self.queue.ask(CancelJob(job_id=job_id))
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
 
@@ -241,15 +259,15 @@ class Judge(Actor):
         spec = JobSpec(job_id=job_id, agent=agent, task=self.task, policy=policy, seeds=seeds, purpose=purpose,
                        priority=priority)
         self._confirming += len(seeds)
+        self._background.add(job_id)
         nursery.start_soon(self._background_job, spec)
 
     async def _background_job(self, spec: JobSpec) -> None:
-        if spec.purpose is Purpose.BASELINE:
-            self._baseline_job = spec.job_id
         try:
             done = await self._run(spec)
         finally:
             self._confirming -= len(spec.seeds)
+            self._background.discard(spec.job_id)
         if not done.cancelled:
             await (self._baseline_judged if spec.purpose is Purpose.BASELINE else self._confirmed)(spec, done)
         self._changed.set()
@@ -277,10 +295,13 @@ class Judge(Actor):
             await self._crown(Champion(champion.task, champion.previous, judged_successes=champion.previous_successes,
                                        judged_n=champion.previous_n, promoted=time.time(), agent="rollback"))
             return
-        champion.decision = self._confirmation(champion)
+        decision = self._confirmation(champion)
+        champion.decision = decision if decision in ("met", "not_met") else ""
         self.board.put("champion", champion.task, champion)
         self._publish(champion)
         if champion.decision in ("met", "not_met"):
+            for job_id in list(self._background):  # what is still queued of it is not needed
+                await self.queue.ask(CancelJob(job_id=job_id))
             self.log.info("confirmation_stopped", policy=champion.policy.ref, decision=champion.decision,
                           confirmed=f"{champion.successes}/{champion.n}")
 

@@ -27,11 +27,37 @@ from actors.runtime import Actor
 from bus.blackboard import Blackboard
 from bus.events import EventHub
 from bus.messages import (
-    Ack, BundleRequest, CancelJob, CellStateChanged, Clearance, EpisodeReport, EpisodeSummary, Failure, Heartbeat,
-    Hello, JobDone, JobSpec, Lease, LeaseRequest, Message, NoWork, QueueDepth, Segment, SmokeNeeded, SubmitJob,
+    Ack,
+    BundleRequest,
+    CancelJob,
+    CellStateChanged,
+    Clearance,
+    EpisodeReport,
+    EpisodeSummary,
+    Failure,
+    Heartbeat,
+    Hello,
+    JobDone,
+    JobSpec,
+    Lease,
+    LeaseRequest,
+    Message,
+    NoWork,
+    QueueDepth,
+    Segment,
+    SmokeNeeded,
+    SubmitJob,
     Welcome,
 )
-from bus.records import CellRecord, EpisodeRecord, JobRecord, LeaseRecord, QueueRecord, SmokeRecord, TimelineRecord
+from bus.records import (
+    CellRecord,
+    EpisodeRecord,
+    JobRecord,
+    LeaseRecord,
+    QueueRecord,
+    SmokeRecord,
+    TimelineRecord,
+)
 from enpire.bundles import BundleStore
 from enpire.config import Config
 from enpire.episodes import write_trajectory
@@ -99,11 +125,13 @@ class LeaseQueue(Actor):
         self.cells: dict[str, CellState] = {}
         self.served: dict[str, int] = {}  # agents' episodes leased, for fair share
         self.cleared: dict[str, bool] = {}  # smoke verdicts by policy ref (cells marked real run cleared ones)
+        self.cancelled: set[str] = set()  # job ids cancelled before they were submitted
         self.recording: set[str] = set()  # episode ids whose first report is being written
         self._work = trio.Event()
         self._depth: tuple[int, int, int] | None = None
         self._depth_dirty = trio.Event()
         self._requeued, self._unsaved = 0, False
+        self.recorded = 0  # episodes on the blackboard (its counter, kept here for progress lines)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,6 +144,7 @@ class LeaseQueue(Actor):
                         if (e := r.get("episodes", eid := f"{j.job_id}:{i}", EpisodeRecord)) is not None}
                 return jobs, done, {s.policy.ref: s.passed for s in (v for _, v in r.items("smoke", SmokeRecord))}
         jobs, done, self.cleared = await trio.to_thread.run_sync(read)
+        self.recorded = self.board.counter("episodes")
         for record in jobs:
             await self._add(_spec(record), done)
         if jobs:
@@ -253,6 +282,7 @@ class LeaseQueue(Actor):
         finally:
             self.recording.discard(msg.episode_id)
         job.results[msg.episode_id] = record  # the recorded result, whichever report it came from
+        self.recorded += first
         if first and record.flagged and job.spec.kind == "agent":  # solved at reset: the seed says nothing
             self._replace(job, episode)
         await self._progress(job)
@@ -295,6 +325,8 @@ class LeaseQueue(Actor):
     async def _submit(self, spec: JobSpec) -> Message:
         """Queue a job once; every submission of its id waits for the same job and gets its episodes."""
         job = self.jobs.get(spec.job_id)
+        if job is None and spec.job_id in self.cancelled:
+            return JobDone(job_id=spec.job_id, episodes=[], cancelled=True)
         if job is None:
             stored = self.board.get("jobs", spec.job_id, JobRecord)
             if stored is not None and stored.done:
@@ -331,7 +363,8 @@ class LeaseQueue(Actor):
 
     async def _cancel(self, job_id: str) -> Message:
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None:  # not here (yet): a submission that arrives later is refused
+            self.cancelled.add(job_id)
             return Ack(detail="no such job running")
         queue = self.pending.get(lane(job.spec), deque())
         self.pending[lane(job.spec)] = deque(e for e in queue if e.spec.job_id != job_id)
@@ -448,8 +481,8 @@ class LeaseQueue(Actor):
         while True:
             await self._depth_dirty.wait()
             self._depth_dirty = trio.Event()
-            waiting, _, cells = self._depth
-            await self._write(lambda w: w.put("meta", "queue", QueueRecord(waiting, cells, time.time())))
+            record = QueueRecord(self._depth[0], self._depth[2], time.time())
+            await self._write(lambda w, record=record: w.put("meta", "queue", record))
             await trio.sleep(0.1)
 
     def _fresh_segments(self, cell: CellState, segments: list[Segment]) -> list[Segment]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import Literal, Union
+from typing import Literal, Protocol, Union
 
 import msgspec
 import numpy as np
@@ -22,6 +22,13 @@ import numpy as np
 
 class Message(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Base of every bus message; the tag is the class name."""
+
+
+class Address(Protocol):
+    """Whatever answers a message with a message (an actor's address, a bus client): the domain talks
+    to actors through this and never imports the actor runtime."""
+
+    async def ask(self, msg: Message, timeout: float = ...) -> Message: ...
 
 
 # ----------------------------------------------------------------------------- values

@@ -20,6 +20,7 @@ from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import AuthError, RequestClient, RequestTimeout
 from enpire import log
+from enpire.config import SandboxConfig
 from enpire.sandbox import SandboxLimits
 from hw import make_driver
 
@@ -33,10 +34,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
     p.add_argument("--scratch", type=Path, help="scratch directory for the policy sandbox")
     p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret (tcp)")
     p.add_argument("--real", action="store_true", help="this cell drives a real robot")
-    p.add_argument("--act-timeout", type=float, default=0.05, help="seconds the policy has per act() call")
-    p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
-    p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address space of the sandbox process")
+    limits = SandboxConfig()  # the one definition of the sandbox's limits ([sandbox] in enpire.toml)
+    p.add_argument("--act-timeout", type=float, default=limits.act_timeout_s, help="seconds the policy has per act() call")
+    p.add_argument("--max-missed", type=int, default=limits.max_missed_deadlines,
+                   help="consecutive missed deadlines that end an episode")
+    p.add_argument("--load-timeout", type=float, default=limits.load_timeout_s,
+                   help="seconds the sandbox has to start and build the policy")
+    p.add_argument("--cpu-seconds", type=int, default=limits.cpu_seconds, help="CPU seconds per sandbox process")
+    p.add_argument("--memory-mb", type=int, default=limits.memory_mb, help="address space of the sandbox process")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
     p.add_argument("--cpu", type=int, help="run this cell and its policy sandbox on this CPU only")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
@@ -49,12 +54,16 @@ async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
     cancel.cancel()
 
 
-async def run(args: argparse.Namespace, secret: bytes | None) -> None:
-    scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
-    limits = SandboxLimits(
-        act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
+def sandbox_limits(args: argparse.Namespace) -> SandboxLimits:
+    return SandboxLimits(
+        act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed, load_timeout_s=args.load_timeout,
         cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
     )
+
+
+async def run(args: argparse.Namespace, secret: bytes | None) -> None:
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
+    limits = sandbox_limits(args)
     # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.
     probe = RequestClient(args.connect, sender=args.cell_id, secret=secret)
     try:
