@@ -409,7 +409,7 @@ class LeaseQueue(Actor):
 
     def _eligible(self, episode: Episode, cell: CellState) -> bool:
         spec = episode.spec
-        if spec.task not in cell.tasks:
+        if self.config.task(spec.task).driver not in cell.tasks:  # a cell says which drivers' tasks it runs
             return False
         if not self.config.scheduler.pooled:  # the paper's set-up: cell-i runs only agent-i's work
             if spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]:
