@@ -521,4 +521,4 @@ def _spec(record: JobRecord) -> JobSpec:
 def _done(job: Job) -> JobRecord:
     s = job.spec
     return JobRecord(s.job_id, s.agent, s.kind, s.task, s.policy, list(s.seeds), s.attempts, s.priority,
-                     time.time(), done=True, purpose=s.purpose)
+                     time.time(), done=True, purpose=s.purpose, cancelled=job.cancelled)

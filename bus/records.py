@@ -51,6 +51,7 @@ class JobRecord(msgspec.Struct):
     submitted: float
     done: bool = False
     purpose: Purpose = Purpose.EVAL
+    cancelled: bool = False  # ended before all its episodes ran (e.g. the champion changed): not counted
 
 
 class Finding(msgspec.Struct):
