@@ -257,7 +257,8 @@ class LeaseQueue(Actor):
             lease_id=lease_id, episode_id=episode.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task,
             seed=episode.seed, attempts=spec.attempts, policy=spec.policy, bundle=episode.bundle,
             deadline_s=self.config.scheduler.lease_s, horizon=task.horizon, max_delta=task.limits.max_delta,
-            verifier=task.verifier, control_hz=task.control_hz,
+            verifier=task.verifier, observation=task.observation, control_hz=task.control_hz,
+            joints=task.limits.joints,
         )
 
     async def _report(self, msg: EpisodeReport) -> Message:
@@ -301,7 +302,8 @@ class LeaseQueue(Actor):
         if msg.trajectory is not None and self.config.task(spec.task).record_trajectories:
             rel = Path("episodes") / (msg.episode_id.replace(":", "_").replace("/", "_") + ".npz")
             t = msg.trajectory
-            write_trajectory(self.state_dir / rel, t.observations.numpy(), t.actions.numpy(), t.rewards.numpy())
+            write_trajectory(self.state_dir / rel, t.observations.numpy(), t.actions.numpy(), t.rewards.numpy(),
+                             t.frames.numpy() if t.frames is not None else None)
             trajectory_file = str(rel)
         record = EpisodeRecord(
             episode_id=msg.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task, seed=episode.seed,

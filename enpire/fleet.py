@@ -62,7 +62,7 @@ from bus.records import (
 )
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
-from enpire import log
+from enpire import isolation, log
 from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
@@ -72,7 +72,7 @@ from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
-from hw import VERIFIER_KIND
+from hw import verifier_name
 
 EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
@@ -161,19 +161,23 @@ LOCAL_SECRET_ENV = "ENPIRE_LOCAL_SECRET"
 def cell_command(config: cfg.Config, index: int, url: str, state_dir: Path) -> list[str]:
     """The command line of local cell `index`: its driver and the [sandbox] limits it enforces."""
     cell_id = f"cell-{index}"
-    sb = config.sandbox
+    task, sb = config.task(), config.sandbox
     command = [
-        sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", config.task().driver,
+        sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", task.driver,
+        "--driver-options", json.dumps(task.driver_options),
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
         "--load-timeout", str(sb.load_timeout_s),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
+        "--scratch-mb", str(sb.scratch_mb), "--pids", str(sb.pids),
         "--secret-env", LOCAL_SECRET_ENV,
     ]
     cpus = sorted(os.sched_getaffinity(0))
     pinning = config.cells.cpu_pinning
     if pinning == "on" or (pinning == "auto" and config.cells.count >= len(cpus)):
         command += ["--cpu", str(cpus[index % len(cpus)])]
+    if not sb.require_isolation and isolation.check() is not None:
+        command.append("--unconfined")  # the user opted out, and the engine cannot run here
     return command
 
 
@@ -285,7 +289,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
     workspace = Workspace(state_dir / "workspace")
     baseline = _baseline(config, workspace, board)
-    task_kinds = {name: VERIFIER_KIND[t.driver] for name, t in config.tasks.items()}
+    task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     events = EventHub()
     bundles = BundleStore(workspace.read_bytes)
@@ -471,6 +475,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def idle_fleet(config: cfg.Config) -> str | None:
+    """Why a fleet with this configuration could never run an episode, or None."""
+    if config.cells.count == 0 and not config.bus.listen:
+        return ("cells.count is 0 and bus.listen is empty: no cell could ever join, so the fleet would do no "
+                "work; add local cells (--cells N) or listen for remote ones ([bus] listen)")
+    if config.agents.count == 0 and not config.fleet.baseline:
+        return ("agents.count is 0 and fleet.baseline is empty: no policy would ever exist to run; add agents "
+                "(--agents N) or a starting policy ([fleet] baseline)")
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
     args = parse_args(argv, prog)
     try:
@@ -486,9 +501,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.cells.count and (reason := isolation.check()) is not None:
+        if config.sandbox.require_isolation:
+            print(f"enpire: sandbox: {reason}; policies are untrusted code and run only confined "
+                  "(set [sandbox] require_isolation = false to run them anyway)", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"enpire: warning: sandbox: {reason}; running policies unconfined as configured "
+              "([sandbox] require_isolation = false)", file=sys.stderr)
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)
+        return EXIT_CONFIG
+    if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
+        print(f"enpire: {idle}", file=sys.stderr)
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:
