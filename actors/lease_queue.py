@@ -411,7 +411,8 @@ class LeaseQueue(Actor):
 
     def _eligible(self, episode: Episode, cell: CellState) -> bool:
         spec = episode.spec
-        if self.config.task(spec.task).driver not in cell.tasks:  # a cell says which drivers' tasks it runs
+        driver = self.config.task(spec.task).driver  # a cell names its driver and the driver's tasks
+        if driver != cell.record.driver and driver not in cell.tasks:
             return False
         if not self.config.scheduler.pooled:  # the paper's set-up: cell-i runs only agent-i's work
             if spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]:

@@ -139,7 +139,7 @@ class Attempt(msgspec.Struct, frozen=True):
 class Hello(Message, frozen=True):
     cell_id: str
     driver: str
-    tasks: list[str]  # the driver tasks this cell can run ([tasks.X] driver): it is leased only episodes of these
+    tasks: list[str]  # what its driver runs: leased only tasks whose [tasks.X] driver is `driver` or one of these
     host: str
     pid: int
     real: bool = False
