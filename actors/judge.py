@@ -54,6 +54,7 @@ from enpire.metrics import better_with_confidence, sprt, wilson_interval
 
 SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
 PRIORITY = {"decisive": 200, "judging": 100, "smoke": 50, "background": -1, "final": 300}
+CONFIRM_EPISODES_PER_CELL = 4
 BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
 
 
@@ -242,7 +243,9 @@ class Judge(Actor):
         decisive = state == "" and wilson_interval(champion.judged_successes, champion.judged_n)[1] >= self.config.fleet.target
         if not (decisive or sched.background):
             return
-        batch = max(1, self.cells)
+        # Jobs of a few episodes per cell: each judging job runs in a sandbox jail of its own (a start-up
+        # cost), and the sequential rule is checked as each job ends.
+        batch = CONFIRM_EPISODES_PER_CELL * max(1, self.cells)
         while self._confirming < 2 * batch:
             self._submit_background(nursery, Purpose.CONFIRM, champion.policy, champion.agent, batch,
                                     priority=PRIORITY["decisive" if decisive else "background"])

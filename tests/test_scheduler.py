@@ -40,8 +40,8 @@ def _config(**sched) -> cfg.Config:
 class Fleet:
     """Cells' messages go to the lease queue, agents' to the judge (as the daemon routes them)."""
 
-    def __init__(self, queue, judge):
-        self.queue, self.judge = queue, judge
+    def __init__(self, queue, judge, events):
+        self.queue, self.judge, self.events = queue, judge, events
 
     async def ask(self, msg, timeout=30.0):
         to = self.judge if isinstance(msg, EvalRequest | PromoteRequest) else self.queue
@@ -56,7 +56,7 @@ async def _start(nursery, tmp_path, config=None, board=None, set_main=None, base
     bundles = BundleStore(lambda c: {"policy.py": b"x"})
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, tmp_path, "run", events))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, set_main, baseline))
-    return Fleet(queue, judge), board, system
+    return Fleet(queue, judge, events), board, system
 
 
 async def _eventually(check, timeout=5.0):
@@ -175,12 +175,16 @@ async def test_promotion_then_background_confirmation(tmp_path):
         p = out["p"]
         assert isinstance(p, PromoteResult) and p.promoted and (p.successes, p.n) == (18, 20)
         # idle cells now confirm the champion on held-out seeds beyond the judged ones
-        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.kind == "background" and lease.seed in (1_000_020, 1_000_021)  # fresh: never judged
-        await ref.ask(_report(lease, True))
-        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 1)
+        seeds = set()
+        for i in range(8):  # two confirmation jobs of 4 episodes per cell are queued
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            assert lease.kind == "background" and 1_000_020 <= lease.seed < 1_000_028  # fresh: never judged
+            seeds.add(lease.seed)
+            await ref.ask(_report(lease, i != 0))
+        assert len(seeds) == 8
+        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 8)
         champ = board.get("champion", "pusht", Champion)
-        assert (champ.successes, champ.n, champ.judged_successes) == (1, 1, 18)
+        assert (champ.successes, champ.n, champ.judged_successes) == (7, 8, 18)
         nursery.cancel_scope.cancel()
 
 
@@ -389,7 +393,7 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
         champ = board.get("champion", "pusht", Champion)
         assert champ.policy == baseline and (champ.judged_successes, champ.judged_n, champ.agent) == (2, 4, "baseline")
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.kind == "background" and lease.seed in (1_000_004, 1_000_005)  # then its confirmation, as for any champion
+        assert lease.kind == "background" and 1_000_004 <= lease.seed < 1_000_012  # then its confirmation, as for any champion
         nursery.cancel_scope.cancel()
 
 
@@ -440,16 +444,16 @@ async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_pat
             await ref.ask(_report(lease, True, "cell-1"))
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
         seeds = []
-        for _ in range(2):
+        for _ in range(16):  # two jobs of 4 episodes per cell (2 cells), all on the promoter's own cell
             lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
             assert lease.kind == "background" and lease.job_id.startswith("confirm-")
             seeds.append(lease.seed)
             await ref.ask(_report(lease, True, "cell-1"))
-        # fresh seeds after the 3 it was judged on (two confirmation jobs of 2 are queued)
-        assert len(set(seeds)) == 2 and all(1_000_003 <= s < 1_000_007 for s in seeds)
-        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 2)
+        # fresh seeds after the 3 it was judged on
+        assert len(set(seeds)) == 16 and all(1_000_003 <= s < 1_000_019 for s in seeds)
+        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 16)
         champ = board.get("champion", "pusht", Champion)
-        assert (champ.successes, champ.n) == (2, 2)
+        assert (champ.successes, champ.n) == (16, 16)
         nursery.cancel_scope.cancel()
 
 
