@@ -138,7 +138,7 @@ class Judge(Actor):
         if any(s in task.heldout_seeds.seeds() for s in msg.seeds):
             return Failure(error="held-out seeds are reserved for judging; evaluate on tuning seeds")
         spec = JobSpec(job_id=msg.job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=list(msg.seeds),
-                       purpose=Purpose.EVAL, attempts=msg.attempts, priority=msg.priority)
+                       purpose=Purpose.EVAL, attempts=msg.attempts or task.attempts, priority=msg.priority)
         fresh = self.board.get("jobs", msg.job_id, JobRecord) is None
         if fresh:  # a retried request is neither charged nor tallied twice
             budget, spent = self.config.agents.episode_budget, self.committed.get(msg.agent, 0)

@@ -285,7 +285,7 @@ class EvalRequest(Message, frozen=True):
     task: str
     policy: PolicySpec
     seeds: list[int]
-    attempts: int = 1
+    attempts: int = 0  # k of pass@k; 0 = the task's own ([tasks.X] attempts)
     priority: int = 0
 
 

@@ -122,3 +122,40 @@ async def test_an_exhausted_pool_refuses_a_judging_and_a_low_pool_is_announced(t
         await trio.sleep(0.05)
         assert board.get("heldout", "pusht", HeldoutRecord).used == 8
         nursery.cancel_scope.cancel()
+
+
+async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fresh_seeds(tmp_path):
+    from bus.messages import FinalJudging, FinalResult
+    from bus.records import FinalRecord
+    from enpire.fleet import final_summary
+
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"scheduler.promote_seeds": 4, "scheduler.background": False,
+                                   "scheduler.heartbeat_s": 60.0})
+    start, best = PolicySpec("ba5e", {}), PolicySpec("aaaa", {})
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, config, baseline=start)
+        await _hello(ref)
+        assert (await _judge(ref, best, "pa", 4, 4)).promoted  # judged on 1_000_000..3
+        out = {}
+
+        async def final():
+            out["r"] = await ref.judge.ask(FinalJudging(task="pusht", seeds=5))
+        nursery.start_soon(final)
+        runs = {}
+        while "r" not in out:  # the final judging goes before anything else (the champion's confirmation)
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.2))
+            if hasattr(lease, "seed"):
+                if lease.job_id.startswith("final-"):
+                    runs.setdefault(lease.policy.commit, []).append(lease.seed)
+                await ref.ask(_report(lease, lease.policy == best or lease.seed % 5 == 0))
+        await _eventually(lambda: "r" in out)
+        r = out["r"]
+        assert isinstance(r, FinalResult) and sorted(runs["ba5e"]) == sorted(runs["aaaa"]) == r.seeds
+        judged = {e.seed for e in board.values("episodes", EpisodeRecord) if not e.job_id.startswith("final-")}
+        assert len(set(r.seeds)) == 5 and not judged & set(r.seeds)  # fresh: no other judging saw them
+        assert (r.start_successes, r.start_n, r.champion_successes, r.champion_n) == (1, 5, 5, 5)
+        summary = final_summary(board.get("meta", "final", FinalRecord))
+        assert summary["start"]["policy"] == start.ref and summary["start"]["rate"] == 0.2
+        assert summary["champion"]["wilson95"][1] == 1.0 and summary["seeds"] == {"first": r.seeds[0], "count": 5}
+        nursery.cancel_scope.cancel()

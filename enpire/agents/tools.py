@@ -112,7 +112,8 @@ class Tools:
         """Successful episodes on the episode store that a training recipe for this task would use."""
         return sum(trainable(r, self.task) for r in self.board.values("episodes", EpisodeRecord))
 
-    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 1) -> EvalResult:
+    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 0) -> EvalResult:
+        """Run `policy` on tuning `seeds`; `attempts` is k of pass@k (0: the task's [tasks.X] attempts)."""
         job_id = f"{self.agent}-{uuid.uuid4().hex[:10]}"
         reply = await self.scheduler.ask(
             EvalRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy, seeds=seeds, attempts=attempts),
