@@ -389,7 +389,8 @@ class LeaseQueue(Actor):
         fewer: their seeds come from the judge's pool, never reused)."""
         pool = self.config.task(job.spec.task).tuning_seeds
         seed = pool.start + (episode.seed - pool.start + 7919) % pool.count
-        eid = f"{job.spec.job_id}:r{len(job.episode_ids)}"
+        # Numbered by the flagged results so far (this one included): unique however many are replaced.
+        eid = f"{job.spec.job_id}:r{sum(1 for r in job.results.values() if r.flagged)}"
         job.episode_ids.append(eid)
         job.episode_ids.remove(episode.episode_id)
         self.pending.setdefault(lane(job.spec), deque()).appendleft(Episode(eid, job.spec, seed, episode.bundle))

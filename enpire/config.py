@@ -74,6 +74,7 @@ class FleetConfig(Strict):
     baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
     # at the end of a run, the starting policy and the champion on this many fresh held-out seeds each; 0 = none
     final_seeds: NonNegInt = 100
+    tensorboard: bool = False  # progress events as TensorBoard scalars in <state_dir>/tensorboard (extra: tensorboard)
 
 
 PIXEL_DRIVERS = ("pusht",)  # drivers that can hand the policy camera frames instead of the state

@@ -48,6 +48,7 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    TokensUsed,
     VerifyRequest,
 )
 from bus.records import (
@@ -59,10 +60,11 @@ from bus.records import (
     Finding,
     HeldoutRecord,
     Meta,
+    TokenRecord,
 )
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
-from enpire import isolation, log
+from enpire import isolation, ledger, log, progress
 from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
@@ -70,6 +72,7 @@ from enpire.bundles import BundleStore
 from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
+from enpire.sinks import TensorBoardSink, check_tensorboard
 from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
 from hw import verifier_name
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.flee
     p.add_argument("--budget-minutes", type=float, help="stop after this many minutes (config fleet.budget_minutes)")
     p.add_argument("--target", type=float, help="held-out success rate that ends the run (config fleet.target)")
     p.add_argument("--min-heldout", type=int, help="held-out episodes the champion needs (config fleet.min_heldout)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write progress as TensorBoard scalars to STATE_DIR/tensorboard (config fleet.tensorboard)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     p.add_argument("--quiet", action="store_true", help="no console log; the JSON log file is still written")
     return p.parse_args(argv)
@@ -113,6 +118,7 @@ def effective_config(args: argparse.Namespace) -> cfg.Config:
             "fleet.budget_minutes": args.budget_minutes,
             "fleet.target": args.target,
             "fleet.min_heldout": args.min_heldout,
+            "fleet.tensorboard": args.tensorboard,
         },
     )
 
@@ -354,8 +360,11 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
 
             nursery.start_soon(on_signal)
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
-                                  config.agents.count, config.cells.task)
-            nursery.start_soon(_ticks, logger, board, config, system, started, daemon, events)
+                                  config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
+                                  target=config.fleet.target)
+            sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
+            ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+            nursery.start_soon(ticks.run)
             # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
             with trio.move_on_at(trio.current_time() + deadline - time.time()), \
                     events.subscribe(ChampionChanged, buffer=16) as champions:
@@ -369,7 +378,9 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 nursery.start_soon(on_target)
                 await stopping.wait()
             if outcome.reason != "signal" and config.fleet.final_seeds:
-                await _final_judging(logger, core, config, deadline)
+                await _final_judging(logger, core, config)
+        if sink is not None:
+            sink.close()
         outcome.elapsed_s = time.time() - started
         queue = system.actors["queue"].current
         stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
@@ -381,7 +392,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
     return outcome, stats
 
 
-async def _final_judging(logger, core: Core, config: cfg.Config, deadline: float) -> None:
+async def _final_judging(logger, core: Core, config: cfg.Config) -> None:
     """The starting policy and the champion on the same fresh held-out seeds, within a bounded time after
     the run (a quarter of the budget, at least a minute): where the run started and where it got to."""
     limit = max(60.0, config.fleet.budget_minutes * 15.0)
@@ -393,27 +404,40 @@ async def _final_judging(logger, core: Core, config: cfg.Config, deadline: float
         logger.warning("final_judging_incomplete", reply=str(reply)[:200] if not scope.cancelled_caught else "timeout")
 
 
-async def _ticks(logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float,
-                 daemon: DaemonRecord, events: EventHub) -> None:
-    """Progress lines and the daemon's liveness record, from what the actors hold and publish (a timer,
-    not a read of the blackboard)."""
-    while True:
-        daemon.last_seen = time.time()
-        await trio.to_thread.run_sync(board.put, "meta", "daemon", daemon)
-        queue = system.actors["queue"].current
-        mru = mean_robot_utilization(queue.utilization()) if isinstance(queue, LeaseQueue) else 0.0
-        champ = events.latest(ChampionChanged)
-        logger.info(
-            "progress",
-            elapsed_s=round(time.time() - started, 1),
-            episodes=queue.recorded if isinstance(queue, LeaseQueue) else 0,
-            champion=champ.policy.ref if champ else "",
-            judged=f"{champ.judged_successes}/{champ.judged_n}" if champ else "",
-            confirmed=f"{champ.successes}/{champ.n}" if champ else "",
-            mru=round(mru, 3),
-            tokens=0,
-        )
-        await trio.sleep(config.fleet.progress_s)
+class Ticks:
+    """Progress lines (and the TensorBoard sink), the daemon's liveness record and the no-cell warning, every
+    progress_s, from what the actors hold and publish: a timer, not a read of the blackboard."""
+
+    def __init__(self, logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float,
+                 deadline: float, daemon: DaemonRecord, events: EventHub, sink: TensorBoardSink | None):
+        self.logger, self.board, self.config, self.system, self.events = logger, board, config, system, events
+        self.started, self.deadline, self.daemon, self.sink = started, deadline, daemon, sink
+        self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
+        self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
+
+    async def run(self) -> None:
+        with self.events.subscribe(TokensUsed) as used:
+            while True:
+                while used.pending():
+                    self.tokens = self.tokens.add(await used.receive())
+                await self.tick()
+                await trio.sleep(self.config.fleet.progress_s)
+
+    async def tick(self) -> None:
+        self.daemon.last_seen = now = time.time()
+        await trio.to_thread.run_sync(self.board.put, "meta", "daemon", self.daemon)
+        queue = self.system.actors["queue"].current
+        live = isinstance(queue, LeaseQueue)
+        mru = mean_robot_utilization(queue.utilization()) if live else 0.0
+        p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
+                              self.events.latest(ChampionChanged), mru, self.tokens.total)
+        self.logger.info("progress", **progress.log_fields(p, self.started))
+        if self.sink is not None:
+            self.sink.write(p)
+        cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0
+        if (waiting := self.watch.check(now, cells)) is not None:
+            self.logger.warning("no_cells", waiting_s=round(waiting), local=self.config.cells.count,
+                                listen=self.config.bus.listen, detail="no cell is connected, so no episode runs")
 
 
 def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats: dict) -> dict:
@@ -514,6 +538,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
         print(f"enpire: {idle}", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.fleet.tensorboard and (reason := check_tensorboard()):
+        print(f"enpire: {reason}", file=sys.stderr)
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:

@@ -59,10 +59,10 @@ async def test_an_idle_fleet_reads_nothing_from_the_blackboard(tmp_path):
 
 
 async def test_a_lease_for_a_cached_policy_carries_no_bundle_bytes(tmp_path):
-    from tests.test_scheduler import Fleet
     from actors.judge import Judge
     from actors.lease_queue import LeaseQueue
     from actors.runtime import ActorSystem
+    from tests.test_scheduler import Fleet
 
     store = BundleStore(lambda commit: dict(BIG))
     board = Blackboard(tmp_path / "bb")
