@@ -24,8 +24,8 @@ from enpire.sandbox import SandboxLimits
 from hw import make_driver
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m enpire.cell", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--connect", required=True, help="bus url of the fleet, ipc://... or tcp://HOST:PORT")
     p.add_argument("--cell-id", required=True, help="unique name of this cell in the fleet")
     p.add_argument("--driver", default="pusht", help="robot or simulator driver (default: pusht)")
@@ -73,8 +73,8 @@ async def run(args: argparse.Namespace, secret: bytes | None) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> int:
+    args = parse_args(argv, prog)
     # Take the secret out of the environment so no child process (the policy sandbox) can inherit it.
     secret = os.environ.pop(args.secret_env, "").encode() or None
     log.configure(args.state_dir, f"cell:{args.cell_id}", console=args.state_dir is None)

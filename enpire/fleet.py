@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import structlog
 import trio
 
@@ -31,7 +32,7 @@ from actors.scheduler import PolicyLoader, Scheduler
 from actors.summarizer import Summarizer
 from actors.trainer import Trainer
 from actors.verifier import Verifier
-from bus.blackboard import Blackboard
+from bus.blackboard import Blackboard, RecordError
 from bus.messages import (
     Envelope,
     EpisodeReport,
@@ -53,6 +54,7 @@ from enpire.agents.tools import Tools
 from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
+from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
 from hw import VERIFIER_KIND
 
@@ -63,9 +65,9 @@ class StateDirError(RuntimeError):
     pass
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m enpire.fleet",
+        prog=prog,
         description="Run a fleet of robot cells and agents that improve a policy until a target or a budget.",
     )
     p.add_argument("--config", type=Path, help="enpire.toml to use (default: ./enpire.toml if present, "
@@ -99,12 +101,25 @@ def effective_config(args: argparse.Namespace) -> cfg.Config:
     )
 
 
+def lock_state_dir(path: Path) -> StateLock:
+    """Create the state directory (private to this user) and take its lock: one daemon per directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        return StateLock(path).acquire()
+    except StateDirLocked as e:
+        raise StateDirError(str(e)) from None
+    except OSError as e:
+        raise StateDirError(f"{path}: cannot use as a state directory: {e.strerror or e}") from None
+
+
 def open_state_dir(path: Path, map_size_mb: int = 1024) -> tuple[Blackboard, Meta]:
-    """Create (private to this user) or reopen a state directory; refuse one of another schema version."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    board = Blackboard(path / "blackboard.lmdb", map_size=map_size_mb << 20)
-    meta = board.get("meta", "meta", Meta)
+    """Reopen or start the blackboard of a (locked) state directory; refuse one of another schema version."""
+    try:
+        board = Blackboard(path / "blackboard.lmdb", map_size=map_size_mb << 20)
+        meta = board.get("meta", "meta", Meta)
+    except (OSError, lmdb.Error, RecordError) as e:
+        raise StateDirError(f"{path / 'blackboard.lmdb'}: cannot open the blackboard: {e}") from None
     if meta is None:
         meta = Meta(schema_version=SCHEMA_VERSION, run_id=uuid.uuid4().hex[:12], created=time.time())
         board.put("meta", "meta", meta)
@@ -367,8 +382,8 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
+    args = parse_args(argv, prog)
     try:
         config = effective_config(args)
     except cfg.ConfigError as e:
@@ -388,8 +403,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:
+        lock = lock_state_dir(state_dir)  # before anything in the directory is read or written
+    except StateDirError as e:
+        print(f"enpire: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         board, meta = open_state_dir(state_dir, config.fleet.map_size_mb)
     except StateDirError as e:
+        lock.release()
         print(f"enpire: {e}", file=sys.stderr)
         return EXIT_CONFIG
     log.configure(state_dir, "fleet", console=not args.quiet)
@@ -400,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report))
     finally:
         board.close()
+        lock.release()
     return {"target": EXIT_TARGET, "budget": EXIT_BUDGET, "signal": EXIT_SIGNAL}[outcome.reason]
 
 
