@@ -44,6 +44,7 @@ from bus.messages import (
     PolicySpec,
     VerifyRequest,
 )
+from bus.messages import DataRequest, TrainDone, TrainerHeartbeat, TrainerHello, TrainJobRequest
 from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
@@ -235,10 +236,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
         lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main,
                           baseline),
     )
-    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
+    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
         Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,
         VerifyRequest: verifier,
+        **dict.fromkeys((TrainerHello, TrainJobRequest, DataRequest, TrainerHeartbeat, TrainDone), trainer),
     }
 
     async def route(envelope: Envelope) -> Message:

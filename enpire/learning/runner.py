@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,25 @@ def confine(argv: list[str], job_dir: Path, budget_s: float, max_rss_mb: int, pr
     return argv, without_credentials(os.environ), f"none ({reason})"
 
 
+async def _run_process(argv: list[str], env: dict[str, str] | None, job_dir: Path, limit_s: float) -> int | None:
+    """Exit code, or None after `limit_s` (the process is killed; so it is when we are cancelled).
+
+    Started from the trio thread itself, not from trio's worker threads (as `trio.run_process` does):
+    the jail's die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked exits, and
+    an idle worker thread exits after a few seconds, killing every recipe that runs longer."""
+    with open(job_dir / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                cwd=str(job_dir))
+    try:
+        with trio.move_on_after(limit_s):
+            return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss_mb: int, options: dict[str, str],
               device: str = "cpu", processes: int = 1) -> Outcome:
     """Run the staged job; never raises for a failing recipe (the Outcome says why in one line)."""
@@ -135,17 +155,14 @@ async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss
     processes = processes if recipe in DATA_PARALLEL else 1
     argv = command(recipe, task, job_dir, budget_s, max_rss_mb, options, device, processes)
     argv, env, how = confine(argv, job_dir, budget_s, max_rss_mb, processes, device)
-    proc = None
-    with trio.move_on_after(budget_s + 30.0) as scope:  # the recipe's own budget, plus grace
-        proc = await trio.run_process(argv, check=False, capture_stdout=True, capture_stderr=True, env=env,
-                                      cwd=str(job_dir))
-    if scope.cancelled_caught or proc is None:
+    code = await _run_process(argv, env, job_dir, budget_s + 30.0)  # the recipe's own budget, plus grace
+    if code is None:
         return Outcome(False, f"time budget exceeded ({budget_s:.0f} s)")
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.decode(errors="replace").strip().splitlines() if ln.startswith("error: ")]
-        lines = lines or proc.stderr.decode(errors="replace").strip().splitlines()
-        why = lines[-1] if lines else f"exit code {proc.returncode}"
-        return Outcome(False, f"recipe failed (exit {proc.returncode}): {why}"[:300])
+    if code != 0:
+        text = (job_dir / "stderr.log").read_text(errors="replace").strip().splitlines()
+        lines = [ln for ln in text if ln.startswith("error: ")] or text
+        why = lines[-1] if lines else f"exit code {code}"
+        return Outcome(False, f"recipe failed (exit {code}): {why}"[:300])
     weights, metrics_file = job_dir / "out" / "weights.npz", job_dir / "out" / "metrics.json"
     if not weights.exists():
         return Outcome(False, "recipe wrote no weights.npz")
