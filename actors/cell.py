@@ -257,7 +257,10 @@ class Cell(Actor):
             return report(verify_total) if final or verdict.success or error else None
 
         try:
-            sandbox.load(lease.policy.files, lease.policy.spec.params)
+            # A judging runs in a jail of its own: held-out episodes never share a process or scratch
+            # with tuning episodes (or with another judging).
+            context = "" if lease.kind == "agent" else f"{lease.kind}:{lease.job_id}"
+            sandbox.load(lease.policy.files, lease.policy.spec.params, context=context)
         except PolicyError as e:
             attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
             return report(0.0)

@@ -19,7 +19,7 @@ import trio
 from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import AuthError, RequestClient, RequestTimeout
-from enpire import log
+from enpire import isolation, log
 from enpire.sandbox import SandboxLimits
 from hw import make_driver
 
@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
     p.add_argument("--act-timeout", type=float, default=0.05, help="seconds the policy has per act() call")
     p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
     p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address space of the sandbox process")
+    p.add_argument("--memory-mb", type=int, default=1024, help="memory of the sandbox (address space, and its jail)")
+    p.add_argument("--scratch-mb", type=int, default=64, help="size of the sandbox's tmpfs scratch")
+    p.add_argument("--pids", type=int, default=16, help="processes + threads in the sandbox's jail")
+    p.add_argument("--unconfined", action="store_true",
+                   help="run policies without the isolation engine (bubblewrap); only if you trust them")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
     p.add_argument("--cpu", type=int, help="run this cell and its policy sandbox on this CPU only")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
@@ -53,7 +57,8 @@ async def run(args: argparse.Namespace, secret: bytes | None) -> None:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
     limits = SandboxLimits(
         act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
-        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
+        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb, scratch_mb=args.scratch_mb, pids=args.pids,
+        confined=not args.unconfined,
     )
     # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.
     probe = RequestClient(args.connect, sender=args.cell_id, secret=secret)
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> 
     # Take the secret out of the environment so no child process (the policy sandbox) can inherit it.
     secret = os.environ.pop(args.secret_env, "").encode() or None
     log.configure(args.state_dir, f"cell:{args.cell_id}", console=args.state_dir is None)
+    if not args.unconfined and (reason := isolation.check()) is not None:
+        print(f"enpire.cell: sandbox: {reason}; policies are untrusted code and run only confined "
+              "(--unconfined to run them anyway)", file=sys.stderr)
+        return 2
     if args.cpu is not None:
         # Before any thread starts: threads and the sandbox process inherit the mask.
         try:

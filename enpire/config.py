@@ -112,11 +112,16 @@ class SchedulerConfig(Strict):
 
 
 class SandboxConfig(Strict):
-    act_timeout_s: PositiveFloat = 0.05
-    max_missed_deadlines: PositiveInt = 3
-    load_timeout_s: PositiveFloat = 10.0
-    cpu_seconds: PositiveInt = 600
-    memory_mb: PositiveInt = 1024
+    act_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 0.05
+    max_missed_deadlines: Annotated[int, Meta(ge=1, le=1000)] = 3
+    load_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    cpu_seconds: Annotated[int, Meta(ge=1, le=86_400)] = 600
+    memory_mb: Annotated[int, Meta(ge=64, le=1 << 20)] = 1024
+    scratch_mb: Annotated[int, Meta(ge=1, le=1 << 16)] = 64  # the sandbox's tmpfs scratch (in memory)
+    pids: Annotated[int, Meta(ge=4, le=4096)] = 16  # processes + threads in a sandbox
+    # Policies are untrusted code: without the isolation engine (bubblewrap) the daemon refuses to run
+    # them. false = run them with only the in-process layers (rlimits, Landlock, audit hook); opt-out.
+    require_isolation: bool = True
 
 
 class TrainerConfig(Strict):

@@ -48,7 +48,7 @@ from bus.messages import DataRequest, TrainDone, TrainerHeartbeat, TrainerHello,
 from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
-from enpire import log
+from enpire import isolation, log
 from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
@@ -156,12 +156,15 @@ async def _cell_process(
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
+        "--scratch-mb", str(sb.scratch_mb), "--pids", str(sb.pids),
         "--secret-env", LOCAL_SECRET_ENV,
     ]
     cpus = sorted(os.sched_getaffinity(0))
     pinning = config.cells.cpu_pinning
     if pinning == "on" or (pinning == "auto" and config.cells.count >= len(cpus)):
         command += ["--cpu", str(cpus[index % len(cpus)])]
+    if not sb.require_isolation and isolation.check() is not None:
+        command.append("--unconfined")  # the user opted out, and the engine cannot run here
     env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
     env[LOCAL_SECRET_ENV] = secret.hex()
     failures = 0
@@ -399,6 +402,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.cells.count and (reason := isolation.check()) is not None:
+        if config.sandbox.require_isolation:
+            print(f"enpire: sandbox: {reason}; policies are untrusted code and run only confined "
+                  "(set [sandbox] require_isolation = false to run them anyway)", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"enpire: warning: sandbox: {reason}; running policies unconfined as configured "
+              "([sandbox] require_isolation = false)", file=sys.stderr)
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)
