@@ -220,18 +220,21 @@ def train_bc(ds: Dataset, cfg: BCConfig | None = None, log=None,
         perm = torch.randperm(len(xt_n), generator=gen)
         total = torch.zeros((), device=dev)  # summed on the device: no host sync per step on a GPU
         for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size][place.rank::place.world].to(dev)
+            batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = batch[place.rank::place.world].to(dev)
             xb, yb = xt_n[idx], yt_n[idx]
             if step == cfg.inject_nan_at_step:
                 xb = xb * float("nan")
             with autocast(dev, place.amp):
                 out = net(xb)
-            loss = ((out.float() - yb) ** 2).mean()
+            per_sample = ((out.float() - yb) ** 2).mean(1)
+            # the mean over the GLOBAL batch once DDP averages over ranks, even when the shards differ in size
+            loss = per_sample.sum() * place.world / len(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.detach() * len(idx)
+            total += per_sample.detach().sum()
             samples += len(idx)
             step += 1
         train_loss = float(place.sum(total)) / len(xt_n)
@@ -265,7 +268,7 @@ def train_bc(ds: Dataset, cfg: BCConfig | None = None, log=None,
         "episodes": float(ds.n_episodes), "train_s": time.monotonic() - t0,
         "early_stopped": float(stopped == "early_stopping"), "time_limited": float(stopped == "time_budget"),
         # training samples per second of the whole run (all ranks), gradient steps only
-        "samples_per_s": samples * place.world / train_time if train_time > 0 else 0.0,
+        "samples_per_s": float(place.sum(torch.tensor(float(samples), device=dev))) / train_time if train_time > 0 else 0.0,
     }
     return model, metrics
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -86,10 +87,13 @@ def resolve_processes(processes: int, device: str) -> int:
 
 
 def command(recipe: str, task: str, job_dir: Path, budget_s: float, max_rss_mb: int, options: dict[str, str],
-            device: str, processes: int) -> list[str]:
+            device: str, processes: int, port: int = 29500) -> list[str]:
     """The recipe's argv; several processes are launched the torchrun way (rendezvous on loopback)."""
     if recipe in DATA_PARALLEL and processes > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+        # static rendezvous on loopback: the jail has its own network namespace (no name resolution, no
+        # other listeners); outside it a free port is picked
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0",
+                  "--nproc-per-node", str(processes), "--master-addr", "127.0.0.1", "--master-port", str(port),
                   "--module", "enpire.learning.recipes"]
     else:
         launch = [sys.executable, "-m", "enpire.learning.recipes"]
@@ -101,6 +105,12 @@ def command(recipe: str, task: str, job_dir: Path, budget_s: float, max_rss_mb: 
     for key, value in sorted(options.items()):
         argv += ["--option", f"{key}={value}"]
     return argv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _uses_cuda(device: str) -> bool:
@@ -117,7 +127,7 @@ def confine(argv: list[str], job_dir: Path, budget_s: float, max_rss_mb: int, pr
     why = isolation.check()
     if why is None and not _uses_cuda(device):
         env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               "PYTHONDONTWRITEBYTECODE": "1"}
+               "PYTHONDONTWRITEBYTECODE": "1", "GLOO_SOCKET_IFNAME": "lo"}
         jail = isolation.Jail(
             read_only=(*isolation.python_paths(), ROOT), writable=(job_dir,), scratch_mb=256, network=False,
             memory_mb=int(max_rss_mb * processes + 512), pids=64 * processes + 64,
@@ -153,7 +163,9 @@ async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss
     if recipe not in RECIPES:
         return Outcome(False, f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     processes = processes if recipe in DATA_PARALLEL else 1
-    argv = command(recipe, task, job_dir, budget_s, max_rss_mb, options, device, processes)
+    jailed = isolation.check() is None and not _uses_cuda(device)
+    argv = command(recipe, task, job_dir, budget_s, max_rss_mb, options, device, processes,
+                   port=29500 if jailed else _free_port())
     argv, env, how = confine(argv, job_dir, budget_s, max_rss_mb, processes, device)
     code = await _run_process(argv, env, job_dir, budget_s + 30.0)  # the recipe's own budget, plus grace
     if code is None:
