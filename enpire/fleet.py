@@ -57,7 +57,7 @@ from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
-from hw import VERIFIER_KIND
+from hw import verifier_name
 
 EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
@@ -153,6 +153,7 @@ async def _cell_process(
     sb = config.sandbox
     command = [
         sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", task.driver,
+        "--driver-options", json.dumps(task.driver_options),
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
@@ -231,7 +232,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
     workspace = Workspace(state_dir / "workspace")
     baseline = _baseline(config, workspace, board)
-    task_kinds = {name: VERIFIER_KIND[t.driver] for name, t in config.tasks.items()}
+    task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     scheduler = await system.spawn(
@@ -299,7 +300,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
             nursery.start_soon(on_signal)
             next_progress = 0.0
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
-                                  config.agents.count, config.cells.task)
+                                  config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
+                                  target=config.fleet.target)
             while not stopping.is_set() and time.time() < deadline:
                 if config.fleet.stop_at_target and target_met(board, config):
                     outcome.reason = "target"
@@ -387,6 +389,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def idle_fleet(config: cfg.Config) -> str | None:
+    """Why a fleet with this configuration could never run an episode, or None."""
+    if config.cells.count == 0 and not config.bus.listen:
+        return ("cells.count is 0 and bus.listen is empty: no cell could ever join, so the fleet would do no "
+                "work; add local cells (--cells N) or listen for remote ones ([bus] listen)")
+    if config.agents.count == 0 and not config.fleet.baseline:
+        return ("agents.count is 0 and fleet.baseline is empty: no policy would ever exist to run; add agents "
+                "(--agents N) or a starting policy ([fleet] baseline)")
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
     args = parse_args(argv, prog)
     try:
@@ -412,6 +425,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)
+        return EXIT_CONFIG
+    if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
+        print(f"enpire: {idle}", file=sys.stderr)
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:
