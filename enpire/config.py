@@ -170,7 +170,7 @@ class Config(Strict):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
-trainer: TrainerConfig = msgspec.field(default_factory=TrainerConfig)
+    trainer: TrainerConfig = msgspec.field(default_factory=TrainerConfig)
     tasks: dict[str, TaskConfig] = msgspec.field(default_factory=default_tasks)
 
     def task(self, name: str | None = None) -> TaskConfig:

@@ -40,8 +40,9 @@ def start_trainer(url: str, tid: str, cache: Path, secret: str = SECRET) -> subp
 
 
 def fleet_config(port: int, **trainer) -> cfg.Config:
-    config = cfg.with_overrides(cfg.Config(), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False,
-                                                 "bus.listen": f"tcp://127.0.0.1:{port}"})
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"cells.count": 1, "agents.count": 0, "scheduler.background": False,
+                                   "bus.listen": f"tcp://127.0.0.1:{port}"})
     return cfg.with_overrides(config, **{f"trainer.{k}": v for k, v in trainer.items()})
 
 
