@@ -34,6 +34,7 @@ from actors.trainer import Trainer
 from actors.verifier import Verifier
 from bus.blackboard import Blackboard, RecordError
 from bus.messages import (
+    DataRequest,
     Envelope,
     EpisodeReport,
     Failure,
@@ -42,9 +43,12 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    TrainDone,
+    TrainerHeartbeat,
+    TrainerHello,
+    TrainJobRequest,
     VerifyRequest,
 )
-from bus.messages import DataRequest, TrainDone, TrainerHeartbeat, TrainerHello, TrainJobRequest
 from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg

@@ -27,6 +27,7 @@ from bus.messages import (
     Verdict,
 )
 from bus.records import EpisodeRecord, TrainerRecord, TrainRecord
+from enpire import status
 from enpire.config import TrainerConfig
 from enpire.episodes import write_trajectory
 from enpire.learning.dataset import ARTIFACTS
@@ -120,6 +121,9 @@ async def test_held_out_episodes_never_reach_a_trainer_and_a_lapsed_lease_is_req
     assert record.attempts == 2 and record.info["trainer"] == "t2"
     t2 = board.get("trainers", "t2", TrainerRecord)
     assert t2.jobs_done == 1 and t2.samples_per_s == 7.0 and t2.state == "idle"
+    shown = status._collect(board, time.time())  # status shows trainers beside cells
+    assert shown["trainers"]["t2"]["samples_per_s"] == 7.0 and shown["training_requeued"] == 1
+    assert "trainer t2" in status.render(shown) and "7 samples/s" in status.render(shown)
     board.close()
 
 

@@ -10,7 +10,7 @@ no data, NaN loss, time budget, memory budget (RLIMIT_AS caps the address space;
 failed allocation ends as "memory budget exceeded").
 
 Options (all strings on the command line): max_episodes, success_only, hidden, layers, max_epochs,
-patience, lr, seed; for "rl" also rl_steps, alpha, online_episodes and init_artifact (the content hash
+patience, lr, seed, batch_size; for "rl" also rl_steps, alpha, online_episodes and init_artifact (the content hash
 of a BC checkpoint in artifacts/ to start from instead of training BC first); inject_nan (tests only).
 
 Where: `--device auto|cpu|cuda|cuda:N` (auto: CUDA when torch sees a GPU) and option `amp`
@@ -108,6 +108,7 @@ def run_recipe(
         hidden=_opt(options, "hidden", int, 512), layers=_opt(options, "layers", int, 4),
         max_epochs=_opt(options, "max_epochs", int, 60), patience=_opt(options, "patience", int, 15),
         lr=_opt(options, "lr", float, 1e-3), seed=_opt(options, "seed", int, 0), time_budget_s=bc_share,
+        batch_size=_opt(options, "batch_size", int, 256),
         inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
     )
     init = options.get("init_artifact", "")
