@@ -104,7 +104,8 @@ def render(status: dict) -> str:
         where = f"{t['device']}" + (f" ({t['gpu']})" if t["gpu"] else "") + (f" x{t['processes']}" if t["processes"] > 1 else "")
         lines.append(f"  trainer {tid:<10} {t['state']:<9} {where}  job {t['job'] or '-'}  "
                      f"{t['samples_per_s']:.0f} samples/s  {t['host']}:{t['pid']}")
-    lines.append(f"jobs queued: {status['jobs_queued']}")
+    running = d["state"] == "running"
+    lines.append(f"jobs {'queued' if running else 'left unfinished'}: {status['jobs_queued']}")
     for j in status["jobs"]:
         lines.append(f"  {j['job']} ({j['kind']}, {j['agent']}): {j['episodes']} episodes")
     for task, c in status["champions"].items():

@@ -114,6 +114,11 @@ def load_dataset(
 def load_manifest(state_dir: str | Path, manifest: str | Path) -> Dataset:
     """Transitions of the episodes a manifest names ({"episodes": [{"id", "file", "success"}]}, files
     relative to `state_dir`): the selection the trainer made. Raises NoDataError when nothing is usable."""
+    return _read(Path(state_dir), manifest_entries(manifest), f"manifest {Path(manifest).name}")
+
+
+def manifest_entries(manifest: str | Path) -> list[tuple[str, str, bool]]:
+    """(id, file, success) of each episode a manifest names; NoDataError in one line when it is bad."""
     try:
         doc = json.loads(Path(manifest).read_text())
         entries = [(str(e["id"]), str(e["file"]), bool(e["success"])) for e in doc["episodes"]]
@@ -122,7 +127,7 @@ def load_manifest(state_dir: str | Path, manifest: str | Path) -> Dataset:
     for _, file, _ in entries:
         if Path(file).is_absolute() or ".." in Path(file).parts:
             raise NoDataError(f"manifest {manifest}: file {file!r} is not inside the state dir")
-    return _read(Path(state_dir), entries, f"manifest {Path(manifest).name}")
+    return entries
 
 
 def _read(state_dir: Path, entries: list[tuple[str, str, bool]], selection: str) -> Dataset:

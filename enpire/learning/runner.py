@@ -28,8 +28,8 @@ from enpire import isolation
 from enpire.sandbox import without_credentials
 
 ROOT = Path(__file__).resolve().parents[2]  # the code the recipe imports (bound read-only into the jail)
-RECIPES = ("bc", "rl")
-DATA_PARALLEL = ("bc",)  # recipes that train with torch.distributed when given several processes
+RECIPES = ("bc", "rl", "visuomotor")
+DATA_PARALLEL = ("bc", "visuomotor")  # recipes that train with torch.distributed when given several processes
 
 
 def content_hash(path: Path) -> str:
