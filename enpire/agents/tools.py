@@ -31,11 +31,13 @@ from bus.messages import (
     TrainResult,
 )
 from bus.records import Champion, Digest, EpisodeRecord, Finding, TestedRecord, TokenRecord
-from enpire.learning import mlp_policy
+from enpire.learning import mlp_policy, visuomotor_policy
 from enpire.learning.dataset import trainable
 from enpire.workspace import Workspace
 
-LEARNED_POLICY = Path(mlp_policy.__file__)  # the numpy policy file every checkpoint of the trainer runs in
+LEARNED_POLICY = Path(mlp_policy.__file__)  # the numpy policy file a state checkpoint of the trainer runs in
+# A checkpoint that names its kind (`policy_kind` in weights.npz) runs in that kind's policy file.
+LEARNED_POLICIES = {"visuomotor": Path(visuomotor_policy.__file__)}
 
 
 class ToolError(RuntimeError):
@@ -45,6 +47,22 @@ class ToolError(RuntimeError):
 def fingerprint(change: object) -> str:
     """A stable id of a change (parameters or a diff), so an idea a peer already tested is recognised."""
     return hashlib.sha1(msgspec.json.encode(change, order="sorted")).hexdigest()[:16]
+
+
+def _policy_file(weights: bytes) -> Path:
+    """The policy file a checkpoint runs in: its `policy_kind`'s, else the MLP's."""
+    import io
+
+    import numpy as np
+
+    try:
+        with np.load(io.BytesIO(weights), allow_pickle=False) as data:
+            kind = str(data["policy_kind"]) if "policy_kind" in data.files else ""
+    except Exception:  # noqa: BLE001 - not an npz at all: the MLP policy file names the problem when it loads
+        kind = ""
+    if kind and kind not in LEARNED_POLICIES:
+        raise ToolError(f"checkpoint of unknown policy_kind {kind!r} (known: {', '.join(LEARNED_POLICIES)})")
+    return LEARNED_POLICIES.get(kind, LEARNED_POLICY)
 
 
 def failure_summary(result: EvalResult) -> str:
@@ -100,7 +118,7 @@ class Tools:
             raise ToolError(f"no checkpoint {artifact} in {self.artifacts}") from None
         if hashlib.sha256(weights).hexdigest()[:32] != artifact:
             raise ToolError(f"checkpoint {artifact} does not match its content hash: the file was altered")
-        files = {"policy.py": LEARNED_POLICY.read_text(), "weights.npz": weights}
+        files = {"policy.py": _policy_file(weights).read_text(), "weights.npz": weights}
         return await self.commit(files, f"{message} (checkpoint {artifact})", branch=f"learned/{self.agent}")
 
     def training_successes(self) -> int:
