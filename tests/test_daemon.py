@@ -114,6 +114,15 @@ def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
     status = json.loads(r.stdout)
     assert status["daemon"]["state"] == "running" and status["episodes"] >= 20
     assert set(status["cells"]) == {"cell-0", "cell-1"}
+    assert status["daemon"]["time_left_s"] > 0
+
+    def busy_cells():  # the cells' live state (written when it changes), not "idle" while they work
+        from enpire.status import collect
+
+        cells = collect(tmp_path / "state")["cells"].values()
+        return [c["state"] for c in cells if c["state"] in ("running", "resetting", "verifying")]
+
+    _wait_for(busy_cells, 20, "status to show a working cell")
     t = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
