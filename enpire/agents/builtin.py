@@ -194,8 +194,8 @@ class BuiltinResearcher:
 
         async with trio.open_nursery() as nursery:
             while True:
-                if self._goal_met(tools):
-                    await trio.sleep(1.0)  # done unless confirmation on further held-out seeds disagrees
+                if self._goal_met(tools):  # done unless confirmation on further held-out seeds disagrees
+                    await tools.champion_changed(timeout=60.0)
                     continue
 
                 # ---- tune: one generation of the cross-entropy method on common tuning seeds

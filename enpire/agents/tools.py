@@ -18,15 +18,19 @@ from pathlib import Path
 import msgspec
 import trio
 
-from actors.runtime import Ref
 from bus.blackboard import Blackboard
+from bus.events import EventHub
 from bus.messages import (
+    Address,
+    ChampionChanged,
     EvalRequest,
     EvalResult,
     Failure,
+    FindingPosted,
     PolicySpec,
     PromoteRequest,
     PromoteResult,
+    TokensUsed,
     TrainRequest,
     TrainResult,
 )
@@ -85,11 +89,12 @@ class Tools:
     agent: str
     task: str
     workspace: Workspace
-    scheduler: Ref
+    scheduler: Address  # the judge: evaluations and promotions
     board: Blackboard
     eval_timeout_s: float = 3600.0
-    trainer: Ref | None = None
+    trainer: Address | None = None
     artifacts: Path | None = None  # the trainer's checkpoints by content hash (state dir's artifacts/)
+    events: EventHub | None = None  # the fleet's events: champion and queue without reading the blackboard
 
     @property
     def branch(self) -> str:
@@ -125,7 +130,8 @@ class Tools:
         """Successful episodes on the episode store that a training recipe for this task would use."""
         return sum(trainable(r, self.task) for r in self.board.values("episodes", EpisodeRecord))
 
-    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 1) -> EvalResult:
+    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 0) -> EvalResult:
+        """Run `policy` on tuning `seeds`; `attempts` is k of pass@k (0: the task's [tasks.X] attempts)."""
         job_id = f"{self.agent}-{uuid.uuid4().hex[:10]}"
         reply = await self.scheduler.ask(
             EvalRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy, seeds=seeds, attempts=attempts),
@@ -161,7 +167,20 @@ class Tools:
         return reply
 
     def champion(self) -> Champion | None:
-        return self.board.get("champion", self.task, Champion)
+        """The champion as the judge last announced it (the blackboard only before any announcement)."""
+        event = self.events.latest(ChampionChanged) if self.events else None
+        if event is None or event.task != self.task:
+            return self.board.get("champion", self.task, Champion)
+        return Champion(event.task, event.policy, event.judged_successes, event.judged_n, event.t, agent=event.agent,
+                        successes=event.successes, n=event.n, decision=event.decision)
+
+    async def champion_changed(self, timeout: float) -> None:
+        """Wait until the judge announces a change of the champion (or `timeout` passes)."""
+        if self.events is None:
+            await trio.sleep(timeout)
+            return
+        with self.events.subscribe(ChampionChanged, buffer=1) as changes, trio.move_on_after(timeout):
+            await changes.receive()
 
     def digest(self) -> Digest | None:
         latest = self.board.items("digests", Digest)
@@ -175,6 +194,8 @@ class Tools:
             fingerprint=fingerprint, score=score, regime=regime,
         )
         self.board.append("findings", finding)
+        if self.events:
+            self.events.publish(FindingPosted(finding_id=finding.finding_id, agent=self.agent, t=finding.t))
         return finding
 
     def tested(self, fp: str) -> TestedRecord | None:
@@ -190,4 +211,8 @@ class Tools:
         """Append one model call to the token ledger (input includes cached input; see enpire/ledger.py)."""
         record = TokenRecord(self.agent, model, time.time(), input_tokens, cached_input_tokens, output_tokens)
         self.board.append("tokens", record)
+        if self.events:
+            self.events.publish(TokensUsed(agent=self.agent, model=model, input_tokens=input_tokens,
+                                           cached_input_tokens=cached_input_tokens, output_tokens=output_tokens,
+                                           t=record.t))
         return record
