@@ -50,6 +50,7 @@ def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "state" / "logs" / "fleet.jsonl").read_text().splitlines()]
     warnings = [e for e in events if e["event"] == "no_cells"]
     assert warnings and warnings[0]["waiting_s"] >= 5 and warnings[0]["listen"].startswith("tcp://")
+    assert any(e["event"] == "final_judging_skipped" for e in events)  # no cell: no wait for a final judging
     progress = [e for e in events if e["event"] == "progress"]
     assert len(progress) >= 5 and progress[-1]["time_left_s"] < progress[0]["time_left_s"] <= 15.0
     assert all(p["tokens"] == 0 for p in progress)  # the built-in agent uses no model
