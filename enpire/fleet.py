@@ -48,9 +48,9 @@ from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
 from enpire import log
 from enpire.agents.backends import make_backend
+from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
-from enpire.agents.tools import Tools
-from enpire.learning.dataset import ARTIFACTS
+from enpire.agents.session import agent_tools
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.workspace import MAIN, Workspace
@@ -262,8 +262,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer,
-                          artifacts=state_dir / ARTIFACTS)
+            tools = agent_tools(config, i, workspace, scheduler, board, trainer=core.trainer, state_dir=state_dir)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
@@ -379,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         make_backend(config, 0)  # a missing API key or model setting fails here, in one line
+        trio.run(probe_model, config)  # so does a model name the endpoint does not serve, or a refused key
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG

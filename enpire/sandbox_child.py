@@ -38,6 +38,7 @@ import select
 import struct
 import sys
 import time
+import traceback
 from typing import Any
 
 import msgspec
@@ -565,13 +566,23 @@ class _Channel:
             view = view[os.write(self.wfd, view) :]
 
 
+def _where(exc: BaseException) -> str:
+    """The policy's own frames of a traceback, innermost first: " (at policy.py:41 in act <- policy.py:12 in
+    helper)". Frames only (walk_tb reads no source file, so the audit hook sees no open)."""
+    scratch = os.getcwd() + os.sep
+    frames = [f"{frame.f_code.co_filename[len(scratch):]}:{line} in {frame.f_code.co_name}"
+              for frame, line in traceback.walk_tb(exc.__traceback__)
+              if frame.f_code.co_filename.startswith(scratch)]
+    return f" (at {' <- '.join(reversed(frames[-4:]))})" if frames else ""
+
+
 def _failure(exc: BaseException, denials: list[str]) -> str:
     if denials:
         return denials[0]  # the first refusal, even if the policy caught it and failed otherwise
     if isinstance(exc, MemoryError):
         return truncate(f"memory_limit: {describe(exc)}")
     text = describe(exc)
-    return text if text.startswith("sandbox_denied:") else f"policy_error: {text}"
+    return text if text.startswith("sandbox_denied:") else truncate(f"policy_error: {text}{_where(exc)}")
 
 
 def _to_action(result: Any, seq: int, max_bytes: int) -> Action | Failed | bytes:
