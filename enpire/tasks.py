@@ -85,7 +85,8 @@ def _pusht() -> TaskSpec:
 def _metaworld(name: str, title: str, objects: tuple[Field, ...], goal: str, success: str, template: str) -> TaskSpec:
     # Meta-World's 39-dim goal-observable layout: hand (3), gripper (1), two objects' pos+quat (14), the same
     # 18 values of the previous step, then the goal position (3).
-    now = (Field("hand_pos", 0, 3, "m", "end-effector (gripper centre) x, y, z"),
+    now = (Field("hand_pos", 0, 3, "m", "end-effector (hand body) x, y, z; the point between the fingertips "
+                                          "is about 0.045 m below it"),
            Field("gripper", 3, 1, "[0, 1]", "finger opening, 1 = open"),
            *objects)
     prev = tuple(Field(f"prev_{f.name}", 18 + f.start, f.size, f.unit, f"{f.name} one step earlier") for f in now)

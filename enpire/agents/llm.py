@@ -132,6 +132,7 @@ class LLMAgent:
         used = ledger.totals(own).total
         started = min((r.t for r in own), default=None)
         while True:
+            await trio.lowlevel.checkpoint()  # a client that answers without I/O must not starve the others
             await self._settle(session)
             now = self.clock()
             started = started if started is not None else now
@@ -157,7 +158,9 @@ class LLMAgent:
             self.expected = _episodes(reply.calls) or self.expected
             if reply.stop == "refusal":
                 log.warning("model_refused", text=truncate(scrub(reply.refusal or reply.text, self.secrets), 300))
-                self._record(Turn(reply, [], REFUSED))
+                turn = Turn(reply, [], REFUSED)
+                self.journal.append(journal_line(turn))  # surfaced at once, not only when the turn leaves the window
+                self._record(turn)
                 continue
             if reply.stop == "max_tokens":  # still cut off at the ceiling: never run a truncated call
                 self._record(Turn(ModelReply(reply.text, [], reply.usage, reply.stop, reply.raw_stop), [],
