@@ -87,22 +87,47 @@ class Supervised:
     current: Actor | None = field(default=None, repr=False)
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    """Nurseries wrap errors in groups; report the error itself when there is just one."""
-    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-        e = e.exceptions[0]
-    return e
+def _leaves(e: BaseException):
+    if isinstance(e, BaseExceptionGroup):
+        for x in e.exceptions:
+            yield from _leaves(x)
+    else:
+        yield e
+
+
+def _crash(e: BaseException) -> Exception | None:
+    """The error that crashed an actor, or None when it was cancelled (the fleet is stopping) or
+    interrupted (KeyboardInterrupt, SystemExit): those are not the actor's crash and pass through.
+
+    Nurseries wrap errors in groups, and a crash that races a stop arrives beside a `Cancelled`: it
+    still counts as a crash (the restart's sleep then ends the supervisor as the stop asks)."""
+    leaves = list(_leaves(e))
+    if any(not isinstance(x, Exception | trio.Cancelled) for x in leaves):
+        return None
+    return next((x for x in leaves if isinstance(x, Exception)), None)
 
 
 async def _deliver(actor: Actor, msg: Message, reply: trio.MemorySendChannel | None) -> None:
     try:
         result = await actor.handle(msg)
-    except Exception as e:
-        if reply is not None:
-            reply.send_nowait(Failure(error=f"{actor.name}: {type(e).__name__}: {e}", retry=True))
+    except trio.Cancelled:
+        # A sibling handler (or main) crashed and the actor is restarting, or the fleet is stopping:
+        # this caller is answered now instead of waiting for its own timeout.
+        _answer(reply, Failure(error=f"{actor.name}: interrupted (the actor crashed or stopped)", retry=True))
         raise
-    if reply is not None:
-        reply.send_nowait(result if result is not None else Ack())
+    except BaseException as e:
+        _answer(reply, Failure(error=f"{actor.name}: {type(e).__name__}: {e}", retry=True))
+        raise
+    _answer(reply, result if result is not None else Ack())
+
+
+def _answer(reply: trio.MemorySendChannel | None, msg: Message) -> None:
+    if reply is None:
+        return
+    try:
+        reply.send_nowait(msg)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the asker already gave up (timeout) and dropped its end
 
 
 async def _run_once(actor: Actor, inbox: trio.MemoryReceiveChannel, started: Callable[[], None]) -> None:
@@ -145,10 +170,12 @@ async def supervise(
             await _run_once(actor, inbox, started)
             log.info("actor_stopped")
             return
-        except Exception as e:  # a crash of one actor never takes the fleet down
+        except BaseException as e:  # a crash of one actor never takes the fleet down
+            cause = _crash(e)
+            if cause is None:
+                raise
             failures = 1 if trio.current_time() - began > policy.stable_s else failures + 1
             slot.restarts += 1
-            cause = _root_cause(e)
             slot.last_error = f"{type(cause).__name__}: {cause}"
             if slot.restarts > policy.max_restarts:
                 log.error("actor_gave_up", error=slot.last_error, restarts=slot.restarts)

@@ -8,6 +8,7 @@ secret in the environment variable named by --secret-env.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -19,16 +20,18 @@ import trio
 from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import AuthError, RequestClient, RequestTimeout
-from enpire import log
+from enpire import isolation, log
 from enpire.sandbox import SandboxLimits
-from hw import make_driver
+from hw import PluginError, make_driver
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m enpire.cell", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--connect", required=True, help="bus url of the fleet, ipc://... or tcp://HOST:PORT")
     p.add_argument("--cell-id", required=True, help="unique name of this cell in the fleet")
-    p.add_argument("--driver", default="pusht", help="robot or simulator driver (default: pusht)")
+    p.add_argument("--driver", default="pusht",
+                   help="robot or simulator driver: built in, a plugin's entry point name, or package.module:Class")
+    p.add_argument("--driver-options", default="{}", help="JSON object of keyword arguments for the driver")
     p.add_argument("--state-dir", type=Path, help="fleet state dir, for logs (local cells only)")
     p.add_argument("--scratch", type=Path, help="scratch directory for the policy sandbox")
     p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret (tcp)")
@@ -36,7 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--act-timeout", type=float, default=0.05, help="seconds the policy has per act() call")
     p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
     p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address space of the sandbox process")
+    p.add_argument("--memory-mb", type=int, default=1024, help="memory of the sandbox (address space, and its jail)")
+    p.add_argument("--scratch-mb", type=int, default=64, help="size of the sandbox's tmpfs scratch")
+    p.add_argument("--pids", type=int, default=16, help="processes + threads in the sandbox's jail")
+    p.add_argument("--unconfined", action="store_true",
+                   help="run policies without the isolation engine (bubblewrap); only if you trust them")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
     p.add_argument("--cpu", type=int, help="run this cell and its policy sandbox on this CPU only")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
@@ -49,11 +56,23 @@ async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
     cancel.cancel()
 
 
-async def run(args: argparse.Namespace, secret: bytes | None) -> None:
+def build_driver(args: argparse.Namespace):
+    """The driver, or PluginError with one line naming what is wrong."""
+    try:
+        options = json.loads(args.driver_options)
+    except json.JSONDecodeError as e:
+        raise PluginError(f"--driver-options: not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise PluginError(f"--driver-options: expected a JSON object, got {type(options).__name__}")
+    return make_driver(args.driver, **options)
+
+
+async def run(args: argparse.Namespace, secret: bytes | None, driver) -> None:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
     limits = SandboxLimits(
         act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
-        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
+        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb, scratch_mb=args.scratch_mb, pids=args.pids,
+        confined=not args.unconfined,
     )
     # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.
     probe = RequestClient(args.connect, sender=args.cell_id, secret=secret)
@@ -68,16 +87,20 @@ async def run(args: argparse.Namespace, secret: bytes | None) -> None:
         system = ActorSystem(nursery)
         await system.spawn(
             f"cell:{args.cell_id}",
-            lambda: Cell(args.cell_id, args.connect, make_driver(args.driver), limits, scratch,
+            lambda: Cell(args.cell_id, args.connect, driver, limits, scratch,
                          secret=secret, real=args.real),
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> int:
+    args = parse_args(argv, prog)
     # Take the secret out of the environment so no child process (the policy sandbox) can inherit it.
     secret = os.environ.pop(args.secret_env, "").encode() or None
     log.configure(args.state_dir, f"cell:{args.cell_id}", console=args.state_dir is None)
+    if not args.unconfined and (reason := isolation.check()) is not None:
+        print(f"enpire.cell: sandbox: {reason}; policies are untrusted code and run only confined "
+              "(--unconfined to run them anyway)", file=sys.stderr)
+        return 2
     if args.cpu is not None:
         # Before any thread starts: threads and the sandbox process inherit the mask.
         try:
@@ -86,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"enpire.cell: --cpu {args.cpu}: {e}", file=sys.stderr)
             return 2
     try:
-        trio.run(run, args, secret)
+        driver = build_driver(args)
+    except PluginError as e:
+        print(f"enpire.cell: {e}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(run, args, secret, driver)
     except AuthError as e:
         structlog.get_logger().error("cell_refused", cell=args.cell_id, error=str(e))
         print(f"enpire.cell: {e}", file=sys.stderr)

@@ -35,11 +35,22 @@ class SeedRange(Strict):
 
 class ActionLimitsConfig(Strict):
     max_delta: PositiveFloat = 100.0  # largest allowed change between consecutive actions
+    # Per named action (a LeRobot robot's action_features, e.g. "shoulder_pan.pos"): [low, high].
+    # A real arm's joint and workspace limits; an action outside them ends the episode.
+    joints: dict[str, Annotated[list[float], Meta(min_length=2, max_length=2)]] = {}
+
+
+Scalar = str | int | float | bool
+DriverOption = Scalar | list[Scalar] | dict[str, Scalar | list[Scalar]]
 
 
 class TaskConfig(Strict):
-    driver: str = "pusht"
-    observation: Literal["state"] = "state"
+    driver: str = "pusht"  # built in, an entry point of group "enpire.drivers", or "package.module:Class"
+    driver_options: dict[str, DriverOption] = {}  # keyword arguments of the driver (e.g. a LeRobot robot)
+    verifier_kind: str = ""  # "" = the driver's own check; else "pusht", "metaworld" or "package.module:function"
+    # "state": the simulator's state vector; "pixels" (Push-T): a 96x96 RGB camera frame and the pusher's
+    # position, never the object's pose (LeRobot's Push-T image setting)
+    observation: Literal["state", "pixels"] = "state"
     horizon: PositiveInt = 300
     verifier: Literal["state", "vision"] = "state"
     attempts: PositiveInt = 1  # k of pass@k for evaluations
@@ -61,9 +72,22 @@ class FleetConfig(Strict):
     baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
 
 
+PIXEL_DRIVERS = ("pusht",)  # drivers that can hand the policy camera frames instead of the state
+DEFAULT_TASK = "peg-insert-side-v3"  # Meta-World pin insertion: the built-in agent's first guess is far below target
+
+
+def default_tasks() -> dict[str, TaskConfig]:
+    """The tasks every configuration knows unless its file names its own: Push-T and Meta-World pin insertion."""
+    return {
+        "pusht": TaskConfig(),
+        "peg-insert-side-v3": TaskConfig(driver="peg-insert-side-v3", horizon=500,  # Meta-World's episode length
+                                         limits=ActionLimitsConfig(max_delta=2.0)),  # actions lie in [-1, 1]^4
+    }
+
+
 class CellsConfig(Strict):
     count: NonNegInt = 2
-    task: str = "pusht"
+    task: str = DEFAULT_TASK
     real: bool = False
     # "on": each local cell and its policy sandbox share one CPU (cell i on CPU i mod n), so the hand-off
     # at every control step stays on one core. "off": the OS places them, so a policy can think on another
@@ -126,11 +150,16 @@ class SchedulerConfig(Strict):
 
 
 class SandboxConfig(Strict):
-    act_timeout_s: PositiveFloat = 0.05
-    max_missed_deadlines: PositiveInt = 3
-    load_timeout_s: PositiveFloat = 10.0
-    cpu_seconds: PositiveInt = 600
-    memory_mb: PositiveInt = 1024
+    act_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 0.05
+    max_missed_deadlines: Annotated[int, Meta(ge=1, le=1000)] = 3
+    load_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    cpu_seconds: Annotated[int, Meta(ge=1, le=86_400)] = 600
+    memory_mb: Annotated[int, Meta(ge=64, le=1 << 20)] = 1024
+    scratch_mb: Annotated[int, Meta(ge=1, le=1 << 16)] = 64  # the sandbox's tmpfs scratch (in memory)
+    pids: Annotated[int, Meta(ge=4, le=4096)] = 16  # processes + threads in a sandbox
+    # Policies are untrusted code: without the isolation engine (bubblewrap) the daemon refuses to run
+    # them. false = run them with only the in-process layers (rlimits, Landlock, audit hook); opt-out.
+    require_isolation: bool = True
 
 
 class BusConfig(Strict):
@@ -145,7 +174,7 @@ class Config(Strict):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
-    tasks: dict[str, TaskConfig] = msgspec.field(default_factory=lambda: {"pusht": TaskConfig()})
+    tasks: dict[str, TaskConfig] = msgspec.field(default_factory=default_tasks)
 
     def task(self, name: str | None = None) -> TaskConfig:
         return self.tasks[name or self.cells.task]
@@ -176,14 +205,28 @@ def decode(text: str | bytes, source: str = "<config>") -> Config:
         raw = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    # Tasks are checked one by one first: msgspec hides dict keys in its error paths.
+    # Tasks are checked one by one first: msgspec hides dict keys in its error paths. A file's task
+    # settings start from the embedded task of the same name, and the embedded tasks it does not name
+    # stay defined (`[cells] task = "pusht"` alone switches tasks).
     tasks = raw.get("tasks")
     if isinstance(tasks, dict):
+        defaults = msgspec.to_builtins(default_tasks())
         for name, task in tasks.items():
+            if name in defaults and isinstance(task, dict):
+                task = tasks[name] = _merged(defaults[name], task)
             _convert(task, TaskConfig, source, f"tasks.{name}.")
+        raw["tasks"] = {**defaults, **tasks}
     config = _convert(raw, Config, source)
     check(config, source)
     return config
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, tables merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def check(config: Config, source: str = "<config>") -> None:
@@ -192,12 +235,26 @@ def check(config: Config, source: str = "<config>") -> None:
         known = ", ".join(sorted(config.tasks)) or "none"
         raise ConfigError(f"{source}: cells.task: task {config.cells.task!r} is not defined (tasks: {known})")
     for name, task in config.tasks.items():
-        from hw import DRIVERS  # local import: config stays light for tools that only read it
+        from hw.plugins import (  # local import: config stays light for tools that only read it
+            PluginError,
+            driver_spec,
+            verifier_name,
+        )
 
-        if task.driver not in DRIVERS:
-            raise ConfigError(
-                f"{source}: tasks.{name}.driver: unknown driver {task.driver!r} (known: {', '.join(sorted(DRIVERS))})"
-            )
+        try:
+            driver_spec(task.driver)
+        except PluginError as e:
+            raise ConfigError(f"{source}: tasks.{name}.driver: {e}") from None
+        try:
+            task.verifier_kind or verifier_name(task.driver)
+        except PluginError as e:
+            raise ConfigError(f"{source}: tasks.{name}.driver: {e}") from None
+        for joint, (low, high) in task.limits.joints.items():
+            if not low < high:
+                raise ConfigError(f"{source}: tasks.{name}.limits.joints.{joint}: low {low} must be below high {high}")
+        if task.observation == "pixels" and task.driver not in PIXEL_DRIVERS:
+            raise ConfigError(f"{source}: tasks.{name}.observation: 'pixels' needs a camera driver "
+                              f"({', '.join(PIXEL_DRIVERS)}), not {task.driver!r}")
         if _overlap(task.tuning_seeds.seeds(), task.heldout_seeds.seeds()):
             raise ConfigError(f"{source}: tasks.{name}.heldout_seeds: overlaps tuning_seeds; held-out seeds must stay unseen")
         if task.heldout_seeds.count < config.fleet.min_heldout:

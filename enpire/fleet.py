@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import structlog
 import trio
 
@@ -31,7 +32,7 @@ from actors.scheduler import PolicyLoader, Scheduler
 from actors.summarizer import Summarizer
 from actors.trainer import Trainer
 from actors.verifier import Verifier
-from bus.blackboard import Blackboard
+from bus.blackboard import Blackboard, RecordError
 from bus.messages import (
     Envelope,
     EpisodeReport,
@@ -46,15 +47,16 @@ from bus.messages import (
 from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
-from enpire import log
+from enpire import isolation, log
 from enpire.agents.backends import make_backend
 from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.session import agent_tools
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
+from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
-from hw import VERIFIER_KIND
+from hw import verifier_name
 
 EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
@@ -63,9 +65,9 @@ class StateDirError(RuntimeError):
     pass
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m enpire.fleet",
+        prog=prog,
         description="Run a fleet of robot cells and agents that improve a policy until a target or a budget.",
     )
     p.add_argument("--config", type=Path, help="enpire.toml to use (default: ./enpire.toml if present, "
@@ -99,12 +101,25 @@ def effective_config(args: argparse.Namespace) -> cfg.Config:
     )
 
 
+def lock_state_dir(path: Path) -> StateLock:
+    """Create the state directory (private to this user) and take its lock: one daemon per directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        return StateLock(path).acquire()
+    except StateDirLocked as e:
+        raise StateDirError(str(e)) from None
+    except OSError as e:
+        raise StateDirError(f"{path}: cannot use as a state directory: {e.strerror or e}") from None
+
+
 def open_state_dir(path: Path, map_size_mb: int = 1024) -> tuple[Blackboard, Meta]:
-    """Create (private to this user) or reopen a state directory; refuse one of another schema version."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    board = Blackboard(path / "blackboard.lmdb", map_size=map_size_mb << 20)
-    meta = board.get("meta", "meta", Meta)
+    """Reopen or start the blackboard of a (locked) state directory; refuse one of another schema version."""
+    try:
+        board = Blackboard(path / "blackboard.lmdb", map_size=map_size_mb << 20)
+        meta = board.get("meta", "meta", Meta)
+    except (OSError, lmdb.Error, RecordError) as e:
+        raise StateDirError(f"{path / 'blackboard.lmdb'}: cannot open the blackboard: {e}") from None
     if meta is None:
         meta = Meta(schema_version=SCHEMA_VERSION, run_id=uuid.uuid4().hex[:12], created=time.time())
         board.put("meta", "meta", meta)
@@ -137,15 +152,19 @@ async def _cell_process(
     sb = config.sandbox
     command = [
         sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", task.driver,
+        "--driver-options", json.dumps(task.driver_options),
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
+        "--scratch-mb", str(sb.scratch_mb), "--pids", str(sb.pids),
         "--secret-env", LOCAL_SECRET_ENV,
     ]
     cpus = sorted(os.sched_getaffinity(0))
     pinning = config.cells.cpu_pinning
     if pinning == "on" or (pinning == "auto" and config.cells.count >= len(cpus)):
         command += ["--cpu", str(cpus[index % len(cpus)])]
+    if not sb.require_isolation and isolation.check() is not None:
+        command.append("--unconfined")  # the user opted out, and the engine cannot run here
     env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
     env[LOCAL_SECRET_ENV] = secret.hex()
     failures = 0
@@ -212,7 +231,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
     workspace = Workspace(state_dir / "workspace")
     baseline = _baseline(config, workspace, board)
-    task_kinds = {name: VERIFIER_KIND[t.driver] for name, t in config.tasks.items()}
+    task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     scheduler = await system.spawn(
@@ -366,8 +385,19 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def idle_fleet(config: cfg.Config) -> str | None:
+    """Why a fleet with this configuration could never run an episode, or None."""
+    if config.cells.count == 0 and not config.bus.listen:
+        return ("cells.count is 0 and bus.listen is empty: no cell could ever join, so the fleet would do no "
+                "work; add local cells (--cells N) or listen for remote ones ([bus] listen)")
+    if config.agents.count == 0 and not config.fleet.baseline:
+        return ("agents.count is 0 and fleet.baseline is empty: no policy would ever exist to run; add agents "
+                "(--agents N) or a starting policy ([fleet] baseline)")
+    return None
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
+    args = parse_args(argv, prog)
     try:
         config = effective_config(args)
     except cfg.ConfigError as e:
@@ -382,14 +412,30 @@ def main(argv: list[str] | None = None) -> int:
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.cells.count and (reason := isolation.check()) is not None:
+        if config.sandbox.require_isolation:
+            print(f"enpire: sandbox: {reason}; policies are untrusted code and run only confined "
+                  "(set [sandbox] require_isolation = false to run them anyway)", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"enpire: warning: sandbox: {reason}; running policies unconfined as configured "
+              "([sandbox] require_isolation = false)", file=sys.stderr)
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)
         return EXIT_CONFIG
+    if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
+        print(f"enpire: {idle}", file=sys.stderr)
+        return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
+    try:
+        lock = lock_state_dir(state_dir)  # before anything in the directory is read or written
+    except StateDirError as e:
+        print(f"enpire: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         board, meta = open_state_dir(state_dir, config.fleet.map_size_mb)
     except StateDirError as e:
+        lock.release()
         print(f"enpire: {e}", file=sys.stderr)
         return EXIT_CONFIG
     log.configure(state_dir, "fleet", console=not args.quiet)
@@ -400,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report))
     finally:
         board.close()
+        lock.release()
     return {"target": EXIT_TARGET, "budget": EXIT_BUDGET, "signal": EXIT_SIGNAL}[outcome.reason]
 
 

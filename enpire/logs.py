@@ -50,8 +50,8 @@ def lines(path: Path, follow: bool, poll_s: float = 0.25):
             time.sleep(poll_s)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m enpire.logs", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.logs") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--follow", "-f", action="store_true", help="keep reading as the fleet writes")
     p.add_argument("--actor", help="only events of actors whose name starts with this")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     path = args.state_dir / "logs" / "fleet.jsonl"
     if not path.exists():
-        print(f"enpire.logs: {path}: no log yet", file=sys.stderr)
+        print(f"{prog}: {path}: no log yet", file=sys.stderr)
         return 2
     try:
         for line in lines(path, args.follow):

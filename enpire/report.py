@@ -147,12 +147,12 @@ def write(state_dir: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m enpire.report", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.report") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     args = p.parse_args(argv)
     if not (args.state_dir / "blackboard.lmdb").exists():
-        print(f"enpire.report: {args.state_dir}: no fleet state here", file=sys.stderr)
+        print(f"{prog}: {args.state_dir}: no fleet state here", file=sys.stderr)
         return 2
     out = write(args.state_dir)
     print(f"wrote {out}/summary.md, success.png, cells.png, tokens.png")

@@ -5,8 +5,15 @@ ever returns actions, over a pipe. Everything the child sends is untrusted: fram
 decoded into typed structs, matched by sequence number, and every action still goes through
 `enpire.safety.check_action` in the cell.
 
+The child runs in a jail of the isolation engine (`enpire/isolation.py`, bubblewrap): its own PID,
+mount, IPC and network namespaces, a seccomp filter, a cgroup capping memory (memfds and scratch
+included) and processes, and a fresh size-limited tmpfs as scratch. A new jail (process and scratch)
+for each policy version and each judging, so nothing one policy leaves behind, not even a process,
+reaches the next one. The audit hook inside the child is only a friendly early error.
+`SandboxLimits(confined=False)` runs the child without the jail: only where the user opted out.
+
 Synchronous by design: a cell drives one `PolicySandbox` from its episode thread. Not thread-safe.
-See `enpire/sandbox_child.py` for the isolation layers inside the child.
+See `enpire/sandbox_child.py` for the layers inside the child.
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ from typing import Any, Self
 import msgspec
 import numpy as np
 
+from enpire import isolation
 from enpire import sandbox_child as proto
 
 CHILD_SCRIPT = Path(proto.__file__).resolve()
-STDERR_NAME = ".sandbox-stderr.log"  # the child's stderr/print output, inside scratch, size-capped
+STDERR_NAME = ".sandbox-stderr.log"  # the child's stderr/print output, next to its scratch, size-capped
+JAIL_SCRATCH = Path("/tmp")  # the jail's tmpfs, as the child sees it
+MAX_STALE_FRAMES = 1000  # late replies skipped in one wait (an honest child sends one per missed step)
 _LOCALE_VARS = ("LANG", "LC_ALL", "LC_CTYPE")
 F_SETPIPE_SZ = 1031  # Linux fcntl
 PIPE_BYTES = 1 << 20
@@ -48,6 +58,9 @@ class SandboxLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_output_bytes: int = 1 << 20  # cap on one reply frame
     max_files: int = 64  # RLIMIT_NOFILE
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE: caps scratch files and the stderr log
+    scratch_mb: int = 64  # the jail's tmpfs scratch (all files together); counts toward its memory too
+    pids: int = 16  # processes + threads in the jail
+    confined: bool = True  # run in the isolation engine; False only where the user opted out
     # Busy-wait budget (µs) before blocking on the pipe, on both sides: the cell waiting for an action,
     # the child waiting for the next observation. Adaptive: a side spins only while its recent waits
     # fit in the budget (see sandbox_child.Waiter). 0 = always block. It pays only when the cell and its
@@ -105,6 +118,16 @@ def child_env(scratch: Path) -> dict[str, str]:
     return env
 
 
+def _clear(path: Path) -> None:
+    """An empty directory at `path`: nothing an earlier policy left there survives."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def code_key(files: dict[str, bytes]) -> str:
     return hashlib.sha256(msgspec.msgpack.encode(sorted(files.items()))).hexdigest()
 
@@ -116,16 +139,26 @@ def _safe_relpath(name: str) -> Path:
     return rel
 
 
-def _death_reason(returncode: int | None) -> str:
+def _death_reason(returncode: int | None, limits: SandboxLimits, cpu_s: float, oom_kills: int) -> str:
+    """Why the child died. bwrap reports a signal death as 128 + signal; a child that ignores SIGXCPU
+    is killed by the hard CPU limit (SIGKILL), and the kernel OOM killer also uses SIGKILL."""
     if returncode is None:
         return "policy_crashed (no exit status)"
-    if returncode < 0:
-        sig = -returncode
-        if sig == signal.SIGXCPU:
-            return "cpu_limit"
+    sig = -returncode if returncode < 0 else (returncode - 128 if limits.confined and returncode > 128 else 0)
+    if oom_kills:
+        return f"memory_limit: killed at the sandbox's memory limit ({limits.memory_mb + limits.scratch_mb} MB)"
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= 0.5 * limits.cpu_seconds):
+        return "cpu_limit"
+    if sig:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         return f"policy_crashed (signal {name})"
     return f"policy_crashed (exit code {returncode})"
+
+
+def _reason(text: object) -> str:
+    """A child-written reason as the parent stores it: one printable line of at most MAX_REASON characters."""
+    line = "".join(c if c.isprintable() else " " for c in str(text)[: 4 * proto.MAX_REASON])
+    return proto.truncate(line.strip() or "policy_error: (no reason given)")
 
 
 class PolicySandbox:
@@ -142,6 +175,7 @@ class PolicySandbox:
         self._files: dict[str, bytes] = {}
         self._params: dict[str, float] = {}
         self._key = ""
+        self._context = ""
         self._seq = 0
         self._missed = 0
         self._t0 = self._deadline = 0.0  # of the act request in flight (submit -> result)
@@ -155,9 +189,11 @@ class PolicySandbox:
 
     # ------------------------------------------------------------------------- public API
 
-    def load(self, files: Mapping[str, bytes | str], params: dict[str, float]) -> None:
+    def load(self, files: Mapping[str, bytes | str], params: dict[str, float], *, context: str = "") -> None:
         """Make `Policy(params)` from `files` (exact bytes; a str is taken as UTF-8 text) ready.
-        Raises PolicyError with a verdict reason."""
+        The running child is kept only for the same code and the same `context` (e.g. one judging: its
+        held-out episodes never share a process or scratch with anything else). Raises PolicyError with
+        a verdict reason."""
         if "policy.py" not in files:
             raise PolicyError("policy_error: no policy.py")
         data = {name: content.encode() if isinstance(content, str) else bytes(content)
@@ -169,10 +205,11 @@ class PolicySandbox:
                                   f"max_file_bytes ({self.limits.max_file_bytes})")
         key = code_key(data)
         self._files, self._params = data, dict(params)
-        if self._alive() and key == self._key and self._cpu_used() < self.limits.cpu_seconds / 2:
+        if (self._alive() and key == self._key and context == self._context
+                and self._cpu_used() < self.limits.cpu_seconds / 2):
             self._call(proto.Load(self._next_seq(), self._params), self.limits.load_timeout_s)
             return
-        self._key = key
+        self._key, self._context = key, context
         self._start()
 
     def reset(self) -> None:
@@ -184,12 +221,12 @@ class PolicySandbox:
         self._missed = 0
         self._call(proto.Reset(self._next_seq()), self.limits.call_timeout_s)
 
-    def act(self, obs: np.ndarray) -> ActResult:
+    def act(self, obs: np.ndarray | Mapping[str, np.ndarray]) -> ActResult:
         """The policy's action for `obs`: `submit` then `result`."""
         self.submit(obs)
         return self._result(sent=True)
 
-    def submit(self, obs: np.ndarray) -> None:
+    def submit(self, obs: np.ndarray | Mapping[str, np.ndarray]) -> None:
         """Send `obs` to the policy and return at once: the caller does its own work (e.g. the simulator
         scoring the step) while the policy thinks, then collects the action with `result()`. The act
         deadline runs from here."""
@@ -201,8 +238,13 @@ class PolicySandbox:
         if self._proc is None:
             self._failed = "policy_crashed (not running)"
             return
-        arr = np.asarray(obs)
         try:
+            if isinstance(obs, Mapping):  # e.g. {"pixels": frame, "agent_pos": position}
+                arrays = {str(k): np.ascontiguousarray(v) for k, v in obs.items()}
+                blobs = {k: proto.Blob(a.dtype.str, list(a.shape), a.tobytes()) for k, a in arrays.items()}
+                self._send(proto.ActDict(seq, blobs), self._deadline)
+                return
+            arr = np.asarray(obs)
             if arr.ndim == 1 and arr.dtype == proto.F8:
                 self._send_raw(proto.fast_frame(seq, arr), self._deadline)
             else:
@@ -234,7 +276,7 @@ class PolicySandbox:
             if type(reply) is np.ndarray:
                 return ActResult(action=reply, latency_s=time.monotonic() - t0)
             if isinstance(reply, proto.Failed):
-                raise _Terminal(reply.reason)
+                raise _Terminal(_reason(reply.reason))
             if not isinstance(reply, proto.Action):
                 raise _Terminal(f"protocol_error: {type(reply).__name__} in reply to act")
             return ActResult(action=self._decode_action(reply), latency_s=time.monotonic() - t0)
@@ -254,7 +296,7 @@ class PolicySandbox:
     def stderr_tail(self, n: int = 2000) -> str:
         """The end of the child's stderr/print output, for logs (never parsed)."""
         try:
-            with open(self.scratch / STDERR_NAME, "rb") as f:
+            with open(self._stderr_path(), "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - n))
                 return f.read().decode("utf-8", "replace")
@@ -272,17 +314,37 @@ class PolicySandbox:
 
     # ------------------------------------------------------------------------- child lifecycle
 
+    def _stderr_path(self) -> Path:
+        return self.scratch / STDERR_NAME
+
     def _start(self) -> None:
         self._kill()
-        self._write_files()
-        with open(self.scratch / STDERR_NAME, "wb") as stderr:  # the child keeps its own copy of the fd
+        lim = self.limits
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-I", "-B", str(CHILD_SCRIPT)]
+        if lim.confined:
+            reason = isolation.check()
+            if reason is not None:
+                raise PolicyError(f"sandbox_unavailable: {reason}")
+            inner = JAIL_SCRATCH
+            jail = isolation.Jail(
+                read_only=(*isolation.python_paths(), CHILD_SCRIPT), scratch_mb=lim.scratch_mb,
+                memory_mb=lim.memory_mb, pids=lim.pids, cpu_seconds=lim.cpu_seconds, env=child_env(inner),
+                cwd=inner,
+            )
+            argv, cwd, env = isolation.wrap(jail, argv), None, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        else:
+            inner = self.scratch / "work"
+            _clear(inner)
+            cwd, env = inner, child_env(inner)
+        with open(self._stderr_path(), "wb") as stderr:  # the child keeps its own copy of the fd
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", str(CHILD_SCRIPT)],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                cwd=self.scratch,
-                env=child_env(self.scratch),
+                cwd=cwd,
+                env=env,
                 close_fds=True,  # only the two pipes and the stderr file reach the child
                 start_new_session=True,  # its own process group: killed as a whole, deaf to our ^C
             )
@@ -300,11 +362,10 @@ class PolicySandbox:
         self._poll_out.register(self._wfd, select.POLLOUT)
         self._inbuf.clear()
         self._missed = 0
-        lim = self.limits
         init = proto.Init(
             self._next_seq(),
             self._params,
-            str(self.scratch),
+            str(inner),
             lim.cpu_seconds,
             lim.memory_mb,
             lim.max_files,
@@ -312,28 +373,20 @@ class PolicySandbox:
             lim.max_output_bytes,
             self._audit_hook,
             lim.spin_us,
+            self._files,
         )
         reply = self._call(init, lim.load_timeout_s)
-        self.isolation = list(reply.isolation) if isinstance(reply, proto.Ready) else []
-
-    def _write_files(self) -> None:
-        """Fresh scratch for new code: nothing an earlier policy left behind survives."""
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        for entry in self.scratch.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        for name, content in self._files.items():
-            path = self.scratch / _safe_relpath(name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
+        layers = [proto.truncate(_reason(x), 40) for x in reply.isolation[:16]] if isinstance(reply, proto.Ready) else []
+        self.isolation = (["bwrap"] if lim.confined else []) + layers
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
     def _cpu_used(self) -> float:
-        """utime + stime of the child from /proc, so a long-lived child is recycled before RLIMIT_CPU."""
+        """CPU seconds of the child (its jail), so a long-lived child is recycled before RLIMIT_CPU."""
+        if self.limits.confined and self._proc is not None:
+            used = isolation.usage(self._proc.pid)
+            return used.cpu_s if used else 0.0
         try:
             fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()  # type: ignore[union-attr]
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -353,6 +406,8 @@ class PolicySandbox:
         except ProcessLookupError:
             pass
         proc.wait(timeout=5)
+        if self.limits.confined:
+            isolation.release(proc.pid)  # whatever of the jail is left, and its cgroup
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 try:
@@ -362,13 +417,19 @@ class PolicySandbox:
 
     def _death(self) -> _Terminal:
         proc = self._proc
-        rc = None
+        rc, cpu, oom = None, 0.0, 0
         if proc is not None:
+            if not self.limits.confined:
+                time.sleep(0.01)  # a dying child: its /proc entry (a zombie until reaped) keeps the CPU time
+                cpu = self._cpu_used()
             try:
                 rc = proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        return _Terminal(_death_reason(rc))
+            if self.limits.confined:
+                used = isolation.usage(proc.pid)
+                cpu, oom = (used.cpu_s, used.oom_kills) if used else (0.0, 0)
+        return _Terminal(_death_reason(rc, self.limits, cpu, oom))
 
     # ------------------------------------------------------------------------- framing
 
@@ -386,7 +447,7 @@ class PolicySandbox:
                 what = "load" if isinstance(msg, (proto.Init, proto.Load)) else type(msg).__name__.lower()
                 raise _Terminal(f"policy_timeout: {what} took longer than {timeout:g} s")
             if isinstance(reply, proto.Failed):
-                raise _Terminal(reply.reason)
+                raise _Terminal(_reason(reply.reason))
             if isinstance(reply, (proto.Action, np.ndarray)):
                 raise _Terminal("protocol_error: action in reply to a control message")
             return reply
@@ -426,6 +487,7 @@ class PolicySandbox:
         requests; None at the deadline. `sent`: the request just went out, so the first read can wait
         at once instead of trying (and failing) a non-blocking read."""
         assert self._waiter is not None
+        stale = reads = 0
         while True:
             body = self._pop_frame()
             if body is not None:
@@ -441,7 +503,16 @@ class PolicySandbox:
                     return reply
                 if reply_seq > seq:
                     raise _Terminal(f"protocol_error: reply for request {reply_seq} not yet sent")
-                continue  # a late answer to a step we already gave up on
+                # A late answer to a step we already gave up on. A child that keeps sending them cannot
+                # hold the deadline off: it is checked before every read after the first (below).
+                stale += 1
+                if stale > MAX_STALE_FRAMES:
+                    raise _Terminal(f"protocol_error: more than {MAX_STALE_FRAMES} stale replies in one wait")
+                continue
+            # After the first read, the deadline holds also when a child trickles a frame byte by byte.
+            if reads and time.monotonic() >= deadline:
+                return None
+            reads += 1
             chunk = self._waiter.read(proto.want(self._inbuf), deadline, try_first=not sent)
             sent = False
             if chunk is None:
@@ -472,6 +543,8 @@ class PolicySandbox:
     @staticmethod
     def _decode_action(reply: proto.Action) -> np.ndarray:
         try:
+            if len(reply.shape) > 8:
+                raise ValueError(f"{len(reply.shape)} dimensions")
             dtype = np.dtype(reply.dtype)
             if dtype.kind not in "biuf":
                 raise ValueError(f"dtype {reply.dtype!r} is not numeric")

@@ -1,12 +1,14 @@
 """Child side of the policy sandbox: runs agent-written `policy.py` in its own process.
 
-Started by `enpire.sandbox.PolicySandbox` as `python -I -B <this file>` with cwd = the scratch directory
-and a stripped environment. This file must stay self-contained (stdlib + numpy + msgspec): in isolated
+Started by `enpire.sandbox.PolicySandbox` as `python -I -B <this file>`, normally inside a jail of the
+isolation engine (`enpire/isolation.py`: namespaces, seccomp, cgroup limits, a fresh tmpfs scratch),
+with a stripped environment. The policy's files arrive in the `Init` frame and are written into the
+scratch directory here. This file must stay self-contained (stdlib + numpy + msgspec): in isolated
 mode the project is not on `sys.path`, and importing the project's trusted packages is refused anyway.
 The parent imports the protocol structs below so both sides share one definition.
 
-Isolation layers, applied before any agent code is imported (each is best effort and reported to the
-parent in `Ready.isolation`):
+Layers inside the child, applied before any agent code is imported (each is best effort and reported
+to the parent in `Ready.isolation`; the jail around the process is what holds if they are bypassed):
 1. rlimits: CPU seconds, address space, open files, file size, no core dumps.
 2. a fresh network namespace (only when the process may create one, e.g. root): no network at all.
 3. Landlock (Linux >= 5.13): the kernel confines file access to read-only Python/system library trees
@@ -15,7 +17,8 @@ parent in `Ready.isolation`):
 4. an audit hook that refuses process creation, signals, sockets, ctypes, imports of trusted packages,
    file access outside the allowed trees and introspection used to tamper with the hook. It is a
    tripwire that gives clear reasons (`sandbox_denied: <event> ...`), not a security boundary on its
-   own: CPython documents audit hooks as unsuitable for sandboxing.
+   own: CPython documents audit hooks as unsuitable for sandboxing (policy code running inside the
+   hook, e.g. a PathLike's `__fspath__`, can switch it off). Only a friendly early error.
 
 Wire format: 4-byte big-endian length + body, one message per frame, on the pipes the parent gave as
 stdin/stdout. A body is msgpack, except on the act() hot path: a 1-D float64 observation and a 1-D
@@ -60,6 +63,7 @@ class Init(msgspec.Struct, tag=True, frozen=True):
     max_output_bytes: int
     audit_hook: bool = True  # False only in tests of the kernel layer
     spin_us: float = 0.0  # busy-wait budget before blocking for the next request (adaptive, see above)
+    files: dict[str, bytes] = {}  # the policy's files (policy.py, helpers, weights), written into scratch
 
 
 class Load(msgspec.Struct, tag=True, frozen=True):
@@ -78,6 +82,20 @@ class Act(msgspec.Struct, tag=True, frozen=True):
     dtype: str
     shape: list[int]
     data: bytes
+
+
+class Blob(msgspec.Struct, frozen=True, array_like=True):
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class ActDict(msgspec.Struct, tag=True, frozen=True):
+    """An observation of several named arrays (a camera frame and the pusher's position): the policy's
+    act() gets a dict of numpy arrays."""
+
+    seq: int
+    arrays: dict[str, Blob]
 
 
 class Notify(msgspec.Struct, tag=True, frozen=True):
@@ -106,7 +124,7 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     reason: str
 
 
-Request = Init | Load | Reset | Act | Notify
+Request = Init | Load | Reset | Act | ActDict | Notify
 Reply = Ready | Done | Action | Failed
 
 HEADER = 4  # bytes of big-endian frame length
@@ -541,10 +559,10 @@ class _Channel:
             self._fill(block=True)
         msg = self._decode(body)
         # A slow policy falls behind: answer only the newest observation, the rest are stale.
-        while isinstance(msg, (Act, FastAct)):
+        while isinstance(msg, (Act, ActDict, FastAct)):
             while (nxt := self._peek()) is None and self._fill(block=False):
                 pass
-            if nxt is None or not (nxt[:1] == b"\xc1" or isinstance(self.decoder.decode(nxt), Act)):
+            if nxt is None or not (nxt[:1] == b"\xc1" or isinstance(self.decoder.decode(nxt), (Act, ActDict))):
                 break
             msg = self._decode(self._pop() or b"")
         return msg
@@ -576,10 +594,29 @@ def _where(exc: BaseException) -> str:
     return f" (at {' <- '.join(reversed(frames[-4:]))})" if frames else ""
 
 
+def write_files(scratch: str, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        parts = name.split("/")
+        if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"bad file name {name!r}")
+        path = os.path.join(scratch, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+
+
+# numpy's own allocation failure, a MemoryError subclass; bound before any policy code runs.
+_NUMPY_MEMORY_ERROR = getattr(getattr(getattr(np, "_core", None), "_exceptions", None), "_ArrayMemoryError", None)
+
+
+def _numpy_memory_error(exc: BaseException) -> bool:
+    return _NUMPY_MEMORY_ERROR is not None and type(exc) is _NUMPY_MEMORY_ERROR
+
+
 def _failure(exc: BaseException, denials: list[str]) -> str:
     if denials:
         return denials[0]  # the first refusal, even if the policy caught it and failed otherwise
-    if isinstance(exc, MemoryError):
+    if type(exc) is MemoryError or _numpy_memory_error(exc):  # at RLIMIT_AS; a policy's own subclass is not
         return truncate(f"memory_limit: {describe(exc)}")
     text = describe(exc)
     return text if text.startswith("sandbox_denied:") else truncate(f"policy_error: {text}{_where(exc)}")
@@ -591,6 +628,8 @@ def _to_action(result: Any, seq: int, max_bytes: int) -> Action | Failed | bytes
         return Failed(seq, f"output_too_large: sequence of {len(result)} items")
     try:
         arr = np.asarray(result)
+        if arr.dtype.kind == "c":  # converting would drop the imaginary part (and warn): not an action
+            return Failed(seq, f"safety_violation: action dtype {arr.dtype} is not real-valued")
         if arr.dtype.kind not in "biuf":
             arr = arr.astype(np.float64)
     except Exception as exc:  # noqa: BLE001 - whatever the policy returned
@@ -624,6 +663,11 @@ def main() -> None:
     chan.waiter = Waiter(rfd, init.spin_us)
     scratch = os.path.realpath(init.scratch)
     os.chdir(scratch)
+    try:
+        write_files(scratch, init.files)
+    except (OSError, ValueError) as exc:
+        chan.send(Failed(init.seq, f"policy_error: cannot write the policy's files ({describe(exc)})"))
+        return
     sys.dont_write_bytecode = True
     roots = read_roots(scratch)
     # Drop project or user paths (e.g. an editable install's .pth entry); keep the Python trees.
@@ -666,6 +710,10 @@ def main() -> None:
                 reply = _to_action(policy.act(msg.obs), msg.seq, init.max_output_bytes)
             elif isinstance(msg, Act):
                 obs = np.frombuffer(msg.data, dtype=np.dtype(msg.dtype)).reshape(msg.shape).copy()
+                reply = _to_action(policy.act(obs), msg.seq, init.max_output_bytes)
+            elif isinstance(msg, ActDict):
+                obs = {k: np.frombuffer(b.data, dtype=np.dtype(b.dtype)).reshape(b.shape).copy()
+                       for k, b in msg.arrays.items()}
                 reply = _to_action(policy.act(obs), msg.seq, init.max_output_bytes)
             elif isinstance(msg, Reset):
                 if callable(getattr(policy, "reset", None)):

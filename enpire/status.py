@@ -93,13 +93,13 @@ def render(status: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m enpire.status", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if not (args.state_dir / "blackboard.lmdb").exists():
-        print(f"enpire.status: {args.state_dir}: no fleet state here", file=sys.stderr)
+        print(f"{prog}: {args.state_dir}: no fleet state here", file=sys.stderr)
         return 2
     status = collect(args.state_dir)
     print(json.dumps(status, indent=2) if args.json else render(status))

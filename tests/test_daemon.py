@@ -30,6 +30,15 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     assert not (tmp_path / "s").exists()  # nothing was created for a run that never started
 
 
+def test_a_fleet_that_could_do_no_work_is_refused_at_start(tmp_path):
+    r = _run("enpire.fleet", "--cells", "0", "--state-dir", str(tmp_path / "s"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "cells.count is 0 and bus.listen is empty" in r.stderr
+    r = _run("enpire.fleet", "--agents", "0", "--state-dir", str(tmp_path / "s"))
+    assert r.returncode == 2 and "agents.count is 0 and fleet.baseline is empty" in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_print_config_shows_the_effective_configuration(tmp_path):
     r = _run("enpire.fleet", "--print-config", "--cells", "5", "--target", "0.7")
     assert r.returncode == 0
@@ -45,6 +54,36 @@ def test_incompatible_state_dir_is_refused(tmp_path):
     board.close()
     r = _run("enpire.fleet", "--state-dir", str(tmp_path / "state"))
     assert r.returncode == 2 and "schema version 999" in r.stderr
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused_and_the_first_keeps_running(tmp_path):
+    from enpire.statelock import StateLock
+
+    proc = _start(tmp_path, cells=1, budget=3.0)
+    try:
+        _wait_for(lambda: _episodes(tmp_path) >= 3, 120, "episodes")
+        r = _run("enpire.fleet", "--state-dir", str(tmp_path / "state"), "--cells", "1", "--quiet")
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {proc.pid}" in lines[0] and str(tmp_path / "state") in lines[0], lines
+        before = _episodes(tmp_path)
+        _wait_for(lambda: _episodes(tmp_path) >= before + 3, 60, "the first daemon to keep recording")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err[-2000:]
+    StateLock(tmp_path / "state").acquire().release()  # freed when the daemon ended
+
+
+def test_state_dir_that_cannot_be_used_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    r = _run("enpire.fleet", "--state-dir", str(tmp_path / "afile"), "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "afile" in r.stderr, r.stderr
+    (tmp_path / "s" / "blackboard.lmdb").mkdir(parents=True)
+    (tmp_path / "s" / "blackboard.lmdb" / "data.mdb").write_text("junk")
+    r = _run("enpire.fleet", "--state-dir", str(tmp_path / "s"), "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "blackboard" in r.stderr, r.stderr
 
 
 def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):

