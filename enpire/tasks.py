@@ -61,9 +61,15 @@ def _pusht() -> TaskSpec:
         Field("block_y", 3, 1, "px", "T block reference point y"),
         Field("block_angle", 4, 1, "rad", "T block rotation (not wrapped: any real number)"),
     ), note="world frame [0, 512]^2 px, y grows downwards on the rendered image")
+    pixels = ObservationKind(2, (
+        Field("agent_x", 0, 1, "px", "pusher centre x (obs['agent_pos'][0])"),
+        Field("agent_y", 1, 1, "px", "pusher centre y (obs['agent_pos'][1])"),
+    ), note="obs is a dict: 'agent_pos' (2,) float64 as above and 'pixels' (96, 96, 3) uint8 RGB, the scene "
+            "seen from above after the step (goal T green, block T grey, pusher blue); the block's pose is "
+            "only in the image")
     return TaskSpec(
         name="pusht", driver="pusht", title="Push-T (gym-pusht 0.1.8)",
-        observations={"state": state},
+        observations={"state": state, "pixels": pixels},
         action_fields=(Field("target_x", 0, 1, "px", "pusher target x"),
                        Field("target_y", 1, 1, "px", "pusher target y")),
         action_low=(0.0, 0.0), action_high=(512.0, 512.0),

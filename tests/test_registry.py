@@ -250,7 +250,8 @@ async def test_train_then_commit_checkpoint_makes_a_candidate_the_cells_run(tmp_
 
     state = tmp_path / "state"
     assert record_scripted(state, lambda: Scripted(INITIAL_PARAMS), range(3))["successes"] == 3
-    config = cfg.with_overrides(cfg.Config(), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
     board, meta = open_state_dir(state)
     async with trio.open_nursery() as nursery:
         core = await start_core(nursery, config, state, board, meta)

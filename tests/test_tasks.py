@@ -101,3 +101,22 @@ def test_metaworld_cards_describe_their_own_goal():
         out = tasks.card(name).render()
         assert "[36:39] goal_pos (m)" in out and "80 Hz" in out and "horizon 500" in out
         assert tasks.spec(name).success in out
+
+
+def test_every_observation_kind_of_a_driver_has_a_card():
+    from hw.pusht import PushTDriver
+
+    spec = tasks.spec("pusht")
+    assert set(spec.observations) == set(PushTDriver.observation_modes)
+    d = PushTDriver(obs_type="pixels")
+    d.connect()
+    try:
+        obs = d.reset(4)
+        kind = spec.observations["pixels"]
+        assert kind.dim == d.observation_dim == obs["agent_pos"].shape[0]
+        assert obs["pixels"].shape == (96, 96, 3) and "(96, 96, 3) uint8" in kind.note
+        assert np.allclose(obs["agent_pos"], d.trusted_state()["agent_pos"])
+    finally:
+        d.disconnect()
+    config = cfg.decode('[tasks.pusht]\nobservation = "pixels"\n', "t.toml")
+    assert "Observation (pixels, 2 values" in tasks.card("pusht", config).render()

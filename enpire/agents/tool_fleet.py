@@ -148,7 +148,7 @@ async def episode(session, a: EpisodeArgs) -> ToolResult:
     if a.replay:
         lines.append(await _replay(session, rec, obs))
     images: tuple[Image, ...] = ()
-    if a.frames:
+    if a.frames and obs.ndim == 2 and obs.shape[1] >= card.spec.observations["state"].dim:
         img, steps = strip(card.spec, obs, a.frames)
         images = (Image(png(img)),)
         lines.append(f"image: frames at steps {steps}, drawn from the recorded state ({_legend(card.spec.driver)})")
