@@ -44,10 +44,10 @@ from bus.messages import (
     PolicySpec,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
+from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta, TokenRecord
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
-from enpire import isolation, log
+from enpire import isolation, ledger, log
 from enpire.agents.backends import make_backend
 from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
@@ -333,8 +333,16 @@ def _progress(logger, board: Blackboard, config: cfg.Config, system: ActorSystem
         judged=f"{champ.judged_successes}/{champ.judged_n}" if champ else "",
         confirmed=f"{champ.successes}/{champ.n}" if champ else "",
         mru=round(mru, 3),
-        tokens=0,
+        **_token_fields(board),
     )
+
+
+def _token_fields(board: Blackboard) -> dict:
+    """Real token totals for progress events: the team's, and each agent's tokens and cost."""
+    records = board.values("tokens", TokenRecord)
+    team = ledger.totals(records)
+    return {"tokens": team.total, "cached_input_tokens": team.cached_input_tokens, "cost": round(team.cost, 6),
+            "agent_tokens": {a: t.total for a, t in sorted(ledger.per_agent(records).items())}}
 
 
 def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats: dict) -> dict:
@@ -361,6 +369,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
             for cid, u in util.items()
         },
         "actor_restarts": stats.get("restarts", {}),
+        "tokens": ledger.summary(board.values("tokens", TokenRecord)),  # team and per-agent ledger totals
     }
 
 

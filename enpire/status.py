@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bus.blackboard import Blackboard
 from bus.records import CellRecord, Champion, DaemonRecord, JobRecord, TimelineRecord, TokenRecord
+from enpire import ledger
 from enpire.metrics import mean_robot_utilization, utilization, wilson_interval
 
 
@@ -49,9 +50,8 @@ def _collect(board: Blackboard, now: float) -> dict:
             "rate": round(c.successes / c.n, 4) if c.n else None, "wilson95": [round(lo, 4), round(hi, 4)],
             "judged": [c.judged_successes, c.judged_n],
         }
-    tokens: dict[str, int] = {}
-    for t in board.values("tokens", TokenRecord):
-        tokens[t.agent] = tokens.get(t.agent, 0) + t.input_tokens + t.output_tokens
+    ledger_totals = ledger.summary(board.values("tokens", TokenRecord))
+    tokens = {agent: t["tokens"] for agent, t in ledger_totals["agents"].items()}
     return {
         "daemon": {
             "state": (daemon.state if alive or daemon.state != "running" else "not responding") if daemon else "never ran",
@@ -66,6 +66,7 @@ def _collect(board: Blackboard, now: float) -> dict:
         "jobs": [{"job": j.job_id, "agent": j.agent, "kind": j.kind, "episodes": len(j.seeds)} for j in jobs[:20]],
         "champions": champions,
         "tokens": tokens,
+        "token_ledger": ledger_totals,  # per agent: input, cached, cache writes, output, reasoning, cost
         "findings": board.count("findings"),
     }
 

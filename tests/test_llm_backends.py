@@ -199,6 +199,20 @@ async def test_agent_runs_the_improvement_cycle_through_the_sdk(api, tmp_path, m
     # Every answered call is on the ledger with the usage the server reported, call for call.
     assert _ledger_rows(board) == [expected_ledger(api, r.usage) for r in answered]
     assert ledger.per_agent(board.values("tokens", TokenRecord))["agent-0"].total == 6000
+    # Progress events, report.json and enpire.status show the same totals as the server reported.
+    from enpire import fleet, status
+
+    rows = [expected_ledger(api, r.usage) for r in answered]
+    served = {"input_tokens": sum(r[0] for r in rows), "cached_input_tokens": sum(r[1] for r in rows),
+              "cache_write_tokens": sum(r[2] for r in rows), "output_tokens": sum(r[3] for r in rows),
+              "reasoning_tokens": sum(r[4] for r in rows)}
+    progress = fleet._token_fields(board)
+    assert progress["tokens"] == 6000 and progress["agent_tokens"] == {"agent-0": 6000}
+    assert progress["cached_input_tokens"] == served["cached_input_tokens"]
+    report = fleet.build_report(board, fleet.cfg.Config(), fleet.Outcome("budget", 1.0, None), {})["tokens"]
+    shown = status._collect(board, time.time())["token_ledger"]
+    for totals in (report["team"], report["agents"]["agent-0"], shown["agents"]["agent-0"]):
+        assert {k: totals[k] for k in served} == served and totals["tokens"] == 6000 and totals["calls"] == 6
     # Retries were logged (5 failures before the first answer), and the key leaked nowhere.
     events = [e["event"] for e in logs]
     assert events.count("llm_retry") == 5 and "backend_paused" not in events
