@@ -297,7 +297,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
             nursery.start_soon(on_signal)
             next_progress = 0.0
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
-                                  config.agents.count, config.cells.task)
+                                  config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
+                                  target=config.fleet.target)
             while not stopping.is_set() and time.time() < deadline:
                 if config.fleet.stop_at_target and target_met(board, config):
                     outcome.reason = "target"
