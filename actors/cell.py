@@ -145,7 +145,7 @@ class Cell(Actor):
             await client.wait_ready(timeout=60.0)
             self.driver.connect()
             welcome = await client.request(
-                Hello(cell_id=self.cell_id, driver=self.driver.name, tasks=[self.driver.task],
+                Hello(cell_id=self.cell_id, driver=getattr(self.driver, "registry_name", self.driver.name), tasks=[self.driver.task],
                       host=socket.gethostname(), pid=os.getpid(), real=self.real),
                 timeout=10.0,
             )
