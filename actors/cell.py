@@ -29,6 +29,7 @@ from actors.runtime import Actor
 from bus.messages import (
     Array,
     Attempt,
+    BundleRequest,
     CellState,
     EpisodeReport,
     Failure,
@@ -39,6 +40,7 @@ from bus.messages import (
     Lease,
     LeaseRequest,
     NoWork,
+    PolicyBundle,
     Segment,
     Trajectory,
     Verdict,
@@ -47,6 +49,7 @@ from bus.messages import (
     Welcome,
 )
 from bus.transport import RequestClient
+from enpire.bundles import BundleCache
 from enpire.realcell import DryRun, RealInterface
 from enpire.safety import ActionLimits, check_action, named_bounds
 from enpire.sandbox import PolicyError, PolicySandbox, SandboxLimits
@@ -138,6 +141,7 @@ class Cell(Actor):
         self.timeline = Timeline()
         self.heartbeat_s = 1.0
         self.episodes = 0
+        self.bundles: BundleCache | None = None  # policies by content hash, fetched once
 
     async def main(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,7 @@ class Cell(Actor):
             if not isinstance(welcome, Welcome):
                 raise RuntimeError(f"scheduler refused the cell: {welcome}")
             self.heartbeat_s = welcome.heartbeat_s
+            self.bundles = BundleCache(lambda digest: trio.from_thread.run(self._fetch_bundle, client, digest))
             self.log.info("cell_ready", run=welcome.run_id, driver=self.driver.name)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, client)
@@ -212,6 +217,12 @@ class Cell(Actor):
             outbox.release()
 
     # ------------------------------------------------------------------ one episode (worker thread)
+
+    async def _fetch_bundle(self, client: RequestClient, digest: str) -> PolicyBundle:
+        reply = await client.request(BundleRequest(digest=digest), timeout=30.0, retries=5)
+        if not isinstance(reply, PolicyBundle):  # the lease expires and is run again; the robot goes on
+            raise RuntimeError(f"policy bundle {digest} not served: {reply}")
+        return reply
 
     async def _ask_verifier(self, client: RequestClient, request: VerifyRequest) -> VerifyReply:
         reply = await client.request(request, timeout=10.0, retries=10)
@@ -329,11 +340,12 @@ class Cell(Actor):
         if problem:  # the task's limits do not fit this robot: nothing moves
             attempts.append(Attempt(Verdict(False, 0.0, problem, "cell"), 0))
             return report(0.0)
+        files = self.bundles.files(lease.bundle)  # from the cache, or fetched once
         try:
             # A judging runs in a jail of its own: held-out episodes never share a process or scratch
             # with tuning episodes (or with another judging).
             context = "" if lease.kind == "agent" else f"{lease.kind}:{lease.job_id}"
-            sandbox.load(lease.policy.files, lease.policy.spec.params, context=context)
+            sandbox.load(files, lease.policy.params, context=context)
         except PolicyError as e:
             attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
             return report(0.0)
