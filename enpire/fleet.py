@@ -38,6 +38,7 @@ from bus.events import EventHub
 from bus.messages import (
     BundleRequest,
     ChampionChanged,
+    DataRequest,
     Envelope,
     EpisodeReport,
     Failure,
@@ -51,6 +52,10 @@ from bus.messages import (
     Progress,
     QueueDepth,
     TokensUsed,
+    TrainDone,
+    TrainerHeartbeat,
+    TrainerHello,
+    TrainJobRequest,
     VerifyRequest,
 )
 from bus.records import (
@@ -304,10 +309,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
-    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
+    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
         Hello: queue, LeaseRequest: queue, Heartbeat: queue, EpisodeReport: queue, BundleRequest: queue,
         VerifyRequest: verifier,
+        **dict.fromkeys((TrainerHello, TrainJobRequest, DataRequest, TrainerHeartbeat, TrainDone), trainer),
     }
 
     async def route(envelope: Envelope) -> Message:
