@@ -38,6 +38,7 @@ from bus.events import EventHub
 from bus.messages import (
     BundleRequest,
     ChampionChanged,
+    DataRequest,
     Envelope,
     EpisodeReport,
     Failure,
@@ -48,7 +49,12 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    QueueDepth,
     TokensUsed,
+    TrainDone,
+    TrainerHeartbeat,
+    TrainerHello,
+    TrainJobRequest,
     VerifyRequest,
 )
 from bus.records import (
@@ -302,10 +308,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
-    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
+    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
         Hello: queue, LeaseRequest: queue, Heartbeat: queue, EpisodeReport: queue, BundleRequest: queue,
         VerifyRequest: verifier,
+        **dict.fromkeys((TrainerHello, TrainJobRequest, DataRequest, TrainerHeartbeat, TrainDone), trainer),
     }
 
     async def route(envelope: Envelope) -> Message:
@@ -356,8 +363,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     logger.warning("stopping", signal=signal.Signals(signum).name)
                     outcome.reason = "signal"
                     stopping.set()
+                    final.cancel()  # a signal also ends the final judging
                     return
 
+            final = trio.CancelScope()
             nursery.start_soon(on_signal)
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                   config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
@@ -377,8 +386,12 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     stopping.set()
                 nursery.start_soon(on_target)
                 await stopping.wait()
-            if outcome.reason != "signal" and config.fleet.final_seeds:
-                await _final_judging(logger, core, config)
+            depth = events.latest(QueueDepth)
+            if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
+                logger.warning("final_judging_skipped", detail="no cell is connected")
+            elif outcome.reason != "signal" and config.fleet.final_seeds:
+                with final:
+                    await _final_judging(logger, core, config)
         if sink is not None:
             sink.close()
         outcome.elapsed_s = time.time() - started
