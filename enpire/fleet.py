@@ -44,14 +44,14 @@ from bus.messages import (
     PolicySpec,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
+from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta, TokenRecord
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
-from enpire import isolation, log
+from enpire import isolation, ledger, log
 from enpire.agents.backends import make_backend
+from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
-from enpire.agents.tools import Tools
-from enpire.learning.dataset import ARTIFACTS
+from enpire.agents.session import agent_tools
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.statelock import StateDirLocked, StateLock
@@ -281,8 +281,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer,
-                          artifacts=state_dir / ARTIFACTS)
+            tools = agent_tools(config, i, workspace, scheduler, board, trainer=core.trainer, state_dir=state_dir)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
@@ -335,8 +334,16 @@ def _progress(logger, board: Blackboard, config: cfg.Config, system: ActorSystem
         judged=f"{champ.judged_successes}/{champ.judged_n}" if champ else "",
         confirmed=f"{champ.successes}/{champ.n}" if champ else "",
         mru=round(mru, 3),
-        tokens=0,
+        **_token_fields(board),
     )
+
+
+def _token_fields(board: Blackboard) -> dict:
+    """Real token totals for progress events: the team's, and each agent's tokens and cost."""
+    records = board.values("tokens", TokenRecord)
+    team = ledger.totals(records)
+    return {"tokens": team.total, "cached_input_tokens": team.cached_input_tokens, "cost": round(team.cost, 6),
+            "agent_tokens": {a: t.total for a, t in sorted(ledger.per_agent(records).items())}}
 
 
 def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats: dict) -> dict:
@@ -363,6 +370,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
             for cid, u in util.items()
         },
         "actor_restarts": stats.get("restarts", {}),
+        "tokens": ledger.summary(board.values("tokens", TokenRecord)),  # team and per-agent ledger totals
     }
 
 
@@ -410,6 +418,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return 0
     try:
         make_backend(config, 0)  # a missing API key or model setting fails here, in one line
+        trio.run(probe_model, config)  # so does a model name the endpoint does not serve, or a refused key
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG
