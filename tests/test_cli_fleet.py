@@ -23,6 +23,7 @@ import pytest
 
 from bus.blackboard import Blackboard
 from bus.records import EpisodeRecord, TokenRecord
+from enpire.workspace import Workspace
 from tests.cli_harness import KINDS, MAIN_TOOL, MODEL, PROVIDER, require, shell, write
 from tests.scripted_models import Reply, ScriptedModel, Steps
 
@@ -157,7 +158,7 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
     seen = steps.seen_values
     assert not model.errors, model.errors
     assert "verdict" in seen, f"the script stopped at step {steps.taken}\n{err[-3000:]}"
-    assert "'successes'" not in seen["verdict"] and '"promoted":' in seen["verdict"]
+    assert '"promoted":' in seen["verdict"] and '"n":30' in seen["verdict"]  # judged on 30 held-out seeds
     assert seen["images"] == "1"  # the episode tool's frames reached the model as an image
     local = [e for e in steps.seen if '"success_rate"' in "\n".join(e.results)]
     assert local, "the local check on tuning seeds did not run"
@@ -170,15 +171,13 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
     agent_eps = [e for e in episodes if e.job_id == seen["eval"]]
     assert len(agent_eps) == 6 and {e.cell_id for e in agent_eps} <= {"cell-0", "cell-1"}
     assert all(e.kind == "agent" and e.seed < 1_000_000 for e in agent_eps)  # tuning seeds
-    first = agent_eps[0].policy.commit
-    judged = [e for e in episodes if e.kind == "heldout" and e.policy.commit != first
-              and e.policy.commit.startswith(e.policy.commit[:7])]
-    promoted_commit = {e.policy.commit for e in judged}
-    assert judged and all(1_000_000 <= e.seed < 1_001_000 for e in judged)  # held-out seeds
-    # The candidate came from the agent's worktree: both commits are on its branch.
-    ws_log = subprocess.run(["git", "--git-dir", str(tmp_path / "state" / "workspace"), "log", "--format=%H %s",
-                             "agent/agent-0"], capture_output=True, text=True).stdout
-    assert first in ws_log and any(c in ws_log for c in promoted_commit) and "smaller steps" in ws_log
+    # Both candidates came from the agent's worktree through the daemon: commits on its workspace branch.
+    ws = Workspace(tmp_path / "state" / "workspace")
+    head = ws.head("agent/agent-0")
+    assert '"step", 30.0' in ws.read(head)["policy.py"] and "smaller steps" in ws.log("agent/agent-0")[0]
+    assert '"step", 40.0' in ws.read(agent_eps[0].policy.commit)["policy.py"]
+    judged = [e for e in episodes if e.kind == "heldout" and e.policy.commit == head]
+    assert len(judged) == 30 and all(1_000_000 <= e.seed < 1_001_000 for e in judged)  # held-out seeds
     # The ledger equals what the server reported, call for call.
     mine = [t for t in tokens if t.agent == "agent-0"]
     assert len(mine) == len(model.log)

@@ -37,6 +37,7 @@ import trio
 
 from bus.records import Champion, TokenRecord
 from enpire import isolation, ledger
+from enpire.agents.model import LLMConfigError
 from enpire.agents.model_relay import CallUsage, ModelRelay
 from enpire.agents.worktree import Worktree, WorktreeError
 from enpire.workspace import ProtectedPathError, WorkspaceError
@@ -47,8 +48,11 @@ CLI_DIR = ROOT / "cli" / "node_modules"
 Kind = Literal["claude-code", "codex", "command"]
 
 
-class CLIConfigError(ValueError):
-    """A CLI backend cannot start here; one line saying what to install or set."""
+CLI_KINDS = ("claude-code", "codex", "command")
+
+
+class CLIConfigError(LLMConfigError):
+    """A CLI backend cannot start here; one line saying what to install or set (the daemon exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class CLISettings:
     pids: int = 1024  # CLIs are multi-threaded (node, tokio); threads count
     scratch_mb: int = 512
     target: float = 0.0
+    price: ledger.Price | None = None  # this model's prices: the ledger records each call's cost
 
 
 DEFAULTS = {  # provider of each CLI: default key variable and endpoint
@@ -335,9 +340,11 @@ class CLIAgent:
 
         def record(u: CallUsage) -> None:
             self.used += u.total
+            cost = ledger.cost(self.settings.price, u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
+                               u.output_tokens)
             tools.board.append("tokens", TokenRecord(
                 tools.agent, u.model, self.clock(), u.input_tokens, u.cached_input_tokens, u.output_tokens,
-                cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens))
+                cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens, cost=cost))
 
         def allow() -> str | None:
             if self.settings.token_budget and self.used >= self.settings.token_budget:
@@ -520,3 +527,23 @@ class CLIAgent:
             return False
         return c.n < 20 or c.successes / c.n >= target
 
+
+
+def make_cli_backend(config, index: int) -> CLIAgent:
+    """The CLI agent number `index` of a fleet run by `config` (the [agents] keys of the SDK backends)."""
+    from enpire.agents.prompt import POLICY_PROTOCOL
+    from enpire.agents.registry import REGISTRY, agent_session
+    from enpire.tasks import card
+
+    a, task = config.agents, config.task()
+    price = a.prices.get(a.model)
+    settings = CLISettings(
+        kind=a.backend, model=a.model, base_url=a.base_url, api_key_env=a.api_key_env, command=a.command,
+        token_budget=a.token_budget, wall_budget_s=a.wall_budget_minutes * 60, turn_timeout_s=a.turn_minutes * 60,
+        max_turns=a.max_turns, target=config.fleet.target,
+        price=ledger.Price(price.input, price.output, price.cached_input, price.cache_write) if price else None)
+    tuning = task.tuning_seeds
+    return CLIAgent(settings, open_session=lambda tools: agent_session(config, tools, index), registry=REGISTRY,
+                    card_text=card(config.cells.task, config).render(), protocol=POLICY_PROTOCOL,
+                    task={"name": config.cells.task, "driver": task.driver, "tuning_start": tuning.start,
+                          "tuning_count": tuning.count, "max_delta": task.limits.max_delta})
