@@ -171,6 +171,12 @@ class Run:
     result: dict[str, Any] | None = None
     error: str = ""
     lines: int = 0
+    on_failed: Callable[[str, str, str], None] | None = None  # (tool, input, error) of a failed tool call
+    calls: dict[str, tuple[str, str]] = field(default_factory=dict)  # Claude Code: tool_use id -> (name, input)
+
+    def _failed(self, tool: str, given: str, error: str) -> None:
+        if self.on_failed is not None:
+            self.on_failed(tool, given[:300], " ".join(error.split())[:300])
 
     def feed(self, kind: Kind, line: str) -> None:
         try:
@@ -188,11 +194,26 @@ class Run:
                 self.result = event
                 if event.get("is_error"):
                     self.error = str(event.get("result") or event.get("subtype"))[:300]
+            for block in (event.get("message") or {}).get("content") or []:
+                if not isinstance(block, dict):
+                    continue
+                if block.get("type") == "tool_use":
+                    self.calls[block.get("id", "")] = (block.get("name", ""), json.dumps(block.get("input")))
+                elif block.get("type") == "tool_result" and block.get("is_error"):
+                    name, given = self.calls.get(block.get("tool_use_id", ""), ("?", ""))
+                    content = block.get("content")
+                    text = content if isinstance(content, str) else " ".join(
+                        c.get("text", "") for c in content or [] if isinstance(c, dict))
+                    self._failed(name, given, text)
         elif kind == "codex":
             if t == "thread.started":
                 self.session = event.get("thread_id", "")
             elif t == "turn.completed":
                 self.result = event
+            elif t == "item.completed":
+                item = event.get("item") or {}
+                if item.get("type") == "command_execution" and item.get("exit_code") not in (0, None):
+                    self._failed("shell", item.get("command", ""), str(item.get("aggregated_output", "")))
             elif t in ("turn.failed", "error") and not self.result:
                 self.error = str(event.get("error") or event.get("message"))[:300]
 
@@ -445,7 +466,11 @@ class CLIAgent:
         number = len(list((run_dir.parent / "logs").glob("turn-*.stderr")))
         stderr_path = run_dir.parent / "logs" / f"turn-{number:05d}.stderr"
         transcript = run_dir.parent / "logs" / f"turn-{number:05d}.jsonl"  # the CLI's own JSON lines
-        run = Run(session=session if s.kind == "claude-code" else "")
+        # Every tool call the jail turned down (a path it cannot see or write, a refused check) fails inside the
+        # CLI; the daemon logs each failed call with the agent's name as the CLI reports it.
+        run = Run(session=session if s.kind == "claude-code" else "",
+                  on_failed=lambda tool, given, error: log.warning("cli_tool_failed", tool=tool, input=given,
+                                                                   error=error))
         log.info("cli_turn_started", turn=number, resume=resume, session=session, timeout_s=round(limit, 1))
         t0 = self.clock()
         reason, code = "", None
@@ -457,7 +482,10 @@ class CLIAgent:
             # so one thread starts the CLI, reads its JSON lines and waits for it (trio's idle worker threads
             # end after 10 s, which would kill a run that outlives them).
             with open(stderr_path, "wb") as stderr, open(transcript, "ab") as out:
-                proc = subprocess.Popen(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+                # bwrap itself gets no environment of the daemon: the jail's init is a bwrap process, and a
+                # jailed process can read /proc/1/environ (it would hold the fleet's keys and secret).
+                proc = subprocess.Popen(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
                 procs.append(proc)
                 for line in proc.stdout:
                     out.write(line)
