@@ -31,12 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = """
 [fleet]
-budget_minutes = 6
+budget_minutes = {budget}
+baseline = "{baseline}"
 target = 0.99
 min_heldout = 30
 progress_s = 2.0
 [cells]
 count = {cells}
+task = "pusht"
 [agents]
 count = {agents}
 backend = "{kind}"
@@ -69,10 +71,11 @@ class Policy:
 
 
 def start_fleet(tmp_path: Path, kind: str, url: str, *, cells=2, agents=1, max_turns=1, turn_minutes=4.0,
-                extra_env=None) -> subprocess.Popen:
+                budget_minutes=6.0, baseline="", extra_env=None) -> subprocess.Popen:
     config = tmp_path / "fleet.toml"
     config.write_text(CONFIG.format(kind=kind, model=MODEL[kind], url=url, cells=cells, agents=agents,
-                                    max_turns=max_turns, turn_minutes=turn_minutes))
+                                    max_turns=max_turns, turn_minutes=turn_minutes, budget=budget_minutes,
+                                    baseline=baseline))
     env = {**os.environ, "ENPIRE_TEST_MODEL_KEY": "sk-model-key-of-the-test", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "enpire.fleet", "--config", str(config), "--state-dir",
                              str(tmp_path / "state"), "--quiet"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -170,6 +173,7 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
         board.close()
     agent_eps = [e for e in episodes if e.job_id == seen["eval"]]
     assert len(agent_eps) == 6 and {e.cell_id for e in agent_eps} <= {"cell-0", "cell-1"}
+    assert all(e.steps > 10 and "violation" not in e.verdict.reason for e in agent_eps)  # the policy ran
     assert all(e.kind == "agent" and e.seed < 1_000_000 for e in agent_eps)  # tuning seeds
     # Both candidates came from the agent's worktree through the daemon: commits on its workspace branch.
     ws = Workspace(tmp_path / "state" / "workspace")
