@@ -26,7 +26,7 @@ from bus.records import TrainRecord
 from enpire.learning.dataset import ARTIFACTS
 from enpire.sandbox import without_credentials
 
-RECIPES = ("bc", "rl")
+RECIPES = ("bc", "rl", "visuomotor")  # as enpire.learning.recipes.RECIPES
 
 
 def content_hash(path: Path) -> str:

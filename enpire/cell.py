@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -21,8 +22,11 @@ from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import AuthError, RequestClient, RequestTimeout
 from enpire import isolation, log
+from enpire.config import SandboxConfig
+from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
 from enpire.sandbox import SandboxLimits
 from hw import PluginError, make_driver
+from hw.driver import DriverError
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
@@ -36,12 +40,29 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
     p.add_argument("--scratch", type=Path, help="scratch directory for the policy sandbox")
     p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret (tcp)")
     p.add_argument("--real", action="store_true", help="this cell drives a real robot")
-    p.add_argument("--act-timeout", type=float, default=0.05, help="seconds the policy has per act() call")
-    p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
-    p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
-    p.add_argument("--memory-mb", type=int, default=1024, help="memory of the sandbox (address space, and its jail)")
-    p.add_argument("--scratch-mb", type=int, default=64, help="size of the sandbox's tmpfs scratch")
-    p.add_argument("--pids", type=int, default=16, help="processes + threads in the sandbox's jail")
+    real = p.add_argument_group("real cells (--real): a person at this terminal, e-stop 'e' + Enter or SIGUSR1")
+    real.add_argument("--confirm-motion", action="store_true",
+                      help="let this real cell move the robot; without it a dry run prints what would move")
+    real.add_argument("--interface-dir", type=Path,
+                      help="approved reset programs and the verifier's agreement record (default ~/.enpire/cells/ID)")
+    real.add_argument("--reset", default="person", help="'person' or an approved reset program (default person)")
+    real.add_argument("--reset-timeout", type=float, default=120.0, help="seconds to answer 'scene reset?'")
+    real.add_argument("--verdict-timeout", type=float, default=120.0, help="seconds to answer 'success?'")
+    real.add_argument("--max-false-success", type=float, default=0.05,
+                      help="Wilson 95%% upper bound of the verifier program's false-success rate to judge alone")
+    real.add_argument("--min-labels", type=int, default=20, help="person labels before the program may judge alone")
+    real.add_argument("--spot-check", type=float, default=0.1, help="share of episodes the person labels afterwards")
+    limits = SandboxConfig()  # the one definition of the sandbox's limits ([sandbox] in enpire.toml)
+    p.add_argument("--act-timeout", type=float, default=limits.act_timeout_s, help="seconds the policy has per act() call")
+    p.add_argument("--max-missed", type=int, default=limits.max_missed_deadlines,
+                   help="consecutive missed deadlines that end an episode")
+    p.add_argument("--load-timeout", type=float, default=limits.load_timeout_s,
+                   help="seconds the sandbox has to start and build the policy")
+    p.add_argument("--cpu-seconds", type=int, default=limits.cpu_seconds, help="CPU seconds per sandbox process")
+    p.add_argument("--memory-mb", type=int, default=limits.memory_mb,
+                   help="memory of the sandbox (address space, and its jail)")
+    p.add_argument("--scratch-mb", type=int, default=limits.scratch_mb, help="size of the sandbox's tmpfs scratch")
+    p.add_argument("--pids", type=int, default=limits.pids, help="processes + threads in the sandbox's jail")
     p.add_argument("--unconfined", action="store_true",
                    help="run policies without the isolation engine (bubblewrap); only if you trust them")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
@@ -56,6 +77,25 @@ async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
     cancel.cancel()
 
 
+def sandbox_limits(args: argparse.Namespace) -> SandboxLimits:
+    return SandboxLimits(
+        act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed, load_timeout_s=args.load_timeout,
+        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb, scratch_mb=args.scratch_mb, pids=args.pids,
+        confined=not args.unconfined,
+    )
+
+
+def build_interface(args: argparse.Namespace) -> RealInterface:
+    settings = RealSettings(reset=args.reset, reset_timeout_s=args.reset_timeout, verdict_timeout_s=args.verdict_timeout,
+                            max_false_success=args.max_false_success, min_labels=args.min_labels,
+                            spot_check=args.spot_check)
+    folder = args.interface_dir or Path.home() / ".enpire" / "cells" / args.cell_id
+    interface = RealInterface(settings, Operator(), folder)
+    # SIGUSR1 is the e-stop a foot switch or another terminal can send (`kill -USR1 PID`).
+    signal.signal(signal.SIGUSR1, lambda *_: interface.estop.set())
+    return interface
+
+
 def build_driver(args: argparse.Namespace):
     """The driver, or PluginError with one line naming what is wrong."""
     try:
@@ -67,13 +107,9 @@ def build_driver(args: argparse.Namespace):
     return make_driver(args.driver, **options)
 
 
-async def run(args: argparse.Namespace, secret: bytes | None, driver) -> None:
+async def run(args: argparse.Namespace, secret: bytes | None, driver, interface: RealInterface | None = None) -> None:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
-    limits = SandboxLimits(
-        act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
-        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb, scratch_mb=args.scratch_mb, pids=args.pids,
-        confined=not args.unconfined,
-    )
+    limits = sandbox_limits(args)
     # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.
     probe = RequestClient(args.connect, sender=args.cell_id, secret=secret)
     try:
@@ -88,7 +124,7 @@ async def run(args: argparse.Namespace, secret: bytes | None, driver) -> None:
         await system.spawn(
             f"cell:{args.cell_id}",
             lambda: Cell(args.cell_id, args.connect, driver, limits, scratch,
-                         secret=secret, real=args.real),
+                         secret=secret, real=args.real, interface=interface),
         )
 
 
@@ -108,13 +144,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> 
         except (OSError, ValueError) as e:
             print(f"enpire.cell: --cpu {args.cpu}: {e}", file=sys.stderr)
             return 2
+    interface = None
     try:
         driver = build_driver(args)
-    except PluginError as e:
+        if args.real:
+            interface = build_interface(args)
+            if not args.confirm_motion:
+                print("enpire.cell: dry run (no --confirm-motion): commands are printed, the robot does not move",
+                      file=sys.stderr)
+                driver = DryRun(driver)
+    except (PluginError, ValueError) as e:
         print(f"enpire.cell: {e}", file=sys.stderr)
         return 2
     try:
-        trio.run(run, args, secret, driver)
+        driver.connect()  # a robot that does not answer stops here with one line, before joining the fleet
+    except DriverError as e:
+        print(f"enpire.cell: {e}", file=sys.stderr)
+        return 5
+    try:
+        trio.run(run, args, secret, driver, interface)
     except AuthError as e:
         structlog.get_logger().error("cell_refused", cell=args.cell_id, error=str(e))
         print(f"enpire.cell: {e}", file=sys.stderr)

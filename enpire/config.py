@@ -56,7 +56,9 @@ class TaskConfig(Strict):
     attempts: PositiveInt = 1  # k of pass@k for evaluations
     control_hz: Annotated[float, Meta(ge=0)] = 0.0  # pace simulated steps like a real robot; 0 = unpaced
     tuning_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=0, count=100_000))
-    heldout_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=1_000_000, count=1_000))
+    # Every judging, confirmation and final judging draws fresh seeds from here, never reused: size it
+    # for the run (a judging takes scheduler.promote_seeds, a confirmation up to 5 x fleet.min_heldout).
+    heldout_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=1_000_000, count=100_000))
     limits: ActionLimitsConfig = msgspec.field(default_factory=ActionLimitsConfig)
     record_trajectories: bool = True
 
@@ -70,6 +72,9 @@ class FleetConfig(Strict):
     stop_at_target: bool = True  # false: run the whole budget (benchmarks, soak)
     map_size_mb: PositiveInt = 1024  # initial LMDB map; it grows by doubling when nearly full
     baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
+    # at the end of a run, the starting policy and the champion on this many fresh held-out seeds each; 0 = none
+    final_seeds: NonNegInt = 100
+    tensorboard: bool = False  # progress events as TensorBoard scalars in <state_dir>/tensorboard (extra: tensorboard)
 
 
 PIXEL_DRIVERS = ("pusht",)  # drivers that can hand the policy camera frames instead of the state

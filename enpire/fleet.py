@@ -27,33 +27,52 @@ import structlog
 import trio
 
 from actors.agent import AgentActor
+from actors.judge import Judge
+from actors.lease_queue import LeaseQueue
 from actors.runtime import ActorSystem, Ref
-from actors.scheduler import PolicyLoader, Scheduler
 from actors.summarizer import Summarizer
 from actors.trainer import Trainer
 from actors.verifier import Verifier
 from bus.blackboard import Blackboard, RecordError
+from bus.events import EventHub
 from bus.messages import (
+    BundleRequest,
+    ChampionChanged,
     Envelope,
     EpisodeReport,
     Failure,
+    FinalJudging,
+    FinalResult,
     Heartbeat,
     Hello,
     LeaseRequest,
     Message,
     PolicySpec,
+    TokensUsed,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta, TokenRecord
+from bus.records import (
+    SCHEMA_VERSION,
+    Champion,
+    DaemonRecord,
+    EpisodeRecord,
+    FinalRecord,
+    Finding,
+    HeldoutRecord,
+    Meta,
+    TokenRecord,
+)
 from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
-from enpire import isolation, ledger, log
+from enpire import isolation, ledger, log, progress
 from enpire.agents.backends import make_backend
 from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.session import agent_tools
+from enpire.bundles import BundleStore
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
+from enpire.sinks import TensorBoardSink, check_tensorboard
 from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
 from hw import verifier_name
@@ -78,6 +97,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.flee
     p.add_argument("--budget-minutes", type=float, help="stop after this many minutes (config fleet.budget_minutes)")
     p.add_argument("--target", type=float, help="held-out success rate that ends the run (config fleet.target)")
     p.add_argument("--min-heldout", type=int, help="held-out episodes the champion needs (config fleet.min_heldout)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write progress as TensorBoard scalars to STATE_DIR/tensorboard (config fleet.tensorboard)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     p.add_argument("--quiet", action="store_true", help="no console log; the JSON log file is still written")
     return p.parse_args(argv)
@@ -97,6 +118,7 @@ def effective_config(args: argparse.Namespace) -> cfg.Config:
             "fleet.budget_minutes": args.budget_minutes,
             "fleet.target": args.target,
             "fleet.min_heldout": args.min_heldout,
+            "fleet.tensorboard": args.tensorboard,
         },
     )
 
@@ -142,19 +164,16 @@ class Outcome:
 LOCAL_SECRET_ENV = "ENPIRE_LOCAL_SECRET"
 
 
-async def _cell_process(
-    config: cfg.Config, index: int, url: str, state_dir: Path, stopping: trio.Event, secret: bytes
-) -> None:
-    """Keep one local cell process alive; restart it with backoff if it dies."""
+def cell_command(config: cfg.Config, index: int, url: str, state_dir: Path) -> list[str]:
+    """The command line of local cell `index`: its driver and the [sandbox] limits it enforces."""
     cell_id = f"cell-{index}"
-    logger = structlog.get_logger().bind(actor="fleet")
-    task = config.task()
-    sb = config.sandbox
+    task, sb = config.task(), config.sandbox
     command = [
         sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", task.driver,
         "--driver-options", json.dumps(task.driver_options),
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
+        "--load-timeout", str(sb.load_timeout_s),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
         "--scratch-mb", str(sb.scratch_mb), "--pids", str(sb.pids),
         "--secret-env", LOCAL_SECRET_ENV,
@@ -165,6 +184,16 @@ async def _cell_process(
         command += ["--cpu", str(cpus[index % len(cpus)])]
     if not sb.require_isolation and isolation.check() is not None:
         command.append("--unconfined")  # the user opted out, and the engine cannot run here
+    return command
+
+
+async def _cell_process(
+    config: cfg.Config, index: int, url: str, state_dir: Path, stopping: trio.Event, secret: bytes
+) -> None:
+    """Keep one local cell process alive; restart it with backoff if it dies."""
+    cell_id = f"cell-{index}"
+    logger = structlog.get_logger().bind(actor="fleet")
+    command = cell_command(config, index, url, state_dir)
     env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
     env[LOCAL_SECRET_ENV] = secret.hex()
     failures = 0
@@ -194,22 +223,57 @@ def champion_summary(board: Blackboard, task: str) -> dict:
     }
 
 
-def target_met(board: Blackboard, config: cfg.Config) -> bool:
-    c = board.get("champion", config.cells.task, Champion)
-    return c is not None and c.n >= config.fleet.min_heldout and c.successes / c.n >= config.fleet.target
+def _rate(successes: int, n: int) -> dict:
+    lo, hi = wilson_interval(successes, n)
+    return {"successes": successes, "n": n, "rate": round(successes / n, 4) if n else 0.0,
+            "wilson95": [round(lo, 4), round(hi, 4)]}
+
+
+def final_summary(f: FinalRecord | None) -> dict | None:
+    """The paired final judging: the starting policy and the champion on the same fresh held-out seeds."""
+    if f is None:
+        return None
+    return {"task": f.task, "seeds": {"first": f.seeds[0], "count": len(f.seeds)} if f.seeds else {},
+            "start": {"policy": f.start.ref, "commit": f.start.commit, "params": f.start.params,
+                      **_rate(f.start_successes, f.start_n)},
+            "champion": ({"policy": f.champion.ref, "commit": f.champion.commit, "params": f.champion.params,
+                          **_rate(f.champion_successes, f.champion_n)} if f.champion else None)}
+
+
+def heldout_summary(board: Blackboard, config: cfg.Config) -> dict:
+    """How much of each task's held-out pool the run spent (every seed is judged once at most)."""
+    out = {}
+    for name, task in config.tasks.items():
+        record = board.get("heldout", name, HeldoutRecord) or HeldoutRecord(name)
+        need = config.scheduler.promote_seeds + config.fleet.min_heldout
+        out[name] = {"used": record.used, "total": task.heldout_seeds.count, "draws": record.draws,
+                     "low": task.heldout_seeds.count - record.used < need}
+    return out
+
+
+def target_met(champion: ChampionChanged | Champion | None) -> bool:
+    """The champion's confirmation stopped with "met" (the judge's sequential rule, `metrics.sprt`)."""
+    return champion is not None and champion.decision == "met"
 
 
 @dataclass
 class Core:
-    """The part of a fleet that serves cells: verifier, scheduler, the bus, local cell processes."""
+    """The part of a fleet that serves cells: verifier, lease queue, judge, trainer, the bus, local cells."""
 
     system: ActorSystem
-    scheduler: Ref
+    queue: Ref
+    judge: Ref
     verifier: Ref
     trainer: Ref
     workspace: Workspace
     url: str
     stopping: trio.Event
+    events: EventHub
+
+    @property
+    def scheduler(self) -> Ref:
+        """Where agents send evaluations and promotions: the judge."""
+        return self.judge
 
 
 def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> PolicySpec | None:
@@ -233,15 +297,14 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     baseline = _baseline(config, workspace, board)
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
+    events = EventHub()
+    bundles = BundleStore(workspace.read_bytes)
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
-    scheduler = await system.spawn(
-        "scheduler",
-        lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main,
-                          baseline),
-    )
+    queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
+    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
     trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
     routes: dict[type, Ref] = {
-        Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,
+        Hello: queue, LeaseRequest: queue, Heartbeat: queue, EpisodeReport: queue, BundleRequest: queue,
         VerifyRequest: verifier,
     }
 
@@ -266,7 +329,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     stopping = trio.Event()
     for i in range(config.cells.count):
         nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
-    return Core(system, scheduler, verifier, trainer, workspace, url, stopping)
+    return Core(system, queue, judge, verifier, trainer, workspace, url, stopping, events)
 
 
 async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta: Meta) -> tuple[Outcome, dict]:
@@ -278,10 +341,11 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
 
     async with trio.open_nursery() as nursery:
         core = await start_core(nursery, config, state_dir, board, meta)
-        system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
-        await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
+        system, workspace, stopping, events = core.system, core.workspace, core.stopping, core.events
+        await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
         for i in range(config.agents.count):
-            tools = agent_tools(config, i, workspace, scheduler, board, trainer=core.trainer, state_dir=state_dir)
+            tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
+                                events=events)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
@@ -295,25 +359,31 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     return
 
             nursery.start_soon(on_signal)
-            next_progress = 0.0
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                   config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
                                   target=config.fleet.target)
-            while not stopping.is_set() and time.time() < deadline:
-                if config.fleet.stop_at_target and target_met(board, config):
+            sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
+            ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+            nursery.start_soon(ticks.run)
+            # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
+            with trio.move_on_at(trio.current_time() + deadline - time.time()), \
+                    events.subscribe(ChampionChanged, buffer=16) as champions:
+                async def on_target() -> None:
+                    latest = events.latest(ChampionChanged)
+                    while not (config.fleet.stop_at_target and target_met(latest)):
+                        latest = await champions.receive()
                     outcome.reason = "target"
                     outcome.time_to_target_s = time.time() - started
-                    break
-                if time.time() >= next_progress:
-                    daemon.last_seen = time.time()
-                    board.put("meta", "daemon", daemon)
-                    _progress(logger, board, config, system, started)
-                    next_progress = time.time() + config.fleet.progress_s
-                with trio.move_on_after(0.5):
-                    await stopping.wait()
+                    stopping.set()
+                nursery.start_soon(on_target)
+                await stopping.wait()
+            if outcome.reason != "signal" and config.fleet.final_seeds:
+                await _final_judging(logger, core, config)
+        if sink is not None:
+            sink.close()
         outcome.elapsed_s = time.time() - started
-        sched = system.actors["scheduler"].current
-        stats["utilization"] = sched.utilization() if isinstance(sched, Scheduler) else {}
+        queue = system.actors["queue"].current
+        stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
         stats["restarts"] = {name: s.restarts for name, s in system.actors.items()}
         daemon.last_seen, daemon.state = time.time(), f"stopped: {outcome.reason}"
         board.put("meta", "daemon", daemon)
@@ -322,28 +392,52 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
     return outcome, stats
 
 
-def _progress(logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float) -> None:
-    sched = system.actors["scheduler"].current
-    mru = mean_robot_utilization(sched.utilization()) if isinstance(sched, Scheduler) else 0.0
-    champ = board.get("champion", config.cells.task, Champion)
-    logger.info(
-        "progress",
-        elapsed_s=round(time.time() - started, 1),
-        episodes=board.counter("episodes"),
-        champion=champ.policy.ref if champ else "",
-        judged=f"{champ.judged_successes}/{champ.judged_n}" if champ else "",
-        confirmed=f"{champ.successes}/{champ.n}" if champ else "",
-        mru=round(mru, 3),
-        **_token_fields(board),
-    )
+async def _final_judging(logger, core: Core, config: cfg.Config) -> None:
+    """The starting policy and the champion on the same fresh held-out seeds, within a bounded time after
+    the run (a quarter of the budget, at least a minute): where the run started and where it got to."""
+    limit = max(60.0, config.fleet.budget_minutes * 15.0)
+    logger.info("final_judging_started", seeds=config.fleet.final_seeds, limit_s=round(limit))
+    with trio.move_on_after(limit) as scope:
+        reply = await core.judge.ask(FinalJudging(task=config.cells.task, seeds=config.fleet.final_seeds),
+                                     timeout=limit + 1)
+    if scope.cancelled_caught or not isinstance(reply, FinalResult):
+        logger.warning("final_judging_incomplete", reply=str(reply)[:200] if not scope.cancelled_caught else "timeout")
 
 
-def _token_fields(board: Blackboard) -> dict:
-    """Real token totals for progress events: the team's, and each agent's tokens and cost."""
-    records = board.values("tokens", TokenRecord)
-    team = ledger.totals(records)
-    return {"tokens": team.total, "cached_input_tokens": team.cached_input_tokens, "cost": round(team.cost, 6),
-            "agent_tokens": {a: t.total for a, t in sorted(ledger.per_agent(records).items())}}
+class Ticks:
+    """Progress lines (and the TensorBoard sink), the daemon's liveness record and the no-cell warning, every
+    progress_s, from what the actors hold and publish: a timer, not a read of the blackboard."""
+
+    def __init__(self, logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float,
+                 deadline: float, daemon: DaemonRecord, events: EventHub, sink: TensorBoardSink | None):
+        self.logger, self.board, self.config, self.system, self.events = logger, board, config, system, events
+        self.started, self.deadline, self.daemon, self.sink = started, deadline, daemon, sink
+        self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
+        self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
+
+    async def run(self) -> None:
+        with self.events.subscribe(TokensUsed) as used:
+            while True:
+                while used.pending():
+                    self.tokens = self.tokens.add(await used.receive())
+                await self.tick()
+                await trio.sleep(self.config.fleet.progress_s)
+
+    async def tick(self) -> None:
+        self.daemon.last_seen = now = time.time()
+        await trio.to_thread.run_sync(self.board.put, "meta", "daemon", self.daemon)
+        queue = self.system.actors["queue"].current
+        live = isinstance(queue, LeaseQueue)
+        mru = mean_robot_utilization(queue.utilization()) if live else 0.0
+        p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
+                              self.events.latest(ChampionChanged), mru, self.tokens.total)
+        self.logger.info("progress", **progress.log_fields(p, self.started))
+        if self.sink is not None:
+            self.sink.write(p)
+        cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0
+        if (waiting := self.watch.check(now, cells)) is not None:
+            self.logger.warning("no_cells", waiting_s=round(waiting), local=self.config.cells.count,
+                                listen=self.config.bus.listen, detail="no cell is connected, so no episode runs")
 
 
 def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats: dict) -> dict:
@@ -358,6 +452,8 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
         "time_to_target_s": round(outcome.time_to_target_s, 1) if outcome.time_to_target_s else None,
         "target": config.fleet.target,
         "champion": champion_summary(board, config.cells.task),
+        "start_vs_champion": final_summary(board.get("meta", "final", FinalRecord)),
+        "heldout_pool": heldout_summary(board, config),
         "episodes": len(episodes),
         "episodes_by_kind": by_kind,
         "episodes_flagged": board.counter("episodes_flagged"),
@@ -385,6 +481,15 @@ def format_report(report: dict) -> str:
         lines.append(f"  judged on {judged['n']} held-out seeds at promotion: {judged['rate']:.1%}")
     else:
         lines.append("  no champion yet")
+    final = report.get("start_vs_champion")
+    if final:
+        for label, r in (("started from", final["start"]), ("champion", final["champion"])):
+            if r:
+                lines.append(f"  {label} {r['policy']}: {r['successes']}/{r['n']} = {r['rate']:.1%}, Wilson 95% "
+                             f"[{r['wilson95'][0]:.3f}, {r['wilson95'][1]:.3f}] on the same fresh held-out seeds")
+    for task, pool in report.get("heldout_pool", {}).items():
+        if pool["low"]:
+            lines.append(f"  warning: held-out pool of {task} runs low: {pool['used']} of {pool['total']} seeds used")
     ttt = report["time_to_target_s"]
     lines.append(f"  time to target: {ttt:.0f}s" if ttt else "  target not reached")
     lines.append(f"  episodes {report['episodes']} {report['episodes_by_kind']}; MRU {report['mru']:.1%}")
@@ -435,6 +540,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
         print(f"enpire: {idle}", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.fleet.tensorboard and (reason := check_tensorboard()):
+        print(f"enpire: {reason}", file=sys.stderr)
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:

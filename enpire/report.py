@@ -175,6 +175,7 @@ def plot_success(judged: list[Point], confirmed: dict[str, list[Point]], final: 
             for xi in x:
                 ax.axvline(xi, color=color, lw=0.6, ls=":", alpha=0.7)
     ax.axhline(target, color="#c62828", ls="--", lw=1, label=f"target {target:.0%}")
+    ax.set_xlim(left=0)  # from the start of the run (or of its robot time, of its tokens)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("success rate (held-out seeds)")
     ax.set_ylim(-0.02, 1.02)

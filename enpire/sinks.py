@@ -19,14 +19,22 @@ class SinkUnavailable(RuntimeError):
     pass
 
 
+def check_tensorboard() -> str | None:
+    """None if the TensorBoard sink can be used here, else a one-line reason."""
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return f"fleet.tensorboard is on but tensorboardX is not installed: {INSTALL_HINT}"
+    return None
+
+
 class TensorBoardSink:
     """Scalars of each Progress event in a TensorBoard event file; step = whole seconds since start."""
 
     def __init__(self, logdir: Path, started: float) -> None:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise SinkUnavailable(f"fleet.tensorboard is on but tensorboardX is not installed: {INSTALL_HINT}") from None
+        if reason := check_tensorboard():
+            raise SinkUnavailable(reason)
+        from tensorboardX import SummaryWriter
         self.logdir = Path(logdir)
         self.started = started
         self._writer = SummaryWriter(logdir=str(self.logdir), flush_secs=5)

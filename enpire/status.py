@@ -85,7 +85,8 @@ def render(status: dict) -> str:
     for cid, c in sorted(status["cells"].items()):
         lines.append(f"  {cid:<10} {c['state']:<10} MRU {c['mru']:.1%}  agent share {c['agent_share']:.1%}  "
                      f"{c['host']}:{c['pid']}")
-    lines.append(f"jobs queued: {status['jobs_queued']}")
+    running = d["state"] == "running"
+    lines.append(f"jobs {'queued' if running else 'left unfinished'}: {status['jobs_queued']}")
     for j in status["jobs"]:
         lines.append(f"  {j['job']} ({j['kind']}, {j['agent']}): {j['episodes']} episodes")
     for task, c in status["champions"].items():

@@ -33,7 +33,9 @@ EXAMPLES = [
     m.Welcome(run_id="r", heartbeat_s=1.0),
     m.LeaseRequest(cell_id="c"),
     m.Lease(lease_id="l", episode_id="e", job_id="j", kind="agent", task="pusht", seed=3, attempts=2,
-            policy=m.PolicyBundle(SPEC, {"policy.py": b"x = 1", "weights.npz": b"PK\x03\x04\xff\x00"}), deadline_s=60, horizon=300, max_delta=100),
+            policy=SPEC, bundle="b" * 32, deadline_s=60, horizon=300, max_delta=100),
+    m.BundleRequest(digest="b" * 32),
+    m.PolicyBundle(digest="b" * 32, files={"policy.py": b"x = 1", "weights.npz": b"PK\x03\x04\xff\x00"}),
     m.NoWork(retry_after_s=0.5),
     m.Heartbeat(cell_id="c", state="running", segments=[m.Segment("running", 0.0, 1.0, "agent")]),
     m.EpisodeReport(cell_id="c", lease_id="l", episode_id="e", verdict=VERDICT,
@@ -52,6 +54,12 @@ EXAMPLES = [
     m.TrainResult(job_id="t", ok=True, artifact="ab12", metrics={"loss": 0.1}),
     m.CellStateChanged(cell_id="c", state="idle", t=1.0),
     m.Progress(t=1.0, episodes=3, champion="x", champion_success=0.5, champion_n=4, mru=0.8, tokens=10),
+    m.QueueDepth(waiting=3, background=1, cells=2, t=1.0),
+    m.ChampionChanged(task="pusht", policy=SPEC, agent="a", judged_successes=9, judged_n=10, successes=3, n=4,
+                      decision="", t=1.0),
+    m.HeldoutUsage(task="pusht", used=10, total=100, low=False, t=1.0),
+    m.FindingPosted(finding_id="f", agent="a", t=1.0),
+    m.TokensUsed(agent="a", model="m", input_tokens=10, cached_input_tokens=2, output_tokens=3, t=1.0),
 ]
 
 

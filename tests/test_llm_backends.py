@@ -29,7 +29,16 @@ from llm_servers import (
 from actors.runtime import Actor, ActorSystem
 from actors.summarizer import write_digest
 from bus.blackboard import Blackboard
-from bus.messages import EpisodeSummary, EvalRequest, EvalResult, Failure, PromoteRequest, PromoteResult
+from bus.events import EventHub
+from bus.messages import (
+    EpisodeSummary,
+    EvalRequest,
+    EvalResult,
+    Failure,
+    PromoteRequest,
+    PromoteResult,
+    TokensUsed,
+)
 from bus.records import Finding, TokenRecord
 from enpire import ledger
 from enpire.agents.anthropic_backend import AnthropicClient
@@ -124,13 +133,14 @@ def agent_for(api: str, server: ScriptedAPI, s: LLMSettings, model: str = "") ->
 
 
 async def run_agent(agent: LLMAgent, tmp_path, seen: list, *, gate: trio.Event | None = None, limit: float = 30,
-                    during=None, board: Blackboard | None = None, state_dir=None) -> tuple[Tools, list]:
+                    during=None, board: Blackboard | None = None, state_dir=None,
+                    events: EventHub | None = None) -> tuple[Tools, list]:
     board = board or Blackboard(tmp_path / "bb")
     workspace = Workspace(tmp_path / "ws")
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: CannedScheduler(seen, gate))
-            tools = Tools("agent-0", "pusht", workspace, scheduler, board, state_dir=state_dir)
+            tools = Tools("agent-0", "pusht", workspace, scheduler, board, state_dir=state_dir, events=events)
             if during is not None:
                 nursery.start_soon(during, nursery)
             with trio.move_on_after(limit):
@@ -172,8 +182,15 @@ async def test_agent_runs_the_improvement_cycle_through_the_sdk(api, tmp_path, m
     seen: list = []
     # Six answered calls of 1000 tokens each: the budget ends the agent right after the last.
     agent = agent_for(api, server, settings(token_budget=6000, max_failures=6))
+    hub, used = EventHub(), []
+
+    async def collect(nursery):
+        with hub.subscribe(TokensUsed) as events:
+            async for event in events:
+                used.append(event)
+
     try:
-        tools, logs = await run_agent(agent, tmp_path, seen)
+        tools, logs = await run_agent(agent, tmp_path, seen, events=hub, during=collect)
     finally:
         server.close()
     board, ws = tools.board, tools.workspace
@@ -206,9 +223,10 @@ async def test_agent_runs_the_improvement_cycle_through_the_sdk(api, tmp_path, m
     served = {"input_tokens": sum(r[0] for r in rows), "cached_input_tokens": sum(r[1] for r in rows),
               "cache_write_tokens": sum(r[2] for r in rows), "output_tokens": sum(r[3] for r in rows),
               "reasoning_tokens": sum(r[4] for r in rows)}
-    progress = fleet._token_fields(board)
-    assert progress["tokens"] == 6000 and progress["agent_tokens"] == {"agent-0": 6000}
-    assert progress["cached_input_tokens"] == served["cached_input_tokens"]
+    progress = ledger.TokenTotals()  # what the daemon's progress ticks add up from the agents' TokensUsed events
+    for event in used:
+        progress = progress.add(event)
+    assert {k: progress.as_dict()[k] for k in served} == served and progress.total == 6000 and progress.calls == 6
     report = fleet.build_report(board, fleet.cfg.Config(), fleet.Outcome("budget", 1.0, None), {})["tokens"]
     shown = status._collect(board, time.time())["token_ledger"]
     for totals in (report["team"], report["agents"]["agent-0"], shown["agents"]["agent-0"]):

@@ -143,7 +143,7 @@ class LLMAgent:
             if self._team_goal_met(tools):
                 self._hold(tools, 0, 0.0)
                 while self._team_goal_met(tools):  # nothing to improve until confirmation disagrees
-                    await trio.sleep(1.0)
+                    await tools.champion_changed(timeout=60.0)
                 continue
             results = session.jobs.unseen()
             brief = briefing(session, budget_line=self._budget_line(used, now - started), journal=list(self.journal),

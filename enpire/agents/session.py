@@ -98,7 +98,8 @@ def agent_session(config, tools: Tools, index: int, secrets: tuple[str, ...] = (
                         task.tuning_seeds.seeds(), rng_seed=index, secrets=secrets)
 
 
-def agent_tools(config, index: int, workspace, scheduler, board, *, trainer=None, state_dir=None) -> Tools:
+def agent_tools(config, index: int, workspace, scheduler, board, *, trainer=None, state_dir=None,
+                events=None) -> Tools:
     """The Tools of agent number `index`: its branch, the fleet's actors and the state dir's stores."""
     from pathlib import Path
 
@@ -106,4 +107,4 @@ def agent_tools(config, index: int, workspace, scheduler, board, *, trainer=None
 
     root = Path(state_dir) if state_dir is not None else None
     return Tools(f"agent-{index}", config.cells.task, workspace, scheduler, board, trainer=trainer,
-                 artifacts=root / ARTIFACTS if root else None, state_dir=root)
+                 artifacts=root / ARTIFACTS if root else None, state_dir=root, events=events)

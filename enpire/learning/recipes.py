@@ -11,7 +11,9 @@ failed allocation ends as "memory budget exceeded").
 
 Options (all strings on the command line): max_episodes, success_only, hidden, layers, max_epochs,
 patience, lr, seed; for "rl" also rl_steps, alpha, online_episodes and init_artifact (the content hash
-of a BC checkpoint in artifacts/ to start from instead of training BC first); inject_nan (tests only).
+of a BC checkpoint in artifacts/ to start from instead of training BC first); for "visuomotor" (a CNN on
+recorded camera frames, `enpire.learning.visuomotor`) batch_size and device ("auto" = CUDA when
+present); inject_nan (tests only).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPES = ("bc", "rl")
+RECIPES = ("bc", "rl", "visuomotor")
 EXIT_FAILED = 2
 
 
@@ -76,6 +78,8 @@ def run_recipe(
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if name == "visuomotor":
+        return _visuomotor(state_dir, out_dir, budget, task, options, max_rss_mb, t0)
 
     ds = load_dataset(state_dir, task=task, success_only=_opt(options, "success_only", bool, True),
                       max_episodes=_opt(options, "max_episodes", int, None))
@@ -129,6 +133,60 @@ def run_recipe(
     doc = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
     doc["recipe"] = name
     doc["skipped"] = ds.skipped[:20]
+    (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1))
+    return TrainResult(name, weights_path, metrics)
+
+
+def _visuomotor(state_dir, out_dir: Path, budget: float, task: str, options: dict[str, str],
+                max_rss_mb: float | None, t0: float) -> TrainResult:
+    from enpire.learning import visuomotor as vm
+
+    ds = vm.load_frames(state_dir, task=task, max_episodes=_opt(options, "max_episodes", int, None))
+    load_s = time.monotonic() - t0
+    remaining = budget - load_s
+    if remaining <= 1.0:
+        raise RecipeError(f"time budget exceeded while loading data ({time.monotonic() - t0:.0f} s of {budget:.0f} s)")
+    cfg = vm.VisuomotorConfig(
+        hidden=_opt(options, "hidden", int, 256), max_epochs=_opt(options, "max_epochs", int, 100),
+        patience=_opt(options, "patience", int, 8), lr=_opt(options, "lr", float, 1e-3),
+        batch_size=_opt(options, "batch_size", int, 64), seed=_opt(options, "seed", int, 0),
+        device=options.get("device", "auto"), time_budget_s=remaining * 0.9,
+        inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
+    )
+    try:
+        model, metrics = vm.train_visuomotor(ds, cfg)
+    except vm.NaNLossError as exc:
+        from enpire.learning.bc import NaNLossError
+
+        raise NaNLossError(str(exc)) from None
+    except ValueError as exc:  # e.g. a device torch cannot see
+        raise RecipeError(str(exc)) from None
+    metrics.update({"load_s": load_s, "skipped_files": float(len(ds.skipped))})
+    return _write(out_dir, "visuomotor", vm.export_numpy(model), metrics, ds.skipped, budget, max_rss_mb, t0)
+
+
+def _write(out_dir: Path, name: str, weights: dict[str, np.ndarray], metrics: dict[str, float], skipped: list[str],
+           budget: float, max_rss_mb: float | None, t0: float) -> TrainResult:
+    """Check the budgets and the weights, then write weights.npz and metrics.json."""
+    from enpire.learning.bc import NaNLossError
+
+    bad = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
+    if bad:
+        raise NaNLossError(f"non-finite exported weights: {', '.join(bad)}")
+    elapsed = time.monotonic() - t0
+    if elapsed > budget:
+        raise RecipeError(f"time budget exceeded ({elapsed:.0f} s > {budget:.0f} s)")
+    rss = _peak_rss_mb()
+    if max_rss_mb is not None and rss > max_rss_mb:
+        raise RecipeError(f"memory budget exceeded (peak RSS {rss:.0f} MiB > {max_rss_mb:.0f} MiB)")
+    metrics.update({"wall_s": elapsed, "peak_rss_mb": rss})
+    weights_path = out_dir / "weights.npz"
+    tmp = out_dir / "weights.tmp.npz"
+    np.savez(tmp, **weights)
+    tmp.replace(weights_path)
+    doc = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
+    doc["recipe"] = name
+    doc["skipped"] = skipped[:20]
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1))
     return TrainResult(name, weights_path, metrics)
 
