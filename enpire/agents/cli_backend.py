@@ -337,10 +337,11 @@ class CLIAgent:
         read_only = [*isolation.python_paths(), *(ROOT / p for p in PACKAGES), run_dir]
         if self.settings.kind != "command":
             read_only.append(CLI_DIR)
-        else:
-            exe = shutil.which(shlex.split(self.settings.command)[0])
-            if exe:
-                read_only.append(Path(exe).resolve().parent)
+        else:  # the template's programs (outside the system folders the jail always has), read-only
+            for word in shlex.split(self.settings.command):
+                exe = shutil.which(word) if "/" not in word else (word if Path(word).is_file() else None)
+                if exe and not exe.startswith(("/usr/", "/bin/", "/sbin/")):
+                    read_only.append(Path(exe).resolve().parent)
         return isolation.Jail(read_only=tuple(read_only), writable=(worktree, home), network=False,
                               scratch_mb=self.settings.scratch_mb, memory_mb=self.settings.memory_mb,
                               pids=self.settings.pids, cpu_seconds=max(60, int(self.settings.turn_timeout_s) * 4),
