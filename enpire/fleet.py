@@ -48,6 +48,7 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    QueueDepth,
     TokensUsed,
     VerifyRequest,
 )
@@ -356,8 +357,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     logger.warning("stopping", signal=signal.Signals(signum).name)
                     outcome.reason = "signal"
                     stopping.set()
+                    final.cancel()  # a signal also ends the final judging
                     return
 
+            final = trio.CancelScope()
             nursery.start_soon(on_signal)
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                   config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
@@ -377,8 +380,12 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     stopping.set()
                 nursery.start_soon(on_target)
                 await stopping.wait()
-            if outcome.reason != "signal" and config.fleet.final_seeds:
-                await _final_judging(logger, core, config)
+            depth = events.latest(QueueDepth)
+            if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
+                logger.warning("final_judging_skipped", detail="no cell is connected")
+            elif outcome.reason != "signal" and config.fleet.final_seeds:
+                with final:
+                    await _final_judging(logger, core, config)
         if sink is not None:
             sink.close()
         outcome.elapsed_s = time.time() - started

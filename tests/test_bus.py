@@ -468,3 +468,19 @@ async def test_a_requester_that_went_away_costs_the_server_nothing(tmp_path):
             assert await client.request(m.Ack(detail="next")) == m.Ack(detail="next")
         assert server.stats["requests"] == 5
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.bench
+def test_request_reply_throughput_against_raw_pynng():
+    """bench/bus.py: transport and raw pynng alternate in rounds; the median paired ratio must stay far
+    above the 0.2 the transport had when every request cost four nng-thread hand-offs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / "bus.py"), "--seconds", "1", "--rounds", "5"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    ratios = json.loads(out)["ratios_transport_over_raw"]
+    assert ratios["reqrep_1_throughput"] >= 0.35 and ratios["reqrep_8_throughput"] >= 0.35, ratios

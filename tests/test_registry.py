@@ -257,7 +257,8 @@ async def test_train_then_commit_checkpoint_makes_a_candidate_the_cells_run(tmp_
         core = await start_core(nursery, config, state, board, meta)
         from enpire.agents.session import agent_tools
 
-        tools = agent_tools(config, 0, core.workspace, core.scheduler, board, trainer=core.trainer, state_dir=state)
+        tools = agent_tools(config, 0, core.workspace, core.judge, board, trainer=core.trainer, state_dir=state,
+                            events=core.events)
         async with open_session(tools, SessionSettings(), card("pusht", config), range(0, 1000)) as s:
             with trio.fail_after(240):
                 r = await _call(s, "train", recipe="bc", time_budget_s=60,
