@@ -174,14 +174,14 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
     agent_eps = [e for e in episodes if e.job_id == seen["eval"]]
     assert len(agent_eps) == 6 and {e.cell_id for e in agent_eps} <= {"cell-0", "cell-1"}
     assert all(e.steps > 10 and "violation" not in e.verdict.reason for e in agent_eps)  # the policy ran
-    assert all(e.kind == "agent" and e.seed < 1_000_000 for e in agent_eps)  # tuning seeds
+    assert all(e.kind == "agent" and e.seed < 100_000 for e in agent_eps)  # tuning seeds
     # Both candidates came from the agent's worktree through the daemon: commits on its workspace branch.
     ws = Workspace(tmp_path / "state" / "workspace")
     head = ws.head("agent/agent-0")
     assert '"step", 30.0' in ws.read(head)["policy.py"] and "smaller steps" in ws.log("agent/agent-0")[0]
     assert '"step", 40.0' in ws.read(agent_eps[0].policy.commit)["policy.py"]
     judged = [e for e in episodes if e.kind == "heldout" and e.policy.commit == head]
-    assert len(judged) == 30 and all(1_000_000 <= e.seed < 1_001_000 for e in judged)  # held-out seeds
+    assert len(judged) == 30 and all(e.seed >= 1_000_000 for e in judged)  # held-out seeds
     # The ledger equals what the server reported, call for call.
     mine = [t for t in tokens if t.agent == "agent-0"]
     assert len(mine) == len(model.log)
