@@ -3,9 +3,9 @@
 import io
 import json
 import os
-from pathlib import Path
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import trio
