@@ -38,6 +38,7 @@ from bus.events import EventHub
 from bus.messages import (
     BundleRequest,
     ChampionChanged,
+    DataRequest,
     Envelope,
     EpisodeReport,
     Failure,
@@ -48,7 +49,12 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    QueueDepth,
     TokensUsed,
+    TrainDone,
+    TrainerHeartbeat,
+    TrainerHello,
+    TrainJobRequest,
     VerifyRequest,
 )
 from bus.records import (
@@ -66,10 +72,10 @@ from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
 from enpire import isolation, ledger, log, progress
 from enpire.agents.backends import make_backend
+from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
-from enpire.agents.tools import Tools
+from enpire.agents.session import agent_tools
 from enpire.bundles import BundleStore
-from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.sinks import TensorBoardSink, check_tensorboard
@@ -302,10 +308,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
-    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
+    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
         Hello: queue, LeaseRequest: queue, Heartbeat: queue, EpisodeReport: queue, BundleRequest: queue,
         VerifyRequest: verifier,
+        **dict.fromkeys((TrainerHello, TrainJobRequest, DataRequest, TrainerHeartbeat, TrainDone), trainer),
     }
 
     async def route(envelope: Envelope) -> Message:
@@ -344,8 +351,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         system, workspace, stopping, events = core.system, core.workspace, core.stopping, core.events
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, core.judge, board, trainer=core.trainer,
-                          artifacts=state_dir / ARTIFACTS, events=events)
+            tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
+                                events=events)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
@@ -356,8 +363,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     logger.warning("stopping", signal=signal.Signals(signum).name)
                     outcome.reason = "signal"
                     stopping.set()
+                    final.cancel()  # a signal also ends the final judging
                     return
 
+            final = trio.CancelScope()
             nursery.start_soon(on_signal)
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                   config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
@@ -377,8 +386,12 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     stopping.set()
                 nursery.start_soon(on_target)
                 await stopping.wait()
-            if outcome.reason != "signal" and config.fleet.final_seeds:
-                await _final_judging(logger, core, config)
+            depth = events.latest(QueueDepth)
+            if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
+                logger.warning("final_judging_skipped", detail="no cell is connected")
+            elif outcome.reason != "signal" and config.fleet.final_seeds:
+                with final:
+                    await _final_judging(logger, core, config)
         if sink is not None:
             sink.close()
         outcome.elapsed_s = time.time() - started
@@ -466,6 +479,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
             for cid, u in util.items()
         },
         "actor_restarts": stats.get("restarts", {}),
+        "tokens": ledger.summary(board.values("tokens", TokenRecord)),  # team and per-agent ledger totals
     }
 
 
@@ -522,6 +536,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return 0
     try:
         make_backend(config, 0)  # a missing API key or model setting fails here, in one line
+        trio.run(probe_model, config)  # so does a model name the endpoint does not serve, or a refused key
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG

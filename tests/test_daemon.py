@@ -50,6 +50,7 @@ def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "state" / "logs" / "fleet.jsonl").read_text().splitlines()]
     warnings = [e for e in events if e["event"] == "no_cells"]
     assert warnings and warnings[0]["waiting_s"] >= 5 and warnings[0]["listen"].startswith("tcp://")
+    assert any(e["event"] == "final_judging_skipped" for e in events)  # no cell: no wait for a final judging
     progress = [e for e in events if e["event"] == "progress"]
     assert len(progress) >= 5 and progress[-1]["time_left_s"] < progress[0]["time_left_s"] <= 15.0
     assert all(p["tokens"] == 0 for p in progress)  # the built-in agent uses no model
@@ -114,6 +115,15 @@ def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
     status = json.loads(r.stdout)
     assert status["daemon"]["state"] == "running" and status["episodes"] >= 20
     assert set(status["cells"]) == {"cell-0", "cell-1"}
+    assert status["daemon"]["time_left_s"] > 0
+
+    def busy_cells():  # the cells' live state (written when it changes), not "idle" while they work
+        from enpire.status import collect
+
+        cells = collect(tmp_path / "state")["cells"].values()
+        return [c["state"] for c in cells if c["state"] in ("running", "resetting", "verifying")]
+
+    _wait_for(busy_cells, 20, "status to show a working cell")
     t = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
