@@ -67,6 +67,17 @@ def test_features_become_the_named_layout_and_cameras_frames():
     assert d.outcome() == (0.0, False)
 
 
+def test_pixels_observation_gives_the_policy_the_camera():
+    d = make_driver("lerobot", robot=SPEC, pixels_size=4)
+    d.set_observation("pixels")
+    d.connect()
+    obs = d.reset(0)
+    assert obs["pixels"].shape == (4, 4, 3) and obs["agent_pos"].tolist() == [0.0, 0.0]
+    assert d.frame().shape == (8, 8, 3)  # the verifier and the record keep the full frame
+    with pytest.raises(ValueError, match="must be one of state, pixels"):
+        d.set_observation("depth")
+
+
 def test_bad_robots_are_one_line_errors():
     with pytest.raises(PluginError, match="option 'robot' is required"):
         make_driver("lerobot")
