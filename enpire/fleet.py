@@ -49,6 +49,7 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    Progress,
     QueueDepth,
     TokensUsed,
     TrainDone,
@@ -373,6 +374,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                                   target=config.fleet.target)
             sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
             ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+            nursery.start_soon(ticks.feed_sink)
             nursery.start_soon(ticks.run)
             # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
             with trio.move_on_at(trio.current_time() + deadline - time.time()), \
@@ -428,6 +430,13 @@ class Ticks:
         self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
         self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
 
+    async def feed_sink(self) -> None:
+        if self.sink is None:
+            return
+        with self.events.subscribe(Progress) as updates:
+            async for p in updates:
+                self.sink.write(p)
+
     async def run(self) -> None:
         with self.events.subscribe(TokensUsed) as used:
             while True:
@@ -445,8 +454,7 @@ class Ticks:
         p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
                               self.events.latest(ChampionChanged), mru, self.tokens.total)
         self.logger.info("progress", **progress.log_fields(p, self.started))
-        if self.sink is not None:
-            self.sink.write(p)
+        self.events.publish(p)  # the sink (and any other subscriber) takes it from here
         cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0
         if (waiting := self.watch.check(now, cells)) is not None:
             self.logger.warning("no_cells", waiting_s=round(waiting), local=self.config.cells.count,

@@ -576,3 +576,33 @@ def test_briefing_lists_every_finding_when_the_digest_is_off(tmp_path):
     assert off.startswith("## Team findings") and all(f"hypothesis {p} | change {p} | evidence {p}" in off
                                                        for p in range(3))
     assert re.search(r"\[agent-0 improved 50%\]", off)
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+async def test_a_call_in_flight_when_the_fleet_stops_is_still_billed(api, tmp_path, monkeypatch):
+    """The agent is cancelled while the server takes 1 s to answer: the reply is recorded on the ledger within
+    the shutdown grace, and the agent does not wait longer than that grace."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    answer = reply(api, [("digest", {})], 0)
+    slow = lambda h, b: (*answer(h, b)[:3], 1.0)  # noqa: E731
+    server = ScriptedAPI([slow], fallback=slow)
+    agent = LLMAgent(AnthropicClient("claude-test", api_key_env=KEY_ENV, base_url=server.url, timeout_s=5)
+                     if api == "anthropic" else OpenAIClient("gpt-test", api_key_env=KEY_ENV,
+                                                              base_url=server.url + "/v1", timeout_s=5),
+                     settings(shutdown_grace_s=3.0), card=card("pusht"), tuning_seeds=TUNING, rng_seed=0)
+    board = Blackboard(tmp_path / "bb")
+    try:
+        async with trio.open_nursery() as nursery:
+            scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: CannedScheduler([]))
+            nursery.start_soon(agent.run, Tools("agent-0", "pusht", Workspace(tmp_path / "ws"), scheduler, board))
+            with trio.fail_after(10):
+                while not server.posts():
+                    await trio.sleep(0.01)
+            t0 = time.monotonic()
+            nursery.cancel_scope.cancel()
+        stopped_after = time.monotonic() - t0
+    finally:
+        server.close()
+    records = board.values("tokens", TokenRecord)
+    assert len(records) == 1 and (records[0].input_tokens, records[0].output_tokens)[1] > 0
+    assert 0.5 < stopped_after < 3.0  # it waited for the answer, not for the whole grace or the timeout
