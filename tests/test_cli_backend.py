@@ -173,3 +173,33 @@ async def test_any_mcp_capable_cli_through_the_command_template(tmp_path, monkey
     assert [(r.input_tokens, r.output_tokens) for r in records] == [(e.usage.input_tokens, e.usage.output_tokens)
                                                                      for e in model.log]
     assert all(e.headers["x-api-key"] == "sk-the-real-model-key" for e in model.log)
+
+
+async def test_the_token_budget_stops_the_run_at_the_refused_call(tmp_path):
+    require("claude-code")
+    tools = FakeTools(tmp_path)
+    steps = Steps([lambda ex: Reply(calls=shell("claude-code", "echo one")),
+                   lambda ex: Reply(calls=shell("claude-code", "echo two"))], main_tool="Bash")
+    with ScriptedModel("anthropic", steps) as model:
+        agent = make_agent("claude-code", model.url, token_budget=20_000)  # the first call spends more
+        with trio.fail_after(120):
+            await agent.run(tools)
+    assert len(model.log) == 1  # the second call never reached the model
+    assert "token budget exhausted" in agent.outcomes[0].reason and len(agent.outcomes) == 1
+    assert any("budget exhausted" in f["hypothesis"] for f in tools.findings)
+    spent = sum(r.input_tokens + r.output_tokens for r in tools.board.values("tokens", TokenRecord))
+    assert spent == model.log[0].usage.input_tokens + model.log[0].usage.output_tokens > 20_000
+
+
+async def test_the_wall_budget_stops_a_run_and_the_agent(tmp_path):
+    require("claude-code")
+    tools = FakeTools(tmp_path)
+    steps = Steps([lambda ex: Reply(text="thinking...", delay_s=600)], main_tool="Bash")
+    with ScriptedModel("anthropic", steps) as model:
+        agent = make_agent("claude-code", model.url, wall_budget_s=8.0)
+        started = trio.current_time()
+        with trio.fail_after(120):
+            await agent.run(tools)
+        took = trio.current_time() - started
+    assert "no result within 8 s" in agent.outcomes[0].reason and took < 60
+    assert any("wall-time budget exhausted" in f["hypothesis"] for f in tools.findings)
