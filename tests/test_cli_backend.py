@@ -17,7 +17,7 @@ from bus.blackboard import Blackboard
 from bus.records import TokenRecord
 from enpire.agents.cli_backend import CLIAgent, CLIConfigError, CLISettings, cli_binary
 from enpire.workspace import Workspace
-from tests.cli_harness import KINDS, MAIN_TOOL, MODEL, PROVIDER, read, require, shell, write
+from tests.cli_harness import MAIN_TOOL, MODEL, PROVIDER, read, require, shell, write
 from tests.scripted_models import Reply, ScriptedModel, Steps
 from tests.test_mcp_server import Registry
 
@@ -62,7 +62,11 @@ def _model_key(monkeypatch):
     monkeypatch.setenv("ENPIRE_SECRET", "fleet-secret-never-in-a-jail")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+# CI runs both CLIs through tests/test_cli_fleet.py; here Codex's variants are `slow` to keep CI short.
+BOTH = ["claude-code", pytest.param("codex", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind", BOTH)
 async def test_a_turn_writes_commits_and_calls_the_fleet(tmp_path, kind):
     require(kind)
     tools = FakeTools(tmp_path)
@@ -118,7 +122,7 @@ def test_missing_node_or_cli_fails_at_start_in_one_line(monkeypatch, tmp_path):
     assert os.environ.get("ENPIRE_TEST_MODEL_KEY") is None
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", BOTH)
 async def test_killed_hung_and_failing_runs_are_restarted_with_backoff(tmp_path, kind):
     require(kind)
     tools = FakeTools(tmp_path)
