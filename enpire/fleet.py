@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import pynng
 import structlog
 import trio
 
@@ -49,6 +50,7 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    Progress,
     QueueDepth,
     TokensUsed,
     TrainDone,
@@ -88,6 +90,24 @@ EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
 class StateDirError(RuntimeError):
     pass
+
+
+class StartupError(RuntimeError):
+    """The fleet could not start (e.g. its listen address is taken): one line for the user, exit 2."""
+
+
+async def _listen(nursery: trio.Nursery, what: str, server: RequestServer) -> None:
+    try:
+        await nursery.start(server.serve)
+    except pynng.NNGException as e:
+        raise StartupError(f"{what}: cannot listen on {server.url}: {e}") from None
+
+
+def _startup_error(error: BaseException) -> StartupError | None:
+    """The StartupError that ended trio.run (alone, possibly inside exception groups), else None."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, StartupError) else None
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> argparse.Namespace:
@@ -327,11 +347,12 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     url = ipc_url(state_dir, "bus")
     # Each cell's long-polled LeaseRequest holds one server worker: leave room for heartbeats and reports.
     workers = 2 * config.cells.count + 8
-    await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
-                                      workers=workers).serve)
+    await _listen(nursery, "the local bus", RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
+                                                          workers=workers))
     if config.bus.listen:
         secret = os.environ[config.bus.secret_env].encode()
-        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret, workers=32).serve)
+        await _listen(nursery, f"bus.listen {config.bus.listen!r}",
+                      RequestServer(config.bus.listen, route, sender="fleet", secret=secret, workers=32))
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
     stopping = trio.Event()
     for i in range(config.cells.count):
@@ -373,6 +394,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                                   target=config.fleet.target)
             sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
             ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+            nursery.start_soon(ticks.feed_sink)
             nursery.start_soon(ticks.run)
             # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
             with trio.move_on_at(trio.current_time() + deadline - time.time()), \
@@ -428,6 +450,13 @@ class Ticks:
         self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
         self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
 
+    async def feed_sink(self) -> None:
+        if self.sink is None:
+            return
+        with self.events.subscribe(Progress) as updates:
+            async for p in updates:
+                self.sink.write(p)
+
     async def run(self) -> None:
         with self.events.subscribe(TokensUsed) as used:
             while True:
@@ -445,8 +474,7 @@ class Ticks:
         p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
                               self.events.latest(ChampionChanged), mru, self.tokens.total)
         self.logger.info("progress", **progress.log_fields(p, self.started))
-        if self.sink is not None:
-            self.sink.write(p)
+        self.events.publish(p)  # the sink (and any other subscriber) takes it from here
         cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0
         if (waiting := self.watch.check(now, cells)) is not None:
             self.logger.warning("no_cells", waiting_s=round(waiting), local=self.config.cells.count,
@@ -571,7 +599,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     log.configure(state_dir, "fleet", console=not args.quiet)
     try:
-        outcome, stats = trio.run(run_fleet, config, state_dir, board, meta, restrict_keyboard_interrupt_to_checkpoints=True)
+        try:
+            outcome, stats = trio.run(run_fleet, config, state_dir, board, meta,
+                                      restrict_keyboard_interrupt_to_checkpoints=True)
+        except (StartupError, BaseExceptionGroup) as e:
+            if (startup := _startup_error(e)) is None:
+                raise
+            structlog.get_logger().error("fleet_not_started", actor="fleet", error=str(startup))
+            print(f"enpire: {startup}", file=sys.stderr)
+            return EXIT_CONFIG
         report = build_report(board, config, outcome, stats)
         (state_dir / "report.json").write_text(json.dumps(report, indent=2))
         print(format_report(report))

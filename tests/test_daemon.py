@@ -107,6 +107,20 @@ def test_state_dir_that_cannot_be_used_is_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "blackboard" in r.stderr, r.stderr
 
 
+def test_a_taken_listen_address_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(FAST.format(budget=1.0, cells=1, lease_s=30.0) + f'[bus]\nlisten = "tcp://127.0.0.1:{port}"\n')
+        r = _run("enpire.fleet", "--config", str(config), "--state-dir", str(tmp_path / "state"), "--quiet",
+                 env=dict(os.environ, ENPIRE_SECRET="s"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bus.listen" in lines[0] and "Address in use" in lines[0], lines
+
+
 def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
     proc = _start(tmp_path, budget=5.0)
     _wait_for(lambda: _episodes(tmp_path) >= 20, 120, "episodes")
