@@ -715,3 +715,22 @@ async def test_the_model_trains_bc_and_the_cells_run_the_checkpoint(api, tmp_pat
     ran = [e for e in board.values("episodes", EpisodeRecord) if e.policy.commit == learned]
     assert len(ran) == 2 and all(e.cell_id != "recorder" for e in ran)  # a real cell ran the checkpoint
     assert '"n":2' in json.dumps(server.posts()[3].body).replace("\\", "")  # the model saw the result
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_a_request_refused_as_it_is_is_not_retried(api, tmp_path, monkeypatch):
+    """400 (the request itself is wrong): no backoff retries of the same request; the agent pauses once,
+    starts a fresh window, and the next request after the pause is answered."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    bad = lambda h, b: (400, json.dumps({"type": "error", "error": {  # noqa: E731
+        "type": "invalid_request_error", "message": "prompt is too long"}}).encode(), {}, 0.0)
+    server = ScriptedAPI([bad], fallback=reply(api, [("digest", {})], 1))
+    agent = agent_for(api, server, settings(token_budget=1000, pause_s=0.2))
+    try:
+        tools, logs = await run_agent(agent, tmp_path, [])
+    finally:
+        server.close()
+    events = [e["event"] for e in logs]
+    assert events.count("llm_retry") == 0 and events.count("backend_paused") == 1
+    assert [e["retryable"] for e in logs if e["event"] == "backend_paused"] == [False]
+    assert len(server.posts()) == 2 and tools.board.count("tokens") == 1
