@@ -222,7 +222,7 @@ async def _judge(ref, policy, job_id, wins, n, cell="cell-0"):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(promote)
-        await trio.sleep(0.05)  # the judging job is queued before we ask for work
+        await trio.sleep(0.3)  # the judging job is queued before we ask for work
         for i in range(n):
             lease = await ref.ask(LeaseRequest(cell_id=cell))
             assert lease.kind == "heldout"
