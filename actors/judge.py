@@ -43,6 +43,10 @@ BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the h
 Purpose = m.Purpose
 
 
+class JobRefused(RuntimeError):
+    pass
+
+
 class Judge(Actor):
     name = "judge"
     concurrent_handlers = True  # agents wait for their jobs
@@ -97,13 +101,16 @@ class Judge(Actor):
                     nursery.start_soon(self._smoke, event.policy)
 
     async def handle(self, msg: m.Message) -> m.Message:
-        match msg:
-            case m.EvalRequest():
-                return await self._eval(msg)
-            case m.PromoteRequest():
-                return await self._promote(msg)
-            case m.FinalJudging():
-                return await self._final(msg)
+        try:
+            match msg:
+                case m.EvalRequest():
+                    return await self._eval(msg)
+                case m.PromoteRequest():
+                    return await self._promote(msg)
+                case m.FinalJudging():
+                    return await self._final(msg)
+        except JobRefused as e:
+            return m.Failure(error=str(e))
         return m.Failure(error=f"the judge does not handle {type(msg).__name__}")
 
     # ------------------------------------------------------------------ agents' evaluations
@@ -252,6 +259,9 @@ class Judge(Actor):
     async def _background_job(self, spec: m.JobSpec) -> None:
         try:
             done = await self._run(spec)
+        except JobRefused as e:  # its policy cannot be served: nothing to confirm (the log says why)
+            self.log.error("background_job_refused", job=spec.job_id, error=str(e))
+            return
         finally:
             self._confirming -= len(spec.seeds)
             self._background.discard(spec.job_id)
@@ -307,9 +317,13 @@ class Judge(Actor):
         record = self.board.get("smoke", policy.ref, SmokeRecord)
         if record is None:
             seeds = list(self.config.task().tuning_seeds.seeds()[: self.config.scheduler.smoke_seeds])
-            done = await self._run(m.JobSpec(job_id=f"smoke-{policy.ref}", agent="smoke", task=self.task,
-                                             policy=policy, seeds=seeds, purpose=Purpose.SMOKE,
-                                             priority=PRIORITY["smoke"]))
+            try:
+                done = await self._run(m.JobSpec(job_id=f"smoke-{policy.ref}", agent="smoke", task=self.task,
+                                                 policy=policy, seeds=seeds, purpose=Purpose.SMOKE,
+                                                 priority=PRIORITY["smoke"]))
+            except JobRefused as e:
+                done = m.JobDone(job_id=f"smoke-{policy.ref}", episodes=[
+                    m.EpisodeSummary("", 0, False, False, 0.0, f"policy_error: {e}", 0)])
             faults = [e.reason for e in done.episodes if e.reason.startswith(SMOKE_FAULTS)]
             wins = sum(e.success for e in done.episodes)
             detail = f"{wins}/{len(done.episodes)} succeeded" + (f"; faults: {faults[:3]}" if faults else "")
@@ -366,6 +380,8 @@ class Judge(Actor):
             reply = await self.queue.ask(m.SubmitJob(job=spec), timeout=math.inf)
             if isinstance(reply, m.JobDone):
                 return reply
+            if isinstance(reply, m.Failure) and not reply.retry:
+                raise JobRefused(reply.error)
             self.log.warning("job_resubmitted", job=spec.job_id, reply=str(reply)[:200])
             await trio.sleep(0.5)
 

@@ -35,7 +35,7 @@ from bus.records import (
     SmokeRecord,
     TimelineRecord,
 )
-from enpire.bundles import BundleStore
+from enpire.bundles import BundleError, BundleStore
 from enpire.config import Config
 from enpire.metrics import Utilization
 from enpire.queueing import (
@@ -87,7 +87,10 @@ class LeaseQueue(Actor):
         jobs, done, self.cleared = await trio.to_thread.run_sync(read)
         self.recorded = self.board.counter("episodes")
         for record in jobs:
-            await self._add(spec_of(record), done)
+            try:
+                await self._add(spec_of(record), done)
+            except (BundleError, OSError) as e:  # its policy is gone: it cannot run again
+                self.log.error("job_dropped", job=record.job_id, error=str(e))
         if jobs:
             self.log.info("queue_restored", jobs=len(jobs), episodes=sum(len(q) for q in self.pending.values()))
 
@@ -245,6 +248,10 @@ class LeaseQueue(Actor):
             stored = self.board.get("jobs", spec.job_id, JobRecord)
             if stored is not None and stored.done:
                 return await trio.to_thread.run_sync(self._finished, stored)
+            try:  # a policy that cannot be served (a checkpoint that is not there) is refused, not queued
+                await self.bundles.digest(spec.policy)
+            except (BundleError, OSError) as e:
+                return m.Failure(error=f"policy {spec.policy.ref} cannot be served: {e}", retry=False)
             if stored is None:
                 record = JobRecord(spec.job_id, spec.agent, spec.kind, spec.task, spec.policy, list(spec.seeds),
                                    spec.attempts, spec.priority, time.time(), purpose=spec.purpose)
@@ -260,7 +267,7 @@ class LeaseQueue(Actor):
         return job.reply()
 
     async def _add(self, spec: m.JobSpec, done: dict[str, EpisodeRecord]) -> Job:
-        bundle = await self.bundles.digest(spec.policy.commit)
+        bundle = await self.bundles.digest(spec.policy)
         if spec.job_id in self.jobs:  # submitted twice while the bundle was read
             return self.jobs[spec.job_id]
         ids = [f"{spec.job_id}:{i}" for i in range(len(spec.seeds))]

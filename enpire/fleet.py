@@ -298,7 +298,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     events = EventHub()
-    bundles = BundleStore(workspace.read_bytes)
+    bundles = BundleStore(workspace.read_bytes, state_dir / ARTIFACTS)
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
