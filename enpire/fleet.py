@@ -356,7 +356,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     logger.warning("stopping", signal=signal.Signals(signum).name)
                     outcome.reason = "signal"
                     stopping.set()
+                    final.cancel()  # a signal cuts the final judging short too
                     return
+
+            final = trio.CancelScope()
 
             nursery.start_soon(on_signal)
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
@@ -377,13 +380,15 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     stopping.set()
                 nursery.start_soon(on_target)
                 await stopping.wait()
+            # The run's figures (time, MRU) end here; the final judging is reported on its own.
+            outcome.elapsed_s = time.time() - started
+            queue = system.actors["queue"].current
+            stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
             if outcome.reason != "signal" and config.fleet.final_seeds:
-                await _final_judging(logger, core, config)
+                with final:
+                    await _final_judging(logger, core, config)
         if sink is not None:
             sink.close()
-        outcome.elapsed_s = time.time() - started
-        queue = system.actors["queue"].current
-        stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
         stats["restarts"] = {name: s.restarts for name, s in system.actors.items()}
         daemon.last_seen, daemon.state = time.time(), f"stopped: {outcome.reason}"
         board.put("meta", "daemon", daemon)
