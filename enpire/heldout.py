@@ -22,7 +22,8 @@ def draw(board: Blackboard, config: Config, task: str, k: int) -> tuple[list[int
             raise PoolExhausted(f"held-out pool of task {task!r} exhausted: {record.used} of {pool.count} seeds "
                                 f"used, {k} more needed (raise tasks.{task}.heldout_seeds.count)")
         seeds = list(range(pool.start + record.used, pool.start + record.used + k))
-        record.used, record.draws = record.used + k, record.draws + 1
+        record.used, record.draws, record.total = record.used + k, record.draws + 1, pool.count
+        record.low = running_low(config, record)
         w.put("heldout", task, record)
     return seeds, record
 
