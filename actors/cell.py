@@ -124,6 +124,7 @@ class Cell(Actor):
         secret: bytes | None = None,
         real: bool = False,
         interface: RealInterface | None = None,
+        rt_priority: int = 0,
     ):
         """`interface`: a real cell's person-in-the-loop reset, verdicts and e-stop (enpire/realcell.py)."""
         self.name = f"cell:{cell_id}"
@@ -136,6 +137,7 @@ class Cell(Actor):
         self.secret = secret
         self.real = real
         self.interface = interface
+        self.rt_priority = rt_priority  # SCHED_FIFO priority of the control loop (0: the OS's normal scheduling)
         self.timeline = Timeline()
         self.heartbeat_s = 1.0
         self.episodes = 0
@@ -149,7 +151,7 @@ class Cell(Actor):
             await client.wait_ready(timeout=60.0)
             self.driver.connect()
             welcome = await client.request(
-                Hello(cell_id=self.cell_id, driver=self.driver.name, tasks=[self.driver.task],
+                Hello(cell_id=self.cell_id, driver=getattr(self.driver, "registry_name", self.driver.name), tasks=[self.driver.task],
                       host=socket.gethostname(), pid=os.getpid(), real=self.real),
                 timeout=10.0,
             )
@@ -385,6 +387,24 @@ class Cell(Actor):
 
     def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards,
                  camera=None) -> tuple[int, str, np.ndarray]:
+        if not self.rt_priority:
+            return self._control(lease, sandbox, limits, obs, observations, actions, rewards, camera)
+        # A real arm's control loop runs at a fixed rate whatever else the machine does: this thread (only
+        # it; processes it starts, such as the policy sandbox, fall back to normal scheduling) gets a
+        # real-time priority for the rollout. It sleeps between ticks, so it takes the CPU only to step.
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(self.rt_priority))
+        except (OSError, AttributeError) as e:
+            self.log.warning("rt_priority_refused", error=str(e))
+        try:
+            return self._control(lease, sandbox, limits, obs, observations, actions, rewards, camera)
+        finally:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except (OSError, AttributeError):
+                pass
+
+    def _control(self, lease, sandbox, limits, obs, observations, actions, rewards, camera) -> tuple[int, str, np.ndarray]:
         """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs).
 
         Each new observation goes to the policy before the simulator scores the step, so the policy

@@ -470,6 +470,9 @@ class TokensUsed(Message, frozen=True):
     cached_input_tokens: int
     output_tokens: int
     t: float
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
 
 
 class SmokeNeeded(Message, frozen=True):

@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
     p.add_argument("--unconfined", action="store_true",
                    help="run policies without the isolation engine (bubblewrap); only if you trust them")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
+    p.add_argument("--rt-priority", type=int, default=0,
+                   help="SCHED_FIFO priority (1-99) of the control loop during rollouts; 0 = normal scheduling")
     p.add_argument("--cpu", type=int, help="run this cell and its policy sandbox on this CPU only")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
     return p.parse_args(argv)
@@ -124,7 +126,7 @@ async def run(args: argparse.Namespace, secret: bytes | None, driver, interface:
         await system.spawn(
             f"cell:{args.cell_id}",
             lambda: Cell(args.cell_id, args.connect, driver, limits, scratch,
-                         secret=secret, real=args.real, interface=interface),
+                         secret=secret, real=args.real, interface=interface, rt_priority=args.rt_priority),
         )
 
 

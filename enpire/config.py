@@ -101,9 +101,16 @@ class CellsConfig(Strict):
     cpu_pinning: Literal["auto", "on", "off"] = "auto"
 
 
+class PriceConfig(Strict):
+    input: Annotated[float, Meta(ge=0)] = 0.0
+    output: Annotated[float, Meta(ge=0)] = 0.0
+    cached_input: float = -1.0
+    cache_write: float = -1.0
+
+
 class AgentsConfig(Strict):
     count: NonNegInt = 1
-    backend: Literal["builtin", "anthropic", "openai"] = "builtin"
+    backend: Literal["builtin", "anthropic", "openai", "openai_responses"] = "builtin"
     # built-in researcher
     population: PositiveInt = 12  # candidates per search generation
     seeds_per_candidate: PositiveInt = 6
@@ -117,8 +124,12 @@ class AgentsConfig(Strict):
     api_key_env: str = ""  # "" = ANTHROPIC_API_KEY / OPENAI_API_KEY; keys are read from the environment only
     token_budget: NonNegInt = 0  # per agent, input + output tokens; 0 = no limit
     wall_budget_minutes: Annotated[float, Meta(ge=0)] = 0.0  # 0 = no limit
-    max_turns_window: PositiveInt = 6  # turns kept verbatim in the prompt; older ones become journal lines
+    # turns kept verbatim in the prompt; past this many (or context_chars) the oldest half become journal
+    # lines at once, so the prompt's cached prefix changes rarely
+    max_turns_window: PositiveInt = 40
+    context_chars: PositiveInt = 120_000
     max_output_tokens: PositiveInt = 4096
+    max_output_ceiling: PositiveInt = 16384  # a reply cut off at the limit is asked again with up to this limit
     request_timeout_s: PositiveFloat = 120.0
     max_failures: PositiveInt = 5  # consecutive failed model calls before the agent pauses
     pause_s: PositiveFloat = 300.0
@@ -127,6 +138,9 @@ class AgentsConfig(Strict):
     # model agents on a pooled fleet start a turn once some results are in and fewer than this many
     # episodes per cell are queued (teammates' coming requests included); 0 = after all their results
     pace_per_cell: Annotated[float, Meta(ge=0)] = 10.0
+    # cost of each model call on the token ledger: [agents.prices."MODEL"] input/output/cached_input/
+    # cache_write in currency per million tokens (cached_input, cache_write default to input)
+    prices: dict[str, PriceConfig] = {}
 
 
 class SchedulerConfig(Strict):

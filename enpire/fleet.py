@@ -66,10 +66,10 @@ from bus.transport import RequestServer, ipc_url
 from enpire import config as cfg
 from enpire import isolation, ledger, log, progress
 from enpire.agents.backends import make_backend
+from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
-from enpire.agents.tools import Tools
+from enpire.agents.session import agent_tools
 from enpire.bundles import BundleStore
-from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.sinks import TensorBoardSink, check_tensorboard
@@ -344,8 +344,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         system, workspace, stopping, events = core.system, core.workspace, core.stopping, core.events
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, core.judge, board, trainer=core.trainer,
-                          artifacts=state_dir / ARTIFACTS, events=events)
+            tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
+                                events=events)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
@@ -471,6 +471,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
             for cid, u in util.items()
         },
         "actor_restarts": stats.get("restarts", {}),
+        "tokens": ledger.summary(board.values("tokens", TokenRecord)),  # team and per-agent ledger totals
     }
 
 
@@ -527,6 +528,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return 0
     try:
         make_backend(config, 0)  # a missing API key or model setting fails here, in one line
+        trio.run(probe_model, config)  # so does a model name the endpoint does not serve, or a refused key
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -120,7 +120,7 @@ async def _real_fleet(tmp_path, monkeypatch, body, *, horizon=20, cell_args=(), 
     monkeypatch.setenv("ENPIRE_SECRET", secret)
     url = f"tcp://127.0.0.1:{free_port()}"
     config = cfg.decode(
-        f'[cells]\ncount = 0\n[agents]\ncount = 0\n[bus]\nlisten = "{url}"\n'
+        f'[cells]\ncount = 0\ntask = "pusht"\n[agents]\ncount = 0\n[bus]\nlisten = "{url}"\n'
         f'[scheduler]\nbackground = false\nlease_s = {lease_s}\n'
         f'[tasks.pusht]\nhorizon = {horizon}\ncontrol_hz = 10.0\n', "real.toml")
     board, meta = open_state_dir(tmp_path / "state")

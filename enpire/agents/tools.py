@@ -35,6 +35,7 @@ from bus.messages import (
     TrainResult,
 )
 from bus.records import Champion, Digest, EpisodeRecord, Finding, TestedRecord, TokenRecord
+from enpire.agents.toolkit import ToolError
 from enpire.learning import mlp_policy, visuomotor_policy
 from enpire.learning.dataset import trainable
 from enpire.workspace import Workspace
@@ -44,8 +45,6 @@ LEARNED_POLICY = Path(mlp_policy.__file__)  # the numpy policy file a state chec
 LEARNED_POLICIES = {"visuomotor": Path(visuomotor_policy.__file__)}
 
 
-class ToolError(RuntimeError):
-    pass
 
 
 def fingerprint(change: object) -> str:
@@ -95,6 +94,7 @@ class Tools:
     trainer: Address | None = None
     artifacts: Path | None = None  # the trainer's checkpoints by content hash (state dir's artifacts/)
     events: EventHub | None = None  # the fleet's events: champion and queue without reading the blackboard
+    state_dir: Path | None = None  # where recorded trajectories live (episode inspection)
 
     @property
     def branch(self) -> str:
@@ -130,9 +130,12 @@ class Tools:
         """Successful episodes on the episode store that a training recipe for this task would use."""
         return sum(trainable(r, self.task) for r in self.board.values("episodes", EpisodeRecord))
 
-    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 0) -> EvalResult:
+    def new_job_id(self, kind: str = "") -> str:
+        return f"{self.agent}-{kind + '-' if kind else ''}{uuid.uuid4().hex[:10]}"
+
+    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 0, job_id: str = "") -> EvalResult:
         """Run `policy` on tuning `seeds`; `attempts` is k of pass@k (0: the task's [tasks.X] attempts)."""
-        job_id = f"{self.agent}-{uuid.uuid4().hex[:10]}"
+        job_id = job_id or self.new_job_id()
         reply = await self.scheduler.ask(
             EvalRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy, seeds=seeds, attempts=attempts),
             timeout=self.eval_timeout_s,
@@ -142,8 +145,8 @@ class Tools:
         assert isinstance(reply, EvalResult)
         return reply
 
-    async def promote(self, policy: PolicySpec) -> PromoteResult:
-        job_id = f"{self.agent}-promote-{uuid.uuid4().hex[:10]}"
+    async def promote(self, policy: PolicySpec, job_id: str = "") -> PromoteResult:
+        job_id = job_id or self.new_job_id("promote")
         reply = await self.scheduler.ask(
             PromoteRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy), timeout=self.eval_timeout_s
         )
@@ -153,11 +156,11 @@ class Tools:
         return reply  # on promotion the scheduler has pointed the workspace's main at the champion
 
     async def train(self, recipe: str, *, time_budget_s: float = 300.0, options: dict[str, str] | None = None,
-                    max_rss_mb: int = 4096) -> TrainResult:
+                    max_rss_mb: int = 4096, job_id: str = "") -> TrainResult:
         """Train a recipe on the fleet's recorded episodes; the result names a checkpoint (artifact hash)."""
         if self.trainer is None:
             raise ToolError("this fleet has no trainer")
-        request = TrainRequest(job_id=f"{self.agent}-train-{uuid.uuid4().hex[:10]}", agent=self.agent, task=self.task,
+        request = TrainRequest(job_id=job_id or self.new_job_id("train"), agent=self.agent, task=self.task,
                                recipe=recipe, time_budget_s=time_budget_s, max_rss_mb=max_rss_mb,
                                options=options or {})
         reply = await self.trainer.ask(request, timeout=time_budget_s + 120.0)
@@ -207,12 +210,16 @@ class Tools:
                               failure_summary(result))
         self.board.put("tested", fp, record, overwrite=False)
 
-    def record_tokens(self, model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> TokenRecord:
-        """Append one model call to the token ledger (input includes cached input; see enpire/ledger.py)."""
-        record = TokenRecord(self.agent, model, time.time(), input_tokens, cached_input_tokens, output_tokens)
+    def record_tokens(self, model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int, *,
+                      cache_write_tokens: int = 0, reasoning_tokens: int = 0, cost: float = 0.0) -> TokenRecord:
+        """Append one model call to the token ledger (input includes cached input and cache writes, output
+        includes reasoning; see enpire/ledger.py)."""
+        record = TokenRecord(self.agent, model, time.time(), input_tokens, cached_input_tokens, output_tokens,
+                             cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens, cost=cost)
         self.board.append("tokens", record)
         if self.events:
             self.events.publish(TokensUsed(agent=self.agent, model=model, input_tokens=input_tokens,
                                            cached_input_tokens=cached_input_tokens, output_tokens=output_tokens,
-                                           t=record.t))
+                                           t=record.t, cache_write_tokens=cache_write_tokens,
+                                           reasoning_tokens=reasoning_tokens, cost=cost))
         return record
