@@ -70,6 +70,7 @@ from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.session import agent_tools
 from enpire.bundles import BundleStore
+from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.sinks import TensorBoardSink, check_tensorboard

@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 from bus.blackboard import Blackboard
-from bus.records import CellRecord, Champion, DaemonRecord, HeldoutRecord, JobRecord, TimelineRecord, TokenRecord
+from bus.records import (
+    CellRecord,
+    Champion,
+    DaemonRecord,
+    HeldoutRecord,
+    JobRecord,
+    TimelineRecord,
+    TokenRecord,
+)
 from enpire import ledger
 from enpire.metrics import mean_robot_utilization, utilization, wilson_interval
 
