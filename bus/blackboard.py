@@ -34,6 +34,7 @@ TABLES = (
     "smoke",
     "tested",
     "training",
+    "trainers",
     "candidates",
     "turns",
     "heldout",

@@ -415,6 +415,82 @@ class TrainResult(Message, frozen=True):
     artifact: str = ""  # content hash of the checkpoint in artifacts/ ("" on failure)
     error: str = ""  # one line: why it failed (crash, NaN, time or memory budget, no data)
     metrics: dict[str, float] = {}
+    info: dict[str, str] = {}  # where it trained: trainer, host, device, gpu, precision, world
+
+
+# ----------------------------------------------------------------------------- remote trainer <-> trainer queue
+
+
+class TrainerHello(Message, frozen=True):
+    """A trainer process joining the training queue (from this host or another)."""
+
+    trainer_id: str
+    host: str
+    pid: int
+    device: str  # what its recipes train on: "cuda:0", "cpu"
+    gpu: str = ""  # the GPU's name, "" on the CPU
+    processes: int = 1  # data-parallel processes per job
+
+
+class TrainJobRequest(Message, frozen=True):
+    """Long-poll for a training job; the reply is a TrainJob or NoWork."""
+
+    trainer_id: str
+    wait_s: float = 2.0
+
+
+class EpisodeRef(msgspec.Struct, frozen=True):
+    episode_id: str
+    sha: str  # content hash of the episode file (what the trainer fetches and caches it by)
+    success: bool
+
+
+class TrainJob(Message, frozen=True):
+    """A leased training job: the recipe, its budget and exactly the episodes it may learn from."""
+
+    lease_id: str
+    job_id: str
+    task: str
+    recipe: str
+    time_budget_s: float
+    max_rss_mb: int
+    options: dict[str, str]
+    episodes: list[EpisodeRef]
+    init_artifact: str = ""  # a checkpoint the recipe starts from, by content hash ("" for none)
+    lease_s: float = 30.0  # the lease lapses unless a heartbeat comes sooner
+
+
+class DataRequest(Message, frozen=True):
+    """Files of a held lease by content hash: its episodes, or its init checkpoint."""
+
+    trainer_id: str
+    lease_id: str
+    hashes: list[str]
+
+
+class DataReply(Message, frozen=True):
+    files: dict[str, bytes]  # content hash -> file bytes
+
+
+class TrainerHeartbeat(Message, frozen=True):
+    """Keeps a lease (and the trainer) alive; the reply Ack(ok=False) says the lease was taken away."""
+
+    trainer_id: str
+    lease_id: str = ""
+    state: str = "idle"  # "idle", "fetching", "training"
+
+
+class TrainDone(Message, frozen=True):
+    """The outcome of a leased job; only the lease's current holder is heard (the first answer wins)."""
+
+    trainer_id: str
+    lease_id: str
+    job_id: str
+    ok: bool
+    error: str = ""
+    metrics: dict[str, float] = {}
+    info: dict[str, str] = {}  # device, gpu, precision, world
+    weights: bytes = b""  # the checkpoint file; its content hash becomes the artifact id
 
 
 # ----------------------------------------------------------------------------- telemetry (pub/sub)
@@ -515,6 +591,13 @@ BusMessage = Union[
     PromoteResult,
     TrainRequest,
     TrainResult,
+    TrainerHello,
+    TrainJobRequest,
+    TrainJob,
+    DataRequest,
+    DataReply,
+    TrainerHeartbeat,
+    TrainDone,
     CellStateChanged,
     Progress,
     QueueDepth,

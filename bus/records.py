@@ -246,3 +246,22 @@ class TrainRecord(msgspec.Struct):
     error: str
     metrics: dict[str, float]
     seconds: float
+    info: dict[str, str] = {}  # where it trained: trainer, host, device, gpu, precision, world
+    attempts: int = 1  # leases it took (a trainer that died mid-job costs one)
+
+
+class TrainerRecord(msgspec.Struct):
+    """A trainer of the training queue as status shows it: where it runs and what it does."""
+
+    trainer_id: str
+    host: str
+    pid: int
+    device: str
+    gpu: str
+    processes: int
+    joined: float
+    last_seen: float
+    state: str = "idle"  # idle, fetching, training, offline
+    job_id: str = ""
+    jobs_done: int = 0
+    samples_per_s: float = 0.0  # of its last finished job

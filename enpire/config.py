@@ -110,7 +110,7 @@ class PriceConfig(Strict):
 
 class AgentsConfig(Strict):
     count: NonNegInt = 1
-    backend: Literal["builtin", "anthropic", "openai", "openai_responses"] = "builtin"
+    backend: Literal["builtin", "anthropic", "openai", "openai_responses", "claude-code", "codex", "command"] = "builtin"
     # built-in researcher
     population: PositiveInt = 12  # candidates per search generation
     seeds_per_candidate: PositiveInt = 6
@@ -135,6 +135,10 @@ class AgentsConfig(Strict):
     pause_s: PositiveFloat = 300.0
     notes_dir: str = ""  # a folder of notes / literature the agents may search
     digest: bool = True  # false (ablation): briefings list every peer finding instead of the summarizer's digest
+    # CLI coding agents (backend "claude-code", "codex" or "command"): one research turn is one headless run
+    command: str = ""  # "command": argv template, placeholders {prompt} {mcp_config} {workdir} {model} {base_url}
+    turn_minutes: PositiveFloat = 30.0  # a run still going after this is stopped (and restarted with backoff)
+    max_turns: NonNegInt = 0  # runs per agent; 0 = until the budgets end
     # model agents on a pooled fleet start a turn once some results are in and fewer than this many
     # episodes per cell are queued (teammates' coming requests included); 0 = after all their results
     pace_per_cell: Annotated[float, Meta(ge=0)] = 10.0
@@ -167,6 +171,16 @@ class SandboxConfig(Strict):
     require_isolation: bool = True
 
 
+class TrainerConfig(Strict):
+    device: str = "auto"  # where recipes train: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"
+    # training jobs the daemon runs on its own machine at once; 0 = only trainers that joined with
+    # `python -m enpire.trainer --connect ...` train (e.g. a GPU box), which share the same queue
+    local_slots: NonNegInt = 1
+    processes: NonNegInt = 1  # data-parallel processes per BC job (torch.distributed); 0 = one per GPU
+    lease_s: PositiveFloat = 30.0  # a remote trainer silent this long loses its job to the queue again
+    heartbeat_s: PositiveFloat = 2.0
+
+
 class BusConfig(Strict):
     listen: str = ""  # e.g. "tcp://0.0.0.0:7700" to accept remote cells; "" = local ipc only
     secret_env: str = "ENPIRE_SECRET"  # environment variable holding the shared secret for tcp peers
@@ -179,6 +193,7 @@ class Config(Strict):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    trainer: TrainerConfig = msgspec.field(default_factory=TrainerConfig)
     tasks: dict[str, TaskConfig] = msgspec.field(default_factory=default_tasks)
 
     def task(self, name: str | None = None) -> TaskConfig:
@@ -271,6 +286,11 @@ def check(config: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: fleet.baseline: {config.fleet.baseline!r} has no policy.py")
     if config.agents.backend != "builtin" and not config.agents.model:
         raise ConfigError(f"{source}: agents.model: backend {config.agents.backend!r} needs a model name")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.trainer.device):
+        raise ConfigError(f"{source}: trainer.device: {config.trainer.device!r} is not auto, cpu, cuda or cuda:N")
+    if config.trainer.heartbeat_s >= config.trainer.lease_s:
+        raise ConfigError(f"{source}: trainer.heartbeat_s: {config.trainer.heartbeat_s} must be below "
+                          f"trainer.lease_s {config.trainer.lease_s}")
     if config.bus.listen and not config.bus.listen.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"{source}: bus.listen: {config.bus.listen!r} is not a tcp:// or ipc:// url")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import pynng
 import structlog
 import trio
 
@@ -38,6 +39,7 @@ from bus.events import EventHub
 from bus.messages import (
     BundleRequest,
     ChampionChanged,
+    DataRequest,
     Envelope,
     EpisodeReport,
     Failure,
@@ -48,7 +50,13 @@ from bus.messages import (
     LeaseRequest,
     Message,
     PolicySpec,
+    Progress,
+    QueueDepth,
     TokensUsed,
+    TrainDone,
+    TrainerHeartbeat,
+    TrainerHello,
+    TrainJobRequest,
     VerifyRequest,
 )
 from bus.records import (
@@ -83,6 +91,24 @@ EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
 class StateDirError(RuntimeError):
     pass
+
+
+class StartupError(RuntimeError):
+    """The fleet could not start (e.g. its listen address is taken): one line for the user, exit 2."""
+
+
+async def _listen(nursery: trio.Nursery, what: str, server: RequestServer) -> None:
+    try:
+        await nursery.start(server.serve)
+    except pynng.NNGException as e:
+        raise StartupError(f"{what}: cannot listen on {server.url}: {e}") from None
+
+
+def _startup_error(error: BaseException) -> StartupError | None:
+    """The StartupError that ended trio.run (alone, possibly inside exception groups), else None."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, StartupError) else None
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> argparse.Namespace:
@@ -303,10 +329,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
-    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
+    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
         Hello: queue, LeaseRequest: queue, Heartbeat: queue, EpisodeReport: queue, BundleRequest: queue,
         VerifyRequest: verifier,
+        **dict.fromkeys((TrainerHello, TrainJobRequest, DataRequest, TrainerHeartbeat, TrainDone), trainer),
     }
 
     async def route(envelope: Envelope) -> Message:
@@ -321,11 +348,12 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     url = ipc_url(state_dir, "bus")
     # Each cell's long-polled LeaseRequest holds one server worker: leave room for heartbeats and reports.
     workers = 2 * config.cells.count + 8
-    await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
-                                      workers=workers).serve)
+    await _listen(nursery, "the local bus", RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
+                                                          workers=workers))
     if config.bus.listen:
         secret = os.environ[config.bus.secret_env].encode()
-        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret, workers=32).serve)
+        await _listen(nursery, f"bus.listen {config.bus.listen!r}",
+                      RequestServer(config.bus.listen, route, sender="fleet", secret=secret, workers=32))
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
     stopping = trio.Event()
     for i in range(config.cells.count):
@@ -361,13 +389,13 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     return
 
             final = trio.CancelScope()
-
             nursery.start_soon(on_signal)
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                   config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
                                   target=config.fleet.target)
             sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
             ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+            nursery.start_soon(ticks.feed_sink)
             nursery.start_soon(ticks.run)
             # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
             with trio.move_on_at(trio.current_time() + deadline - time.time()), \
@@ -385,7 +413,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
             outcome.elapsed_s = time.time() - started
             queue = system.actors["queue"].current
             stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
-            if outcome.reason != "signal" and config.fleet.final_seeds:
+            depth = events.latest(QueueDepth)
+            if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
+                logger.warning("final_judging_skipped", detail="no cell is connected")
+            elif outcome.reason != "signal" and config.fleet.final_seeds:
                 with final:
                     await _final_judging(logger, core, config)
         if sink is not None:
@@ -421,6 +452,13 @@ class Ticks:
         self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
         self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
 
+    async def feed_sink(self) -> None:
+        if self.sink is None:
+            return
+        with self.events.subscribe(Progress) as updates:
+            async for p in updates:
+                self.sink.write(p)
+
     async def run(self) -> None:
         with self.events.subscribe(TokensUsed) as used:
             while True:
@@ -438,8 +476,7 @@ class Ticks:
         p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
                               self.events.latest(ChampionChanged), mru, self.tokens.total)
         self.logger.info("progress", **progress.log_fields(p, self.started))
-        if self.sink is not None:
-            self.sink.write(p)
+        self.events.publish(p)  # the sink (and any other subscriber) takes it from here
         cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0
         if (waiting := self.watch.check(now, cells)) is not None:
             self.logger.warning("no_cells", waiting_s=round(waiting), local=self.config.cells.count,
@@ -564,7 +601,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     log.configure(state_dir, "fleet", console=not args.quiet)
     try:
-        outcome, stats = trio.run(run_fleet, config, state_dir, board, meta, restrict_keyboard_interrupt_to_checkpoints=True)
+        try:
+            outcome, stats = trio.run(run_fleet, config, state_dir, board, meta,
+                                      restrict_keyboard_interrupt_to_checkpoints=True)
+        except (StartupError, BaseExceptionGroup) as e:
+            if (startup := _startup_error(e)) is None:
+                raise
+            structlog.get_logger().error("fleet_not_started", actor="fleet", error=str(startup))
+            print(f"enpire: {startup}", file=sys.stderr)
+            return EXIT_CONFIG
         report = build_report(board, config, outcome, stats)
         (state_dir / "report.json").write_text(json.dumps(report, indent=2))
         print(format_report(report))

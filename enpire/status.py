@@ -20,6 +20,7 @@ from bus.records import (
     JobRecord,
     TimelineRecord,
     TokenRecord,
+    TrainerRecord,
 )
 from enpire import ledger
 from enpire.metrics import mean_robot_utilization, utilization, wilson_interval
@@ -49,6 +50,12 @@ def _collect(board: Blackboard, now: float) -> dict:
             "state": cell.state if alive else "offline", "host": cell.host, "pid": cell.pid,
             "mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4),
         }
+    trainers = {  # beside the cells: where training runs and how fast its last job went
+        t.trainer_id: {"state": t.state if alive else "offline", "host": t.host, "pid": t.pid, "device": t.device,
+                       "gpu": t.gpu, "processes": t.processes, "job": t.job_id, "jobs_done": t.jobs_done,
+                       "samples_per_s": round(t.samples_per_s, 1)}
+        for t in board.values("trainers", TrainerRecord)
+    }
     jobs = [j for j in board.values("jobs", JobRecord) if not j.done]
     champions = {}
     for _, c in board.items("champion", Champion):
@@ -73,6 +80,8 @@ def _collect(board: Blackboard, now: float) -> dict:
         "episodes_requeued": board.counter("episodes_requeued"),
         "cells": cells,
         "mru": round(mean_robot_utilization(per_cell), 4),
+        "trainers": trainers,
+        "training_requeued": board.counter("training_requeued"),
         "jobs_queued": len(jobs),
         "jobs": [{"job": j.job_id, "agent": j.agent, "kind": j.kind, "episodes": len(j.seeds)} for j in jobs[:20]],
         "champions": champions,
@@ -96,6 +105,10 @@ def render(status: dict) -> str:
     for cid, c in sorted(status["cells"].items()):
         lines.append(f"  {cid:<10} {c['state']:<10} MRU {c['mru']:.1%}  agent share {c['agent_share']:.1%}  "
                      f"{c['host']}:{c['pid']}")
+    for tid, t in sorted(status.get("trainers", {}).items()):
+        where = f"{t['device']}" + (f" ({t['gpu']})" if t["gpu"] else "") + (f" x{t['processes']}" if t["processes"] > 1 else "")
+        lines.append(f"  trainer {tid:<10} {t['state']:<9} {where}  job {t['job'] or '-'}  "
+                     f"{t['samples_per_s']:.0f} samples/s  {t['host']}:{t['pid']}")
     running = d["state"] == "running"
     lines.append(f"jobs {'queued' if running else 'left unfinished'}: {status['jobs_queued']}")
     for j in status["jobs"]:

@@ -50,6 +50,7 @@ class TaskSpec:
     horizon: int  # the task's own episode length (a config may shorten it)
     geometry: str = ""
     template: str = ""  # module of the starting template policy ("" = none)
+    observation_templates: dict[str, str] = field(default_factory=dict)  # another template for an observation kind
     goal_value: tuple[float, ...] = ()  # a fixed goal, when the task has one (checked against the driver)
 
 
@@ -84,6 +85,8 @@ def _pusht() -> TaskSpec:
                  "x in [-60, 60], y in [0, 30]; the stem x in [-15, 15], y in [30, 120]. A body point (u, v) "
                  "is at (x + u cos a - v sin a, y + u sin a + v cos a) in the world. Walls at 5 and 506 px.",
         template="enpire.agents.pusht_policy",
+        # from pixels: perception inside the policy (a pose estimate from the frame) feeding that controller
+        observation_templates={"pixels": "enpire.agents.pusht_pixels_policy"},
         goal_value=(256.0, 256.0, math.pi / 4),
     )
 
@@ -189,8 +192,9 @@ class TaskCard:
             "from where the failed one left the scene.",
             f"A policy may import {self.allowed_imports}.",
         ]
-        if s.template:
-            lines.append(f"Starting template: {s.template} (on main when the fleet starts from it).")
+        template = s.observation_templates.get(self.observation, s.template)
+        if template:
+            lines.append(f"Starting template: {template} (on main when the fleet starts from it).")
         lines += [f"{k}: {v}" for k, v in self.extra.items()]
         return "\n".join(lines)
 

@@ -20,8 +20,9 @@ import msgspec
 import structlog
 import trio
 
-from bus.records import Finding, QueueRecord, TokenRecord, TurnHold
+from bus.records import QueueRecord, TokenRecord, TurnHold
 from enpire import ledger
+from enpire.agents import budget
 from enpire.agents.model import (
     LLMConfigError,
     ModelClient,
@@ -74,6 +75,7 @@ class LLMSettings:
     # ask. 0: every turn waits for all its results (the paper's agents).
     pace_per_cell: float = 0.0
     price: ledger.Price | None = None  # this model's prices: the ledger records each call's cost
+    shutdown_grace_s: float = 10.0  # a request in flight when the fleet stops may still answer (and be billed)
     tools: SessionSettings = field(default_factory=SessionSettings)
 
 
@@ -138,17 +140,18 @@ class LLMAgent:
             await self._settle(session)
             now = self.clock()
             started = started if started is not None else now
-            reason = self._exhausted(used, now - started)
+            reason = budget.exhausted(self.settings.token_budget, self.settings.wall_budget_s, used, now - started)
             if reason:
-                await self._stop(tools, log, reason, used, now - started)
+                budget.stop(tools, log, reason, used, now - started)
                 return
-            if self._team_goal_met(tools):
+            if budget.team_goal_met(tools, self.settings.target):
                 self._hold(tools, 0, 0.0)
-                while self._team_goal_met(tools):  # nothing to improve until confirmation disagrees
+                while budget.team_goal_met(tools, self.settings.target):  # until confirmation disagrees
                     await tools.champion_changed(timeout=60.0)
                 continue
             results = session.jobs.unseen()
-            brief = briefing(session, budget_line=self._budget_line(used, now - started), journal=list(self.journal),
+            brief = briefing(session, budget_line=budget.line(self.settings.token_budget, self.settings.wall_budget_s, used,
+                                                             now - started), journal=list(self.journal),
                              results=results, running=len(session.jobs.running()), leaders=self.settings.leaderboard)
             prompt = build_prompt(self.system, self.card.render(), self.turns, brief)
             self.last_prompt_chars = prompt.chars()
@@ -183,11 +186,10 @@ class LLMAgent:
             max_out = cap
             if s.token_budget:
                 max_out = max(1, min(cap, s.token_budget - used - spent))
-            reply = await self._call(prompt, max_out, log)
+            reply = await self._call_billed(prompt, max_out, tools, log)
             if reply is None:
                 return None, spent
             spent += reply.usage.total
-            self._bill(tools, reply)
             log.info("llm_turn", prompt_chars=self.last_prompt_chars, input_tokens=reply.usage.input_tokens,
                      cached_input_tokens=reply.usage.cached_input_tokens,
                      cache_write_tokens=reply.usage.cache_write_tokens, output_tokens=reply.usage.output_tokens,
@@ -197,6 +199,29 @@ class LLMAgent:
                 return reply, spent
             log.info("llm_reask", reason="output limit", max_output_tokens=cap * 2)
             cap = min(s.max_output_ceiling, cap * 2)
+
+    async def _call_billed(self, prompt: Prompt, max_out: int, tools: Tools, log) -> ModelReply | None:
+        """`_call`, billed on the ledger as soon as it answers. The call is shielded from cancellation: a
+        fleet that stops while a request is in flight gives it `shutdown_grace_s` to answer, so a reply the
+        provider charges for is still recorded."""
+        box: dict = {}
+        answered, shield = trio.Event(), trio.CancelScope(shield=True)
+
+        async def call() -> None:
+            with shield:
+                box["reply"] = reply = await self._call(prompt, max_out, log)
+                if reply is not None:
+                    self._bill(tools, reply)
+            answered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            try:
+                await answered.wait()
+            except trio.Cancelled:
+                shield.deadline = trio.current_time() + self.settings.shutdown_grace_s
+                raise
+        return box.get("reply")
 
     def _bill(self, tools: Tools, reply: ModelReply) -> None:
         u = reply.usage
@@ -331,35 +356,6 @@ class LLMAgent:
     def _drop(self, n: int) -> None:
         for _ in range(min(n, len(self.turns))):
             self.journal.append(journal_line(self.turns.popleft()))
-
-    def _team_goal_met(self, tools: Tools) -> bool:
-        """The champion already meets the target on its judging and on what confirmation has seen so far."""
-        target = self.settings.target
-        c = tools.champion()
-        if target <= 0 or c is None or c.judged_n == 0 or c.judged_successes / c.judged_n < target:
-            return False
-        return c.n < 20 or c.successes / c.n >= target
-
-    def _exhausted(self, used: int, elapsed: float) -> str:
-        s = self.settings
-        if s.token_budget and used >= s.token_budget:
-            return f"token budget exhausted ({used} of {s.token_budget} tokens)"
-        if s.wall_budget_s and elapsed >= s.wall_budget_s:
-            return f"wall-time budget exhausted ({elapsed:.0f} of {s.wall_budget_s:.0f} s)"
-        return ""
-
-    def _budget_line(self, used: int, elapsed: float) -> str:
-        s = self.settings
-        tokens = f"{used} tokens used of {s.token_budget}" if s.token_budget else f"{used} tokens used (no limit)"
-        wall = f"{elapsed:.0f} s of {s.wall_budget_s:.0f} s" if s.wall_budget_s else f"{elapsed:.0f} s (no limit)"
-        return f"{tokens}; {wall}"
-
-    async def _stop(self, tools: Tools, log, reason: str, used: int, elapsed: float) -> None:
-        log.warning("budget_exhausted", reason=reason, tokens=used, elapsed_s=round(elapsed, 1))
-        mine = [f for f in tools.board.values("findings", Finding) if f.agent == tools.agent]
-        if not any(f.hypothesis.startswith("budget exhausted") for f in mine[-3:]):  # once, even across restarts
-            tools.post_finding(hypothesis="budget exhausted: this agent stops", change="none",
-                               evidence=f"{reason}; {len(mine)} findings posted before", outcome="note")
 
 
 def _turn_chars(t: Turn) -> int:

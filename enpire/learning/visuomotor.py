@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from enpire.episodes import EpisodeFileError, read_trajectory
-from enpire.learning.dataset import NoDataError, select_episodes
+from enpire.learning.dataset import NoDataError, manifest_entries, select_episodes
+from enpire.learning.device import CPU, Placement, autocast
 from enpire.learning.visuomotor_policy import POLICY_KIND
 
 ACT_LOW, ACT_HIGH, MAX_DELTA = 0.0, 512.0, 100.0  # Push-T action bounds and per-step change limit
@@ -95,14 +96,20 @@ def from_episodes(episodes: list[dict[str, np.ndarray]], ids: list[str] | None =
                         np.concatenate(ep), list(ids or [f"ep{i}" for i in range(len(episodes))]), list(skipped or []))
 
 
-def load_frames(state_dir: str | Path, *, task: str = "pusht", max_episodes: int | None = None) -> FrameDataset:
-    """The recorded successful pixel episodes of `task` (newest first when capped). Files without frames
-    (state episodes) or unreadable ones are skipped and named in `skipped`; NoDataError when none is left."""
+def load_frames(state_dir: str | Path, *, task: str = "pusht", max_episodes: int | None = None,
+                manifest: str | Path | None = None) -> FrameDataset:
+    """The recorded successful pixel episodes of `task` (newest first when capped), or those a manifest
+    names (the trainer's selection, `dataset.manifest_entries`). Files without frames (state episodes) or
+    unreadable ones are skipped and named in `skipped`; NoDataError when none is left."""
     state_dir = Path(state_dir)
-    records = select_episodes(state_dir, task=task, success_only=True, max_episodes=max_episodes)
+    if manifest:
+        entries = [(i, f) for i, f, ok in manifest_entries(manifest) if ok]
+    else:
+        entries = [(r.episode_id, r.trajectory_file)
+                   for r in select_episodes(state_dir, task=task, success_only=True, max_episodes=max_episodes)]
     episodes, ids, skipped = [], [], []
-    for rec in records:
-        path = state_dir / rec.trajectory_file
+    for episode_id, file in entries:
+        path = state_dir / file
         try:
             arrays = read_trajectory(path)
         except EpisodeFileError as exc:
@@ -115,10 +122,10 @@ def load_frames(state_dir: str | Path, *, task: str = "pusht", max_episodes: int
             skipped.append(f"{path}: empty or non-finite")
             continue
         episodes.append(arrays)
-        ids.append(rec.episode_id)
+        ids.append(episode_id)
     if not episodes:
         why = f"; skipped {len(skipped)}: {skipped[0]}" if skipped else ""
-        raise NoDataError(f"no recorded pixel episodes in {state_dir} (task={task!r}, {len(records)} selected){why}")
+        raise NoDataError(f"no recorded pixel episodes in {state_dir} (task={task!r}, {len(entries)} selected){why}")
     return from_episodes(episodes, ids, skipped)
 
 
@@ -199,11 +206,18 @@ def _batch(ds: FrameDataset, idx: np.ndarray, device: torch.device) -> tuple[tor
     return torch.as_tensor(image, device=device), torch.as_tensor(np.concatenate([pos, prev_pos], 1), device=device)
 
 
-def train_visuomotor(ds: FrameDataset, cfg: VisuomotorConfig | None = None, log=None) -> tuple[Net, dict[str, float]]:
-    """Fit the network; returns the best model (by validation loss) on the CPU and metrics."""
+def train_visuomotor(ds: FrameDataset, cfg: VisuomotorConfig | None = None, log=None,
+                     place: Placement | None = None) -> tuple[Net, dict[str, float]]:
+    """Fit the network on `place` (default: `cfg.device`, one process); returns the best model (by
+    validation loss) on the CPU and metrics, `samples_per_s` among them.
+
+    bf16 autocast when `place.amp` (CUDA). Data-parallel when place.world > 1: every rank draws the same
+    permutation, takes its share of each global batch, and the loss is scaled so DDP's averaged gradient
+    is the global batch's; the stop decisions (time, patience) are agreed on by all ranks."""
     cfg = cfg or VisuomotorConfig()
     t0 = time.monotonic()
-    device = pick_device(cfg.device)
+    place = place or (CPU if cfg.device == "cpu" else Placement(pick_device(cfg.device)))
+    device = place.device
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -220,6 +234,9 @@ def train_visuomotor(ds: FrameDataset, cfg: VisuomotorConfig | None = None, log=
         model.act_mean.copy_(torch.as_tensor(offsets[train_idx].mean(0)))
         model.act_std.copy_(torch.as_tensor(np.maximum(offsets[train_idx].std(0), 1e-3)))
     model.to(device)
+    net = model
+    if place.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     target = torch.as_tensor((offsets - model.act_mean.cpu().numpy()) / model.act_std.cpu().numpy(), device=device)
 
     def inputs(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,36 +247,45 @@ def train_visuomotor(ds: FrameDataset, cfg: VisuomotorConfig | None = None, log=
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_val, best_state, best_epoch, bad, step, epoch = math.inf, None, -1, 0, 0, 0
     train_loss, stopped = math.nan, "max_epochs"
+    samples, train_time = 0, 0.0
     for epoch in range(cfg.max_epochs):
         model.train()
+        began = time.monotonic()
         perm = rng.permutation(train_idx)
-        total, seen = 0.0, 0
+        total = torch.zeros((), device=device)  # summed on the device: no host sync per step on a GPU
+        seen = 0
         for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
+            batch = perm[i : i + cfg.batch_size]
+            idx = batch[place.rank :: place.world]
             image, pos = inputs(idx)
             if step == cfg.inject_nan_at_step:
                 image = image * float("nan")
-            loss = ((model(image, pos) - target[idx]) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise NaNLossError(f"non-finite training loss at epoch {epoch} step {step}")
+            with autocast(device, place.amp):
+                out = net(image, pos)
+            per_sample = ((out.float() - target[idx]) ** 2).mean(1)
+            loss = per_sample.sum() * place.world / len(batch)  # the global batch's mean once DDP averages
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
+            total += per_sample.detach().sum()
+            seen += len(batch)
+            samples += len(idx)
             step += 1
-            if time.monotonic() - t0 > cfg.time_budget_s:
+            if step % 20 == 0 and place.any(time.monotonic() - t0 > cfg.time_budget_s):
                 stopped = "time_budget"
                 break
-        train_loss = total / max(1, seen)
+        train_loss = float(place.sum(total)) / max(1, seen)
+        train_time += time.monotonic() - began
+        if not math.isfinite(train_loss):
+            raise NaNLossError(f"non-finite training loss in epoch {epoch} (by step {step})")
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, place.amp):
             val_loss = train_loss
             if len(val_idx):
                 sums = 0.0
                 for j in range(0, len(val_idx), 256):
                     idx = val_idx[j : j + 256]
-                    sums += float(((model(*inputs(idx)) - target[idx]) ** 2).sum()) / 2
+                    sums += float(((model(*inputs(idx)).float() - target[idx]) ** 2).sum()) / 2
                 val_loss = sums / len(val_idx)
         if not math.isfinite(val_loss):
             raise NaNLossError(f"non-finite validation loss at epoch {epoch}")
@@ -272,6 +298,8 @@ def train_visuomotor(ds: FrameDataset, cfg: VisuomotorConfig | None = None, log=
             bad += 1
             if bad >= cfg.patience:
                 stopped = "early_stopping"
+        if stopped == "max_epochs" and place.any(time.monotonic() - t0 > cfg.time_budget_s):
+            stopped = "time_budget"
         if stopped != "max_epochs":
             break
     if best_state is not None:
@@ -282,6 +310,8 @@ def train_visuomotor(ds: FrameDataset, cfg: VisuomotorConfig | None = None, log=
         "steps": float(step), "train_transitions": float(len(train_idx)), "val_transitions": float(len(val_idx)),
         "episodes": float(ds.n_episodes), "transitions": float(len(ds)), "frames_mb": ds.frames.nbytes / 2**20,
         "train_s": time.monotonic() - t0, "device_cuda": float(device.type == "cuda"),
+        # training samples per second of the whole run (all ranks), gradient steps only
+        "samples_per_s": float(place.sum(torch.tensor(float(samples), device=device))) / train_time if train_time else 0.0,
         "early_stopped": float(stopped == "early_stopping"), "time_limited": float(stopped == "time_budget"),
     }
     return model, metrics
