@@ -119,7 +119,7 @@ async def test_an_exhausted_pool_refuses_a_judging_and_a_low_pool_is_announced(t
         # agents' evaluations never touch the pool
         nursery.start_soon(ref.ask, EvalRequest(job_id="e", agent="a", task="pusht", policy=PolicySpec("d", {}),
                                                 seeds=[1]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         assert board.get("heldout", "pusht", HeldoutRecord).used == 8
         nursery.cancel_scope.cancel()
 
