@@ -110,7 +110,7 @@ class PriceConfig(Strict):
 
 class AgentsConfig(Strict):
     count: NonNegInt = 1
-    backend: Literal["builtin", "anthropic", "openai", "openai_responses"] = "builtin"
+    backend: Literal["builtin", "anthropic", "openai", "openai_responses", "claude-code", "codex", "command"] = "builtin"
     # built-in researcher
     population: PositiveInt = 12  # candidates per search generation
     seeds_per_candidate: PositiveInt = 6
@@ -135,6 +135,10 @@ class AgentsConfig(Strict):
     pause_s: PositiveFloat = 300.0
     notes_dir: str = ""  # a folder of notes / literature the agents may search
     digest: bool = True  # false (ablation): briefings list every peer finding instead of the summarizer's digest
+    # CLI coding agents (backend "claude-code", "codex" or "command"): one research turn is one headless run
+    command: str = ""  # "command": argv template, placeholders {prompt} {mcp_config} {workdir} {model} {base_url}
+    turn_minutes: PositiveFloat = 30.0  # a run still going after this is stopped (and restarted with backoff)
+    max_turns: NonNegInt = 0  # runs per agent; 0 = until the budgets end
     # model agents on a pooled fleet start a turn once some results are in and fewer than this many
     # episodes per cell are queued (teammates' coming requests included); 0 = after all their results
     pace_per_cell: Annotated[float, Meta(ge=0)] = 10.0

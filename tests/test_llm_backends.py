@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -134,9 +135,9 @@ def agent_for(api: str, server: ScriptedAPI, s: LLMSettings, model: str = "") ->
 
 async def run_agent(agent: LLMAgent, tmp_path, seen: list, *, gate: trio.Event | None = None, limit: float = 30,
                     during=None, board: Blackboard | None = None, state_dir=None,
-                    events: EventHub | None = None) -> tuple[Tools, list]:
+                    events: EventHub | None = None, workspace: Workspace | None = None) -> tuple[Tools, list]:
     board = board or Blackboard(tmp_path / "bb")
-    workspace = Workspace(tmp_path / "ws")
+    workspace = workspace or Workspace(tmp_path / "ws")
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: CannedScheduler(seen, gate))
@@ -606,3 +607,111 @@ async def test_a_call_in_flight_when_the_fleet_stops_is_still_billed(api, tmp_pa
     records = board.values("tokens", TokenRecord)
     assert len(records) == 1 and (records[0].input_tokens, records[0].output_tokens)[1] > 0
     assert 0.5 < stopped_after < 3.0  # it waited for the answer, not for the whole grace or the timeout
+
+
+# ----------------------------------------------------------------------------- whole files, teammates, training
+
+
+def _last(pattern: str, body: dict) -> str | None:
+    found = re.findall(pattern, json.dumps(body).replace("\\\\", "\\").replace('\\"', '"'))
+    return found[-1] if found else None
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_the_model_pages_through_the_template_edits_one_line_and_reads_a_teammates_commit(
+        api, tmp_path, monkeypatch):
+    from enpire.agents import pusht_policy
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    template = Path(pusht_policy.__file__).read_text()
+    ws = Workspace(tmp_path / "ws")
+    ws.commit("main", {"policy.py": template}, "template")
+    mate = ws.commit("agent/agent-1", {"policy.py": template.replace("class Policy", "class Policy  # mate")},
+                     "teammate's variant")
+    target = next(line for line in template.splitlines() if line.strip().startswith("def act("))
+    state = {"i": 0, "edited": False, "shown": False}
+
+    def model(h: dict, b: dict):
+        state["i"] += 1
+        header = _last(r"policy.py @ \w+: lines \d+-(\d+) of (\d+)", b)
+        if state["i"] == 1 or (header and header[0] != header[1] and not state["edited"]):
+            start = int(header[0]) + 1 if header else 1
+            call = [("read_file", {"path": "policy.py", "start_line": start, "max_lines": 400})]
+        elif not state["edited"]:
+            state["edited"] = True
+            call = [("edit", {"path": "policy.py", "old": target, "new": target + "  # faster", "message": "one line"})]
+        elif not state["shown"]:
+            state["shown"] = True
+            call = [("show_commit", {"commit": mate[:9]})]
+        else:
+            call = [("digest", {})]
+        return reply(api, call, state["i"])(h, b)
+
+    server = ScriptedAPI([], fallback=model)
+    agent = agent_for(api, server, settings(token_budget=12_000, tools=SessionSettings(tool_output_chars=5000)))
+    try:
+        await run_agent(agent, tmp_path, [], workspace=ws)
+    finally:
+        server.close()
+    posts = server.posts()
+    # Every line of the template reached the model, page after page, each page under the output cap.
+    pages = [o for t in agent.turns for o in t.outputs if o.name == "read_file"]
+    lines = [row.split("| ", 1)[1] if "| " in row else "" for p in pages for row in p.content.split("\n")[1:]]
+    assert len(pages) >= 3 and lines == template.splitlines() and all(len(p.content) <= 5000 for p in pages)
+    head = ws.head("agent/agent-0")
+    assert ws.read_file(head, "policy.py").decode() == template.replace(target, target + "  # faster")
+    assert "# mate" in json.dumps(posts[-1].body)  # the teammate's commit, read by id
+
+
+@pytest.mark.parametrize("api", [pytest.param("anthropic", marks=pytest.mark.slow), "openai"])
+async def test_the_model_trains_bc_and_the_cells_run_the_checkpoint(api, tmp_path, monkeypatch):
+    """train (BC through the trainer actor) and wait; commit_checkpoint by job id; evaluate that commit on a
+    real cell and wait for its episodes."""
+    from bus.records import EpisodeRecord
+    from enpire import config as cfg
+    from enpire.agents.pusht_policy import INITIAL_PARAMS
+    from enpire.agents.pusht_policy import Policy as Scripted
+    from enpire.agents.session import agent_tools
+    from enpire.fleet import open_state_dir, start_core
+    from enpire.learning.dataset import record_scripted
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    state = tmp_path / "state"
+    assert record_scripted(state, lambda: Scripted(INITIAL_PARAMS), range(3))["successes"] == 3
+    steps = {"i": 0}
+
+    def model(h: dict, b: dict):
+        steps["i"] += 1
+        i = steps["i"]
+        if i == 1:
+            calls = [("train", {"recipe": "bc", "time_budget_s": 60,
+                                "options": {"hidden": "32", "layers": "3", "max_epochs": "5"}}), ("wait", {"timeout_s": 200})]
+        elif i == 2:
+            calls = [("commit_checkpoint", {"job": _last(r'"job":"(agent-0-train-\w+)"', b), "message": "bc"})]
+        elif i == 3:
+            calls = [("evaluate", {"commit": _last(r'"commit":"([0-9a-f]{40})"', b), "n_seeds": 2}),
+                     ("wait", {"timeout_s": 200})]
+        else:
+            calls = [("digest", {})]
+        return reply(api, calls, i)(h, b)
+
+    server = ScriptedAPI([], fallback=model)
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    board, meta = open_state_dir(state)
+    agent = agent_for(api, server, settings(token_budget=4000))
+    try:
+        async with trio.open_nursery() as nursery:
+            core = await start_core(nursery, config, state, board, meta)
+            tools = agent_tools(config, 0, core.workspace, core.judge, board, trainer=core.trainer, state_dir=state,
+                                events=core.events)
+            with trio.fail_after(300):
+                await agent.run(tools)
+            nursery.cancel_scope.cancel()
+    finally:
+        server.close()
+    learned = core.workspace.head("learned/agent-0")
+    assert learned is not None and core.workspace.read_file(learned, "weights.npz")
+    ran = [e for e in board.values("episodes", EpisodeRecord) if e.policy.commit == learned]
+    assert len(ran) == 2 and all(e.cell_id != "recorder" for e in ran)  # a real cell ran the checkpoint
+    assert '"n":2' in json.dumps(server.posts()[3].body).replace("\\", "")  # the model saw the result

@@ -29,6 +29,10 @@ def make_backend(config: cfg.Config, index: int):
     setting fails at start with one line (LLMConfigError), not later inside the fleet."""
     a = config.agents
     task = config.task()
+    if a.backend in ("claude-code", "codex", "command"):  # CLI coding agents: enpire/agents/cli_backend.py
+        from enpire.agents.cli_backend import make_cli_backend
+
+        return make_cli_backend(config, index)
     if a.backend == "builtin":
         settings = SearchSettings(population=a.population, seeds_per_candidate=a.seeds_per_candidate,
                                   target=config.fleet.target, horizon=task.horizon, learn=a.learn,
@@ -51,5 +55,5 @@ def make_backend(config: cfg.Config, index: int):
 
 async def probe(config: cfg.Config) -> None:
     """Check once at start that the configured model exists and the key works (LLMConfigError if not)."""
-    if config.agents.backend != "builtin" and config.agents.count:
-        await make_client(config, 0).probe()
+    if config.agents.backend in ("anthropic", "openai", "openai_responses") and config.agents.count:
+        await make_client(config, 0).probe()  # CLI agents were checked when built (node, CLI, jail, key)
