@@ -449,7 +449,9 @@ class Ticks:
                  deadline: float, daemon: DaemonRecord, events: EventHub, sink: TensorBoardSink | None):
         self.logger, self.board, self.config, self.system, self.events = logger, board, config, system, events
         self.started, self.deadline, self.daemon, self.sink = started, deadline, daemon, sink
-        self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
+        # Local cells take a while to start (imports, simulator); a fleet waiting for remote ones says so sooner.
+        grace = 30.0 if config.cells.count else 3 * config.fleet.progress_s
+        self.watch = progress.NoCellWatch(started, grace_s=max(5.0, grace))
         self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
 
     async def feed_sink(self) -> None:
