@@ -12,46 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hw.taskspec import Field, ObservationKind, TaskSpec
+
+__all__ = ["Field", "ObservationKind", "TaskSpec"]  # defined with the drivers, which fill them in too
+
 ON_FAILURE_KEYS = ("attempt", "reason", "score")  # what Policy.on_failure(info) receives (pass@k)
-
-
-@dataclass(frozen=True)
-class Field:
-    """A slice of the observation or action vector: [start, start + size)."""
-
-    name: str
-    start: int
-    size: int
-    unit: str
-    meaning: str
-
-
-@dataclass(frozen=True)
-class ObservationKind:
-    dim: int
-    fields: tuple[Field, ...]
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    driver: str
-    title: str
-    observations: dict[str, ObservationKind]  # by kind ("state", ...)
-    action_fields: tuple[Field, ...]
-    action_low: tuple[float, ...]
-    action_high: tuple[float, ...]
-    action_meaning: str
-    goal: str
-    success: str
-    score: str
-    control_hz: float
-    horizon: int  # the task's own episode length (a config may shorten it)
-    geometry: str = ""
-    template: str = ""  # module of the starting template policy ("" = none)
-    observation_templates: dict[str, str] = field(default_factory=dict)  # another template for an observation kind
-    goal_value: tuple[float, ...] = ()  # a fixed goal, when the task has one (checked against the driver)
 
 
 def _pusht() -> TaskSpec:
@@ -135,11 +100,23 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 )}
 
 
-def spec(name: str) -> TaskSpec:
-    try:
+def spec(name: str, options: dict | None = None) -> TaskSpec:
+    """The spec of a built-in task, or of a plugin driver's (entry point or "package.module:Class"): the
+    driver describes its own task with `task_spec()` (a LeRobot robot: from its features and options)."""
+    if name in TASKS:
         return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+    from hw.plugins import PluginError, driver_class, make_driver
+
+    try:
+        cls = driver_class(name)
+    except PluginError as e:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)} ({e})") from None
+    describe = getattr(cls, "task_spec", None)
+    if describe is None:
+        raise KeyError(f"driver {name!r} gives no task card: define task_spec() -> enpire.tasks.TaskSpec on its class")
+    if isinstance(cls.__dict__.get("task_spec"), (classmethod, staticmethod)):
+        return describe()
+    return make_driver(name, **(options or {})).task_spec()  # the robot's own features decide
 
 
 @dataclass(frozen=True)
@@ -209,6 +186,6 @@ def card(name: str, config=None) -> TaskCard:
     task = config.tasks.get(name)
     if task is None:
         raise KeyError(f"task {name!r} is not in the configuration's [tasks] ({', '.join(config.tasks)})")
-    return TaskCard(spec(task.driver), observation=task.observation, horizon=task.horizon,
+    return TaskCard(spec(task.driver, dict(task.driver_options)), observation=task.observation, horizon=task.horizon,
                     act_deadline_s=config.sandbox.act_timeout_s, max_delta=task.limits.max_delta,
                     max_missed=config.sandbox.max_missed_deadlines, attempts=task.attempts)
