@@ -89,10 +89,12 @@ class Unverified(NamedTuple):
     finish: Callable[[VerifyReply, float], EpisodeReport | None]  # (reply, seconds it took) -> report
 
 
-def _flagged_report(cell_id: str, lease: Lease, verdict: Verdict, reset_s: float, verify_s: float) -> EpisodeReport:
+def _flagged_report(cell_id: str, lease: Lease, reply: VerifyReply, reset_s: float, verify_s: float) -> EpisodeReport:
+    assert reply.at_reset is not None
     return EpisodeReport(
-        cell_id=cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=verdict, attempts=[],
+        cell_id=cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=reply.at_reset, attempts=[],
         steps=0, reset_s=reset_s, run_s=0.0, verify_s=verify_s, flagged="success_at_reset",
+        signature=reply.reset_signature,
     )
 
 
@@ -196,12 +198,13 @@ class Cell(Actor):
             raise RuntimeError(f"verifier failed: {reply}")
         return reply
 
-    def _verify_request(self, lease: Lease, reset_state=None) -> VerifyRequest:
+    def _verify_request(self, lease: Lease, attempt: int, reset_state=None) -> VerifyRequest:
         """The trusted end state (and camera frame for a vision verifier), read before the next reset."""
         frame = self.driver.frame() if lease.verifier == "vision" else None
         return VerifyRequest(
             episode_id=lease.episode_id, task=lease.task, state=self.driver.trusted_state(),
             frame=Array.of(frame) if frame is not None else None, reset_state=reset_state,
+            lease_id=lease.lease_id, attempt=attempt,
         )
 
     def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
@@ -249,11 +252,11 @@ class Cell(Actor):
             verify_total = spent + secs
             if reply.at_reset is not None and reply.at_reset.success:
                 # Already solved at reset: the seed says nothing about the policy; the scheduler replaces it.
-                return _flagged_report(self.cell_id, lease, reply.at_reset, reset_s, verify_total)
+                return _flagged_report(self.cell_id, lease, reply, reset_s, verify_total)
             verdict = reply.verdict
             if error:  # a violation or policy fault ends the episode whatever the scene looks like
                 verdict = Verdict(success=False, score=verdict.score, reason=error, verifier=verdict.verifier)
-            attempts.append(Attempt(verdict=verdict, steps=steps))
+            attempts.append(Attempt(verdict=verdict, steps=steps, signature=reply.signature))
             return report(verify_total) if final or verdict.success or error else None
 
         try:
@@ -272,11 +275,11 @@ class Cell(Actor):
                 try:
                     sandbox.notify_failure({"attempt": k, "reason": last.reason, "score": last.score})
                 except PolicyError as e:
-                    attempts.append(Attempt(Verdict(False, last.score, f"policy_error: {e}", "cell"), 0))
+                    attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
                     break
             steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards)
             run_s += time.perf_counter() - t2
-            request = self._verify_request(lease, reset_state if k == 0 else None)
+            request = self._verify_request(lease, k, reset_state if k == 0 else None)
             final = bool(error) or k == lease.attempts - 1
             finish = functools.partial(judged, error=error, steps=steps, spent=verify_s, final=final)
             if final:

@@ -64,6 +64,7 @@ from enpire import leaderboard
 from enpire.config import Config
 from enpire.episodes import write_trajectory
 from enpire.metrics import Utilization, better_with_confidence, utilization, wilson_interval
+from enpire.seal import refuse_report
 
 
 @dataclass
@@ -124,10 +125,12 @@ class Scheduler(Actor):
     concurrent_handlers = True  # lease requests long-poll; agents wait for their jobs
 
     def __init__(self, config: Config, board: Blackboard, policies: PolicyLoader, state_dir: Path, run_id: str,
-                 set_main=None, baseline: PolicySpec | None = None):
+                 set_main=None, baseline: PolicySpec | None = None, verdict_key: bytes | None = None):
         """`set_main(commit)` points the workspace's main branch at the champion (promotion, rollback);
-        `baseline` is the policy the team starts from, judged by idle cells while there is no champion."""
+        `baseline` is the policy the team starts from, judged by idle cells while there is no champion;
+        `verdict_key`: the verifier's signing key (every recorded verdict must be signed with it)."""
         super().__init__()
+        self.verdict_key = verdict_key
         self.baseline = baseline
         self.set_main = set_main or (lambda commit: None)
         self.config = config
@@ -259,13 +262,19 @@ class Scheduler(Actor):
         )
 
     async def _report(self, msg: EpisodeReport) -> Message:
-        lease = self.leases.pop(msg.lease_id, None)
+        lease = self.leases.get(msg.lease_id)
         job_id = lease.episode.job_id if lease else msg.episode_id.rsplit(":", 1)[0]
         job = self.jobs.get(job_id)
         self._add_segments(msg.cell_id, msg.segments)
         episode = lease.episode if lease else self._find_episode(job, msg.episode_id)
-        if job is None or episode is None or msg.episode_id in job.results:
-            return Ack(detail="duplicate or unknown episode; ignored")
+        if job is not None and msg.episode_id in job.results:
+            return Ack(detail="duplicate episode; ignored")
+        if (why := refuse_report(msg, lease and (lease.cell_id, lease.episode.episode_id), self.verdict_key)):
+            self.log.warning("report_refused", cell=msg.cell_id, lease=msg.lease_id, episode=msg.episode_id, why=why)
+            return Failure(error=f"report refused: {why}", retry=False)
+        del self.leases[msg.lease_id]  # held by this cell, for this episode (refuse_report checked)
+        if job is None or episode is None:
+            return Ack(detail="unknown episode; ignored")
         # A re-leased copy of this episode may still be queued or running: drop it, this result wins.
         for queue in self.pending.values():
             for queued in [e for e in queue if e.episode_id == msg.episode_id]:

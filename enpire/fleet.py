@@ -45,7 +45,7 @@ from bus.messages import (
     VerifyRequest,
 )
 from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
-from bus.transport import RequestServer, ipc_url
+from bus.transport import RequestServer, cell_key, ipc_url
 from enpire import config as cfg
 from enpire import isolation, log
 from enpire.agents.backends import make_backend
@@ -156,7 +156,7 @@ async def _cell_process(
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
         "--scratch-mb", str(sb.scratch_mb), "--pids", str(sb.pids),
-        "--secret-env", LOCAL_SECRET_ENV,
+        "--key-env", LOCAL_SECRET_ENV,
     ]
     cpus = sorted(os.sched_getaffinity(0))
     pinning = config.cells.cpu_pinning
@@ -165,7 +165,7 @@ async def _cell_process(
     if not sb.require_isolation and isolation.check() is not None:
         command.append("--unconfined")  # the user opted out, and the engine cannot run here
     env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
-    env[LOCAL_SECRET_ENV] = secret.hex()
+    env[LOCAL_SECRET_ENV] = cell_key(secret.hex().encode(), cell_id).decode()  # this cell's key only
     failures = 0
     while not stopping.is_set():
         began = time.time()
@@ -232,11 +232,12 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     baseline = _baseline(config, workspace, board)
     task_kinds = {name: VERIFIER_KIND[t.driver] for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
-    verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
+    verdict_key = secrets.token_bytes(32)  # verifier and scheduler only: cells relay verdicts, never sign them
+    verifier = await system.spawn("verifier", lambda: Verifier(task_kinds, verdict_key))
     scheduler = await system.spawn(
         "scheduler",
         lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main,
-                          baseline),
+                          baseline, verdict_key=verdict_key),
     )
     trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
     routes: dict[type, Ref] = {
@@ -248,6 +249,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
         ref = routes.get(type(envelope.body))
         if ref is None:
             return Failure(error=f"no actor takes {type(envelope.body).__name__} from the bus")
+        claimed = getattr(envelope.body, "cell_id", envelope.sender)
+        if claimed != envelope.sender:  # the sender is authenticated (its own key); the field is not
+            structlog.get_logger().warning("impersonation_refused", actor="fleet", sender=envelope.sender[:60],
+                                           claimed=str(claimed)[:60], request=type(envelope.body).__name__)
+            return Failure(error=f"sender {envelope.sender!r} cannot speak for cell {claimed!r}", retry=False)
         return await ref.ask(envelope.body, timeout=60.0)
 
     # Local peers authenticate too: a per-run secret, so nothing else on the machine (a policy that
@@ -257,10 +263,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     # Each cell's long-polled LeaseRequest holds one server worker: leave room for heartbeats and reports.
     workers = 2 * config.cells.count + 8
     await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
-                                      workers=workers).serve)
+                                      per_sender_keys=True, workers=workers).serve)
     if config.bus.listen:
         secret = os.environ[config.bus.secret_env].encode()
-        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret, workers=32).serve)
+        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret,
+                                          per_sender_keys=True, workers=32).serve)
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
     stopping = trio.Event()
     for i in range(config.cells.count):
