@@ -46,7 +46,7 @@ from bus.messages import (
     Welcome,
 )
 from bus.transport import RequestClient
-from enpire.safety import ActionLimits, check_action
+from enpire.safety import ActionLimits, check_action, named_bounds
 from enpire.sandbox import PolicyError, PolicySandbox, SandboxLimits
 from hw.driver import Driver
 
@@ -226,10 +226,9 @@ class Cell(Actor):
         reset_s = time.perf_counter() - t0
         verify_s = 0.0
 
-        limits = ActionLimits(
-            dim=len(self.driver.action_low), low=self.driver.action_low, high=self.driver.action_high,
-            max_delta=lease.max_delta,
-        )
+        low, high, problem = named_bounds(getattr(self.driver, "action_names", None), self.driver.action_low,
+                                          self.driver.action_high, lease.joints, require_all=self.real)
+        limits = ActionLimits(dim=len(low), low=low.tolist(), high=high.tolist(), max_delta=lease.max_delta)
         observations, actions, rewards = [obs], [], []
         attempts: list[Attempt] = []
         run_s = 0.0
@@ -259,6 +258,9 @@ class Cell(Actor):
             attempts.append(Attempt(verdict=verdict, steps=steps, signature=reply.signature))
             return report(verify_total) if final or verdict.success or error else None
 
+        if problem:  # the task's limits do not fit this robot: nothing moves
+            attempts.append(Attempt(Verdict(False, 0.0, problem, "cell"), 0))
+            return report(0.0)
         try:
             # A judging runs in a jail of its own: held-out episodes never share a process or scratch
             # with tuning episodes (or with another judging).

@@ -259,6 +259,7 @@ class Scheduler(Actor):
             max_delta=task.limits.max_delta,
             verifier=task.verifier,
             control_hz=task.control_hz,
+            joints=task.limits.joints,
         )
 
     async def _report(self, msg: EpisodeReport) -> Message:

@@ -1,12 +1,13 @@
 """Bus benchmark: enpire's transport against raw blocking pynng, cross-process, in the same run.
 
-    python bench/bus.py [--seconds S] [--quick]
+    python bench/bus.py [--seconds S] [--rounds R] [--quick]
 
 Prints one JSON object: request/reply throughput and latency (p50/p99 microseconds) with 1 and N
 concurrent requesters, pub/sub event throughput, for (a) bus.transport (msgspec envelopes, ids, dedup
 cache, HMAC) and (b) raw pynng Req0/Rep0 and Pub0/Sub0 with plain blocking calls and raw bytes, plus
-the ratios transport/raw. The peer always runs in a separate process. Every loop is bounded by time
-and count and stops by itself.
+the ratios transport/raw. Request/reply runs in rounds that alternate transport and raw (the median of
+the per-round ratios is reported), so that both see the same load on a shared machine. The peer always
+runs in a separate process. Every loop is bounded by time and count and stops by itself.
 """
 
 from __future__ import annotations
@@ -227,29 +228,48 @@ def with_server(kind: str, seconds_total: float, fn):
             proc.join(10)
 
 
+def _median_round(rounds: list[dict]) -> dict:
+    """The round with the median throughput (its latencies with it), plus every round's throughput."""
+    ranked = sorted(rounds, key=lambda r: r["msgs_per_s"])
+    return {**ranked[len(ranked) // 2], "rounds_msgs_per_s": [r["msgs_per_s"] for r in rounds]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--quick", action="store_true", help="0.5 s per measurement")
+    p.add_argument("--rounds", type=int, default=5, help="transport and raw alternate this many times")
+    p.add_argument("--quick", action="store_true", help="0.5 s per measurement, 3 rounds")
     args = p.parse_args(argv)
     s = 0.5 if args.quick else args.seconds
+    rounds = 3 if args.quick else args.rounds
     n = args.concurrency
-    result = {"seconds_per_measurement": s, "concurrency": n}
-    for kind, bench in (("transport", bench_transport_reqrep), ("raw_pynng", bench_raw_reqrep)):
-        result[f"reqrep_{kind}"] = with_server(
-            kind if kind == "transport" else "raw", 2 * s + 10,
-            lambda url, bench=bench: {"1": bench(url, 1, s), str(n): bench(url, n, s)},
-        )
+    result = {"seconds_per_measurement": s, "concurrency": n, "rounds": rounds}
+    # Transport and raw alternate (and swap which goes first) so that both see the same machine: on a
+    # shared machine the load changes within seconds. Ratios are the median of the per-round ratios.
+    kinds = {"transport": bench_transport_reqrep, "raw": bench_raw_reqrep}
+    runs: dict[str, dict[str, list[dict]]] = {k: {"1": [], str(n): []} for k in kinds}
+    for r in range(rounds):
+        for kind in (("transport", "raw") if r % 2 == 0 else ("raw", "transport")):
+            bench = kinds[kind]
+            got = with_server(kind, 2 * s + 10, lambda url, bench=bench: {"1": bench(url, 1, s), str(n): bench(url, n, s)})
+            for c in ("1", str(n)):
+                runs[kind][c].append(got[c])
+    result["reqrep_transport"] = {c: _median_round(v) for c, v in runs["transport"].items()}
+    result["reqrep_raw_pynng"] = {c: _median_round(v) for c, v in runs["raw"].items()}
     result["pubsub_transport"] = bench_pubsub("transport", s)
     result["pubsub_raw_pynng"] = bench_pubsub("raw", s)
-    t, r = result["reqrep_transport"], result["reqrep_raw_pynng"]
+
+    def paired(c: str, key: str) -> float:
+        ratios = sorted(t[key] / r[key] for t, r in zip(runs["transport"][c], runs["raw"][c], strict=True))
+        return round(ratios[len(ratios) // 2], 3)
+
     result["ratios_transport_over_raw"] = {
-        "reqrep_1_throughput": round(t["1"]["msgs_per_s"] / r["1"]["msgs_per_s"], 3),
-        f"reqrep_{n}_throughput": round(t[str(n)]["msgs_per_s"] / r[str(n)]["msgs_per_s"], 3),
-        "reqrep_1_p50_latency": round(t["1"]["p50_us"] / r["1"]["p50_us"], 3),
-        "reqrep_1_p99_latency": round(t["1"]["p99_us"] / r["1"]["p99_us"], 3),
-        f"reqrep_{n}_p50_latency": round(t[str(n)]["p50_us"] / r[str(n)]["p50_us"], 3),
+        "reqrep_1_throughput": paired("1", "msgs_per_s"),
+        f"reqrep_{n}_throughput": paired(str(n), "msgs_per_s"),
+        "reqrep_1_p50_latency": paired("1", "p50_us"),
+        "reqrep_1_p99_latency": paired("1", "p99_us"),
+        f"reqrep_{n}_p50_latency": paired(str(n), "p50_us"),
         "pubsub_throughput": round(result["pubsub_transport"]["events_per_s"]
                                    / max(1.0, result["pubsub_raw_pynng"]["events_per_s"]), 3),
     }

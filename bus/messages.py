@@ -136,6 +136,7 @@ class Lease(Message, frozen=True):
     max_delta: float  # largest allowed change between consecutive actions
     verifier: str = "state"  # "state" or "vision"
     control_hz: float = 0.0  # pace steps like a real robot; 0 = as fast as the simulator goes
+    joints: dict[str, list[float]] = {}  # the task's [low, high] per named action (joint/workspace limits)
 
 
 class NoWork(Message, frozen=True):

@@ -27,11 +27,12 @@ HMAC(secret, payload) || payload. The receiver checks the MAC (constant time) be
 that fail authentication or decoding are refused (a `Failure` reply on the request path, dropped on
 pub/sub), logged without their content and counted; they never stop a reader.
 
-Fast path: a reader tries a non-blocking receive first and awaits only when nothing is waiting (one
-await per message caps a trio reader at a few thousand messages per second). pynng 0.9's `Context`
-has no non-blocking recv (its `recv` blocks the thread), so the request path, which needs contexts
-for concurrency, always awaits; the subscriber (a single-socket reader) uses the fast path, and the
-publisher sends without awaiting (Pub0 never blocks: it drops instead).
+Fast path: no request, reply or event goes through an nng thread's callback into trio (pynng's
+`arecv`/`asend` cost a thread hand-off and a trio wake-up each, as much as the rest of a request).
+Readers take what is waiting at once (a non-blocking recv, or for a server context an aio with a zero
+timeout) and otherwise wait on the socket's readiness fd in trio's own poll. A Rep0 socket's fd is
+readable while any request waits for a context; a client uses one Req0 socket per request in flight
+(pooled), whose fd signals its reply. Replies are handed to nng without waiting for them to leave.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from typing import Any
 import pynng
 import structlog
 import trio
+from pynng import ffi, lib
+from pynng.exceptions import check_err
 
 from bus.messages import Ack, DecodeError, Envelope, Failure, Message, decode, encode
 
@@ -211,15 +214,90 @@ class _Yielder:
             await trio.lowlevel.checkpoint_if_cancelled()
 
 
-async def _fast_recv(sock: pynng.Socket, yielder: _Yielder) -> bytes:
-    """Take a waiting message without a trio round trip; await only when the queue is empty."""
-    try:
-        frame = sock.recv(block=False)
-    except pynng.TryAgain:
-        yielder.count = 0
-        return await sock.arecv()
-    await yielder.tick()
-    return frame
+async def _fast_recv(sock: pynng.Socket, fd: int, yielder: _Yielder) -> bytes:
+    """Take a waiting message without a trio round trip; when none waits, wait for the socket's
+    readiness fd in trio's own poll (no nng thread hand-off, unlike pynng's arecv)."""
+    while True:
+        try:
+            frame = sock.recv(block=False)
+        except pynng.TryAgain:
+            yielder.count = 0
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        await yielder.tick()
+        return frame
+
+
+NNG_NOW = 0  # an aio timeout of zero: nng completes the operation at once or fails it with NNG_ETIMEDOUT
+REPLY_TIMEOUT_MS = 30_000  # a reply a stalled peer never takes is dropped then (its requester resends)
+MAX_CLIENT_SOCKETS = 32  # a client's concurrent requests beyond this wait for a free socket
+
+
+def _new_aio(timeout_ms: int):
+    """An nng aio without a completion callback: nothing of it ever runs Python or wakes trio."""
+    aio_p = ffi.new("nng_aio **")
+    check_err(lib.nng_aio_alloc(aio_p, ffi.NULL, ffi.NULL))
+    lib.nng_aio_set_timeout(aio_p[0], timeout_ms)
+    return aio_p[0]
+
+
+def _nng_msg(data: bytes):
+    msg_p = ffi.new("nng_msg **")
+    check_err(lib.nng_msg_alloc(msg_p, 0))
+    check_err(lib.nng_msg_append(msg_p[0], data, len(data)))
+    return msg_p[0]
+
+
+class _Slot:
+    """One server context and its two callback-free aios: a receive that completes at once or fails
+    (zero timeout), and a reply handed to nng without waiting for it to leave. Nothing here wakes trio:
+    the server waits on the socket's readiness fd instead (see RequestServer)."""
+
+    def __init__(self, ctx: pynng.Context) -> None:
+        self.ctx = ctx
+        self._recv = _new_aio(NNG_NOW)
+        self._reply = _new_aio(REPLY_TIMEOUT_MS)
+        self._replying = False
+
+    def try_recv(self) -> bytes | None:
+        lib.nng_ctx_recv(self.ctx.context, self._recv)
+        lib.nng_aio_wait(self._recv)  # returns at once: zero timeout
+        err = lib.nng_aio_result(self._recv)
+        if err == lib.NNG_ETIMEDOUT:
+            return None
+        check_err(err)
+        msg = lib.nng_aio_get_msg(self._recv)
+        try:
+            return ffi.buffer(lib.nng_msg_body(msg), lib.nng_msg_len(msg))[:]
+        finally:
+            lib.nng_msg_free(msg)
+
+    def reply(self, data: bytes) -> None:
+        # Never with a zero timeout: a Rep0 send that finds its pipe busy would fail and drop the
+        # request's return route. This one waits in nng (behind the pipe's previous reply), not here.
+        lib.nng_aio_set_msg(self._reply, _nng_msg(data))
+        lib.nng_ctx_send(self.ctx.context, self._reply)
+        self._replying = True
+
+    def settled(self) -> tuple[bool, str]:
+        """(whether the last reply has left or failed, so the context is free; its error or "")."""
+        if not self._replying:
+            return True, ""
+        if lib.nng_aio_busy(self._reply):
+            return False, ""
+        self._replying = False
+        err = lib.nng_aio_result(self._reply)
+        if not err:
+            return True, ""
+        lib.nng_msg_free(lib.nng_aio_get_msg(self._reply))  # not sent: still ours
+        return True, ffi.string(lib.nng_strerror(err)).decode()
+
+    def close(self) -> None:
+        self.ctx.close()  # aborts anything pending, so the frees below do not wait
+        lib.nng_aio_free(self._recv)
+        lib.nng_aio_free(self._reply)
+        if self._replying and lib.nng_aio_result(self._reply):
+            lib.nng_msg_free(lib.nng_aio_get_msg(self._reply))
 
 
 # ----------------------------------------------------------------------------- acked path
@@ -282,25 +360,61 @@ class RequestServer:
                 port = str(sock.listeners[0].local_address).rsplit(":", 1)[1]
                 self.url = f"{self.url[:-2]}:{port}"
                 self.log = self.log.bind(url=self.url)
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.workers):
-                    nursery.start_soon(self._worker, sock.new_context())
-                task_status.started(self)
+            slots = [_Slot(sock.new_context()) for _ in range(self.workers)]
+            try:
+                async with trio.open_nursery() as nursery:
+                    send, receive = trio.open_memory_channel(self.workers)
+                    free = trio.Semaphore(self.workers)
+                    idle = list(slots)
+                    for _ in range(self.workers):
+                        nursery.start_soon(self._worker, receive, idle, free)
+                    task_status.started(self)
+                    await self._receive(sock, idle, free, send)
+            finally:
+                for slot in slots:  # contexts before the socket, so none outlives it
+                    slot.close()
 
-    async def _worker(self, ctx: pynng.Context) -> None:
-        with ctx:  # closed before the socket, so no context outlives it
-            while True:
-                frame = await ctx.arecv()
-                try:
-                    reply = await self.answer(frame)
-                except Exception as e:  # a bug here must cost one request, not the server
-                    self.log.exception("request_failed", bytes=len(frame), error=type(e).__name__)
-                    reply = self._reply("", Failure(error="internal error", retry=True))
-                try:
-                    await ctx.asend(reply)
-                except pynng.NNGException as e:  # the requester went away; it will resend if it cares
+    async def _receive(self, sock: pynng.Rep0, idle: list[_Slot], free: trio.Semaphore, send) -> None:
+        """Take each request into a free context and hand it to a worker. One task waits on the socket's
+        readiness fd in trio's own poll, so a request costs no thread hand-off, and requests already
+        waiting are taken without waiting at all. A long-poll holds its context, never this loop."""
+        fd = sock.recv_fd
+        while True:
+            try:
+                free.acquire_nowait()  # no scheduling round trip when a context is free (the usual case)
+            except trio.WouldBlock:
+                await free.acquire()
+            slot = await self._free_slot(idle)
+            frame = slot.try_recv()
+            while frame is None:
+                await trio.lowlevel.wait_readable(fd)
+                frame = slot.try_recv()
+            send.send_nowait((slot, frame))  # room for every worker: never blocks
+
+    async def _free_slot(self, idle: list[_Slot]) -> _Slot:
+        delay = 0.0002
+        while True:
+            for i, slot in enumerate(idle):
+                done, error = slot.settled()
+                if error:  # the requester went away; it resends if it cares
                     self.stats["send_errors"] += 1
-                    self.log.info("reply_not_sent", error=type(e).__name__)
+                    self.log.info("reply_not_sent", error=error)
+                if done:
+                    return idle.pop(i)
+            # Every idle context's reply still waits behind others on its pipe (rare): look again soon.
+            await trio.sleep(delay)
+            delay = min(2 * delay, 0.02)
+
+    async def _worker(self, receive, idle: list[_Slot], free: trio.Semaphore) -> None:
+        async for slot, frame in receive:
+            try:
+                reply = await self.answer(frame)
+            except Exception as e:  # a bug here must cost one request, not the server
+                self.log.exception("request_failed", bytes=len(frame), error=type(e).__name__)
+                reply = self._reply("", Failure(error="internal error", retry=True))
+            slot.reply(reply)
+            idle.append(slot)
+            free.release()
 
     def key_for(self, sender: str) -> bytes:
         assert self.secret is not None
@@ -403,9 +517,11 @@ class RequestServer:
 
 
 class RequestClient:
-    """Acked requests to one server. Safe to use from many trio tasks at once: each request has its
-    own nng context. Dials at construction; nng keeps redialling in the background, so a client may
-    be created (and may send) before the server exists."""
+    """Acked requests to one server. Safe to use from many trio tasks at once: each request in flight
+    has a Req0 socket of its own (a small pool, grown on demand up to MAX_CLIENT_SOCKETS), and waits
+    for its reply on that socket's readiness fd in trio's own poll, never through an nng thread's
+    callback. Dials at construction; nng keeps redialling in the background, so a client may be
+    created (and may send) before the server exists."""
 
     def __init__(self, url: str, *, sender: str, secret: bytes | None = None) -> None:
         """`secret`: this peer's own key (`cell_key(fleet secret, sender)` for a server with per-sender
@@ -415,11 +531,18 @@ class RequestClient:
         self.secret = secret
         self.run = bytes(RUN_BYTES)  # the server's run id, learned from its first authenticated reply
         self._counter = time.time_ns()  # a clock, so a restarted client never reuses a counter
+        self._sockets: list[pynng.Req0] = []
+        self._idle: list[tuple[pynng.Req0, int]] = [self._open()]
+        self._free = trio.Semaphore(MAX_CLIENT_SOCKETS)
+
+    def _open(self) -> tuple[pynng.Req0, int]:
         # resend_time=-1: nng must not resend on its own; we resend ourselves, with the same id.
-        self._sock = pynng.Req0(recv_max_size=MAX_FRAME, resend_time=-1)
-        self._sock.reconnect_time_min = 20  # ms: a late server is found quickly
-        self._sock.reconnect_time_max = 500
-        self._sock.dial(url, block=False)
+        sock = pynng.Req0(recv_max_size=MAX_FRAME, resend_time=-1)
+        sock.reconnect_time_min = 20  # ms: a late server is found quickly
+        sock.reconnect_time_max = 500
+        sock.dial(self.url, block=False)
+        self._sockets.append(sock)
+        return sock, sock.recv_fd
 
     async def request(
         self, body: Message, *, timeout: float = 2.0, retries: int = 5, id: str | None = None
@@ -447,11 +570,27 @@ class RequestClient:
         )
 
     async def _exchange(self, frame: bytes, timeout: float) -> bytes | None:
-        # A fresh context per try: closing it abandons the old copy, so a late reply to it is dropped.
-        with self._sock.new_context() as ctx, trio.move_on_after(timeout):
-            await ctx.asend(frame)
-            return await ctx.arecv()
-        return None
+        try:
+            self._free.acquire_nowait()  # no scheduling round trip when a socket is free (the usual case)
+        except trio.WouldBlock:
+            await self._free.acquire()
+        sock, fd = self._idle.pop() if self._idle else self._open()
+        try:
+            with trio.move_on_after(timeout):
+                try:
+                    sock.send(frame, block=False)  # to a connected pipe at once
+                except pynng.TryAgain:  # not connected (yet): wait for a pipe in nng
+                    await sock.asend(frame)
+                while True:
+                    try:
+                        return sock.recv(block=False)
+                    except pynng.TryAgain:
+                        await trio.lowlevel.wait_readable(fd)
+            # A later send on this socket abandons this request: a late reply to it is dropped.
+            return None
+        finally:
+            self._idle.append((sock, fd))
+            self._free.release()
 
     def _seal(self, payload: bytes) -> bytes:
         """A fresh frame for each try: a resend is not a replay."""
@@ -502,7 +641,10 @@ class RequestClient:
         raise RequestTimeout(f"{self.url}: server not ready after {timeout}s")
 
     def close(self) -> None:
-        self._sock.close()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        self._idle.clear()
 
     def __enter__(self) -> RequestClient:
         return self
@@ -564,6 +706,7 @@ class Subscriber:
         self._sock = pynng.Sub0(recv_max_size=MAX_FRAME, recv_buffer_size=buffer)
         self._sock.subscribe(b"")
         self._sock.dial(url, block=False)
+        self._fd = self._sock.recv_fd
         self._joined = False
         self._early: Envelope | None = None  # an event that arrived during wait_joined
         self._yielder = _Yielder()
@@ -571,7 +714,7 @@ class Subscriber:
     async def _next(self) -> Envelope:
         """The next valid envelope, probes included."""
         while True:
-            frame = await _fast_recv(self._sock, self._yielder)
+            frame = await _fast_recv(self._sock, self._fd, self._yielder)
             try:
                 return decode(unseal(frame, self.secret))
             except AuthError as e:

@@ -10,6 +10,7 @@ environment variable named by --secret-env, from which it derives the same key.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -23,14 +24,16 @@ from actors.runtime import ActorSystem
 from bus.transport import AuthError, RequestClient, RequestTimeout, cell_key
 from enpire import isolation, log
 from enpire.sandbox import SandboxLimits
-from hw import make_driver
+from hw import PluginError, make_driver
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--connect", help="bus url of the fleet, ipc://... or tcp://HOST:PORT (required to run)")
     p.add_argument("--cell-id", required=True, help="unique name of this cell in the fleet")
-    p.add_argument("--driver", default="pusht", help="robot or simulator driver (default: pusht)")
+    p.add_argument("--driver", default="pusht",
+                   help="robot or simulator driver: built in, a plugin's entry point name, or package.module:Class")
+    p.add_argument("--driver-options", default="{}", help="JSON object of keyword arguments for the driver")
     p.add_argument("--state-dir", type=Path, help="fleet state dir, for logs (local cells only)")
     p.add_argument("--scratch", type=Path, help="scratch directory for the policy sandbox")
     p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret (tcp)")
@@ -58,7 +61,18 @@ async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
     cancel.cancel()
 
 
-async def run(args: argparse.Namespace, secret: bytes | None) -> None:
+def build_driver(args: argparse.Namespace):
+    """The driver, or PluginError with one line naming what is wrong."""
+    try:
+        options = json.loads(args.driver_options)
+    except json.JSONDecodeError as e:
+        raise PluginError(f"--driver-options: not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise PluginError(f"--driver-options: expected a JSON object, got {type(options).__name__}")
+    return make_driver(args.driver, **options)
+
+
+async def run(args: argparse.Namespace, secret: bytes | None, driver) -> None:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
     limits = SandboxLimits(
         act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
@@ -78,7 +92,7 @@ async def run(args: argparse.Namespace, secret: bytes | None) -> None:
         system = ActorSystem(nursery)
         await system.spawn(
             f"cell:{args.cell_id}",
-            lambda: Cell(args.cell_id, args.connect, make_driver(args.driver), limits, scratch,
+            lambda: Cell(args.cell_id, args.connect, driver, limits, scratch,
                          secret=secret, real=args.real),
         )
 
@@ -111,7 +125,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> 
             print(f"enpire.cell: --cpu {args.cpu}: {e}", file=sys.stderr)
             return 2
     try:
-        trio.run(run, args, secret)
+        driver = build_driver(args)
+    except PluginError as e:
+        print(f"enpire.cell: {e}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(run, args, secret, driver)
     except AuthError as e:
         structlog.get_logger().error("cell_refused", cell=args.cell_id, error=str(e))
         print(f"enpire.cell: {e}", file=sys.stderr)

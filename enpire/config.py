@@ -35,10 +35,19 @@ class SeedRange(Strict):
 
 class ActionLimitsConfig(Strict):
     max_delta: PositiveFloat = 100.0  # largest allowed change between consecutive actions
+    # Per named action (a LeRobot robot's action_features, e.g. "shoulder_pan.pos"): [low, high].
+    # A real arm's joint and workspace limits; an action outside them ends the episode.
+    joints: dict[str, Annotated[list[float], Meta(min_length=2, max_length=2)]] = {}
+
+
+Scalar = str | int | float | bool
+DriverOption = Scalar | list[Scalar] | dict[str, Scalar | list[Scalar]]
 
 
 class TaskConfig(Strict):
-    driver: str = "pusht"
+    driver: str = "pusht"  # built in, an entry point of group "enpire.drivers", or "package.module:Class"
+    driver_options: dict[str, DriverOption] = {}  # keyword arguments of the driver (e.g. a LeRobot robot)
+    verifier_kind: str = ""  # "" = the driver's own check; else "pusht", "metaworld" or "package.module:function"
     observation: Literal["state"] = "state"
     horizon: PositiveInt = 300
     verifier: Literal["state", "vision"] = "state"
@@ -183,12 +192,23 @@ def check(config: Config, source: str = "<config>") -> None:
         known = ", ".join(sorted(config.tasks)) or "none"
         raise ConfigError(f"{source}: cells.task: task {config.cells.task!r} is not defined (tasks: {known})")
     for name, task in config.tasks.items():
-        from hw import DRIVERS  # local import: config stays light for tools that only read it
+        from hw.plugins import (  # local import: config stays light for tools that only read it
+            PluginError,
+            driver_spec,
+            verifier_name,
+        )
 
-        if task.driver not in DRIVERS:
-            raise ConfigError(
-                f"{source}: tasks.{name}.driver: unknown driver {task.driver!r} (known: {', '.join(sorted(DRIVERS))})"
-            )
+        try:
+            driver_spec(task.driver)
+        except PluginError as e:
+            raise ConfigError(f"{source}: tasks.{name}.driver: {e}") from None
+        try:
+            task.verifier_kind or verifier_name(task.driver)
+        except PluginError as e:
+            raise ConfigError(f"{source}: tasks.{name}.driver: {e}") from None
+        for joint, (low, high) in task.limits.joints.items():
+            if not low < high:
+                raise ConfigError(f"{source}: tasks.{name}.limits.joints.{joint}: low {low} must be below high {high}")
         if _overlap(task.tuning_seeds.seeds(), task.heldout_seeds.seeds()):
             raise ConfigError(f"{source}: tasks.{name}.heldout_seeds: overlaps tuning_seeds; held-out seeds must stay unseen")
         if task.heldout_seeds.count < config.fleet.min_heldout:

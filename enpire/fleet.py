@@ -56,7 +56,7 @@ from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
-from hw import VERIFIER_KIND
+from hw import verifier_name
 
 EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
@@ -152,6 +152,7 @@ async def _cell_process(
     sb = config.sandbox
     command = [
         sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", task.driver,
+        "--driver-options", json.dumps(task.driver_options),
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
@@ -230,7 +231,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
     workspace = Workspace(state_dir / "workspace")
     baseline = _baseline(config, workspace, board)
-    task_kinds = {name: VERIFIER_KIND[t.driver] for name, t in config.tasks.items()}
+    task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     verdict_key = secrets.token_bytes(32)  # verifier and scheduler only: cells relay verdicts, never sign them
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds, verdict_key))

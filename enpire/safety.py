@@ -58,3 +58,24 @@ def _check(action: object, previous: np.ndarray | None, limits: ActionLimits) ->
         )
     delta = float(abs(a - prev).max())
     return f"safety_violation: step change {delta:.4g} > {limits.max_delta:g}"
+
+
+def named_bounds(names: list[str] | None, low: np.ndarray, high: np.ndarray, joints: dict[str, list[float]],
+                 require_all: bool = False) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """The driver's action bounds narrowed by the task's named limits (`[tasks.X.limits.joints]`).
+
+    Returns (low, high, problem): problem names a limit for an action the robot does not have, or, when
+    `require_all` (a real arm), an action without a finite limit."""
+    low, high = np.array(low, dtype=np.float64), np.array(high, dtype=np.float64)
+    names = list(names or [])
+    index = {n: i for i, n in enumerate(names)}
+    for name, (lo, hi) in joints.items():
+        i = index.get(name)
+        if i is None:
+            return low, high, f"safety_violation: limit for unknown action {name!r} (robot actions: {', '.join(names) or 'unnamed'})"
+        low[i], high[i] = max(low[i], lo), min(high[i], hi)
+    if require_all:
+        free = [names[i] if i < len(names) else str(i) for i in np.flatnonzero(~(np.isfinite(low) & np.isfinite(high)))]
+        if free:
+            return low, high, f"safety_violation: no limit for action {free[0]!r}: set it in the task's limits.joints"
+    return low, high, None

@@ -284,7 +284,16 @@ TASK_KINDS = ("pusht", "metaworld")
 
 
 def verify(task_kind: str, state: Mapping, frame: np.ndarray | None = None, method: str = "state") -> Verdict:
-    """Trusted verdict for a task kind; method "vision" judges the frame instead of the state."""
+    """Trusted verdict for a task kind; method "vision" judges the frame instead of the state.
+
+    A kind "package.module:function" is a driver plugin's own check, called as function(state, frame, method)."""
+    if ":" in task_kind:
+        from hw.plugins import load_verifier
+
+        verdict = load_verifier(task_kind)(state, frame, method)
+        if not isinstance(verdict, Verdict):
+            raise TypeError(f"verifier {task_kind!r} returned {type(verdict).__name__}, not a Verdict")
+        return verdict
     if task_kind == "pusht":
         if method == "state":
             return verify_pusht_state(state)

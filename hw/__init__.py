@@ -1,27 +1,20 @@
-"""Robot drivers. `make_driver(name)` builds one by name; see `hw/driver.py` for the protocol."""
+"""Robot drivers. `make_driver(name)` builds one by name (built in, plugin entry point, or
+"package.module:Class"; see `hw/plugins.py`); `hw/driver.py` is the protocol every driver fills."""
 
 from __future__ import annotations
 
 from hw.driver import Driver, StepResult
+from hw.plugins import (
+    BUILTIN_VERIFIER,
+    METAWORLD_TASKS,
+    PluginError,
+    known_drivers,
+    make_driver,
+    verifier_name,
+)
 
-METAWORLD_TASKS = ("peg-insert-side-v3", "drawer-open-v3", "door-open-v3")
-DRIVERS = ("pusht", *METAWORLD_TASKS)
-# Which trusted check (enpire.verify) judges each driver's scenes.
-VERIFIER_KIND = {"pusht": "pusht", **{task: "metaworld" for task in METAWORLD_TASKS}}
+DRIVERS = ("pusht", *METAWORLD_TASKS)  # the built-in simulators
+# Which trusted check (enpire.verify) judges each built-in driver's scenes; plugins: `verifier_name`.
+VERIFIER_KIND = BUILTIN_VERIFIER
 
-
-def make_driver(name: str, **options) -> Driver:
-    if name == "pusht":
-        from hw.pusht import PushTDriver
-
-        return PushTDriver(**options)
-    if name in METAWORLD_TASKS:
-        try:
-            from hw.metaworld import MetaWorldDriver
-        except ImportError as e:
-            raise ImportError(f"driver {name!r} needs Meta-World: pip install 'enpire[metaworld]' ({e})") from None
-        return MetaWorldDriver(name, **options)
-    raise ValueError(f"unknown driver {name!r}; known: {', '.join(DRIVERS)}")
-
-
-__all__ = ["DRIVERS", "Driver", "StepResult", "make_driver"]
+__all__ = ["DRIVERS", "Driver", "PluginError", "StepResult", "known_drivers", "make_driver", "verifier_name"]

@@ -394,3 +394,70 @@ async def test_a_reply_that_cannot_be_encoded_is_a_retryable_failure():
     server = RequestServer("inproc://unused", handler)
     reply = m.decode(await server.answer(m.encode(m.Envelope(id="1", sender="s", body=m.LeaseRequest(cell_id="c")))))
     assert isinstance(reply.body, m.Failure) and reply.body.retry and server.stats["handler_errors"] == 1
+
+
+async def test_many_concurrent_requests_each_get_their_own_reply(tmp_path, monkeypatch):
+    import bus.transport as transport
+
+    monkeypatch.setattr(transport, "MAX_CLIENT_SOCKETS", 4)  # more requests than sockets: the rest wait
+    url = ipc_url(tmp_path, "bus")
+
+    async def echo(env):
+        await trio.sleep(0.01 * (hash(env.id) % 3))  # replies finish out of order
+        return m.Ack(detail=env.body.detail)
+
+    replies = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(RequestServer(url, echo, workers=3).serve)  # fewer contexts than requests
+        with RequestClient(url, sender="c") as client:
+            async def ask(i):
+                replies[i] = await client.request(m.Ack(detail=str(i)), timeout=10)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as asks:
+                    for i in range(60):
+                        asks.start_soon(ask, i)
+            assert len(client._sockets) <= 4
+        nursery.cancel_scope.cancel()
+    assert replies == {i: m.Ack(detail=str(i)) for i in range(60)}
+
+
+async def test_a_late_reply_to_an_abandoned_request_is_never_taken_for_the_next(tmp_path):
+    url = ipc_url(tmp_path, "bus")
+
+    async def handler(env):
+        if env.body.detail == "slow":
+            await trio.sleep(0.5)
+        return m.Ack(detail=env.body.detail)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(RequestServer(url, handler).serve)
+        with RequestClient(url, sender="c") as client:
+            with pytest.raises(RequestTimeout):
+                await client.request(m.Ack(detail="slow"), timeout=0.1, retries=0)
+            assert await client.request(m.Ack(detail="fast"), timeout=2) == m.Ack(detail="fast")
+            await trio.sleep(0.6)  # the abandoned request's reply has been sent by now
+            assert await client.request(m.Ack(detail="after"), timeout=2) == m.Ack(detail="after")
+            assert len(client._sockets) == 1  # one socket, reused for every request
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_requester_that_went_away_costs_the_server_nothing(tmp_path):
+    url = ipc_url(tmp_path, "bus")
+
+    async def handler(env):
+        await trio.sleep(0.3 if env.body.detail == "slow" else 0)
+        return m.Ack(detail=env.body.detail)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(RequestServer(url, handler, workers=2).serve)
+        for _ in range(4):  # each leaves before its reply is ready; the server replies into nothing
+            gone = RequestClient(url, sender="gone")
+            with pytest.raises(RequestTimeout):
+                await gone.request(m.Ack(detail="slow"), timeout=0.05, retries=0)
+            gone.close()
+        await trio.sleep(0.5)
+        with RequestClient(url, sender="c") as client, trio.fail_after(5):
+            assert await client.request(m.Ack(detail="next")) == m.Ack(detail="next")
+        assert server.stats["requests"] == 5
+        nursery.cancel_scope.cancel()
