@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)
         return EXIT_CONFIG
+    if (problem := cfg.state_dir_problem(config.fleet.state_dir)) is not None:
+        print(f"enpire: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:
         lock = lock_state_dir(state_dir)  # before anything in the directory is read or written
