@@ -32,6 +32,7 @@ from bus.messages import (
     CellState,
     EpisodeReport,
     Failure,
+    Frames,
     Heartbeat,
     Hello,
     JobKind,
@@ -87,6 +88,15 @@ class Unverified(NamedTuple):
 
     request: VerifyRequest
     finish: Callable[[VerifyReply, float], EpisodeReport | None]  # (reply, seconds it took) -> report
+
+
+def _refused_report(cell_id: str, lease: Lease, reason: str) -> EpisodeReport:
+    """An episode this cell cannot run as leased (e.g. an observation its driver cannot give)."""
+    verdict = Verdict(success=False, score=0.0, reason=reason, verifier="cell")
+    return EpisodeReport(
+        cell_id=cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=verdict,
+        attempts=[Attempt(verdict, 0)], steps=0, reset_s=0.0, run_s=0.0, verify_s=0.0,
+    )
 
 
 def _flagged_report(cell_id: str, lease: Lease, reply: VerifyReply, reset_s: float, verify_s: float) -> EpisodeReport:
@@ -221,6 +231,11 @@ class Cell(Actor):
         """
         t0 = time.perf_counter()
         self.timeline.enter("resetting", lease.kind)
+        if lease.observation != getattr(self.driver, "obs_type", "state"):
+            if lease.observation not in getattr(self.driver, "observation_modes", ("state",)):
+                return _refused_report(self.cell_id, lease, f"cell_error: driver {self.driver.name!r} has no "
+                                       f"{lease.observation!r} observation")
+            self.driver.set_observation(lease.observation)
         obs = self.driver.reset(lease.seed)
         reset_state = self.driver.trusted_state()
         reset_s = time.perf_counter() - t0
@@ -234,10 +249,13 @@ class Cell(Actor):
         run_s = 0.0
 
         def report(verify_total: float) -> EpisodeReport:
+            pixels = isinstance(observations[0], dict)  # camera frames travel deflated, beside the flat part
+            flat = [o["agent_pos"] for o in observations] if pixels else observations
             trajectory = Trajectory(
-                observations=Array.of(np.asarray(observations, dtype=np.float32)),
+                observations=Array.of(np.asarray(flat, dtype=np.float32)),
                 actions=Array.of(np.asarray(actions, dtype=np.float32).reshape(-1, limits.dim)),
                 rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
+                frames=Frames.of(np.stack([o["pixels"] for o in observations])) if pixels else None,
             )
             return EpisodeReport(
                 cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id,

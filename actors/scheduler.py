@@ -258,6 +258,7 @@ class Scheduler(Actor):
             horizon=task.horizon,
             max_delta=task.limits.max_delta,
             verifier=task.verifier,
+            observation=task.observation,
             control_hz=task.control_hz,
             joints=task.limits.joints,
         )
@@ -717,7 +718,8 @@ class Scheduler(Actor):
     def _write_trajectory(self, msg: EpisodeReport) -> str:
         rel = Path("episodes") / (msg.episode_id.replace(":", "_").replace("/", "_") + ".npz")
         t = msg.trajectory
-        write_trajectory(self.state_dir / rel, t.observations.numpy(), t.actions.numpy(), t.rewards.numpy())
+        write_trajectory(self.state_dir / rel, t.observations.numpy(), t.actions.numpy(), t.rewards.numpy(),
+                         t.frames.numpy() if t.frames is not None else None)
         return str(rel)
 
     # ------------------------------------------------------------------ status

@@ -106,6 +106,7 @@ baseline = "{baseline}"
 
 [cells]
 count = {cells}
+task = "pusht"
 
 [agents]
 count = {cells}

@@ -100,7 +100,7 @@ def _rates(episodes: int, steps: int, secs: float) -> dict:
 
 def measure(seeds: list[int], params: dict[str, float], cells: int, pinning: str, rounds: int) -> dict:
     """Alternate raw and full rounds for one fleet size and CPU placement."""
-    config = cfg.with_overrides(cfg.Config(), **{"cells.count": cells, "cells.cpu_pinning": pinning,
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"cells.count": cells, "cells.cpu_pinning": pinning,
                                                  "agents.count": 0, "scheduler.background": False})
     chunks = [seeds[r::rounds] for r in range(rounds)]
 

@@ -81,6 +81,7 @@ map_size_mb = 1
 progress_s = 5.0
 [cells]
 count = {cells}
+task = "pusht"
 [agents]
 count = {agents}
 backend = "openai"

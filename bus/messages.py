@@ -135,6 +135,7 @@ class Lease(Message, frozen=True):
     horizon: int  # steps per attempt
     max_delta: float  # largest allowed change between consecutive actions
     verifier: str = "state"  # "state" or "vision"
+    observation: str = "state"  # what the policy is handed: "state" or "pixels" (camera frame + pusher position)
     control_hz: float = 0.0  # pace steps like a real robot; 0 = as fast as the simulator goes
     joints: dict[str, list[float]] = {}  # the task's [low, high] per named action (joint/workspace limits)
 
@@ -168,10 +169,41 @@ class EpisodeReport(Message, frozen=True):
     signature: bytes = b""  # the verifier's, over `verdict` when it is not an attempt's (flagged reports)
 
 
+class Frames(msgspec.Struct, frozen=True):
+    """Camera frames of an episode, (T+1, H, W, 3) uint8, deflated (one scene's frames shrink ~30x)."""
+
+    shape: tuple[int, ...]
+    deflated: bytes
+
+    @classmethod
+    def of(cls, frames: np.ndarray) -> Frames:
+        import zlib
+
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        return cls(shape=tuple(frames.shape), deflated=zlib.compress(frames.tobytes(), 1))
+
+    def numpy(self) -> np.ndarray:
+        """The frames; ValueError when the bytes do not inflate to exactly the stated shape."""
+        import zlib
+
+        if len(self.shape) != 4 or self.shape[-1] != 3 or min(self.shape) < 0:
+            raise ValueError(f"Frames shape {self.shape} is not (T, H, W, 3)")
+        expected = int(np.prod(self.shape, dtype=np.int64))
+        try:
+            inflater = zlib.decompressobj()
+            data = inflater.decompress(self.deflated, expected + 1)  # never inflate past what was promised
+        except zlib.error as e:
+            raise ValueError(f"Frames: corrupt deflate stream ({e})") from None
+        if len(data) != expected:
+            raise ValueError(f"Frames of shape {self.shape} need {expected} bytes, inflated to {len(data)}")
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.shape)
+
+
 class Trajectory(msgspec.Struct, frozen=True):
-    observations: Array  # (T+1, obs_dim)
+    observations: Array  # (T+1, obs_dim): with pixel observations, the flat part the policy saw (agent_pos)
     actions: Array  # (T, act_dim)
     rewards: Array  # (T,)
+    frames: Frames | None = None  # pixel observations: the (T+1, H, W, 3) frames the policy saw
 
 
 class Ack(Message, frozen=True):

@@ -176,12 +176,18 @@ class TimelineRecord(msgspec.Struct):
 
 
 class TokenRecord(msgspec.Struct):
+    """One model call. input_tokens counts every prompt token (cached reads and cache writes included),
+    output_tokens every generated one (reasoning included); cost in the price table's currency (0 = no price)."""
+
     agent: str
     model: str
     t: float
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
 
 
 class DaemonRecord(msgspec.Struct):

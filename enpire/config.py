@@ -53,7 +53,9 @@ class TaskConfig(Strict):
     driver: str = "pusht"  # built in, an entry point of group "enpire.drivers", or "package.module:Class"
     driver_options: dict[str, DriverOption] = {}  # keyword arguments of the driver (e.g. a LeRobot robot)
     verifier_kind: str = ""  # "" = the driver's own check; else "pusht", "metaworld" or "package.module:function"
-    observation: Literal["state"] = "state"
+    # "state": the simulator's state vector; "pixels" (Push-T): a 96x96 RGB camera frame and the pusher's
+    # position, never the object's pose (LeRobot's Push-T image setting)
+    observation: Literal["state", "pixels"] = "state"
     horizon: Annotated[int, Meta(ge=1, le=1_000_000)] = 300
     verifier: Literal["state", "vision"] = "state"
     attempts: Annotated[int, Meta(ge=1, le=100)] = 1  # k of pass@k for evaluations
@@ -75,9 +77,22 @@ class FleetConfig(Strict):
     baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
 
 
+PIXEL_DRIVERS = ("pusht",)  # drivers that can hand the policy camera frames instead of the state
+DEFAULT_TASK = "peg-insert-side-v3"  # Meta-World pin insertion: the built-in agent's first guess is far below target
+
+
+def default_tasks() -> dict[str, TaskConfig]:
+    """The tasks every configuration knows unless its file names its own: Push-T and Meta-World pin insertion."""
+    return {
+        "pusht": TaskConfig(),
+        "peg-insert-side-v3": TaskConfig(driver="peg-insert-side-v3", horizon=500,  # Meta-World's episode length
+                                         limits=ActionLimitsConfig(max_delta=2.0)),  # actions lie in [-1, 1]^4
+    }
+
+
 class CellsConfig(Strict):
     count: Annotated[int, Meta(ge=0, le=1024)] = 2
-    task: str = "pusht"
+    task: str = DEFAULT_TASK
     real: bool = False
     # "on": each local cell and its policy sandbox share one CPU (cell i on CPU i mod n), so the hand-off
     # at every control step stays on one core. "off": the OS places them, so a policy can think on another
@@ -150,7 +165,7 @@ class Config(Strict):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
-    tasks: dict[str, TaskConfig] = msgspec.field(default_factory=lambda: {"pusht": TaskConfig()})
+    tasks: dict[str, TaskConfig] = msgspec.field(default_factory=default_tasks)
 
     def task(self, name: str | None = None) -> TaskConfig:
         return self.tasks[name or self.cells.task]
@@ -181,14 +196,28 @@ def decode(text: str | bytes, source: str = "<config>") -> Config:
         raw = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    # Tasks are checked one by one first: msgspec hides dict keys in its error paths.
+    # Tasks are checked one by one first: msgspec hides dict keys in its error paths. A file's task
+    # settings start from the embedded task of the same name, and the embedded tasks it does not name
+    # stay defined (`[cells] task = "pusht"` alone switches tasks).
     tasks = raw.get("tasks")
     if isinstance(tasks, dict):
+        defaults = msgspec.to_builtins(default_tasks())
         for name, task in tasks.items():
+            if name in defaults and isinstance(task, dict):
+                task = tasks[name] = _merged(defaults[name], task)
             _convert(task, TaskConfig, source, f"tasks.{name}.")
+        raw["tasks"] = {**defaults, **tasks}
     config = _convert(raw, Config, source)
     check(config, source)
     return config
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, tables merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def check(config: Config, source: str = "<config>") -> None:
@@ -218,6 +247,9 @@ def check(config: Config, source: str = "<config>") -> None:
             seeds = getattr(task, which).seeds()
             if seeds.stop > 2**32:
                 raise ConfigError(f"{source}: tasks.{name}.{which}: seeds up to {seeds.stop - 1}; seeds must be < 2**32")
+        if task.observation == "pixels" and task.driver not in PIXEL_DRIVERS:
+            raise ConfigError(f"{source}: tasks.{name}.observation: 'pixels' needs a camera driver "
+                              f"({', '.join(PIXEL_DRIVERS)}), not {task.driver!r}")
         if _overlap(task.tuning_seeds.seeds(), task.heldout_seeds.seeds()):
             raise ConfigError(f"{source}: tasks.{name}.heldout_seeds: overlaps tuning_seeds; held-out seeds must stay unseen")
         if task.heldout_seeds.count < config.fleet.min_heldout:

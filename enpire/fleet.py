@@ -393,6 +393,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def idle_fleet(config: cfg.Config) -> str | None:
+    """Why a fleet with this configuration could never run an episode, or None."""
+    if config.cells.count == 0 and not config.bus.listen:
+        return ("cells.count is 0 and bus.listen is empty: no cell could ever join, so the fleet would do no "
+                "work; add local cells (--cells N) or listen for remote ones ([bus] listen)")
+    if config.agents.count == 0 and not config.fleet.baseline:
+        return ("agents.count is 0 and fleet.baseline is empty: no policy would ever exist to run; add agents "
+                "(--agents N) or a starting policy ([fleet] baseline)")
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
     args = parse_args(argv, prog)
     try:
@@ -421,6 +432,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     if (problem := cfg.state_dir_problem(config.fleet.state_dir)) is not None:
         print(f"enpire: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
+        print(f"enpire: {idle}", file=sys.stderr)
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:

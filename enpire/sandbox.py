@@ -221,12 +221,12 @@ class PolicySandbox:
         self._missed = 0
         self._call(proto.Reset(self._next_seq()), self.limits.call_timeout_s)
 
-    def act(self, obs: np.ndarray) -> ActResult:
+    def act(self, obs: np.ndarray | Mapping[str, np.ndarray]) -> ActResult:
         """The policy's action for `obs`: `submit` then `result`."""
         self.submit(obs)
         return self._result(sent=True)
 
-    def submit(self, obs: np.ndarray) -> None:
+    def submit(self, obs: np.ndarray | Mapping[str, np.ndarray]) -> None:
         """Send `obs` to the policy and return at once: the caller does its own work (e.g. the simulator
         scoring the step) while the policy thinks, then collects the action with `result()`. The act
         deadline runs from here."""
@@ -238,8 +238,13 @@ class PolicySandbox:
         if self._proc is None:
             self._failed = "policy_crashed (not running)"
             return
-        arr = np.asarray(obs)
         try:
+            if isinstance(obs, Mapping):  # e.g. {"pixels": frame, "agent_pos": position}
+                arrays = {str(k): np.ascontiguousarray(v) for k, v in obs.items()}
+                blobs = {k: proto.Blob(a.dtype.str, list(a.shape), a.tobytes()) for k, a in arrays.items()}
+                self._send(proto.ActDict(seq, blobs), self._deadline)
+                return
+            arr = np.asarray(obs)
             if arr.ndim == 1 and arr.dtype == proto.F8:
                 self._send_raw(proto.fast_frame(seq, arr), self._deadline)
             else:

@@ -83,6 +83,20 @@ class Act(msgspec.Struct, tag=True, frozen=True):
     data: bytes
 
 
+class Blob(msgspec.Struct, frozen=True, array_like=True):
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class ActDict(msgspec.Struct, tag=True, frozen=True):
+    """An observation of several named arrays (a camera frame and the pusher's position): the policy's
+    act() gets a dict of numpy arrays."""
+
+    seq: int
+    arrays: dict[str, Blob]
+
+
 class Notify(msgspec.Struct, tag=True, frozen=True):
     seq: int
     info: dict[str, Any]
@@ -109,7 +123,7 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     reason: str
 
 
-Request = Init | Load | Reset | Act | Notify
+Request = Init | Load | Reset | Act | ActDict | Notify
 Reply = Ready | Done | Action | Failed
 
 HEADER = 4  # bytes of big-endian frame length
@@ -544,10 +558,10 @@ class _Channel:
             self._fill(block=True)
         msg = self._decode(body)
         # A slow policy falls behind: answer only the newest observation, the rest are stale.
-        while isinstance(msg, (Act, FastAct)):
+        while isinstance(msg, (Act, ActDict, FastAct)):
             while (nxt := self._peek()) is None and self._fill(block=False):
                 pass
-            if nxt is None or not (nxt[:1] == b"\xc1" or isinstance(self.decoder.decode(nxt), Act)):
+            if nxt is None or not (nxt[:1] == b"\xc1" or isinstance(self.decoder.decode(nxt), (Act, ActDict))):
                 break
             msg = self._decode(self._pop() or b"")
         return msg
@@ -685,6 +699,10 @@ def main() -> None:
                 reply = _to_action(policy.act(msg.obs), msg.seq, init.max_output_bytes)
             elif isinstance(msg, Act):
                 obs = np.frombuffer(msg.data, dtype=np.dtype(msg.dtype)).reshape(msg.shape).copy()
+                reply = _to_action(policy.act(obs), msg.seq, init.max_output_bytes)
+            elif isinstance(msg, ActDict):
+                obs = {k: np.frombuffer(b.data, dtype=np.dtype(b.dtype)).reshape(b.shape).copy()
+                       for k, b in msg.arrays.items()}
                 reply = _to_action(policy.act(obs), msg.seq, init.max_output_bytes)
             elif isinstance(msg, Reset):
                 if callable(getattr(policy, "reset", None)):

@@ -98,8 +98,8 @@ class Workspace:
             if parent:
                 self._git("read-tree", parent, index=index)
             for path, content in blobs.items():
-                if content is None:
-                    self._git("update-index", "--force-remove", path, index=index)
+                if content is None:  # mode 0 removes the entry (--force-remove needs a work tree)
+                    self._git("update-index", "--index-info", input=f"0 {'0' * 40}\t{path}\n".encode(), index=index)
                     continue
                 blob = self._git("hash-object", "-w", "--stdin", input=content).strip()
                 self._git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", index=index)

@@ -3,6 +3,11 @@
 The verifier judges `trusted_state()` (read from the pymunk bodies) or `frame()` (the scene rendered
 without gym-pusht's action marker, which would otherwise paint the policy's last target into the
 image a vision verifier reads).
+
+Observations: "state" is gym-pusht's [agent_x, agent_y, block_x, block_y, block_angle]; "pixels" is
+LeRobot's Push-T image setting, {"pixels": (96, 96, 3) uint8 RGB frame, "agent_pos": (2,) float64}: the
+camera frame of the scene after the step (the same drawing `frame()` gives the verifier, at 96x96) and
+the pusher's position, never the block's pose.
 """
 
 from __future__ import annotations
@@ -17,24 +22,33 @@ ENV_ID = "gym_pusht/PushT-v0"
 WORKSPACE = 512.0  # gym-pusht's world and action range is [0, 512]^2
 
 
+OBSERVATIONS = ("state", "pixels")
+PIXELS_SIZE = 96  # LeRobot's Push-T image observation
+
+
 class PushTDriver(Driver):
     name = "pusht"
-    observation_dim = 5  # [agent_x, agent_y, block_x, block_y, block_angle]
+    observation_modes = OBSERVATIONS
 
     def __init__(self, task: str = "pusht", obs_type: str = "state", frame_size: int = 256) -> None:
         if task != "pusht":
             raise ValueError(f"PushTDriver drives task 'pusht', not {task!r}")
-        if obs_type != "state":
-            raise ValueError(f"PushTDriver supports obs_type='state' only, not {obs_type!r}")
         if frame_size < 16:
             raise ValueError(f"frame_size must be >= 16, got {frame_size}")
         self.task = task
-        self.obs_type = obs_type
+        self.set_observation(obs_type)
         self.frame_size = int(frame_size)
         self.action_low = np.zeros(2, dtype=np.float64)
         self.action_high = np.full(2, WORKSPACE, dtype=np.float64)
         self.horizon = 300  # the registered TimeLimit; the cell enforces it, not this driver
         self._env = None
+
+    def set_observation(self, mode: str) -> None:
+        """What `reset`/`act` return from now on: "state" or "pixels" (see the module docstring)."""
+        if mode not in OBSERVATIONS:
+            raise ValueError(f"PushTDriver observation must be one of {', '.join(OBSERVATIONS)}, not {mode!r}")
+        self.obs_type = mode
+        self.observation_dim = 5 if mode == "state" else 2  # the flat part: [agent_x, agent_y] with pixels
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -65,11 +79,18 @@ class PushTDriver(Driver):
 
     # ------------------------------------------------------------------ control
 
-    def reset(self, seed: int) -> np.ndarray:
-        obs, _ = self.env.reset(seed=int(seed))
-        return np.asarray(obs, dtype=np.float64)
+    def reset(self, seed: int) -> np.ndarray | dict[str, np.ndarray]:
+        self.env.reset(seed=int(seed))
+        return self._observe()
 
-    def act(self, action: np.ndarray) -> np.ndarray:
+    def _observe(self) -> np.ndarray | dict[str, np.ndarray]:
+        env = self.env
+        if self.obs_type == "pixels":
+            agent = env.agent.position
+            return {"pixels": self.render(PIXELS_SIZE), "agent_pos": np.array([agent.x, agent.y], dtype=np.float64)}
+        return np.asarray(env.get_obs(), dtype=np.float64)
+
+    def act(self, action: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """gym-pusht's step without its scoring: PD control of the agent towards the target, physics at
         the env's own rates; the coverage (a polygon intersection, about a third of a step) waits for
         `outcome()`, so it runs while the policy computes its next action."""
@@ -81,7 +102,7 @@ class PushTDriver(Driver):
             acceleration = env.k_p * (a - env.agent.position) + env.k_v * (self._still - env.agent.velocity)
             env.agent.velocity += acceleration * env.dt
             env.space.step(env.dt)
-        return np.asarray(env.get_obs(), dtype=np.float64)
+        return self._observe()
 
     def outcome(self) -> tuple[float, bool]:
         env = self.env
@@ -125,6 +146,10 @@ class PushTDriver(Driver):
     def frame(self) -> np.ndarray | None:
         """The scene as gym-pusht draws it (goal, walls, agent, block), minus two policy-driven overlays:
         the red cross at the last action target and pymunk's red contact-point markers."""
+        return self.render(self.frame_size)
+
+    def render(self, size: int) -> np.ndarray:
+        """The scene (see `frame`) as a (size, size, 3) uint8 RGB image."""
         import pygame
         import pymunk
         from gym_pusht.envs.pymunk_override import DrawOptions
@@ -139,7 +164,7 @@ class PushTDriver(Driver):
         options = DrawOptions(screen)
         options.flags = pymunk.SpaceDebugDrawOptions.DRAW_SHAPES
         env.space.debug_draw(options)
-        img = env._get_img(screen, width=self.frame_size, height=self.frame_size, render_action=False)
+        img = env._get_img(screen, width=size, height=size, render_action=False)
         return np.ascontiguousarray(img, dtype=np.uint8)
 
     def coverage(self) -> float:

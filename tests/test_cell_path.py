@@ -50,7 +50,7 @@ class Policy:
 
 
 async def _evaluate(tmp_path, files, attempts=1, seeds=(11, 12)):
-    config = cfg.with_overrides(cfg.Config(), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
     board, meta = open_state_dir(tmp_path / "state")
     async with trio.open_nursery() as nursery:
         core = await start_core(nursery, config, tmp_path / "state", board, meta)
@@ -86,7 +86,7 @@ ADVERSARIAL = Path(__file__).parent / "adversarial"
 async def test_hostile_policies_do_not_stop_a_real_cell(tmp_path):
     """Several hostile policies in a row on one cell process; each verdict names what happened, none
     succeeds, and the same cell then runs the heuristic to success."""
-    config = cfg.with_overrides(cfg.Config(), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
     board, meta = open_state_dir(tmp_path / "state")
     expected = {
         "patch_verifier": "sandbox_denied", "kill_parent": "sandbox_denied", "loop_act": "policy_timeout",

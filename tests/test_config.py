@@ -8,7 +8,7 @@ from enpire import config as cfg
 def test_embedded_default_is_valid():
     c = cfg.Config()
     cfg.check(c)
-    assert (c.cells.count, c.agents.count, c.cells.task) == (2, 1, "pusht")
+    assert (c.cells.count, c.agents.count, c.cells.task) == (2, 1, "peg-insert-side-v3")
 
 
 def test_repository_enpire_toml_is_valid():

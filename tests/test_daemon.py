@@ -30,6 +30,15 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     assert not (tmp_path / "s").exists()  # nothing was created for a run that never started
 
 
+def test_a_fleet_that_could_do_no_work_is_refused_at_start(tmp_path):
+    r = _run("enpire.fleet", "--cells", "0", "--state-dir", str(tmp_path / "s"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "cells.count is 0 and bus.listen is empty" in r.stderr
+    r = _run("enpire.fleet", "--agents", "0", "--state-dir", str(tmp_path / "s"))
+    assert r.returncode == 2 and "agents.count is 0 and fleet.baseline is empty" in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_print_config_shows_the_effective_configuration(tmp_path):
     r = _run("enpire.fleet", "--print-config", "--cells", "5", "--target", "0.7")
     assert r.returncode == 0

@@ -24,6 +24,7 @@ min_heldout = 30
 progress_s = 2.0
 [cells]
 count = {cells}
+task = "pusht"  # pinned: these tests check the Push-T run (the default is pin insertion)
 [agents]
 population = 6
 seeds_per_candidate = 4

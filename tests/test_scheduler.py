@@ -27,7 +27,7 @@ POLICY = PolicySpec("c0ffee", {"gain": 1.0})
 
 
 def _config(**sched) -> cfg.Config:
-    c = cfg.Config()
+    c = cfg.Config(cells=cfg.CellsConfig(task="pusht"))
     return cfg.with_overrides(c, **{f"scheduler.{k}": v for k, v in sched.items()})
 
 
@@ -246,7 +246,7 @@ async def test_real_cells_run_only_smoke_tested_policies(tmp_path):
 
 async def test_episode_budget_is_enforced(tmp_path):
     async with trio.open_nursery() as nursery:
-        config = cfg.with_overrides(cfg.Config(), **{"agents.episode_budget": 5})
+        config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"agents.episode_budget": 5})
         ref, _, _ = await _start(nursery, tmp_path, config)
         nursery.start_soon(ref.ask, EvalRequest(job_id="j1", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
         await trio.sleep(0.05)
@@ -367,7 +367,7 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
 
 async def test_a_champion_that_may_meet_the_target_is_confirmed_before_queued_experiments(tmp_path):
     async with trio.open_nursery() as nursery:
-        ref, board, _ = await _start(nursery, tmp_path, cfg.with_overrides(cfg.Config(), **{"fleet.min_heldout": 2}))
+        ref, board, _ = await _start(nursery, tmp_path, cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"fleet.min_heldout": 2}))
         await _hello(ref)
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
         await trio.sleep(0.05)
@@ -387,7 +387,7 @@ async def test_a_champion_that_may_meet_the_target_is_confirmed_before_queued_ex
 
 
 async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_path):
-    config = cfg.with_overrides(cfg.Config(), **{"scheduler.pooled": False, "scheduler.promote_seeds": 3,
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"scheduler.pooled": False, "scheduler.promote_seeds": 3,
                                                   "fleet.min_heldout": 2})
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path, config)

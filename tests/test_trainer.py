@@ -43,7 +43,7 @@ async def test_a_trained_checkpoint_runs_in_the_cells_as_the_trained_model(tmp_p
     cell (sandbox process), and find the trained model's own actions in the recorded episodes."""
     state = tmp_path / "state"
     assert record_scripted(state, lambda: Scripted(INITIAL_PARAMS), range(3))["successes"] == 3
-    config = cfg.with_overrides(cfg.Config(), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
     board, meta = open_state_dir(state)
     async with trio.open_nursery() as nursery:
         core = await start_core(nursery, config, state, board, meta)

@@ -17,7 +17,7 @@ def make_backend(config: cfg.Config, index: int):
                                   target=config.fleet.target, horizon=task.horizon, learn=a.learn,
                                   plateau_generations=a.plateau_generations,
                                   learn_min_successes=a.learn_min_successes)
-        return BuiltinResearcher(settings, index, task.tuning_seeds.seeds(), task.driver)
+        return BuiltinResearcher(settings, index, task.tuning_seeds.seeds(), task.driver, task.observation)
     if a.backend == "anthropic":
         from enpire.agents.anthropic_backend import AnthropicClient
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 import numpy as np
 import trio
 
@@ -43,6 +44,9 @@ TEMPLATES = {
     "drawer-open-v3": "enpire.agents.metaworld_drawer_policy",
     "peg-insert-side-v3": "enpire.agents.metaworld_peg_policy",
 }
+# With pixel observations (a camera frame, no object pose): perception inside the policy feeding the
+# state template's controller.
+PIXEL_TEMPLATES = {"pusht": "enpire.agents.pusht_pixels_policy"}
 LEARNABLE = {"pusht"}  # tasks the learning library has features and a policy file for
 
 Regime = Literal["tune", "bc", "rl"]
@@ -130,14 +134,18 @@ def _rate(result: EvalResult) -> float:
 
 
 class BuiltinResearcher:
-    def __init__(self, settings: SearchSettings, rng_seed: int, tuning_seeds: range, driver: str = "pusht"):
-        if driver not in TEMPLATES:
-            raise ValueError(f"the built-in researcher has no policy template for driver {driver!r}")
+    def __init__(self, settings: SearchSettings, rng_seed: int, tuning_seeds: range, driver: str = "pusht",
+                 observation: str = "state"):
+        templates = PIXEL_TEMPLATES if observation == "pixels" else TEMPLATES
+        if driver not in templates:
+            raise ValueError(f"the built-in researcher has no policy template for driver {driver!r} "
+                             f"with {observation} observations")
         self.settings = settings
         self.rng = np.random.default_rng(rng_seed)
         self.tuning = tuning_seeds
         self.driver = driver
-        self.template = importlib.import_module(TEMPLATES[driver])
+        self.observation = observation
+        self.template = importlib.import_module(templates[driver])
         self.names = sorted(self.template.PARAM_SPACE)
         self.low = np.array([self.template.PARAM_SPACE[k][0] for k in self.names], dtype=float)
         self.high = np.array([self.template.PARAM_SPACE[k][1] for k in self.names], dtype=float)
@@ -173,7 +181,8 @@ class BuiltinResearcher:
         start = {**self.template.INITIAL_PARAMS, **(champion.policy.params if champion else {})}
         mean = self._unit(start)
         std = np.full_like(mean, s.init_std)
-        learnable = self.driver in LEARNABLE and tools.trainer is not None and tools.artifacts is not None
+        learnable = (self.driver in LEARNABLE and self.observation == "state" and tools.trainer is not None
+                     and tools.artifacts is not None)
 
         async with trio.open_nursery() as nursery:
             while True:
@@ -326,11 +335,14 @@ class BuiltinResearcher:
     async def _write_policy(self, tools: Tools) -> str:
         """Start from nothing: write the heuristic policy into the agent's branch (once)."""
         source = Path(self.template.__file__).read_text()
-        self.source_hash = hashlib.sha1(source.encode()).hexdigest()  # same code = same idea, whoever wrote it
+        # Modules the template imports from beside it (e.g. the controller a perception policy feeds).
+        files = {"policy.py": source, **{f"{name}.py": Path(importlib.import_module(f"enpire.agents.{name}").__file__)
+                                        .read_text() for name in getattr(self.template, "COMPANIONS", ())}}
+        self.source_hash = hashlib.sha1(msgspec.json.encode(files, order="sorted")).hexdigest()  # same code = same idea
         head = tools.workspace.head(tools.branch)
-        if head is not None and (await tools.read_files(head)).get("policy.py") == source:
+        if head is not None and all((await tools.read_files(head)).get(k) == v for k, v in files.items()):
             return head  # written before a restart: keep the same commit
-        commit = await tools.commit({"policy.py": source}, "heuristic policy: approach behind the block, push, turn")
+        commit = await tools.commit(files, "heuristic policy: approach behind the block, push, turn")
         tools.post_finding(
             hypothesis="a phased heuristic (reach behind the block, push toward the goal, turn at the bar ends) "
             "can solve the task once its parameters are tuned",

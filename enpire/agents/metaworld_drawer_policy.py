@@ -61,9 +61,13 @@ MAX_DELTA = 1.0       # largest change of any action component between consecuti
 
 class Policy:
     def __init__(self, params: dict[str, float] | None = None) -> None:
+        unknown = sorted(set(params or {}) - set(INITIAL_PARAMS))
+        if unknown:  # a misspelled name must fail here, not be dropped silently
+            raise ValueError(f"unknown policy parameter(s) {', '.join(unknown)}; this policy takes "
+                             f"{', '.join(INITIAL_PARAMS)}")
         p = dict(INITIAL_PARAMS)
         if params:
-            p.update({k: float(v) for k, v in params.items() if k in INITIAL_PARAMS})
+            p.update({k: float(v) for k, v in params.items()})
         self.p = p
         self.reset()
 

@@ -3,6 +3,7 @@
     python -m enpire.agents.policy_eval --task pusht --params '{"ang_len": 80}' --seeds 1000000:1000200
     python -m enpire.agents.policy_eval --task drawer-open-v3 --cem --episodes-budget 2000 --eval-after
     python -m enpire.agents.policy_eval --task peg-insert-side-v3 --params @tuned.json --seeds 0:50
+    python -m enpire.agents.policy_eval --task pusht --observation pixels --seeds 1000000:1000200
 
 One loop for every task, judged the way the fleet judges: the driver (`hw.make_driver`) resets the
 scene with the seed, the template's `Policy` acts, `enpire.safety.check_action` checks every action as a
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from enpire.agents.builtin import TEMPLATES
+from enpire.agents.builtin import PIXEL_TEMPLATES, TEMPLATES
 from enpire.config import ActionLimitsConfig
 from enpire.safety import ActionLimits, check_action
 from enpire.verify import verify
@@ -136,15 +137,24 @@ def cem(driver, template, limits: ActionLimits, *, budget: int, pop: int, elites
 
 
 def parse_seeds(spec: str) -> range:
-    a, b = spec.split(":")
-    return range(int(a), int(b))
+    """A:B, a half-open range of at least one seed."""
+    try:
+        a, b = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not A:B (a half-open range of seeds)") from None
+    if b <= a:
+        raise argparse.ArgumentTypeError(f"{spec!r} holds no seed (A:B is half-open: B must exceed A)")
+    return range(a, b)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m enpire.agents.policy_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="pusht", choices=sorted(TEMPLATES))
+    ap.add_argument("--observation", default="state", choices=("state", "pixels"),
+                    help="what the policy sees; pixels: a 96x96 frame and the pusher position (Push-T)")
     ap.add_argument("--params", default="{}", help="JSON dict of parameters (or @file.json)")
-    ap.add_argument("--seeds", default="1000000:1000100", help="A:B half-open seed range (default: held-out)")
+    ap.add_argument("--seeds", default=parse_seeds("1000000:1000100"), type=parse_seeds,
+                    help="A:B half-open seed range (default: held-out)")
     ap.add_argument("--max-delta", type=float, default=ActionLimitsConfig().max_delta,
                     help="largest change of any action component between steps (the fleet's default)")
     ap.add_argument("--cem", action="store_true", help="run the cross-entropy search (tuning seeds 0..8999)")
@@ -164,12 +174,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     text = args.params
-    if text.startswith("@"):
-        with open(text[1:]) as fh:
-            text = fh.read()
-    params = json.loads(text)
-    template = importlib.import_module(TEMPLATES[args.task])
-    driver = make_driver(args.task)
+    try:
+        if text.startswith("@"):
+            with open(text[1:]) as fh:
+                text = fh.read()
+        params = json.loads(text)
+        if not isinstance(params, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        ap.error(f"--params {args.params!r}: {e}")
+    if args.observation == "pixels":
+        if args.task not in PIXEL_TEMPLATES:
+            ap.error(f"--observation pixels: no pixels template for task {args.task!r}")
+        template = importlib.import_module(PIXEL_TEMPLATES[args.task])
+    else:
+        template = importlib.import_module(TEMPLATES[args.task])
+    try:
+        template.Policy(params)  # refuses unknown parameter names before any episode runs
+    except ValueError as e:
+        ap.error(f"--params: {e}")
+    driver = make_driver(args.task, obs_type="pixels") if args.observation == "pixels" else make_driver(args.task)
     driver.connect()
     limits = ActionLimits(dim=len(driver.action_low), low=list(driver.action_low), high=list(driver.action_high),
                           max_delta=args.max_delta)
@@ -182,10 +206,10 @@ def main(argv=None) -> int:
                       target=args.target, stop_at_target=args.stop_at_target)
             out["cem_wall_s"] = round(time.perf_counter() - t0, 1)
             if args.eval_after:
-                out["eval"] = evaluate(driver, template, out["params"], parse_seeds(args.seeds), limits)
+                out["eval"] = evaluate(driver, template, out["params"], args.seeds, limits)
             print(json.dumps(out))
         else:
-            print(json.dumps(evaluate(driver, template, params, parse_seeds(args.seeds), limits)))
+            print(json.dumps(evaluate(driver, template, params, args.seeds, limits)))
     finally:
         driver.disconnect()
     return 0

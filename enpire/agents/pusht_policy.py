@@ -125,9 +125,13 @@ def _clearance_local(x: float, y: float) -> float:
 
 class Policy:
     def __init__(self, params: dict[str, float] | None = None) -> None:
+        unknown = sorted(set(params or {}) - set(INITIAL_PARAMS))
+        if unknown:  # a misspelled name must fail here, not be dropped silently
+            raise ValueError(f"unknown policy parameter(s) {', '.join(unknown)}; this policy takes "
+                             f"{', '.join(INITIAL_PARAMS)}")
         p = dict(INITIAL_PARAMS)
         if params:
-            p.update({k: float(v) for k, v in params.items() if k in INITIAL_PARAMS})
+            p.update({k: float(v) for k, v in params.items()})
         self.p = p
         self.reset()
 

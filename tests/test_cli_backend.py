@@ -1,0 +1,118 @@
+"""The CLI agent backend with the real Claude Code and Codex against scripted loopback model servers.
+
+These tests use a small registry of their own (the MCP plumbing, the jail, the relay and the turns are
+what is under test); tests/test_cli_fleet.py runs the CLIs against a real fleet and the real registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import pytest
+import trio
+
+from bus.blackboard import Blackboard
+from bus.records import TokenRecord
+from enpire.agents.cli_backend import CLIAgent, CLIConfigError, CLISettings, cli_binary
+from enpire.workspace import Workspace
+from tests.cli_harness import KINDS, MAIN_TOOL, MODEL, PROVIDER, read, require, shell, write
+from tests.scripted_models import Reply, ScriptedModel, Steps
+from tests.test_mcp_server import Registry
+
+TASK = {"name": "pusht", "driver": "pusht", "tuning_start": 0, "tuning_count": 100, "max_delta": 100.0}
+
+
+class FakeTools:
+    """What the backend uses of `Tools` (its branch, workspace, blackboard, champion, digest, findings)."""
+
+    def __init__(self, root, agent="agent-0"):
+        self.agent, self.branch = agent, f"agent/{agent}"
+        self.workspace = Workspace(root / "workspace")
+        self.workspace.commit("main", {"policy.py": "class Policy:\n    pass\n"}, "template")
+        self.board = Blackboard(root / "blackboard.lmdb")
+        self.findings = []
+
+    def champion(self):
+        return None
+
+    def digest(self):
+        return None
+
+    def post_finding(self, **kw):
+        self.findings.append(kw)
+
+
+@contextlib.asynccontextmanager
+async def _session(tools):
+    yield f"session of {tools.agent}"
+
+
+def make_agent(kind, url, **kw) -> CLIAgent:
+    settings = CLISettings(kind, model=MODEL[kind], base_url=url, api_key_env="ENPIRE_TEST_MODEL_KEY",
+                           turn_timeout_s=kw.pop("turn_timeout_s", 120), backoff_initial_s=0.2, **kw)
+    return CLIAgent(settings, open_session=_session, registry=kw.get("registry") or Registry(), card_text="card",
+                    protocol="protocol", task=TASK)
+
+
+@pytest.fixture(autouse=True)
+def _model_key(monkeypatch):
+    monkeypatch.setenv("ENPIRE_TEST_MODEL_KEY", "sk-the-real-model-key")
+    monkeypatch.setenv("ENPIRE_SECRET", "fleet-secret-never-in-a-jail")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_turn_writes_commits_and_calls_the_fleet(tmp_path, kind):
+    require(kind)
+    tools = FakeTools(tmp_path)
+    wt = tmp_path / "cli" / "agent-0" / "worktree"
+    policy = "class Policy:\n    def __init__(self, params):\n        self.gain = 3.0\n"
+    steps = Steps([
+        lambda ex: Reply(calls=read(kind, f"{wt}/policy.py")),
+        lambda ex: Reply(text="Writing a policy.", calls=write(kind, f"{wt}/policy.py", policy)),
+        lambda ex: Reply(calls=shell(kind, "git add policy.py && git commit -qm 'gain 3' && env")),
+        lambda ex: Reply(calls=((ex.tool("echo"), {"n": 5}),)),
+        lambda ex: Reply(text="Done."),
+    ], main_tool=MAIN_TOOL[kind])
+    with ScriptedModel(PROVIDER[kind], steps) as model:
+        agent = make_agent(kind, model.url, max_turns=2)
+        with trio.fail_after(240):
+            await agent.run(tools)
+    assert not model.errors, model.errors
+    assert [o.ok for o in agent.outcomes] == [True, True], agent.outcomes
+    env_out = steps.seen[3].results[0]
+    assert "sk-the-real-model-key" not in env_out and "fleet-secret" not in env_out  # only its relay token
+    echo = steps.seen[4]
+    assert "echo 5" in echo.results[0] and "published worktree commit" in echo.results[0]
+    assert echo.images == 1  # the tool's image reached the model as an image
+    head = tools.workspace.head("agent/agent-0")
+    assert tools.workspace.read(head)["policy.py"] == policy
+    # Turn 2 resumed turn 1's session: its first request carries turn 1's conversation.
+    second = [e for e in steps.seen if "Continue improving" in json.dumps(e.body)]
+    assert second and "gain 3" in json.dumps(second[0].body)
+    records = tools.board.values("tokens", TokenRecord)
+    assert len(records) == len(model.log) >= 5
+    for r, logged in zip(records, model.log, strict=True):
+        u = logged.usage
+        assert (r.agent, r.input_tokens, r.cached_input_tokens, r.cache_write_tokens, r.output_tokens,
+                r.reasoning_tokens) == ("agent-0", u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
+                                        u.output_tokens, u.reasoning_tokens)
+    assert all(h["x-api-key" if kind == "claude-code" else "authorization"].endswith("sk-the-real-model-key")
+               for h in (entry.headers for entry in model.log))
+
+
+def test_missing_node_or_cli_fails_at_start_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(CLIConfigError, match=r"needs Node.js >= 20 and npm .*npm ci --prefix cli"):
+        cli_binary("claude-code")
+    with pytest.raises(CLIConfigError, match="command is empty"):
+        cli_binary("command", "  ")
+    with pytest.raises(CLIConfigError, match="'kimi' is not on PATH"):
+        cli_binary("command", "kimi --prompt {prompt}")
+    monkeypatch.delenv("ENPIRE_TEST_MODEL_KEY")
+    monkeypatch.setattr("enpire.agents.cli_backend.cli_binary", lambda kind, command="": [])
+    monkeypatch.setattr("enpire.isolation.check", lambda: None)
+    with pytest.raises(CLIConfigError, match=r"\$ENPIRE_TEST_MODEL_KEY is not set"):
+        make_agent("codex", "http://127.0.0.1:9")
+    assert os.environ.get("ENPIRE_TEST_MODEL_KEY") is None

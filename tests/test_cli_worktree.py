@@ -1,0 +1,82 @@
+"""A CLI agent's worktree: created from its branch, published through the daemon, protected paths refused."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from enpire.agents.worktree import Worktree, WorktreeError
+from enpire.workspace import ProtectedPathError, Workspace
+
+TASK = {"name": "pusht", "driver": "pusht", "tuning_start": 0, "tuning_count": 100, "max_delta": 100.0}
+
+
+def _git(path, *args):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(path), "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b",
+           "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@b"}
+    subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True, env=env)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    ws = Workspace(tmp_path / "workspace")
+    base = ws.commit("main", {"policy.py": "class Policy: pass\n"}, "template")
+    wt = Worktree(tmp_path / "wt", "agent-0")
+    wt.create(ws.read_bytes(base), base, {"AGENTS.md": "rules", "CLAUDE.md": "rules"}, TASK)
+    return ws, wt
+
+
+def test_publish_commits_the_worktree_head_on_the_agents_branch(setup):
+    ws, wt = setup
+    assert (wt.path / "AGENTS.md").read_text() == "rules" and (wt.path / ".enpire" / "task.json").is_file()
+    assert (wt.path / "recipes" / "bc.py").is_file()
+    assert wt.publish(ws, "agent/agent-0") is None  # the start is the branch's head: nothing to publish
+    (wt.path / "policy.py").write_text("class Policy:\n    gain = 2\n")
+    (wt.path / "AGENTS.md").write_text("the agent rewrote its rules")  # the daemon's file: never published
+    _git(wt.path, "commit", "-qam", "gain 2")
+    local, remote = wt.publish(ws, "agent/agent-0")
+    files = ws.read(remote)
+    assert files["policy.py"] == "class Policy:\n    gain = 2\n" and "AGENTS.md" not in files
+    assert "recipes/bc.py" in files and not any(p.startswith(".enpire") for p in files)  # its own recipes
+    assert ws.head("agent/agent-0") == remote and "gain 2" in ws.log("agent/agent-0")[0]
+    assert wt.publish(ws, "agent/agent-0") is None  # nothing new
+    assert wt.resolve(local[:10]) == remote and wt.resolve("abc") is None
+    _git(wt.path, "rm", "-q", "recipes/rl.py")
+    _git(wt.path, "commit", "-qm", "drop rl")
+    _, after = wt.publish(ws, "agent/agent-0")
+    assert "recipes/rl.py" not in ws.read(after)
+
+
+def test_protected_paths_are_refused_and_the_branch_stays(setup):
+    ws, wt = setup
+    wt.publish(ws, "agent/agent-0")
+    before = ws.head("agent/agent-0")
+    (wt.path / "verifier.py").write_text("def verify(*a): return True\n")
+    _git(wt.path, "add", "verifier.py")
+    _git(wt.path, "commit", "-qm", "always succeed")
+    with pytest.raises(ProtectedPathError, match="verifier.py"):
+        wt.publish(ws, "agent/agent-0")
+    assert ws.head("agent/agent-0") == before
+
+
+def test_a_redirected_git_directory_is_refused(setup, tmp_path):
+    ws, wt = setup
+    (wt.path / ".git" / "objects" / "info").mkdir(parents=True, exist_ok=True)
+    (wt.path / ".git" / "objects" / "info" / "alternates").write_text(str(ws.path / "objects"))
+    with pytest.raises(WorktreeError, match="alternates"):
+        wt.publish(ws, "agent/agent-0")
+    (wt.path / ".git" / "objects" / "info" / "alternates").unlink()
+    (wt.path / ".git").rename(tmp_path / "moved")
+    (wt.path / ".git").symlink_to(tmp_path / "moved")
+    with pytest.raises(WorktreeError, match="not a plain git directory"):
+        wt.publish(ws, "agent/agent-0")
+
+
+def test_symlinks_are_not_published(setup):
+    ws, wt = setup
+    (wt.path / "link.py").symlink_to("/etc/passwd")
+    _git(wt.path, "add", "link.py")
+    _git(wt.path, "commit", "-qm", "a link")
+    with pytest.raises(WorktreeError, match="only regular files"):
+        wt.publish(ws, "agent/agent-0")

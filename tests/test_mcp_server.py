@@ -1,0 +1,116 @@
+"""The MCP server of CLI agents, driven by the official MCP client over stdio, and its tool gateway."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import msgspec
+import trio
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from enpire.agents.mcp_server import request
+from enpire.agents.tool_gateway import ToolGateway
+
+# A 48x32 PNG (a red rectangle), as an episode frame would be: CLIs decode and resize what they receive.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000030000000200802000000dbb66c4b00000076494441545809cdc1310100000cc2b0"
+    "d6bf68e680836b893c23cfc833f28c3c23cfc833f28c5461270ba9c24e1652859d2ca40a3b59481576b2902aec642155d8c942aab0"
+    "93855461270ba9c24e1652859d2ca40a3b59481576b2902aec642155d8c942aab093853c23cfc833f28c3c23cfc833f2cc01da1c10"
+    "21d5de94d00000000049454e44ae426082")
+
+
+class EchoArgs(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    n: int
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class _Image:
+    data: bytes
+    media_type: str = "image/png"
+
+
+@dataclass(frozen=True)
+class _Result:
+    text: str
+    images: tuple = ()
+    is_error: bool = False
+
+
+@dataclass(frozen=True)
+class _Tool:
+    name: str
+    description: str
+
+    def schema(self) -> dict:
+        return msgspec.json.schema(EchoArgs)["$defs"]["EchoArgs"]
+
+
+class Registry:
+    """The registry contract (iterable of tools, `call(session, name, arguments)`), recording who called."""
+
+    def __init__(self):
+        self.tools = [_Tool("echo", "Echo n back with a 1x1 image."), _Tool("fail", "Always refuses.")]
+        self.sessions: list[str] = []
+
+    def __iter__(self):
+        return iter(self.tools)
+
+    async def call(self, session, name, arguments) -> _Result:
+        self.sessions.append(session)
+        if name == "fail":
+            return _Result("refused: no", is_error=True)
+        args = msgspec.convert(arguments, EchoArgs)
+        return _Result(f"echo {args.n} {args.text}", (_Image(PNG),))
+
+
+async def test_mcp_server_lists_the_registry_and_returns_images(tmp_path):
+    registry = Registry()
+    published = []
+
+    async def before(name, arguments):
+        published.append(name)
+        return "published note"
+
+    gateway = ToolGateway(tmp_path / "tools.sock", "tok-1", "agent-7", registry, "session-of-agent-7", before)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve)
+        params = StdioServerParameters(command=sys.executable, args=["-m", "enpire.agents.mcp_server"],
+                                       env={"ENPIRE_TOOLS_SOCKET": str(tmp_path / "tools.sock"),
+                                            "ENPIRE_TOOLS_TOKEN": "tok-1", "PATH": "/usr/bin:/bin"})
+        with trio.fail_after(60):
+            async with stdio_client(params) as (read, write), ClientSession(read, write) as client:
+                await client.initialize()
+                listed = await client.list_tools()
+                result = await client.call_tool("echo", {"n": 3, "text": "hi"})
+                failed = await client.call_tool("fail", {})
+        nursery.cancel_scope.cancel()
+    assert [(t.name, t.description) for t in listed.tools] == [(t.name, t.description) for t in registry]
+    assert listed.tools[0].input_schema == registry.tools[0].schema()
+    assert result.is_error is False
+    assert result.content[0].text == "published note\necho 3 hi"
+    assert result.content[1].type == "image" and result.content[1].mime_type == "image/png"
+    assert failed.is_error is True and "refused: no" in failed.content[0].text
+    assert registry.sessions == ["session-of-agent-7"] * 2 and published == ["echo", "fail"]
+
+
+async def test_gateway_refuses_a_wrong_token_and_binds_calls_to_its_agent(tmp_path):
+    registry = Registry()
+    gateway = ToolGateway(tmp_path / "t.sock", "right-token", "agent-1", registry, "session-1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve)
+        path = str(tmp_path / "t.sock")
+        mode = (tmp_path / "t.sock").stat().st_mode & 0o777
+        wrong = await trio.to_thread.run_sync(request, path, "guess", {"op": "call", "name": "echo",
+                                                                        "arguments": {"n": 1}}, 10.0)
+        # A caller cannot name another agent: there is no field for it, the gateway is agent-1's.
+        right = await trio.to_thread.run_sync(request, path, "right-token", {"op": "call", "name": "echo",
+                                                                              "arguments": {"n": 2},
+                                                                              "agent": "agent-2"}, 10.0)
+        nursery.cancel_scope.cancel()
+    assert wrong == {"error": "wrong token"}
+    assert right["text"] == "echo 2 " and registry.sessions == ["session-1"]
+    assert mode == 0o600
+    assert not (tmp_path / "t.sock").exists()  # gone with the gateway

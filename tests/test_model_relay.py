@@ -1,0 +1,77 @@
+"""The metering model relay of CLI agents: token check, budget refusal, usage read off the wire."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from enpire.agents.model_relay import ModelRelay, UsageMeter, forward
+from tests.scripted_models import Reply, ScriptedModel
+
+
+def _post(port: int, path: str, body: dict, key: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", path, body=json.dumps(body), headers={"x-api-key": key, "content-type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+@pytest.mark.parametrize("provider,path", [("anthropic", "/v1/messages"), ("openai", "/responses")])
+def test_relay_records_each_call_as_the_server_reported_it(tmp_path, provider, path):
+    replies = iter([Reply(text="a"), Reply(text="bb", calls=(("Bash", {"command": "ls"}),)), Reply(text="ccc")])
+    recorded, refusals = [], []
+    with ScriptedModel(provider, lambda ex: next(replies)) as model:
+        relay = ModelRelay(tmp_path / "model.sock", model.url, token="relay-token", key="sk-real-key",
+                           record=recorded.append, allow=lambda: None, on_refusal=refusals.append).start()
+        port = forward(0, str(tmp_path / "model.sock"))
+        try:
+            for i in range(3):
+                status, data = _post(port, path, {"model": "m", "stream": True, "messages": [{"role": "user",
+                                                                                                "content": "x" * (100 * i)}]},
+                                     "relay-token")
+                assert status == 200 and b"event:" in data
+            status, _ = _post(port, path, {"model": "m"}, "sk-guessed")
+            assert status == 401 and refusals == ["model relay: wrong or missing relay token"]
+        finally:
+            relay.close()
+    assert len(recorded) == len(model.log) == 3
+    for got, logged in zip(recorded, model.log, strict=True):
+        u = logged.usage
+        assert (got.input_tokens, got.cached_input_tokens, got.cache_write_tokens, got.output_tokens,
+                got.reasoning_tokens) == (u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
+                                          u.output_tokens, u.reasoning_tokens)
+    assert len({r.input_tokens for r in recorded}) == 3  # the usage differs call to call: no constant passes
+
+
+def test_relay_refuses_past_the_budget_and_replaces_the_key(tmp_path):
+    with ScriptedModel("anthropic", lambda ex: Reply(text="ok")) as model:
+        spent = []
+        relay = ModelRelay(tmp_path / "m.sock", model.url, token="t0k", key="sk-real",
+                           record=spent.append, allow=lambda: "token budget exhausted (10 of 10)" if spent else None)
+        relay.start()
+        port = forward(0, str(tmp_path / "m.sock"))
+        try:
+            assert _post(port, "/v1/messages", {"model": "m", "stream": True, "messages": []}, "t0k")[0] == 200
+            status, data = _post(port, "/v1/messages", {"model": "m", "stream": True, "messages": []}, "t0k")
+        finally:
+            relay.close()
+    assert status == 400 and b"token budget exhausted" in data
+    assert len(model.log) == 1 and len(spent) == 1
+    assert model.log[0].headers["x-api-key"] == "sk-real"  # the CLI held only its relay token
+
+
+def test_usage_meter_reads_chat_completions_and_json_bodies():
+    meter = UsageMeter("m")
+    meter.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, '
+               b'"prompt_tokens_details": {"cached_tokens": 2}}}\n\ndata: [DONE]\n\n')
+    u = meter.finish()
+    assert (u.input_tokens, u.cached_input_tokens, u.output_tokens) == (7, 2, 3)
+    body = json.dumps({"type": "message", "model": "claude", "usage": {"input_tokens": 5, "output_tokens": 4,
+                                                                      "cache_read_input_tokens": 6}}).encode()
+    u = UsageMeter("m").finish(body)
+    assert (u.model, u.input_tokens, u.cached_input_tokens, u.output_tokens) == ("claude", 11, 6, 4)
+    assert UsageMeter("m").finish(b"not json") is None
