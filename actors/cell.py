@@ -251,9 +251,9 @@ class Cell(Actor):
         def report(verify_total: float) -> EpisodeReport:
             pixels = isinstance(observations[0], dict)  # camera frames travel deflated, beside the flat part
             flat = [o["agent_pos"] for o in observations] if pixels else observations
-            trajectory = Trajectory(
-                observations=Array.of(np.asarray(flat, dtype=np.float32)),
-                actions=Array.of(np.asarray(actions, dtype=np.float32).reshape(-1, limits.dim)),
+            trajectory = Trajectory(  # float64 as the policy saw them: an episode replays exactly
+                observations=Array.of(np.asarray(flat, dtype=np.float64)),
+                actions=Array.of(np.asarray(actions, dtype=np.float64).reshape(-1, limits.dim)),
                 rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
                 frames=Frames.of(np.stack([o["pixels"] for o in observations])) if pixels else None,
             )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +131,7 @@ class Scheduler(Actor):
         `verdict_key`: the verifier's signing key (every recorded verdict must be signed with it)."""
         super().__init__()
         self.verdict_key = verdict_key
+        self.lapsed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id -> (cell, episode) once re-queued
         self.baseline = baseline
         self.set_main = set_main or (lambda commit: None)
         self.config = config
@@ -271,10 +272,12 @@ class Scheduler(Actor):
         episode = lease.episode if lease else self._find_episode(job, msg.episode_id)
         if job is not None and msg.episode_id in job.results:
             return Ack(detail="duplicate episode; ignored")
-        if (why := refuse_report(msg, lease and (lease.cell_id, lease.episode.episode_id), self.verdict_key)):
+        # A lease that lapsed (its cell was late) still lets that cell report, until the episode is recorded.
+        held = (lease.cell_id, lease.episode.episode_id) if lease else self.lapsed.get(msg.lease_id)
+        if (why := refuse_report(msg, held, self.verdict_key)):
             self.log.warning("report_refused", cell=msg.cell_id, lease=msg.lease_id, episode=msg.episode_id, why=why)
             return Failure(error=f"report refused: {why}", retry=False)
-        del self.leases[msg.lease_id]  # held by this cell, for this episode (refuse_report checked)
+        self.leases.pop(msg.lease_id, None)  # held by this cell, for this episode (refuse_report checked)
         if job is None or episode is None:
             return Ack(detail="unknown episode; ignored")
         # A re-leased copy of this episode may still be queued or running: drop it, this result wins.
@@ -666,6 +669,9 @@ class Scheduler(Actor):
 
     def _requeue(self, lease_id: str, why: str) -> None:
         state = self.leases.pop(lease_id)
+        self.lapsed[lease_id] = (state.cell_id, state.episode.episode_id)
+        while len(self.lapsed) > 100_000:
+            self.lapsed.popitem(last=False)
         episode = state.episode
         job = self.jobs.get(episode.job_id)
         if job is None or episode.episode_id in job.results:

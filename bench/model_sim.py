@@ -106,6 +106,11 @@ class SearchConfig:
     init_std: float = 0.15  # in [0, 1]^d units, also the largest spread
     min_std: float = 0.03
     target: float = 0.9
+    # Hostile policies ((name, files) pairs) the team also commits and evaluates, so that at least
+    # `hostile_share` of its evaluate calls run one (bench/soak.py: the sandbox under attack in a real
+    # fleet). With hostile policies on, every other call names the team's own commit explicitly.
+    hostile: tuple[tuple[str, dict[str, str]], ...] = ()
+    hostile_share: float = 0.0
 
 
 @dataclass
@@ -131,6 +136,9 @@ class AgentState:
     read: bool = False
     turns: int = 0
     pending: dict[str, Any] = field(default_factory=dict)  # call id -> what it asked
+    base: str = ""  # the commit read_files showed (the team's starting policy)
+    hostile_ids: list[str] = field(default_factory=list)  # commits of the hostile policies
+    hostile_next: int = 0
 
 
 class Policy:
@@ -175,6 +183,16 @@ class Policy:
                                [("read_files", {}), ("evaluate", {"params": {}, "n_seeds": s.n_seeds})])
         a.turns += 1
         calls: list[tuple[str, dict]] = []
+        if s.hostile:
+            for (tool, _), out in results:
+                data = _loads(out) or {}
+                if tool == "read_files" and data.get("commit"):
+                    a.base = data["commit"]
+                elif tool == "commit" and data.get("commit"):
+                    a.hostile_ids.append(data["commit"])
+            if a.turns == 1:
+                calls += [("commit", {"files": files, "message": f"hostile policy: {name}"})
+                          for name, files in s.hostile]
         evaluated = [(json.loads(args_json), _loads(out)) for (tool, args_json), out in results if tool == "evaluate"]
         evaluated = [(params, data) for params, data in evaluated if data]
         if evaluated:
@@ -201,6 +219,14 @@ class Policy:
         for _ in range(fresh):
             x = np.clip(mean + std * a.rng.standard_normal(mean.shape), 0.0, 1.0)
             calls.append(("evaluate", {"params": _rounded(self.scale._params(x)), "n_seeds": s.n_seeds}))
+        if s.hostile and a.base:
+            calls = [(n, {**c, "commit": a.base}) if n in ("evaluate", "promote") else (n, c) for n, c in calls]
+        if a.hostile_ids and s.hostile_share > 0:
+            normal = sum(n == "evaluate" for n, _ in calls)
+            for _ in range(max(1, math.ceil(normal * s.hostile_share / (1 - s.hostile_share)))):
+                commit = a.hostile_ids[a.hostile_next % len(a.hostile_ids)]
+                a.hostile_next += 1
+                calls.append(("evaluate", {"commit": commit, "params": {}, "n_seeds": s.n_seeds}))
         text = (f"Turn {a.turns}: {fresh} new candidates around the team's best"
                 + "".join(f", topping up {e.ref}" for e in topups) + (f", promoting {ready.ref}" if ready else "") + ".")
         return self._calls(a, text, calls)

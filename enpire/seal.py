@@ -53,9 +53,9 @@ def check_report(key: bytes, report: EpisodeReport) -> str | None:
 
 def refuse_report(report: EpisodeReport, lease: tuple[str, str] | None, key: bytes | None) -> str | None:
     """Why the scheduler must not record `report`, or None. `lease`: (holder cell, episode id) of the
-    lease the report names, None when no such lease is outstanding (never granted, expired, re-leased)."""
+    lease the report names (outstanding, or lapsed while its cell was late), None when there is none."""
     if lease is None:
-        return f"no outstanding lease {report.lease_id[:40]!r}"
+        return f"no such lease {report.lease_id[:40]!r}"
     holder, episode_id = lease
     if holder != report.cell_id:
         return f"lease {report.lease_id!r} is held by {holder!r}, not {report.cell_id[:40]!r}"

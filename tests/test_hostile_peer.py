@@ -124,14 +124,14 @@ async def test_a_cell_key_speaks_only_for_its_cell(tmp_path):
     async with trio.open_nursery() as nursery:
         server = await nursery.start(RequestServer(url, _echo, secret=KEY, per_sender_keys=True).serve)
         with RequestClient(url, sender="arm-1", secret=cell_key(KEY, "arm-1")) as arm1:
-            await arm1.wait_ready(5)
-            assert await arm1.request(m.Ack(), timeout=2) == m.Ack(detail="Ack")
+            await arm1.wait_ready(20)
+            assert await arm1.request(m.Ack(), timeout=5) == m.Ack(detail="Ack")
         with RequestClient(url, sender="arm-2", secret=cell_key(KEY, "arm-1")) as thief:  # arm-1's key as arm-2
             with pytest.raises(AuthError):
-                await thief.request(m.Ack(), timeout=1, retries=0)
+                await thief.request(m.Ack(), timeout=5, retries=0)
         with RequestClient(url, sender="arm-1", secret=KEY) as holder:  # the fleet secret is not a cell key
             with pytest.raises(AuthError):
-                await holder.request(m.Ack(), timeout=1, retries=0)
+                await holder.request(m.Ack(), timeout=5, retries=0)
         # An envelope claiming another sender inside a frame sealed with arm-1's key: refused.
         payload = m.encode(m.Envelope(id="x", sender="arm-2", body=m.Ack()))
         frame = seal_frame(payload, cell_key(KEY, "arm-1"), "arm-1", server.run_id, 5)
@@ -145,6 +145,27 @@ async def test_a_client_follows_a_restarted_server(tmp_path):
         for _ in range(2):  # the second server is a new run at the same address
             async with trio.open_nursery() as nursery:
                 await nursery.start(RequestServer(url, _echo, secret=KEY).serve)
-                with trio.fail_after(10):
+                with trio.fail_after(30):
                     assert await client.request(m.Ack(), timeout=1) == m.Ack(detail="Ack")
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_late_report_from_the_cell_whose_lease_lapsed_still_counts(tmp_path):
+    """A slow cell's lease expires and its episode is re-queued: that cell's late report is still its
+    own (and signed for its lease); a report naming that lease from another cell is not."""
+    async with trio.open_nursery() as nursery:
+        board = Blackboard(tmp_path / "bb")
+        config = cfg.with_overrides(cfg.Config(), **{"scheduler.lease_s": 0.3, "scheduler.heartbeat_s": 10.0})
+        ref = await ActorSystem(nursery).spawn("scheduler", lambda: Scheduler(
+            config, board, PolicyLoader(lambda c: {"policy.py": b"x"}), tmp_path, "run", verdict_key=KEY))
+        for cell in ("cell-0", "cell-1"):
+            await ref.ask(Hello(cell_id=cell, driver="pusht", tasks=["pusht"], host="h", pid=1))
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1]))
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        await trio.sleep(1.5)  # expired and re-queued
+        signed = seal.sign(KEY, lease.lease_id, lease.episode_id, 0, WIN)
+        foreign = await ref.ask(_report(lease.lease_id, lease.episode_id, "cell-1", WIN, signed))
+        assert isinstance(foreign, m.Failure)
+        assert isinstance(await ref.ask(_report(lease.lease_id, lease.episode_id, "cell-0", WIN, signed)), m.Ack)
+        assert board.counter("episodes") == 1
+        nursery.cancel_scope.cancel()
