@@ -185,11 +185,11 @@ class Policy:
         calls: list[tuple[str, dict]] = []
         if s.hostile:
             for (tool, _), out in results:
-                data = _loads(out) or {}
-                if tool == "read_files" and data.get("commit"):
-                    a.base = data["commit"]
-                elif tool == "commit" and data.get("commit"):
-                    a.hostile_ids.append(data["commit"])
+                found = _COMMIT.search(out)  # read_files' output may be cut short: no full JSON to parse
+                if tool == "read_files" and found:
+                    a.base = found.group(1)
+                elif tool == "commit" and found:
+                    a.hostile_ids.append(found.group(1))
             if a.turns == 1:
                 calls += [("commit", {"files": files, "message": f"hostile policy: {name}"})
                           for name, files in s.hostile]
@@ -252,6 +252,9 @@ class Policy:
             a.pending[call_id] = (name, json.dumps(args.get("params", {})))
             out.append({"id": call_id, "name": name, "arguments": args})
         return text, out
+
+
+_COMMIT = re.compile(r'"commit":\s*"([0-9a-f]{7,64})"')
 
 
 def _rounded(params: dict[str, float]) -> dict[str, float]:
