@@ -47,9 +47,10 @@ from bus.messages import (
     Welcome,
 )
 from bus.transport import RequestClient
+from enpire.realcell import DryRun, RealInterface
 from enpire.safety import ActionLimits, check_action, named_bounds
 from enpire.sandbox import PolicyError, PolicySandbox, SandboxLimits
-from hw.driver import Driver
+from hw.driver import Driver, DriverError
 
 
 class Timeline:
@@ -121,7 +122,9 @@ class Cell(Actor):
         *,
         secret: bytes | None = None,
         real: bool = False,
+        interface: RealInterface | None = None,
     ):
+        """`interface`: a real cell's person-in-the-loop reset, verdicts and e-stop (enpire/realcell.py)."""
         self.name = f"cell:{cell_id}"
         super().__init__()
         self.cell_id = cell_id
@@ -131,6 +134,7 @@ class Cell(Actor):
         self.scratch = scratch
         self.secret = secret
         self.real = real
+        self.interface = interface
         self.timeline = Timeline()
         self.heartbeat_s = 1.0
         self.episodes = 0
@@ -175,6 +179,13 @@ class Cell(Actor):
         outbox = trio.Semaphore(4)
         async with trio.open_nursery() as nursery:
             while True:
+                if self.interface is not None and self.interface.paused.is_set():
+                    # Paused (operator silent, e-stop, robot fault): this robot takes no work until the
+                    # person types 'resume'; the fleet and its other cells go on.
+                    self.timeline.enter("faulted")
+                    self.log.warning("cell_paused")
+                    await trio.to_thread.run_sync(self.interface.wait_resume, abandon_on_cancel=True)
+                    continue
                 self.timeline.enter("idle")
                 reply = await client.request(LeaseRequest(cell_id=self.cell_id, wait_s=2.0), timeout=6.0, retries=10)
                 if isinstance(reply, NoWork):
@@ -220,8 +231,34 @@ class Cell(Actor):
     def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
         try:
             return self._episode(lease, sandbox, client)
+        except DriverError as e:  # the robot or a camera failed: not the policy's fault, so not counted
+            self.log.error("driver_error", episode=lease.episode_id, error=str(e))
+            if self.interface is not None:
+                self.interface.pause(f"robot fault: {e}")
+            return self._held(lease, "driver_error", str(e))
         finally:
             self.timeline.enter("idle")  # however the episode ended, the robot is free again
+
+    def _held(self, lease: Lease, flag: str, why: str, trajectory: Trajectory | None = None,
+              steps: int = 0) -> EpisodeReport:
+        """An episode that is not counted (e-stop, no reset, no verdict, robot fault): the scheduler
+        records it as flagged and runs the seed's work again elsewhere."""
+        verdict = Verdict(success=False, score=0.0, reason=f"unverified: {flag}: {why}"[:500], verifier="cell")
+        return EpisodeReport(cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id,
+                             verdict=verdict, attempts=[], steps=steps, reset_s=0.0, run_s=0.0, verify_s=0.0,
+                             trajectory=trajectory, flagged=flag)
+
+    def _judge_real(self, client: RequestClient, lease: Lease, request: VerifyRequest, error: str) -> VerifyReply | None:
+        """A real cell's verdict: the verifier program's, the person's, or both (agreement); None = no answer."""
+        program = trio.from_thread.run(self._ask_verifier, client, request)
+        if error:  # a violation or policy fault fails the episode whatever anyone sees
+            return program
+        verdict, by = self.interface.judge(lease.episode_id, program.verdict)
+        self.log.info("real_verdict", episode=lease.episode_id, by=by, success=verdict.success if verdict else None,
+                      program=program.verdict.success, agreement=self.interface.agreement.summary())
+        if verdict is None:
+            return None
+        return VerifyReply(episode_id=program.episode_id, verdict=verdict, at_reset=program.at_reset)
 
     def _episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
         """Reset, run up to `lease.attempts` attempts, and return the report.
@@ -236,7 +273,13 @@ class Cell(Actor):
                 return _refused_report(self.cell_id, lease, f"cell_error: driver {self.driver.name!r} has no "
                                        f"{lease.observation!r} observation")
             self.driver.set_observation(lease.observation)
-        obs = self.driver.reset(lease.seed)
+        if self.interface is not None:  # a person or an approved reset program resets a real scene
+            obs, why = self.interface.reset_scene(self.driver, lease.seed, lease.episode_id)
+            if why:
+                self.interface.pause(why)
+                return self._held(lease, why.split(":")[0], why)
+        else:
+            obs = self.driver.reset(lease.seed)
         reset_state = self.driver.trusted_state()
         reset_s = time.perf_counter() - t0
         verify_s = 0.0
@@ -245,22 +288,30 @@ class Cell(Actor):
                                           self.driver.action_high, lease.joints, require_all=self.real)
         limits = ActionLimits(dim=len(low), low=low.tolist(), high=high.tolist(), max_delta=lease.max_delta)
         observations, actions, rewards = [obs], [], []
+        # A robot's camera (LeRobot drivers): one frame per observation, for the record and the dataset.
+        camera = [self.driver.frame()] if getattr(self.driver, "record_frames", False) else None
         attempts: list[Attempt] = []
         run_s = 0.0
 
-        def report(verify_total: float) -> EpisodeReport:
+        def trajectory() -> Trajectory:
             pixels = isinstance(observations[0], dict)  # camera frames travel deflated, beside the flat part
             flat = [o["agent_pos"] for o in observations] if pixels else observations
-            trajectory = Trajectory(  # float64 as the policy saw them: an episode replays exactly
+            frames = np.stack([o["pixels"] for o in observations]) if pixels else None
+            if camera is not None and len(camera) == len(observations):  # a robot's camera, recorded per step
+                frames = np.stack(camera)
+            return Trajectory(  # float64 as the policy saw them: an episode replays exactly
                 observations=Array.of(np.asarray(flat, dtype=np.float64)),
                 actions=Array.of(np.asarray(actions, dtype=np.float64).reshape(-1, limits.dim)),
                 rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
-                frames=Frames.of(np.stack([o["pixels"] for o in observations])) if pixels else None,
+                frames=Frames.of(frames) if frames is not None else None,
             )
+
+        def report(verify_total: float) -> EpisodeReport:
             return EpisodeReport(
                 cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id,
                 verdict=attempts[0].verdict, attempts=attempts, steps=sum(a.steps for a in attempts),
-                reset_s=reset_s, run_s=run_s, verify_s=verify_total, trajectory=trajectory,
+                reset_s=reset_s, run_s=run_s, verify_s=verify_total, trajectory=trajectory(),
+                flagged="dry_run" if isinstance(self.driver, DryRun) else "",
             )
 
         def judged(reply: VerifyReply, secs: float, *, error: str, steps: int, spent: float,
@@ -297,16 +348,25 @@ class Cell(Actor):
                 except PolicyError as e:
                     attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
                     break
-            steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards)
+            steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards, camera)
             run_s += time.perf_counter() - t2
+            if error == "estop":  # halted by the person: held unverified, never counted
+                self.interface.pause("e-stop")
+                return self._held(lease, "estop", f"halted after {len(actions)} steps", trajectory(), len(actions))
             request = self._verify_request(lease, k, reset_state if k == 0 else None)
             final = bool(error) or k == lease.attempts - 1
             finish = functools.partial(judged, error=error, steps=steps, spent=verify_s, final=final)
-            if final:
+            if final and self.interface is None:
                 return Unverified(request, finish)
             self.timeline.enter("verifying", lease.kind)
             t3 = time.perf_counter()
-            reply = trio.from_thread.run(self._ask_verifier, client, request)
+            if self.interface is not None:
+                reply = self._judge_real(client, lease, request, error)
+                if reply is None:
+                    self.interface.pause("no verdict from the operator")
+                    return self._held(lease, "unverified", "the operator did not answer", trajectory(), len(actions))
+            else:
+                reply = trio.from_thread.run(self._ask_verifier, client, request)
             secs = time.perf_counter() - t3
             verify_s += secs
             done = finish(reply, secs)
@@ -314,7 +374,8 @@ class Cell(Actor):
                 return done
         return report(verify_s)
 
-    def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards) -> tuple[int, str, np.ndarray]:
+    def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards,
+                 camera=None) -> tuple[int, str, np.ndarray]:
         """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs).
 
         Each new observation goes to the policy before the simulator scores the step, so the policy
@@ -328,7 +389,12 @@ class Cell(Actor):
         period = 1.0 / lease.control_hz if lease.control_hz > 0 else 0.0
         tick = time.perf_counter()
         sandbox.submit(obs)
+        estop = self.interface.estop if self.interface is not None else None
         for step in range(lease.horizon):
+            if estop is not None and estop.is_set():
+                if callable(halt := getattr(self.driver, "halt", None)):
+                    halt()
+                return step, "estop", obs
             if period:  # a real robot's control loop runs at a fixed rate; so does a paced simulator
                 tick += period
                 time.sleep(max(0.0, tick - time.perf_counter()))
@@ -354,6 +420,8 @@ class Cell(Actor):
                 sandbox.submit(obs)
             reward, done = self.driver.outcome()
             observations.append(obs)
+            if camera is not None:
+                camera.append(self.driver.frame())
             actions.append(action)
             rewards.append(reward)
             previous = action

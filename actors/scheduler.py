@@ -444,7 +444,8 @@ class Scheduler(Actor):
         task = self.config.task(episode.task)
         pool = task.heldout_seeds if episode.kind != "agent" else task.tuning_seeds
         seed = pool.start + (episode.seed - pool.start + 7919) % pool.count
-        eid = f"{job.record.job_id}:r{len(job.episode_ids)}"
+        # Numbered by the flagged results so far (this one included): unique however many are replaced.
+        eid = f"{job.record.job_id}:r{sum(1 for r in job.results.values() if r.flagged)}"
         job.episode_ids.append(eid)
         job.episode_ids.remove(episode.episode_id)
         replacement = Episode(eid, episode.job_id, episode.kind, episode.task, seed, episode.attempts,

@@ -328,13 +328,17 @@ class CellStateChanged(Message, frozen=True):
 
 
 class Progress(Message, frozen=True):
+    """The fleet's periodic summary (log line, `[fleet] tensorboard` sink)."""
+
     t: float
     episodes: int
     champion: str
-    champion_success: float
+    champion_success: float  # confirmed on held-out seeds never used to choose it
     champion_n: int
     mru: float
-    tokens: int
+    tokens: int  # the team's input + output tokens so far
+    tokens_per_min: float = 0.0  # MTU over the run so far
+    time_left_s: float = 0.0  # of the budget
 
 
 BusMessage = Union[

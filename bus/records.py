@@ -200,6 +200,8 @@ class DaemonRecord(msgspec.Struct):
     cells: int
     agents: int
     task: str
+    budget_s: float = 0.0  # this start's time budget: status tells the time left
+    target: float = 0.0  # held-out success rate that ends the run
 
 
 class TrainRecord(msgspec.Struct):

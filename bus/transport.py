@@ -37,6 +37,7 @@ readable while any request waits for a context; a client uses one Req0 socket pe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -516,6 +517,55 @@ class RequestServer:
         return seal_frame(payload, self.key_for(to), self.sender, self.run_id, self._counter)
 
 
+class _Requester:
+    """One Req0 socket of a client. A request is handed to nng by a callback-free aio and not waited
+    for (nng's own "non-blocking" send waits for an nng thread to confirm it); the reply is waited for
+    on the socket's readiness fd."""
+
+    def __init__(self, url: str) -> None:
+        # resend_time=-1: nng must not resend on its own; we resend ourselves, with the same id.
+        self.sock = pynng.Req0(recv_max_size=MAX_FRAME, resend_time=-1)
+        self.sock.reconnect_time_min = 20  # ms: a late server is found quickly
+        self.sock.reconnect_time_max = 500
+        self.sock.dial(url, block=False)
+        self.fd = self.sock.recv_fd
+        self._send = _new_aio(-1)  # no timeout: a request waits in nng for the server to appear
+        self._sending = False
+
+    def post(self, frame: bytes) -> None:
+        """Send a request (abandoning the previous one: a late reply to it is dropped by nng)."""
+        self._settle()
+        lib.nng_aio_set_msg(self._send, _nng_msg(frame))
+        lib.nng_send_aio(self.sock.socket, self._send)
+        self._sending = True
+
+    def _settle(self) -> None:
+        if not self._sending:
+            return
+        if lib.nng_aio_busy(self._send):  # an abandoned request that never found a server: withdraw it
+            lib.nng_aio_cancel(self._send)
+            lib.nng_aio_wait(self._send)  # prompt once cancelled
+        self._sending = False
+        if lib.nng_aio_result(self._send):
+            lib.nng_msg_free(lib.nng_aio_get_msg(self._send))  # not sent: still ours
+
+    async def reply(self) -> bytes:
+        while True:  # a reply takes a round trip: wait before the first look
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                return self.sock.recv(block=False)
+            except pynng.TryAgain:  # woken for nothing (the fd is a hint): wait again
+                continue
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # outside trio nothing waits on the fd
+            trio.lowlevel.notify_closing(self.fd)
+        self.sock.close()  # aborts a pending send, so the free below does not wait
+        lib.nng_aio_free(self._send)
+        if self._sending and lib.nng_aio_result(self._send):
+            lib.nng_msg_free(lib.nng_aio_get_msg(self._send))
+
+
 class RequestClient:
     """Acked requests to one server. Safe to use from many trio tasks at once: each request in flight
     has a Req0 socket of its own (a small pool, grown on demand up to MAX_CLIENT_SOCKETS), and waits
@@ -531,18 +581,14 @@ class RequestClient:
         self.secret = secret
         self.run = bytes(RUN_BYTES)  # the server's run id, learned from its first authenticated reply
         self._counter = time.time_ns()  # a clock, so a restarted client never reuses a counter
-        self._sockets: list[pynng.Req0] = []
-        self._idle: list[tuple[pynng.Req0, int]] = [self._open()]
+        self._sockets: list[_Requester] = []
+        self._idle: list[_Requester] = [self._open()]
         self._free = trio.Semaphore(MAX_CLIENT_SOCKETS)
 
-    def _open(self) -> tuple[pynng.Req0, int]:
-        # resend_time=-1: nng must not resend on its own; we resend ourselves, with the same id.
-        sock = pynng.Req0(recv_max_size=MAX_FRAME, resend_time=-1)
-        sock.reconnect_time_min = 20  # ms: a late server is found quickly
-        sock.reconnect_time_max = 500
-        sock.dial(self.url, block=False)
-        self._sockets.append(sock)
-        return sock, sock.recv_fd
+    def _open(self) -> _Requester:
+        requester = _Requester(self.url)
+        self._sockets.append(requester)
+        return requester
 
     async def request(
         self, body: Message, *, timeout: float = 2.0, retries: int = 5, id: str | None = None
@@ -574,22 +620,14 @@ class RequestClient:
             self._free.acquire_nowait()  # no scheduling round trip when a socket is free (the usual case)
         except trio.WouldBlock:
             await self._free.acquire()
-        sock, fd = self._idle.pop() if self._idle else self._open()
+        requester = self._idle.pop() if self._idle else self._open()
         try:
+            requester.post(frame)
             with trio.move_on_after(timeout):
-                try:
-                    sock.send(frame, block=False)  # to a connected pipe at once
-                except pynng.TryAgain:  # not connected (yet): wait for a pipe in nng
-                    await sock.asend(frame)
-                while True:
-                    try:
-                        return sock.recv(block=False)
-                    except pynng.TryAgain:
-                        await trio.lowlevel.wait_readable(fd)
-            # A later send on this socket abandons this request: a late reply to it is dropped.
-            return None
+                return await requester.reply()
+            return None  # the next request on this socket abandons this one
         finally:
-            self._idle.append((sock, fd))
+            self._idle.append(requester)
             self._free.release()
 
     def _seal(self, payload: bytes) -> bytes:
@@ -641,8 +679,8 @@ class RequestClient:
         raise RequestTimeout(f"{self.url}: server not ready after {timeout}s")
 
     def close(self) -> None:
-        for sock in self._sockets:
-            sock.close()
+        for requester in self._sockets:
+            requester.close()
         self._sockets.clear()
         self._idle.clear()
 

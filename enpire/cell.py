@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +24,10 @@ from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import AuthError, RequestClient, RequestTimeout, cell_key
 from enpire import isolation, log
+from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
 from enpire.sandbox import SandboxLimits
 from hw import PluginError, make_driver
+from hw.driver import DriverError
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
@@ -41,6 +44,18 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
     p.add_argument("--print-key", action="store_true",
                    help="print this cell's key, derived from the secret in --secret-env, and exit")
     p.add_argument("--real", action="store_true", help="this cell drives a real robot")
+    real = p.add_argument_group("real cells (--real): a person at this terminal, e-stop 'e' + Enter or SIGUSR1")
+    real.add_argument("--confirm-motion", action="store_true",
+                      help="let this real cell move the robot; without it a dry run prints what would move")
+    real.add_argument("--interface-dir", type=Path,
+                      help="approved reset programs and the verifier's agreement record (default ~/.enpire/cells/ID)")
+    real.add_argument("--reset", default="person", help="'person' or an approved reset program (default person)")
+    real.add_argument("--reset-timeout", type=float, default=120.0, help="seconds to answer 'scene reset?'")
+    real.add_argument("--verdict-timeout", type=float, default=120.0, help="seconds to answer 'success?'")
+    real.add_argument("--max-false-success", type=float, default=0.05,
+                      help="Wilson 95%% upper bound of the verifier program's false-success rate to judge alone")
+    real.add_argument("--min-labels", type=int, default=20, help="person labels before the program may judge alone")
+    real.add_argument("--spot-check", type=float, default=0.1, help="share of episodes the person labels afterwards")
     p.add_argument("--act-timeout", type=float, default=0.05, help="seconds the policy has per act() call")
     p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
     p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
@@ -61,6 +76,17 @@ async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
     cancel.cancel()
 
 
+def build_interface(args: argparse.Namespace) -> RealInterface:
+    settings = RealSettings(reset=args.reset, reset_timeout_s=args.reset_timeout, verdict_timeout_s=args.verdict_timeout,
+                            max_false_success=args.max_false_success, min_labels=args.min_labels,
+                            spot_check=args.spot_check)
+    folder = args.interface_dir or Path.home() / ".enpire" / "cells" / args.cell_id
+    interface = RealInterface(settings, Operator(), folder)
+    # SIGUSR1 is the e-stop a foot switch or another terminal can send (`kill -USR1 PID`).
+    signal.signal(signal.SIGUSR1, lambda *_: interface.estop.set())
+    return interface
+
+
 def build_driver(args: argparse.Namespace):
     """The driver, or PluginError with one line naming what is wrong."""
     try:
@@ -72,7 +98,7 @@ def build_driver(args: argparse.Namespace):
     return make_driver(args.driver, **options)
 
 
-async def run(args: argparse.Namespace, secret: bytes | None, driver) -> None:
+async def run(args: argparse.Namespace, secret: bytes | None, driver, interface: RealInterface | None = None) -> None:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
     limits = SandboxLimits(
         act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
@@ -93,7 +119,7 @@ async def run(args: argparse.Namespace, secret: bytes | None, driver) -> None:
         await system.spawn(
             f"cell:{args.cell_id}",
             lambda: Cell(args.cell_id, args.connect, driver, limits, scratch,
-                         secret=secret, real=args.real),
+                         secret=secret, real=args.real, interface=interface),
         )
 
 
@@ -124,13 +150,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> 
         except (OSError, ValueError) as e:
             print(f"enpire.cell: --cpu {args.cpu}: {e}", file=sys.stderr)
             return 2
+    interface = None
     try:
         driver = build_driver(args)
-    except PluginError as e:
+        if args.real:
+            interface = build_interface(args)
+            if not args.confirm_motion:
+                print("enpire.cell: dry run (no --confirm-motion): commands are printed, the robot does not move",
+                      file=sys.stderr)
+                driver = DryRun(driver)
+    except (PluginError, ValueError) as e:
         print(f"enpire.cell: {e}", file=sys.stderr)
         return 2
     try:
-        trio.run(run, args, secret, driver)
+        driver.connect()  # a robot that does not answer stops here with one line, before joining the fleet
+    except DriverError as e:
+        print(f"enpire.cell: {e}", file=sys.stderr)
+        return 5
+    try:
+        trio.run(run, args, secret, driver, interface)
     except AuthError as e:
         structlog.get_logger().error("cell_refused", cell=args.cell_id, error=str(e))
         print(f"enpire.cell: {e}", file=sys.stderr)

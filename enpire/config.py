@@ -75,6 +75,7 @@ class FleetConfig(Strict):
     stop_at_target: bool = True  # false: run the whole budget (benchmarks, soak)
     map_size_mb: Annotated[int, Meta(ge=1, le=1 << 20)] = 1024  # initial LMDB map (<= 1 TiB); it grows by doubling when nearly full
     baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
+    tensorboard: bool = False  # progress events as TensorBoard scalars in <state_dir>/tensorboard (extra: tensorboard)
 
 
 PIXEL_DRIVERS = ("pusht",)  # drivers that can hand the policy camera frames instead of the state

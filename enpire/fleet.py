@@ -44,16 +44,17 @@ from bus.messages import (
     PolicySpec,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta
+from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta, TokenRecord
 from bus.transport import RequestServer, cell_key, ipc_url
 from enpire import config as cfg
-from enpire import isolation, log
+from enpire import isolation, ledger, log, progress
 from enpire.agents.backends import make_backend
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.tools import Tools
 from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
+from enpire.sinks import TensorBoardSink, check_tensorboard
 from enpire.statelock import StateDirLocked, StateLock
 from enpire.workspace import MAIN, Workspace
 from hw import verifier_name
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.flee
     p.add_argument("--budget-minutes", type=float, help="stop after this many minutes (config fleet.budget_minutes)")
     p.add_argument("--target", type=float, help="held-out success rate that ends the run (config fleet.target)")
     p.add_argument("--min-heldout", type=int, help="held-out episodes the champion needs (config fleet.min_heldout)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write progress as TensorBoard scalars to STATE_DIR/tensorboard (config fleet.tensorboard)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     p.add_argument("--quiet", action="store_true", help="no console log; the JSON log file is still written")
     return p.parse_args(argv)
@@ -97,6 +100,7 @@ def effective_config(args: argparse.Namespace) -> cfg.Config:
             "fleet.budget_minutes": args.budget_minutes,
             "fleet.target": args.target,
             "fleet.min_heldout": args.min_heldout,
+            "fleet.tensorboard": args.tensorboard,
         },
     )
 
@@ -304,8 +308,11 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
 
             nursery.start_soon(on_signal)
             next_progress = 0.0
+            watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
+            sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
-                                  config.agents.count, config.cells.task)
+                                  config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
+                                  target=config.fleet.target)
             while not stopping.is_set() and time.time() < deadline:
                 if config.fleet.stop_at_target and target_met(board, config):
                     outcome.reason = "target"
@@ -314,10 +321,12 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 if time.time() >= next_progress:
                     daemon.last_seen = time.time()
                     board.put("meta", "daemon", daemon)
-                    _progress(logger, board, config, system, started)
+                    _progress(logger, board, config, system, started, deadline, watch, sink)
                     next_progress = time.time() + config.fleet.progress_s
                 with trio.move_on_after(0.5):
                     await stopping.wait()
+        if sink is not None:
+            sink.close()
         outcome.elapsed_s = time.time() - started
         sched = system.actors["scheduler"].current
         stats["utilization"] = sched.utilization() if isinstance(sched, Scheduler) else {}
@@ -329,20 +338,21 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
     return outcome, stats
 
 
-def _progress(logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float) -> None:
+def _progress(logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float, deadline: float,
+              watch: progress.NoCellWatch, sink: TensorBoardSink | None) -> None:
     sched = system.actors["scheduler"].current
     mru = mean_robot_utilization(sched.utilization()) if isinstance(sched, Scheduler) else 0.0
-    champ = board.get("champion", config.cells.task, Champion)
-    logger.info(
-        "progress",
-        elapsed_s=round(time.time() - started, 1),
-        episodes=board.counter("episodes"),
-        champion=champ.policy.ref if champ else "",
-        judged=f"{champ.judged_successes}/{champ.judged_n}" if champ else "",
-        confirmed=f"{champ.successes}/{champ.n}" if champ else "",
-        mru=round(mru, 3),
-        tokens=0,
-    )
+    now = time.time()
+    tokens = ledger.totals(board.values("tokens", TokenRecord)).total
+    p = progress.progress(now, started, deadline, board.counter("episodes"),
+                          board.get("champion", config.cells.task, Champion), mru, tokens)
+    logger.info("progress", **progress.log_fields(p, started))
+    if sink is not None:
+        sink.write(p)
+    live = sum(c.record.state != "offline" for c in sched.cells.values()) if isinstance(sched, Scheduler) else 0
+    if (waiting := watch.check(now, live)) is not None:
+        logger.warning("no_cells", waiting_s=round(waiting), local=config.cells.count, listen=config.bus.listen,
+                       detail="no cell is connected, so no episode runs")
 
 
 def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats: dict) -> dict:
@@ -435,6 +445,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
         print(f"enpire: {idle}", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.fleet.tensorboard and (reason := check_tensorboard()):
+        print(f"enpire: {reason}", file=sys.stderr)
         return EXIT_CONFIG
     state_dir = Path(config.fleet.state_dir).resolve()
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bus.blackboard import Blackboard
 from bus.records import CellRecord, Champion, DaemonRecord, JobRecord, TimelineRecord, TokenRecord
+from enpire import ledger
 from enpire.metrics import mean_robot_utilization, utilization, wilson_interval
 
 
@@ -49,14 +50,16 @@ def _collect(board: Blackboard, now: float) -> dict:
             "rate": round(c.successes / c.n, 4) if c.n else None, "wilson95": [round(lo, 4), round(hi, 4)],
             "judged": [c.judged_successes, c.judged_n],
         }
-    tokens: dict[str, int] = {}
-    for t in board.values("tokens", TokenRecord):
-        tokens[t.agent] = tokens.get(t.agent, 0) + t.input_tokens + t.output_tokens
+    records = board.values("tokens", TokenRecord)
+    team = ledger.totals(records)
+    running_s = ((now if alive else daemon.last_seen) - daemon.started) if daemon else 0.0
     return {
         "daemon": {
             "state": (daemon.state if alive or daemon.state != "running" else "not responding") if daemon else "never ran",
             "pid": daemon.pid if daemon else None,
-            "running_s": round((now if alive else daemon.last_seen) - daemon.started, 1) if daemon else 0.0,
+            "running_s": round(running_s, 1),
+            "time_left_s": round(max(0.0, daemon.budget_s - running_s), 1) if alive and daemon.budget_s else None,
+            "target": daemon.target if daemon else None,
         },
         "episodes": board.counter("episodes"),
         "episodes_requeued": board.counter("episodes_requeued"),
@@ -65,14 +68,18 @@ def _collect(board: Blackboard, now: float) -> dict:
         "jobs_queued": len(jobs),
         "jobs": [{"job": j.job_id, "agent": j.agent, "kind": j.kind, "episodes": len(j.seeds)} for j in jobs[:20]],
         "champions": champions,
-        "tokens": tokens,
+        "tokens": {agent: t.total for agent, t in sorted(ledger.per_agent(records).items())},
+        "tokens_total": team.total,
+        "tokens_cached_input": team.cached_input_tokens,
+        "tokens_per_min": round(ledger.mtu(records, running_s), 1) if records and running_s > 0 else 0.0,
         "findings": board.count("findings"),
     }
 
 
 def render(status: dict) -> str:
     d = status["daemon"]
-    lines = [f"daemon: {d['state']} (pid {d['pid']}), running {d['running_s']:.0f}s; "
+    left = f", {d['time_left_s']:.0f}s left" if d.get("time_left_s") is not None else ""
+    lines = [f"daemon: {d['state']} (pid {d['pid']}), running {d['running_s']:.0f}s{left}; "
              f"episodes {status['episodes']} (requeued {status['episodes_requeued']}); MRU {status['mru']:.1%}"]
     for cid, c in sorted(status["cells"].items()):
         lines.append(f"  {cid:<10} {c['state']:<10} MRU {c['mru']:.1%}  agent share {c['agent_share']:.1%}  "
@@ -87,8 +94,11 @@ def render(status: dict) -> str:
                      f"[{lo:.3f}, {hi:.3f}]; judged {c['judged'][0]}/{c['judged'][1]}")
     if not status["champions"]:
         lines.append("champion: none yet")
-    for agent, n in sorted(status["tokens"].items()):
-        lines.append(f"agent {agent}: {n} tokens")
+    if status["tokens_total"]:
+        lines.append(f"tokens: {status['tokens_total']:,} ({status['tokens_cached_input']:,} cached input), "
+                     f"{status['tokens_per_min']:,.0f}/min")
+    for agent, n in status["tokens"].items():
+        lines.append(f"  {agent}: {n:,} tokens")
     lines.append(f"findings: {status['findings']}")
     return "\n".join(lines)
 

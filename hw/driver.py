@@ -14,6 +14,11 @@ from typing import Protocol
 import numpy as np
 
 
+class DriverError(RuntimeError):
+    """The robot or one of its cameras failed (not the policy): one line naming which and how.
+    The cell holds the episode unverified (not counted) and, on a real cell, pauses."""
+
+
 @dataclass(frozen=True)
 class StepResult:
     observation: np.ndarray
@@ -54,5 +59,8 @@ class Driver(Protocol):
 
     def frame(self) -> np.ndarray | None:
         """Rendered camera frame, HxWx3 uint8, or None when the driver has no camera."""
+
+    def halt(self) -> None:
+        """E-stop: stop moving now. A simulator has nothing to stop."""
 
     def disconnect(self) -> None: ...

@@ -100,7 +100,8 @@ def verifier_name(driver: str) -> str:
         return BUILTIN_VERIFIER[driver]
     kind = getattr(driver_class(driver), "verifier", None)
     if not isinstance(kind, str) or not kind:
-        raise PluginError(f"driver {driver!r} names no verifier: give its class a `verifier` attribute")
+        raise PluginError(f"driver {driver!r} names no verifier: set the task's verifier_kind "
+                          "(or give the driver class a `verifier` attribute)")
     return kind
 
 

@@ -23,6 +23,8 @@ from typing import Any, Literal
 class Reply:
     text: str = ""
     calls: tuple[tuple[str, dict], ...] = ()  # (tool name as the CLI offered it, arguments)
+    status: int = 200  # another status: the server answers with this HTTP error instead (no usage)
+    delay_s: float = 0.0  # the server stalls this long before answering (a hung model call)
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,10 @@ class ScriptedModel:
         self.script = script
         self.model = model
         self.log: list[Logged] = []
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # script failures (a test asserts there are none)
+        self.errors_sent: list[int] = []  # HTTP errors the script asked for
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._last_calls: set[str] = set()  # call ids of the last reply (OpenAI: whose outputs come next)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -149,6 +153,7 @@ class ScriptedModel:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -181,8 +186,15 @@ class ScriptedModel:
             except Exception as e:  # a script bug shows in the test, not as a hung CLI
                 self.errors.append(f"{type(e).__name__}: {e}")
                 reply = Reply(text=f"script error: {e}")
+            if reply.status != 200:
+                self.errors_sent.append(reply.status)
+                kind = "invalid_request_error" if reply.status < 500 else "api_error"
+                error = {"type": "error", "error": {"type": kind, "message": reply.text or "scripted error"}}
+                return reply.status, "application/json", json.dumps(error).encode()
             usage = self._usage(raw, reply, first=not self.log)
             self.log.append(Logged(path, exchange, reply, usage, dict(headers or {})))
+        if reply.delay_s:
+            self._stop.wait(reply.delay_s)
         stream = self._anthropic(reply, usage) if self.provider == "anthropic" else self._openai(reply, usage)
         return 200, "text/event-stream", b"".join(stream)
 

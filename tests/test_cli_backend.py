@@ -116,3 +116,26 @@ def test_missing_node_or_cli_fails_at_start_in_one_line(monkeypatch, tmp_path):
     with pytest.raises(CLIConfigError, match=r"\$ENPIRE_TEST_MODEL_KEY is not set"):
         make_agent("codex", "http://127.0.0.1:9")
     assert os.environ.get("ENPIRE_TEST_MODEL_KEY") is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_killed_hung_and_failing_runs_are_restarted_with_backoff(tmp_path, kind):
+    require(kind)
+    tools = FakeTools(tmp_path)
+    steps = Steps([
+        lambda ex: Reply(calls=shell(kind, "kill -9 $PPID")),  # the CLI dies mid-run
+        lambda ex: Reply(text="thinking...", delay_s=600),  # it hangs past its turn's time
+        lambda ex: Reply(calls=shell(kind, "kill -TERM $PPID")),  # the CLI is told to stop: exits non-zero
+        lambda ex: Reply(text="All good now."),
+    ], main_tool=MAIN_TOOL[kind])
+    with ScriptedModel(PROVIDER[kind], steps) as model:
+        agent = make_agent(kind, model.url, max_turns=4, turn_timeout_s=12)
+        with trio.fail_after(300):
+            await agent.run(tools)
+    reasons = [o.reason for o in agent.outcomes]
+    assert [o.ok for o in agent.outcomes] == [False, False, False, True], reasons
+    assert agent.outcomes[0].exit_code != 0 and "exit" in reasons[0]
+    assert "no result within 12 s" in reasons[1] and agent.outcomes[1].seconds < 40
+    assert agent.outcomes[2].exit_code not in (0, None) and agent.outcomes[2].seconds < 60
+    assert agent.backoffs == [0.2, 0.4, 0.8]  # doubling from [agents] backoff
+    assert not model.errors

@@ -139,9 +139,10 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
     r = subprocess.run([sys.executable, "-m", "enpire.report", "--state-dir", str(tmp_path / "state")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for name in ("success.png", "cells.png", "tokens.png"):
+    for name in ("success.png", "success_robot_hours.png", "cells.png"):
         png = tmp_path / "state" / "report" / name
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    assert not (tmp_path / "state" / "report" / "tokens.png").exists()  # built-in agents use no tokens
     summary = (tmp_path / "state" / "report" / "summary.md").read_text()
     assert "champion" in summary and "held-out" in summary
     # No secret in any log line, finding, digest, error, report, workspace object or episode file.

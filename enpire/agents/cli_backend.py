@@ -267,6 +267,7 @@ class CLIAgent:
     clock: Callable[[], float] = time.time
     turns: int = 0
     outcomes: list[TurnOutcome] = field(default_factory=list)
+    backoffs: list[float] = field(default_factory=list)  # seconds slept before each restart
 
     def __post_init__(self) -> None:
         self.prefix = cli_binary(self.settings.kind, self.settings.command)
@@ -408,6 +409,7 @@ class CLIAgent:
                     state.pop("session", None)  # the saved session cannot be resumed: start a new one
                 delay = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (failures - 1))
                 log.warning("cli_restart", reason=outcome.reason, failures=failures, backoff_s=delay)
+                self.backoffs.append(delay)
                 state_file.write_text(json.dumps(state))
                 await trio.sleep(delay)
                 continue
@@ -440,24 +442,42 @@ class CLIAgent:
         log.info("cli_turn_started", turn=number, resume=resume, session=session, timeout_s=round(limit, 1))
         t0 = self.clock()
         reason, code = "", None
-        with open(stderr_path, "wb") as stderr:
-            proc = await trio.lowlevel.open_process(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                    stderr=stderr)
+        procs: list[subprocess.Popen] = []
+        done: dict[str, int] = {}
+
+        def blocking() -> int:
+            # bwrap --die-with-parent is PR_SET_PDEATHSIG: the jail dies with the *thread* that started it,
+            # so one thread starts the CLI, reads its JSON lines and waits for it (trio's idle worker threads
+            # end after 10 s, which would kill a run that outlives them).
+            with open(stderr_path, "wb") as stderr, open(transcript, "ab") as out:
+                proc = subprocess.Popen(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+                procs.append(proc)
+                for line in proc.stdout:
+                    out.write(line)
+                    run.feed(self.settings.kind, line.decode(errors="replace"))
+                return proc.wait()
+
+        async def runner() -> None:
+            done["code"] = await trio.to_thread.run_sync(blocking)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner)
             try:
-                with trio.move_on_after(limit) as scope:
-                    async with trio.open_nursery() as watch:
-                        watch.start_soon(self._read, proc, run, transcript)
-                        watch.start_soon(self._budget_watch, proc)
-                        code = await proc.wait()
-                        watch.cancel_scope.cancel()
-                if scope.cancelled_caught:
-                    reason = f"no result within {limit:.0f} s: stopped"
+                deadline = trio.current_time() + limit
+                while "code" not in done:
+                    if self.over_budget:  # the relay refused a call: the run ends now, not when the CLI gives up
+                        break
+                    if trio.current_time() > deadline:
+                        reason = f"no result within {limit:.0f} s: stopped"
+                        break
+                    await trio.sleep(0.1)
             finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    with trio.move_on_after(10):
-                        await proc.wait()
-                await trio.to_thread.run_sync(isolation.release, proc.pid)
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()  # the thread then sees the end of its output and returns
+        code = done.get("code")
+        if procs:
+            await trio.to_thread.run_sync(isolation.release, procs[0].pid)
         seconds = self.clock() - t0
         if not reason:
             if self.over_budget:
@@ -472,24 +492,6 @@ class CLIAgent:
                  cli_cost_usd=run.cost, session=run.session,
                  cli_usage=(run.result or {}).get("usage"))
         return TurnOutcome(ok, reason, code, seconds, run)
-
-    async def _read(self, proc, run: Run, transcript: Path) -> None:
-        buf = b""
-        with open(transcript, "ab") as out:
-            while True:
-                chunk = await proc.stdout.receive_some(65536)
-                if not chunk:
-                    break
-                out.write(chunk)
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    run.feed(self.settings.kind, line.decode(errors="replace"))
-
-    async def _budget_watch(self, proc) -> None:
-        while not self.over_budget:
-            await trio.sleep(0.2)
-        proc.kill()  # the relay refused a call: the run ends now, not when the CLI gives up
 
     async def _publish(self, tools, worktree: Worktree, log, arguments: dict) -> str | None:
         """Before a fleet tool runs: the worktree's latest commit becomes a commit of the agent's branch."""

@@ -1,0 +1,26 @@
+"""The fleet's progress: real tokens, tokens per minute and time left; the warning for a fleet without cells."""
+
+from bus.messages import PolicySpec
+from bus.records import Champion
+from enpire import progress
+
+
+def test_progress_has_tokens_rate_time_left_and_the_confirmed_champion():
+    champ = Champion("pusht", PolicySpec("c" * 40), 27, 30, 0.0, "agent-0", successes=45, n=50)
+    p = progress.progress(now=1120.0, started=1000.0, deadline=1900.0, episodes=321, champion=champ, mru=0.8512,
+                          tokens=6000)
+    assert (p.tokens, p.tokens_per_min, p.time_left_s) == (6000, 3000.0, 780.0)
+    assert (p.champion, p.champion_success, p.champion_n, p.mru) == (champ.policy.ref, 0.9, 50, 0.8512)
+    fields = progress.log_fields(p, 1000.0)
+    assert fields["confirmed"] == "45/50" and fields["elapsed_s"] == 120.0 and fields["tokens"] == 6000
+    late = progress.progress(now=2000.0, started=1000.0, deadline=1900.0, episodes=0, champion=None, mru=0.0, tokens=0)
+    assert late.time_left_s == 0.0 and late.champion == "" and late.tokens_per_min == 0.0
+
+
+def test_no_cell_warning_after_the_grace_then_every_minute_until_one_joins():
+    watch = progress.NoCellWatch(started=0.0, grace_s=30.0, every_s=60.0)
+    assert [watch.check(t, 0) for t in (10.0, 29.0)] == [None, None]
+    assert watch.check(31.0, 0) == 31.0  # warned: nothing joined in 31 s
+    assert watch.check(60.0, 0) is None and watch.check(91.0, 0) == 91.0  # and again a minute later
+    assert watch.check(100.0, 2) is None  # cells came
+    assert watch.check(110.0, 0) is None and watch.check(141.0, 0) == 31.0  # they left: a fresh grace
