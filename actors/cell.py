@@ -258,7 +258,9 @@ class Cell(Actor):
                       program=program.verdict.success, agreement=self.interface.agreement.summary())
         if verdict is None:
             return None
-        return VerifyReply(episode_id=program.episode_id, verdict=verdict, at_reset=program.at_reset)
+        signed = verdict == program.verdict  # the program's verdict keeps its signature; a person's has none
+        return VerifyReply(episode_id=program.episode_id, verdict=verdict, at_reset=program.at_reset,
+                           signature=program.signature if signed else b"", reset_signature=program.reset_signature)
 
     def _episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
         """Reset, run up to `lease.attempts` attempts, and return the report.

@@ -274,7 +274,8 @@ class Scheduler(Actor):
             return Ack(detail="duplicate episode; ignored")
         # A lease that lapsed (its cell was late) still lets that cell report, until the episode is recorded.
         held = (lease.cell_id, lease.episode.episode_id) if lease else self.lapsed.get(msg.lease_id)
-        if (why := refuse_report(msg, held, self.verdict_key)):
+        real = (cell := self.cells.get(msg.cell_id)) is not None and cell.record.real  # a person may judge
+        if (why := refuse_report(msg, held, self.verdict_key, real)):
             self.log.warning("report_refused", cell=msg.cell_id, lease=msg.lease_id, episode=msg.episode_id, why=why)
             return Failure(error=f"report refused: {why}", retry=False)
         self.leases.pop(msg.lease_id, None)  # held by this cell, for this episode (refuse_report checked)

@@ -4,7 +4,9 @@ The verifier signs (lease id, episode id, attempt number, success, score, verifi
 it and the scheduler hold (random per daemon run). A cell may turn a signed verdict into a failure (a
 policy fault ends the episode whatever the scene looks like: it keeps the signed score and changes the
 reason), or report a failure with score 0 without asking the verifier (a policy that did not load); it
-can never report a success, or a score, that the verifier did not sign for that lease.
+can never report a success, or a score, that the verifier did not sign for that lease. The one
+exception is a person's verdict (verifier "person") from a cell registered as a real robot: the
+person at the robot judges the scene, and nothing can sign for them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ def sign(key: bytes, lease_id: str, episode_id: str, attempt: int, verdict: Verd
     return hmac.new(key, body, hashlib.sha256).digest()
 
 
-def _valid(key: bytes, sig: bytes, lease_id: str, episode_id: str, attempt: int, verdict: Verdict) -> bool:
+def _valid(key: bytes, sig: bytes, lease_id: str, episode_id: str, attempt: int, verdict: Verdict,
+           person_ok: bool = False) -> bool:
+    if person_ok and verdict.verifier == "person":
+        return True
     if not sig:
         return not verdict.success and verdict.score == 0.0  # claims nothing
     if hmac.compare_digest(sig, sign(key, lease_id, episode_id, attempt, verdict)):
@@ -34,24 +39,23 @@ def _valid(key: bytes, sig: bytes, lease_id: str, episode_id: str, attempt: int,
         sig, sign(key, lease_id, episode_id, attempt, msgspec.structs.replace(verdict, success=True)))
 
 
-def check_report(key: bytes, report: EpisodeReport) -> str | None:
-    """None if every verdict in `report` is one the verifier signed for its lease; else why not."""
+def check_report(key: bytes, report: EpisodeReport, real: bool = False) -> str | None:
+    """None if every verdict in `report` is one the verifier signed for its lease (or, from a real
+    robot's cell, a person's); else why not."""
     for i, attempt in enumerate(report.attempts):
-        if not _valid(key, attempt.signature, report.lease_id, report.episode_id, i, attempt.verdict):
+        if not _valid(key, attempt.signature, report.lease_id, report.episode_id, i, attempt.verdict, real):
             return f"attempt {i}: verdict not signed by the verifier for lease {report.lease_id!r}"
-    if report.flagged:
-        if not _valid(key, report.signature, report.lease_id, report.episode_id, RESET_ATTEMPT, report.verdict):
-            return f"at-reset verdict not signed by the verifier for lease {report.lease_id!r}"
-    elif report.attempts:
+    if report.attempts:
         first = report.attempts[0].verdict
         if (report.verdict.success, report.verdict.score) != (first.success, first.score):
             return "verdict differs from the first attempt's"
-    elif report.verdict.success or report.verdict.score != 0.0:
-        return "a verdict without any attempt"
+    elif not _valid(key, report.signature, report.lease_id, report.episode_id, RESET_ATTEMPT, report.verdict, real):
+        return f"verdict without attempts not signed by the verifier for lease {report.lease_id!r}"
     return None
 
 
-def refuse_report(report: EpisodeReport, lease: tuple[str, str] | None, key: bytes | None) -> str | None:
+def refuse_report(report: EpisodeReport, lease: tuple[str, str] | None, key: bytes | None,
+                  real: bool = False) -> str | None:
     """Why the scheduler must not record `report`, or None. `lease`: (holder cell, episode id) of the
     lease the report names (outstanding, or lapsed while its cell was late), None when there is none."""
     if lease is None:
@@ -61,4 +65,4 @@ def refuse_report(report: EpisodeReport, lease: tuple[str, str] | None, key: byt
         return f"lease {report.lease_id!r} is held by {holder!r}, not {report.cell_id[:40]!r}"
     if episode_id != report.episode_id:
         return f"lease {report.lease_id!r} is for another episode"
-    return check_report(key, report) if key is not None else None
+    return check_report(key, report, real) if key is not None else None
