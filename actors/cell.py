@@ -29,6 +29,7 @@ from actors.runtime import Actor
 from bus.messages import (
     Array,
     Attempt,
+    BundleRequest,
     CellState,
     EpisodeReport,
     Failure,
@@ -39,6 +40,7 @@ from bus.messages import (
     Lease,
     LeaseRequest,
     NoWork,
+    PolicyBundle,
     Segment,
     Trajectory,
     Verdict,
@@ -47,6 +49,7 @@ from bus.messages import (
     Welcome,
 )
 from bus.transport import RequestClient
+from enpire.bundles import BundleCache
 from enpire.realcell import DryRun, RealInterface
 from enpire.safety import ActionLimits, check_action, named_bounds
 from enpire.sandbox import PolicyError, PolicySandbox, SandboxLimits
@@ -123,6 +126,7 @@ class Cell(Actor):
         secret: bytes | None = None,
         real: bool = False,
         interface: RealInterface | None = None,
+        rt_priority: int = 0,
     ):
         """`interface`: a real cell's person-in-the-loop reset, verdicts and e-stop (enpire/realcell.py)."""
         self.name = f"cell:{cell_id}"
@@ -135,9 +139,11 @@ class Cell(Actor):
         self.secret = secret
         self.real = real
         self.interface = interface
+        self.rt_priority = rt_priority  # SCHED_FIFO priority of the control loop (0: the OS's normal scheduling)
         self.timeline = Timeline()
         self.heartbeat_s = 1.0
         self.episodes = 0
+        self.bundles: BundleCache | None = None  # policies by content hash, fetched once
 
     async def main(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -147,13 +153,14 @@ class Cell(Actor):
             await client.wait_ready(timeout=60.0)
             self.driver.connect()
             welcome = await client.request(
-                Hello(cell_id=self.cell_id, driver=self.driver.name, tasks=[self.driver.task],
+                Hello(cell_id=self.cell_id, driver=getattr(self.driver, "registry_name", self.driver.name), tasks=[self.driver.task],
                       host=socket.gethostname(), pid=os.getpid(), real=self.real),
                 timeout=10.0,
             )
             if not isinstance(welcome, Welcome):
                 raise RuntimeError(f"scheduler refused the cell: {welcome}")
             self.heartbeat_s = welcome.heartbeat_s
+            self.bundles = BundleCache(lambda digest: trio.from_thread.run(self._fetch_bundle, client, digest))
             self.log.info("cell_ready", run=welcome.run_id, driver=self.driver.name)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, client)
@@ -212,6 +219,12 @@ class Cell(Actor):
             outbox.release()
 
     # ------------------------------------------------------------------ one episode (worker thread)
+
+    async def _fetch_bundle(self, client: RequestClient, digest: str) -> PolicyBundle:
+        reply = await client.request(BundleRequest(digest=digest), timeout=30.0, retries=5)
+        if not isinstance(reply, PolicyBundle):  # the lease expires and is run again; the robot goes on
+            raise RuntimeError(f"policy bundle {digest} not served: {reply}")
+        return reply
 
     async def _ask_verifier(self, client: RequestClient, request: VerifyRequest) -> VerifyReply:
         reply = await client.request(request, timeout=10.0, retries=10)
@@ -332,11 +345,12 @@ class Cell(Actor):
         if problem:  # the task's limits do not fit this robot: nothing moves
             attempts.append(Attempt(Verdict(False, 0.0, problem, "cell"), 0))
             return report(0.0)
+        files = self.bundles.files(lease.bundle)  # from the cache, or fetched once
         try:
             # A judging runs in a jail of its own: held-out episodes never share a process or scratch
             # with tuning episodes (or with another judging).
             context = "" if lease.kind == "agent" else f"{lease.kind}:{lease.job_id}"
-            sandbox.load(lease.policy.files, lease.policy.spec.params, context=context)
+            sandbox.load(files, lease.policy.params, context=context)
         except PolicyError as e:
             attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
             return report(0.0)
@@ -378,6 +392,24 @@ class Cell(Actor):
 
     def _rollout(self, lease, sandbox, limits, obs, observations, actions, rewards,
                  camera=None) -> tuple[int, str, np.ndarray]:
+        if not self.rt_priority:
+            return self._control(lease, sandbox, limits, obs, observations, actions, rewards, camera)
+        # A real arm's control loop runs at a fixed rate whatever else the machine does: this thread (only
+        # it; processes it starts, such as the policy sandbox, fall back to normal scheduling) gets a
+        # real-time priority for the rollout. It sleeps between ticks, so it takes the CPU only to step.
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(self.rt_priority))
+        except (OSError, AttributeError) as e:
+            self.log.warning("rt_priority_refused", error=str(e))
+        try:
+            return self._control(lease, sandbox, limits, obs, observations, actions, rewards, camera)
+        finally:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except (OSError, AttributeError):
+                pass
+
+    def _control(self, lease, sandbox, limits, obs, observations, actions, rewards, camera) -> tuple[int, str, np.ndarray]:
         """Run one attempt of at most `horizon` steps; returns (steps, error reason or "", last obs).
 
         Each new observation goes to the policy before the simulator scores the step, so the policy

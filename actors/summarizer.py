@@ -15,6 +15,8 @@ import trio
 
 from actors.runtime import Actor
 from bus.blackboard import Blackboard
+from bus.events import EventHub
+from bus.messages import ChampionChanged, FindingPosted
 from bus.records import Champion, Digest, Finding
 from enpire.metrics import regimes_used
 
@@ -43,21 +45,33 @@ def write_digest(findings: list[Finding], champion: Champion | None, top: int = 
 
 
 class Summarizer(Actor):
+    """Writes a new digest when a finding is posted or the champion changes (events, never a poll)."""
+
     name = "summarizer"
 
-    def __init__(self, board: Blackboard, task: str, interval_s: float = 5.0):
+    def __init__(self, board: Blackboard, task: str, events: EventHub, quiet_s: float = 0.5):
         super().__init__()
         self.board = board
         self.task = task
-        self.interval_s = interval_s
+        self.events = events
+        self.quiet_s = quiet_s  # a burst of findings makes one digest
 
     async def main(self) -> None:
-        written = -1
-        while True:
-            count = self.board.count("findings")
-            if count != written:
-                findings = self.board.values("findings", Finding)
-                digest = write_digest(findings, self.board.get("champion", self.task, Champion))
-                self.board.append("digests", digest)
-                written = count
-            await trio.sleep(self.interval_s)
+        with self.events.subscribe(FindingPosted, ChampionChanged) as changes:
+            written = -1
+            while True:
+                digest = await trio.to_thread.run_sync(self._digest, written)
+                if digest is not None:
+                    written = digest.findings
+                await changes.receive()
+                await trio.sleep(self.quiet_s)
+                while changes.pending():
+                    await changes.receive()
+
+    def _digest(self, written: int) -> Digest | None:
+        """In a worker thread: read the findings, write the digest if there are new ones."""
+        if self.board.count("findings") == written:
+            return None
+        digest = write_digest(self.board.values("findings", Finding), self.board.get("champion", self.task, Champion))
+        self.board.append("digests", digest)
+        return digest

@@ -8,7 +8,7 @@ prompt_tokens_details.cached_tokens}`.
 Decisions. Each agent (told apart by the request's `user` field, which the framework sets to
 "agent-N") acts only through the tools the framework offers, on what its request carries:
 
-1. `read_files`: the policy the team starts from (the fleet's baseline on main: the template
+1. `read_file`: the policy the team starts from (the fleet's baseline on main: the template
    `enpire/agents/pusht_policy.py`, whose parameters are tuned from its `INITIAL_PARAMS`), and
    `evaluate` it as it is (`n_seeds` episodes), so the robots have work while the model reads;
 2. then every turn, from the briefing's leaderboard (the team's best and most recent candidates,
@@ -90,6 +90,7 @@ def cached_tokens(previous: str, current: str) -> int:
 
 _CHAMPION = re.compile(r"## Champion\ncommit (\w+) params (\{.*?\}): judged (\d+)/(\d+) held-out")
 _FLEET = re.compile(r"## Fleet\n(\d+) cells")
+_RESULTS = re.compile(r"## New results\n(.*?)(?=\n\n|\n## |\Z)", re.S)
 _BOARD = re.compile(r"## Team's best candidates[^\n]*\n(.*?)(?=\n## |\Z)", re.S)
 _ENTRY = re.compile(r"^(\S+) commit (\w+) params (\{.*?\}): (\d+)/(\d+) succeeded, progress ([0-9.]+), (\d+) steps"
                     r"(?:; (\d+) more running)?(?:; held-out judging: (\w+))?$")
@@ -136,7 +137,6 @@ class AgentState:
     read: bool = False
     turns: int = 0
     pending: dict[str, Any] = field(default_factory=dict)  # call id -> what it asked
-    base: str = ""  # the commit read_files showed (the team's starting policy)
     hostile_ids: list[str] = field(default_factory=list)  # commits of the hostile policies
     hostile_next: int = 0
 
@@ -166,35 +166,31 @@ class Policy:
                 self.agents[name] = AgentState(name, np.random.default_rng(1000 + (int(index) if index.isdigit()
                                                                                     else len(self.agents))))
             a = self.agents[name]
-            results = [(a.pending[m["tool_call_id"]], m.get("content") or "") for m in messages
-                       if m.get("role") == "tool" and m.get("tool_call_id") in a.pending]
-            a.pending.clear()
-            briefing = next((m["content"] for m in messages if m.get("role") == "user"
+            # The briefing is the request's last user message: it lists the results that came in since.
+            briefing = next((m["content"] for m in reversed(messages) if m.get("role") == "user"
                              and isinstance(m.get("content"), str)), "")
+            results = _new_results(briefing)
+            if self.search.hostile:  # the ids the commit tool gave for the hostile policies
+                for m in messages:
+                    call = a.pending.get(m.get("tool_call_id", "")) if m.get("role") == "tool" else None
+                    found = _COMMIT.search(str(m.get("content") or "")) if call and call[0] == "commit" else None
+                    if found and found.group(1) not in a.hostile_ids:
+                        a.hostile_ids.append(found.group(1))
             fleet = _FLEET.search(briefing)
             return self._step(a, results, _board(briefing), _champion(briefing), int(fleet.group(1)) if fleet else 1)
 
-    def _step(self, a: AgentState, results: list[tuple[Any, str]], board: list[Entry], champion,
+    def _step(self, a: AgentState, results: list[dict], board: list[Entry], champion,
               cells: int = 1) -> tuple[str, list]:
         s = self.search
         if not a.read:  # look at the starting code and measure where it stands
             a.read = True
             return self._calls(a, "Reading the policy the team starts from and measuring it as it is.",
-                               [("read_files", {}), ("evaluate", {"params": {}, "n_seeds": s.n_seeds})])
+                               [("read_file", {"path": "policy.py"}), ("evaluate", {"params": {}, "n_seeds": s.n_seeds})])
         a.turns += 1
         calls: list[tuple[str, dict]] = []
-        if s.hostile:
-            for (tool, _), out in results:
-                found = _COMMIT.search(out)  # read_files' output may be cut short: no full JSON to parse
-                if tool == "read_files" and found:
-                    a.base = found.group(1)
-                elif tool == "commit" and found:
-                    a.hostile_ids.append(found.group(1))
-            if a.turns == 1:
-                calls += [("commit", {"files": files, "message": f"hostile policy: {name}"})
-                          for name, files in s.hostile]
-        evaluated = [(json.loads(args_json), _loads(out)) for (tool, args_json), out in results if tool == "evaluate"]
-        evaluated = [(params, data) for params, data in evaluated if data]
+        if s.hostile and a.turns == 1:
+            calls += [("commit", {"files": files, "message": f"hostile policy: {name}"}) for name, files in s.hostile]
+        evaluated = [(r.get("params") or {}, r) for r in results if r.get("kind") == "evaluate" and r.get("state") == "done"]
         if evaluated:
             best_params, best = max(evaluated, key=lambda pd: _rate(pd[1]))
             calls.append(("post_finding", _finding(
@@ -219,8 +215,8 @@ class Policy:
         for _ in range(fresh):
             x = np.clip(mean + std * a.rng.standard_normal(mean.shape), 0.0, 1.0)
             calls.append(("evaluate", {"params": _rounded(self.scale._params(x)), "n_seeds": s.n_seeds}))
-        if s.hostile and a.base:
-            calls = [(n, {**c, "commit": a.base}) if n in ("evaluate", "promote") else (n, c) for n, c in calls]
+        if s.hostile:  # the team's own candidates: main (the branch head holds a hostile policy)
+            calls = [(n, {**c, "commit": "main"}) if n in ("evaluate", "promote") else (n, c) for n, c in calls]
         if a.hostile_ids and s.hostile_share > 0:
             normal = sum(n == "evaluate" for n, _ in calls)
             for _ in range(max(1, math.ceil(normal * s.hostile_share / (1 - s.hostile_share)))):
@@ -277,6 +273,12 @@ def _loads(content: str) -> dict | None:
         return data if isinstance(data, dict) else None
     except (ValueError, TypeError):
         return None  # an error output (plain text)
+
+
+def _new_results(briefing: str) -> list[dict]:
+    """The jobs of the briefing's "## New results" section (one JSON object per line)."""
+    section = _RESULTS.search(briefing)
+    return [d for line in (section.group(1).splitlines() if section else []) if (d := _loads(line.strip()))]
 
 
 def _rate(data: dict | None) -> float:

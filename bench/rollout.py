@@ -111,14 +111,14 @@ def measure(seeds: list[int], params: dict[str, float], cells: int, pinning: str
             core = await start_core(nursery, config, state_dir, board, meta)
             commit = core.workspace.commit("agent/bench", {"policy.py": Path(pusht_policy.__file__).read_text()},
                                            "bench policy")
-            scheduler = core.system.actors["scheduler"]
+            queue = core.system.actors["queue"]
             with trio.fail_after(120):  # wait until every cell process has joined (imports take seconds)
-                while len(getattr(scheduler.current, "cells", {})) < cells:
+                while len(getattr(queue.current, "cells", {})) < cells:
                     await trio.sleep(0.1)
 
             async def full(job_seeds: list[int]) -> tuple[EvalResult, float]:
                 t = time.perf_counter()
-                result = await core.scheduler.ask(
+                result = await core.judge.ask(
                     EvalRequest(job_id=uuid.uuid4().hex, agent="bench", task="pusht",
                                 policy=PolicySpec(commit, params), seeds=job_seeds), timeout=1800)
                 assert isinstance(result, EvalResult), result

@@ -319,6 +319,8 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
             job = jobs.get(job_id)
             if job is not None and not job.done:
                 open_ += 1  # still queued: a restart runs it
+            elif job is not None and job.cancelled:
+                continue  # its job was cancelled (the champion changed, or its confirmation stopped)
             elif job is not None and any(e.job_id == job_id and e.flagged for e in episodes.values()):
                 continue  # replaced after a success-at-reset flag
             else:
@@ -335,8 +337,10 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
         champion_ok, champion_detail = True, "no champion"
         if champion is not None:
             confirm = [e for e in episodes.values() if e.kind == "background" and e.policy == champion.policy
-                       and not e.flagged and jobs.get(e.job_id) is not None and jobs[e.job_id].done]
-            judged = [e for e in episodes.values() if e.kind == "heldout" and e.policy == champion.policy
+                       and e.purpose is m.Purpose.CONFIRM and not e.flagged and jobs.get(e.job_id) is not None
+                       and jobs[e.job_id].done and not jobs[e.job_id].cancelled]
+            # its judging on held-out seeds (after a rollback: its whole held-out record, confirmation included)
+            judged = [e for e in episodes.values() if e.kind != "agent" and e.policy == champion.policy
                       and not e.flagged]
             champion_ok = (champion.n == len(confirm) and champion.successes == sum(e.verdict.success for e in confirm)
                            and champion.judged_n <= len(judged))

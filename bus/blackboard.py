@@ -34,8 +34,10 @@ TABLES = (
     "smoke",
     "tested",
     "training",
+    "trainers",
     "candidates",
     "turns",
+    "heldout",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written
 MAX_MAP_SIZE = 1 << 36
@@ -125,6 +127,7 @@ class Blackboard:
             sync=True,  # a committed write survives a kill or power loss
             create=not readonly,
         )
+        self.reads = 0
         # Named databases must be opened inside a write txn unless readonly.
         self._dbs = {name: self._open_table(name, readonly) for name in TABLES}
 
@@ -154,6 +157,7 @@ class Blackboard:
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
+        self.reads += 1  # counted, so a test can show in-process actors do not poll the board
         with self._env.begin(write=False) as txn:
             yield Txn(self, txn)
 

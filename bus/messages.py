@@ -12,8 +12,9 @@ Rules of thumb:
 
 from __future__ import annotations
 
+import enum
 import hashlib
-from typing import Literal, Union
+from typing import Literal, Protocol, Union
 
 import msgspec
 import numpy as np
@@ -21,6 +22,13 @@ import numpy as np
 
 class Message(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Base of every bus message; the tag is the class name."""
+
+
+class Address(Protocol):
+    """Whatever answers a message with a message (an actor's address, a bus client): the domain talks
+    to actors through this and never imports the actor runtime."""
+
+    async def ask(self, msg: Message, timeout: float = ...) -> Message: ...
 
 
 # ----------------------------------------------------------------------------- values
@@ -62,10 +70,20 @@ class PolicySpec(msgspec.Struct, frozen=True):
         return f"{self.commit[:10]}-{hashlib.sha1(blob).hexdigest()[:8]}"
 
 
-class PolicyBundle(msgspec.Struct, frozen=True):
-    """A policy as shipped to a cell: the spec plus the source files it needs."""
+def bundle_hash(files: dict[str, bytes]) -> str:
+    """Content hash of a policy's files: leases name a bundle by it, cells cache bundles by it."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        data = files[path] if isinstance(files[path], bytes) else files[path].encode()
+        h.update(f"{path}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()[:32]
 
-    spec: PolicySpec
+
+class PolicyBundle(Message, frozen=True):
+    """A policy's files as shipped to a cell, once per content hash (the reply to `BundleRequest`)."""
+
+    digest: str  # bundle_hash(files)
     # relative path -> exact file content (sources as UTF-8, checkpoints such as weights.npz as raw
     # bytes: msgpack carries bytes as they are); must contain "policy.py"
     files: dict[str, bytes]
@@ -80,6 +98,23 @@ class Verdict(msgspec.Struct, frozen=True):
 
 CellState = Literal["idle", "resetting", "running", "verifying", "faulted", "offline"]
 JobKind = Literal["agent", "heldout", "background"]
+
+
+class Purpose(enum.Enum):
+    """Why a job runs: a closed set. The purpose fixes the job's kind (whose time it is, for MRU)."""
+
+    EVAL = "eval"  # an agent's evaluation on tuning seeds
+    SMOKE = "smoke"  # simulated episodes a policy passes before a real cell runs it
+    PROMOTE = "promote"  # judging a candidate on fresh held-out seeds
+    FINAL = "final"  # the run's paired final judging: starting policy and champion on the same fresh seeds
+    BASELINE = "baseline"  # judging the starting policy while there is no champion
+    CONFIRM = "confirm"  # more fresh held-out episodes of the champion, until the sequential rule stops
+
+    @property
+    def kind(self) -> JobKind:
+        if self in (Purpose.EVAL, Purpose.SMOKE):
+            return "agent"
+        return "heldout" if self in (Purpose.PROMOTE, Purpose.FINAL) else "background"
 
 
 class Segment(msgspec.Struct, frozen=True):
@@ -105,7 +140,7 @@ class Attempt(msgspec.Struct, frozen=True):
 class Hello(Message, frozen=True):
     cell_id: str
     driver: str
-    tasks: list[str]
+    tasks: list[str]  # what its driver runs: leased only tasks whose [tasks.X] driver is `driver` or one of these
     host: str
     pid: int
     real: bool = False
@@ -130,7 +165,8 @@ class Lease(Message, frozen=True):
     task: str
     seed: int
     attempts: int  # k of pass@k
-    policy: PolicyBundle
+    policy: PolicySpec
+    bundle: str  # content hash of the policy's files: a cell that has not cached it asks `BundleRequest`
     deadline_s: float  # lease expires this many seconds after it was granted
     horizon: int  # steps per attempt
     max_delta: float  # largest allowed change between consecutive actions
@@ -144,10 +180,15 @@ class NoWork(Message, frozen=True):
     retry_after_s: float
 
 
+class BundleRequest(Message, frozen=True):
+    """A cell asks once for the files of a bundle it has not cached; the reply is a `PolicyBundle`."""
+
+    digest: str
+
+
 class Heartbeat(Message, frozen=True):
     cell_id: str
     state: CellState
-    lease_id: str = ""
     segments: list[Segment] = []  # closed segments since the last acknowledged heartbeat or report
 
 
@@ -250,7 +291,7 @@ class EvalRequest(Message, frozen=True):
     task: str
     policy: PolicySpec
     seeds: list[int]
-    attempts: int = 1
+    attempts: int = 0  # k of pass@k; 0 = the task's own ([tasks.X] attempts)
     priority: int = 0
 
 
@@ -295,6 +336,70 @@ class PromoteResult(Message, frozen=True):
     detail: str
 
 
+# ----------------------------------------------------------------------------- judge <-> lease queue
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A job the judge hands to the lease queue: one episode per seed, of one policy."""
+
+    job_id: str
+    agent: str  # who it is for: fair share between agents, and the owner's cell on an unpooled fleet
+    task: str
+    policy: PolicySpec
+    seeds: list[int]
+    purpose: Purpose
+    attempts: int = 1
+    priority: int = 0  # the head of the highest-priority queue is leased first
+
+    @property
+    def kind(self) -> JobKind:
+        return self.purpose.kind
+
+
+class SubmitJob(Message, frozen=True):
+    """Queue a job (idempotent by job_id: a resubmission waits for the same job); the reply, once every
+    episode is recorded, is `JobDone`. The job survives a restart of either side on the blackboard."""
+
+    job: JobSpec
+
+
+class JobDone(Message, frozen=True):
+    job_id: str
+    episodes: list[EpisodeSummary]  # flagged episodes (e.g. solved at reset) are left out
+    cancelled: bool = False
+
+
+class CancelJob(Message, frozen=True):
+    """Drop a job's episodes not yet leased (e.g. the baseline's judging once there is a champion)."""
+
+    job_id: str
+
+
+class Clearance(Message, frozen=True):
+    """The judge's smoke verdict on a policy: cells marked real run only cleared ones."""
+
+    policy: PolicySpec
+    passed: bool
+
+
+class FinalJudging(Message, frozen=True):
+    """Judge the starting policy and the champion on the same fresh held-out seeds (end of a run)."""
+
+    task: str
+    seeds: int
+
+
+class FinalResult(Message, frozen=True):
+    task: str
+    seeds: list[int]
+    start: PolicySpec
+    start_successes: int
+    start_n: int
+    champion: PolicySpec | None
+    champion_successes: int
+    champion_n: int
+
+
 # ----------------------------------------------------------------------------- agents <-> trainer
 
 
@@ -316,6 +421,82 @@ class TrainResult(Message, frozen=True):
     artifact: str = ""  # content hash of the checkpoint in artifacts/ ("" on failure)
     error: str = ""  # one line: why it failed (crash, NaN, time or memory budget, no data)
     metrics: dict[str, float] = {}
+    info: dict[str, str] = {}  # where it trained: trainer, host, device, gpu, precision, world
+
+
+# ----------------------------------------------------------------------------- remote trainer <-> trainer queue
+
+
+class TrainerHello(Message, frozen=True):
+    """A trainer process joining the training queue (from this host or another)."""
+
+    trainer_id: str
+    host: str
+    pid: int
+    device: str  # what its recipes train on: "cuda:0", "cpu"
+    gpu: str = ""  # the GPU's name, "" on the CPU
+    processes: int = 1  # data-parallel processes per job
+
+
+class TrainJobRequest(Message, frozen=True):
+    """Long-poll for a training job; the reply is a TrainJob or NoWork."""
+
+    trainer_id: str
+    wait_s: float = 2.0
+
+
+class EpisodeRef(msgspec.Struct, frozen=True):
+    episode_id: str
+    sha: str  # content hash of the episode file (what the trainer fetches and caches it by)
+    success: bool
+
+
+class TrainJob(Message, frozen=True):
+    """A leased training job: the recipe, its budget and exactly the episodes it may learn from."""
+
+    lease_id: str
+    job_id: str
+    task: str
+    recipe: str
+    time_budget_s: float
+    max_rss_mb: int
+    options: dict[str, str]
+    episodes: list[EpisodeRef]
+    init_artifact: str = ""  # a checkpoint the recipe starts from, by content hash ("" for none)
+    lease_s: float = 30.0  # the lease lapses unless a heartbeat comes sooner
+
+
+class DataRequest(Message, frozen=True):
+    """Files of a held lease by content hash: its episodes, or its init checkpoint."""
+
+    trainer_id: str
+    lease_id: str
+    hashes: list[str]
+
+
+class DataReply(Message, frozen=True):
+    files: dict[str, bytes]  # content hash -> file bytes
+
+
+class TrainerHeartbeat(Message, frozen=True):
+    """Keeps a lease (and the trainer) alive; the reply Ack(ok=False) says the lease was taken away."""
+
+    trainer_id: str
+    lease_id: str = ""
+    state: str = "idle"  # "idle", "fetching", "training"
+
+
+class TrainDone(Message, frozen=True):
+    """The outcome of a leased job; only the lease's current holder is heard (the first answer wins)."""
+
+    trainer_id: str
+    lease_id: str
+    job_id: str
+    ok: bool
+    error: str = ""
+    metrics: dict[str, float] = {}
+    info: dict[str, str] = {}  # device, gpu, precision, world
+    weights: bytes = b""  # the checkpoint file; its content hash becomes the artifact id
 
 
 # ----------------------------------------------------------------------------- telemetry (pub/sub)
@@ -325,6 +506,61 @@ class CellStateChanged(Message, frozen=True):
     cell_id: str
     state: CellState
     t: float
+
+
+class QueueDepth(Message, frozen=True):
+    """Published by the lease queue whenever the numbers change: agents pace their turns by it."""
+
+    waiting: int  # episodes of agents' evaluations and judging not yet leased
+    background: int  # background episodes queued (confirmation, baseline)
+    cells: int  # cells not offline
+    t: float
+
+
+class ChampionChanged(Message, frozen=True):
+    """Published by the judge on promotion, confirmation progress, a stop decision and rollback."""
+
+    task: str
+    policy: PolicySpec
+    agent: str
+    judged_successes: int
+    judged_n: int
+    successes: int  # confirmed on fresh held-out seeds
+    n: int
+    decision: str  # "" while confirming, "met" or "not_met" once the sequential rule stopped
+    t: float
+
+
+class HeldoutUsage(Message, frozen=True):
+    task: str
+    used: int
+    total: int
+    low: bool  # fewer left than one judging plus one confirmation need
+    t: float
+
+
+class FindingPosted(Message, frozen=True):
+    finding_id: str
+    agent: str
+    t: float
+
+
+class TokensUsed(Message, frozen=True):
+    agent: str
+    model: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    t: float
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
+
+
+class SmokeNeeded(Message, frozen=True):
+    """A real cell waits for a policy that has no smoke verdict yet (the judge runs the smoke test)."""
+
+    policy: PolicySpec
 
 
 class Progress(Message, frozen=True):
@@ -347,6 +583,8 @@ BusMessage = Union[
     LeaseRequest,
     Lease,
     NoWork,
+    BundleRequest,
+    PolicyBundle,
     Heartbeat,
     EpisodeReport,
     Ack,
@@ -359,8 +597,20 @@ BusMessage = Union[
     PromoteResult,
     TrainRequest,
     TrainResult,
+    TrainerHello,
+    TrainJobRequest,
+    TrainJob,
+    DataRequest,
+    DataReply,
+    TrainerHeartbeat,
+    TrainDone,
     CellStateChanged,
     Progress,
+    QueueDepth,
+    ChampionChanged,
+    HeldoutUsage,
+    FindingPosted,
+    TokensUsed,
 ]
 
 

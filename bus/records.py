@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import msgspec
 
-from bus.messages import JobKind, PolicySpec, Segment, Verdict
+from bus.messages import JobKind, PolicySpec, Purpose, Segment, Verdict
 
-SCHEMA_VERSION = 1
+# 2: held-out seeds drawn fresh per judging (table "heldout"), job purposes as a closed type
+SCHEMA_VERSION = 2
 
 
 class Meta(msgspec.Struct):
@@ -35,6 +36,7 @@ class EpisodeRecord(msgspec.Struct):
     finished: float  # daemon wall clock
     trajectory_file: str = ""  # relative to the state dir, "" when not recorded
     flagged: str = ""
+    purpose: Purpose = Purpose.EVAL
 
 
 class JobRecord(msgspec.Struct):
@@ -48,7 +50,8 @@ class JobRecord(msgspec.Struct):
     priority: int
     submitted: float
     done: bool = False
-    purpose: str = "eval"  # "eval", "promote", "champion"
+    purpose: Purpose = Purpose.EVAL
+    cancelled: bool = False  # ended before all its episodes ran (e.g. the champion changed): not counted
 
 
 class Finding(msgspec.Struct):
@@ -131,11 +134,37 @@ class Champion(msgspec.Struct):
     agent: str = ""
     successes: int = 0  # confirmed
     n: int = 0
-    confirm_next: int = 0  # index of the next held-out seed to confirm on
+    # "" while confirmation runs; "met" / "not_met" once the sequential rule stopped it
+    # (`metrics.sprt`: the chance to say "met" for a policy below the target is at most [scheduler] alpha)
+    decision: str = ""
     # The champion it replaced, kept so a regression found by confirmation is rolled back.
     previous: PolicySpec | None = None
     previous_successes: int = 0
     previous_n: int = 0
+
+
+class HeldoutRecord(msgspec.Struct):
+    """Use of a task's held-out seeds (table "heldout", by task): every judging, confirmation and final
+    judging draws the next unused seeds, so no held-out seed is ever judged twice."""
+
+    task: str
+    used: int = 0  # seeds [start, start + used) of the task's heldout_seeds are spent
+    draws: int = 0
+
+
+class FinalRecord(msgspec.Struct):
+    """The run's paired final judging (meta/"final"): where the run started and where it got to, judged
+    on the same fresh held-out seeds; report.json and the report's plots read it."""
+
+    task: str
+    seeds: list[int]
+    start: PolicySpec
+    start_successes: int
+    start_n: int
+    champion: PolicySpec | None
+    champion_successes: int
+    champion_n: int
+    t: float
 
 
 class SmokeRecord(msgspec.Struct):
@@ -215,3 +244,22 @@ class TrainRecord(msgspec.Struct):
     error: str
     metrics: dict[str, float]
     seconds: float
+    info: dict[str, str] = {}  # where it trained: trainer, host, device, gpu, precision, world
+    attempts: int = 1  # leases it took (a trainer that died mid-job costs one)
+
+
+class TrainerRecord(msgspec.Struct):
+    """A trainer of the training queue as status shows it: where it runs and what it does."""
+
+    trainer_id: str
+    host: str
+    pid: int
+    device: str
+    gpu: str
+    processes: int
+    joined: float
+    last_seen: float
+    state: str = "idle"  # idle, fetching, training, offline
+    job_id: str = ""
+    jobs_done: int = 0
+    samples_per_s: float = 0.0  # of its last finished job

@@ -56,7 +56,7 @@ import trio
 from pynng import ffi, lib
 from pynng.exceptions import check_err
 
-from bus.messages import Ack, DecodeError, Envelope, Failure, Message, decode, encode
+from bus.messages import Ack, DecodeError, Envelope, Failure, Message, PolicyBundle, decode, encode
 
 MAX_FRAME = 64 << 20  # nng refuses larger frames before we see them
 MAC_SIZE = 32
@@ -329,7 +329,7 @@ class RequestServer:
         run_id: bytes | None = None,
         workers: int = 16,
         dedup_capacity: int = 50_000,
-        dedup_max_bytes: int = 256 << 20,  # replies can carry policy bundles: bound memory too
+        dedup_max_bytes: int = 64 << 20,  # bounds memory too (policy bundles are never kept)
     ) -> None:
         self.url = url
         self.handler = handler
@@ -482,7 +482,9 @@ class RequestServer:
                 self.log.error("reply_unencodable", request=type(envelope.body).__name__, error=f"{type(e).__name__}: {e}")
                 body = Failure(error=f"reply could not be encoded: {type(e).__name__}", retry=True)
                 pending.reply = self._reply(envelope.id, body, to=envelope.sender)
-            if not (isinstance(body, Failure) and body.retry):  # a retryable failure runs again on resend
+            # A retryable failure runs again on resend; a policy bundle is content-addressed (answering
+            # again is always right), so its megabytes never sit in the duplicate-reply cache.
+            if not (isinstance(body, Failure) and body.retry) and not isinstance(body, PolicyBundle):
                 self._remember(key, pending.reply)
             return pending.reply
         finally:

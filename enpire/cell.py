@@ -24,6 +24,7 @@ from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import AuthError, RequestClient, RequestTimeout, cell_key
 from enpire import isolation, log
+from enpire.config import SandboxConfig
 from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
 from enpire.sandbox import SandboxLimits
 from hw import PluginError, make_driver
@@ -56,15 +57,22 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
                       help="Wilson 95%% upper bound of the verifier program's false-success rate to judge alone")
     real.add_argument("--min-labels", type=int, default=20, help="person labels before the program may judge alone")
     real.add_argument("--spot-check", type=float, default=0.1, help="share of episodes the person labels afterwards")
-    p.add_argument("--act-timeout", type=float, default=0.05, help="seconds the policy has per act() call")
-    p.add_argument("--max-missed", type=int, default=3, help="consecutive missed deadlines that end an episode")
-    p.add_argument("--cpu-seconds", type=int, default=600, help="CPU seconds per sandbox process")
-    p.add_argument("--memory-mb", type=int, default=1024, help="memory of the sandbox (address space, and its jail)")
-    p.add_argument("--scratch-mb", type=int, default=64, help="size of the sandbox's tmpfs scratch")
-    p.add_argument("--pids", type=int, default=16, help="processes + threads in the sandbox's jail")
+    limits = SandboxConfig()  # the one definition of the sandbox's limits ([sandbox] in enpire.toml)
+    p.add_argument("--act-timeout", type=float, default=limits.act_timeout_s, help="seconds the policy has per act() call")
+    p.add_argument("--max-missed", type=int, default=limits.max_missed_deadlines,
+                   help="consecutive missed deadlines that end an episode")
+    p.add_argument("--load-timeout", type=float, default=limits.load_timeout_s,
+                   help="seconds the sandbox has to start and build the policy")
+    p.add_argument("--cpu-seconds", type=int, default=limits.cpu_seconds, help="CPU seconds per sandbox process")
+    p.add_argument("--memory-mb", type=int, default=limits.memory_mb,
+                   help="memory of the sandbox (address space, and its jail)")
+    p.add_argument("--scratch-mb", type=int, default=limits.scratch_mb, help="size of the sandbox's tmpfs scratch")
+    p.add_argument("--pids", type=int, default=limits.pids, help="processes + threads in the sandbox's jail")
     p.add_argument("--unconfined", action="store_true",
                    help="run policies without the isolation engine (bubblewrap); only if you trust them")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
+    p.add_argument("--rt-priority", type=int, default=0,
+                   help="SCHED_FIFO priority (1-99) of the control loop during rollouts; 0 = normal scheduling")
     p.add_argument("--cpu", type=int, help="run this cell and its policy sandbox on this CPU only")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
     return p.parse_args(argv)
@@ -74,6 +82,14 @@ async def _watch_parent(parent: int, cancel: trio.CancelScope) -> None:
     while os.getppid() == parent:
         await trio.sleep(0.5)
     cancel.cancel()
+
+
+def sandbox_limits(args: argparse.Namespace) -> SandboxLimits:
+    return SandboxLimits(
+        act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed, load_timeout_s=args.load_timeout,
+        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb, scratch_mb=args.scratch_mb, pids=args.pids,
+        confined=not args.unconfined,
+    )
 
 
 def build_interface(args: argparse.Namespace) -> RealInterface:
@@ -100,11 +116,7 @@ def build_driver(args: argparse.Namespace):
 
 async def run(args: argparse.Namespace, secret: bytes | None, driver, interface: RealInterface | None = None) -> None:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
-    limits = SandboxLimits(
-        act_timeout_s=args.act_timeout, max_missed_deadlines=args.max_missed,
-        cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb, scratch_mb=args.scratch_mb, pids=args.pids,
-        confined=not args.unconfined,
-    )
+    limits = sandbox_limits(args)
     # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.
     probe = RequestClient(args.connect, sender=args.cell_id, secret=secret)
     try:
@@ -119,7 +131,7 @@ async def run(args: argparse.Namespace, secret: bytes | None, driver, interface:
         await system.spawn(
             f"cell:{args.cell_id}",
             lambda: Cell(args.cell_id, args.connect, driver, limits, scratch,
-                         secret=secret, real=args.real, interface=interface),
+                         secret=secret, real=args.real, interface=interface, rt_priority=args.rt_priority),
         )
 
 

@@ -61,7 +61,9 @@ class TaskConfig(Strict):
     attempts: Annotated[int, Meta(ge=1, le=100)] = 1  # k of pass@k for evaluations
     control_hz: Annotated[float, Meta(ge=0, le=100_000)] = 0.0  # pace simulated steps like a real robot; 0 = unpaced
     tuning_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=0, count=100_000))
-    heldout_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=1_000_000, count=1_000))
+    # Every judging, confirmation and final judging draws fresh seeds from here, never reused: size it
+    # for the run (a judging takes scheduler.promote_seeds, a confirmation up to 5 x fleet.min_heldout).
+    heldout_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=1_000_000, count=100_000))
     limits: ActionLimitsConfig = msgspec.field(default_factory=ActionLimitsConfig)
     record_trajectories: bool = True
 
@@ -75,6 +77,8 @@ class FleetConfig(Strict):
     stop_at_target: bool = True  # false: run the whole budget (benchmarks, soak)
     map_size_mb: Annotated[int, Meta(ge=1, le=1 << 20)] = 1024  # initial LMDB map (<= 1 TiB); it grows by doubling when nearly full
     baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
+    # at the end of a run, the starting policy and the champion on this many fresh held-out seeds each; 0 = none
+    final_seeds: NonNegInt = 100
     tensorboard: bool = False  # progress events as TensorBoard scalars in <state_dir>/tensorboard (extra: tensorboard)
 
 
@@ -102,9 +106,16 @@ class CellsConfig(Strict):
     cpu_pinning: Literal["auto", "on", "off"] = "auto"
 
 
+class PriceConfig(Strict):
+    input: Annotated[float, Meta(ge=0, le=1e9)] = 0.0
+    output: Annotated[float, Meta(ge=0, le=1e9)] = 0.0
+    cached_input: float = -1.0
+    cache_write: float = -1.0
+
+
 class AgentsConfig(Strict):
     count: Annotated[int, Meta(ge=0, le=256)] = 1
-    backend: Literal["builtin", "anthropic", "openai"] = "builtin"
+    backend: Literal["builtin", "anthropic", "openai", "openai_responses", "claude-code", "codex", "command"] = "builtin"
     # built-in researcher
     population: Annotated[int, Meta(ge=1, le=10_000)] = 12  # candidates per search generation
     seeds_per_candidate: Annotated[int, Meta(ge=1, le=10_000)] = 6
@@ -118,16 +129,27 @@ class AgentsConfig(Strict):
     api_key_env: str = ""  # "" = ANTHROPIC_API_KEY / OPENAI_API_KEY; keys are read from the environment only
     token_budget: Annotated[int, Meta(ge=0, le=10**13)] = 0  # per agent, input + output tokens; 0 = no limit
     wall_budget_minutes: Minutes = 0.0  # 0 = no limit
-    max_turns_window: PositiveInt = 6  # turns kept verbatim in the prompt; older ones become journal lines
+    # turns kept verbatim in the prompt; past this many (or context_chars) the oldest half become journal
+    # lines at once, so the prompt's cached prefix changes rarely
+    max_turns_window: PositiveInt = 40
+    context_chars: PositiveInt = 120_000
     max_output_tokens: PositiveInt = 4096
+    max_output_ceiling: PositiveInt = 16384  # a reply cut off at the limit is asked again with up to this limit
     request_timeout_s: Seconds = 120.0
     max_failures: PositiveInt = 5  # consecutive failed model calls before the agent pauses
     pause_s: Seconds = 300.0
     notes_dir: str = ""  # a folder of notes / literature the agents may search
     digest: bool = True  # false (ablation): briefings list every peer finding instead of the summarizer's digest
+    # CLI coding agents (backend "claude-code", "codex" or "command"): one research turn is one headless run
+    command: str = ""  # "command": argv template, placeholders {prompt} {mcp_config} {workdir} {model} {base_url}
+    turn_minutes: PositiveFloat = 30.0  # a run still going after this is stopped (and restarted with backoff)
+    max_turns: NonNegInt = 0  # runs per agent; 0 = until the budgets end
     # model agents on a pooled fleet start a turn once some results are in and fewer than this many
     # episodes per cell are queued (teammates' coming requests included); 0 = after all their results
     pace_per_cell: Annotated[float, Meta(ge=0, le=1e6)] = 10.0
+    # cost of each model call on the token ledger: [agents.prices."MODEL"] input/output/cached_input/
+    # cache_write in currency per million tokens (cached_input, cache_write default to input)
+    prices: dict[str, PriceConfig] = {}
 
 
 class SchedulerConfig(Strict):
@@ -154,6 +176,16 @@ class SandboxConfig(Strict):
     require_isolation: bool = True
 
 
+class TrainerConfig(Strict):
+    device: str = "auto"  # where recipes train: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"
+    # training jobs the daemon runs on its own machine at once; 0 = only trainers that joined with
+    # `python -m enpire.trainer --connect ...` train (e.g. a GPU box), which share the same queue
+    local_slots: NonNegInt = 1
+    processes: NonNegInt = 1  # data-parallel processes per BC job (torch.distributed); 0 = one per GPU
+    lease_s: PositiveFloat = 30.0  # a remote trainer silent this long loses its job to the queue again
+    heartbeat_s: PositiveFloat = 2.0
+
+
 class BusConfig(Strict):
     listen: str = ""  # e.g. "tcp://0.0.0.0:7700" to accept remote cells; "" = local ipc only
     secret_env: str = "ENPIRE_SECRET"  # environment variable holding the shared secret for tcp peers
@@ -166,6 +198,7 @@ class Config(Strict):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     sandbox: SandboxConfig = msgspec.field(default_factory=SandboxConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    trainer: TrainerConfig = msgspec.field(default_factory=TrainerConfig)
     tasks: dict[str, TaskConfig] = msgspec.field(default_factory=default_tasks)
 
     def task(self, name: str | None = None) -> TaskConfig:
@@ -262,6 +295,11 @@ def check(config: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: fleet.baseline: {config.fleet.baseline!r} has no policy.py")
     if config.agents.backend != "builtin" and not config.agents.model:
         raise ConfigError(f"{source}: agents.model: backend {config.agents.backend!r} needs a model name")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.trainer.device):
+        raise ConfigError(f"{source}: trainer.device: {config.trainer.device!r} is not auto, cpu, cuda or cuda:N")
+    if config.trainer.heartbeat_s >= config.trainer.lease_s:
+        raise ConfigError(f"{source}: trainer.heartbeat_s: {config.trainer.heartbeat_s} must be below "
+                          f"trainer.lease_s {config.trainer.lease_s}")
     if config.bus.listen and not config.bus.listen.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"{source}: bus.listen: {config.bus.listen!r} is not a tcp:// or ipc:// url")
 

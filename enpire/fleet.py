@@ -23,35 +23,61 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import pynng
 import structlog
 import trio
 
 from actors.agent import AgentActor
+from actors.judge import Judge
+from actors.lease_queue import LeaseQueue
 from actors.runtime import ActorSystem, Ref
-from actors.scheduler import PolicyLoader, Scheduler
 from actors.summarizer import Summarizer
 from actors.trainer import Trainer
 from actors.verifier import Verifier
 from bus.blackboard import Blackboard, RecordError
+from bus.events import EventHub
 from bus.messages import (
+    BundleRequest,
+    ChampionChanged,
+    DataRequest,
     Envelope,
     EpisodeReport,
     Failure,
+    FinalJudging,
+    FinalResult,
     Heartbeat,
     Hello,
     LeaseRequest,
     Message,
     PolicySpec,
+    Progress,
+    QueueDepth,
+    TokensUsed,
+    TrainDone,
+    TrainerHeartbeat,
+    TrainerHello,
+    TrainJobRequest,
     VerifyRequest,
 )
-from bus.records import SCHEMA_VERSION, Champion, DaemonRecord, EpisodeRecord, Finding, Meta, TokenRecord
+from bus.records import (
+    SCHEMA_VERSION,
+    Champion,
+    DaemonRecord,
+    EpisodeRecord,
+    FinalRecord,
+    Finding,
+    HeldoutRecord,
+    Meta,
+    TokenRecord,
+)
 from bus.transport import RequestServer, cell_key, ipc_url
 from enpire import config as cfg
 from enpire import isolation, ledger, log, progress
 from enpire.agents.backends import make_backend
+from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
-from enpire.agents.tools import Tools
-from enpire.learning.dataset import ARTIFACTS
+from enpire.agents.session import agent_tools
+from enpire.bundles import BundleStore
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.sinks import TensorBoardSink, check_tensorboard
@@ -64,6 +90,24 @@ EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
 
 class StateDirError(RuntimeError):
     pass
+
+
+class StartupError(RuntimeError):
+    """The fleet could not start (e.g. its listen address is taken): one line for the user, exit 2."""
+
+
+async def _listen(nursery: trio.Nursery, what: str, server: RequestServer) -> None:
+    try:
+        await nursery.start(server.serve)
+    except pynng.NNGException as e:
+        raise StartupError(f"{what}: cannot listen on {server.url}: {e}") from None
+
+
+def _startup_error(error: BaseException) -> StartupError | None:
+    """The StartupError that ended trio.run (alone, possibly inside exception groups), else None."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, StartupError) else None
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> argparse.Namespace:
@@ -146,19 +190,16 @@ class Outcome:
 LOCAL_SECRET_ENV = "ENPIRE_LOCAL_SECRET"
 
 
-async def _cell_process(
-    config: cfg.Config, index: int, url: str, state_dir: Path, stopping: trio.Event, secret: bytes
-) -> None:
-    """Keep one local cell process alive; restart it with backoff if it dies."""
+def cell_command(config: cfg.Config, index: int, url: str, state_dir: Path) -> list[str]:
+    """The command line of local cell `index`: its driver and the [sandbox] limits it enforces."""
     cell_id = f"cell-{index}"
-    logger = structlog.get_logger().bind(actor="fleet")
-    task = config.task()
-    sb = config.sandbox
+    task, sb = config.task(), config.sandbox
     command = [
         sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", cell_id, "--driver", task.driver,
         "--driver-options", json.dumps(task.driver_options),
         "--state-dir", str(state_dir), "--scratch", str(state_dir / "scratch" / cell_id),
         "--act-timeout", str(sb.act_timeout_s), "--max-missed", str(sb.max_missed_deadlines),
+        "--load-timeout", str(sb.load_timeout_s),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
         "--scratch-mb", str(sb.scratch_mb), "--pids", str(sb.pids),
         "--key-env", LOCAL_SECRET_ENV,
@@ -169,6 +210,16 @@ async def _cell_process(
         command += ["--cpu", str(cpus[index % len(cpus)])]
     if not sb.require_isolation and isolation.check() is not None:
         command.append("--unconfined")  # the user opted out, and the engine cannot run here
+    return command
+
+
+async def _cell_process(
+    config: cfg.Config, index: int, url: str, state_dir: Path, stopping: trio.Event, secret: bytes
+) -> None:
+    """Keep one local cell process alive; restart it with backoff if it dies."""
+    cell_id = f"cell-{index}"
+    logger = structlog.get_logger().bind(actor="fleet")
+    command = cell_command(config, index, url, state_dir)
     env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
     env[LOCAL_SECRET_ENV] = cell_key(secret.hex().encode(), cell_id).decode()  # this cell's key only
     failures = 0
@@ -198,22 +249,57 @@ def champion_summary(board: Blackboard, task: str) -> dict:
     }
 
 
-def target_met(board: Blackboard, config: cfg.Config) -> bool:
-    c = board.get("champion", config.cells.task, Champion)
-    return c is not None and c.n >= config.fleet.min_heldout and c.successes / c.n >= config.fleet.target
+def _rate(successes: int, n: int) -> dict:
+    lo, hi = wilson_interval(successes, n)
+    return {"successes": successes, "n": n, "rate": round(successes / n, 4) if n else 0.0,
+            "wilson95": [round(lo, 4), round(hi, 4)]}
+
+
+def final_summary(f: FinalRecord | None) -> dict | None:
+    """The paired final judging: the starting policy and the champion on the same fresh held-out seeds."""
+    if f is None:
+        return None
+    return {"task": f.task, "seeds": {"first": f.seeds[0], "count": len(f.seeds)} if f.seeds else {},
+            "start": {"policy": f.start.ref, "commit": f.start.commit, "params": f.start.params,
+                      **_rate(f.start_successes, f.start_n)},
+            "champion": ({"policy": f.champion.ref, "commit": f.champion.commit, "params": f.champion.params,
+                          **_rate(f.champion_successes, f.champion_n)} if f.champion else None)}
+
+
+def heldout_summary(board: Blackboard, config: cfg.Config) -> dict:
+    """How much of each task's held-out pool the run spent (every seed is judged once at most)."""
+    out = {}
+    for name, task in config.tasks.items():
+        record = board.get("heldout", name, HeldoutRecord) or HeldoutRecord(name)
+        need = config.scheduler.promote_seeds + config.fleet.min_heldout
+        out[name] = {"used": record.used, "total": task.heldout_seeds.count, "draws": record.draws,
+                     "low": task.heldout_seeds.count - record.used < need}
+    return out
+
+
+def target_met(champion: ChampionChanged | Champion | None) -> bool:
+    """The champion's confirmation stopped with "met" (the judge's sequential rule, `metrics.sprt`)."""
+    return champion is not None and champion.decision == "met"
 
 
 @dataclass
 class Core:
-    """The part of a fleet that serves cells: verifier, scheduler, the bus, local cell processes."""
+    """The part of a fleet that serves cells: verifier, lease queue, judge, trainer, the bus, local cells."""
 
     system: ActorSystem
-    scheduler: Ref
+    queue: Ref
+    judge: Ref
     verifier: Ref
     trainer: Ref
     workspace: Workspace
     url: str
     stopping: trio.Event
+    events: EventHub
+
+    @property
+    def scheduler(self) -> Ref:
+        """Where agents send evaluations and promotions: the judge."""
+        return self.judge
 
 
 def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> PolicySpec | None:
@@ -237,17 +323,18 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     baseline = _baseline(config, workspace, board)
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
-    verdict_key = secrets.token_bytes(32)  # verifier and scheduler only: cells relay verdicts, never sign them
+    events = EventHub()
+    bundles = BundleStore(workspace.read_bytes)
+    verdict_key = secrets.token_bytes(32)  # verifier and lease queue only: cells relay verdicts, never sign them
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds, verdict_key))
-    scheduler = await system.spawn(
-        "scheduler",
-        lambda: Scheduler(config, board, PolicyLoader(workspace.read_bytes), state_dir, meta.run_id, workspace.set_main,
-                          baseline, verdict_key=verdict_key),
-    )
-    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir))
+    queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events,
+                                                             verdict_key=verdict_key))
+    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
+    trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
-        Hello: scheduler, LeaseRequest: scheduler, Heartbeat: scheduler, EpisodeReport: scheduler,
+        Hello: queue, LeaseRequest: queue, Heartbeat: queue, EpisodeReport: queue, BundleRequest: queue,
         VerifyRequest: verifier,
+        **dict.fromkeys((TrainerHello, TrainJobRequest, DataRequest, TrainerHeartbeat, TrainDone), trainer),
     }
 
     async def route(envelope: Envelope) -> Message:
@@ -267,17 +354,18 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     url = ipc_url(state_dir, "bus")
     # Each cell's long-polled LeaseRequest holds one server worker: leave room for heartbeats and reports.
     workers = 2 * config.cells.count + 8
-    await nursery.start(RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
-                                      per_sender_keys=True, workers=workers).serve)
+    await _listen(nursery, "the local bus", RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
+                                                          per_sender_keys=True, workers=workers))
     if config.bus.listen:
         secret = os.environ[config.bus.secret_env].encode()
-        await nursery.start(RequestServer(config.bus.listen, route, sender="fleet", secret=secret,
-                                          per_sender_keys=True, workers=32).serve)
+        await _listen(nursery, f"bus.listen {config.bus.listen!r}",
+                      RequestServer(config.bus.listen, route, sender="fleet", secret=secret,
+                                   per_sender_keys=True, workers=32))
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
     stopping = trio.Event()
     for i in range(config.cells.count):
         nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
-    return Core(system, scheduler, verifier, trainer, workspace, url, stopping)
+    return Core(system, queue, judge, verifier, trainer, workspace, url, stopping, events)
 
 
 async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta: Meta) -> tuple[Outcome, dict]:
@@ -289,11 +377,11 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
 
     async with trio.open_nursery() as nursery:
         core = await start_core(nursery, config, state_dir, board, meta)
-        system, scheduler, workspace, stopping = core.system, core.scheduler, core.workspace, core.stopping
-        await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task))
+        system, workspace, stopping, events = core.system, core.workspace, core.stopping, core.events
+        await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
         for i in range(config.agents.count):
-            tools = Tools(f"agent-{i}", config.cells.task, workspace, scheduler, board, trainer=core.trainer,
-                          artifacts=state_dir / ARTIFACTS)
+            tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
+                                events=events)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
@@ -304,32 +392,41 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     logger.warning("stopping", signal=signal.Signals(signum).name)
                     outcome.reason = "signal"
                     stopping.set()
+                    final.cancel()  # a signal also ends the final judging
                     return
 
+            final = trio.CancelScope()
             nursery.start_soon(on_signal)
-            next_progress = 0.0
-            watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
-            sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
             daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                   config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
                                   target=config.fleet.target)
-            while not stopping.is_set() and time.time() < deadline:
-                if config.fleet.stop_at_target and target_met(board, config):
+            sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
+            ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+            nursery.start_soon(ticks.feed_sink)
+            nursery.start_soon(ticks.run)
+            # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
+            with trio.move_on_at(trio.current_time() + deadline - time.time()), \
+                    events.subscribe(ChampionChanged, buffer=16) as champions:
+                async def on_target() -> None:
+                    latest = events.latest(ChampionChanged)
+                    while not (config.fleet.stop_at_target and target_met(latest)):
+                        latest = await champions.receive()
                     outcome.reason = "target"
                     outcome.time_to_target_s = time.time() - started
-                    break
-                if time.time() >= next_progress:
-                    daemon.last_seen = time.time()
-                    board.put("meta", "daemon", daemon)
-                    _progress(logger, board, config, system, started, deadline, watch, sink)
-                    next_progress = time.time() + config.fleet.progress_s
-                with trio.move_on_after(0.5):
-                    await stopping.wait()
+                    stopping.set()
+                nursery.start_soon(on_target)
+                await stopping.wait()
+            depth = events.latest(QueueDepth)
+            if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
+                logger.warning("final_judging_skipped", detail="no cell is connected")
+            elif outcome.reason != "signal" and config.fleet.final_seeds:
+                with final:
+                    await _final_judging(logger, core, config)
         if sink is not None:
             sink.close()
         outcome.elapsed_s = time.time() - started
-        sched = system.actors["scheduler"].current
-        stats["utilization"] = sched.utilization() if isinstance(sched, Scheduler) else {}
+        queue = system.actors["queue"].current
+        stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
         stats["restarts"] = {name: s.restarts for name, s in system.actors.items()}
         daemon.last_seen, daemon.state = time.time(), f"stopped: {outcome.reason}"
         board.put("meta", "daemon", daemon)
@@ -338,21 +435,58 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
     return outcome, stats
 
 
-def _progress(logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float, deadline: float,
-              watch: progress.NoCellWatch, sink: TensorBoardSink | None) -> None:
-    sched = system.actors["scheduler"].current
-    mru = mean_robot_utilization(sched.utilization()) if isinstance(sched, Scheduler) else 0.0
-    now = time.time()
-    tokens = ledger.totals(board.values("tokens", TokenRecord)).total
-    p = progress.progress(now, started, deadline, board.counter("episodes"),
-                          board.get("champion", config.cells.task, Champion), mru, tokens)
-    logger.info("progress", **progress.log_fields(p, started))
-    if sink is not None:
-        sink.write(p)
-    live = sum(c.record.state != "offline" for c in sched.cells.values()) if isinstance(sched, Scheduler) else 0
-    if (waiting := watch.check(now, live)) is not None:
-        logger.warning("no_cells", waiting_s=round(waiting), local=config.cells.count, listen=config.bus.listen,
-                       detail="no cell is connected, so no episode runs")
+async def _final_judging(logger, core: Core, config: cfg.Config) -> None:
+    """The starting policy and the champion on the same fresh held-out seeds, within a bounded time after
+    the run (a quarter of the budget, at least a minute): where the run started and where it got to."""
+    limit = max(60.0, config.fleet.budget_minutes * 15.0)
+    logger.info("final_judging_started", seeds=config.fleet.final_seeds, limit_s=round(limit))
+    with trio.move_on_after(limit) as scope:
+        reply = await core.judge.ask(FinalJudging(task=config.cells.task, seeds=config.fleet.final_seeds),
+                                     timeout=limit + 1)
+    if scope.cancelled_caught or not isinstance(reply, FinalResult):
+        logger.warning("final_judging_incomplete", reply=str(reply)[:200] if not scope.cancelled_caught else "timeout")
+
+
+class Ticks:
+    """Progress lines (and the TensorBoard sink), the daemon's liveness record and the no-cell warning, every
+    progress_s, from what the actors hold and publish: a timer, not a read of the blackboard."""
+
+    def __init__(self, logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float,
+                 deadline: float, daemon: DaemonRecord, events: EventHub, sink: TensorBoardSink | None):
+        self.logger, self.board, self.config, self.system, self.events = logger, board, config, system, events
+        self.started, self.deadline, self.daemon, self.sink = started, deadline, daemon, sink
+        self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
+        self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
+
+    async def feed_sink(self) -> None:
+        if self.sink is None:
+            return
+        with self.events.subscribe(Progress) as updates:
+            async for p in updates:
+                self.sink.write(p)
+
+    async def run(self) -> None:
+        with self.events.subscribe(TokensUsed) as used:
+            while True:
+                while used.pending():
+                    self.tokens = self.tokens.add(await used.receive())
+                await self.tick()
+                await trio.sleep(self.config.fleet.progress_s)
+
+    async def tick(self) -> None:
+        self.daemon.last_seen = now = time.time()
+        await trio.to_thread.run_sync(self.board.put, "meta", "daemon", self.daemon)
+        queue = self.system.actors["queue"].current
+        live = isinstance(queue, LeaseQueue)
+        mru = mean_robot_utilization(queue.utilization()) if live else 0.0
+        p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
+                              self.events.latest(ChampionChanged), mru, self.tokens.total)
+        self.logger.info("progress", **progress.log_fields(p, self.started))
+        self.events.publish(p)  # the sink (and any other subscriber) takes it from here
+        cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0
+        if (waiting := self.watch.check(now, cells)) is not None:
+            self.logger.warning("no_cells", waiting_s=round(waiting), local=self.config.cells.count,
+                                listen=self.config.bus.listen, detail="no cell is connected, so no episode runs")
 
 
 def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats: dict) -> dict:
@@ -367,6 +501,8 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
         "time_to_target_s": round(outcome.time_to_target_s, 1) if outcome.time_to_target_s else None,
         "target": config.fleet.target,
         "champion": champion_summary(board, config.cells.task),
+        "start_vs_champion": final_summary(board.get("meta", "final", FinalRecord)),
+        "heldout_pool": heldout_summary(board, config),
         "episodes": len(episodes),
         "episodes_by_kind": by_kind,
         "episodes_flagged": board.counter("episodes_flagged"),
@@ -379,6 +515,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
             for cid, u in util.items()
         },
         "actor_restarts": stats.get("restarts", {}),
+        "tokens": ledger.summary(board.values("tokens", TokenRecord)),  # team and per-agent ledger totals
     }
 
 
@@ -393,6 +530,15 @@ def format_report(report: dict) -> str:
         lines.append(f"  judged on {judged['n']} held-out seeds at promotion: {judged['rate']:.1%}")
     else:
         lines.append("  no champion yet")
+    final = report.get("start_vs_champion")
+    if final:
+        for label, r in (("started from", final["start"]), ("champion", final["champion"])):
+            if r:
+                lines.append(f"  {label} {r['policy']}: {r['successes']}/{r['n']} = {r['rate']:.1%}, Wilson 95% "
+                             f"[{r['wilson95'][0]:.3f}, {r['wilson95'][1]:.3f}] on the same fresh held-out seeds")
+    for task, pool in report.get("heldout_pool", {}).items():
+        if pool["low"]:
+            lines.append(f"  warning: held-out pool of {task} runs low: {pool['used']} of {pool['total']} seeds used")
     ttt = report["time_to_target_s"]
     lines.append(f"  time to target: {ttt:.0f}s" if ttt else "  target not reached")
     lines.append(f"  episodes {report['episodes']} {report['episodes_by_kind']}; MRU {report['mru']:.1%}")
@@ -426,6 +572,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return 0
     try:
         make_backend(config, 0)  # a missing API key or model setting fails here, in one line
+        trio.run(probe_model, config)  # so does a model name the endpoint does not serve, or a refused key
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -463,7 +610,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     log.configure(state_dir, "fleet", console=not args.quiet)
     try:
-        outcome, stats = trio.run(run_fleet, config, state_dir, board, meta, restrict_keyboard_interrupt_to_checkpoints=True)
+        try:
+            outcome, stats = trio.run(run_fleet, config, state_dir, board, meta,
+                                      restrict_keyboard_interrupt_to_checkpoints=True)
+        except (StartupError, BaseExceptionGroup) as e:
+            if (startup := _startup_error(e)) is None:
+                raise
+            structlog.get_logger().error("fleet_not_started", actor="fleet", error=str(startup))
+            print(f"enpire: {startup}", file=sys.stderr)
+            return EXIT_CONFIG
         report = build_report(board, config, outcome, stats)
         (state_dir / "report.json").write_text(json.dumps(report, indent=2))
         print(format_report(report))

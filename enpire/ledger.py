@@ -1,7 +1,10 @@
 """The token ledger: pure functions over the `TokenRecord`s on the blackboard's "tokens" table.
 
-Convention (every backend normalises to it): `input_tokens` counts all prompt tokens, cached ones
-included; `cached_input_tokens` is the cached part of them. A call's tokens are input + output.
+Convention (every backend normalises to it): `input_tokens` counts all prompt tokens, cached reads and
+cache writes included; `cached_input_tokens` and `cache_write_tokens` are parts of them. `output_tokens`
+counts every generated token, `reasoning_tokens` the part spent on hidden reasoning. A call's tokens are
+input + output (`call_tokens`, the one place this sum is made). Cost comes from a price table per model
+(currency per million tokens); a model without a price costs 0 and is named in `unpriced`.
 """
 
 from __future__ import annotations
@@ -13,21 +16,58 @@ from bus.records import TokenRecord
 from enpire.metrics import mean_token_utilization
 
 
+def call_tokens(input_tokens: int, output_tokens: int) -> int:
+    """What MTU and budgets count for one call: input (cached included) + output (reasoning included)."""
+    return input_tokens + output_tokens
+
+
+@dataclass(frozen=True)
+class Price:
+    """Currency per million tokens; `cached_input` and `cache_write` default to `input` when negative."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cached_input: float = -1.0
+    cache_write: float = -1.0
+
+
+def cost(price: Price | None, input_tokens: int, cached_input_tokens: int, cache_write_tokens: int,
+         output_tokens: int) -> float:
+    """The price of one call: uncached input, cached reads, cache writes and output at their own rates."""
+    if price is None:
+        return 0.0
+    cached = price.input if price.cached_input < 0 else price.cached_input
+    write = price.input if price.cache_write < 0 else price.cache_write
+    plain = max(0, input_tokens - cached_input_tokens - cache_write_tokens)
+    return (plain * price.input + cached_input_tokens * cached + cache_write_tokens * write
+            + output_tokens * price.output) / 1e6
+
+
 @dataclass(frozen=True)
 class TokenTotals:
     calls: int = 0
     input_tokens: int = 0
     cached_input_tokens: int = 0
     output_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
 
     @property
     def total(self) -> int:
-        """What MTU and budgets count: input (cached included) + output."""
-        return self.input_tokens + self.output_tokens
+        return call_tokens(self.input_tokens, self.output_tokens)
 
     def add(self, r: TokenRecord) -> TokenTotals:
         return TokenTotals(self.calls + 1, self.input_tokens + r.input_tokens,
-                           self.cached_input_tokens + r.cached_input_tokens, self.output_tokens + r.output_tokens)
+                           self.cached_input_tokens + r.cached_input_tokens, self.output_tokens + r.output_tokens,
+                           self.cache_write_tokens + r.cache_write_tokens, self.reasoning_tokens + r.reasoning_tokens,
+                           self.cost + r.cost)
+
+    def as_dict(self) -> dict[str, float]:
+        """The figures progress events, status and report.json show."""
+        return {"calls": self.calls, "input_tokens": self.input_tokens, "cached_input_tokens": self.cached_input_tokens,
+                "cache_write_tokens": self.cache_write_tokens, "output_tokens": self.output_tokens,
+                "reasoning_tokens": self.reasoning_tokens, "tokens": self.total, "cost": round(self.cost, 6)}
 
 
 def totals(records: Iterable[TokenRecord], until: float | None = None) -> TokenTotals:
@@ -44,6 +84,13 @@ def per_agent(records: Iterable[TokenRecord]) -> dict[str, TokenTotals]:
     for r in records:
         out[r.agent] = out.get(r.agent, TokenTotals()).add(r)
     return out
+
+
+def summary(records: Iterable[TokenRecord]) -> dict:
+    """Team and per-agent totals as plain values: what progress events, `enpire.status` and report.json show."""
+    records = list(records)
+    return {"team": totals(records).as_dict(),
+            "agents": {a: t.as_dict() for a, t in sorted(per_agent(records).items())}}
 
 
 def mtu(records: Iterable[TokenRecord], wall_s: float) -> float:

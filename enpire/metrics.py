@@ -51,6 +51,28 @@ def better_with_confidence(s_new: int, n_new: int, s_old: int, n_old: int, alpha
     return p_value < alpha
 
 
+def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1, min_n: int = 1,
+         max_n: int | None = None) -> str:
+    """Sequential test of a success rate against `target`: "met", "not_met" or "" (go on).
+
+    Wald's likelihood ratio of p1 = (1 + target) / 2 (halfway from the target to perfect) against
+    p0 = target. "met" once the ratio reaches 1/alpha (and n >= min_n): under any true rate at or below
+    the target the ratio is a non-negative martingale (a supermartingale below it), so by Ville's
+    inequality the chance it EVER reaches 1/alpha, whenever and however often it is checked, is at most
+    alpha. "unlikely" while it is at or below beta (p1 is then unlikely: worth running only on idle
+    cells), "not_met" at max_n: stopping that way only lowers the chance of a false "met".
+    """
+    if not 0 < target < 1:  # a target of 0 is met by anything; one of 1 by nothing a sample can show
+        return "met" if target <= 0 and n >= min_n else ("not_met" if max_n is not None and n >= max_n else "")
+    p0, p1 = target, (1 + target) / 2
+    llr = successes * math.log(p1 / p0) + (n - successes) * math.log((1 - p1) / (1 - p0))
+    if llr >= math.log(1 / alpha) and n >= min_n:
+        return "met"
+    if max_n is not None and n >= max_n:
+        return "not_met"
+    return "unlikely" if llr <= math.log(beta) else ""
+
+
 @dataclass(frozen=True)
 class Utilization:
     """Time shares of one cell over a window; MRU counts only `running`."""

@@ -306,11 +306,11 @@ class DryRun:
 
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.realcell") -> int:
     """`python -m enpire.realcell approve PROGRAM --dir DIR` / `agreement --dir DIR`."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m enpire.realcell", description="a real cell's environment interface")
+    p = argparse.ArgumentParser(prog=prog, description="a real cell's environment interface")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("approve", help="show a reset program to the person and keep it if approved")
     a.add_argument("program", type=Path)

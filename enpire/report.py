@@ -74,16 +74,21 @@ def judgings(episodes: list[EpisodeRecord], candidates: dict[str, str]) -> list[
     return sorted(points, key=lambda p: p.t)
 
 
+SERIES = {"confirm": "confirmation", "baseline": "starting policy", "": "held-out"}  # background purposes
+
+
 def confirmations(episodes: list[EpisodeRecord]) -> dict[str, list[Point]]:
-    """Per policy, its running held-out tally after each background episode (baseline judging or a
-    champion's confirmation on seeds never used to choose it)."""
+    """Per policy and background purpose ("<ref>: confirmation", "<ref>: starting policy"), the running
+    held-out tally after each episode: seeds never used to choose the policy."""
     series: dict[str, list[Point]] = defaultdict(list)
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for e in sorted((e for e in episodes if e.kind == "background" and not e.flagged), key=lambda e: e.finished):
-        t = tally[e.policy.ref]
+    for e in sorted((e for e in episodes if e.kind == "background" and not e.flagged and _purpose(e) in SERIES),
+                    key=lambda e: e.finished):
+        key = f"{e.policy.ref}: {SERIES[_purpose(e)]}"
+        t = tally[key]
         t[0] += e.verdict.success
         t[1] += 1
-        series[e.policy.ref].append(Point(e.finished, t[0], t[1], e.policy.ref))
+        series[key].append(Point(e.finished, t[0], t[1], e.policy.ref))
     return dict(series)
 
 
@@ -152,10 +157,10 @@ def plot_success(judged: list[Point], confirmed: dict[str, list[Point]], final: 
     fig, axes = plt.subplots(1, 2 if with_bars else 1, figsize=(10 if with_bars else 8, 4.2), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]} if with_bars else None)
     ax = axes[0][0]
-    for ref, points in confirmed.items():
+    for name, points in confirmed.items():
         x = x_of(np.array([p.t for p in points]))
         lo, hi = zip(*(p.wilson for p in points), strict=True)
-        line, = ax.plot(x, [p.rate for p in points], lw=1.5, label=f"{ref}: confirmation (held-out)")
+        line, = ax.plot(x, [p.rate for p in points], lw=1.5, label=name)
         ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color(), lw=0)
         ax.annotate(f"n={points[-1].n}", (x[-1], points[-1].rate), fontsize=7, xytext=(3, -10),
                     textcoords="offset points", color=line.get_color())
@@ -175,6 +180,7 @@ def plot_success(judged: list[Point], confirmed: dict[str, list[Point]], final: 
             for xi in x:
                 ax.axvline(xi, color=color, lw=0.6, ls=":", alpha=0.7)
     ax.axhline(target, color="#c62828", ls="--", lw=1, label=f"target {target:.0%}")
+    ax.set_xlim(left=0)  # from the start of the run (or of its robot time, of its tokens)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("success rate (held-out seeds)")
     ax.set_ylim(-0.02, 1.02)
@@ -299,7 +305,8 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
              f"- MRU: {status['mru']:.1%}", f"- findings: {status['findings']}",
              f"- tokens: {sum(status['tokens'].values())}", f"- target: {target:.0%} held-out success"]
     for c in champions:
-        confirm = [e for e in episodes if e.kind == "background" and e.policy == c.policy and not e.flagged]
+        confirm = [e for e in episodes if e.kind == "background" and e.policy == c.policy and not e.flagged
+                   and _purpose(e) in ("", "confirm")]
         s = summarize(((e.verdict.success, e.success_at_k) for e in confirm), k=max([e.attempts for e in confirm] or [1]))
         lines.append(f"- champion `{c.policy.ref}` ({c.task}, by {c.agent}): held-out {s}; "
                      f"judged {c.judged_successes}/{c.judged_n} at promotion")

@@ -41,6 +41,7 @@ import select
 import struct
 import sys
 import time
+import traceback
 from typing import Any
 
 import msgspec
@@ -583,6 +584,16 @@ class _Channel:
             view = view[os.write(self.wfd, view) :]
 
 
+def _where(exc: BaseException) -> str:
+    """The policy's own frames of a traceback, innermost first: " (at policy.py:41 in act <- policy.py:12 in
+    helper)". Frames only (walk_tb reads no source file, so the audit hook sees no open)."""
+    scratch = os.getcwd() + os.sep
+    frames = [f"{frame.f_code.co_filename[len(scratch):]}:{line} in {frame.f_code.co_name}"
+              for frame, line in traceback.walk_tb(exc.__traceback__)
+              if frame.f_code.co_filename.startswith(scratch)]
+    return f" (at {' <- '.join(reversed(frames[-4:]))})" if frames else ""
+
+
 def write_files(scratch: str, files: dict[str, bytes]) -> None:
     for name, content in files.items():
         parts = name.split("/")
@@ -608,7 +619,7 @@ def _failure(exc: BaseException, denials: list[str]) -> str:
     if type(exc) is MemoryError or _numpy_memory_error(exc):  # at RLIMIT_AS; a policy's own subclass is not
         return truncate(f"memory_limit: {describe(exc)}")
     text = describe(exc)
-    return text if text.startswith("sandbox_denied:") else f"policy_error: {text}"
+    return text if text.startswith("sandbox_denied:") else truncate(f"policy_error: {text}{_where(exc)}")
 
 
 def _to_action(result: Any, seq: int, max_bytes: int) -> Action | Failed | bytes:

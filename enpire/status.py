@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 from bus.blackboard import Blackboard
-from bus.records import CellRecord, Champion, DaemonRecord, JobRecord, TimelineRecord, TokenRecord
+from bus.records import (
+    CellRecord,
+    Champion,
+    DaemonRecord,
+    JobRecord,
+    TimelineRecord,
+    TokenRecord,
+    TrainerRecord,
+)
 from enpire import ledger
 from enpire.metrics import mean_robot_utilization, utilization, wilson_interval
 
@@ -41,6 +49,12 @@ def _collect(board: Blackboard, now: float) -> dict:
             "state": cell.state if alive else "offline", "host": cell.host, "pid": cell.pid,
             "mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4),
         }
+    trainers = {  # beside the cells: where training runs and how fast its last job went
+        t.trainer_id: {"state": t.state if alive else "offline", "host": t.host, "pid": t.pid, "device": t.device,
+                       "gpu": t.gpu, "processes": t.processes, "job": t.job_id, "jobs_done": t.jobs_done,
+                       "samples_per_s": round(t.samples_per_s, 1)}
+        for t in board.values("trainers", TrainerRecord)
+    }
     jobs = [j for j in board.values("jobs", JobRecord) if not j.done]
     champions = {}
     for _, c in board.items("champion", Champion):
@@ -65,6 +79,8 @@ def _collect(board: Blackboard, now: float) -> dict:
         "episodes_requeued": board.counter("episodes_requeued"),
         "cells": cells,
         "mru": round(mean_robot_utilization(per_cell), 4),
+        "trainers": trainers,
+        "training_requeued": board.counter("training_requeued"),
         "jobs_queued": len(jobs),
         "jobs": [{"job": j.job_id, "agent": j.agent, "kind": j.kind, "episodes": len(j.seeds)} for j in jobs[:20]],
         "champions": champions,
@@ -72,6 +88,7 @@ def _collect(board: Blackboard, now: float) -> dict:
         "tokens_total": team.total,
         "tokens_cached_input": team.cached_input_tokens,
         "tokens_per_min": round(ledger.mtu(records, running_s), 1) if records and running_s > 0 else 0.0,
+        "token_ledger": ledger.summary(records),  # per agent: input, cached, cache writes, output, reasoning, cost
         "findings": board.count("findings"),
     }
 
@@ -84,7 +101,12 @@ def render(status: dict) -> str:
     for cid, c in sorted(status["cells"].items()):
         lines.append(f"  {cid:<10} {c['state']:<10} MRU {c['mru']:.1%}  agent share {c['agent_share']:.1%}  "
                      f"{c['host']}:{c['pid']}")
-    lines.append(f"jobs queued: {status['jobs_queued']}")
+    for tid, t in sorted(status.get("trainers", {}).items()):
+        where = f"{t['device']}" + (f" ({t['gpu']})" if t["gpu"] else "") + (f" x{t['processes']}" if t["processes"] > 1 else "")
+        lines.append(f"  trainer {tid:<10} {t['state']:<9} {where}  job {t['job'] or '-'}  "
+                     f"{t['samples_per_s']:.0f} samples/s  {t['host']}:{t['pid']}")
+    running = d["state"] == "running"
+    lines.append(f"jobs {'queued' if running else 'left unfinished'}: {status['jobs_queued']}")
     for j in status["jobs"]:
         lines.append(f"  {j['job']} ({j['kind']}, {j['agent']}): {j['episodes']} episodes")
     for task, c in status["champions"].items():

@@ -135,3 +135,58 @@ class Workspace:
 
     def log(self, branch: str, limit: int = 20) -> list[str]:
         return self._git("log", f"-{limit}", "--format=%h %s", branch).splitlines()
+
+    # Reading aids for agents: any commit by (abbreviated) id, diffs, and patches applied as a commit.
+
+    def resolve(self, ref: str) -> str:
+        """The full id of a commit named by id (7+ hex digits) or branch; WorkspaceError when there is none."""
+        if not ref or ref.startswith("-"):
+            raise WorkspaceError(f"not a commit: {ref!r}")
+        try:
+            return self._git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").strip()
+        except WorkspaceError:
+            raise WorkspaceError(f"no commit {ref!r} in the workspace") from None
+
+    def diff(self, base: str, commit: str, paths: tuple[str, ...] = ()) -> str:
+        """Unified diff from `base` to `commit` (binary files named, not shown)."""
+        return self._git("diff", "--no-color", "--no-ext-diff", base, commit, "--", *paths)
+
+    def show(self, commit: str) -> str:
+        """Header (id, parents, message) and the diff a commit made to its first parent."""
+        return self._git("show", "--no-color", "--no-ext-diff", "--format=commit %H%nparents %P%n%n%B", commit)
+
+    def apply_patch(self, branch: str, patch: str, message: str) -> str:
+        """Apply a unified diff to `branch` (or main when the branch is new) as one commit; the touched
+        paths go through the same checks as `commit`."""
+        parent = self.head(branch) or self.head(MAIN)
+        with tempfile.TemporaryDirectory() as tmp:
+            index = str(Path(tmp) / "index")
+            self._git("read-tree", parent, index=index)
+            names = self._git("apply", "--numstat", "-", input=patch.encode(), index=index).splitlines()
+            self.check_paths([n.split("\t", 2)[2] for n in names if n.count("\t") >= 2])
+            self._git("apply", "--cached", "--recount", "-", input=patch.encode(), index=index)
+            tree = self._git("write-tree", index=index).strip()
+            files = {}
+            for line in self._git("diff-tree", "-r", "--name-only", "--no-commit-id", parent, tree).splitlines():
+                try:
+                    files[line] = self._git_bytes("cat-file", "blob", f"{tree}:{line}")
+                except WorkspaceError:
+                    files[line] = None  # deleted by the patch
+        return self.commit(branch, files, message)
+
+    def read_bytes_names(self, commit: str) -> list[str]:
+        return [n for n in self._git("ls-tree", "-r", "--name-only", "-z", commit).split("\0") if n]
+
+    def read_file(self, commit: str, path: str) -> bytes:
+        """One file of a commit; WorkspaceError naming the path when it is not there."""
+        try:
+            return self._git_bytes("cat-file", "blob", f"{commit}:{path}")
+        except WorkspaceError:
+            raise WorkspaceError(f"no file {path!r} in commit {commit[:12]}") from None
+
+    def sizes(self, commit: str) -> dict[str, int]:
+        out = {}
+        for line in self._git("ls-tree", "-r", "-l", commit).splitlines():
+            meta, name = line.split("\t", 1)
+            out[name] = int(meta.split()[3])
+        return out

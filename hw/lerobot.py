@@ -47,10 +47,13 @@ class LeRobotDriver:
     name = "lerobot"
     verifier = None  # depends on the scene, not on the robot: the task's `verifier_kind` names it
 
+    observation_modes = ("state", "pixels")
+
     def __init__(self, task: str = "lerobot", robot: str | Any = "", config: Mapping[str, Any] | None = None,
-                 camera: str = "", calibrate: bool = True) -> None:
+                 camera: str = "", calibrate: bool = True, pixels_size: int = 0) -> None:
         """`robot`: "package.module:RobotClass" (with `config` for its config class) or a Robot instance;
-        `camera`: the camera the verifier judges (default: the first one)."""
+        `camera`: the camera the verifier judges and a pixels policy sees (default: the first one);
+        `pixels_size`: side of the square frame a pixels policy gets (0: the camera's own size)."""
         if not robot:
             raise PluginError("driver 'lerobot': option 'robot' is required ('package.module:RobotClass')")
         self.task = task
@@ -68,8 +71,19 @@ class LeRobotDriver:
         self.action_low = np.full(len(self.action_names), -np.inf)
         self.action_high = np.full(len(self.action_names), np.inf)
         self.frames: dict[str, np.ndarray] = {}
+        self.pixels_size = int(pixels_size)
+        self.obs_type = "state"
         self.record_frames = bool(self.camera)  # the cell keeps the verifier camera's frame of every step
         self._last: dict[str, Any] = {}
+
+    def set_observation(self, mode: str) -> None:
+        """"state": the scalar features as one vector; "pixels": {"pixels": the camera's frame,
+        "agent_pos": that vector} (the task's `observation`)."""
+        if mode not in self.observation_modes:
+            raise ValueError(f"LeRobotDriver observation must be one of {', '.join(self.observation_modes)}, not {mode!r}")
+        if mode == "pixels" and not self.camera:
+            raise ValueError(f"robot {self.robot} has no camera for a pixels observation")
+        self.obs_type = mode
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -101,15 +115,23 @@ class LeRobotDriver:
                 raise DriverError(f"camera {cam!r} returned no frame")
             self.frames[cam] = np.asarray(frame, dtype=np.uint8)
         self._last = obs
-        return np.array([float(obs[k]) for k in self.observation_names], dtype=np.float64)
+        state = np.array([float(obs[k]) for k in self.observation_names], dtype=np.float64)
+        if self.obs_type == "pixels":
+            frame = self.frames[self.camera]
+            if self.pixels_size and frame.shape[:2] != (self.pixels_size, self.pixels_size):
+                import cv2
 
-    def reset(self, seed: int) -> np.ndarray:
+                frame = cv2.resize(frame, (self.pixels_size, self.pixels_size), interpolation=cv2.INTER_AREA)
+            return {"pixels": frame, "agent_pos": state}
+        return state
+
+    def reset(self, seed: int) -> np.ndarray | dict[str, np.ndarray]:
         """The scene was reset (by a person or a reset program); a simulated robot reseeds its scene here."""
         if callable(getattr(self.robot, "reset_scene", None)):
             self.robot.reset_scene(int(seed))
         return self._observe()
 
-    def act(self, action: np.ndarray) -> np.ndarray:
+    def act(self, action: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         command = {name: float(v) for name, v in zip(self.action_names, np.asarray(action, dtype=np.float64), strict=True)}
         try:
             self.robot.send_action(command)

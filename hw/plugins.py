@@ -89,9 +89,11 @@ def make_driver(name: str, **options):
     cls = driver_class(name)
     args = (name,) if name in METAWORLD_TASKS else ()
     try:
-        return cls(*args, **options)
+        driver = cls(*args, **options)
     except (TypeError, ValueError, KeyError) as e:
         raise PluginError(f"driver {name!r}: {e}") from None
+    driver.registry_name = name  # what the cell reports, so replays and exports can build it again
+    return driver
 
 
 def verifier_name(driver: str) -> str:

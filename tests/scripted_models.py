@@ -270,11 +270,14 @@ class ScriptedModel:
                 pass
 
             def _send(self, status: int, kind: str, data: bytes) -> None:
-                self.send_response(status)
-                self.send_header("content-type", kind)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", kind)
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client was stopped mid-call (a test's doing)
 
             def do_GET(self) -> None:
                 self._send(404, "application/json", b'{"error": "not found"}')

@@ -94,6 +94,11 @@ RULES = SearchSettings(plateau_generations=5, learn_min_successes=100, data_grow
     (Evidence(5, 150, {"bc": 100, "rl": 100}, bc_beat_best=False), "tune", "tried"),
     (Evidence(5, 200, {"bc": 100, "rl": 100}, bc_beat_best=False), "bc", "plateau"),  # the store doubled
     (Evidence(5, 100, {"bc": 0}, bc_beat_best=None), "bc", "plateau"),  # a failed run retries with data
+    # from pixels: the imitation regime is the visuomotor CNN, and there is no RL to fall back on
+    (Evidence(5, 100, imitation="visuomotor", rl=False), "visuomotor", "plateau"),
+    (Evidence(5, 150, {"visuomotor": 100}, bc_beat_best=False, imitation="visuomotor", rl=False), "tune", "tried"),
+    (Evidence(5, 200, {"visuomotor": 100}, bc_beat_best=False, imitation="visuomotor", rl=False), "visuomotor",
+     "plateau"),
 ])
 def test_regime_rule(evidence, regime, rule):
     choice = choose_regime(evidence, RULES)

@@ -33,7 +33,9 @@ EXAMPLES = [
     m.Welcome(run_id="r", heartbeat_s=1.0),
     m.LeaseRequest(cell_id="c"),
     m.Lease(lease_id="l", episode_id="e", job_id="j", kind="agent", task="pusht", seed=3, attempts=2,
-            policy=m.PolicyBundle(SPEC, {"policy.py": b"x = 1", "weights.npz": b"PK\x03\x04\xff\x00"}), deadline_s=60, horizon=300, max_delta=100),
+            policy=SPEC, bundle="b" * 32, deadline_s=60, horizon=300, max_delta=100),
+    m.BundleRequest(digest="b" * 32),
+    m.PolicyBundle(digest="b" * 32, files={"policy.py": b"x = 1", "weights.npz": b"PK\x03\x04\xff\x00"}),
     m.NoWork(retry_after_s=0.5),
     m.Heartbeat(cell_id="c", state="running", segments=[m.Segment("running", 0.0, 1.0, "agent")]),
     m.EpisodeReport(cell_id="c", lease_id="l", episode_id="e", verdict=VERDICT,
@@ -50,8 +52,23 @@ EXAMPLES = [
                     champion_n=0, detail="d"),
     m.TrainRequest(job_id="t", agent="a", task="pusht", recipe="bc", options={"epochs": "3"}),
     m.TrainResult(job_id="t", ok=True, artifact="ab12", metrics={"loss": 0.1}),
+    m.TrainerHello(trainer_id="t", host="h", pid=1, device="cuda:0", gpu="NVIDIA H200", processes=2),
+    m.TrainJobRequest(trainer_id="t", wait_s=1.0),
+    m.TrainJob(lease_id="l", job_id="j", task="pusht", recipe="bc", time_budget_s=60.0, max_rss_mb=2048,
+               options={"hidden": "32"}, episodes=[m.EpisodeRef("e", "ab" * 16, True)], init_artifact=""),
+    m.DataRequest(trainer_id="t", lease_id="l", hashes=["ab" * 16]),
+    m.DataReply(files={"ab" * 16: b"npz bytes"}),
+    m.TrainerHeartbeat(trainer_id="t", lease_id="l", state="training"),
+    m.TrainDone(trainer_id="t", lease_id="l", job_id="j", ok=True, metrics={"samples_per_s": 1e5},
+                info={"device": "cuda:0"}, weights=b"w"),
     m.CellStateChanged(cell_id="c", state="idle", t=1.0),
     m.Progress(t=1.0, episodes=3, champion="x", champion_success=0.5, champion_n=4, mru=0.8, tokens=10),
+    m.QueueDepth(waiting=3, background=1, cells=2, t=1.0),
+    m.ChampionChanged(task="pusht", policy=SPEC, agent="a", judged_successes=9, judged_n=10, successes=3, n=4,
+                      decision="", t=1.0),
+    m.HeldoutUsage(task="pusht", used=10, total=100, low=False, t=1.0),
+    m.FindingPosted(finding_id="f", agent="a", t=1.0),
+    m.TokensUsed(agent="a", model="m", input_tokens=10, cached_input_tokens=2, output_tokens=3, t=1.0),
 ]
 
 
@@ -461,3 +478,19 @@ async def test_a_requester_that_went_away_costs_the_server_nothing(tmp_path):
             assert await client.request(m.Ack(detail="next")) == m.Ack(detail="next")
         assert server.stats["requests"] == 5
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.bench
+def test_request_reply_throughput_against_raw_pynng():
+    """bench/bus.py: transport and raw pynng alternate in rounds; the median paired ratio must stay far
+    above the 0.2 the transport had when every request cost four nng-thread hand-offs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / "bus.py"), "--seconds", "1", "--rounds", "5"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    ratios = json.loads(out)["ratios_transport_over_raw"]
+    assert ratios["reqrep_1_throughput"] >= 0.35 and ratios["reqrep_8_throughput"] >= 0.35, ratios

@@ -56,7 +56,7 @@ async def _evaluate(tmp_path, files, attempts=1, seeds=(11, 12)):
         core = await start_core(nursery, config, tmp_path / "state", board, meta)
         commit = core.workspace.commit("agent/test", files, "test policy")
         with trio.fail_after(120):
-            result = await core.scheduler.ask(
+            result = await core.judge.ask(
                 EvalRequest(job_id="j", agent="t", task="pusht", policy=PolicySpec(commit, {}),
                             seeds=list(seeds), attempts=attempts), timeout=120)
         core.stopping.set()
@@ -99,12 +99,12 @@ async def test_hostile_policies_do_not_stop_a_real_cell(tmp_path):
             commit = core.workspace.commit(f"agent/{name}", {"policy.py": (ADVERSARIAL / f"{name}.py").read_text()},
                                            name)
             with trio.fail_after(120):
-                result = await core.scheduler.ask(EvalRequest(job_id=name, agent="t", task="pusht",
+                result = await core.judge.ask(EvalRequest(job_id=name, agent="t", task="pusht",
                                                               policy=PolicySpec(commit, {}), seeds=[3]), timeout=120)
             (e,) = result.episodes
             assert not e.success and reason in e.reason, (name, e.reason)
         commit = core.workspace.commit("agent/good", {"policy.py": HEURISTIC}, "good")
-        result = await core.scheduler.ask(EvalRequest(job_id="good", agent="t", task="pusht",
+        result = await core.judge.ask(EvalRequest(job_id="good", agent="t", task="pusht",
                                                       policy=PolicySpec(commit, {}), seeds=[3, 4]), timeout=120)
         assert result.successes == 2
         core.stopping.set()
@@ -148,7 +148,7 @@ max_delta = 2.0
         core = await start_core(nursery, config, tmp_path / "state", board, meta)
         commit = core.workspace.commit("agent/t", {"policy.py": ZERO_ARM}, "still arm")
         with trio.fail_after(180):
-            result = await core.scheduler.ask(EvalRequest(job_id="mw", agent="t", task="drawer",
+            result = await core.judge.ask(EvalRequest(job_id="mw", agent="t", task="drawer",
                                                           policy=PolicySpec(commit, {}), seeds=[1, 2]), timeout=180)
         core.stopping.set()
         nursery.cancel_scope.cancel()

@@ -139,3 +139,37 @@ async def test_killed_hung_and_failing_runs_are_restarted_with_backoff(tmp_path,
     assert agent.outcomes[2].exit_code not in (0, None) and agent.outcomes[2].seconds < 60
     assert agent.backoffs == [0.2, 0.4, 0.8]  # doubling from [agents] backoff
     assert not model.errors
+
+
+async def test_any_mcp_capable_cli_through_the_command_template(tmp_path, monkeypatch):
+    """`backend = "command"`: here Claude Code stands in for another CLI, started only by the template."""
+    require("claude-code")
+    from enpire.agents.cli_backend import CLI_DIR
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-the-real-model-key")
+    tools = FakeTools(tmp_path)
+    claude = (CLI_DIR / ".bin" / "claude").resolve()
+    template = ("env ANTHROPIC_BASE_URL={base_url} IS_SANDBOX=1 ENABLE_TOOL_SEARCH=false "
+                f"{claude} -p {{prompt}} --model {{model}} --output-format stream-json --verbose "
+                "--mcp-config {mcp_config} --strict-mcp-config --permission-mode bypassPermissions")
+    steps = Steps([
+        lambda ex: Reply(calls=shell("claude-code", "printf 'class Policy: pass\\n' > policy.py && "
+                                                    "git commit -qam 'from a generic CLI' && pwd")),
+        lambda ex: Reply(calls=((ex.tool("echo"), {"n": 7}),)),
+        lambda ex: Reply(text="Done."),
+    ], main_tool="Bash")
+    with ScriptedModel("anthropic", steps) as model:
+        settings = CLISettings("command", model=MODEL["claude-code"], base_url=model.url,
+                               api_key_env="ANTHROPIC_API_KEY", command=template, max_turns=1, turn_timeout_s=120)
+        agent = CLIAgent(settings, open_session=_session, registry=Registry(), card_text="card",
+                         protocol="protocol", task=TASK)
+        with trio.fail_after(200):
+            await agent.run(tools)
+    assert not model.errors and agent.outcomes[0].ok, agent.outcomes
+    assert "cli/agent-0/worktree" in steps.seen[1].results[0], steps.seen[1].results  # the run's cwd
+    assert "echo 7" in steps.seen[2].results[0] and "published" in steps.seen[2].results[0]
+    assert tools.workspace.read(tools.workspace.head("agent/agent-0"))["policy.py"] == "class Policy: pass\n"
+    records = tools.board.values("tokens", TokenRecord)
+    assert [(r.input_tokens, r.output_tokens) for r in records] == [(e.usage.input_tokens, e.usage.output_tokens)
+                                                                     for e in model.log]
+    assert all(e.headers["x-api-key"] == "sk-the-real-model-key" for e in model.log)

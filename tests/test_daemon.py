@@ -50,6 +50,7 @@ def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "state" / "logs" / "fleet.jsonl").read_text().splitlines()]
     warnings = [e for e in events if e["event"] == "no_cells"]
     assert warnings and warnings[0]["waiting_s"] >= 5 and warnings[0]["listen"].startswith("tcp://")
+    assert any(e["event"] == "final_judging_skipped" for e in events)  # no cell: no wait for a final judging
     progress = [e for e in events if e["event"] == "progress"]
     assert len(progress) >= 5 and progress[-1]["time_left_s"] < progress[0]["time_left_s"] <= 15.0
     assert all(p["tokens"] == 0 for p in progress)  # the built-in agent uses no model
@@ -106,6 +107,20 @@ def test_state_dir_that_cannot_be_used_is_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "blackboard" in r.stderr, r.stderr
 
 
+def test_a_taken_listen_address_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(FAST.format(budget=1.0, cells=1, lease_s=30.0) + f'[bus]\nlisten = "tcp://127.0.0.1:{port}"\n')
+        r = _run("enpire.fleet", "--config", str(config), "--state-dir", str(tmp_path / "state"), "--quiet",
+                 env=dict(os.environ, ENPIRE_SECRET="s"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bus.listen" in lines[0] and "Address in use" in lines[0], lines
+
+
 def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
     proc = _start(tmp_path, budget=5.0)
     _wait_for(lambda: _episodes(tmp_path) >= 20, 120, "episodes")
@@ -114,6 +129,15 @@ def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
     status = json.loads(r.stdout)
     assert status["daemon"]["state"] == "running" and status["episodes"] >= 20
     assert set(status["cells"]) == {"cell-0", "cell-1"}
+    assert status["daemon"]["time_left_s"] > 0
+
+    def busy_cells():  # the cells' live state (written when it changes), not "idle" while they work
+        from enpire.status import collect
+
+        cells = collect(tmp_path / "state")["cells"].values()
+        return [c["state"] for c in cells if c["state"] in ("running", "resetting", "verifying")]
+
+    _wait_for(busy_cells, 20, "status to show a working cell")
     t = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)

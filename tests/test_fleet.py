@@ -83,7 +83,7 @@ def _check_ledger(board: Blackboard) -> None:
     episodes = {k: v for k, v in board.items("episodes", EpisodeRecord)}
     assert board.counter("episodes") == len(episodes)
     for job in board.values("jobs", JobRecord):
-        if job.done:
+        if job.done and not job.cancelled:
             recorded = [e for e in episodes.values() if e.job_id == job.job_id and not e.flagged]
             assert len(recorded) == len(job.seeds), job.job_id
             assert len({e.episode_id for e in recorded}) == len(recorded)

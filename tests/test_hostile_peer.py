@@ -9,10 +9,12 @@ import pytest
 import structlog
 import trio
 
+from actors.judge import Judge
+from actors.lease_queue import LeaseQueue
 from actors.runtime import ActorSystem
-from actors.scheduler import PolicyLoader, Scheduler
 from bus import messages as m
 from bus.blackboard import Blackboard
+from bus.events import EventHub
 from bus.messages import Attempt, EpisodeReport, EvalRequest, Hello, Lease, LeaseRequest, PolicySpec, Verdict
 from bus.transport import (
     REPLAYED,
@@ -26,6 +28,7 @@ from bus.transport import (
 )
 from enpire import config as cfg
 from enpire import seal
+from enpire.bundles import BundleStore
 
 POLICY = PolicySpec("c0ffee", {"gain": 1.0})
 KEY = b"k" * 32
@@ -33,10 +36,28 @@ WIN = Verdict(True, 1.0, "success", "pusht_state")
 NOW = time.time_ns()
 
 
-async def _scheduler(nursery, tmp_path):
+class _Fleet:
+    """Cells' messages to the lease queue, agents' to the judge, as the daemon routes them."""
+
+    def __init__(self, queue, judge):
+        self.queue, self.judge = queue, judge
+
+    async def ask(self, msg, timeout=30.0):
+        return await (self.judge if isinstance(msg, EvalRequest) else self.queue).ask(msg, timeout)
+
+
+async def _start(nursery, tmp_path, config):
     board = Blackboard(tmp_path / "bb")
-    ref = await ActorSystem(nursery).spawn("scheduler", lambda: Scheduler(
-        cfg.Config(), board, PolicyLoader(lambda c: {"policy.py": b"x"}), tmp_path, "run", verdict_key=KEY))
+    system, events = ActorSystem(nursery), EventHub()
+    bundles = BundleStore(lambda c: {"policy.py": b"x"})
+    queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, tmp_path, "run", events,
+                                                           verdict_key=KEY))
+    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events))
+    return _Fleet(queue, judge), board
+
+
+async def _scheduler(nursery, tmp_path):
+    ref, board = await _start(nursery, tmp_path, cfg.Config(cells=cfg.CellsConfig(task="pusht")))
     for cell in ("cell-0", "cell-1"):
         await ref.ask(Hello(cell_id=cell, driver="pusht", tasks=["pusht"], host="h", pid=1))
     nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
@@ -154,10 +175,9 @@ async def test_a_late_report_from_the_cell_whose_lease_lapsed_still_counts(tmp_p
     """A slow cell's lease expires and its episode is re-queued: that cell's late report is still its
     own (and signed for its lease); a report naming that lease from another cell is not."""
     async with trio.open_nursery() as nursery:
-        board = Blackboard(tmp_path / "bb")
-        config = cfg.with_overrides(cfg.Config(), **{"scheduler.lease_s": 0.3, "scheduler.heartbeat_s": 10.0})
-        ref = await ActorSystem(nursery).spawn("scheduler", lambda: Scheduler(
-            config, board, PolicyLoader(lambda c: {"policy.py": b"x"}), tmp_path, "run", verdict_key=KEY))
+        config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                    **{"scheduler.lease_s": 0.3, "scheduler.heartbeat_s": 10.0})
+        ref, board = await _start(nursery, tmp_path, config)
         for cell in ("cell-0", "cell-1"):
             await ref.ask(Hello(cell_id=cell, driver="pusht", tasks=["pusht"], host="h", pid=1))
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1]))

@@ -67,6 +67,17 @@ def test_features_become_the_named_layout_and_cameras_frames():
     assert d.outcome() == (0.0, False)
 
 
+def test_pixels_observation_gives_the_policy_the_camera():
+    d = make_driver("lerobot", robot=SPEC, pixels_size=4)
+    d.set_observation("pixels")
+    d.connect()
+    obs = d.reset(0)
+    assert obs["pixels"].shape == (4, 4, 3) and obs["agent_pos"].tolist() == [0.0, 0.0]
+    assert d.frame().shape == (8, 8, 3)  # the verifier and the record keep the full frame
+    with pytest.raises(ValueError, match="must be one of state, pixels"):
+        d.set_observation("depth")
+
+
 def test_bad_robots_are_one_line_errors():
     with pytest.raises(PluginError, match="option 'robot' is required"):
         make_driver("lerobot")
@@ -84,3 +95,18 @@ def test_bad_robots_are_one_line_errors():
     blind.act(np.zeros(2))
     with pytest.raises(DriverError, match="camera 'wrist' returned no frame"):
         blind.act(np.zeros(2))
+
+
+def test_a_robot_that_fails_to_connect_stops_its_cell_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    options = '{"robot": "tests.test_lerobot_driver:TwoJointArm", "config": {"fail_connect": true}}'
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "enpire.cell", "--connect", f"ipc://{tmp_path}/bus", "--cell-id", "c",
+                        "--driver", "lerobot", "--driver-options", options], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 5 and r.stderr.count("\n") == 1
+    assert "failed to connect: OSError: could not open port /dev/ttyACM0" in r.stderr

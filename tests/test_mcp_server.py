@@ -114,3 +114,25 @@ async def test_gateway_refuses_a_wrong_token_and_binds_calls_to_its_agent(tmp_pa
     assert right["text"] == "echo 2 " and registry.sessions == ["session-1"]
     assert mode == 0o600
     assert not (tmp_path / "t.sock").exists()  # gone with the gateway
+
+
+async def test_mcp_serves_exactly_the_tools_the_sdk_backends_get(tmp_path):
+    """One definition per tool: the MCP listing (names, descriptions, schemas) equals the SDK backends' list."""
+    from enpire.agents.llm import TOOL_SPECS
+    from enpire.agents.registry import REGISTRY
+
+    gateway = ToolGateway(tmp_path / "tools.sock", "tok", "agent-0", REGISTRY, session=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve)
+        params = StdioServerParameters(command=sys.executable, args=["-m", "enpire.agents.mcp_server"],
+                                       env={"ENPIRE_TOOLS_SOCKET": str(tmp_path / "tools.sock"),
+                                            "ENPIRE_TOOLS_TOKEN": "tok", "PATH": "/usr/bin:/bin"})
+        with trio.fail_after(60):
+            async with stdio_client(params) as (read, write), ClientSession(read, write) as client:
+                await client.initialize()
+                listed = (await client.list_tools()).tools
+        nursery.cancel_scope.cancel()
+    mcp = [(t.name, t.description, t.input_schema) for t in listed]
+    sdk = [(s.name, s.description, s.parameters) for s in TOOL_SPECS]
+    assert mcp == sdk and len(mcp) >= 15
+    assert {"evaluate", "wait", "episode", "promote", "commit", "read_file"} <= {name for name, _, _ in mcp}

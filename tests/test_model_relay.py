@@ -75,3 +75,26 @@ def test_usage_meter_reads_chat_completions_and_json_bodies():
     u = UsageMeter("m").finish(body)
     assert (u.model, u.input_tokens, u.cached_input_tokens, u.output_tokens) == ("claude", 11, 6, 4)
     assert UsageMeter("m").finish(b"not json") is None
+
+
+def test_a_call_the_cli_hangs_up_on_is_still_recorded(tmp_path):
+    import socket
+    import time
+
+    recorded = []
+    with ScriptedModel("openai", lambda ex: Reply(text="late", delay_s=0.5)) as model:
+        relay = ModelRelay(tmp_path / "m.sock", model.url, token="t", key="k", record=recorded.append,
+                           allow=lambda: None).start()
+        port = forward(0, str(tmp_path / "m.sock"))
+        try:
+            body = json.dumps({"model": "m", "stream": True, "input": []}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as s:  # send, then hang up before the reply
+                s.sendall(b"POST /responses HTTP/1.1\r\nhost: x\r\nauthorization: Bearer t\r\n"
+                          b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.time() + 10
+            while not recorded and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            relay.close()
+    assert len(recorded) == len(model.log) == 1  # the provider answered (and bills) it: the ledger has it
+    assert recorded[0].output_tokens == model.log[0].usage.output_tokens

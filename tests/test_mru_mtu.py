@@ -85,7 +85,7 @@ def test_simulated_model_reads_the_leaderboard_and_divides_the_work():
                 + leaderboard.board_text([ready, judged, promising], 120, 5) + "\n## Champion\ncommit c0ffee0000 "
                 'params {}: judged 27/40 held-out, confirmed 3/4\n\n## Your budget\n...')
     messages = [{"role": "system", "content": "..."}, {"role": "user", "content": briefing}]
-    assert policy.decide("agent-3", messages)[1][0]["name"] == "read_files"
+    assert policy.decide("agent-3", messages)[1][0]["name"] == "read_file"
     text, calls = policy.decide("agent-3", messages)
     names = [c["name"] for c in calls]
     assert names == ["promote", "evaluate", "evaluate", "evaluate"]  # the top-up counts in the population

@@ -192,3 +192,92 @@ async def test_a_real_cell_runs_the_perception_template_on_pixels_and_records_th
         first = d.reset(seed)
         assert np.array_equal(data["frames"][0], first["pixels"])
         assert np.allclose(data["observations"][0], first["agent_pos"])
+
+
+def test_visuomotor_numpy_policy_computes_what_torch_trained():
+    """The sandbox's numpy network (visuomotor_policy.forward) and the trained torch network agree."""
+    import torch
+
+    from enpire.learning import visuomotor as vm
+    from enpire.learning import visuomotor_policy as vp
+
+    rng = np.random.default_rng(0)
+    n = 40
+    episodes = [{"frames": rng.integers(0, 255, (n + 1, 96, 96, 3), dtype=np.uint8),
+                 "observations": rng.uniform(50, 450, (n + 1, 2)).astype(np.float32),
+                 "actions": rng.uniform(50, 450, (n, 2)).astype(np.float32)} for _ in range(2)]
+    ds = vm.from_episodes(episodes)
+    assert len(ds) == 2 * n and ds.prev[0] == 0 and ds.prev[n] == n and ds.prev[n + 5] == n + 4
+    model, metrics = vm.train_visuomotor(ds, vm.VisuomotorConfig(max_epochs=2, batch_size=16, device="cpu"))
+    assert metrics["epochs"] == 2 and np.isfinite(metrics["train_loss"])
+    w = vm.export_numpy(model)
+    idx = np.arange(0, 2 * n, 7)
+    image, pp = vm._batch(ds, idx, torch.device("cpu"))
+    with torch.no_grad():
+        pos = torch.cat([(pp[:, :2] - model.pos_mean) / model.pos_std, (pp[:, :2] - pp[:, 2:]) / 20.0], dim=1)
+        expected = model(image, pos).numpy()
+    got = vp.forward(w, vp.frames_input(ds.frames[idx], ds.frames[ds.prev[idx]]),
+                     vp.pos_input(w, ds.pos[idx], ds.pos[ds.prev[idx]]))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert vm.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            vm.pick_device("cuda")
+
+
+async def test_visuomotor_checkpoint_trained_by_the_trainer_runs_in_a_real_cell(tmp_path):
+    """Record pixel episodes, train the visuomotor recipe through the trainer, commit the checkpoint
+    (the visuomotor policy file goes with it), evaluate it through a real cell on pixels, and find the
+    network's own actions in the recorded episodes."""
+    import trio
+
+    from bus.messages import PolicySpec
+    from bus.records import EpisodeRecord
+    from enpire import config as cfg
+    from enpire.agents import pusht_pixels_policy
+    from enpire.agents.tools import LEARNED_POLICIES, Tools
+    from enpire.fleet import open_state_dir, start_core
+    from enpire.learning import visuomotor as vm
+    from enpire.learning import visuomotor_policy as vp
+    from enpire.learning.dataset import ARTIFACTS
+
+    state = tmp_path / "state"
+    recorded = vm.record_pixels(state, pusht_pixels_policy.Policy(), [3, 4], horizon=25)
+    assert recorded["transitions"] == 50
+    # short episodes count as successes for this test: mark them so the recipe selects them
+    from bus.blackboard import Blackboard
+    from bus.messages import Verdict
+
+    board = Blackboard(state / "blackboard.lmdb")
+    for key, rec in board.items("episodes", EpisodeRecord):
+        board.put("episodes", key, msgspec.structs.replace(rec, verdict=Verdict(True, 1.0, "success", "test")),
+                  overwrite=True)
+    board.close()
+    text = ('[cells]\ncount = 1\ntask = "pusht"\n[agents]\ncount = 0\n[scheduler]\nbackground = false\n'
+            '[sandbox]\nact_timeout_s = 1.0\n[tasks.pusht]\nobservation = "pixels"\nhorizon = 20\n')
+    config = cfg.decode(text, "pixels.toml")
+    board, meta = open_state_dir(state)
+    async with trio.open_nursery() as nursery:
+        core = await start_core(nursery, config, state, board, meta)
+        tools = Tools("a", "pusht", core.workspace, core.scheduler, board, trainer=core.trainer,
+                      artifacts=state / ARTIFACTS)
+        with trio.fail_after(240):
+            trained = await tools.train("visuomotor", time_budget_s=90,
+                                        options={"max_epochs": "1", "batch_size": "16", "device": "auto"})
+            assert trained.ok, trained.error
+            assert trained.metrics["episodes"] == 2 and trained.metrics["transitions"] == 50
+            commit = await tools.commit_checkpoint(trained.artifact, "visuomotor on 2 episodes")
+            files = await tools.read_files(commit)
+            assert files["policy.py"] == LEARNED_POLICIES["visuomotor"].read_text()
+            result = await tools.evaluate(PolicySpec(commit), [11])
+        core.stopping.set()
+        nursery.cancel_scope.cancel()
+    (episode,) = [e for e in board.values("episodes", EpisodeRecord) if e.job_id == result.job_id]
+    board.close()
+    assert not episode.verdict.reason.startswith(("policy", "safety")), episode.verdict.reason
+    arrays = read_trajectory(state / episode.trajectory_file)
+    assert len(arrays["actions"]) == episode.steps == 20 and arrays["frames"].shape == (21, 96, 96, 3)
+    model = vp.Policy({}, weights=vp.load_weights(str(state / ARTIFACTS / f"{trained.artifact}.npz")))
+    for frame, pos, action in zip(arrays["frames"], arrays["observations"], arrays["actions"], strict=False):
+        mine = model.act({"pixels": frame, "agent_pos": pos.astype(np.float64)})
+        np.testing.assert_allclose(mine, action, rtol=0, atol=1e-2)  # stored as float32

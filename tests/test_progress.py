@@ -1,5 +1,7 @@
 """The fleet's progress: real tokens, tokens per minute and time left; the warning for a fleet without cells."""
 
+import time
+
 from bus.messages import PolicySpec
 from bus.records import Champion
 from enpire import progress
@@ -24,3 +26,40 @@ def test_no_cell_warning_after_the_grace_then_every_minute_until_one_joins():
     assert watch.check(60.0, 0) is None and watch.check(91.0, 0) == 91.0  # and again a minute later
     assert watch.check(100.0, 2) is None  # cells came
     assert watch.check(110.0, 0) is None and watch.check(141.0, 0) == 31.0  # they left: a fresh grace
+
+
+async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path):
+    import structlog
+    import trio
+
+    from bus.blackboard import Blackboard
+    from bus.events import EventHub
+    from bus.messages import Progress, TokensUsed
+    from bus.records import DaemonRecord, TokenRecord
+    from enpire import config as cfg
+    from enpire.fleet import Ticks
+
+    board = Blackboard(tmp_path / "blackboard.lmdb")
+    board.append("tokens", TokenRecord("agent-0", "m", 1.0, 1000, 0, 200))  # from before a restart
+    config = cfg.with_overrides(cfg.Config(), **{"fleet.progress_s": 0.05})
+    events = EventHub()
+
+    class NoActors:  # the lease queue is restarting: no episodes or MRU this tick, tokens still count
+        actors = {"queue": type("Slot", (), {"current": None})()}
+
+    now = time.time()
+    daemon = DaemonRecord(1, now, now, "running", 0, 1, "pusht")
+    ticks = Ticks(structlog.get_logger(), board, config, NoActors(), now, now + 600, daemon, events, None)
+    with events.subscribe(Progress) as progress_events:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticks.run)
+            first = await progress_events.receive()
+            events.publish(TokensUsed("agent-1", "m", 300, 100, 50, time.time()))
+            events.publish(TokensUsed("agent-0", "m", 20, 0, 30, time.time()))
+            later = await progress_events.receive()
+            while later.tokens == first.tokens:
+                later = await progress_events.receive()
+            nursery.cancel_scope.cancel()
+    board.close()
+    assert first.tokens == 1200 and later.tokens == 1600
+    assert 590 < later.time_left_s <= 600 and later.tokens_per_min > 0

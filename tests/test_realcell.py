@@ -1,9 +1,11 @@
 """The environment interface of a real cell: a person at the terminal, verifier agreement, e-stop, dry run."""
 
 import io
+import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -17,6 +19,7 @@ from enpire.realcell import Agreement, Operator, RealSettings, approve, load_res
 from enpire.workspace import Workspace
 from tests.realcell_harness import ScriptedOperator, free_port, pass_smoke, start_real_cell
 
+ROOT = Path(__file__).resolve().parents[1]
 STILL = ("import numpy as np\nclass Policy:\n    def __init__(self, params): pass\n"
          "    def act(self, obs): return np.asarray(obs[:2], dtype=float)\n")
 
@@ -113,23 +116,25 @@ def test_only_approved_unchanged_reset_programs_run(tmp_path):
         load_reset_program(kept, tmp_path / "iface")
 
 
-async def _real_fleet(tmp_path, monkeypatch, body, *, horizon=20, cell_args=(), lease_s=120.0):
+async def _real_fleet(tmp_path, monkeypatch, body, *, horizon=20, cell_args=("--driver", "pusht"), lease_s=120.0,
+                      task_extra=""):
     """A fleet core on loopback tcp (no local cells) and one real cell; `body(core, board, spawn, policy)`
     where `policy` (standing still) already passed its smoke test."""
     secret = "test-secret-" + os.urandom(4).hex()
     monkeypatch.setenv("ENPIRE_SECRET", secret)
     url = f"tcp://127.0.0.1:{free_port()}"
     config = cfg.decode(
-        f'[cells]\ncount = 0\n[agents]\ncount = 0\n[bus]\nlisten = "{url}"\n'
+        f'[cells]\ncount = 0\ntask = "pusht"\n[agents]\ncount = 0\n[bus]\nlisten = "{url}"\n'
         f'[scheduler]\nbackground = false\nlease_s = {lease_s}\n'
-        f'[tasks.pusht]\nhorizon = {horizon}\ncontrol_hz = 10.0\n', "real.toml")
+        f'[tasks.pusht]\nhorizon = {horizon}\ncontrol_hz = 10.0\n{task_extra}', "real.toml")
     board, meta = open_state_dir(tmp_path / "state")
     policy = PolicySpec(Workspace(tmp_path / "state" / "workspace").commit("agent/t", {"policy.py": STILL}, "still"))
     pass_smoke(board, policy)
     procs = []
 
     def spawn(*args):
-        proc = start_real_cell(url, "arm-0", tmp_path / "iface", "--driver", "pusht", *cell_args, *args, secret=secret)
+        proc = start_real_cell(url, "arm-0", tmp_path / "iface", *cell_args, *args, secret=secret,
+                               env={"PYTHONPATH": str(ROOT)})
         procs.append(proc)
         return proc
 
@@ -213,3 +218,61 @@ async def test_without_confirm_motion_a_real_cell_only_prints(tmp_path, monkeypa
         assert any("dry run (no --confirm-motion)" in line for line in op.errors)
 
     await _real_fleet(tmp_path, monkeypatch, body, horizon=5)
+
+
+async def test_silent_verdict_holds_the_episode_and_pauses_the_cell(tmp_path, monkeypatch):
+    """The operator resets but never labels: the episode is held unverified (not counted), the cell pauses;
+    after 'resume' a labelled episode counts."""
+    labels = {"n": 0}
+
+    def answer(kind, line):
+        if kind == "reset":
+            return "y"
+        labels["n"] += 1
+        return None if labels["n"] == 1 else "n"
+
+    async def body(core, board, spawn, policy):
+        proc = spawn("--confirm-motion", "--verdict-timeout", "1")
+        op = ScriptedOperator(proc, answer)
+
+        async def operator_side():
+            await trio.to_thread.run_sync(op.wait_for, "cell paused: no verdict from the operator", 60)
+            op.type("resume")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(operator_side)
+            with trio.fail_after(120):
+                result = await core.scheduler.ask(EvalRequest(job_id="v", agent="t", task="pusht", policy=policy,
+                                                              seeds=[1]), timeout=120)
+        assert isinstance(result, EvalResult) and len(result.episodes) == 1
+        records = board.values("episodes", EpisodeRecord)
+        assert sorted(r.flagged for r in records) == ["", "unverified"]
+        assert next(r for r in records if not r.flagged).verdict.verifier == "person"
+
+    await _real_fleet(tmp_path, monkeypatch, body, horizon=5)
+
+
+async def test_camera_without_frame_pauses_a_real_lerobot_cell(tmp_path, monkeypatch):
+    """A LeRobot robot whose camera stops giving frames mid-episode: the episode is held (driver_error),
+    the cell pauses with one line naming the camera, the daemon keeps serving."""
+    options = json.dumps({"task": "pusht", "robot": "tests.test_lerobot_driver:TwoJointArm",
+                          "config": {"blind_after": 4}})
+    limits = '[tasks.pusht.limits.joints]\n"shoulder.pos" = [0.0, 512.0]\n"elbow.pos" = [0.0, 512.0]\n'
+
+    async def body(core, board, spawn, policy):
+        proc = spawn("--confirm-motion")
+        op = ScriptedOperator(proc, lambda kind, line: "y" if kind == "reset" else "n")
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: core.scheduler.ask(EvalRequest(job_id="c", agent="t", task="pusht", policy=policy,
+                                                                seeds=[1]), timeout=120))
+            line = await trio.to_thread.run_sync(op.wait_for, "cell paused: robot fault", 60)
+            n.cancel_scope.cancel()
+        assert "camera 'wrist' returned no frame" in line
+        with trio.fail_after(30):
+            while not (records := board.values("episodes", EpisodeRecord)):
+                await trio.sleep(0.2)
+        assert records[0].flagged == "driver_error" and "camera 'wrist'" in records[0].verdict.reason
+        assert proc.poll() is None  # paused, not dead
+
+    await _real_fleet(tmp_path, monkeypatch, body, horizon=10, task_extra=limits,
+                      cell_args=("--driver", "lerobot", "--driver-options", options))

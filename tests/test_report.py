@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from bus.blackboard import Blackboard
-from bus.messages import PolicySpec, Segment, Verdict
+from bus.messages import PolicySpec, Purpose, Segment, Verdict
 from bus.records import CandidateRecord, Champion, EpisodeRecord, Meta, TimelineRecord, TokenRecord
 from enpire import report
 
@@ -13,10 +13,13 @@ T0 = 1_000_000.0
 A, B, START = PolicySpec("a" * 40, {"x": 1.0}), PolicySpec("b" * 40, {"x": 2.0}), PolicySpec("0" * 40)
 
 
-def _episode(i: int, kind: str, job: str, policy: PolicySpec, success: bool, t: float) -> EpisodeRecord:
+PURPOSES = {"agent": Purpose.EVAL, "heldout": Purpose.PROMOTE, "background": Purpose.CONFIRM}
+
+
+def _episode(i: int, kind: str, job: str, policy: PolicySpec, success: bool, t: float, purpose=None) -> EpisodeRecord:
     return EpisodeRecord(f"{job}:{i}", job, kind, "pusht", i, policy, "cell-0",
                          Verdict(success, 1.0 if success else 0.2, "success" if success else "timeout", "pusht_state"),
-                         success, 1, 100, 0.1, 1.0, 0.01, t)
+                         success, 1, 100, 0.1, 1.0, 0.01, t, purpose=purpose or PURPOSES[kind])
 
 
 def _run(tmp_path, tokens=False, final=True):
@@ -36,6 +39,9 @@ def _run(tmp_path, tokens=False, final=True):
         episodes.append(_episode(0, "heldout", "j-a", A, i >= 3, T0 + 20 + 0.1 * i))
         episodes.append(_episode(0, "heldout", "j-b", B, i < 10, T0 + 40 + 0.1 * i))
     episodes += [_episode(0, "background", "j-c", A, i % 10 != 0, T0 + 50 + i) for i in range(40)]  # confirmation
+    # the starting policy judged while there was no champion; the final paired judging (not a candidate's)
+    episodes += [_episode(0, "background", "j-s", START, i < 2, T0 + 2 + 0.1 * i, Purpose.BASELINE) for i in range(20)]
+    episodes += [_episode(0, "heldout", "j-f", A, True, T0 + 95, Purpose.FINAL) for _ in range(10)]
     for n, e in enumerate(episodes):
         board.put("episodes", f"e{n}", e)
     board.put("candidates", "pusht/a", CandidateRecord("pusht", A, "agent-0", judged="promoted"))
@@ -75,8 +81,10 @@ def test_judgings_robot_hours_and_tokens_from_records(tmp_path):
     judged = report.judgings(episodes, {A.ref: "promoted", B.ref: "rejected"})
     assert [(p.policy, p.successes, p.n, p.outcome) for p in judged] == [(A.ref, 27, 30, "promoted"),
                                                                            (B.ref, 10, 30, "rejected")]
-    (confirm,) = report.confirmations(episodes).values()
-    assert (confirm[-1].successes, confirm[-1].n) == (36, 40)
+    series = report.confirmations(episodes)
+    assert sorted(series) == [f"{START.ref}: starting policy", f"{A.ref}: confirmation"]
+    confirm, start = series[f"{A.ref}: confirmation"], series[f"{START.ref}: starting policy"]
+    assert (confirm[-1].successes, confirm[-1].n) == (36, 40) and (start[-1].successes, start[-1].n) == (2, 20)
     hours = report.robot_hours(timelines, np.array([T0, T0 + 50, T0 + 200]))
     running = sum(s.end - s.start for segs in timelines.values() for s in segs if s.state == "running")
     assert hours[0] == 0 and 0 < hours[1] < hours[2] and abs(hours[2] - running / 3600) < 1e-9

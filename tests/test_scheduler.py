@@ -1,13 +1,17 @@
-"""The scheduler in-process: leases, expiry, idempotent results, fair share, promotion, resume."""
+"""The lease queue and the judge in-process: leases, expiry, idempotent results, fair share, promotion,
+confirmation, resume."""
 
 
 import trio
 
+from actors.judge import Judge
+from actors.lease_queue import LeaseQueue
 from actors.runtime import ActorSystem
-from actors.scheduler import PolicyLoader, Scheduler
 from bus.blackboard import Blackboard
+from bus.events import EventHub
 from bus.messages import (
     Ack,
+    BundleRequest,
     EpisodeReport,
     EvalRequest,
     EvalResult,
@@ -15,6 +19,7 @@ from bus.messages import (
     Lease,
     LeaseRequest,
     NoWork,
+    PolicyBundle,
     PolicySpec,
     PromoteRequest,
     PromoteResult,
@@ -22,6 +27,7 @@ from bus.messages import (
 )
 from bus.records import CandidateRecord, Champion, EpisodeRecord
 from enpire import config as cfg
+from enpire.bundles import BundleStore
 
 POLICY = PolicySpec("c0ffee", {"gain": 1.0})
 
@@ -31,14 +37,33 @@ def _config(**sched) -> cfg.Config:
     return cfg.with_overrides(c, **{f"scheduler.{k}": v for k, v in sched.items()})
 
 
-async def _start(nursery, tmp_path, config=None, board=None):
+class Fleet:
+    """Cells' messages go to the lease queue, agents' to the judge (as the daemon routes them)."""
+
+    def __init__(self, queue, judge, events):
+        self.queue, self.judge, self.events = queue, judge, events
+
+    async def ask(self, msg, timeout=30.0):
+        to = self.judge if isinstance(msg, EvalRequest | PromoteRequest) else self.queue
+        return await to.ask(msg, timeout)
+
+
+async def _start(nursery, tmp_path, config=None, board=None, set_main=None, baseline=None):
     config = config or _config()
     board = board or Blackboard(tmp_path / "bb")
     system = ActorSystem(nursery)
-    ref = await system.spawn(
-        "scheduler", lambda: Scheduler(config, board, PolicyLoader(lambda c: {"policy.py": b"x"}), tmp_path, "run")
-    )
-    return ref, board, system
+    events = EventHub()
+    bundles = BundleStore(lambda c: {"policy.py": b"x"})
+    queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, tmp_path, "run", events))
+    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, set_main, baseline))
+    return Fleet(queue, judge, events), board, system
+
+
+async def _eventually(check, timeout=5.0):
+    """The judge hears "job done" after the queue acknowledged the last report: wait for its record."""
+    with trio.fail_after(timeout):
+        while not check():
+            await trio.sleep(0.01)
 
 
 async def _hello(ref, cell="cell-0"):
@@ -66,7 +91,9 @@ async def test_eval_job_is_leased_reported_once_and_returned(tmp_path):
         leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(2)]
         assert all(isinstance(lease, Lease) for lease in leases)
         assert sorted(lease.seed for lease in leases) == [1, 2]
-        assert leases[0].policy.files == {"policy.py": b"x"}
+        assert leases[0].policy == POLICY and leases[0].bundle == leases[1].bundle
+        bundle = await ref.ask(BundleRequest(digest=leases[0].bundle))
+        assert isinstance(bundle, PolicyBundle) and bundle.files == {"policy.py": b"x"}
         await ref.ask(_report(leases[0], True))
         dup = await ref.ask(_report(leases[0], False))  # a duplicate delivery changes nothing
         assert isinstance(dup, Ack) and "ignored" in dup.detail
@@ -148,11 +175,16 @@ async def test_promotion_then_background_confirmation(tmp_path):
         p = out["p"]
         assert isinstance(p, PromoteResult) and p.promoted and (p.successes, p.n) == (18, 20)
         # idle cells now confirm the champion on held-out seeds beyond the judged ones
-        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.kind == "background" and lease.seed == 1_000_020
-        await ref.ask(_report(lease, True))
+        seeds = set()
+        for i in range(8):  # two confirmation jobs of 4 episodes per cell are queued
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            assert lease.kind == "background" and 1_000_020 <= lease.seed < 1_000_028  # fresh: never judged
+            seeds.add(lease.seed)
+            await ref.ask(_report(lease, i != 0))
+        assert len(seeds) == 8
+        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 8)
         champ = board.get("champion", "pusht", Champion)
-        assert (champ.successes, champ.n, champ.judged_successes) == (1, 1, 18)
+        assert (champ.successes, champ.n, champ.judged_successes) == (7, 8, 18)
         nursery.cancel_scope.cancel()
 
 
@@ -210,18 +242,19 @@ async def test_a_regression_found_by_confirmation_is_rolled_back(tmp_path):
     config = _config(promote_seeds=20, rollback_min_n=20)
     board = Blackboard(tmp_path / "bb")
     async with trio.open_nursery() as nursery:
-        system = ActorSystem(nursery)
-        ref = await system.spawn("scheduler", lambda: Scheduler(
-            config, board, PolicyLoader(lambda c: {"policy.py": b"x"}), tmp_path, "run", moved.append))
+        ref, _, _ = await _start(nursery, tmp_path, config, board, set_main=moved.append)
         await _hello(ref)
         a, b = PolicySpec("aaaa", {}), PolicySpec("bbbb", {})
         assert (await _judge(ref, a, "pa", 10, 20)).promoted
         await _confirm(ref, 18, 20)  # A holds up: 18/20 on fresh held-out seeds
+        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 20)
         assert (await _judge(ref, b, "pb", 20, 20)).promoted  # B looks perfect on the judging seeds...
         assert board.get("champion", "pusht", Champion).policy == b
         await _confirm(ref, 2, 20)  # ...but fails on fresh ones: 2/20
+        await _eventually(lambda: board.get("champion", "pusht", Champion).agent == "rollback")
         champ = board.get("champion", "pusht", Champion)
         assert champ.policy == a and champ.agent == "rollback"
+        await _eventually(lambda: len(moved) == 3)
         assert moved == ["aaaa", "bbbb", "aaaa"]  # main followed: promotion, promotion, rollback
         nursery.cancel_scope.cancel()
 
@@ -274,7 +307,7 @@ async def test_unpooled_cells_run_only_their_own_agents_work(tmp_path):
         lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
         assert isinstance(lease, Lease) and lease.job_id == "p1" and lease.kind == "heldout"
         # with a champion on the board, an unpooled idle cell still gets no background work
-        board.put("champion", "pusht", Champion("pusht", POLICY, 10, 10, 0.0, agent="agent-0", confirm_next=100))
+        board.put("champion", "pusht", Champion("pusht", POLICY, 10, 10, 0.0, agent="agent-0"))
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
         nursery.cancel_scope.cancel()
 
@@ -344,9 +377,7 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
     board = Blackboard(tmp_path / "bb")
     baseline = PolicySpec("ba5e", {})
     async with trio.open_nursery() as nursery:
-        system = ActorSystem(nursery)
-        ref = await system.spawn("scheduler", lambda: Scheduler(
-            config, board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run", baseline=baseline))
+        ref, _, _ = await _start(nursery, tmp_path, config, board, baseline=baseline)
         await _hello(ref)
         first = await ref.ask(LeaseRequest(cell_id="cell-0"))
         assert first.kind == "background" and first.job_id.startswith("baseline-") and first.seed == 1_000_000
@@ -358,31 +389,44 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
             assert lease.job_id == first.job_id
             await ref.ask(_report(lease, i == 0))
+        await _eventually(lambda: board.get("champion", "pusht", Champion) is not None)
         champ = board.get("champion", "pusht", Champion)
         assert champ.policy == baseline and (champ.judged_successes, champ.judged_n, champ.agent) == (2, 4, "baseline")
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.kind == "background" and lease.seed == 1_000_004  # then its confirmation, as for any champion
+        assert lease.kind == "background" and 1_000_004 <= lease.seed < 1_000_012  # then its confirmation, as for any champion
         nursery.cancel_scope.cancel()
 
 
 async def test_a_champion_that_may_meet_the_target_is_confirmed_before_queued_experiments(tmp_path):
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"fleet.min_heldout": 2, "fleet.target": 0.5,
+                                                  "scheduler.promote_seeds": 20})
     async with trio.open_nursery() as nursery:
-        ref, board, _ = await _start(nursery, tmp_path, cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"fleet.min_heldout": 2}))
+        ref, board, _ = await _start(nursery, tmp_path, config)
         await _hello(ref)
+        assert (await _judge(ref, POLICY, "p", 19, 20)).promoted  # 19/20 does not rule out the target
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
         await trio.sleep(0.05)
-        board.put("champion", "pusht", Champion("pusht", POLICY, 19, 20, 0.0, agent="a", confirm_next=100))
         kinds = []
-        for _ in range(4):
+        while board.get("champion", "pusht", Champion).decision != "met":
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
             kinds.append(lease.kind)
             await ref.ask(_report(lease, True))
-        assert kinds == ["background", "background", "agent", "agent"]  # the run may end on these two
-        # a champion whose judging rules the target out (10/20: Wilson upper bound 0.70) waits for idle cells
-        board.put("champion", "pusht", Champion("pusht", POLICY, 10, 20, 0.0, agent="a", confirm_next=200))
-        nursery.start_soon(ref.ask, EvalRequest(job_id="j2", agent="a", task="pusht", policy=POLICY, seeds=[4]))
+            await trio.sleep(0.02)  # the judge hears each confirmation job's end
+        # the sequential rule (target 0.5, alpha 0.05) says "met" after 8 straight successes: the run may end
+        assert kinds == ["background"] * 8
+        assert [(await ref.ask(LeaseRequest(cell_id="cell-0"))).kind for _ in range(3)] == ["agent"] * 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_champion_whose_judging_rules_out_the_target_is_confirmed_by_idle_cells_only(tmp_path):
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, _config(promote_seeds=20))
+        await _hello(ref)
+        assert (await _judge(ref, POLICY, "p", 10, 20)).promoted  # 10/20: Wilson upper bound 0.70 < 0.9
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[4]))
         await trio.sleep(0.05)
         assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).kind == "agent"
+        assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).kind == "background"
         nursery.cancel_scope.cancel()
 
 
@@ -400,31 +444,30 @@ async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_pat
             await ref.ask(_report(lease, True, "cell-1"))
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
         seeds = []
-        for _ in range(2):
+        for _ in range(16):  # two jobs of 4 episodes per cell (2 cells), all on the promoter's own cell
             lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
-            assert lease.kind == "heldout" and lease.job_id.startswith("confirm-")
+            assert lease.kind == "background" and lease.job_id.startswith("confirm-")
             seeds.append(lease.seed)
             await ref.ask(_report(lease, True, "cell-1"))
-        assert seeds == [1_000_003, 1_000_004]
+        # fresh seeds after the 3 it was judged on
+        assert len(set(seeds)) == 16 and all(1_000_003 <= s < 1_000_019 for s in seeds)
+        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 16)
         champ = board.get("champion", "pusht", Champion)
-        assert (champ.successes, champ.n) == (2, 2)
+        assert (champ.successes, champ.n) == (16, 16)
         nursery.cancel_scope.cancel()
 
 
 async def test_a_promotion_ends_the_baselines_judging(tmp_path):
-    board = Blackboard(tmp_path / "bb")
     async with trio.open_nursery() as nursery:
-        system = ActorSystem(nursery)
-        ref = await system.spawn("scheduler", lambda: Scheduler(
-            _config(promote_seeds=4), board, PolicyLoader(lambda c: {"policy.py": "x"}), tmp_path, "run",
-            baseline=PolicySpec("ba5e", {})))
+        ref, board, _ = await _start(nursery, tmp_path, _config(promote_seeds=4), baseline=PolicySpec("ba5e", {}))
         await _hello(ref)
         first = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert first.job_id.startswith("baseline-")
-        board.put("champion", "pusht", Champion("pusht", POLICY, 3, 4, 0.0, agent="a", confirm_next=4))
+        assert first.job_id.startswith("baseline-") and first.seed == 1_000_000
+        assert (await _judge(ref, POLICY, "p", 3, 4)).promoted  # judged on fresh seeds 1_000_004..7
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.job_id.startswith("confirm-") and lease.seed == 1_000_004  # no more baseline episodes
+        assert lease.job_id.startswith("confirm-") and lease.seed >= 1_000_008  # no more baseline episodes
         assert isinstance(await ref.ask(_report(first, True)), Ack)  # its late report is acknowledged, not counted
+        await trio.sleep(0.05)
         assert board.get("champion", "pusht", Champion).policy == POLICY
         nursery.cancel_scope.cancel()
 

@@ -47,7 +47,7 @@ async def test_a_trained_checkpoint_runs_in_the_cells_as_the_trained_model(tmp_p
     board, meta = open_state_dir(state)
     async with trio.open_nursery() as nursery:
         core = await start_core(nursery, config, state, board, meta)
-        tools = Tools("a", "pusht", core.workspace, core.scheduler, board, trainer=core.trainer,
+        tools = Tools("a", "pusht", core.workspace, core.judge, board, trainer=core.trainer,
                       artifacts=state / ARTIFACTS)
         with trio.fail_after(180):
             trained = await tools.train("bc", time_budget_s=60,

@@ -15,6 +15,11 @@ a pure function of what it has measured):
   plateau when the last BC model did not beat the best validated candidate (BC stalled), again only
   once per `data_growth` of the store.
 
+With pixel observations (Push-T from a camera) the tuned template is perception inside the policy
+(`pusht_pixels_policy.py`: a pose estimate from the frame feeding the state controller), and the
+imitation regime is "visuomotor" in place of "bc": a small CNN trained on the recorded frames of the
+fleet's successes (`enpire.learning.visuomotor`), chosen by the same rule; there is no RL from pixels.
+
 A trained checkpoint becomes a workspace commit (policy.py + weights.npz) and is judged like any
 candidate: validated on fresh tuning seeds, then promoted through the scheduler's gate on held-out
 seeds it never sees here. Every choice of regime is posted as a finding that names the regime and the
@@ -49,7 +54,7 @@ TEMPLATES = {
 PIXEL_TEMPLATES = {"pusht": "enpire.agents.pusht_pixels_policy"}
 LEARNABLE = {"pusht"}  # tasks the learning library has features and a policy file for
 
-Regime = Literal["tune", "bc", "rl"]
+Regime = Literal["tune", "bc", "rl", "visuomotor"]
 
 
 @dataclass
@@ -82,8 +87,10 @@ class Evidence:
     stalled: int  # generations since the best elite-mean tuning score last rose by plateau_gain
     successes: int  # successful agent episodes of the task in the store (what a recipe trains on)
     trained_on: dict[str, int] = field(default_factory=dict)  # recipe -> successes when it last trained
-    bc_beat_best: bool | None = None  # did the last BC model beat the best validated candidate
+    bc_beat_best: bool | None = None  # did the last imitation model beat the best validated candidate
     learnable: bool = True  # a training recipe exists for this task and the fleet has a trainer
+    imitation: Regime = "bc"  # the imitation recipe for this observation: "bc" (state) or "visuomotor" (pixels)
+    rl: bool = True  # an RL recipe exists for this observation (none from pixels)
 
 
 @dataclass(frozen=True)
@@ -107,12 +114,13 @@ def choose_regime(e: Evidence, s: SearchSettings) -> Choice:
     def data_grew(recipe: str) -> bool:
         return recipe not in e.trained_on or e.successes >= s.data_growth * max(1, e.trained_on[recipe])
 
-    if data_grew("bc"):
-        since = f", {e.trained_on['bc']} at the last BC model" if "bc" in e.trained_on else ""
-        return Choice("bc", "plateau", f"{plateau}; the store holds {e.successes} successes{since}")
-    if e.bc_beat_best is False and data_grew("rl"):
-        return Choice("rl", "bc_stalled", f"{plateau}; the store holds {e.successes} successes; the BC model "
-                      f"trained on {e.trained_on['bc']} did not beat the best validated candidate")
+    im = e.imitation
+    if data_grew(im):
+        since = f", {e.trained_on[im]} at the last {im} model" if im in e.trained_on else ""
+        return Choice(im, "plateau", f"{plateau}; the store holds {e.successes} successes{since}")
+    if e.rl and e.bc_beat_best is False and data_grew("rl"):
+        return Choice("rl", "bc_stalled", f"{plateau}; the store holds {e.successes} successes; the {im} model "
+                      f"trained on {e.trained_on[im]} did not beat the best validated candidate")
     return Choice("tune", "tried", f"{plateau}; learning already tried on this much data ({e.successes} successes): "
                   f"tuning gathers more")
 
@@ -181,13 +189,13 @@ class BuiltinResearcher:
         start = {**self.template.INITIAL_PARAMS, **(champion.policy.params if champion else {})}
         mean = self._unit(start)
         std = np.full_like(mean, s.init_std)
-        learnable = (self.driver in LEARNABLE and self.observation == "state" and tools.trainer is not None
-                     and tools.artifacts is not None)
+        learnable = self.driver in LEARNABLE and tools.trainer is not None and tools.artifacts is not None
+        pixels = self.observation == "pixels"  # imitation from camera frames (a CNN); no RL recipe for them
 
         async with trio.open_nursery() as nursery:
             while True:
-                if self._goal_met(tools):
-                    await trio.sleep(1.0)  # done unless confirmation on further held-out seeds disagrees
+                if self._goal_met(tools):  # done unless confirmation on further held-out seeds disagrees
+                    await tools.champion_changed(timeout=60.0)
                     continue
 
                 # ---- tune: one generation of the cross-entropy method on common tuning seeds
@@ -245,7 +253,7 @@ class BuiltinResearcher:
                     continue
                 successes = await trio.to_thread.run_sync(tools.training_successes) if learnable else 0
                 choice = choose_regime(Evidence(self.stalled, successes, dict(self.trained_on), self.bc_beat_best,
-                                                learnable), s)
+                                                learnable, "visuomotor" if pixels else "bc", not pixels), s)
                 if choice.rule != self.last_rule and choice.rule != "improving":  # why it tunes on, or learns
                     tools.post_finding(
                         hypothesis=f"regime {choice.regime}: the evidence favours it now",
@@ -281,7 +289,7 @@ class BuiltinResearcher:
                 return
             validated = _rate(check)
             beat = validated > self.best_validated
-            if recipe == "bc":
+            if recipe in ("bc", "visuomotor"):
                 self.bc_artifact, self.bc_beat_best = trained.artifact, beat
             tools.post_finding(
                 hypothesis=hypothesis,

@@ -37,6 +37,7 @@ import trio
 
 from bus.records import Champion, TokenRecord
 from enpire import isolation, ledger
+from enpire.agents.model import LLMConfigError
 from enpire.agents.model_relay import CallUsage, ModelRelay
 from enpire.agents.worktree import Worktree, WorktreeError
 from enpire.workspace import ProtectedPathError, WorkspaceError
@@ -47,8 +48,11 @@ CLI_DIR = ROOT / "cli" / "node_modules"
 Kind = Literal["claude-code", "codex", "command"]
 
 
-class CLIConfigError(ValueError):
-    """A CLI backend cannot start here; one line saying what to install or set."""
+CLI_KINDS = ("claude-code", "codex", "command")
+
+
+class CLIConfigError(LLMConfigError):
+    """A CLI backend cannot start here; one line saying what to install or set (the daemon exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class CLISettings:
     pids: int = 1024  # CLIs are multi-threaded (node, tokio); threads count
     scratch_mb: int = 512
     target: float = 0.0
+    price: ledger.Price | None = None  # this model's prices: the ledger records each call's cost
 
 
 DEFAULTS = {  # provider of each CLI: default key variable and endpoint
@@ -166,6 +171,12 @@ class Run:
     result: dict[str, Any] | None = None
     error: str = ""
     lines: int = 0
+    on_failed: Callable[[str, str, str], None] | None = None  # (tool, input, error) of a failed tool call
+    calls: dict[str, tuple[str, str]] = field(default_factory=dict)  # Claude Code: tool_use id -> (name, input)
+
+    def _failed(self, tool: str, given: str, error: str) -> None:
+        if self.on_failed is not None:
+            self.on_failed(tool, given[:300], " ".join(error.split())[:300])
 
     def feed(self, kind: Kind, line: str) -> None:
         try:
@@ -183,11 +194,26 @@ class Run:
                 self.result = event
                 if event.get("is_error"):
                     self.error = str(event.get("result") or event.get("subtype"))[:300]
+            for block in (event.get("message") or {}).get("content") or []:
+                if not isinstance(block, dict):
+                    continue
+                if block.get("type") == "tool_use":
+                    self.calls[block.get("id", "")] = (block.get("name", ""), json.dumps(block.get("input")))
+                elif block.get("type") == "tool_result" and block.get("is_error"):
+                    name, given = self.calls.get(block.get("tool_use_id", ""), ("?", ""))
+                    content = block.get("content")
+                    text = content if isinstance(content, str) else " ".join(
+                        c.get("text", "") for c in content or [] if isinstance(c, dict))
+                    self._failed(name, given, text)
         elif kind == "codex":
             if t == "thread.started":
                 self.session = event.get("thread_id", "")
             elif t == "turn.completed":
                 self.result = event
+            elif t == "item.completed":
+                item = event.get("item") or {}
+                if item.get("type") == "command_execution" and item.get("exit_code") not in (0, None):
+                    self._failed("shell", item.get("command", ""), str(item.get("aggregated_output", "")))
             elif t in ("turn.failed", "error") and not self.result:
                 self.error = str(event.get("error") or event.get("message"))[:300]
 
@@ -311,10 +337,11 @@ class CLIAgent:
         read_only = [*isolation.python_paths(), *(ROOT / p for p in PACKAGES), run_dir]
         if self.settings.kind != "command":
             read_only.append(CLI_DIR)
-        else:
-            exe = shutil.which(shlex.split(self.settings.command)[0])
-            if exe:
-                read_only.append(Path(exe).resolve().parent)
+        else:  # the template's programs (outside the system folders the jail always has), read-only
+            for word in shlex.split(self.settings.command):
+                exe = shutil.which(word) if "/" not in word else (word if Path(word).is_file() else None)
+                if exe and not exe.startswith(("/usr/", "/bin/", "/sbin/")):
+                    read_only.append(Path(exe).resolve().parent)
         return isolation.Jail(read_only=tuple(read_only), writable=(worktree, home), network=False,
                               scratch_mb=self.settings.scratch_mb, memory_mb=self.settings.memory_mb,
                               pids=self.settings.pids, cpu_seconds=max(60, int(self.settings.turn_timeout_s) * 4),
@@ -335,9 +362,11 @@ class CLIAgent:
 
         def record(u: CallUsage) -> None:
             self.used += u.total
+            cost = ledger.cost(self.settings.price, u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
+                               u.output_tokens)
             tools.board.append("tokens", TokenRecord(
                 tools.agent, u.model, self.clock(), u.input_tokens, u.cached_input_tokens, u.output_tokens,
-                cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens))
+                cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens, cost=cost))
 
         def allow() -> str | None:
             if self.settings.token_budget and self.used >= self.settings.token_budget:
@@ -438,7 +467,11 @@ class CLIAgent:
         number = len(list((run_dir.parent / "logs").glob("turn-*.stderr")))
         stderr_path = run_dir.parent / "logs" / f"turn-{number:05d}.stderr"
         transcript = run_dir.parent / "logs" / f"turn-{number:05d}.jsonl"  # the CLI's own JSON lines
-        run = Run(session=session if s.kind == "claude-code" else "")
+        # Every tool call the jail turned down (a path it cannot see or write, a refused check) fails inside the
+        # CLI; the daemon logs each failed call with the agent's name as the CLI reports it.
+        run = Run(session=session if s.kind == "claude-code" else "",
+                  on_failed=lambda tool, given, error: log.warning("cli_tool_failed", tool=tool, input=given,
+                                                                   error=error))
         log.info("cli_turn_started", turn=number, resume=resume, session=session, timeout_s=round(limit, 1))
         t0 = self.clock()
         reason, code = "", None
@@ -450,7 +483,10 @@ class CLIAgent:
             # so one thread starts the CLI, reads its JSON lines and waits for it (trio's idle worker threads
             # end after 10 s, which would kill a run that outlives them).
             with open(stderr_path, "wb") as stderr, open(transcript, "ab") as out:
-                proc = subprocess.Popen(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+                # bwrap itself gets no environment of the daemon: the jail's init is a bwrap process, and a
+                # jailed process can read /proc/1/environ (it would hold the fleet's keys and secret).
+                proc = subprocess.Popen(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
                 procs.append(proc)
                 for line in proc.stdout:
                     out.write(line)
@@ -520,3 +556,23 @@ class CLIAgent:
             return False
         return c.n < 20 or c.successes / c.n >= target
 
+
+
+def make_cli_backend(config, index: int) -> CLIAgent:
+    """The CLI agent number `index` of a fleet run by `config` (the [agents] keys of the SDK backends)."""
+    from enpire.agents.prompt import POLICY_PROTOCOL
+    from enpire.agents.registry import REGISTRY, agent_session
+    from enpire.tasks import card
+
+    a, task = config.agents, config.task()
+    price = a.prices.get(a.model)
+    settings = CLISettings(
+        kind=a.backend, model=a.model, base_url=a.base_url, api_key_env=a.api_key_env, command=a.command,
+        token_budget=a.token_budget, wall_budget_s=a.wall_budget_minutes * 60, turn_timeout_s=a.turn_minutes * 60,
+        max_turns=a.max_turns, target=config.fleet.target,
+        price=ledger.Price(price.input, price.output, price.cached_input, price.cache_write) if price else None)
+    tuning = task.tuning_seeds
+    return CLIAgent(settings, open_session=lambda tools: agent_session(config, tools, index), registry=REGISTRY,
+                    card_text=card(config.cells.task, config).render(), protocol=POLICY_PROTOCOL,
+                    task={"name": config.cells.task, "driver": task.driver, "tuning_start": tuning.start,
+                          "tuning_count": tuning.count, "max_delta": task.limits.max_delta})

@@ -231,15 +231,21 @@ class ModelRelay:
                     conn.close()
 
             def _stream(self, resp, model: str) -> None:
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in HOP_BY_HOP:
-                        self.send_header(k, v)
-                self.send_header("transfer-encoding", "chunked")
-                self.end_headers()
+                # The provider bills a call it answered even if the CLI hangs up mid-stream (a CLI that is
+                # stopped, or one that drops a request): read the reply to its end whatever the client does.
                 meter = UsageMeter(model)
                 streaming = "text/event-stream" in (resp.getheader("content-type") or "")
                 body = bytearray()
+                client = True
+                try:
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in HOP_BY_HOP:
+                            self.send_header(k, v)
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                except OSError:
+                    client = False
                 while True:
                     chunk = resp.read1(65536)
                     if not chunk:
@@ -248,10 +254,20 @@ class ModelRelay:
                         meter.feed(chunk)
                     elif len(body) < 8 << 20:
                         body += chunk
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
+                    if client:
+                        try:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                            self.wfile.flush()
+                        except OSError:
+                            client = False
+                if client:
+                    try:
+                        self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.flush()
+                    except OSError:
+                        pass
+                else:
+                    self.close_connection = True
                 usage = meter.finish(None if streaming else bytes(body))
                 if usage is not None and 200 <= resp.status < 300:
                     relay.calls += 1

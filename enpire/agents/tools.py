@@ -18,33 +18,54 @@ from pathlib import Path
 import msgspec
 import trio
 
-from actors.runtime import Ref
 from bus.blackboard import Blackboard
+from bus.events import EventHub
 from bus.messages import (
+    Address,
+    ChampionChanged,
     EvalRequest,
     EvalResult,
     Failure,
+    FindingPosted,
     PolicySpec,
     PromoteRequest,
     PromoteResult,
+    TokensUsed,
     TrainRequest,
     TrainResult,
 )
 from bus.records import Champion, Digest, EpisodeRecord, Finding, TestedRecord, TokenRecord
-from enpire.learning import mlp_policy
+from enpire.agents.toolkit import ToolError
+from enpire.learning import mlp_policy, visuomotor_policy
 from enpire.learning.dataset import trainable
 from enpire.workspace import Workspace
 
-LEARNED_POLICY = Path(mlp_policy.__file__)  # the numpy policy file every checkpoint of the trainer runs in
+LEARNED_POLICY = Path(mlp_policy.__file__)  # the numpy policy file a state checkpoint of the trainer runs in
+# A checkpoint that names its kind (`policy_kind` in weights.npz) runs in that kind's policy file.
+LEARNED_POLICIES = {"visuomotor": Path(visuomotor_policy.__file__)}
 
 
-class ToolError(RuntimeError):
-    pass
 
 
 def fingerprint(change: object) -> str:
     """A stable id of a change (parameters or a diff), so an idea a peer already tested is recognised."""
     return hashlib.sha1(msgspec.json.encode(change, order="sorted")).hexdigest()[:16]
+
+
+def _policy_file(weights: bytes) -> Path:
+    """The policy file a checkpoint runs in: its `policy_kind`'s, else the MLP's."""
+    import io
+
+    import numpy as np
+
+    try:
+        with np.load(io.BytesIO(weights), allow_pickle=False) as data:
+            kind = str(data["policy_kind"]) if "policy_kind" in data.files else ""
+    except Exception:  # noqa: BLE001 - not an npz at all: the MLP policy file names the problem when it loads
+        kind = ""
+    if kind and kind not in LEARNED_POLICIES:
+        raise ToolError(f"checkpoint of unknown policy_kind {kind!r} (known: {', '.join(LEARNED_POLICIES)})")
+    return LEARNED_POLICIES.get(kind, LEARNED_POLICY)
 
 
 def failure_summary(result: EvalResult) -> str:
@@ -67,11 +88,13 @@ class Tools:
     agent: str
     task: str
     workspace: Workspace
-    scheduler: Ref
+    scheduler: Address  # the judge: evaluations and promotions
     board: Blackboard
     eval_timeout_s: float = 3600.0
-    trainer: Ref | None = None
+    trainer: Address | None = None
     artifacts: Path | None = None  # the trainer's checkpoints by content hash (state dir's artifacts/)
+    events: EventHub | None = None  # the fleet's events: champion and queue without reading the blackboard
+    state_dir: Path | None = None  # where recorded trajectories live (episode inspection)
 
     @property
     def branch(self) -> str:
@@ -100,15 +123,19 @@ class Tools:
             raise ToolError(f"no checkpoint {artifact} in {self.artifacts}") from None
         if hashlib.sha256(weights).hexdigest()[:32] != artifact:
             raise ToolError(f"checkpoint {artifact} does not match its content hash: the file was altered")
-        files = {"policy.py": LEARNED_POLICY.read_text(), "weights.npz": weights}
+        files = {"policy.py": _policy_file(weights).read_text(), "weights.npz": weights}
         return await self.commit(files, f"{message} (checkpoint {artifact})", branch=f"learned/{self.agent}")
 
     def training_successes(self) -> int:
         """Successful episodes on the episode store that a training recipe for this task would use."""
         return sum(trainable(r, self.task) for r in self.board.values("episodes", EpisodeRecord))
 
-    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 1) -> EvalResult:
-        job_id = f"{self.agent}-{uuid.uuid4().hex[:10]}"
+    def new_job_id(self, kind: str = "") -> str:
+        return f"{self.agent}-{kind + '-' if kind else ''}{uuid.uuid4().hex[:10]}"
+
+    async def evaluate(self, policy: PolicySpec, seeds: list[int], attempts: int = 0, job_id: str = "") -> EvalResult:
+        """Run `policy` on tuning `seeds`; `attempts` is k of pass@k (0: the task's [tasks.X] attempts)."""
+        job_id = job_id or self.new_job_id()
         reply = await self.scheduler.ask(
             EvalRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy, seeds=seeds, attempts=attempts),
             timeout=self.eval_timeout_s,
@@ -118,8 +145,8 @@ class Tools:
         assert isinstance(reply, EvalResult)
         return reply
 
-    async def promote(self, policy: PolicySpec) -> PromoteResult:
-        job_id = f"{self.agent}-promote-{uuid.uuid4().hex[:10]}"
+    async def promote(self, policy: PolicySpec, job_id: str = "") -> PromoteResult:
+        job_id = job_id or self.new_job_id("promote")
         reply = await self.scheduler.ask(
             PromoteRequest(job_id=job_id, agent=self.agent, task=self.task, policy=policy), timeout=self.eval_timeout_s
         )
@@ -129,11 +156,11 @@ class Tools:
         return reply  # on promotion the scheduler has pointed the workspace's main at the champion
 
     async def train(self, recipe: str, *, time_budget_s: float = 300.0, options: dict[str, str] | None = None,
-                    max_rss_mb: int = 4096) -> TrainResult:
+                    max_rss_mb: int = 4096, job_id: str = "") -> TrainResult:
         """Train a recipe on the fleet's recorded episodes; the result names a checkpoint (artifact hash)."""
         if self.trainer is None:
             raise ToolError("this fleet has no trainer")
-        request = TrainRequest(job_id=f"{self.agent}-train-{uuid.uuid4().hex[:10]}", agent=self.agent, task=self.task,
+        request = TrainRequest(job_id=job_id or self.new_job_id("train"), agent=self.agent, task=self.task,
                                recipe=recipe, time_budget_s=time_budget_s, max_rss_mb=max_rss_mb,
                                options=options or {})
         reply = await self.trainer.ask(request, timeout=time_budget_s + 120.0)
@@ -143,7 +170,20 @@ class Tools:
         return reply
 
     def champion(self) -> Champion | None:
-        return self.board.get("champion", self.task, Champion)
+        """The champion as the judge last announced it (the blackboard only before any announcement)."""
+        event = self.events.latest(ChampionChanged) if self.events else None
+        if event is None or event.task != self.task:
+            return self.board.get("champion", self.task, Champion)
+        return Champion(event.task, event.policy, event.judged_successes, event.judged_n, event.t, agent=event.agent,
+                        successes=event.successes, n=event.n, decision=event.decision)
+
+    async def champion_changed(self, timeout: float) -> None:
+        """Wait until the judge announces a change of the champion (or `timeout` passes)."""
+        if self.events is None:
+            await trio.sleep(timeout)
+            return
+        with self.events.subscribe(ChampionChanged, buffer=1) as changes, trio.move_on_after(timeout):
+            await changes.receive()
 
     def digest(self) -> Digest | None:
         latest = self.board.items("digests", Digest)
@@ -157,6 +197,8 @@ class Tools:
             fingerprint=fingerprint, score=score, regime=regime,
         )
         self.board.append("findings", finding)
+        if self.events:
+            self.events.publish(FindingPosted(finding_id=finding.finding_id, agent=self.agent, t=finding.t))
         return finding
 
     def tested(self, fp: str) -> TestedRecord | None:
@@ -168,8 +210,16 @@ class Tools:
                               failure_summary(result))
         self.board.put("tested", fp, record, overwrite=False)
 
-    def record_tokens(self, model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> TokenRecord:
-        """Append one model call to the token ledger (input includes cached input; see enpire/ledger.py)."""
-        record = TokenRecord(self.agent, model, time.time(), input_tokens, cached_input_tokens, output_tokens)
+    def record_tokens(self, model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int, *,
+                      cache_write_tokens: int = 0, reasoning_tokens: int = 0, cost: float = 0.0) -> TokenRecord:
+        """Append one model call to the token ledger (input includes cached input and cache writes, output
+        includes reasoning; see enpire/ledger.py)."""
+        record = TokenRecord(self.agent, model, time.time(), input_tokens, cached_input_tokens, output_tokens,
+                             cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens, cost=cost)
         self.board.append("tokens", record)
+        if self.events:
+            self.events.publish(TokensUsed(agent=self.agent, model=model, input_tokens=input_tokens,
+                                           cached_input_tokens=cached_input_tokens, output_tokens=output_tokens,
+                                           t=record.t, cache_write_tokens=cache_write_tokens,
+                                           reasoning_tokens=reasoning_tokens, cost=cost))
         return record

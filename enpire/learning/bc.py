@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from enpire.learning.dataset import Dataset
+from enpire.learning.device import CPU, Placement, autocast
 from enpire.learning.mlp_policy import FEATURE_VERSION, N_FEATURES, features
 
 ACT_LOW, ACT_HIGH, MAX_DELTA = 0.0, 512.0, 100.0  # Push-T action bounds and per-step change limit
@@ -174,9 +175,18 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def train_bc(ds: Dataset, cfg: BCConfig | None = None, log=None) -> tuple[MLP, dict[str, float]]:
-    """Fit the MLP; returns the best model (by validation loss) and metrics. Raises NaNLossError."""
+def train_bc(ds: Dataset, cfg: BCConfig | None = None, log=None,
+             place: Placement | None = None) -> tuple[MLP, dict[str, float]]:
+    """Fit the MLP on `place` (default: the CPU, one process); returns the best model (by validation loss,
+    on the CPU) and metrics, `samples_per_s` among them. Raises NaNLossError.
+
+    Data-parallel (place.world > 1): every rank holds the whole (small) dataset and draws the same
+    permutation; each global batch is split across the ranks and DDP averages the gradients, so a step sees
+    the same batch as one process would. Validation runs on every rank on identical weights, and the stop
+    decision is agreed on, so no rank waits for another that has stopped."""
     cfg = cfg or BCConfig()
+    place = place or CPU
+    dev = place.device
     t0 = time.monotonic()
     seed_everything(cfg.seed)
     x, y = make_xy(ds)
@@ -184,41 +194,56 @@ def train_bc(ds: Dataset, cfg: BCConfig | None = None, log=None) -> tuple[MLP, d
     xt, yt = x[train_mask], y[train_mask]
     xv, yv = x[val_mask], y[val_mask]
 
-    model = MLP(x.shape[1], y.shape[1], cfg.hidden, cfg.layers)
+    model = MLP(x.shape[1], y.shape[1], cfg.hidden, cfg.layers)  # built on the CPU: same init on any device
     model.set_normalisation(xt, yt)
-    xt_n, yt_n = model.normalise_x(torch.as_tensor(xt)), model.normalise_y(torch.as_tensor(yt))
-    xv_n, yv_n = model.normalise_x(torch.as_tensor(xv)), model.normalise_y(torch.as_tensor(yv))
+    with torch.no_grad():
+        xt_n, yt_n = model.normalise_x(torch.as_tensor(xt)), model.normalise_y(torch.as_tensor(yt))
+        xv_n, yv_n = model.normalise_x(torch.as_tensor(xv)), model.normalise_y(torch.as_tensor(yv))
+    xt_n, yt_n, xv_n, yv_n = (t.to(dev) for t in (xt_n, yt_n, xv_n, yv_n))
+    model.to(dev)
+    net = model
+    if place.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(xt) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs * steps_per_epoch, eta_min=cfg.lr * 0.05)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same batches on every device and rank
 
     best_val, best_state, best_epoch, bad_epochs, step = math.inf, None, -1, 0, 0
     train_loss = math.nan
     stopped = "max_epochs"
     epoch = 0
+    samples, train_time = 0, 0.0
     for epoch in range(cfg.max_epochs):
         model.train()
+        began = time.monotonic()
         perm = torch.randperm(len(xt_n), generator=gen)
-        total = 0.0
+        total = torch.zeros((), device=dev)  # summed on the device: no host sync per step on a GPU
         for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = batch[place.rank::place.world].to(dev)
             xb, yb = xt_n[idx], yt_n[idx]
             if step == cfg.inject_nan_at_step:
                 xb = xb * float("nan")
-            loss = ((model(xb) - yb) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise NaNLossError(f"non-finite training loss at epoch {epoch} step {step}")
+            with autocast(dev, place.amp):
+                out = net(xb)
+            per_sample = ((out.float() - yb) ** 2).mean(1)
+            # the mean over the GLOBAL batch once DDP averages over ranks, even when the shards differ in size
+            loss = per_sample.sum() * place.world / len(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
+            total += per_sample.detach().sum()
+            samples += len(idx)
             step += 1
-        train_loss = total / len(xt_n)
+        train_loss = float(place.sum(total)) / len(xt_n)
+        train_time += time.monotonic() - began
+        if not math.isfinite(train_loss):
+            raise NaNLossError(f"non-finite training loss in epoch {epoch} (by step {step})")
         model.eval()
-        with torch.no_grad():
-            val_loss = float(((model(xv_n) - yv_n) ** 2).mean()) if len(xv_n) else train_loss
+        with torch.no_grad(), autocast(dev, place.amp):
+            val_loss = float(((model(xv_n).float() - yv_n) ** 2).mean()) if len(xv_n) else train_loss
         if not math.isfinite(val_loss):
             raise NaNLossError(f"non-finite validation loss at epoch {epoch}")
         if log:
@@ -231,17 +256,19 @@ def train_bc(ds: Dataset, cfg: BCConfig | None = None, log=None) -> tuple[MLP, d
             if bad_epochs >= cfg.patience:
                 stopped = "early_stopping"
                 break
-        if time.monotonic() - t0 > cfg.time_budget_s:
+        if place.any(time.monotonic() - t0 > cfg.time_budget_s):
             stopped = "time_budget"
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     metrics = {
         "train_loss": train_loss, "val_loss": best_val, "best_epoch": float(best_epoch), "epochs": float(epoch + 1),
         "steps": float(step), "train_transitions": float(len(xt)), "val_transitions": float(len(xv)),
         "episodes": float(ds.n_episodes), "train_s": time.monotonic() - t0,
         "early_stopped": float(stopped == "early_stopping"), "time_limited": float(stopped == "time_budget"),
+        # training samples per second of the whole run (all ranks), gradient steps only
+        "samples_per_s": float(place.sum(torch.tensor(float(samples), device=dev))) / train_time if train_time > 0 else 0.0,
     }
     return model, metrics
 

@@ -13,6 +13,7 @@ way the fleet does (npz under `episodes/`, an `EpisodeRecord` on the blackboard)
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -71,10 +72,21 @@ def trainable(record: EpisodeRecord, task: str | None = "pusht", success_only: b
             and (task is None or record.task == task) and (record.verdict.success or not success_only))
 
 
+def choose(records: Iterable[EpisodeRecord], *, task: str | None = "pusht", success_only: bool = True,
+           max_episodes: int | None = None) -> list[EpisodeRecord]:
+    """The `trainable` records, the newest `max_episodes` when capped, in chronological order."""
+    chosen = [r for r in records if trainable(r, task, success_only)]
+    chosen.sort(key=lambda r: (r.finished, r.episode_id), reverse=True)
+    if max_episodes is not None:
+        chosen = chosen[: max(0, int(max_episodes))]
+    chosen.sort(key=lambda r: (r.finished, r.episode_id))  # stable, chronological order for training
+    return chosen
+
+
 def select_episodes(
     state_dir: str | Path, *, task: str | None = "pusht", success_only: bool = True, max_episodes: int | None = None
 ) -> list[EpisodeRecord]:
-    """The `trainable` index entries; newest first when capped."""
+    """The `trainable` index entries of a state dir (see `choose`)."""
     path = Path(state_dir) / BOARD_NAME
     if not path.exists():
         raise NoDataError(f"no blackboard at {path}")
@@ -83,12 +95,7 @@ def select_episodes(
         records = board.values("episodes", EpisodeRecord)
     finally:
         board.close()
-    chosen = [r for r in records if trainable(r, task, success_only)]
-    chosen.sort(key=lambda r: (r.finished, r.episode_id), reverse=True)
-    if max_episodes is not None:
-        chosen = chosen[: max(0, int(max_episodes))]
-    chosen.sort(key=lambda r: (r.finished, r.episode_id))  # stable, chronological order for training
-    return chosen
+    return choose(records, task=task, success_only=success_only, max_episodes=max_episodes)
 
 
 def load_dataset(
@@ -99,11 +106,35 @@ def load_dataset(
     max_episodes: int | None = None,
 ) -> Dataset:
     """Transitions of the selected episodes. Raises NoDataError when nothing usable is left."""
-    state_dir = Path(state_dir)
     records = select_episodes(state_dir, task=task, success_only=success_only, max_episodes=max_episodes)
+    return _read(Path(state_dir), [(r.episode_id, r.trajectory_file, bool(r.verdict.success)) for r in records],
+                 f"task={task!r}, success_only={success_only}")
+
+
+def load_manifest(state_dir: str | Path, manifest: str | Path) -> Dataset:
+    """Transitions of the episodes a manifest names ({"episodes": [{"id", "file", "success"}]}, files
+    relative to `state_dir`): the selection the trainer made. Raises NoDataError when nothing is usable."""
+    return _read(Path(state_dir), manifest_entries(manifest), f"manifest {Path(manifest).name}")
+
+
+def manifest_entries(manifest: str | Path) -> list[tuple[str, str, bool]]:
+    """(id, file, success) of each episode a manifest names; NoDataError in one line when it is bad."""
+    try:
+        doc = json.loads(Path(manifest).read_text())
+        entries = [(str(e["id"]), str(e["file"]), bool(e["success"])) for e in doc["episodes"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NoDataError(f"manifest {manifest}: unreadable ({type(exc).__name__}: {exc})") from None
+    for _, file, _ in entries:
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise NoDataError(f"manifest {manifest}: file {file!r} is not inside the state dir")
+    return entries
+
+
+def _read(state_dir: Path, entries: list[tuple[str, str, bool]], selection: str) -> Dataset:
+    """Read (id, file, success) episodes; unreadable files are skipped and reported."""
     episodes, ids, skipped = [], [], []
-    for rec in records:
-        path = state_dir / rec.trajectory_file
+    for episode_id, file, success in entries:
+        path = state_dir / file
         try:
             arrays = read_trajectory(path)
             _check_arrays(path, arrays)
@@ -113,14 +144,11 @@ def load_dataset(
         if len(arrays["actions"]) == 0:
             skipped.append(f"{path}: empty episode")
             continue
-        episodes.append((arrays, bool(rec.verdict.success)))
-        ids.append(rec.episode_id)
+        episodes.append((arrays, success))
+        ids.append(episode_id)
     if not episodes:
         why = f"; skipped {len(skipped)} unreadable: {skipped[0]}" if skipped else ""
-        raise NoDataError(
-            f"no usable episodes in {state_dir} (task={task!r}, success_only={success_only}, "
-            f"{len(records)} selected){why}"
-        )
+        raise NoDataError(f"no usable episodes in {state_dir} ({selection}, {len(entries)} selected){why}")
     return from_episodes([a for a, _ in episodes], [s for _, s in episodes], ids=ids, skipped=skipped)
 
 

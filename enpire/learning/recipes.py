@@ -10,8 +10,21 @@ no data, NaN loss, time budget, memory budget (RLIMIT_AS caps the address space;
 failed allocation ends as "memory budget exceeded").
 
 Options (all strings on the command line): max_episodes, success_only, hidden, layers, max_epochs,
-patience, lr, seed; for "rl" also rl_steps, alpha, online_episodes and init_artifact (the content hash
-of a BC checkpoint in artifacts/ to start from instead of training BC first); inject_nan (tests only).
+patience, lr, seed, batch_size; for "rl" also rl_steps, alpha, online_episodes and init_artifact (the content hash
+of a BC checkpoint in artifacts/ to start from instead of training BC first); for "visuomotor" (a CNN on
+recorded camera frames, `enpire.learning.visuomotor`) the same and batch_size; inject_nan (tests only).
+
+Where: `--device auto|cpu|cuda|cuda:N` (auto: CUDA when torch sees a GPU) and option `amp`
+(auto|on|off: bf16 autocast on CUDA; auto leaves it to the recipe, and the small MLPs here train in
+fp32). Launched by torchrun (`python -m torch.distributed.run --nproc-per-node N -m
+enpire.learning.recipes ...`, which the trainer does for `processes > 1`), BC trains data-parallel
+(gloo on CPU, nccl on CUDA) and rank 0 writes the results. metrics.json records the device, the GPU's
+name, the precision, the number of processes and the training throughput (`samples_per_s`).
+
+`--manifest FILE` names the episodes to learn from (JSON: {"episodes": [{"id", "file", "success"}]},
+files relative to --state-dir): the trainer chooses them on the blackboard (agents' episodes only,
+never held-out ones) and a remote trainer has only those files. Without it the recipe chooses them
+itself from the state dir's blackboard.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPES = ("bc", "rl")
+RECIPES = ("bc", "rl", "visuomotor")
 EXIT_FAILED = 2
 
 
@@ -60,14 +73,17 @@ def _peak_rss_mb() -> float:
 
 def run_recipe(
     name: str, state_dir: str | Path, out_dir: str | Path, budget: float, *, task: str = "pusht",
-    options: dict[str, str] | None = None, max_rss_mb: float | None = None,
+    options: dict[str, str] | None = None, max_rss_mb: float | None = None, device: str = "cpu",
+    manifest: str | Path | None = None,
 ) -> TrainResult:
-    """Train recipe `name` on the state dir's episodes within `budget` seconds; write weights and metrics.
-    Raises RecipeError (or NoDataError / NaNLossError) with a one-line reason."""
+    """Train recipe `name` on the state dir's episodes (or the manifest's) within `budget` seconds, on
+    `device`; rank 0 writes weights and metrics. Raises RecipeError (or NoDataError / NaNLossError,
+    DeviceError) with a one-line reason."""
     import torch
 
     from enpire.learning import bc
-    from enpire.learning.dataset import load_dataset
+    from enpire.learning.dataset import load_dataset, load_manifest
+    from enpire.learning.device import Placement
 
     if name not in RECIPES:
         raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
@@ -76,9 +92,16 @@ def run_recipe(
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # bf16 autocast pays on CUDA for the CNN's convolutions; the small MLPs stay in fp32
+    place = Placement.start(device, options.get("amp", "auto"), amp_default=name == "visuomotor")
+    if name == "visuomotor":
+        return _visuomotor(state_dir, out_dir, budget, task, options, max_rss_mb, t0, place, manifest)
 
-    ds = load_dataset(state_dir, task=task, success_only=_opt(options, "success_only", bool, True),
-                      max_episodes=_opt(options, "max_episodes", int, None))
+    if manifest:
+        ds = load_manifest(state_dir, manifest)
+    else:
+        ds = load_dataset(state_dir, task=task, success_only=_opt(options, "success_only", bool, True),
+                          max_episodes=_opt(options, "max_episodes", int, None))
     load_s = time.monotonic() - t0
     remaining = budget - load_s
     if remaining <= 1.0:
@@ -89,6 +112,7 @@ def run_recipe(
         hidden=_opt(options, "hidden", int, 512), layers=_opt(options, "layers", int, 4),
         max_epochs=_opt(options, "max_epochs", int, 60), patience=_opt(options, "patience", int, 15),
         lr=_opt(options, "lr", float, 1e-3), seed=_opt(options, "seed", int, 0), time_budget_s=bc_share,
+        batch_size=_opt(options, "batch_size", int, 256),
         inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
     )
     init = options.get("init_artifact", "")
@@ -97,7 +121,7 @@ def run_recipe(
     elif init:
         raise RecipeError(f"option init_artifact is for the rl recipe, not {name!r}")
     else:
-        model, metrics = bc.train_bc(ds, cfg)
+        model, metrics = bc.train_bc(ds, cfg, place=place)
     if name == "rl":
         from enpire.learning import rl
 
@@ -106,29 +130,71 @@ def run_recipe(
             online_episodes=_opt(options, "online_episodes", int, 0), seed=cfg.seed,
             time_budget_s=max(1.0, budget - (time.monotonic() - t0)) * 0.9,
         )
-        model, rl_metrics = rl.train_td3bc(ds, rl_cfg, init=model)
+        if place.world > 1:
+            raise RecipeError("the rl recipe trains in one process (processes=1); its networks are too small to split")
+        model, rl_metrics = rl.train_td3bc(ds, rl_cfg, init=model, place=place)
+        metrics["samples_per_s"] = rl_metrics["samples_per_s"]
         metrics.update({f"rl_{k}": v for k, v in rl_metrics.items()})
 
-    weights = bc.export_numpy(model)
-    bad = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+    metrics.update({"episodes": float(ds.n_episodes), "transitions": float(len(ds)),
+                    "skipped_files": float(len(ds.skipped))})
+    return _write(out_dir, name, bc.export_numpy(model), metrics, ds.skipped, budget, max_rss_mb, t0, place)
+
+
+def _visuomotor(state_dir, out_dir: Path, budget: float, task: str, options: dict[str, str],
+                max_rss_mb: float | None, t0: float, place, manifest) -> TrainResult:
+    from enpire.learning import visuomotor as vm
+
+    ds = vm.load_frames(state_dir, task=task, max_episodes=_opt(options, "max_episodes", int, None),
+                        manifest=manifest)
+    load_s = time.monotonic() - t0
+    remaining = budget - load_s
+    if remaining <= 1.0:
+        raise RecipeError(f"time budget exceeded while loading data ({time.monotonic() - t0:.0f} s of {budget:.0f} s)")
+    cfg = vm.VisuomotorConfig(
+        hidden=_opt(options, "hidden", int, 256), max_epochs=_opt(options, "max_epochs", int, 100),
+        patience=_opt(options, "patience", int, 8), lr=_opt(options, "lr", float, 1e-3),
+        batch_size=_opt(options, "batch_size", int, 64), seed=_opt(options, "seed", int, 0),
+        time_budget_s=remaining * 0.9, inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
+    )
+    try:
+        model, metrics = vm.train_visuomotor(ds, cfg, place=place)
+    except vm.NaNLossError as exc:
+        from enpire.learning.bc import NaNLossError
+
+        raise NaNLossError(str(exc)) from None
+    metrics.update({"load_s": load_s, "skipped_files": float(len(ds.skipped))})
+    return _write(out_dir, "visuomotor", vm.export_numpy(model), metrics, ds.skipped, budget, max_rss_mb, t0, place)
+
+
+def _write(out_dir: Path, name: str, weights: dict[str, np.ndarray], metrics: dict[str, float], skipped: list[str],
+           budget: float, max_rss_mb: float | None, t0: float, place) -> TrainResult:
+    """Check the budgets and the weights, then (rank 0) write weights.npz and metrics.json, which records
+    where it trained: device, GPU, precision, processes."""
+    from enpire.learning.bc import NaNLossError
+
+    bad = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
     if bad:
-        raise bc.NaNLossError(f"non-finite exported weights: {', '.join(bad)}")
+        raise NaNLossError(f"non-finite exported weights: {', '.join(bad)}")
     elapsed = time.monotonic() - t0
     if elapsed > budget:
         raise RecipeError(f"time budget exceeded ({elapsed:.0f} s > {budget:.0f} s)")
     rss = _peak_rss_mb()
     if max_rss_mb is not None and rss > max_rss_mb:
         raise RecipeError(f"memory budget exceeded (peak RSS {rss:.0f} MiB > {max_rss_mb:.0f} MiB)")
-
-    metrics.update({"episodes": float(ds.n_episodes), "transitions": float(len(ds)),
-                    "skipped_files": float(len(ds.skipped)), "wall_s": elapsed, "peak_rss_mb": rss})
+    metrics.update({"wall_s": elapsed, "peak_rss_mb": rss, "processes": float(place.world)})
+    info = place.describe()
+    place.stop()
     weights_path = out_dir / "weights.npz"
+    if not place.main:
+        return TrainResult(name, weights_path, metrics)
     tmp = out_dir / "weights.tmp.npz"
     np.savez(tmp, **weights)
     tmp.replace(weights_path)
     doc = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
     doc["recipe"] = name
-    doc["skipped"] = ds.skipped[:20]
+    doc.update(info)  # device, gpu, precision, world: strings, kept beside the numbers
+    doc["skipped"] = skipped[:20]
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1))
     return TrainResult(name, weights_path, metrics)
 
@@ -147,6 +213,17 @@ def _checkpoint(state_dir: Path, artifact: str) -> dict[str, np.ndarray]:
         return load_weights(str(path))
     except (OSError, ValueError, KeyError) as exc:
         raise RecipeError(f"init_artifact {artifact}: unreadable checkpoint ({exc})") from None
+
+
+def _wants_cuda(device: str) -> bool:
+    device = device.strip().lower()
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _limit_memory(max_rss_mb: float) -> None:
@@ -171,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=300.0)
     ap.add_argument("--max-rss-mb", type=float, default=4096.0)
     ap.add_argument("--option", action="append", default=[], help="key=value, repeatable")
+    ap.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    ap.add_argument("--manifest", help="JSON list of the episodes to learn from (default: choose from the state dir)")
     args = ap.parse_args(argv)
 
     def fail(msg: str) -> int:
@@ -183,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             return fail(f"--option {item!r} is not key=value")
         options[key.strip()] = value.strip()
-    _limit_memory(args.max_rss_mb)
+    if not _wants_cuda(args.device):
+        _limit_memory(args.max_rss_mb)  # CUDA maps far more address space than it uses: RSS is checked instead
     import signal
 
     def on_alarm(signum, frame):
@@ -191,19 +271,21 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, args.time_budget_s + 5.0)  # hard stop a little after the soft one
-    try:
-        from enpire.learning.bc import NaNLossError
-        from enpire.learning.dataset import NoDataError
+    from enpire.learning.bc import NaNLossError
+    from enpire.learning.dataset import NoDataError
+    from enpire.learning.device import DeviceError
 
+    try:
         result = run_recipe(args.recipe, args.state_dir, args.out, args.time_budget_s, task=args.task,
-                            options=options, max_rss_mb=args.max_rss_mb)
+                            options=options, max_rss_mb=args.max_rss_mb, device=args.device,
+                            manifest=args.manifest)
     except MemoryError:
         return fail(f"memory budget exceeded (address space capped near {args.max_rss_mb:.0f} MiB + headroom)")
     except NaNLossError as exc:
         return fail(f"NaN loss: {exc}")
     except NoDataError as exc:
         return fail(f"no data: {exc}")
-    except RecipeError as exc:
+    except (RecipeError, DeviceError) as exc:
         return fail(str(exc))
     except RuntimeError as exc:  # torch reports failed allocations as RuntimeError
         if "alloc" in str(exc).lower() or "memory" in str(exc).lower():

@@ -1,0 +1,548 @@
+"""The lease queue actor: turns jobs into episodes and leases them to free cells, exactly once.
+
+- Cells pull work (`LeaseRequest`, long-polled) so a free robot never waits for a push. A lease names
+  the policy's files by content hash; the cell fetches a bundle it has not cached (`BundleRequest`).
+- Every episode is leased with a deadline. A lease that expires, or whose cell stops heartbeating, is
+  queued again under the same episode id; the first report for an episode id is recorded and any later
+  one is acknowledged and ignored, so each episode ends with exactly one result.
+- Order: the head of the highest-priority queue first (the judge sets priorities: a decisive
+  confirmation, then judging, smoke tests, agents' evaluations, background work); between agents at
+  the same priority, the one served least so far (fair share; judging is not charged to anyone).
+- The judge submits jobs (`SubmitJob`) and hears `JobDone` when every episode is recorded. Jobs,
+  episodes, leases, cells and timelines are on the blackboard, written off the event loop; `setup()`
+  rebuilds the queue from it. Queue depth and cell states are published as events.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from actors.runtime import Actor
+from bus.blackboard import Blackboard
+from bus.events import EventHub
+from bus.messages import (
+    Ack,
+    BundleRequest,
+    CancelJob,
+    CellStateChanged,
+    Clearance,
+    EpisodeReport,
+    EpisodeSummary,
+    Failure,
+    Heartbeat,
+    Hello,
+    JobDone,
+    JobSpec,
+    Lease,
+    LeaseRequest,
+    Message,
+    NoWork,
+    QueueDepth,
+    Segment,
+    SmokeNeeded,
+    SubmitJob,
+    Welcome,
+)
+from bus.records import (
+    CellRecord,
+    EpisodeRecord,
+    JobRecord,
+    LeaseRecord,
+    QueueRecord,
+    SmokeRecord,
+    TimelineRecord,
+)
+from enpire.bundles import BundleStore
+from enpire.config import Config
+from enpire.episodes import write_trajectory
+from enpire.metrics import Utilization, utilization
+from enpire.seal import refuse_report
+
+
+@dataclass
+class Episode:
+    episode_id: str
+    spec: JobSpec
+    seed: int
+    bundle: str
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    episode_ids: list[str]
+    results: dict[str, EpisodeRecord] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+    cancelled: bool = False
+
+    def reply(self) -> JobDone:
+        return JobDone(job_id=self.spec.job_id, cancelled=self.cancelled, episodes=[
+            EpisodeSummary(episode_id=r.episode_id, seed=r.seed, success=r.verdict.success,
+                           success_at_k=r.success_at_k, score=r.verdict.score, reason=r.verdict.reason, steps=r.steps)
+            for eid in self.episode_ids if (r := self.results.get(eid)) is not None and not r.flagged])
+
+
+@dataclass
+class LeaseState:
+    episode: Episode
+    cell_id: str
+    expires: float
+
+
+@dataclass
+class CellState:
+    record: CellRecord
+    tasks: frozenset[str]
+    segments: list[Segment] = field(default_factory=list)
+    last_heartbeat: float = 0.0
+
+
+def lane(spec: JobSpec) -> str:
+    """Judging shares one queue, each agent has its own, background work has one."""
+    return {"heldout": "judge", "background": "background"}.get(spec.kind, spec.agent)
+
+
+LANE_RANK = {"judge": 0, "background": 2}  # agents' lanes rank 1
+
+
+class LeaseQueue(Actor):
+    name = "queue"
+    concurrent_handlers = True  # lease requests long-poll; the judge waits for its jobs
+
+    def __init__(self, config: Config, board: Blackboard, bundles: BundleStore, state_dir: Path, run_id: str,
+                 events: EventHub, verdict_key: bytes | None = None):
+        """`verdict_key`: the verifier's signing key; every recorded verdict must be signed with it."""
+        super().__init__()
+        self.verdict_key = verdict_key
+        self.lapsed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id -> (cell, episode) once re-queued
+        self.config, self.board, self.bundles, self.events = config, board, bundles, events
+        self.state_dir, self.run_id = state_dir, run_id
+        self.jobs: dict[str, Job] = {}
+        self.pending: dict[str, deque[Episode]] = {}
+        self.leases: dict[str, LeaseState] = {}
+        self.cells: dict[str, CellState] = {}
+        self.served: dict[str, int] = {}  # agents' episodes leased, for fair share
+        self.cleared: dict[str, bool] = {}  # smoke verdicts by policy ref (cells marked real run cleared ones)
+        self.cancelled: set[str] = set()  # job ids cancelled before they were submitted
+        self.recording: set[str] = set()  # episode ids whose first report is being written
+        self._work = trio.Event()
+        self._depth: tuple[int, int, int] | None = None
+        self._depth_dirty = trio.Event()
+        self._requeued, self._unsaved = 0, False
+        self.recorded = 0  # episodes on the blackboard (its counter, kept here for progress lines)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def setup(self) -> None:
+        """Rebuild the queue from the blackboard: unfinished jobs, minus episodes already recorded."""
+        def read():
+            with self.board.read() as r:
+                jobs = [j for _, j in r.items("jobs", JobRecord) if not j.done]
+                done = {eid: e for j in jobs for i in range(len(j.seeds))
+                        if (e := r.get("episodes", eid := f"{j.job_id}:{i}", EpisodeRecord)) is not None}
+                return jobs, done, {s.policy.ref: s.passed for s in (v for _, v in r.items("smoke", SmokeRecord))}
+        jobs, done, self.cleared = await trio.to_thread.run_sync(read)
+        self.recorded = self.board.counter("episodes")
+        for record in jobs:
+            await self._add(_spec(record), done)
+        if jobs:
+            self.log.info("queue_restored", jobs=len(jobs), episodes=sum(len(q) for q in self.pending.values()))
+
+    async def main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._publish_depth)
+            while True:  # a timer of its own leases, not a poll of anyone else
+                await trio.sleep(0.25)
+                self._expire(time.time())
+                if self._unsaved:
+                    requeued, offline, self._unsaved = self._requeued, [c.record for c in self.cells.values()
+                                                                        if c.record.state == "offline"], False
+                    self._requeued = 0
+
+                    def save(w, requeued=requeued, offline=offline):
+                        w.incr("episodes_requeued", requeued)
+                        for record in offline:
+                            w.put("cells", record.cell_id, record)
+                    await self._write(save)
+
+    # ------------------------------------------------------------------ messages
+
+    async def handle(self, msg: Message) -> Message:
+        match msg:
+            case LeaseRequest():
+                return await self._lease(msg)
+            case EpisodeReport():
+                return await self._report(msg)
+            case Heartbeat():
+                return await self._heartbeat(msg)
+            case Hello():
+                return await self._hello(msg)
+            case BundleRequest():
+                bundle = await self.bundles.bundle(msg.digest)
+                return bundle or Failure(error=f"no policy bundle {msg.digest}")
+            case SubmitJob():
+                return await self._submit(msg.job)
+            case CancelJob():
+                return await self._cancel(msg.job_id)
+            case Clearance():
+                self.cleared[msg.policy.ref] = msg.passed
+                self._wake()
+                return Ack()
+        return Failure(error=f"the lease queue does not handle {type(msg).__name__}")
+
+    async def _hello(self, msg: Hello) -> Welcome:
+        now = time.time()
+        previous = self.cells.get(msg.cell_id)
+        known = self.board.get("cells", msg.cell_id, CellRecord)
+        # A restarted cell (or daemon) keeps the cell's MRU window: downtime counts as not running.
+        joined = known.joined if known is not None else now
+        record = CellRecord(msg.cell_id, msg.driver, msg.host, msg.pid, joined=joined, last_seen=now, real=msg.real)
+        if previous is not None:
+            self._release_cell(msg.cell_id, "cell restarted")
+        segments = previous.segments if previous else await trio.to_thread.run_sync(self._stored_segments, msg.cell_id)
+        self.cells[msg.cell_id] = CellState(record, frozenset(msg.tasks), segments, now)
+        await self._write(lambda w: w.put("cells", msg.cell_id, record))
+        self._cell_changed(msg.cell_id)
+        self.log.info("cell_joined", cell=msg.cell_id, host=msg.host, pid=msg.pid, driver=msg.driver, tasks=msg.tasks)
+        return Welcome(run_id=self.run_id, heartbeat_s=self.config.scheduler.heartbeat_s)
+
+    async def _heartbeat(self, msg: Heartbeat) -> Message:
+        cell = self.cells.get(msg.cell_id)
+        if cell is None:
+            return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
+        cell.last_heartbeat = cell.record.last_seen = time.time()
+        changed = cell.record.state != msg.state
+        cell.record.state = msg.state
+        fresh = self._fresh_segments(cell, msg.segments)
+        if changed or fresh:
+            record = cell.record
+
+            def write(w):
+                if changed:  # status reads cells' live state from here
+                    w.put("cells", msg.cell_id, record)
+                if fresh:
+                    w.append("timeline", TimelineRecord(msg.cell_id, fresh))
+            await self._write(write)
+        if changed:
+            self._cell_changed(msg.cell_id)
+        return Ack()
+
+    async def _lease(self, msg: LeaseRequest) -> Message:
+        cell = self.cells.get(msg.cell_id)
+        if cell is None:
+            return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
+        with trio.move_on_after(min(msg.wait_s, 10.0)):
+            while True:
+                episode = self._next_episode(cell)
+                if episode is not None:
+                    return await self._grant(episode, msg.cell_id)
+                await self._work.wait()
+        return NoWork(retry_after_s=0.0)
+
+    async def _grant(self, episode: Episode, cell_id: str) -> Lease:
+        spec = episode.spec
+        task = self.config.task(spec.task)
+        lease_id = uuid.uuid4().hex[:12]
+        now = time.time()
+        self.leases[lease_id] = LeaseState(episode, cell_id, now + self.config.scheduler.lease_s)
+        if spec.kind == "agent":  # judging and background work are for the team: not charged to one agent
+            self.served[spec.agent] = self.served.get(spec.agent, 0) + 1
+        self._depth_changed()
+        # Recorded before the cell hears of it; should this be cancelled, the lease expires and is re-queued.
+        await self._write(lambda w: w.put("leases", lease_id, LeaseRecord(lease_id, episode.episode_id, spec.job_id,
+                                                                          cell_id, now)))
+        return Lease(
+            lease_id=lease_id, episode_id=episode.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task,
+            seed=episode.seed, attempts=spec.attempts, policy=spec.policy, bundle=episode.bundle,
+            deadline_s=self.config.scheduler.lease_s, horizon=task.horizon, max_delta=task.limits.max_delta,
+            verifier=task.verifier, observation=task.observation, control_hz=task.control_hz,
+            joints=task.limits.joints,
+        )
+
+    async def _report(self, msg: EpisodeReport) -> Message:
+        lease = self.leases.get(msg.lease_id)
+        # Only the cell the lease was granted to (also once it lapsed while that cell was late) may report,
+        # with verdicts the verifier signed for that lease; anything else is refused and logged.
+        held = (lease.cell_id, lease.episode.episode_id) if lease else self.lapsed.get(msg.lease_id)
+        real = (c := self.cells.get(msg.cell_id)) is not None and c.record.real  # a person may judge
+        recorded = msg.episode_id in self.recording or (
+            (j := self.jobs.get(msg.episode_id.rsplit(":", 1)[0])) is not None and msg.episode_id in j.results)
+        if not recorded and (why := refuse_report(msg, held, self.verdict_key, real)):
+            self.log.warning("report_refused", cell=msg.cell_id, lease=msg.lease_id, episode=msg.episode_id, why=why)
+            return Failure(error=f"report refused: {why}", retry=False)
+        if held is not None and held[0] == msg.cell_id:
+            self.leases.pop(msg.lease_id, None)
+        else:
+            lease = None
+        job = self.jobs.get(lease.episode.spec.job_id if lease else msg.episode_id.rsplit(":", 1)[0])
+        cell = self.cells.get(msg.cell_id)
+        fresh = self._fresh_segments(cell, msg.segments) if cell else []
+        episode = lease.episode if lease else self._find_episode(msg.episode_id)
+        if job is None or episode is None or msg.episode_id in job.results or msg.episode_id in self.recording:
+            if fresh:
+                await self._write(lambda w: w.append("timeline", TimelineRecord(msg.cell_id, fresh)))
+            return Ack(detail="duplicate or unknown episode; ignored")
+        # A re-leased copy of this episode may still be queued or running: drop it, this result wins.
+        for queue in self.pending.values():
+            for queued in [e for e in queue if e.episode_id == msg.episode_id]:
+                queue.remove(queued)
+        for lease_id in [k for k, v in self.leases.items() if v.episode.episode_id == msg.episode_id]:
+            del self.leases[lease_id]
+        self.recording.add(msg.episode_id)
+        try:
+            record, first = await trio.to_thread.run_sync(self._record, msg, episode, fresh)
+        finally:
+            self.recording.discard(msg.episode_id)
+        job.results[msg.episode_id] = record  # the recorded result, whichever report it came from
+        self.recorded += first
+        if first and record.flagged and job.spec.kind == "agent":  # solved at reset: the seed says nothing
+            self._replace(job, episode)
+        await self._progress(job)
+        self._depth_changed()
+        return Ack() if first else Ack(detail="already recorded")
+
+    def _record(self, msg: EpisodeReport, episode: Episode, fresh: list[Segment]) -> tuple[EpisodeRecord, bool]:
+        """In a worker thread: the trajectory file, then the episode, its counters and the cell's time in one
+        transaction. The first report of an episode id wins: (the recorded episode, whether this was it)."""
+        spec = episode.spec
+        with self.board.read() as r:
+            known = r.get("episodes", msg.episode_id, EpisodeRecord)
+        if known is not None:
+            return known, False
+        trajectory_file = ""
+        if msg.trajectory is not None and self.config.task(spec.task).record_trajectories:
+            rel = Path("episodes") / (msg.episode_id.replace(":", "_").replace("/", "_") + ".npz")
+            t = msg.trajectory
+            write_trajectory(self.state_dir / rel, t.observations.numpy(), t.actions.numpy(), t.rewards.numpy(),
+                             t.frames.numpy() if t.frames is not None else None)
+            trajectory_file = str(rel)
+        record = EpisodeRecord(
+            episode_id=msg.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task, seed=episode.seed,
+            policy=spec.policy, cell_id=msg.cell_id, verdict=msg.verdict,
+            success_at_k=any(a.verdict.success for a in msg.attempts) or msg.verdict.success,
+            attempts=len(msg.attempts), steps=msg.steps, reset_s=msg.reset_s, run_s=msg.run_s, verify_s=msg.verify_s,
+            finished=time.time(), trajectory_file=trajectory_file, flagged=msg.flagged, purpose=spec.purpose,
+        )
+        with self.board.write() as w:
+            if fresh:
+                w.append("timeline", TimelineRecord(msg.cell_id, fresh))
+            if not w.put("episodes", msg.episode_id, record, overwrite=False):
+                return w.get("episodes", msg.episode_id, EpisodeRecord), False
+            w.incr("episodes")
+            if msg.flagged:
+                w.incr("episodes_flagged")
+        return record, True
+
+    # ------------------------------------------------------------------ jobs
+
+    async def _submit(self, spec: JobSpec) -> Message:
+        """Queue a job once; every submission of its id waits for the same job and gets its episodes."""
+        job = self.jobs.get(spec.job_id)
+        if job is None and spec.job_id in self.cancelled:
+            return JobDone(job_id=spec.job_id, episodes=[], cancelled=True)
+        if job is None:
+            stored = self.board.get("jobs", spec.job_id, JobRecord)
+            if stored is not None and stored.done:
+                return await trio.to_thread.run_sync(self._finished, stored)
+            if stored is None:
+                record = JobRecord(spec.job_id, spec.agent, spec.kind, spec.task, spec.policy, list(spec.seeds),
+                                   spec.attempts, spec.priority, time.time(), purpose=spec.purpose)
+                await self._write(lambda w: w.put("jobs", spec.job_id, record))
+            job = self.jobs.get(spec.job_id) or await self._add(spec, {})
+        await job.done.wait()
+        return job.reply()
+
+    def _finished(self, record: JobRecord) -> JobDone:
+        job = Job(_spec(record), [f"{record.job_id}:{i}" for i in range(len(record.seeds))])
+        with self.board.read() as r:
+            job.results = {eid: e for eid in job.episode_ids if (e := r.get("episodes", eid, EpisodeRecord))}
+        return job.reply()
+
+    async def _add(self, spec: JobSpec, done: dict[str, EpisodeRecord]) -> Job:
+        bundle = await self.bundles.digest(spec.policy.commit)
+        if spec.job_id in self.jobs:  # submitted twice while the bundle was read
+            return self.jobs[spec.job_id]
+        ids = [f"{spec.job_id}:{i}" for i in range(len(spec.seeds))]
+        job = self.jobs[spec.job_id] = Job(spec, ids, {eid: done[eid] for eid in ids if eid in done})
+        queue = self.pending.setdefault(lane(spec), deque())
+        # Within a queue, higher priority first, then in order of arrival.
+        at = next((i for i, e in enumerate(queue) if e.spec.priority < spec.priority), len(queue))
+        for eid, seed in reversed(list(zip(ids, spec.seeds, strict=True))):
+            if eid not in job.results:
+                queue.insert(at, Episode(eid, spec, seed, bundle))
+        await self._progress(job)
+        self._wake()
+        return job
+
+    async def _cancel(self, job_id: str) -> Message:
+        job = self.jobs.get(job_id)
+        if job is None:  # not here (yet): a submission that arrives later is refused
+            self.cancelled.add(job_id)
+            return Ack(detail="no such job running")
+        queue = self.pending.get(lane(job.spec), deque())
+        self.pending[lane(job.spec)] = deque(e for e in queue if e.spec.job_id != job_id)
+        job.cancelled = True
+        job.episode_ids = [eid for eid in job.episode_ids if eid in job.results]
+        del self.jobs[job_id]
+        await self._write(lambda w: w.put("jobs", job_id, _done(job)))
+        job.done.set()
+        self._depth_changed()
+        return Ack()
+
+    async def _progress(self, job: Job) -> None:
+        if all(e in job.results for e in job.episode_ids) and not job.done.is_set():
+            await self._write(lambda w: w.put("jobs", job.spec.job_id, _done(job)))
+            self.jobs.pop(job.spec.job_id, None)
+            job.done.set()
+
+    def _replace(self, job: Job, episode: Episode) -> None:
+        """A flagged episode of an agent's evaluation gets another tuning seed (held-out jobs just count one
+        fewer: their seeds come from the judge's pool, never reused)."""
+        pool = self.config.task(job.spec.task).tuning_seeds
+        seed = pool.start + (episode.seed - pool.start + 7919) % pool.count
+        # Numbered by the flagged results so far (this one included): unique however many are replaced.
+        eid = f"{job.spec.job_id}:r{sum(1 for r in job.results.values() if r.flagged)}"
+        job.episode_ids.append(eid)
+        job.episode_ids.remove(episode.episode_id)
+        self.pending.setdefault(lane(job.spec), deque()).appendleft(Episode(eid, job.spec, seed, episode.bundle))
+        self._wake()
+
+    # ------------------------------------------------------------------ the queue
+
+    def _next_episode(self, cell: CellState) -> Episode | None:
+        lanes = sorted((k for k, q in self.pending.items() if q),
+                       key=lambda k: (-self.pending[k][0].spec.priority, LANE_RANK.get(k, 1), self.served.get(k, 0)))
+        for key in lanes:
+            queue = self.pending[key]
+            for episode in queue:
+                if self._eligible(episode, cell):
+                    queue.remove(episode)
+                    return episode
+        self._work = trio.Event() if self._work.is_set() else self._work
+        return None
+
+    def _eligible(self, episode: Episode, cell: CellState) -> bool:
+        spec = episode.spec
+        driver = self.config.task(spec.task).driver  # a cell names its driver and the driver's tasks
+        if driver != cell.record.driver and driver not in cell.tasks:
+            return False
+        if not self.config.scheduler.pooled:  # the paper's set-up: cell-i runs only agent-i's work
+            if spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]:
+                return False
+        if cell.record.real:  # a real robot runs only what passed its simulated smoke test
+            passed = self.cleared.get(spec.policy.ref)
+            if passed is None:
+                self.events.publish(SmokeNeeded(policy=spec.policy))
+            return bool(passed)
+        return True
+
+    def _wake(self) -> None:
+        self._work.set()
+        self._depth_changed()
+
+    def _requeue(self, lease_id: str, why: str) -> None:
+        state = self.leases.pop(lease_id)
+        self.lapsed[lease_id] = (state.cell_id, state.episode.episode_id)
+        while len(self.lapsed) > 100_000:
+            self.lapsed.popitem(last=False)
+        episode = state.episode
+        job = self.jobs.get(episode.spec.job_id)
+        if job is None or episode.episode_id in job.results:
+            return
+        self.pending.setdefault(lane(episode.spec), deque()).appendleft(episode)
+        self._wake()
+        self._requeued += 1  # counted on the blackboard by main(), off the event loop
+        self._unsaved = True
+        self.log.warning("lease_requeued", episode=episode.episode_id, cell=state.cell_id, why=why)
+
+    def _release_cell(self, cell_id: str, why: str) -> None:
+        for lease_id in [k for k, v in self.leases.items() if v.cell_id == cell_id]:
+            self._requeue(lease_id, why)
+
+    def _expire(self, now: float) -> None:
+        for lease_id, state in list(self.leases.items()):
+            if state.expires < now:
+                self._requeue(lease_id, "lease expired")
+        silent = 4 * self.config.scheduler.heartbeat_s + 1.0
+        for cell_id, cell in self.cells.items():
+            if cell.record.state != "offline" and now - cell.last_heartbeat > silent:
+                cell.record.state = "offline"
+                self._unsaved = True
+                self._cell_changed(cell_id)
+                self.log.warning("cell_silent", cell=cell_id, silent_s=round(now - cell.last_heartbeat, 1))
+                self._release_cell(cell_id, "cell stopped heartbeating")
+
+    def _find_episode(self, episode_id: str) -> Episode | None:
+        """A late report whose lease expired: the episode is queued again or leased to another cell."""
+        for episode in [*(e for q in self.pending.values() for e in q), *(s.episode for s in self.leases.values())]:
+            if episode.episode_id == episode_id:
+                return episode
+        return None
+
+    # ------------------------------------------------------------------ events and records
+
+    def _cell_changed(self, cell_id: str) -> None:
+        self.events.publish(CellStateChanged(cell_id=cell_id, state=self.cells[cell_id].record.state, t=time.time()))
+        self._depth_changed()
+
+    def _depth_changed(self) -> None:
+        depth = (sum(len(q) for k, q in self.pending.items() if k != "background"),
+                 len(self.pending.get("background", ())),
+                 sum(c.record.state != "offline" for c in self.cells.values()))
+        if depth != self._depth:
+            self._depth = depth
+            self.events.publish(QueueDepth(waiting=depth[0], background=depth[1], cells=depth[2], t=time.time()))
+            self._depth_dirty.set()
+
+    async def _publish_depth(self) -> None:
+        """The durable copy of the queue depth (for `status` and agents' pacing), coalesced, off the loop."""
+        while True:
+            await self._depth_dirty.wait()
+            self._depth_dirty = trio.Event()
+            record = QueueRecord(self._depth[0], self._depth[2], time.time())
+            await self._write(lambda w, record=record: w.put("meta", "queue", record))
+            await trio.sleep(0.1)
+
+    def _fresh_segments(self, cell: CellState, segments: list[Segment]) -> list[Segment]:
+        # A cell's segments are consecutive in its clock; one that starts before the last recorded end
+        # was already delivered (a retried heartbeat), so time is never counted twice.
+        last = cell.segments[-1].end if cell.segments else float("-inf")
+        fresh = [s for s in segments if s.start >= last - 1e-9]
+        cell.segments.extend(fresh)
+        return fresh
+
+    def _stored_segments(self, cell_id: str) -> list[Segment]:
+        return [seg for rec in self.board.values("timeline", TimelineRecord) if rec.cell_id == cell_id
+                for seg in rec.segments]
+
+    async def _write(self, fn) -> None:
+        """A blackboard write transaction in a worker thread: LMDB fsyncs on commit."""
+        def run():
+            with self.board.write() as w:
+                fn(w)
+        await trio.to_thread.run_sync(run)
+
+    def utilization(self, now: float | None = None) -> dict[str, Utilization]:
+        now = now or time.time()
+        return {
+            cid: utilization(c.segments, (c.record.last_seen if c.record.state == "offline" else now) - c.record.joined)
+            for cid, c in self.cells.items()
+        }
+
+
+def _spec(record: JobRecord) -> JobSpec:
+    return JobSpec(job_id=record.job_id, agent=record.agent, task=record.task, policy=record.policy,
+                   seeds=list(record.seeds), purpose=record.purpose, attempts=record.attempts,
+                   priority=record.priority)
+
+
+def _done(job: Job) -> JobRecord:
+    s = job.spec
+    return JobRecord(s.job_id, s.agent, s.kind, s.task, s.policy, list(s.seeds), s.attempts, s.priority,
+                     time.time(), done=True, purpose=s.purpose, cancelled=job.cancelled)

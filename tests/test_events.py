@@ -1,0 +1,124 @@
+"""Live coordination travels as events; the blackboard is the durable record, never polled in-process.
+Policies travel by content hash: a lease is small, a cell fetches a bundle once."""
+
+import time
+
+import trio
+
+from bus import messages as m
+from bus.blackboard import Blackboard
+from bus.events import EventHub
+from bus.messages import BundleRequest, EvalRequest, Lease, LeaseRequest, PolicyBundle, PolicySpec
+from bus.transport import RequestServer
+from enpire import config as cfg
+from enpire.bundles import BundleCache, BundleError, BundleStore
+from enpire.fleet import open_state_dir, run_fleet
+from tests.test_scheduler import _config, _hello
+
+BIG = {"policy.py": b"class Policy: pass\n", "weights.npz": bytes(range(256)) * 4096}  # 1 MiB of checkpoint
+
+
+async def test_subscribers_get_their_events_and_a_slow_one_loses_only_the_oldest():
+    hub = EventHub()
+    depth = hub.subscribe(m.QueueDepth, buffer=2)
+    findings = hub.subscribe(m.FindingPosted)
+    for i in range(3):
+        hub.publish(m.QueueDepth(waiting=i, background=0, cells=1, t=0.0))
+    hub.publish(m.FindingPosted(finding_id="f", agent="a", t=0.0))
+    assert [(await depth.receive()).waiting for _ in range(2)] == [1, 2] and depth.dropped == 1
+    assert (await findings.receive()).finding_id == "f" and findings.pending() == 0
+    assert hub.latest(m.QueueDepth).waiting == 2  # a late subscriber starts from the last value
+    depth.close()
+    hub.publish(m.QueueDepth(waiting=9, background=0, cells=1, t=0.0))
+    assert depth.pending() == 0
+
+
+async def test_an_idle_fleet_reads_nothing_from_the_blackboard(tmp_path):
+    """Agents, the summarizer, the judge, the lease queue and the fleet's own loop wait on events: over an
+    idle stretch (an agent waiting for results no cell runs) the blackboard is not read once. The
+    polling design this replaced read it every 0.25-5 s (fleet 0.5 s, summarizer 5 s, agents 1 s)."""
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"cells.count": 0, "agents.count": 1, "fleet.progress_s": 0.2,
+                                   "fleet.budget_minutes": 0.12, "fleet.final_seeds": 0})
+    board, meta = open_state_dir(tmp_path / "state")
+    samples = {}
+
+    async def sample():
+        await trio.sleep(3.0)  # start-up done: the agent wrote its policy and waits for its first results
+        samples["start"], t0 = board.reads, time.monotonic()
+        await trio.sleep(3.0)
+        samples["end"], samples["seconds"] = board.reads, time.monotonic() - t0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample)
+        outcome, _ = await run_fleet(config, tmp_path / "state", board, meta)
+    board.close()
+    assert outcome.reason == "budget" and samples["seconds"] > 2.5
+    assert samples["start"] > 0  # reads happen (start-up, the agent's first look), so the counter counts
+    assert samples["end"] - samples["start"] == 0, samples
+
+
+async def test_a_lease_for_a_cached_policy_carries_no_bundle_bytes(tmp_path):
+    from actors.judge import Judge
+    from actors.lease_queue import LeaseQueue
+    from actors.runtime import ActorSystem
+    from tests.test_scheduler import Fleet
+
+    store = BundleStore(lambda commit: dict(BIG))
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        system, events = ActorSystem(nursery), EventHub()
+        queue = await system.spawn("queue", lambda: LeaseQueue(_config(), board, store, tmp_path, "run", events))
+        judge = await system.spawn("judge", lambda: Judge(_config(), board, queue, events))
+        ref = Fleet(queue, judge, events)
+        await _hello(ref)
+        policy = PolicySpec("c0ffee", {"gain": 1.0})
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=policy, seeds=[1, 2, 3]))
+        leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(3)]
+        assert all(isinstance(lease, Lease) for lease in leases)
+        sizes = [len(m.encode(m.Envelope(id="x", sender="fleet", body=lease))) for lease in leases]
+        assert max(sizes) < 1024, sizes  # the policy is 1 MiB: the lease names it by hash
+        served = []
+
+        def fetch(digest):  # the cell's side: from its worker thread, over the bus
+            served.append(digest)
+            return trio.from_thread.run(ref.ask, BundleRequest(digest=digest))
+
+        cache = BundleCache(fetch)
+        files = [await trio.to_thread.run_sync(cache.files, lease.bundle) for lease in leases]
+        assert files[0] == BIG and files[1] is files[0]
+        assert served == [leases[0].bundle] and cache.fetches == 1  # fetched once, then cached
+        assert store.reads == 1  # the daemon read the commit once too
+        nursery.cancel_scope.cancel()
+
+
+def test_the_cell_cache_is_bounded_and_checks_what_arrives():
+    bundles = {}
+    for i in range(3):
+        files = {"policy.py": f"v = {i}\n".encode()}
+        bundles[m.bundle_hash(files)] = PolicyBundle(digest=m.bundle_hash(files), files=files)
+    cache = BundleCache(lambda d: bundles[d], max_entries=2)
+    for digest in bundles:
+        cache.files(digest)
+    assert len(cache) == 2 and cache.fetches == 3
+    liar = BundleCache(lambda d: PolicyBundle(digest=d, files={"policy.py": b"evil"}))
+    try:
+        liar.files(next(iter(bundles)))
+    except BundleError as e:
+        assert "other content" in str(e)
+    else:
+        raise AssertionError("a bundle with other content was accepted")
+
+
+async def test_the_transport_never_keeps_a_bundle_in_its_duplicate_reply_cache():
+    async def handler(envelope):
+        if isinstance(envelope.body, BundleRequest):
+            return PolicyBundle(digest=envelope.body.digest, files=dict(BIG))
+        return m.Ack()
+
+    server = RequestServer("inproc://unused", handler)
+    bundle = await server.answer(m.encode(m.Envelope(id="1", sender="cell", body=BundleRequest(digest="d"))))
+    assert len(bundle) > len(BIG["weights.npz"])  # the reply itself carries the files
+    assert server._reply_bytes == 0 and not server._replies
+    await server.answer(m.encode(m.Envelope(id="2", sender="cell", body=m.NoWork(retry_after_s=0))))
+    assert len(server._replies) == 1  # other replies are remembered: a resend is answered from the cache

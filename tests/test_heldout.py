@@ -1,0 +1,161 @@
+"""Held-out seeds that stay held out: fresh seeds per judging, a sequential stop rule with a stated error
+rate, the pool's use published and warned about."""
+
+import numpy as np
+import trio
+
+from bus.events import EventHub
+from bus.messages import EvalRequest, HeldoutUsage, LeaseRequest, PolicySpec, PromoteRequest
+from bus.records import Champion, EpisodeRecord, HeldoutRecord
+from enpire import config as cfg
+from enpire.metrics import sprt
+from tests.test_scheduler import _eventually, _hello, _judge, _report, _start
+
+TARGET, ALPHA, MIN_N, MAX_N = 0.9, 0.05, 100, 500
+
+
+def _stops(p: float, runs: int, rule, seed: int = 0) -> float:
+    """Share of simulated confirmations of a policy of true rate p that end with "target met"."""
+    rng = np.random.default_rng(seed)
+    outcomes = rng.random((runs, MAX_N)) < p
+    met = 0
+    for row in outcomes:
+        s = np.cumsum(row)
+        met += any(rule(int(s[n - 1]), n) == "met" for n in range(1, MAX_N + 1))
+    return met / runs
+
+
+def _point_estimate(s: int, n: int) -> str:
+    """The old rule: at least MIN_N episodes and the running rate at the target, checked every episode."""
+    return "met" if n >= MIN_N and s / n >= TARGET else ""
+
+
+def _sequential(s: int, n: int) -> str:
+    return sprt(s, n, TARGET, ALPHA, min_n=MIN_N, max_n=MAX_N)
+
+
+def test_sequential_rule_false_stop_rate_for_a_policy_just_below_the_target():
+    """A policy at 0.89 (target 0.9): the sequential rule says "met" in at most alpha of runs (Ville's
+    inequality bounds it at 0.05; measured over 2,000 simulated confirmations of up to 500 episodes).
+    The point-estimate rule it replaces stops falsely in about a third of them."""
+    runs = 2000
+    sequential = _stops(TARGET - 0.01, runs, _sequential)
+    naive = _stops(TARGET - 0.01, runs, _point_estimate)
+    # 3 binomial standard errors above alpha still fails a rule that does not hold its error rate
+    assert sequential <= ALPHA + 3 * (ALPHA * (1 - ALPHA) / runs) ** 0.5, sequential
+    assert naive > 0.2, naive  # the simulation can tell a leaky rule apart
+    assert sequential < naive / 5
+
+
+def test_sequential_rule_stops_for_good_policies_and_gives_up_on_bad_ones():
+    assert sprt(100, 100, TARGET, ALPHA, min_n=MIN_N) == "met"  # 100 straight successes: at the floor
+    assert sprt(99, 99, TARGET, ALPHA, min_n=MIN_N) == ""  # never before the floor
+    assert _stops(0.97, 200, _sequential, seed=1) > 0.9  # a policy well above the target is confirmed
+    assert sprt(60, 80, TARGET, ALPHA, max_n=MAX_N) == "unlikely"  # 75% looks unlikely: idle cells only
+    assert sprt(450, 500, TARGET, ALPHA, min_n=MIN_N, max_n=MAX_N) == "not_met"  # at the cap: stop
+
+
+async def test_no_held_out_seed_is_judged_twice(tmp_path):
+    """Baseline, two judgings, confirmation: every held-out episode has a seed of its own."""
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"scheduler.promote_seeds": 6, "fleet.min_heldout": 4, "fleet.target": 0.5})
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, config, baseline=PolicySpec("ba5e", {}))
+        await _hello(ref)
+        for _ in range(6):  # idle: the baseline's judging
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            assert lease.job_id.startswith("baseline-")
+            await ref.ask(_report(lease, False))
+        await _eventually(lambda: board.get("champion", "pusht", Champion) is not None)
+        assert (await _judge(ref, PolicySpec("aaaa", {}), "pa", 4, 6)).promoted
+        for _ in range(5):  # its confirmation
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            await ref.ask(_report(lease, True))
+        out = {}
+
+        async def promote():
+            out["pb"] = await ref.ask(PromoteRequest(job_id="pb", agent="a", task="pusht",
+                                                     policy=PolicySpec("bbbb", {})))
+        nursery.start_soon(promote)
+        while "pb" not in out:  # a decisive confirmation of the champion goes first, then the judging
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.2))
+            if hasattr(lease, "seed"):
+                await ref.ask(_report(lease, True))
+        assert out["pb"].n == 6  # judged (promoted or not) on 6 seeds of its own
+        for _ in range(5):  # whatever confirmation is left
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.2))
+            if hasattr(lease, "seed"):
+                await ref.ask(_report(lease, True))
+        await trio.sleep(0.1)
+        heldout = [e for e in board.values("episodes", EpisodeRecord) if e.kind != "agent"]
+        seeds = [e.seed for e in heldout]
+        assert len(heldout) >= 23 and len(set(seeds)) == len(seeds)
+        # each judging drew its own seeds: the second candidate did not see the first one's
+        by_job = {}
+        for e in heldout:
+            by_job.setdefault(e.job_id, set()).add(e.seed)
+        assert by_job["pa"].isdisjoint(by_job["pb"])
+        pool = board.get("heldout", "pusht", HeldoutRecord)
+        assert pool.used >= len(set(seeds)) and all(1_000_000 <= s < 1_000_000 + pool.used for s in seeds)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_exhausted_pool_refuses_a_judging_and_a_low_pool_is_announced(tmp_path):
+    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\n[scheduler]\npromote_seeds = 4\n'
+                        'background = false\n[tasks.pusht]\ndriver = "pusht"\n'
+                        'heldout_seeds = { start = 5000000, count = 9 }\n', "t.toml")
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, config)
+        events: EventHub = ref.events
+        await _hello(ref)
+        usage = events.latest(HeldoutUsage)
+        assert (usage.used, usage.total, usage.low) == (0, 9, False)
+        assert not (await _judge(ref, PolicySpec("aaaa", {}), "pa", 0, 4)).promoted
+        usage = events.latest(HeldoutUsage)  # 5 left: less than a judging (4) and a confirmation (2) need
+        assert (usage.used, usage.total, usage.low) == (4, 9, True)
+        assert not (await _judge(ref, PolicySpec("bbbb", {}), "pb", 0, 4)).promoted  # 8 of 9
+        refused = await ref.ask(PromoteRequest(job_id="pc", agent="a", task="pusht", policy=PolicySpec("cccc", {})))
+        assert "held-out pool of task 'pusht' exhausted: 8 of 9" in refused.error
+        # agents' evaluations never touch the pool
+        nursery.start_soon(ref.ask, EvalRequest(job_id="e", agent="a", task="pusht", policy=PolicySpec("d", {}),
+                                                seeds=[1]))
+        await trio.sleep(0.05)
+        assert board.get("heldout", "pusht", HeldoutRecord).used == 8
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fresh_seeds(tmp_path):
+    from bus.messages import FinalJudging, FinalResult
+    from bus.records import FinalRecord
+    from enpire.fleet import final_summary
+
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"scheduler.promote_seeds": 4, "scheduler.background": False,
+                                   "scheduler.heartbeat_s": 60.0})
+    start, best = PolicySpec("ba5e", {}), PolicySpec("aaaa", {})
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, config, baseline=start)
+        await _hello(ref)
+        assert (await _judge(ref, best, "pa", 4, 4)).promoted  # judged on 1_000_000..3
+        out = {}
+
+        async def final():
+            out["r"] = await ref.judge.ask(FinalJudging(task="pusht", seeds=5))
+        nursery.start_soon(final)
+        runs = {}
+        while "r" not in out:  # the final judging goes before anything else (the champion's confirmation)
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.2))
+            if hasattr(lease, "seed"):
+                if lease.job_id.startswith("final-"):
+                    runs.setdefault(lease.policy.commit, []).append(lease.seed)
+                await ref.ask(_report(lease, lease.policy == best or lease.seed % 5 == 0))
+        await _eventually(lambda: "r" in out)
+        r = out["r"]
+        assert isinstance(r, FinalResult) and sorted(runs["ba5e"]) == sorted(runs["aaaa"]) == r.seeds
+        judged = {e.seed for e in board.values("episodes", EpisodeRecord) if not e.job_id.startswith("final-")}
+        assert len(set(r.seeds)) == 5 and not judged & set(r.seeds)  # fresh: no other judging saw them
+        assert (r.start_successes, r.start_n, r.champion_successes, r.champion_n) == (1, 5, 5, 5)
+        summary = final_summary(board.get("meta", "final", FinalRecord))
+        assert summary["start"]["policy"] == start.ref and summary["start"]["rate"] == 0.2
+        assert summary["champion"]["wilson95"][1] == 1.0 and summary["seeds"] == {"first": r.seeds[0], "count": 5}
+        nursery.cancel_scope.cancel()
