@@ -261,8 +261,11 @@ class Trainer(Actor):
         return sum(r.state != "offline" for r in self.trainers.values())
 
     async def _lease(self, msg: TrainJobRequest) -> Message:
-        if self._seen(msg.trainer_id) is None:
+        rec = self._seen(msg.trainer_id)
+        if rec is None:
             return Failure(error=f"trainer {msg.trainer_id!r} has not said hello", retry=False)
+        if rec.state == "offline":  # it was silent for a while (and lost its job), but it is back
+            self._trainer_state(msg.trainer_id, "idle", "")
         job = None
         with trio.move_on_after(max(0.0, min(msg.wait_s, 30.0))):
             while True:

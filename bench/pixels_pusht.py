@@ -15,8 +15,8 @@
    --n-b episodes on held-out seeds.
 
 Held-out seeds here start at 2,000,000: never a tuning seed (0..99,999) and never one the fleet judged
-(1,000,000..1,000,999). Episodes run in-process on the cell's driver with the cell's action checks and
-the trusted verifier (`enpire.agents.policy_eval.run_episode`), in --workers processes. Success rates
+(its held-out range is 1,000,000..1,099,999). Episodes run in-process on the cell's driver with the
+cell's action checks and the trusted verifier (`enpire.agents.policy_eval.run_episode`), in --workers processes. Success rates
 come with Wilson 95% intervals; the machine's load average is reported with the timings.
 """
 

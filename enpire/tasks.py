@@ -12,45 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hw.taskspec import Field, ObservationKind, TaskSpec
+
+__all__ = ["Field", "ObservationKind", "TaskSpec"]  # defined with the drivers, which fill them in too
+
 ON_FAILURE_KEYS = ("attempt", "reason", "score")  # what Policy.on_failure(info) receives (pass@k)
-
-
-@dataclass(frozen=True)
-class Field:
-    """A slice of the observation or action vector: [start, start + size)."""
-
-    name: str
-    start: int
-    size: int
-    unit: str
-    meaning: str
-
-
-@dataclass(frozen=True)
-class ObservationKind:
-    dim: int
-    fields: tuple[Field, ...]
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    driver: str
-    title: str
-    observations: dict[str, ObservationKind]  # by kind ("state", ...)
-    action_fields: tuple[Field, ...]
-    action_low: tuple[float, ...]
-    action_high: tuple[float, ...]
-    action_meaning: str
-    goal: str
-    success: str
-    score: str
-    control_hz: float
-    horizon: int  # the task's own episode length (a config may shorten it)
-    geometry: str = ""
-    template: str = ""  # module of the starting template policy ("" = none)
-    goal_value: tuple[float, ...] = ()  # a fixed goal, when the task has one (checked against the driver)
 
 
 def _pusht() -> TaskSpec:
@@ -84,6 +50,8 @@ def _pusht() -> TaskSpec:
                  "x in [-60, 60], y in [0, 30]; the stem x in [-15, 15], y in [30, 120]. A body point (u, v) "
                  "is at (x + u cos a - v sin a, y + u sin a + v cos a) in the world. Walls at 5 and 506 px.",
         template="enpire.agents.pusht_policy",
+        # from pixels: perception inside the policy (a pose estimate from the frame) feeding that controller
+        observation_templates={"pixels": "enpire.agents.pusht_pixels_policy"},
         goal_value=(256.0, 256.0, math.pi / 4),
     )
 
@@ -132,11 +100,23 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 )}
 
 
-def spec(name: str) -> TaskSpec:
-    try:
+def spec(name: str, options: dict | None = None) -> TaskSpec:
+    """The spec of a built-in task, or of a plugin driver's (entry point or "package.module:Class"): the
+    driver describes its own task with `task_spec()` (a LeRobot robot: from its features and options)."""
+    if name in TASKS:
         return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+    from hw.plugins import PluginError, driver_class, make_driver
+
+    try:
+        cls = driver_class(name)
+    except PluginError as e:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)} ({e})") from None
+    describe = getattr(cls, "task_spec", None)
+    if describe is None:
+        raise KeyError(f"driver {name!r} gives no task card: define task_spec() -> enpire.tasks.TaskSpec on its class")
+    if isinstance(cls.__dict__.get("task_spec"), (classmethod, staticmethod)):
+        return describe()
+    return make_driver(name, **(options or {})).task_spec()  # the robot's own features decide
 
 
 @dataclass(frozen=True)
@@ -189,8 +169,9 @@ class TaskCard:
             "from where the failed one left the scene.",
             f"A policy may import {self.allowed_imports}.",
         ]
-        if s.template:
-            lines.append(f"Starting template: {s.template} (on main when the fleet starts from it).")
+        template = s.observation_templates.get(self.observation, s.template)
+        if template:
+            lines.append(f"Starting template: {template} (on main when the fleet starts from it).")
         lines += [f"{k}: {v}" for k, v in self.extra.items()]
         return "\n".join(lines)
 
@@ -205,6 +186,6 @@ def card(name: str, config=None) -> TaskCard:
     task = config.tasks.get(name)
     if task is None:
         raise KeyError(f"task {name!r} is not in the configuration's [tasks] ({', '.join(config.tasks)})")
-    return TaskCard(spec(task.driver), observation=task.observation, horizon=task.horizon,
+    return TaskCard(spec(task.driver, dict(task.driver_options)), observation=task.observation, horizon=task.horizon,
                     act_deadline_s=config.sandbox.act_timeout_s, max_delta=task.limits.max_delta,
                     max_missed=config.sandbox.max_missed_deadlines, attempts=task.attempts)

@@ -190,8 +190,11 @@ def _fit_pose(block: np.ndarray, care: np.ndarray, wx: np.ndarray, wy: np.ndarra
     return pose, np.count_nonzero(model & block & care) / max(union, 1)
 
 
-def estimate_pusht_coverage(frame: np.ndarray, goal_pose: Sequence[float] = PUSHT_GOAL_POSE) -> dict:
-    """Everything the vision verifier measured: estimated pose and coverage plus its sanity checks."""
+def estimate_pusht_coverage(frame: np.ndarray, goal_pose: Sequence[float] = PUSHT_GOAL_POSE,
+                            block_mask: np.ndarray | None = None) -> dict:
+    """Everything the vision verifier measured: estimated pose and coverage plus its sanity checks.
+
+    `block_mask`: the block's pixels from a segmenter (SAM2) instead of the colour classification."""
     import cv2
 
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] != frame.shape[1]:
@@ -199,7 +202,9 @@ def estimate_pusht_coverage(frame: np.ndarray, goal_pose: Sequence[float] = PUSH
     k = frame.shape[0] / PUSHT_WORKSPACE
     cls = classify_pusht_pixels(frame)
     wx, wy = _pixel_centres(cls.shape, k)
-    block = cls == _BLOCK
+    block = cls == _BLOCK if block_mask is None else np.asarray(block_mask, dtype=bool)
+    if block.shape != cls.shape:
+        return {"error": f"block mask shape {block.shape} != frame {cls.shape}"}
     # Keep the largest blob: stray grey pixels (anti-aliased wall or agent edges) are not the block.
     n, labels, stats, _ = cv2.connectedComponentsWithStats(block.astype(np.uint8), connectivity=8)
     if n < 2:
@@ -236,19 +241,20 @@ def estimate_pusht_coverage(frame: np.ndarray, goal_pose: Sequence[float] = PUSH
 
 
 def verify_pusht_frame(
-    frame: np.ndarray, goal_pose: Sequence[float] = PUSHT_GOAL_POSE, margin: float = VISION_MARGIN
+    frame: np.ndarray, goal_pose: Sequence[float] = PUSHT_GOAL_POSE, margin: float = VISION_MARGIN,
+    block_mask: np.ndarray | None = None, verifier: str = "pusht_vision",
 ) -> Verdict:
     """Vision verifier: success only when the frame alone shows coverage above 0.95 + margin."""
 
     def fail(reason: str, score: float = 0.0) -> Verdict:
-        return Verdict(success=False, score=score, reason=reason, verifier="pusht_vision")
+        return Verdict(success=False, score=score, reason=reason, verifier=verifier)
 
     frame = np.asarray(frame)
     if frame.dtype != np.uint8:
         return fail(f"frame dtype {frame.dtype}, expected uint8")
     if frame.ndim == 3 and min(frame.shape[:2]) < VISION_MIN_FRAME:
         return fail(f"frame {frame.shape[0]}x{frame.shape[1]} below {VISION_MIN_FRAME} px: too coarse to judge")
-    m = estimate_pusht_coverage(frame, goal_pose)
+    m = estimate_pusht_coverage(frame, goal_pose, block_mask)
     if "error" in m:
         return fail(m["error"])
     coverage = float(min(max(m["coverage"], 0.0), 1.0))
@@ -260,7 +266,7 @@ def verify_pusht_frame(
         return fail(f"more goal visible than the pose explains ({m['excess_green']:.2f})", coverage)
     if coverage <= PUSHT_SUCCESS + margin:
         return fail(f"coverage {coverage:.3f} <= {PUSHT_SUCCESS + margin:.3f} (vision)", coverage)
-    return Verdict(success=True, score=coverage, reason="success", verifier="pusht_vision")
+    return Verdict(success=True, score=coverage, reason="success", verifier=verifier)
 
 
 # ----------------------------------------------------------------------------- Meta-World

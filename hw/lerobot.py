@@ -167,6 +167,32 @@ class LeRobotDriver:
     def frame(self) -> np.ndarray | None:
         return self.frames.get(self.camera)
 
+    def task_spec(self):
+        """The task card's layout from the robot's features (the goal and success rule are the person's and
+        the verifier's: the card says so)."""
+        from hw.taskspec import Field, ObservationKind, TaskSpec
+
+        state = ObservationKind(self.observation_dim, tuple(
+            Field(n, i, 1, "robot units", f"LeRobot observation feature {n!r}") for i, n in enumerate(self.observation_names)),
+            note=f"the robot's scalar observation features in its order; cameras: {', '.join(self.cameras) or 'none'}")
+        kinds = {"state": state}
+        if self.camera:
+            shape = self.robot.observation_features[self.camera]
+            size = f"({self.pixels_size}, {self.pixels_size}, 3)" if self.pixels_size else str(tuple(shape))
+            kinds["pixels"] = ObservationKind(self.observation_dim, state.fields,
+                                              note=f"obs is a dict: 'agent_pos' the vector above, 'pixels' {size} "
+                                                   f"uint8 RGB from camera {self.camera!r}")
+        return TaskSpec(
+            name=self.task, driver="lerobot", title=f"LeRobot robot {type(self.robot).__name__}",
+            observations=kinds,
+            action_fields=tuple(Field(n, i, 1, "robot units", f"LeRobot action feature {n!r}")
+                                for i, n in enumerate(self.action_names)),
+            action_low=tuple(float(v) for v in self.action_low), action_high=tuple(float(v) for v in self.action_high),
+            action_meaning="goal values sent to the robot with send_action (the task's limits.joints bound them)",
+            goal="the task the person set up at this cell (the fleet's task name: " + self.task + ")",
+            success="the person's label, or the verifier program's once it agrees with the person",
+            score="the verifier program's score", control_hz=10.0, horizon=300)
+
     def describe(self) -> str:
         return (f"{self.robot}: observation {self.observation_names}, cameras {self.cameras}, "
                 f"actions {self.action_names}")

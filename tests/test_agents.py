@@ -152,7 +152,7 @@ class ScriptedTrainer(Actor):
                            metrics={"episodes": 120.0, "transitions": 9000.0, "wall_s": 3.0})
 
 
-async def _run_until_learning(tmp_path, done, linger_s: float = 0.0):
+async def _run_until_learning(tmp_path, done, linger_s: float = 0.0, observation: str = "state"):
     """The researcher on a plateau (every tuned candidate succeeds half the time) with 120 recorded successes,
     until `done()`, then `linger_s` longer."""
     board = Blackboard(tmp_path / "bb")
@@ -164,7 +164,7 @@ async def _run_until_learning(tmp_path, done, linger_s: float = 0.0):
     workspace = Workspace(tmp_path / "ws")
     settings = SearchSettings(population=4, elites=2, seeds_per_candidate=2, validation_seeds=4,
                               plateau_generations=3, learn_min_successes=100)
-    researcher = BuiltinResearcher(settings, 0, range(0, 1000))
+    researcher = BuiltinResearcher(settings, 0, range(0, 1000), "pusht", observation)
     async with trio.open_nursery() as nursery:
         system = ActorSystem(nursery)
         scheduler = await system.spawn("scheduler", LearningScheduler)
@@ -206,6 +206,26 @@ async def test_researcher_moves_from_tuning_to_learning_on_a_plateau(tmp_path, b
         rl = next(r for r in ScriptedTrainer.requests if r.recipe == "rl")
         assert rl.options["init_artifact"] == bc_artifact  # RL starts from the BC checkpoint
         assert any(f.regime == "rl" and "did not beat" in f.evidence for f in findings)
+
+
+async def test_from_pixels_the_researcher_tunes_perception_then_trains_a_visuomotor_policy(tmp_path):
+    """Pixels: the first guess is the perception template with its controller beside it; on a plateau the
+    imitation regime is the visuomotor CNN, and a model that does not beat tuning leads back to tuning
+    (there is no RL from pixels)."""
+    from enpire.agents import pusht_pixels_policy, pusht_policy
+
+    LearningScheduler.learned_rate, LearningScheduler.promoted = 0.25, []
+    ScriptedTrainer.requests, ScriptedTrainer.artifacts, ScriptedTrainer.fail = [], tmp_path / "artifacts", ""
+    board, workspace, researcher = await _run_until_learning(
+        tmp_path, lambda: bool(ScriptedTrainer.requests), linger_s=2.0, observation="pixels")
+    files = workspace.read(workspace.head("agent/agent-0"))
+    assert files["policy.py"] == Path(pusht_pixels_policy.__file__).read_text()
+    assert files["pusht_policy.py"] == Path(pusht_policy.__file__).read_text()
+    assert [r.recipe for r in ScriptedTrainer.requests] == ["visuomotor"] and researcher.trained_on["visuomotor"] == 120
+    findings = board.values("findings", Finding)
+    assert any(f.regime == "visuomotor" and f.outcome == "note" and "plateaued" in f.evidence for f in findings)
+    assert any(f.regime == "visuomotor" and f.outcome == "no_change" for f in findings)  # 25% < tuned 50%
+    assert not any(f.regime == "rl" for f in findings) and not researcher.learning
 
 
 async def test_a_failed_training_job_is_a_finding_and_tuning_goes_on(tmp_path):

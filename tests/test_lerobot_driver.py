@@ -78,6 +78,17 @@ def test_pixels_observation_gives_the_policy_the_camera():
         d.set_observation("depth")
 
 
+def test_the_robot_features_make_the_task_card():
+    from enpire import config as cfg
+    from enpire.tasks import card
+
+    config = cfg.decode(f'[cells]\ntask = "arm"\n[tasks.arm]\ndriver = "lerobot"\nverifier_kind = "pusht"\n'
+                        f'[tasks.arm.driver_options]\nrobot = "{SPEC}"\ncamera = "wrist"\n', "x.toml")
+    text = card("arm", config).render()
+    assert "[0] shoulder.pos (robot units)" in text and "[1] elbow.pos" in text and "camera 'wrist'" not in text
+    assert "LeRobot robot TwoJointArm" in text
+
+
 def test_bad_robots_are_one_line_errors():
     with pytest.raises(PluginError, match="option 'robot' is required"):
         make_driver("lerobot")

@@ -281,3 +281,28 @@ async def test_visuomotor_checkpoint_trained_by_the_trainer_runs_in_a_real_cell(
     for frame, pos, action in zip(arrays["frames"], arrays["observations"], arrays["actions"], strict=False):
         mine = model.act({"pixels": frame, "agent_pos": pos.astype(np.float64)})
         np.testing.assert_allclose(mine, action, rtol=0, atol=1e-2)  # stored as float32
+
+
+def test_model_agents_get_the_pixels_task_card(monkeypatch):
+    from enpire import config as cfg
+    from enpire.agents.backends import make_backend
+
+    monkeypatch.setenv("ENPIRE_TEST_KEY", "not-a-real-key")
+    agents = '[agents]\nbackend = "openai"\nmodel = "m"\napi_key_env = "ENPIRE_TEST_KEY"\n'
+    pixels = make_backend(cfg.decode('[cells]\ntask = "pusht"\n[tasks.pusht]\nobservation = "pixels"\n' + agents), 0)
+    state = make_backend(cfg.decode('[cells]\ntask = "pusht"\n' + agents), 0)
+    assert "'pixels' (96, 96, 3) uint8" in pixels.card.render() and "block_x" not in pixels.card.render()
+    assert "block_x" in state.card.render() and "'pixels'" not in state.card.render()
+    default = make_backend(cfg.decode(agents), 0)  # the embedded default task has its card too
+    assert "peg-insert-side-v3" in default.card.render()
+
+
+def test_the_pixels_task_card_names_the_frame_and_the_perception_template():
+    from enpire import config as cfg
+    from enpire.tasks import card
+
+    config = cfg.decode('[cells]\ntask = "pusht"\n[tasks.pusht]\nobservation = "pixels"\n', "pixels.toml")
+    text = card("pusht", config).render()
+    assert "'pixels' (96, 96, 3) uint8" in text and "block_x" not in text
+    assert "enpire.agents.pusht_pixels_policy" in text
+    assert "enpire.agents.pusht_policy " in card("pusht").render()  # the state card keeps the state template

@@ -69,6 +69,10 @@ def test_entry_point_driver_and_its_verifier_resolve(plugin_path):
     assert verifier_name("reach2d") == "enpire_reach_plugin:verify_reach"
     config = cfg.decode('[cells]\ntask = "reach"\n[tasks.reach]\ndriver = "reach2d"\nhorizon = 20\n', "x.toml")
     assert config.task().driver == "reach2d"
+    from enpire.tasks import card
+
+    text = card("reach", config).render()  # the plugin's own task card, in the one task registry
+    assert "Point reach (plugin)" in text and "[2:4] goal (unit square)" in text
 
 
 async def test_plugin_driver_runs_in_a_fleet(plugin_path, tmp_path):

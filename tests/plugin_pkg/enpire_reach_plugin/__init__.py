@@ -40,6 +40,20 @@ class ReachDriver:
         self.position = np.zeros(2)
         self.goal = np.zeros(2)
 
+    @classmethod
+    def task_spec(cls):
+        from enpire.tasks import Field, ObservationKind, TaskSpec
+
+        unit = "unit square"
+        return TaskSpec(
+            name="reach", driver="reach2d", title="Point reach (plugin)",
+            observations={"state": ObservationKind(4, (Field("position", 0, 2, unit, "robot x, y"),
+                                                       Field("goal", 2, 2, unit, "goal x, y")))},
+            action_fields=(Field("target", 0, 2, unit, "where the robot heads"),), action_low=(0.0, 0.0),
+            action_high=(1.0, 1.0), action_meaning="target position; the robot covers `gain` of the way per step",
+            goal="end within `tolerance` of the goal", success="distance to the goal <= tolerance at the end",
+            score="1 - distance", control_hz=10.0, horizon=20)
+
     def connect(self) -> None:
         pass
 
