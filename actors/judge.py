@@ -24,41 +24,26 @@ import time
 import trio
 
 from actors.runtime import Actor, Ref
+from bus import messages as m
 from bus.blackboard import Blackboard
 from bus.events import EventHub
-from bus.messages import (
-    CancelJob,
-    ChampionChanged,
-    Clearance,
-    EvalRequest,
-    EvalResult,
-    Failure,
-    FinalJudging,
-    FinalResult,
-    HeldoutUsage,
-    JobDone,
-    JobSpec,
-    Message,
-    PolicySpec,
-    PromoteRequest,
-    PromoteResult,
-    Purpose,
-    QueueDepth,
-    SmokeNeeded,
-    SubmitJob,
-)
 from bus.records import CandidateRecord, Champion, FinalRecord, HeldoutRecord, JobRecord, SmokeRecord
 from enpire import leaderboard
 from enpire.config import Config
+from enpire.heldout import PoolExhausted, draw, running_low
 from enpire.metrics import better_with_confidence, sprt, wilson_interval
+from enpire.queueing import spec_of
 
 SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
-PRIORITY = {"decisive": 200, "judging": 100, "smoke": 50, "background": -1, "final": 300}
+PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "background": -1}
+# Confirmation runs in jobs of a few episodes per cell: each judging job has a sandbox jail of its own (a
+# start-up cost), and the sequential rule is checked as each job ends.
 CONFIRM_EPISODES_PER_CELL = 4
 BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
+Purpose = m.Purpose
 
 
-class PoolExhausted(RuntimeError):
+class JobRefused(RuntimeError):
     pass
 
 
@@ -67,7 +52,7 @@ class Judge(Actor):
     concurrent_handlers = True  # agents wait for their jobs
 
     def __init__(self, config: Config, board: Blackboard, queue: Ref, events: EventHub, set_main=None,
-                 baseline: PolicySpec | None = None):
+                 baseline: m.PolicySpec | None = None):
         """`set_main(commit)` points the workspace's main branch at the champion (blocking: git)."""
         super().__init__()
         self.config, self.board, self.queue, self.events = config, board, queue, events
@@ -100,95 +85,98 @@ class Judge(Actor):
             nursery.start_soon(self._listen, nursery)
             for _, record in self.board.items("jobs", JobRecord):  # resume what a restart interrupted
                 if not record.done and record.purpose in (Purpose.BASELINE, Purpose.CONFIRM):
-                    self._confirming += len(record.seeds)
-                    self._background.add(record.job_id)
-                    nursery.start_soon(self._background_job, _spec(record))
+                    self._start_background(nursery, spec_of(record))
             while True:
-                self._top_up(nursery)
+                await self._top_up(nursery)
                 await self._changed.wait()
                 self._changed = trio.Event()
 
     async def _listen(self, nursery: trio.Nursery) -> None:
-        with self.events.subscribe(QueueDepth, SmokeNeeded) as events:
+        with self.events.subscribe(m.QueueDepth, m.SmokeNeeded) as events:
             async for event in events:
-                if isinstance(event, QueueDepth) and event.cells != self.cells:
+                if isinstance(event, m.QueueDepth) and event.cells != self.cells:
                     self.cells = event.cells
                     self._changed.set()
-                elif isinstance(event, SmokeNeeded):
+                elif isinstance(event, m.SmokeNeeded):
                     nursery.start_soon(self._smoke, event.policy)
 
-    async def handle(self, msg: Message) -> Message:
-        match msg:
-            case EvalRequest():
-                return await self._eval(msg)
-            case PromoteRequest():
-                return await self._promote(msg)
-            case FinalJudging():
-                return await self._final(msg)
-        return Failure(error=f"the judge does not handle {type(msg).__name__}")
+    async def handle(self, msg: m.Message) -> m.Message:
+        try:
+            match msg:
+                case m.EvalRequest():
+                    return await self._eval(msg)
+                case m.PromoteRequest():
+                    return await self._promote(msg)
+                case m.FinalJudging():
+                    return await self._final(msg)
+        except JobRefused as e:
+            return m.Failure(error=str(e))
+        return m.Failure(error=f"the judge does not handle {type(msg).__name__}")
 
     # ------------------------------------------------------------------ agents' evaluations
 
-    async def _eval(self, msg: EvalRequest) -> Message:
+    async def _eval(self, msg: m.EvalRequest) -> m.Message:
         task = self.config.tasks.get(msg.task)
         if task is None:
-            return Failure(error=f"unknown task {msg.task!r}")
+            return m.Failure(error=f"unknown task {msg.task!r}")
         if not msg.seeds:
-            return Failure(error="an evaluation needs at least one seed")
+            return m.Failure(error="an evaluation needs at least one seed")
         if any(s in task.heldout_seeds.seeds() for s in msg.seeds):
-            return Failure(error="held-out seeds are reserved for judging; evaluate on tuning seeds")
-        spec = JobSpec(job_id=msg.job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=list(msg.seeds),
-                       purpose=Purpose.EVAL, attempts=msg.attempts or task.attempts, priority=msg.priority)
+            return m.Failure(error="held-out seeds are reserved for judging; evaluate on tuning seeds")
+        spec = m.JobSpec(job_id=msg.job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=list(msg.seeds),
+                         purpose=Purpose.EVAL, attempts=msg.attempts or task.attempts, priority=msg.priority)
         fresh = self.board.get("jobs", msg.job_id, JobRecord) is None
         if fresh:  # a retried request is neither charged nor tallied twice
             budget, spent = self.config.agents.episode_budget, self.committed.get(msg.agent, 0)
             if budget and spent + len(msg.seeds) > budget:
-                return Failure(error=f"episode budget exhausted: {spent} of {budget} used, {len(msg.seeds)} asked")
+                return m.Failure(error=f"episode budget exhausted: {spent} of {budget} used, {len(msg.seeds)} asked")
             self.committed[msg.agent] = spent + len(msg.seeds)
-            if self.baseline is None and self.board.get("meta", "start", PolicySpec) is None:
-                self.board.put("meta", "start", msg.policy)  # the run starts from the first candidate evaluated
-            with self.board.write() as w:  # teammates see what is being measured right now
+
+            def pending(w) -> int:  # teammates see what is being measured right now
+                if self.baseline is None and w.get("meta", "start", m.PolicySpec) is None:
+                    w.put("meta", "start", msg.policy)  # the run starts from the first candidate evaluated
                 candidate = self._candidate(w, spec)
-                if candidate.n:  # more evidence on a measured candidate is on the way to a promotion: first
-                    spec = JobSpec(**{**_fields(spec), "priority": spec.priority + 1})
                 candidate.pending += len(spec.seeds)
                 w.put("candidates", _key(spec.task, spec.policy), candidate)
+                return candidate.n
+            if await self._write(pending):  # more evidence on a measured candidate goes first (to a promotion)
+                spec = m.JobSpec(**{**_fields(spec), "priority": spec.priority + 1})
         done = await self._run(spec)
-        with self.board.write() as w:  # the tally, from verdicts (never from what an agent says)
-            if not fresh:
-                return EvalResult(job_id=msg.job_id, policy=msg.policy, task=msg.task, episodes=done.episodes)
-            candidate = leaderboard.add(self._candidate(w, spec), [(e.success, e.score, e.steps) for e in done.episodes],
-                                        len(spec.seeds), time.time())
-            w.put("candidates", _key(spec.task, spec.policy), candidate)
-        return EvalResult(job_id=msg.job_id, policy=msg.policy, task=msg.task, episodes=done.episodes)
+        if fresh:
+            def tally(w) -> None:  # from verdicts, never from what an agent says
+                outcomes = [(e.success, e.score, e.steps) for e in done.episodes]
+                candidate = leaderboard.add(self._candidate(w, spec), outcomes, len(spec.seeds), time.time())
+                w.put("candidates", _key(spec.task, spec.policy), candidate)
+            await self._write(tally)
+        return m.EvalResult(job_id=msg.job_id, policy=msg.policy, task=msg.task, episodes=done.episodes)
 
-    def _candidate(self, w, spec: JobSpec) -> CandidateRecord:
+    def _candidate(self, w, spec: m.JobSpec) -> CandidateRecord:
         return w.get("candidates", _key(spec.task, spec.policy), CandidateRecord) or CandidateRecord(
             spec.task, spec.policy, spec.agent, t=time.time())
 
     # ------------------------------------------------------------------ promotion
 
-    async def _promote(self, msg: PromoteRequest) -> Message:
+    async def _promote(self, msg: m.PromoteRequest) -> m.Message:
         if msg.task not in self.config.tasks:
-            return Failure(error=f"unknown task {msg.task!r}")
+            return m.Failure(error=f"unknown task {msg.task!r}")
         # One judging per candidate: teammates who ask for the same one wait for that verdict.
         job_id = self.promotions.setdefault(msg.policy.ref, msg.job_id)
         record = self.board.get("jobs", job_id, JobRecord)
         if record is None:
             try:
-                seeds = self._draw(msg.task, self.config.scheduler.promote_seeds)
+                seeds = await self._draw(msg.task, self.config.scheduler.promote_seeds)
             except PoolExhausted as e:
                 del self.promotions[msg.policy.ref]
-                return Failure(error=str(e))
-            spec = JobSpec(job_id=job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=seeds,
-                           purpose=Purpose.PROMOTE, priority=PRIORITY["judging"])
-            self._mark(spec, "judging")
+                return m.Failure(error=str(e))
+            spec = m.JobSpec(job_id=job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=seeds,
+                             purpose=Purpose.PROMOTE, priority=PRIORITY["judging"])
+            await self._mark(spec, "judging")
         else:
-            spec = _spec(record)
+            spec = spec_of(record)
         done = await self._run(spec)
         return await self._decide(spec, done)
 
-    async def _decide(self, spec: JobSpec, done: JobDone) -> PromoteResult:
+    async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
         s, n = sum(e.success for e in done.episodes), len(done.episodes)
         champion = self.champion()
         # The champion's held-out record: its judging plus its confirmation, all on fresh seeds.
@@ -205,69 +193,75 @@ class Judge(Actor):
                           previous=champion.policy.ref if champion else "")
         else:
             promoted, detail = False, f"{s}/{n} is not better than {cs}/{cn} with confidence"
-        self._mark(spec, "promoted" if promoted else "rejected")
-        return PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=promoted, successes=s, n=n,
-                             champion_successes=cs, champion_n=cn, detail=detail)
+        await self._mark(spec, "promoted" if promoted else "rejected")
+        return m.PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=promoted, successes=s, n=n,
+                               champion_successes=cs, champion_n=cn, detail=detail)
 
     async def _crown(self, champion: Champion) -> None:
-        self.board.put("champion", champion.task, champion)
-        # The old champion's confirmation (or the baseline's judging) no longer counts: drop what is queued.
-        for job_id in list(self._background):
-            await self.queue.ask(CancelJob(job_id=job_id))
+        await self._write(lambda w: w.put("champion", champion.task, champion))
+        await self._cancel_background()  # the old champion's confirmation (or the baseline's judging) is moot
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
 
-    def _mark(self, spec: JobSpec, judged: str) -> None:
-        with self.board.write() as w:
+    async def _mark(self, spec: m.JobSpec, judged: str) -> None:
+        def mark(w) -> None:
             candidate = w.get("candidates", _key(spec.task, spec.policy), CandidateRecord)
             if candidate is not None and candidate.judged != judged:
                 candidate.judged = judged
                 w.put("candidates", _key(spec.task, spec.policy), candidate)
+        await self._write(mark)
 
     # ------------------------------------------------------------------ background: baseline, confirmation
 
-    def _top_up(self, nursery: trio.Nursery) -> None:
-        """Keep about two episodes per cell of the champion's confirmation in the queue (or the
-        baseline's judging while there is no champion)."""
+    async def _top_up(self, nursery: trio.Nursery) -> None:
+        """Keep two jobs of the champion's confirmation queued (or the baseline's judging while there is
+        no champion). A decisive confirmation (its judging does not rule out the target) goes before
+        agents' experiments; otherwise only idle cells run it, and only with `[scheduler] background`."""
         sched = self.config.scheduler
         champion = self.champion()
         if champion is None:
-            if (self.baseline and sched.pooled and sched.background and self._confirming == 0
-                    and self.board.get("jobs", f"baseline-{self.baseline.ref}", JobRecord) is None):
-                self._submit_background(nursery, Purpose.BASELINE, self.baseline, "baseline",
-                                        sched.promote_seeds, f"baseline-{self.baseline.ref}")
+            job_id = f"baseline-{self.baseline.ref}" if self.baseline else ""
+            if (job_id and sched.pooled and sched.background and self._confirming == 0
+                    and self.board.get("jobs", job_id, JobRecord) is None):
+                await self._submit_background(nursery, Purpose.BASELINE, self.baseline, "baseline",
+                                              sched.promote_seeds, PRIORITY["background"], job_id)
             return
         state = self._confirmation(champion)
-        if state in ("met", "not_met"):
+        upper = wilson_interval(champion.judged_successes, champion.judged_n)[1]
+        decisive = state == "" and upper >= self.config.fleet.target
+        if state in ("met", "not_met") or not (decisive or sched.background):
             return
-        decisive = state == "" and wilson_interval(champion.judged_successes, champion.judged_n)[1] >= self.config.fleet.target
-        if not (decisive or sched.background):
-            return
-        # Jobs of a few episodes per cell: each judging job runs in a sandbox jail of its own (a start-up
-        # cost), and the sequential rule is checked as each job ends.
         batch = CONFIRM_EPISODES_PER_CELL * max(1, self.cells)
         while self._confirming < 2 * batch:
-            self._submit_background(nursery, Purpose.CONFIRM, champion.policy, champion.agent, batch,
-                                    priority=PRIORITY["decisive" if decisive else "background"])
+            if not await self._submit_background(nursery, Purpose.CONFIRM, champion.policy, champion.agent, batch,
+                                                 PRIORITY["decisive" if decisive else "background"]):
+                return
 
-    def _submit_background(self, nursery, purpose: Purpose, policy: PolicySpec, agent: str, n: int,
-                           job_id: str = "", priority: int = PRIORITY["background"]) -> None:
+    async def _submit_background(self, nursery, purpose: m.Purpose, policy: m.PolicySpec, agent: str, n: int,
+                                 priority: int, job_id: str = "") -> bool:
         try:
-            seeds = self._draw(self.task, n)
+            seeds = await self._draw(self.task, n)
         except PoolExhausted as e:
             self.log.warning("heldout_pool_exhausted", detail=str(e))
-            self._confirming = math.inf  # nothing more to draw: no more background work
-            return
-        job_id = job_id or f"{purpose.value}-{policy.ref}-{seeds[0]}"
-        spec = JobSpec(job_id=job_id, agent=agent, task=self.task, policy=policy, seeds=seeds, purpose=purpose,
-                       priority=priority)
-        self._confirming += len(seeds)
-        self._background.add(job_id)
+            return False
+        if purpose is Purpose.CONFIRM and (c := self.champion()) is not None and c.policy != policy:
+            return False  # promoted meanwhile: these seeds stay unused (never judged)
+        self._start_background(nursery, m.JobSpec(
+            job_id=job_id or f"{purpose.value}-{policy.ref}-{seeds[0]}", agent=agent, task=self.task, policy=policy,
+            seeds=seeds, purpose=purpose, priority=priority))
+        return True
+
+    def _start_background(self, nursery: trio.Nursery, spec: m.JobSpec) -> None:
+        self._confirming += len(spec.seeds)
+        self._background.add(spec.job_id)
         nursery.start_soon(self._background_job, spec)
 
-    async def _background_job(self, spec: JobSpec) -> None:
+    async def _background_job(self, spec: m.JobSpec) -> None:
         try:
             done = await self._run(spec)
+        except JobRefused as e:  # its policy cannot be served: nothing to confirm (the log says why)
+            self.log.error("background_job_refused", job=spec.job_id, error=str(e))
+            return
         finally:
             self._confirming -= len(spec.seeds)
             self._background.discard(spec.job_id)
@@ -275,7 +269,11 @@ class Judge(Actor):
             await (self._baseline_judged if spec.purpose is Purpose.BASELINE else self._confirmed)(spec, done)
         self._changed.set()
 
-    async def _baseline_judged(self, spec: JobSpec, done: JobDone) -> None:
+    async def _cancel_background(self) -> None:
+        for job_id in list(self._background):
+            await self.queue.ask(m.CancelJob(job_id=job_id))
+
+    async def _baseline_judged(self, spec: m.JobSpec, done: m.JobDone) -> None:
         if self.champion() is not None:
             return  # a promotion came first; the baseline's episodes stay recorded
         s = sum(e.success for e in done.episodes)
@@ -283,7 +281,7 @@ class Judge(Actor):
                                    promoted=time.time(), agent="baseline"))
         self.log.info("baseline_judged", policy=spec.policy.ref, judged=f"{s}/{len(done.episodes)}")
 
-    async def _confirmed(self, spec: JobSpec, done: JobDone) -> None:
+    async def _confirmed(self, spec: m.JobSpec, done: m.JobDone) -> None:
         champion = self.champion()
         if champion is None or champion.policy != spec.policy:
             return  # the champion changed while this ran: the episodes stay recorded, not counted
@@ -300,11 +298,10 @@ class Judge(Actor):
             return
         decision = self._confirmation(champion)
         champion.decision = decision if decision in ("met", "not_met") else ""
-        self.board.put("champion", champion.task, champion)
+        await self._write(lambda w: w.put("champion", champion.task, champion))
         self._publish(champion)
-        if champion.decision in ("met", "not_met"):
-            for job_id in list(self._background):  # what is still queued of it is not needed
-                await self.queue.ask(CancelJob(job_id=job_id))
+        if champion.decision:
+            await self._cancel_background()  # what is still queued of it is not needed
             self.log.info("confirmation_stopped", policy=champion.policy.ref, decision=champion.decision,
                           confirmed=f"{champion.successes}/{champion.n}")
 
@@ -316,101 +313,98 @@ class Judge(Actor):
 
     # ------------------------------------------------------------------ smoke tests, final judging
 
-    async def _smoke(self, policy: PolicySpec) -> None:
+    async def _smoke(self, policy: m.PolicySpec) -> None:
         record = self.board.get("smoke", policy.ref, SmokeRecord)
         if record is None:
             seeds = list(self.config.task().tuning_seeds.seeds()[: self.config.scheduler.smoke_seeds])
-            done = await self._run(JobSpec(job_id=f"smoke-{policy.ref}", agent="smoke", task=self.task, policy=policy,
-                                           seeds=seeds, purpose=Purpose.SMOKE, priority=PRIORITY["smoke"]))
+            try:
+                done = await self._run(m.JobSpec(job_id=f"smoke-{policy.ref}", agent="smoke", task=self.task,
+                                                 policy=policy, seeds=seeds, purpose=Purpose.SMOKE,
+                                                 priority=PRIORITY["smoke"]))
+            except JobRefused as e:
+                done = m.JobDone(job_id=f"smoke-{policy.ref}", episodes=[
+                    m.EpisodeSummary("", 0, False, False, 0.0, f"policy_error: {e}", 0)])
             faults = [e.reason for e in done.episodes if e.reason.startswith(SMOKE_FAULTS)]
             wins = sum(e.success for e in done.episodes)
             detail = f"{wins}/{len(done.episodes)} succeeded" + (f"; faults: {faults[:3]}" if faults else "")
             record = SmokeRecord(policy, not faults and wins > 0, detail, time.time())
-            self.board.put("smoke", policy.ref, record)
+            await self._write(lambda w: w.put("smoke", policy.ref, record))
             self.log.info("smoke_tested", policy=policy.ref, passed=record.passed, detail=detail)
-        await self.queue.ask(Clearance(policy=policy, passed=record.passed))
+        await self.queue.ask(m.Clearance(policy=policy, passed=record.passed))
 
-    async def _final(self, msg: FinalJudging) -> Message:
-        """The starting policy and the champion on the same fresh held-out seeds (paired), with priority."""
-        start = self.baseline or self.board.get("meta", "start", PolicySpec)
+    async def _final(self, msg: m.FinalJudging) -> m.Message:
+        """The starting policy and the champion on the same fresh held-out seeds (paired), before all else."""
+        start = self.baseline or self.board.get("meta", "start", m.PolicySpec)
         if start is None:
-            return Failure(error="no starting policy: no baseline and no agent evaluated anything")
+            return m.Failure(error="no starting policy: no baseline and no agent evaluated anything")
         champion = self.champion()
         try:
-            seeds = self._draw(msg.task, msg.seeds)
+            seeds = await self._draw(msg.task, msg.seeds)
         except PoolExhausted as e:
-            return Failure(error=str(e))
-        policies = [start] + ([champion.policy] if champion and champion.policy != start else [])
-        results: dict[str, JobDone] = {}
-
-        async def judge(policy: PolicySpec) -> None:
-            results[policy.ref] = await self._run(JobSpec(
-                job_id=f"final-{policy.ref}-{seeds[0]}", agent="final", task=msg.task, policy=policy, seeds=seeds,
-                purpose=Purpose.FINAL, priority=PRIORITY["final"]))
-        async with trio.open_nursery() as nursery:
-            for policy in policies:
-                nursery.start_soon(judge, policy)
-        tally = {ref: (sum(e.success for e in d.episodes), len(d.episodes)) for ref, d in results.items()}
+            return m.Failure(error=str(e))
         best = champion.policy if champion else None
-        (s0, n0), (s1, n1) = tally[start.ref], tally[best.ref] if best else (0, 0)
+        results: dict[str, tuple[int, int]] = {}
+
+        async def judge(policy: m.PolicySpec) -> None:
+            done = await self._run(m.JobSpec(job_id=f"final-{policy.ref}-{seeds[0]}", agent="final", task=msg.task,
+                                             policy=policy, seeds=seeds, purpose=Purpose.FINAL,
+                                             priority=PRIORITY["final"]))
+            results[policy.ref] = (sum(e.success for e in done.episodes), len(done.episodes))
+        async with trio.open_nursery() as nursery:
+            for policy in {p.ref: p for p in (start, best) if p is not None}.values():
+                nursery.start_soon(judge, policy)
+        (s0, n0), (s1, n1) = results[start.ref], results[best.ref] if best else (0, 0)
         record = FinalRecord(msg.task, seeds, start, s0, n0, best, s1, n1, time.time())
-        self.board.put("meta", "final", record)
+        await self._write(lambda w: w.put("meta", "final", record))
         self.log.info("final_judging", start=start.ref, start_judged=f"{s0}/{n0}",
                       champion=best.ref if best else "", champion_judged=f"{s1}/{n1}")
-        return FinalResult(task=msg.task, seeds=seeds, start=start, start_successes=s0, start_n=n0, champion=best,
-                           champion_successes=s1, champion_n=n1)
+        return m.FinalResult(task=msg.task, seeds=seeds, start=start, start_successes=s0, start_n=n0, champion=best,
+                             champion_successes=s1, champion_n=n1)
 
     # ------------------------------------------------------------------ the held-out pool, jobs, events
 
-    def _draw(self, task: str, k: int) -> list[int]:
-        """The next `k` held-out seeds never drawn before (the pool's cursor is durable)."""
-        pool = self.config.task(task).heldout_seeds
-        with self.board.write() as w:
-            record = w.get("heldout", task, HeldoutRecord) or HeldoutRecord(task)
-            if record.used + k > pool.count:
-                raise PoolExhausted(f"held-out pool of task {task!r} exhausted: {record.used} of {pool.count} "
-                                    f"seeds used, {k} more needed (raise tasks.{task}.heldout_seeds.count)")
-            seeds = list(range(pool.start + record.used, pool.start + record.used + k))
-            record.used, record.draws = record.used + k, record.draws + 1
-            w.put("heldout", task, record)
+    async def _draw(self, task: str, k: int) -> list[int]:
+        seeds, record = await trio.to_thread.run_sync(draw, self.board, self.config, task, k)
         self._publish_pool(record)
         return seeds
 
     def _publish_pool(self, record: HeldoutRecord) -> None:
-        total = self.config.task(record.task).heldout_seeds.count
-        need = self.config.scheduler.promote_seeds + self.config.fleet.min_heldout
-        low = total - record.used < need
-        self.events.publish(HeldoutUsage(task=record.task, used=record.used, total=total, low=low, t=time.time()))
+        total, low = self.config.task(record.task).heldout_seeds.count, running_low(self.config, record)
+        self.events.publish(m.HeldoutUsage(task=record.task, used=record.used, total=total, low=low, t=time.time()))
         if low:
-            self.log.warning("heldout_pool_low", task=record.task, used=record.used, total=total, need=need)
+            self.log.warning("heldout_pool_low", task=record.task, used=record.used, total=total)
 
-    async def _run(self, spec: JobSpec) -> JobDone:
+    async def _run(self, spec: m.JobSpec) -> m.JobDone:
         """Submit a job and wait for it; a restart of the queue is answered by submitting again (idempotent)."""
         while True:
-            reply = await self.queue.ask(SubmitJob(job=spec), timeout=math.inf)
-            if isinstance(reply, JobDone):
+            reply = await self.queue.ask(m.SubmitJob(job=spec), timeout=math.inf)
+            if isinstance(reply, m.JobDone):
                 return reply
+            if isinstance(reply, m.Failure) and not reply.retry:
+                raise JobRefused(reply.error)
             self.log.warning("job_resubmitted", job=spec.job_id, reply=str(reply)[:200])
             await trio.sleep(0.5)
+
+    async def _write(self, fn):
+        """`fn(txn)` in one blackboard write transaction, in a worker thread (LMDB fsyncs on commit)."""
+        def run():
+            with self.board.write() as w:
+                return fn(w)
+        return await trio.to_thread.run_sync(run)
 
     def champion(self) -> Champion | None:
         return self.board.get("champion", self.task, Champion)
 
     def _publish(self, c: Champion) -> None:
-        self.events.publish(ChampionChanged(
+        self.events.publish(m.ChampionChanged(
             task=c.task, policy=c.policy, agent=c.agent, judged_successes=c.judged_successes, judged_n=c.judged_n,
             successes=c.successes, n=c.n, decision=c.decision, t=time.time()))
         self._changed.set()
 
 
-def _key(task: str, policy: PolicySpec) -> str:
+def _key(task: str, policy: m.PolicySpec) -> str:
     return f"{task}/{policy.ref}"
 
 
-def _fields(spec: JobSpec) -> dict:
+def _fields(spec: m.JobSpec) -> dict:
     return {f: getattr(spec, f) for f in spec.__struct_fields__}
-
-
-def _spec(record: JobRecord) -> JobSpec:
-    return JobSpec(job_id=record.job_id, agent=record.agent, task=record.task, policy=record.policy,
-                   seeds=list(record.seeds), purpose=record.purpose, attempts=record.attempts, priority=record.priority)

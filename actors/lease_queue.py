@@ -18,37 +18,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from actors.runtime import Actor
+from bus import messages as m
 from bus.blackboard import Blackboard
 from bus.events import EventHub
-from bus.messages import (
-    Ack,
-    BundleRequest,
-    CancelJob,
-    CellStateChanged,
-    Clearance,
-    EpisodeReport,
-    EpisodeSummary,
-    Failure,
-    Heartbeat,
-    Hello,
-    JobDone,
-    JobSpec,
-    Lease,
-    LeaseRequest,
-    Message,
-    NoWork,
-    QueueDepth,
-    Segment,
-    SmokeNeeded,
-    SubmitJob,
-    Welcome,
-)
 from bus.records import (
     CellRecord,
     EpisodeRecord,
@@ -58,56 +35,20 @@ from bus.records import (
     SmokeRecord,
     TimelineRecord,
 )
-from enpire.bundles import BundleStore
+from enpire.bundles import BundleError, BundleStore
 from enpire.config import Config
-from enpire.episodes import write_trajectory
-from enpire.metrics import Utilization, utilization
-
-
-@dataclass
-class Episode:
-    episode_id: str
-    spec: JobSpec
-    seed: int
-    bundle: str
-
-
-@dataclass
-class Job:
-    spec: JobSpec
-    episode_ids: list[str]
-    results: dict[str, EpisodeRecord] = field(default_factory=dict)
-    done: trio.Event = field(default_factory=trio.Event)
-    cancelled: bool = False
-
-    def reply(self) -> JobDone:
-        return JobDone(job_id=self.spec.job_id, cancelled=self.cancelled, episodes=[
-            EpisodeSummary(episode_id=r.episode_id, seed=r.seed, success=r.verdict.success,
-                           success_at_k=r.success_at_k, score=r.verdict.score, reason=r.verdict.reason, steps=r.steps)
-            for eid in self.episode_ids if (r := self.results.get(eid)) is not None and not r.flagged])
-
-
-@dataclass
-class LeaseState:
-    episode: Episode
-    cell_id: str
-    expires: float
-
-
-@dataclass
-class CellState:
-    record: CellRecord
-    tasks: frozenset[str]
-    segments: list[Segment] = field(default_factory=list)
-    last_heartbeat: float = 0.0
-
-
-def lane(spec: JobSpec) -> str:
-    """Judging shares one queue, each agent has its own, background work has one."""
-    return {"heldout": "judge", "background": "background"}.get(spec.kind, spec.agent)
-
-
-LANE_RANK = {"judge": 0, "background": 2}  # agents' lanes rank 1
+from enpire.metrics import Utilization
+from enpire.queueing import (
+    CellState,
+    Episode,
+    Job,
+    LeaseState,
+    lane,
+    lane_rank,
+    record_episode,
+    spec_of,
+    stored_segments,
+)
 
 
 class LeaseQueue(Actor):
@@ -146,7 +87,10 @@ class LeaseQueue(Actor):
         jobs, done, self.cleared = await trio.to_thread.run_sync(read)
         self.recorded = self.board.counter("episodes")
         for record in jobs:
-            await self._add(_spec(record), done)
+            try:
+                await self._add(spec_of(record), done)
+            except (BundleError, OSError) as e:  # its policy is gone: it cannot run again
+                self.log.error("job_dropped", job=record.job_id, error=str(e))
         if jobs:
             self.log.info("queue_restored", jobs=len(jobs), episodes=sum(len(q) for q in self.pending.values()))
 
@@ -169,30 +113,30 @@ class LeaseQueue(Actor):
 
     # ------------------------------------------------------------------ messages
 
-    async def handle(self, msg: Message) -> Message:
+    async def handle(self, msg: m.Message) -> m.Message:
         match msg:
-            case LeaseRequest():
+            case m.LeaseRequest():
                 return await self._lease(msg)
-            case EpisodeReport():
+            case m.EpisodeReport():
                 return await self._report(msg)
-            case Heartbeat():
+            case m.Heartbeat():
                 return await self._heartbeat(msg)
-            case Hello():
+            case m.Hello():
                 return await self._hello(msg)
-            case BundleRequest():
+            case m.BundleRequest():
                 bundle = await self.bundles.bundle(msg.digest)
-                return bundle or Failure(error=f"no policy bundle {msg.digest}")
-            case SubmitJob():
+                return bundle or m.Failure(error=f"no policy bundle {msg.digest}")
+            case m.SubmitJob():
                 return await self._submit(msg.job)
-            case CancelJob():
+            case m.CancelJob():
                 return await self._cancel(msg.job_id)
-            case Clearance():
+            case m.Clearance():
                 self.cleared[msg.policy.ref] = msg.passed
                 self._wake()
-                return Ack()
-        return Failure(error=f"the lease queue does not handle {type(msg).__name__}")
+                return m.Ack()
+        return m.Failure(error=f"the lease queue does not handle {type(msg).__name__}")
 
-    async def _hello(self, msg: Hello) -> Welcome:
+    async def _hello(self, msg: m.Hello) -> m.Welcome:
         now = time.time()
         previous = self.cells.get(msg.cell_id)
         known = self.board.get("cells", msg.cell_id, CellRecord)
@@ -201,21 +145,22 @@ class LeaseQueue(Actor):
         record = CellRecord(msg.cell_id, msg.driver, msg.host, msg.pid, joined=joined, last_seen=now, real=msg.real)
         if previous is not None:
             self._release_cell(msg.cell_id, "cell restarted")
-        segments = previous.segments if previous else await trio.to_thread.run_sync(self._stored_segments, msg.cell_id)
+        segments = previous.segments if previous else await trio.to_thread.run_sync(stored_segments, self.board,
+                                                                                    msg.cell_id)
         self.cells[msg.cell_id] = CellState(record, frozenset(msg.tasks), segments, now)
         await self._write(lambda w: w.put("cells", msg.cell_id, record))
         self._cell_changed(msg.cell_id)
         self.log.info("cell_joined", cell=msg.cell_id, host=msg.host, pid=msg.pid, driver=msg.driver, tasks=msg.tasks)
-        return Welcome(run_id=self.run_id, heartbeat_s=self.config.scheduler.heartbeat_s)
+        return m.Welcome(run_id=self.run_id, heartbeat_s=self.config.scheduler.heartbeat_s)
 
-    async def _heartbeat(self, msg: Heartbeat) -> Message:
+    async def _heartbeat(self, msg: m.Heartbeat) -> m.Message:
         cell = self.cells.get(msg.cell_id)
         if cell is None:
-            return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
+            return m.Failure(error=f"unknown cell {msg.cell_id!r}: say m.Hello first", retry=False)
         cell.last_heartbeat = cell.record.last_seen = time.time()
         changed = cell.record.state != msg.state
         cell.record.state = msg.state
-        fresh = self._fresh_segments(cell, msg.segments)
+        fresh = cell.fresh(msg.segments)
         if changed or fresh:
             record = cell.record
 
@@ -227,21 +172,21 @@ class LeaseQueue(Actor):
             await self._write(write)
         if changed:
             self._cell_changed(msg.cell_id)
-        return Ack()
+        return m.Ack()
 
-    async def _lease(self, msg: LeaseRequest) -> Message:
+    async def _lease(self, msg: m.LeaseRequest) -> m.Message:
         cell = self.cells.get(msg.cell_id)
         if cell is None:
-            return Failure(error=f"unknown cell {msg.cell_id!r}: say Hello first", retry=False)
+            return m.Failure(error=f"unknown cell {msg.cell_id!r}: say m.Hello first", retry=False)
         with trio.move_on_after(min(msg.wait_s, 10.0)):
             while True:
                 episode = self._next_episode(cell)
                 if episode is not None:
                     return await self._grant(episode, msg.cell_id)
                 await self._work.wait()
-        return NoWork(retry_after_s=0.0)
+        return m.NoWork(retry_after_s=0.0)
 
-    async def _grant(self, episode: Episode, cell_id: str) -> Lease:
+    async def _grant(self, episode: Episode, cell_id: str) -> m.Lease:
         spec = episode.spec
         task = self.config.task(spec.task)
         lease_id = uuid.uuid4().hex[:12]
@@ -253,7 +198,7 @@ class LeaseQueue(Actor):
         # Recorded before the cell hears of it; should this be cancelled, the lease expires and is re-queued.
         await self._write(lambda w: w.put("leases", lease_id, LeaseRecord(lease_id, episode.episode_id, spec.job_id,
                                                                           cell_id, now)))
-        return Lease(
+        return m.Lease(
             lease_id=lease_id, episode_id=episode.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task,
             seed=episode.seed, attempts=spec.attempts, policy=spec.policy, bundle=episode.bundle,
             deadline_s=self.config.scheduler.lease_s, horizon=task.horizon, max_delta=task.limits.max_delta,
@@ -261,16 +206,16 @@ class LeaseQueue(Actor):
             joints=task.limits.joints,
         )
 
-    async def _report(self, msg: EpisodeReport) -> Message:
+    async def _report(self, msg: m.EpisodeReport) -> m.Message:
         lease = self.leases.pop(msg.lease_id, None)
         job = self.jobs.get(lease.episode.spec.job_id if lease else msg.episode_id.rsplit(":", 1)[0])
         cell = self.cells.get(msg.cell_id)
-        fresh = self._fresh_segments(cell, msg.segments) if cell else []
+        fresh = cell.fresh(msg.segments) if cell else []
         episode = lease.episode if lease else self._find_episode(msg.episode_id)
         if job is None or episode is None or msg.episode_id in job.results or msg.episode_id in self.recording:
             if fresh:
                 await self._write(lambda w: w.append("timeline", TimelineRecord(msg.cell_id, fresh)))
-            return Ack(detail="duplicate or unknown episode; ignored")
+            return m.Ack(detail="duplicate or unknown episode; ignored")
         # A re-leased copy of this episode may still be queued or running: drop it, this result wins.
         for queue in self.pending.values():
             for queued in [e for e in queue if e.episode_id == msg.episode_id]:
@@ -279,7 +224,9 @@ class LeaseQueue(Actor):
             del self.leases[lease_id]
         self.recording.add(msg.episode_id)
         try:
-            record, first = await trio.to_thread.run_sync(self._record, msg, episode, fresh)
+            record, first = await trio.to_thread.run_sync(
+                record_episode, self.board, self.state_dir, msg, episode,
+                self.config.task(episode.spec.task).record_trajectories, fresh)
         finally:
             self.recording.discard(msg.episode_id)
         job.results[msg.episode_id] = record  # the recorded result, whichever report it came from
@@ -288,51 +235,23 @@ class LeaseQueue(Actor):
             self._replace(job, episode)
         await self._progress(job)
         self._depth_changed()
-        return Ack() if first else Ack(detail="already recorded")
-
-    def _record(self, msg: EpisodeReport, episode: Episode, fresh: list[Segment]) -> tuple[EpisodeRecord, bool]:
-        """In a worker thread: the trajectory file, then the episode, its counters and the cell's time in one
-        transaction. The first report of an episode id wins: (the recorded episode, whether this was it)."""
-        spec = episode.spec
-        with self.board.read() as r:
-            known = r.get("episodes", msg.episode_id, EpisodeRecord)
-        if known is not None:
-            return known, False
-        trajectory_file = ""
-        if msg.trajectory is not None and self.config.task(spec.task).record_trajectories:
-            rel = Path("episodes") / (msg.episode_id.replace(":", "_").replace("/", "_") + ".npz")
-            t = msg.trajectory
-            write_trajectory(self.state_dir / rel, t.observations.numpy(), t.actions.numpy(), t.rewards.numpy(),
-                             t.frames.numpy() if t.frames is not None else None)
-            trajectory_file = str(rel)
-        record = EpisodeRecord(
-            episode_id=msg.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task, seed=episode.seed,
-            policy=spec.policy, cell_id=msg.cell_id, verdict=msg.verdict,
-            success_at_k=any(a.verdict.success for a in msg.attempts) or msg.verdict.success,
-            attempts=len(msg.attempts), steps=msg.steps, reset_s=msg.reset_s, run_s=msg.run_s, verify_s=msg.verify_s,
-            finished=time.time(), trajectory_file=trajectory_file, flagged=msg.flagged, purpose=spec.purpose,
-        )
-        with self.board.write() as w:
-            if fresh:
-                w.append("timeline", TimelineRecord(msg.cell_id, fresh))
-            if not w.put("episodes", msg.episode_id, record, overwrite=False):
-                return w.get("episodes", msg.episode_id, EpisodeRecord), False
-            w.incr("episodes")
-            if msg.flagged:
-                w.incr("episodes_flagged")
-        return record, True
+        return m.Ack() if first else m.Ack(detail="already recorded")
 
     # ------------------------------------------------------------------ jobs
 
-    async def _submit(self, spec: JobSpec) -> Message:
+    async def _submit(self, spec: m.JobSpec) -> m.Message:
         """Queue a job once; every submission of its id waits for the same job and gets its episodes."""
         job = self.jobs.get(spec.job_id)
         if job is None and spec.job_id in self.cancelled:
-            return JobDone(job_id=spec.job_id, episodes=[], cancelled=True)
+            return m.JobDone(job_id=spec.job_id, episodes=[], cancelled=True)
         if job is None:
             stored = self.board.get("jobs", spec.job_id, JobRecord)
             if stored is not None and stored.done:
                 return await trio.to_thread.run_sync(self._finished, stored)
+            try:  # a policy that cannot be served (a checkpoint that is not there) is refused, not queued
+                await self.bundles.digest(spec.policy)
+            except (BundleError, OSError) as e:
+                return m.Failure(error=f"policy {spec.policy.ref} cannot be served: {e}", retry=False)
             if stored is None:
                 record = JobRecord(spec.job_id, spec.agent, spec.kind, spec.task, spec.policy, list(spec.seeds),
                                    spec.attempts, spec.priority, time.time(), purpose=spec.purpose)
@@ -341,14 +260,14 @@ class LeaseQueue(Actor):
         await job.done.wait()
         return job.reply()
 
-    def _finished(self, record: JobRecord) -> JobDone:
-        job = Job(_spec(record), [f"{record.job_id}:{i}" for i in range(len(record.seeds))])
+    def _finished(self, record: JobRecord) -> m.JobDone:
+        job = Job(spec_of(record), [f"{record.job_id}:{i}" for i in range(len(record.seeds))])
         with self.board.read() as r:
             job.results = {eid: e for eid in job.episode_ids if (e := r.get("episodes", eid, EpisodeRecord))}
         return job.reply()
 
-    async def _add(self, spec: JobSpec, done: dict[str, EpisodeRecord]) -> Job:
-        bundle = await self.bundles.digest(spec.policy.commit)
+    async def _add(self, spec: m.JobSpec, done: dict[str, EpisodeRecord]) -> Job:
+        bundle = await self.bundles.digest(spec.policy)
         if spec.job_id in self.jobs:  # submitted twice while the bundle was read
             return self.jobs[spec.job_id]
         ids = [f"{spec.job_id}:{i}" for i in range(len(spec.seeds))]
@@ -363,24 +282,24 @@ class LeaseQueue(Actor):
         self._wake()
         return job
 
-    async def _cancel(self, job_id: str) -> Message:
+    async def _cancel(self, job_id: str) -> m.Message:
         job = self.jobs.get(job_id)
         if job is None:  # not here (yet): a submission that arrives later is refused
             self.cancelled.add(job_id)
-            return Ack(detail="no such job running")
+            return m.Ack(detail="no such job running")
         queue = self.pending.get(lane(job.spec), deque())
         self.pending[lane(job.spec)] = deque(e for e in queue if e.spec.job_id != job_id)
         job.cancelled = True
         job.episode_ids = [eid for eid in job.episode_ids if eid in job.results]
         del self.jobs[job_id]
-        await self._write(lambda w: w.put("jobs", job_id, _done(job)))
+        await self._write(lambda w: w.put("jobs", job_id, job.record()))
         job.done.set()
         self._depth_changed()
-        return Ack()
+        return m.Ack()
 
     async def _progress(self, job: Job) -> None:
-        if all(e in job.results for e in job.episode_ids) and not job.done.is_set():
-            await self._write(lambda w: w.put("jobs", job.spec.job_id, _done(job)))
+        if job.complete and not job.done.is_set():
+            await self._write(lambda w: w.put("jobs", job.spec.job_id, job.record()))
             self.jobs.pop(job.spec.job_id, None)
             job.done.set()
 
@@ -400,7 +319,7 @@ class LeaseQueue(Actor):
 
     def _next_episode(self, cell: CellState) -> Episode | None:
         lanes = sorted((k for k, q in self.pending.items() if q),
-                       key=lambda k: (-self.pending[k][0].spec.priority, LANE_RANK.get(k, 1), self.served.get(k, 0)))
+                       key=lambda k: (-self.pending[k][0].spec.priority, lane_rank(k), self.served.get(k, 0)))
         for key in lanes:
             queue = self.pending[key]
             for episode in queue:
@@ -421,7 +340,7 @@ class LeaseQueue(Actor):
         if cell.record.real:  # a real robot runs only what passed its simulated smoke test
             passed = self.cleared.get(spec.policy.ref)
             if passed is None:
-                self.events.publish(SmokeNeeded(policy=spec.policy))
+                self.events.publish(m.SmokeNeeded(policy=spec.policy))
             return bool(passed)
         return True
 
@@ -468,7 +387,7 @@ class LeaseQueue(Actor):
     # ------------------------------------------------------------------ events and records
 
     def _cell_changed(self, cell_id: str) -> None:
-        self.events.publish(CellStateChanged(cell_id=cell_id, state=self.cells[cell_id].record.state, t=time.time()))
+        self.events.publish(m.CellStateChanged(cell_id=cell_id, state=self.cells[cell_id].record.state, t=time.time()))
         self._depth_changed()
 
     def _depth_changed(self) -> None:
@@ -477,7 +396,7 @@ class LeaseQueue(Actor):
                  sum(c.record.state != "offline" for c in self.cells.values()))
         if depth != self._depth:
             self._depth = depth
-            self.events.publish(QueueDepth(waiting=depth[0], background=depth[1], cells=depth[2], t=time.time()))
+            self.events.publish(m.QueueDepth(waiting=depth[0], background=depth[1], cells=depth[2], t=time.time()))
             self._depth_dirty.set()
 
     async def _publish_depth(self) -> None:
@@ -489,18 +408,6 @@ class LeaseQueue(Actor):
             await self._write(lambda w, record=record: w.put("meta", "queue", record))
             await trio.sleep(0.1)
 
-    def _fresh_segments(self, cell: CellState, segments: list[Segment]) -> list[Segment]:
-        # A cell's segments are consecutive in its clock; one that starts before the last recorded end
-        # was already delivered (a retried heartbeat), so time is never counted twice.
-        last = cell.segments[-1].end if cell.segments else float("-inf")
-        fresh = [s for s in segments if s.start >= last - 1e-9]
-        cell.segments.extend(fresh)
-        return fresh
-
-    def _stored_segments(self, cell_id: str) -> list[Segment]:
-        return [seg for rec in self.board.values("timeline", TimelineRecord) if rec.cell_id == cell_id
-                for seg in rec.segments]
-
     async def _write(self, fn) -> None:
         """A blackboard write transaction in a worker thread: LMDB fsyncs on commit."""
         def run():
@@ -510,19 +417,4 @@ class LeaseQueue(Actor):
 
     def utilization(self, now: float | None = None) -> dict[str, Utilization]:
         now = now or time.time()
-        return {
-            cid: utilization(c.segments, (c.record.last_seen if c.record.state == "offline" else now) - c.record.joined)
-            for cid, c in self.cells.items()
-        }
-
-
-def _spec(record: JobRecord) -> JobSpec:
-    return JobSpec(job_id=record.job_id, agent=record.agent, task=record.task, policy=record.policy,
-                   seeds=list(record.seeds), purpose=record.purpose, attempts=record.attempts,
-                   priority=record.priority)
-
-
-def _done(job: Job) -> JobRecord:
-    s = job.spec
-    return JobRecord(s.job_id, s.agent, s.kind, s.task, s.policy, list(s.seeds), s.attempts, s.priority,
-                     time.time(), done=True, purpose=s.purpose, cancelled=job.cancelled)
+        return {cid: c.utilization(now) for cid, c in self.cells.items()}

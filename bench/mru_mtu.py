@@ -103,6 +103,7 @@ min_heldout = {args.min_heldout}
 progress_s = 5.0
 stop_at_target = true
 baseline = "{baseline}"
+final_seeds = 0  # the paired final judging is not part of these figures
 
 [cells]
 count = {cells}

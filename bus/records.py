@@ -150,6 +150,8 @@ class HeldoutRecord(msgspec.Struct):
     task: str
     used: int = 0  # seeds [start, start + used) of the task's heldout_seeds are spent
     draws: int = 0
+    total: int = 0  # the pool's size (heldout_seeds.count) when last drawn from
+    low: bool = False  # fewer left than a judging and a confirmation's minimum need
 
 
 class FinalRecord(msgspec.Struct):

@@ -8,12 +8,14 @@ they are content-addressed, so answering a repeated request again is always righ
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
-from bus.messages import PolicyBundle, bundle_hash
+from bus.messages import PolicyBundle, PolicySpec, bundle_hash
 
 
 class BundleError(RuntimeError):
@@ -52,40 +54,54 @@ def _size(files: dict[str, bytes]) -> int:
 
 
 class BundleStore:
-    """The daemon's side: commit -> digest (small, kept) and digest -> files (bounded; re-read on a miss).
+    """The daemon's side: (commit, artifact) -> digest (small, kept) and digest -> files (bounded; re-read
+    on a miss). A policy that names a checkpoint by content hash (`PolicySpec.artifact`) gets it from the
+    trainer's `artifacts/` as `weights.npz` beside its commit's files: the checkpoint travels by its hash.
 
     `read_files(commit)` is the workspace's reader (git, blocking): it runs in a worker thread."""
 
-    def __init__(self, read_files: Callable[[str], dict[str, bytes]], *, max_entries: int = 64,
-                 max_bytes: int = 256 << 20):
-        self._read = read_files
-        self._digests: dict[str, str] = {}
-        self._commits: dict[str, str] = {}  # digest -> a commit holding it, to re-read an evicted bundle
+    def __init__(self, read_files: Callable[[str], dict[str, bytes]], artifacts: Path | None = None, *,
+                 max_entries: int = 64, max_bytes: int = 256 << 20):
+        self._read, self._artifacts = read_files, artifacts
+        self._digests: dict[tuple[str, str], str] = {}
+        self._sources: dict[str, tuple[str, str]] = {}  # digest -> (commit, artifact), to re-read an evicted one
         self._files = _Lru(max_entries, max_bytes)
         self.reads = 0
 
-    async def digest(self, commit: str) -> str:
-        digest = self._digests.get(commit)
+    async def digest(self, spec: PolicySpec) -> str:
+        source = (spec.commit, spec.artifact)
+        digest = self._digests.get(source)
         if digest is None:
-            files = await self._load(commit)
+            files = await self._load(source)
             digest = bundle_hash(files)
-            self._digests[commit], self._commits[digest] = digest, commit
+            self._digests[source], self._sources[digest] = digest, source
             self._files.put(digest, files)
         return digest
 
     async def bundle(self, digest: str) -> PolicyBundle | None:
         files = self._files.get(digest)
         if files is None:
-            commit = self._commits.get(digest)
-            if commit is None:
+            source = self._sources.get(digest)
+            if source is None:
                 return None
-            files = await self._load(commit)
+            files = await self._load(source)
             self._files.put(digest, files)
         return PolicyBundle(digest=digest, files=files)
 
-    async def _load(self, commit: str) -> dict[str, bytes]:
+    async def _load(self, source: tuple[str, str]) -> dict[str, bytes]:
         self.reads += 1
-        return await trio.to_thread.run_sync(self._read, commit)
+        return await trio.to_thread.run_sync(self._read_source, *source)
+
+    def _read_source(self, commit: str, artifact: str) -> dict[str, bytes]:
+        files = dict(self._read(commit))
+        if artifact:
+            if self._artifacts is None:
+                raise BundleError(f"policy names checkpoint {artifact} but this fleet keeps no artifacts")
+            weights = (self._artifacts / f"{artifact}.npz").read_bytes()
+            if hashlib.sha256(weights).hexdigest()[:32] != artifact:
+                raise BundleError(f"checkpoint {artifact} does not match its content hash: the file was altered")
+            files["weights.npz"] = weights
+        return files
 
 
 class BundleCache:

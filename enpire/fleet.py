@@ -78,6 +78,7 @@ from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.session import agent_tools
 from enpire.bundles import BundleStore
+from enpire.learning.dataset import ARTIFACTS
 from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
 from enpire.sandbox import without_credentials
 from enpire.sinks import TensorBoardSink, check_tensorboard
@@ -324,7 +325,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     events = EventHub()
-    bundles = BundleStore(workspace.read_bytes)
+    bundles = BundleStore(workspace.read_bytes, state_dir / ARTIFACTS)
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
@@ -384,7 +385,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     logger.warning("stopping", signal=signal.Signals(signum).name)
                     outcome.reason = "signal"
                     stopping.set()
-                    final.cancel()  # a signal also ends the final judging
+                    final.cancel()  # a signal cuts the final judging short too
                     return
 
             final = trio.CancelScope()
@@ -408,6 +409,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     stopping.set()
                 nursery.start_soon(on_target)
                 await stopping.wait()
+            # The run's figures (time, MRU) end here; the final judging is reported on its own.
+            outcome.elapsed_s = time.time() - started
+            queue = system.actors["queue"].current
+            stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
             depth = events.latest(QueueDepth)
             if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
                 logger.warning("final_judging_skipped", detail="no cell is connected")
@@ -416,9 +421,6 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                     await _final_judging(logger, core, config)
         if sink is not None:
             sink.close()
-        outcome.elapsed_s = time.time() - started
-        queue = system.actors["queue"].current
-        stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
         stats["restarts"] = {name: s.restarts for name, s in system.actors.items()}
         daemon.last_seen, daemon.state = time.time(), f"stopped: {outcome.reason}"
         board.put("meta", "daemon", daemon)
@@ -447,7 +449,9 @@ class Ticks:
                  deadline: float, daemon: DaemonRecord, events: EventHub, sink: TensorBoardSink | None):
         self.logger, self.board, self.config, self.system, self.events = logger, board, config, system, events
         self.started, self.deadline, self.daemon, self.sink = started, deadline, daemon, sink
-        self.watch = progress.NoCellWatch(started, grace_s=max(5.0, 3 * config.fleet.progress_s))
+        # Local cells take a while to start (imports, simulator); a fleet waiting for remote ones says so sooner.
+        grace = 30.0 if config.cells.count else 3 * config.fleet.progress_s
+        self.watch = progress.NoCellWatch(started, grace_s=max(5.0, grace))
         self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
 
     async def feed_sink(self) -> None:

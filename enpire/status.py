@@ -16,6 +16,7 @@ from bus.records import (
     CellRecord,
     Champion,
     DaemonRecord,
+    HeldoutRecord,
     JobRecord,
     TimelineRecord,
     TokenRecord,
@@ -90,6 +91,9 @@ def _collect(board: Blackboard, now: float) -> dict:
         "tokens_per_min": round(ledger.mtu(records, running_s), 1) if records and running_s > 0 else 0.0,
         "token_ledger": ledger.summary(records),  # per agent: input, cached, cache writes, output, reasoning, cost
         "findings": board.count("findings"),
+        # every judging draws fresh held-out seeds: how much of each task's pool is spent
+        "heldout": {task: {"used": h.used, "total": h.total, "draws": h.draws, "low": h.low}
+                    for task, h in board.items("heldout", HeldoutRecord)},
     }
 
 
@@ -122,6 +126,9 @@ def render(status: dict) -> str:
     for agent, n in status["tokens"].items():
         lines.append(f"  {agent}: {n:,} tokens")
     lines.append(f"findings: {status['findings']}")
+    for task, h in status.get("heldout", {}).items():
+        warn = "  WARNING: runs low (raise heldout_seeds.count)" if h["low"] else ""
+        lines.append(f"held-out pool[{task}]: {h['used']:,} of {h['total']:,} seeds used in {h['draws']} draws{warn}")
     return "\n".join(lines)
 
 

@@ -12,46 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hw.taskspec import Field, ObservationKind, TaskSpec
+
+__all__ = ["Field", "ObservationKind", "TaskSpec"]  # defined with the drivers, which fill them in too
+
 ON_FAILURE_KEYS = ("attempt", "reason", "score")  # what Policy.on_failure(info) receives (pass@k)
-
-
-@dataclass(frozen=True)
-class Field:
-    """A slice of the observation or action vector: [start, start + size)."""
-
-    name: str
-    start: int
-    size: int
-    unit: str
-    meaning: str
-
-
-@dataclass(frozen=True)
-class ObservationKind:
-    dim: int
-    fields: tuple[Field, ...]
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    driver: str
-    title: str
-    observations: dict[str, ObservationKind]  # by kind ("state", ...)
-    action_fields: tuple[Field, ...]
-    action_low: tuple[float, ...]
-    action_high: tuple[float, ...]
-    action_meaning: str
-    goal: str
-    success: str
-    score: str
-    control_hz: float
-    horizon: int  # the task's own episode length (a config may shorten it)
-    geometry: str = ""
-    template: str = ""  # module of the starting template policy ("" = none)
-    observation_templates: dict[str, str] = field(default_factory=dict)  # another template for an observation kind
-    goal_value: tuple[float, ...] = ()  # a fixed goal, when the task has one (checked against the driver)
 
 
 def _pusht() -> TaskSpec:

@@ -170,7 +170,7 @@ class LeRobotDriver:
     def task_spec(self):
         """The task card's layout from the robot's features (the goal and success rule are the person's and
         the verifier's: the card says so)."""
-        from enpire.tasks import Field, ObservationKind, TaskSpec
+        from hw.taskspec import Field, ObservationKind, TaskSpec
 
         state = ObservationKind(self.observation_dim, tuple(
             Field(n, i, 1, "robot units", f"LeRobot observation feature {n!r}") for i, n in enumerate(self.observation_names)),

@@ -66,7 +66,7 @@ def _cli_pids(state: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["claude-code"])
+@pytest.mark.parametrize("kind", ["claude-code", "codex"])
 def test_two_cli_agents_survive_faults_and_keep_robots_busy(tmp_path, kind):
     require(kind)
     baseline = tmp_path / "baseline"
@@ -93,7 +93,9 @@ def test_two_cli_agents_survive_faults_and_keep_robots_busy(tmp_path, kind):
     reasons = " | ".join(e["reason"] for e in restarts)
     assert killed, "no CLI process found to kill"
     # the hang, the non-zero exit and the kill from outside (its jail's init reports the CLI's SIGKILL as 247)
-    assert "no result within 60 s" in reasons and "exit 143" in reasons and "exit 247" in reasons, reasons
+    # (SIGTERM: Claude Code exits 143 itself; Codex dies of it, which the jail's init reports as 241)
+    assert "no result within 60 s" in reasons and re.search(r"exit (143|241)", reasons) and "exit 247" in reasons, \
+        reasons
     assert {e["actor"] for e in log if e.get("event") == "cli_turn_finished"} == {"agent-0", "agent-1"}
     episodes = report["episodes_by_kind"]
     print(f"MRU {report['mru']:.3f} over {report['elapsed_s']:.0f} s, episodes {episodes}; restarts: {reasons}")

@@ -34,7 +34,7 @@ async def test_task_attempts_is_the_k_of_an_evaluation_that_does_not_say(tmp_pat
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=policy, seeds=[1]))
         nursery.start_soon(ref.ask, EvalRequest(job_id="k", agent="b", task="pusht", policy=policy, seeds=[2],
                                                 attempts=2))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         leases = {lease.job_id: lease.attempts for lease in [await ref.ask(LeaseRequest(cell_id="cell-0"))
                                                                for _ in range(2)]}
         assert leases == {"j": 3, "k": 2}
@@ -51,7 +51,7 @@ async def test_a_cell_is_leased_only_tasks_of_its_driver(tmp_path):
         await _hello(ref, "pt")
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=PolicySpec("c", {}),
                                                 seeds=[1]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         assert isinstance(await ref.ask(LeaseRequest(cell_id="mw", wait_s=0.1)), NoWork)
         assert (await ref.ask(LeaseRequest(cell_id="pt", wait_s=0.1))).job_id == "j"
         nursery.cancel_scope.cancel()

@@ -42,7 +42,7 @@ def test_a_fleet_that_could_do_no_work_is_refused_at_start(tmp_path):
 def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
     port = _free_port()
     config = tmp_path / "alone.toml"
-    config.write_text(FAST.format(budget=0.25, cells=0, lease_s=30.0).replace("progress_s = 2.0", "progress_s = 1.0")
+    config.write_text(FAST.format(budget=0.15, cells=0, lease_s=30.0).replace("progress_s = 2.0", "progress_s = 1.0")
                       + f'[bus]\nlisten = "tcp://127.0.0.1:{port}"\nsecret_env = "FLEET_SECRET"\n')
     r = _run("enpire.fleet", "--config", str(config), "--state-dir", str(tmp_path / "state"), "--quiet",
              "--tensorboard", env=dict(os.environ, FLEET_SECRET="s3cret-for-this-test"))
@@ -52,12 +52,12 @@ def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
     assert warnings and warnings[0]["waiting_s"] >= 5 and warnings[0]["listen"].startswith("tcp://")
     assert any(e["event"] == "final_judging_skipped" for e in events)  # no cell: no wait for a final judging
     progress = [e for e in events if e["event"] == "progress"]
-    assert len(progress) >= 5 and progress[-1]["time_left_s"] < progress[0]["time_left_s"] <= 15.0
+    assert len(progress) >= 4 and progress[-1]["time_left_s"] < progress[0]["time_left_s"] <= 9.0
     assert all(p["tokens"] == 0 for p in progress)  # the built-in agent uses no model
     from test_sinks import _scalars
 
     left = _scalars(tmp_path / "state" / "tensorboard")["fleet/time_left_s"]
-    assert len(left) >= 5 and left[-1][1] < left[0][1]
+    assert len(left) >= 4 and left[-1][1] < left[0][1]
 
 
 def test_print_config_shows_the_effective_configuration(tmp_path):

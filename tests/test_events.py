@@ -122,3 +122,35 @@ async def test_the_transport_never_keeps_a_bundle_in_its_duplicate_reply_cache()
     assert server._reply_bytes == 0 and not server._replies
     await server.answer(m.encode(m.Envelope(id="2", sender="cell", body=m.NoWork(retry_after_s=0))))
     assert len(server._replies) == 1  # other replies are remembered: a resend is answered from the cache
+
+
+async def test_a_checkpoint_travels_by_its_hash_and_a_missing_one_is_refused(tmp_path):
+    """`PolicySpec.artifact` names a trained checkpoint in artifacts/: the bundle carries it as weights.npz
+    (checked against its hash); a policy naming a checkpoint that is not there is refused in one line."""
+    import hashlib
+
+    from tests.test_scheduler import _start
+
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    weights = b"PK\x03\x04 trained weights"
+    digest = hashlib.sha256(weights).hexdigest()[:32]
+    (artifacts / f"{digest}.npz").write_bytes(weights)
+    store = BundleStore(lambda commit: {"policy.py": b"learned"}, artifacts)
+    plain, learned = PolicySpec("c0ffee", {}), PolicySpec("c0ffee", {}, digest)
+    bundle = await store.bundle(await store.digest(learned))
+    assert bundle.files == {"policy.py": b"learned", "weights.npz": weights}
+    assert await store.digest(plain) != await store.digest(learned) and store.reads == 2
+    (artifacts / f"{digest}.npz").write_bytes(weights + b"tampered")
+    try:
+        await BundleStore(lambda commit: {"policy.py": b"x"}, artifacts).digest(learned)
+    except BundleError as e:
+        assert "does not match its content hash" in str(e)
+    else:
+        raise AssertionError("an altered checkpoint was served")
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path)
+        missing = PolicySpec("c0ffee", {}, "0" * 32)
+        refused = await ref.ask(EvalRequest(job_id="j", agent="a", task="pusht", policy=missing, seeds=[1]))
+        assert isinstance(refused, m.Failure) and "cannot be served" in refused.error
+        nursery.cancel_scope.cancel()

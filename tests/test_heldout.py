@@ -119,7 +119,7 @@ async def test_an_exhausted_pool_refuses_a_judging_and_a_low_pool_is_announced(t
         # agents' evaluations never touch the pool
         nursery.start_soon(ref.ask, EvalRequest(job_id="e", agent="a", task="pusht", policy=PolicySpec("d", {}),
                                                 seeds=[1]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         assert board.get("heldout", "pusht", HeldoutRecord).used == 8
         nursery.cancel_scope.cancel()
 
@@ -159,3 +159,19 @@ async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fr
         assert summary["start"]["policy"] == start.ref and summary["start"]["rate"] == 0.2
         assert summary["champion"]["wilson95"][1] == 1.0 and summary["seeds"] == {"first": r.seeds[0], "count": 5}
         nursery.cancel_scope.cancel()
+
+
+async def test_status_shows_the_pool_and_warns_when_it_runs_low(tmp_path):
+    from enpire import status
+
+    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\n[scheduler]\npromote_seeds = 4\n'
+                        'background = false\n[tasks.pusht]\ndriver = "pusht"\n'
+                        'heldout_seeds = { start = 5000000, count = 9 }\n', "t.toml")
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, config)
+        await _hello(ref)
+        await _judge(ref, PolicySpec("aaaa", {}), "pa", 0, 4)
+        nursery.cancel_scope.cancel()
+    s = status._collect(board, 0.0)
+    assert s["heldout"] == {"pusht": {"used": 4, "total": 9, "draws": 1, "low": True}}
+    assert "held-out pool[pusht]: 4 of 9 seeds used in 1 draws  WARNING: runs low" in status.render(s)

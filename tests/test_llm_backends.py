@@ -54,6 +54,7 @@ from enpire.workspace import Workspace
 SECRET = "sk-test-" + "Zq9x" * 8
 KEY_ENV = "ENPIRE_TEST_LLM_KEY"
 TUNING = range(0, 1000)
+CLIENT_TIMEOUT_S = 2.0  # generous: an ordinary answer on a loaded machine must not time out
 
 POLICY = '''\
 class Policy:
@@ -73,9 +74,9 @@ class Policy:
 
 def client(api: str, url: str, model: str = ""):
     if api == "anthropic":
-        return AnthropicClient(model or "claude-test", api_key_env=KEY_ENV, base_url=url, timeout_s=0.5)
+        return AnthropicClient(model or "claude-test", api_key_env=KEY_ENV, base_url=url, timeout_s=CLIENT_TIMEOUT_S)
     kind = OpenAIClient if api == "openai" else OpenAIResponsesClient
-    return kind(model or "gpt-test", api_key_env=KEY_ENV, base_url=url + "/v1", timeout_s=0.5)
+    return kind(model or "gpt-test", api_key_env=KEY_ENV, base_url=url + "/v1", timeout_s=CLIENT_TIMEOUT_S)
 
 
 def failures(api: str) -> list:
@@ -95,7 +96,7 @@ def failures(api: str) -> list:
         echo,
         lambda h, b: (200, b'{"id": "x", "content": [{"type": ', {}, 0.0),
         lambda h, b: (200, b'{"object": "error", "message": "model overloaded", "code": 503}', {}, 0.0),
-        lambda h, b: (200, b"{}", {}, 1.0),  # the client times out at 0.5 s
+        lambda h, b: (200, b"{}", {}, CLIENT_TIMEOUT_S + 1.0),  # the client times out first
     ]
 
 
@@ -587,10 +588,10 @@ async def test_a_call_in_flight_when_the_fleet_stops_is_still_billed(api, tmp_pa
     answer = reply(api, [("digest", {})], 0)
     slow = lambda h, b: (*answer(h, b)[:3], 1.0)  # noqa: E731
     server = ScriptedAPI([slow], fallback=slow)
-    agent = LLMAgent(AnthropicClient("claude-test", api_key_env=KEY_ENV, base_url=server.url, timeout_s=5)
+    agent = LLMAgent(AnthropicClient("claude-test", api_key_env=KEY_ENV, base_url=server.url, timeout_s=60)
                      if api == "anthropic" else OpenAIClient("gpt-test", api_key_env=KEY_ENV,
-                                                              base_url=server.url + "/v1", timeout_s=5),
-                     settings(shutdown_grace_s=3.0), card=card("pusht"), tuning_seeds=TUNING, rng_seed=0)
+                                                              base_url=server.url + "/v1", timeout_s=60),
+                     settings(shutdown_grace_s=20.0), card=card("pusht"), tuning_seeds=TUNING, rng_seed=0)
     board = Blackboard(tmp_path / "bb")
     try:
         async with trio.open_nursery() as nursery:
@@ -606,7 +607,7 @@ async def test_a_call_in_flight_when_the_fleet_stops_is_still_billed(api, tmp_pa
         server.close()
     records = board.values("tokens", TokenRecord)
     assert len(records) == 1 and (records[0].input_tokens, records[0].output_tokens)[1] > 0
-    assert 0.5 < stopped_after < 3.0  # it waited for the answer, not for the whole grace or the timeout
+    assert 0.5 < stopped_after < 15.0  # it waited for the answer, not for the whole grace or the timeout
 
 
 # ----------------------------------------------------------------------------- whole files, teammates, training

@@ -120,3 +120,38 @@ def test_episodes_a_turn_asks_for():
     calls = [ToolCall("a", "evaluate", '{"n_seeds": 4}'), ToolCall("b", "evaluate", "{}"),
              ToolCall("c", "evaluate", "not json"), ToolCall("d", "promote", "{}")]
     assert _episodes(calls) == 4 + 10
+
+
+async def test_a_result_stays_unseen_until_an_answered_request_showed_it(tmp_path):
+    """The result of turn 1's evaluation is in the briefing of the next request; that request fails (a
+    non-retryable error, so the agent pauses), and the result is shown again in the request after the pause."""
+    from enpire.agents.model import ModelError
+
+    class Flaky:
+        model, secrets = "scripted", ()
+
+        def __init__(self):
+            self.prompts = []
+
+        async def probe(self):
+            return None
+
+        async def complete(self, prompt, tools, max_output_tokens):
+            self.prompts.append(prompt)
+            if len(self.prompts) == 2:
+                raise ModelError("refused as it is", retryable=False, bad_request=True)
+            calls = [ToolCall("e1", "evaluate", json.dumps({"n_seeds": 1}))] if len(self.prompts) == 1 else []
+            return ModelReply("", calls, Usage(100, 0, 0, 10), "tool_use" if calls else "end")
+
+    board, workspace = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
+    workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
+    model, release = Flaky(), trio.Event()
+    release.set()
+    agent = LLMAgent(model, LLMSettings(pause_s=0.05), card=card("pusht"), tuning_seeds=range(100), rng_seed=0)
+    async with trio.open_nursery() as nursery:
+        scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
+        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board))
+        await _until(lambda: len(model.prompts) >= 4)
+        nursery.cancel_scope.cancel()
+    shown = ['"successes":1' in p.briefing for p in model.prompts[:4]]
+    assert shown == [False, True, True, False]  # failed request: shown again; answered request: seen

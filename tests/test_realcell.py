@@ -117,16 +117,17 @@ def test_only_approved_unchanged_reset_programs_run(tmp_path):
 
 
 async def _real_fleet(tmp_path, monkeypatch, body, *, horizon=20, cell_args=("--driver", "pusht"), lease_s=120.0,
-                      task_extra=""):
+                      task_extra="", local_cells=0):
     """A fleet core on loopback tcp (no local cells) and one real cell; `body(core, board, spawn, policy)`
     where `policy` (standing still) already passed its smoke test."""
     secret = "test-secret-" + os.urandom(4).hex()
     monkeypatch.setenv("ENPIRE_SECRET", secret)
     url = f"tcp://127.0.0.1:{free_port()}"
     config = cfg.decode(
-        f'[cells]\ncount = 0\ntask = "pusht"\n[agents]\ncount = 0\n[bus]\nlisten = "{url}"\n'
+        f'[cells]\ncount = {local_cells}\ntask = "pusht"\n[agents]\ncount = 0\n[bus]\nlisten = "{url}"\n'
         f'[scheduler]\nbackground = false\nlease_s = {lease_s}\n'
         f'[tasks.pusht]\nhorizon = {horizon}\ncontrol_hz = 10.0\n{task_extra}', "real.toml")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # local cells find the test robots too
     board, meta = open_state_dir(tmp_path / "state")
     policy = PolicySpec(Workspace(tmp_path / "state" / "workspace").commit("agent/t", {"policy.py": STILL}, "still"))
     pass_smoke(board, policy)
@@ -276,3 +277,28 @@ async def test_camera_without_frame_pauses_a_real_lerobot_cell(tmp_path, monkeyp
 
     await _real_fleet(tmp_path, monkeypatch, body, horizon=10, task_extra=limits,
                       cell_args=("--driver", "lerobot", "--driver-options", options))
+
+
+async def test_a_local_robot_that_cannot_connect_leaves_the_fleet_serving(tmp_path, monkeypatch, capfd):
+    """The task's local cell drives a robot that never connects: its process stops with one line and is
+    restarted with backoff, while the fleet keeps serving the real cell that works."""
+    broken = ('driver = "lerobot"\nverifier_kind = "pusht"\n[tasks.pusht.driver_options]\n'
+              'task = "pusht"\nrobot = "tests.test_lerobot_driver:TwoJointArm"\nconfig = { fail_connect = true }\n'
+              '[tasks.pusht.limits.joints]\n"shoulder.pos" = [0.0, 512.0]\n"elbow.pos" = [0.0, 512.0]\n')
+    working = json.dumps({"task": "pusht", "robot": "tests.test_lerobot_driver:TwoJointArm"})
+
+    async def body(core, board, spawn, policy):
+        proc = spawn("--confirm-motion", "--min-labels", "1", "--max-false-success", "0.99", "--spot-check", "0")
+        ScriptedOperator(proc, lambda kind, line: "y" if kind == "reset" else "n")
+        with trio.fail_after(120):
+            result = await core.scheduler.ask(EvalRequest(job_id="ok", agent="t", task="pusht", policy=policy,
+                                                          seeds=[1, 2]), timeout=120)
+        assert isinstance(result, EvalResult) and len(result.episodes) == 2  # served by the working robot
+        out = capfd.readouterr()
+        refusals = [x for x in out.err.splitlines() if "failed to connect" in x]
+        assert refusals and all(x.startswith("enpire.cell: robot ") and x.endswith(
+            "failed to connect: OSError: could not open port /dev/ttyACM0") for x in refusals)
+        assert "cell_process_exited" in out.out + out.err  # the daemon restarts it with backoff
+
+    await _real_fleet(tmp_path, monkeypatch, body, horizon=5, task_extra=broken, local_cells=1,
+                      cell_args=("--driver", "lerobot", "--driver-options", working))

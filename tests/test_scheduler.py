@@ -143,9 +143,9 @@ async def test_fair_share_between_agents(tmp_path):
         ref, _, _ = await _start(nursery, tmp_path)
         await _hello(ref)
         nursery.start_soon(ref.ask, EvalRequest(job_id="ja", agent="a", task="pusht", policy=POLICY, seeds=list(range(10))))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=list(range(10))))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         agents = []
         for _ in range(8):
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
@@ -222,7 +222,7 @@ async def _judge(ref, policy, job_id, wins, n, cell="cell-0"):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(promote)
-        await trio.sleep(0.05)  # the judging job is queued before we ask for work
+        await trio.sleep(0.3)  # the judging job is queued before we ask for work
         for i in range(n):
             lease = await ref.ask(LeaseRequest(cell_id=cell))
             assert lease.kind == "heldout"
@@ -265,7 +265,7 @@ async def test_real_cells_run_only_smoke_tested_policies(tmp_path):
         await ref.ask(Hello(cell_id="robot", driver="pusht", tasks=["pusht"], host="lab", pid=2, real=True))
         await _hello(ref, "sim")
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         assert isinstance(await ref.ask(LeaseRequest(cell_id="robot", wait_s=0.2)), NoWork)  # not smoke-tested yet
         # the sim cell gets the smoke episodes first (higher priority), then the job itself
         smoke = [await ref.ask(LeaseRequest(cell_id="sim")) for _ in range(5)]
@@ -282,7 +282,7 @@ async def test_episode_budget_is_enforced(tmp_path):
         config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"agents.episode_budget": 5})
         ref, _, _ = await _start(nursery, tmp_path, config)
         nursery.start_soon(ref.ask, EvalRequest(job_id="j1", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         r = await ref.ask(EvalRequest(job_id="j2", agent="a", task="pusht", policy=POLICY, seeds=[4, 5, 6]))
         assert "budget exhausted" in r.error
         nursery.cancel_scope.cancel()
@@ -297,7 +297,7 @@ async def test_unpooled_cells_run_only_their_own_agents_work(tmp_path):
         nursery.start_soon(ref.ask, EvalRequest(job_id="j0", agent="agent-0", task="pusht", policy=POLICY,
                                                 seeds=list(range(3))))
         nursery.start_soon(ref.ask, PromoteRequest(job_id="p1", agent="agent-1", task="pusht", policy=POLICY))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         for _ in range(3):
             lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1))
             assert isinstance(lease, Lease) and lease.job_id == "j0"
@@ -326,9 +326,9 @@ async def test_the_leaderboard_tallies_every_agents_evaluations_of_a_candidate(t
         await _hello(ref)
         key = f"pusht/{POLICY.ref}"
         nursery.start_soon(ref.ask, EvalRequest(job_id="ja", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=[3, 4, 5]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         c = board.get("candidates", key, CandidateRecord)
         assert (c.pending, c.n, c.agent) == (5, 0, "a")  # teammates see what is running
         leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(5)]
@@ -356,9 +356,9 @@ async def test_a_candidate_is_judged_once_however_many_agents_promote_it(tmp_pat
             out[agent] = await ref.ask(PromoteRequest(job_id=job, agent=agent, task="pusht", policy=POLICY))
 
         nursery.start_soon(promote, "a", "pa")
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         nursery.start_soon(promote, "b", "pb")
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         for _ in range(10):
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
             assert lease.job_id == "pa"
@@ -382,7 +382,7 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
         first = await ref.ask(LeaseRequest(cell_id="cell-0"))
         assert first.kind == "background" and first.job_id.startswith("baseline-") and first.seed == 1_000_000
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[7]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).job_id == "j"  # agents' work goes first
         await ref.ask(_report(first, True))
         for i in range(3):
@@ -405,7 +405,7 @@ async def test_a_champion_that_may_meet_the_target_is_confirmed_before_queued_ex
         await _hello(ref)
         assert (await _judge(ref, POLICY, "p", 19, 20)).promoted  # 19/20 does not rule out the target
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         kinds = []
         while board.get("champion", "pusht", Champion).decision != "met":
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
@@ -424,7 +424,7 @@ async def test_a_champion_whose_judging_rules_out_the_target_is_confirmed_by_idl
         await _hello(ref)
         assert (await _judge(ref, POLICY, "p", 10, 20)).promoted  # 10/20: Wilson upper bound 0.70 < 0.9
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[4]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).kind == "agent"
         assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).kind == "background"
         nursery.cancel_scope.cancel()
@@ -438,7 +438,7 @@ async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_pat
         await _hello(ref, "cell-0")
         await _hello(ref, "cell-1")
         nursery.start_soon(ref.ask, PromoteRequest(job_id="p", agent="agent-1", task="pusht", policy=POLICY))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         for _ in range(3):
             lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
             await ref.ask(_report(lease, True, "cell-1"))
@@ -467,7 +467,7 @@ async def test_a_promotion_ends_the_baselines_judging(tmp_path):
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
         assert lease.job_id.startswith("confirm-") and lease.seed >= 1_000_008  # no more baseline episodes
         assert isinstance(await ref.ask(_report(first, True)), Ack)  # its late report is acknowledged, not counted
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         assert board.get("champion", "pusht", Champion).policy == POLICY
         nursery.cancel_scope.cancel()
 
@@ -477,13 +477,13 @@ async def test_more_episodes_of_a_measured_candidate_go_before_first_looks(tmp_p
         ref, board, _ = await _start(nursery, tmp_path)
         await _hello(ref)
         nursery.start_soon(ref.ask, EvalRequest(job_id="j1", agent="a", task="pusht", policy=POLICY, seeds=[1]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         await ref.ask(_report(await ref.ask(LeaseRequest(cell_id="cell-0")), True))
         other = PolicySpec("c0ffee", {"gain": 2.0})
         nursery.start_soon(ref.ask, EvalRequest(job_id="new", agent="b", task="pusht", policy=other, seeds=[2, 3]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         nursery.start_soon(ref.ask, EvalRequest(job_id="more", agent="c", task="pusht", policy=POLICY, seeds=[4, 5]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         order = []
         for _ in range(4):
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
@@ -499,9 +499,9 @@ async def test_judging_a_candidate_is_not_charged_to_the_promoting_agents_share(
         await _hello(ref)
         assert (await _judge(ref, POLICY, "p", 1, 4)).promoted  # agent "a" asked for 4 held-out episodes
         nursery.start_soon(ref.ask, EvalRequest(job_id="ja", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=[3, 4]))
-        await trio.sleep(0.05)
+        await trio.sleep(0.3)
         jobs = []
         for _ in range(2):
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))

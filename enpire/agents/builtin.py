@@ -348,7 +348,8 @@ class BuiltinResearcher:
                                         .read_text() for name in getattr(self.template, "COMPANIONS", ())}}
         self.source_hash = hashlib.sha1(msgspec.json.encode(files, order="sorted")).hexdigest()  # same code = same idea
         head = tools.workspace.head(tools.branch)
-        if head is not None and all((await tools.read_files(head)).get(k) == v for k, v in files.items()):
+        current = await tools.read_files(head) if head is not None else {}  # (an await inside all() is an async generator)
+        if head is not None and all(current.get(k) == v for k, v in files.items()):
             return head  # written before a restart: keep the same commit
         commit = await tools.commit(files, "heuristic policy: approach behind the block, push, turn")
         tools.post_finding(

@@ -10,6 +10,7 @@ agent's experiments run (see `_settle`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -107,6 +108,7 @@ class LLMAgent:
         self.journal: deque[str] = deque(maxlen=settings.journal_lines)
         self.last_prompt_chars = 0
         self.expected = 10  # episodes the next turn will likely ask for (teammates count them while it thinks)
+        self._lapse = math.inf  # when the next teammate's hold lapses (pacing checks again then)
         self.launched: list[str] = []  # job ids the last turn started
 
     @property
@@ -303,19 +305,27 @@ class LLMAgent:
             done = not running or (pace and any(j.experiment for j in mine))
             if done and (not pace or self._admit(session.tools)):
                 return
-            with trio.move_on_after(0.25):  # the admission check reads the queue the scheduler writes
-                await jobs.changed()
+            # Checked again when something changes: a result, the fleet's queue (an event), a teammate's
+            # hold lapsing. Without a fleet's events (a bare Tools), every 0.25 s.
+            wait = max(0.0, self._lapse - self.clock()) if session.tools.events else 0.25
+            async with trio.open_nursery() as race:
+                async def first(wake) -> None:
+                    await wake()
+                    race.cancel_scope.cancel()
+                race.start_soon(first, jobs.changed)
+                race.start_soon(first, lambda wait=wait: session.tools.queue_changed(wait))
 
     def _admit(self, tools: Tools) -> bool:
         """The fleet's queue, plus what teammates about to ask hold, is below `pace_per_cell` per cell: hold
         our own expected episodes and go. Checked read-only first; decided in one write transaction."""
         def room(r) -> bool:
-            queue = r.get("meta", "queue", QueueRecord)
+            queue = tools.queue_depth() or r.get("meta", "queue", QueueRecord)
             if queue is None or queue.cells == 0:
                 return True  # no figures from a scheduler yet: nothing to pace by
             now = self.clock()
-            held = sum(h.episodes for agent, h in r.items("turns", TurnHold) if agent != tools.agent and h.until > now)
-            return queue.waiting + held < self.settings.pace_per_cell * queue.cells
+            holds = [h for agent, h in r.items("turns", TurnHold) if agent != tools.agent and h.until > now]
+            self._lapse = min((h.until for h in holds), default=math.inf)
+            return queue.waiting + sum(h.episodes for h in holds) < self.settings.pace_per_cell * queue.cells
 
         with tools.board.read() as r:
             if not room(r):

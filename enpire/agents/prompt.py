@@ -60,7 +60,7 @@ def briefing(session, *, budget_line: str, journal: Sequence[str], results: Sequ
         records = tools.board.values("candidates", CandidateRecord, prefix=f"{tools.task}/")
         parts += ["## Team's best candidates (tuning seeds, all agents)",
                   leaderboard.board_text(records, s.horizon, leaders)]
-    queue = tools.board.get("meta", "queue", QueueRecord)
+    queue = tools.queue_depth() or tools.board.get("meta", "queue", QueueRecord)
     if queue is not None:  # capacity, so a request can be sized to what the robots can run soon
         parts.append(f"## Fleet\n{queue.cells} cells, {queue.waiting} episodes queued")
     parts.append(f"## Your budget\n{budget_line}")

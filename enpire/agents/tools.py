@@ -30,6 +30,7 @@ from bus.messages import (
     PolicySpec,
     PromoteRequest,
     PromoteResult,
+    QueueDepth,
     TokensUsed,
     TrainRequest,
     TrainResult,
@@ -176,6 +177,18 @@ class Tools:
             return self.board.get("champion", self.task, Champion)
         return Champion(event.task, event.policy, event.judged_successes, event.judged_n, event.t, agent=event.agent,
                         successes=event.successes, n=event.n, decision=event.decision)
+
+    def queue_depth(self) -> QueueDepth | None:
+        """The fleet's queue as the lease queue last announced it (None before any announcement)."""
+        return self.events.latest(QueueDepth) if self.events else None
+
+    async def queue_changed(self, timeout: float) -> None:
+        """Wait until the lease queue announces a change (or `timeout` passes)."""
+        if self.events is None:
+            await trio.sleep(timeout)
+            return
+        with self.events.subscribe(QueueDepth, buffer=1) as changes, trio.move_on_after(timeout):
+            await changes.receive()
 
     async def champion_changed(self, timeout: float) -> None:
         """Wait until the judge announces a change of the champion (or `timeout` passes)."""
