@@ -103,10 +103,12 @@ def _refused_report(cell_id: str, lease: Lease, reason: str) -> EpisodeReport:
     )
 
 
-def _flagged_report(cell_id: str, lease: Lease, verdict: Verdict, reset_s: float, verify_s: float) -> EpisodeReport:
+def _flagged_report(cell_id: str, lease: Lease, reply: VerifyReply, reset_s: float, verify_s: float) -> EpisodeReport:
+    assert reply.at_reset is not None
     return EpisodeReport(
-        cell_id=cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=verdict, attempts=[],
+        cell_id=cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id, verdict=reply.at_reset, attempts=[],
         steps=0, reset_s=reset_s, run_s=0.0, verify_s=verify_s, flagged="success_at_reset",
+        signature=reply.reset_signature,
     )
 
 
@@ -230,12 +232,13 @@ class Cell(Actor):
             raise RuntimeError(f"verifier failed: {reply}")
         return reply
 
-    def _verify_request(self, lease: Lease, reset_state=None) -> VerifyRequest:
+    def _verify_request(self, lease: Lease, attempt: int, reset_state=None) -> VerifyRequest:
         """The trusted end state (and camera frame for a vision verifier), read before the next reset."""
         frame = self.driver.frame() if lease.verifier == "vision" else None
         return VerifyRequest(
             episode_id=lease.episode_id, task=lease.task, state=self.driver.trusted_state(),
             frame=Array.of(frame) if frame is not None else None, reset_state=reset_state,
+            lease_id=lease.lease_id, attempt=attempt,
         )
 
     def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
@@ -268,7 +271,9 @@ class Cell(Actor):
                       program=program.verdict.success, agreement=self.interface.agreement.summary())
         if verdict is None:
             return None
-        return VerifyReply(episode_id=program.episode_id, verdict=verdict, at_reset=program.at_reset)
+        signed = verdict == program.verdict  # the program's verdict keeps its signature; a person's has none
+        return VerifyReply(episode_id=program.episode_id, verdict=verdict, at_reset=program.at_reset,
+                           signature=program.signature if signed else b"", reset_signature=program.reset_signature)
 
     def _episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
         """Reset, run up to `lease.attempts` attempts, and return the report.
@@ -309,9 +314,9 @@ class Cell(Actor):
             frames = np.stack([o["pixels"] for o in observations]) if pixels else None
             if camera is not None and len(camera) == len(observations):  # a robot's camera, recorded per step
                 frames = np.stack(camera)
-            return Trajectory(
-                observations=Array.of(np.asarray(flat, dtype=np.float32)),
-                actions=Array.of(np.asarray(actions, dtype=np.float32).reshape(-1, limits.dim)),
+            return Trajectory(  # float64 as the policy saw them: an episode replays exactly
+                observations=Array.of(np.asarray(flat, dtype=np.float64)),
+                actions=Array.of(np.asarray(actions, dtype=np.float64).reshape(-1, limits.dim)),
                 rewards=Array.of(np.asarray(rewards, dtype=np.float32)),
                 frames=Frames.of(frames) if frames is not None else None,
             )
@@ -330,11 +335,11 @@ class Cell(Actor):
             verify_total = spent + secs
             if reply.at_reset is not None and reply.at_reset.success:
                 # Already solved at reset: the seed says nothing about the policy; the scheduler replaces it.
-                return _flagged_report(self.cell_id, lease, reply.at_reset, reset_s, verify_total)
+                return _flagged_report(self.cell_id, lease, reply, reset_s, verify_total)
             verdict = reply.verdict
             if error:  # a violation or policy fault ends the episode whatever the scene looks like
                 verdict = Verdict(success=False, score=verdict.score, reason=error, verifier=verdict.verifier)
-            attempts.append(Attempt(verdict=verdict, steps=steps))
+            attempts.append(Attempt(verdict=verdict, steps=steps, signature=reply.signature))
             return report(verify_total) if final or verdict.success or error else None
 
         if problem:  # the task's limits do not fit this robot: nothing moves
@@ -357,14 +362,14 @@ class Cell(Actor):
                 try:
                     sandbox.notify_failure({"attempt": k, "reason": last.reason, "score": last.score})
                 except PolicyError as e:
-                    attempts.append(Attempt(Verdict(False, last.score, f"policy_error: {e}", "cell"), 0))
+                    attempts.append(Attempt(Verdict(False, 0.0, f"policy_error: {e}", "cell"), 0))
                     break
             steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards, camera)
             run_s += time.perf_counter() - t2
             if error == "estop":  # halted by the person: held unverified, never counted
                 self.interface.pause("e-stop")
                 return self._held(lease, "estop", f"halted after {len(actions)} steps", trajectory(), len(actions))
-            request = self._verify_request(lease, reset_state if k == 0 else None)
+            request = self._verify_request(lease, k, reset_state if k == 0 else None)
             final = bool(error) or k == lease.attempts - 1
             finish = functools.partial(judged, error=error, steps=steps, spent=verify_s, final=final)
             if final and self.interface is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import trio
@@ -49,6 +49,7 @@ from enpire.queueing import (
     spec_of,
     stored_segments,
 )
+from enpire.seal import refuse_report
 
 
 class LeaseQueue(Actor):
@@ -56,8 +57,11 @@ class LeaseQueue(Actor):
     concurrent_handlers = True  # lease requests long-poll; the judge waits for its jobs
 
     def __init__(self, config: Config, board: Blackboard, bundles: BundleStore, state_dir: Path, run_id: str,
-                 events: EventHub):
+                 events: EventHub, verdict_key: bytes | None = None):
+        """`verdict_key`: the verifier's signing key; every recorded verdict must be signed with it."""
         super().__init__()
+        self.verdict_key = verdict_key
+        self.lapsed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id -> (cell, episode) once re-queued
         self.config, self.board, self.bundles, self.events = config, board, bundles, events
         self.state_dir, self.run_id = state_dir, run_id
         self.jobs: dict[str, Job] = {}
@@ -207,7 +211,20 @@ class LeaseQueue(Actor):
         )
 
     async def _report(self, msg: m.EpisodeReport) -> m.Message:
-        lease = self.leases.pop(msg.lease_id, None)
+        lease = self.leases.get(msg.lease_id)
+        # Only the cell the lease was granted to (also once it lapsed while that cell was late) may report,
+        # with verdicts the verifier signed for that lease; anything else is refused and logged.
+        held = (lease.cell_id, lease.episode.episode_id) if lease else self.lapsed.get(msg.lease_id)
+        real = (c := self.cells.get(msg.cell_id)) is not None and c.record.real  # a person may judge
+        recorded = msg.episode_id in self.recording or (
+            (j := self.jobs.get(msg.episode_id.rsplit(":", 1)[0])) is not None and msg.episode_id in j.results)
+        if not recorded and (why := refuse_report(msg, held, self.verdict_key, real)):
+            self.log.warning("report_refused", cell=msg.cell_id, lease=msg.lease_id, episode=msg.episode_id, why=why)
+            return m.Failure(error=f"report refused: {why}", retry=False)
+        if held is not None and held[0] == msg.cell_id:
+            self.leases.pop(msg.lease_id, None)
+        else:
+            lease = None
         job = self.jobs.get(lease.episode.spec.job_id if lease else msg.episode_id.rsplit(":", 1)[0])
         cell = self.cells.get(msg.cell_id)
         fresh = cell.fresh(msg.segments) if cell else []
@@ -350,6 +367,9 @@ class LeaseQueue(Actor):
 
     def _requeue(self, lease_id: str, why: str) -> None:
         state = self.leases.pop(lease_id)
+        self.lapsed[lease_id] = (state.cell_id, state.episode.episode_id)
+        while len(self.lapsed) > 100_000:
+            self.lapsed.popitem(last=False)
         episode = state.episode
         job = self.jobs.get(episode.spec.job_id)
         if job is None or episode.episode_id in job.results:

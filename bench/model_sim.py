@@ -107,6 +107,11 @@ class SearchConfig:
     init_std: float = 0.15  # in [0, 1]^d units, also the largest spread
     min_std: float = 0.03
     target: float = 0.9
+    # Hostile policies ((name, files) pairs) the team also commits and evaluates, so that at least
+    # `hostile_share` of its evaluate calls run one (bench/soak.py: the sandbox under attack in a real
+    # fleet). With hostile policies on, every other call names the team's own commit explicitly.
+    hostile: tuple[tuple[str, dict[str, str]], ...] = ()
+    hostile_share: float = 0.0
 
 
 @dataclass
@@ -132,6 +137,8 @@ class AgentState:
     read: bool = False
     turns: int = 0
     pending: dict[str, Any] = field(default_factory=dict)  # call id -> what it asked
+    hostile_ids: list[str] = field(default_factory=list)  # commits of the hostile policies
+    hostile_next: int = 0
 
 
 class Policy:
@@ -163,6 +170,12 @@ class Policy:
             briefing = next((m["content"] for m in reversed(messages) if m.get("role") == "user"
                              and isinstance(m.get("content"), str)), "")
             results = _new_results(briefing)
+            if self.search.hostile:  # the ids the commit tool gave for the hostile policies
+                for m in messages:
+                    call = a.pending.get(m.get("tool_call_id", "")) if m.get("role") == "tool" else None
+                    found = _COMMIT.search(str(m.get("content") or "")) if call and call[0] == "commit" else None
+                    if found and found.group(1) not in a.hostile_ids:
+                        a.hostile_ids.append(found.group(1))
             fleet = _FLEET.search(briefing)
             return self._step(a, results, _board(briefing), _champion(briefing), int(fleet.group(1)) if fleet else 1)
 
@@ -175,6 +188,8 @@ class Policy:
                                [("read_file", {"path": "policy.py"}), ("evaluate", {"params": {}, "n_seeds": s.n_seeds})])
         a.turns += 1
         calls: list[tuple[str, dict]] = []
+        if s.hostile and a.turns == 1:
+            calls += [("commit", {"files": files, "message": f"hostile policy: {name}"}) for name, files in s.hostile]
         evaluated = [(r.get("params") or {}, r) for r in results if r.get("kind") == "evaluate" and r.get("state") == "done"]
         if evaluated:
             best_params, best = max(evaluated, key=lambda pd: _rate(pd[1]))
@@ -200,6 +215,14 @@ class Policy:
         for _ in range(fresh):
             x = np.clip(mean + std * a.rng.standard_normal(mean.shape), 0.0, 1.0)
             calls.append(("evaluate", {"params": _rounded(self.scale._params(x)), "n_seeds": s.n_seeds}))
+        if s.hostile:  # the team's own candidates: main (the branch head holds a hostile policy)
+            calls = [(n, {**c, "commit": "main"}) if n in ("evaluate", "promote") else (n, c) for n, c in calls]
+        if a.hostile_ids and s.hostile_share > 0:
+            normal = sum(n == "evaluate" for n, _ in calls)
+            for _ in range(max(1, math.ceil(normal * s.hostile_share / (1 - s.hostile_share)))):
+                commit = a.hostile_ids[a.hostile_next % len(a.hostile_ids)]
+                a.hostile_next += 1
+                calls.append(("evaluate", {"commit": commit, "params": {}, "n_seeds": s.n_seeds}))
         text = (f"Turn {a.turns}: {fresh} new candidates around the team's best"
                 + "".join(f", topping up {e.ref}" for e in topups) + (f", promoting {ready.ref}" if ready else "") + ".")
         return self._calls(a, text, calls)
@@ -225,6 +248,9 @@ class Policy:
             a.pending[call_id] = (name, json.dumps(args.get("params", {})))
             out.append({"id": call_id, "name": name, "arguments": args})
         return text, out
+
+
+_COMMIT = re.compile(r'"commit":\s*"([0-9a-f]{7,64})"')
 
 
 def _rounded(params: dict[str, float]) -> dict[str, float]:

@@ -19,6 +19,15 @@ a completion cut off mid-JSON, valid JSON that is no completion, and an outage (
 in a row to one agent, which must pause that agent and not the fleet). The blackboard starts with a
 1 MiB map so it must grow several times while the fleet writes.
 
+Hostile policies (tests/adversarial/: the audit-hook bypass with a setsid grandchild, the stale-frame
+flood, a connect to the bus socket, a 1 MB reason, scratch filling, memfd hoarding, SIGXCPU ignored,
+...) are committed by the simulated team and evaluated among its candidates, at least `HOSTILE_SHARE`
+of its evaluate calls. After the run, `bench/replay.py` audits every recorded episode: its actions
+must be what the policy it is recorded under does on its observations (and, for a sample, the
+simulator must give back its observations and score), so an episode recorded under the wrong policy
+(say, a survivor of an earlier sandbox swapping in its own code) is found. No process of any sandbox
+may outlive the run.
+
 A fault is survived when the fleet records new episodes afterwards; a model fault also needs the
 agent it hit to get a later answer onto the token ledger (within 2 minutes), and an outage needs
 episodes recorded while its agent was paused. At the end the state is audited: every episode id
@@ -59,16 +68,23 @@ from model_sim import (  # noqa: E402 (bench/)
     SearchConfig,
     Timing,
 )
+from replay import audit as replay_audit  # noqa: E402 (bench/)
 
 from bus import messages as m  # noqa: E402
 from bus.blackboard import Blackboard  # noqa: E402
 from bus.records import CellRecord, Champion, EpisodeRecord, Finding, JobRecord, LeaseRecord, TokenRecord  # noqa: E402
 from bus.transport import ipc_url  # noqa: E402
+from enpire import config as cfg  # noqa: E402
+from enpire.sandbox import CHILD_SCRIPT  # noqa: E402
 
 KEY_ENV = "ENPIRE_SOAK_OPENAI_KEY"
 FAST = Timing(overhead_s=0.05, input_tok_s=200_000.0, output_tok_s=5_000.0)
 CLIENT = {"request_timeout_s": 5.0, "max_failures": 3, "pause_s": 10.0}  # [agents] keys of the backend
 RETRY_AFTER_S = 2.0
+ADVERSARIAL = ROOT / "tests" / "adversarial"
+HOSTILE = ("hook_bypass_setsid", "stale_frame_flood", "bus_connect", "huge_reason", "scratch_fill", "memfd_hoard",
+           "ignore_sigxcpu", "raise_memoryerror_subclass", "complex_action", "fork", "kill_parent", "tamper_hook")
+HOSTILE_SHARE = 0.12  # of the team's evaluate calls (the issue asks for at least 10% of evaluations)
 KINDS = ["kill_cell", "stop_cell", "kill_daemon", "garbage", *(f"model_{k}" for k in FAULT_KINDS), "model_outage"]
 
 CONFIG = """
@@ -91,6 +107,8 @@ api_key_env = "{key_env}"
 request_timeout_s = {request_timeout_s}
 max_failures = {max_failures}
 pause_s = {pause_s}
+[sandbox]
+memory_mb = 512  # memfd hoarding (600 MB) must hit the limit
 [scheduler]
 promote_seeds = 30
 lease_s = {lease_s}
@@ -252,6 +270,42 @@ def _files_with(paths, secret: bytes) -> list[str]:
     return [str(p) for p in paths if p.is_file() and secret in p.read_bytes()]
 
 
+def hostile_policies() -> tuple[tuple[str, dict[str, str]], ...]:
+    helper = (ADVERSARIAL / "hook_bypass.py").read_text()
+    return tuple((name, {"policy.py": (ADVERSARIAL / f"{name}.py").read_text(), "hook_bypass.py": helper})
+                 for name in HOSTILE)
+
+
+def sandbox_processes() -> list[int]:
+    """Live processes running the policy sandbox's child script (a policy or anything it forked)."""
+    marker, found = str(CHILD_SCRIPT).encode(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def hostile_summary(state: Path, commits: set[str]) -> dict:
+    board = Blackboard(state / "blackboard.lmdb", readonly=True)
+    try:
+        jobs = [j for j in board.values("jobs", JobRecord) if j.kind == "agent"]
+        episodes = [e for e in board.values("episodes", EpisodeRecord) if e.kind == "agent"]
+    finally:
+        board.close()
+    hostile_jobs = sum(j.policy.commit in commits for j in jobs)
+    bad = [e for e in episodes if e.policy.commit in commits]
+    return {
+        "commits": len(commits), "evaluations": hostile_jobs, "evaluations_share": round(hostile_jobs / max(1, len(jobs)), 3),
+        "episodes": len(bad), "episodes_share": round(len(bad) / max(1, len(episodes)), 3),
+        "successes": sum(e.verdict.success for e in bad),
+        "reasons": dict(Counter(e.verdict.reason.split(":")[0].split(" (")[0] for e in bad).most_common(12)),
+    }
+
+
 def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
     board = Blackboard(state / "blackboard.lmdb", readonly=True)
     try:
@@ -322,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory()
         args.state_dir = Path(tmp.name) / "state"
     lease_s = 4.0
-    sim = ModelSimulator(FAST, SearchConfig(population=4, n_seeds=4, validation_seeds=8, target=0.5))
+    sim = ModelSimulator(FAST, SearchConfig(population=4, n_seeds=4, validation_seeds=8, target=0.5,
+                                            hostile=hostile_policies(), hostile_share=HOSTILE_SHARE))
+    sandboxes_before = set(sandbox_processes())
     sim.faults = faults = Faults(hold_s=CLIENT["request_timeout_s"] + 2.0, retry_after_s=RETRY_AFTER_S)
     key = "sk-soak-" + secrets.token_hex(16)  # fake, new every run: found anywhere in the run's files = a leak
     config = args.state_dir.parent / "soak.toml"
@@ -393,11 +449,17 @@ def main(argv: list[str] | None = None) -> int:
         fleet.proc.kill()
         code = "killed after 30 s"
     sim.stop()
+    time.sleep(2.0)  # cells exit with the daemon; their jails with them
+    survivors = sorted(set(sandbox_processes()) - sandboxes_before)
+    hostile_commits = {c for a in sim.policy.agents.values() for c in a.hostile_ids}
     result = {
         "minutes": minutes, "cells": args.cells, "agents": args.agents, "daemon_starts": fleet.starts,
         "faults_injected": dict(injected), "faults_survived": dict(survived),
         "final_exit_code": code, "max_rss": {k: round(v, 1) for k, v in rss.items()},
         **audit(args.state_dir, seen_findings, seen_tokens),
+        "hostile": hostile_summary(args.state_dir, hostile_commits),
+        "sandbox_survivors": survivors,
+        "replay": replay_audit(args.state_dir, cfg.load(config)),
     }
     log = (args.state_dir / "logs" / "fleet.jsonl").read_text()
     served = Counter(c.agent for c in sim.calls)
@@ -419,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     result["ok"] = (result["episodes_lost"] == 0 and result["duplicates"] == 0 and result["findings_intact"]
                     and result["tokens_intact"] and result["ledger_ok"] and result["champion_consistent"]
                     and result["progress"] and injected == survived and result["model"]["retry_after_honoured"]
-                    and not result["model"]["files_with_key"] and not sandboxes[1])
+                    and not result["model"]["files_with_key"] and not sandboxes[1]
+                    and result["replay"]["ok"] and not survivors and result["hostile"]["successes"] == 0
+                    and result["hostile"]["evaluations_share"] >= 0.1)
     print(json.dumps(result, indent=2))
     if tmp is not None:
         tmp.cleanup()

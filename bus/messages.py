@@ -131,6 +131,7 @@ class Attempt(msgspec.Struct, frozen=True):
 
     verdict: Verdict
     steps: int
+    signature: bytes = b""  # the verifier's, over this attempt's verdict and the lease (enpire/seal.py)
 
 
 # ----------------------------------------------------------------------------- cell <-> scheduler
@@ -206,6 +207,7 @@ class EpisodeReport(Message, frozen=True):
     trajectory: Trajectory | None = None
     segments: list[Segment] = []
     flagged: str = ""  # e.g. "success_at_reset" when the seed had to be replaced
+    signature: bytes = b""  # the verifier's, over `verdict` when it is not an attempt's (flagged reports)
 
 
 class Frames(msgspec.Struct, frozen=True):
@@ -268,12 +270,16 @@ class VerifyRequest(Message, frozen=True):
     # The start state, judged in the same call: an episode that was already a success at reset is
     # flagged and its seed replaced (one round trip per attempt instead of two).
     reset_state: dict[str, list[float]] | None = None
+    lease_id: str = ""  # what the verifier's signature binds the verdict to
+    attempt: int = 0
 
 
 class VerifyReply(Message, frozen=True):
     episode_id: str
     verdict: Verdict
     at_reset: Verdict | None = None
+    signature: bytes = b""  # over (lease, episode, attempt, verdict); the scheduler checks it
+    reset_signature: bytes = b""  # over (lease, episode, RESET_ATTEMPT, at_reset)
 
 
 # ----------------------------------------------------------------------------- agents <-> scheduler

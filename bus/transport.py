@@ -12,10 +12,20 @@ queue is full. Nothing that must arrive may travel there. `Publisher.heartbeat` 
 is its ready barrier: once a probe has arrived, the subscription is live and later events reach it
 (unless dropped for being slow).
 
-Frames are msgpack Envelopes. With a shared secret each frame is HMAC-SHA256(secret, payload) || payload
-and the receiver checks the MAC (constant time) before decoding. Frames that fail authentication or
-decoding are refused (a `Failure` reply on the request path, dropped on pub/sub), logged without their
-content and counted; they never stop a reader.
+Frames are msgpack Envelopes. With a secret, a request-path frame is
+`0xE5 | len(sender) | sender | run id (16 bytes) | counter (u64) | HMAC-SHA256(key, all before it + payload) | payload`:
+- the key is the sender's own: with `per_sender_keys` the server derives it from its secret and the
+  sender's name (`cell_key`), so a peer holding one cell's key can speak only as that cell, and the
+  envelope's sender must match the sealed one;
+- the run id is the server's (random per start, learned from the ready ping): a frame captured in
+  another run is refused (`stale run`; an honest client re-learns the run id and resends);
+- the counter is the sender's clock in ns, strictly increasing per client: the server keeps, per
+  sender, the counters seen in the last `REPLAY_WINDOW_NS` and refuses a repeat or an older frame
+  (`replayed`). A resend is a new frame (same envelope id, new counter), so at-most-once still holds.
+Replies are sealed the same way with the requester's key. Pub/sub frames (telemetry only) carry just
+HMAC(secret, payload) || payload. The receiver checks the MAC (constant time) before decoding. Frames
+that fail authentication or decoding are refused (a `Failure` reply on the request path, dropped on
+pub/sub), logged without their content and counted; they never stop a reader.
 
 Fast path: no request, reply or event goes through an nng thread's callback into trio (pynng's
 `arecv`/`asend` cost a thread hand-off and a trio wake-up each, as much as the rest of a request).
@@ -32,8 +42,10 @@ import hashlib
 import hmac
 import os
 import re
+import struct
+import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +64,12 @@ IPC_PATH_LIMIT = 100  # sun_path is 108 bytes on Linux (104 on macOS): stay clea
 PING = Ack(detail="__ping__")  # the request path's ready probe; answered by the server itself
 PROBE = Ack(detail="__probe__")  # the pub/sub ready probe; never handed to subscribers' readers
 REFUSED = Failure(error="unauthenticated")  # the reply to a frame that failed authentication
+STALE_RUN = Failure(error="stale run", retry=True)  # sealed for another run of the server: re-ping, resend
+REPLAYED = Failure(error="replayed frame")  # a counter this server already saw (or too old)
+SEALED_MAGIC = 0xE5
+RUN_BYTES = 16
+_COUNTER = struct.Struct(">Q")
+REPLAY_WINDOW_NS = 120 * 10**9  # a sender's frames may arrive this much out of order (and no older)
 
 Handler = Callable[[Envelope], Awaitable[Message]]
 
@@ -93,6 +111,78 @@ def unseal(frame: bytes, secret: bytes | None) -> bytes:
     if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
         raise AuthError("frame failed authentication")
     return payload
+
+
+def cell_key(secret: bytes, sender: str) -> bytes:
+    """A peer's own key, derived from the fleet secret and its name: give a remote cell only this."""
+    return hmac.new(secret, b"enpire-peer:" + sender.encode(), hashlib.sha256).hexdigest().encode()
+
+
+def new_run_id() -> bytes:
+    return os.urandom(RUN_BYTES)
+
+
+class Sealed:
+    """The authenticated header of a request-path frame."""
+
+    __slots__ = ("counter", "run", "sender")
+
+    def __init__(self, sender: str, run: bytes, counter: int) -> None:
+        self.sender, self.run, self.counter = sender, run, counter
+
+
+def seal_frame(payload: bytes, key: bytes, sender: str, run: bytes, counter: int) -> bytes:
+    name = sender.encode()
+    if len(name) > 255 or len(run) != RUN_BYTES:
+        raise ValueError(f"cannot seal for sender {sender[:40]!r} / run of {len(run)} bytes")
+    head = bytes((SEALED_MAGIC, len(name))) + name + run + _COUNTER.pack(counter)
+    return head + hmac.new(key, head + payload, hashlib.sha256).digest() + payload
+
+
+def open_frame(frame: bytes, key_for: Callable[[str], bytes]) -> tuple[Sealed, bytes]:
+    """(header, payload) of a sealed frame whose MAC checks out under the key of its sender."""
+    if len(frame) < 2 or frame[0] != SEALED_MAGIC:
+        raise AuthError("frame is not sealed")
+    end = 2 + frame[1]
+    mac_at = end + RUN_BYTES + _COUNTER.size
+    if len(frame) < mac_at + MAC_SIZE:
+        raise AuthError("frame shorter than its header")
+    try:
+        sender = frame[2:end].decode()
+    except UnicodeDecodeError:
+        raise AuthError("sender is not UTF-8") from None
+    head, mac, payload = frame[:mac_at], frame[mac_at : mac_at + MAC_SIZE], frame[mac_at + MAC_SIZE :]
+    if not hmac.compare_digest(mac, hmac.new(key_for(sender), head + payload, hashlib.sha256).digest()):
+        raise AuthError("frame failed authentication")
+    return Sealed(sender, frame[end : end + RUN_BYTES], _COUNTER.unpack_from(frame, end + RUN_BYTES)[0]), payload
+
+
+class ReplayGuard:
+    """Per sender: counters seen within the window (refuse repeats) and the newest (refuse older ones)."""
+
+    def __init__(self, window_ns: int = REPLAY_WINDOW_NS, max_senders: int = 10_000) -> None:
+        self.window = window_ns
+        self.max_senders = max_senders
+        self._senders: OrderedDict[str, tuple[list[int], set[int], deque[int]]] = OrderedDict()
+
+    def accept(self, sender: str, counter: int) -> bool:
+        entry = self._senders.get(sender)
+        if entry is None:
+            entry = self._senders[sender] = ([counter], set(), deque())
+            while len(self._senders) > self.max_senders:
+                self._senders.popitem(last=False)
+        self._senders.move_to_end(sender)
+        newest, seen, order = entry
+        if counter in seen or counter <= newest[0] - self.window:
+            return False
+        seen.add(counter)
+        order.append(counter)
+        if counter > newest[0]:
+            newest[0] = counter
+        floor = newest[0] - self.window
+        while order and order[0] <= floor:  # arrival order is nearly counter order
+            seen.discard(order.popleft())
+        return True
 
 
 def _redact(reason: str) -> str:
@@ -235,6 +325,8 @@ class RequestServer:
         *,
         sender: str = "server",
         secret: bytes | None = None,
+        per_sender_keys: bool = False,  # each peer's key is cell_key(secret, its name)
+        run_id: bytes | None = None,
         workers: int = 16,
         dedup_capacity: int = 50_000,
         dedup_max_bytes: int = 64 << 20,  # bounds memory too (policy bundles are never kept)
@@ -243,12 +335,17 @@ class RequestServer:
         self.handler = handler
         self.sender = sender
         self.secret = secret
+        self.per_sender_keys = per_sender_keys
+        self.run_id = run_id or new_run_id()
+        self._keys: OrderedDict[str, bytes] = OrderedDict()
+        self._replay = ReplayGuard()
+        self._counter = time.time_ns()
         self.workers = workers
         self.dedup_capacity = dedup_capacity
         self.dedup_max_bytes = dedup_max_bytes
         self.stats = {
             "requests": 0, "duplicates": 0, "pings": 0, "bad_frames": 0, "unauthenticated": 0,
-            "handler_errors": 0, "send_errors": 0,
+            "handler_errors": 0, "send_errors": 0, "stale_run": 0, "replayed": 0,
         }
         self._replies: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._reply_bytes = 0
@@ -320,10 +417,28 @@ class RequestServer:
             idle.append(slot)
             free.release()
 
+    def key_for(self, sender: str) -> bytes:
+        assert self.secret is not None
+        if not self.per_sender_keys:
+            return self.secret
+        key = self._keys.get(sender)
+        if key is None:
+            key = self._keys[sender] = cell_key(self.secret, sender)
+            if len(self._keys) > 10_000:
+                self._keys.popitem(last=False)
+        return key
+
     async def answer(self, frame: bytes) -> bytes:
         """The reply frame for any request frame; never raises for bad input (public for tests)."""
+        head = None
         try:
-            envelope = decode(unseal(frame, self.secret))
+            if self.secret is None:
+                envelope = decode(frame)
+            else:
+                head, payload = open_frame(frame, self.key_for)
+                envelope = decode(payload)
+                if envelope.sender != head.sender:
+                    raise AuthError(f"envelope sender {envelope.sender[:40]!r} is not the sealed one")
         except AuthError as e:
             _count_and_log(self.stats, "unauthenticated", self.log, "frame_unauthenticated", bytes=len(frame),
                            reason=str(e))
@@ -332,10 +447,18 @@ class RequestServer:
         except DecodeError as e:
             _count_and_log(self.stats, "bad_frames", self.log, "frame_undecodable", bytes=len(frame),
                            reason=_redact(str(e)))
-            return self._reply("", Failure(error="undecodable frame"))
-        if envelope.body == PING:
+            return self._reply("", Failure(error="undecodable frame"), to=head.sender if head else "")
+        if envelope.body == PING:  # answered in any run: the reply tells the client ours
             self.stats["pings"] += 1
-            return self._reply(envelope.id, Ack(detail="ready"))
+            return self._reply(envelope.id, Ack(detail="ready"), to=envelope.sender)
+        if head is not None:
+            if head.run != self.run_id:
+                _count_and_log(self.stats, "stale_run", self.log, "frame_from_another_run", sender=envelope.sender)
+                return self._reply(envelope.id, STALE_RUN, to=envelope.sender)
+            if not self._replay.accept(head.sender, head.counter):
+                _count_and_log(self.stats, "replayed", self.log, "frame_replayed", sender=envelope.sender,
+                               request=type(envelope.body).__name__)
+                return self._reply(envelope.id, REPLAYED, to=envelope.sender)
         self.stats["requests"] += 1
         key = (envelope.sender, envelope.id)  # sender too: two peers may pick the same id
         cached = self._replies.get(key)
@@ -347,17 +470,18 @@ class RequestServer:
         if pending is not None:
             self.stats["duplicates"] += 1
             await pending.done.wait()
-            return pending.reply or self._reply(envelope.id, Failure(error="first copy was cancelled", retry=True))
+            return pending.reply or self._reply(envelope.id, Failure(error="first copy was cancelled", retry=True),
+                                                to=envelope.sender)
         pending = self._inflight[key] = _Pending()
         try:
             body = await self._handle(envelope)
             try:
-                pending.reply = self._reply(envelope.id, body)
+                pending.reply = self._reply(envelope.id, body, to=envelope.sender)
             except Exception as e:  # e.g. a value msgspec cannot encode in the handler's reply
                 self.stats["handler_errors"] += 1
                 self.log.error("reply_unencodable", request=type(envelope.body).__name__, error=f"{type(e).__name__}: {e}")
                 body = Failure(error=f"reply could not be encoded: {type(e).__name__}", retry=True)
-                pending.reply = self._reply(envelope.id, body)
+                pending.reply = self._reply(envelope.id, body, to=envelope.sender)
             # A retryable failure runs again on resend; a policy bundle is content-addressed (answering
             # again is always right), so its megabytes never sit in the duplicate-reply cache.
             if not (isinstance(body, Failure) and body.retry) and not isinstance(body, PolicyBundle):
@@ -387,9 +511,12 @@ class RequestServer:
             _, old = self._replies.popitem(last=False)
             self._reply_bytes -= len(old)
 
-    def _reply(self, request_id: str, body: Message, *, sealed: bool = True) -> bytes:
+    def _reply(self, request_id: str, body: Message, *, sealed: bool = True, to: str = "") -> bytes:
         payload = encode(Envelope(id=request_id, sender=self.sender, body=body))
-        return seal(payload, self.secret if sealed else None)
+        if not sealed or self.secret is None:
+            return payload
+        self._counter = max(self._counter + 1, time.time_ns())
+        return seal_frame(payload, self.key_for(to), self.sender, self.run_id, self._counter)
 
 
 class _Requester:
@@ -449,9 +576,13 @@ class RequestClient:
     created (and may send) before the server exists."""
 
     def __init__(self, url: str, *, sender: str, secret: bytes | None = None) -> None:
+        """`secret`: this peer's own key (`cell_key(fleet secret, sender)` for a server with per-sender
+        keys, else the shared secret)."""
         self.url = url
         self.sender = sender
         self.secret = secret
+        self.run = bytes(RUN_BYTES)  # the server's run id, learned from its first authenticated reply
+        self._counter = time.time_ns()  # a clock, so a restarted client never reuses a counter
         self._sockets: list[_Requester] = []
         self._idle: list[_Requester] = [self._open()]
         self._free = trio.Semaphore(MAX_CLIENT_SOCKETS)
@@ -468,13 +599,16 @@ class RequestClient:
         backoff of 50 ms doubling up to 2 s), so the server runs it at most once. Raises RequestTimeout
         after `retries` resends, AuthError when the server refuses our credentials."""
         envelope = Envelope(id=id or uuid.uuid4().hex, sender=self.sender, body=body)
-        frame = seal(encode(envelope), self.secret)
+        payload = encode(envelope)
         delay = 0.05
         for attempt in range(retries + 1):
-            reply = await self._exchange(frame, timeout)
+            reply = await self._exchange(self._seal(payload), timeout)
             if reply is not None:
-                answer = self._read_reply(reply)
-                if answer is not None:
+                answer = self._read_reply(reply, envelope.id)
+                if answer == STALE_RUN:  # the server restarted: we now know its run id; resend at once
+                    reply = await self._exchange(self._seal(payload), timeout)
+                    answer = self._read_reply(reply, envelope.id) if reply is not None else None
+                if answer is not None and answer != STALE_RUN:
                     return answer
             if attempt < retries:
                 await trio.sleep(delay)
@@ -498,10 +632,25 @@ class RequestClient:
             self._idle.append(requester)
             self._free.release()
 
-    def _read_reply(self, reply: bytes) -> Message | None:
+    def _seal(self, payload: bytes) -> bytes:
+        """A fresh frame for each try: a resend is not a replay."""
+        if not self.secret:
+            return payload
+        self._counter = max(self._counter + 1, time.time_ns())
+        return seal_frame(payload, self.secret, self.sender, self.run, self._counter)
+
+    def _read_reply(self, reply: bytes, request_id: str) -> Message | None:
         """The reply body; None for a frame to ignore (a resend follows)."""
         try:
-            body = decode(unseal(reply, self.secret)).body
+            if self.secret:
+                head, payload = open_frame(reply, lambda _sender: self.secret)  # type: ignore[arg-type,return-value]
+                envelope = decode(payload)
+                self.run = head.run  # authenticated by our key: the server's current run
+            else:
+                envelope = decode(reply)
+            if envelope.id != request_id and envelope.id:
+                return None  # not the answer to this request
+            body = envelope.body
         except DecodeError:
             return None
         except AuthError:

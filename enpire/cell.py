@@ -1,8 +1,10 @@
 """`python -m enpire.cell`: one robot cell process, joining a fleet over the bus.
 
 The daemon starts one per local cell over ipc://; a robot on another machine joins with
-`python -m enpire.cell --connect tcp://HOST:PORT --cell-id NAME --driver pusht` and the fleet's shared
-secret in the environment variable named by --secret-env.
+`python -m enpire.cell --connect tcp://HOST:PORT --cell-id NAME --driver pusht` and its own key in
+$ENPIRE_CELL_KEY (`python -m enpire.cell --cell-id NAME --print-key` on the daemon's machine derives it
+from the fleet secret; that key lets the robot speak only as NAME), or the fleet's shared secret in the
+environment variable named by --secret-env, from which it derives the same key.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import trio
 
 from actors.cell import Cell
 from actors.runtime import ActorSystem
-from bus.transport import AuthError, RequestClient, RequestTimeout
+from bus.transport import AuthError, RequestClient, RequestTimeout, cell_key
 from enpire import isolation, log
 from enpire.config import SandboxConfig
 from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
@@ -31,7 +33,7 @@ from hw.driver import DriverError
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--connect", required=True, help="bus url of the fleet, ipc://... or tcp://HOST:PORT")
+    p.add_argument("--connect", help="bus url of the fleet, ipc://... or tcp://HOST:PORT (required to run)")
     p.add_argument("--cell-id", required=True, help="unique name of this cell in the fleet")
     p.add_argument("--driver", default="pusht",
                    help="robot or simulator driver: built in, a plugin's entry point name, or package.module:Class")
@@ -39,6 +41,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
     p.add_argument("--state-dir", type=Path, help="fleet state dir, for logs (local cells only)")
     p.add_argument("--scratch", type=Path, help="scratch directory for the policy sandbox")
     p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret (tcp)")
+    p.add_argument("--key-env", default="ENPIRE_CELL_KEY", help="env var with this cell's own key (preferred)")
+    p.add_argument("--print-key", action="store_true",
+                   help="print this cell's key, derived from the secret in --secret-env, and exit")
     p.add_argument("--real", action="store_true", help="this cell drives a real robot")
     real = p.add_argument_group("real cells (--real): a person at this terminal, e-stop 'e' + Enter or SIGUSR1")
     real.add_argument("--confirm-motion", action="store_true",
@@ -132,8 +137,19 @@ async def run(args: argparse.Namespace, secret: bytes | None, driver, interface:
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> int:
     args = parse_args(argv, prog)
-    # Take the secret out of the environment so no child process (the policy sandbox) can inherit it.
-    secret = os.environ.pop(args.secret_env, "").encode() or None
+    # Take the secrets out of the environment so no child process (the policy sandbox) can inherit them.
+    shared = os.environ.pop(args.secret_env, "").encode()
+    own = os.environ.pop(args.key_env, "").encode()
+    if args.print_key:
+        if not shared:
+            print(f"enpire.cell: --print-key: ${args.secret_env} is empty", file=sys.stderr)
+            return 2
+        print(cell_key(shared, args.cell_id).decode())
+        return 0
+    if not args.connect:
+        print("enpire.cell: --connect is required", file=sys.stderr)
+        return 2
+    secret = own or (cell_key(shared, args.cell_id) if shared else None)
     log.configure(args.state_dir, f"cell:{args.cell_id}", console=args.state_dir is None)
     if not args.unconfined and (reason := isolation.check()) is not None:
         print(f"enpire.cell: sandbox: {reason}; policies are untrusted code and run only confined "

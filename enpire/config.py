@@ -15,10 +15,15 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegInt = Annotated[int, Meta(ge=0)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
+# Every number has bounds: an absurd value (2**63 - 1 MB of memory, 10**6 cells, an `inf` budget) is a
+# one-line configuration error at start, never a crash later. The bounds are generous on purpose.
+PositiveInt = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+NonNegInt = Annotated[int, Meta(ge=0, le=1_000_000_000)]
+PositiveFloat = Annotated[float, Meta(gt=0, le=1e9)]  # also refuses inf and nan
 Fraction = Annotated[float, Meta(ge=0, le=1)]
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]  # at most a day
+Minutes = Annotated[float, Meta(ge=0, le=525_600)]  # at most a year
+Seed = Annotated[int, Meta(ge=0, lt=2**32)]  # numpy seeds
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -26,15 +31,15 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class SeedRange(Strict):
-    start: NonNegInt
-    count: PositiveInt
+    start: Seed
+    count: Annotated[int, Meta(ge=1, le=100_000_000)]
 
     def seeds(self) -> range:
         return range(self.start, self.start + self.count)
 
 
 class ActionLimitsConfig(Strict):
-    max_delta: PositiveFloat = 100.0  # largest allowed change between consecutive actions
+    max_delta: Annotated[float, Meta(gt=0, le=1e6)] = 100.0  # largest allowed change between consecutive actions
     # Per named action (a LeRobot robot's action_features, e.g. "shoulder_pan.pos"): [low, high].
     # A real arm's joint and workspace limits; an action outside them ends the episode.
     joints: dict[str, Annotated[list[float], Meta(min_length=2, max_length=2)]] = {}
@@ -51,10 +56,10 @@ class TaskConfig(Strict):
     # "state": the simulator's state vector; "pixels" (Push-T): a 96x96 RGB camera frame and the pusher's
     # position, never the object's pose (LeRobot's Push-T image setting)
     observation: Literal["state", "pixels"] = "state"
-    horizon: PositiveInt = 300
+    horizon: Annotated[int, Meta(ge=1, le=1_000_000)] = 300
     verifier: Literal["state", "vision"] = "state"
-    attempts: PositiveInt = 1  # k of pass@k for evaluations
-    control_hz: Annotated[float, Meta(ge=0)] = 0.0  # pace simulated steps like a real robot; 0 = unpaced
+    attempts: Annotated[int, Meta(ge=1, le=100)] = 1  # k of pass@k for evaluations
+    control_hz: Annotated[float, Meta(ge=0, le=100_000)] = 0.0  # pace simulated steps like a real robot; 0 = unpaced
     tuning_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=0, count=100_000))
     # Every judging, confirmation and final judging draws fresh seeds from here, never reused: size it
     # for the run (a judging takes scheduler.promote_seeds, a confirmation up to 5 x fleet.min_heldout).
@@ -65,12 +70,12 @@ class TaskConfig(Strict):
 
 class FleetConfig(Strict):
     state_dir: str = "state"
-    budget_minutes: PositiveFloat = 15.0
+    budget_minutes: Annotated[float, Meta(gt=0, le=525_600)] = 15.0
     target: Fraction = 0.9  # held-out success rate of the champion that ends the run
-    min_heldout: PositiveInt = 100  # held-out episodes the champion needs before the target counts
-    progress_s: PositiveFloat = 10.0
+    min_heldout: Annotated[int, Meta(ge=1, le=10_000_000)] = 100  # held-out episodes the champion needs before the target counts
+    progress_s: Seconds = 10.0
     stop_at_target: bool = True  # false: run the whole budget (benchmarks, soak)
-    map_size_mb: PositiveInt = 1024  # initial LMDB map; it grows by doubling when nearly full
+    map_size_mb: Annotated[int, Meta(ge=1, le=1 << 20)] = 1024  # initial LMDB map (<= 1 TiB); it grows by doubling when nearly full
     baseline: str = ""  # folder with the policy the team starts from (policy.py ...); "" = agents write one
     # at the end of a run, the starting policy and the champion on this many fresh held-out seeds each; 0 = none
     final_seeds: NonNegInt = 100
@@ -91,7 +96,7 @@ def default_tasks() -> dict[str, TaskConfig]:
 
 
 class CellsConfig(Strict):
-    count: NonNegInt = 2
+    count: Annotated[int, Meta(ge=0, le=1024)] = 2
     task: str = DEFAULT_TASK
     real: bool = False
     # "on": each local cell and its policy sandbox share one CPU (cell i on CPU i mod n), so the hand-off
@@ -102,18 +107,18 @@ class CellsConfig(Strict):
 
 
 class PriceConfig(Strict):
-    input: Annotated[float, Meta(ge=0)] = 0.0
-    output: Annotated[float, Meta(ge=0)] = 0.0
+    input: Annotated[float, Meta(ge=0, le=1e9)] = 0.0
+    output: Annotated[float, Meta(ge=0, le=1e9)] = 0.0
     cached_input: float = -1.0
     cache_write: float = -1.0
 
 
 class AgentsConfig(Strict):
-    count: NonNegInt = 1
+    count: Annotated[int, Meta(ge=0, le=256)] = 1
     backend: Literal["builtin", "anthropic", "openai", "openai_responses", "claude-code", "codex", "command"] = "builtin"
     # built-in researcher
-    population: PositiveInt = 12  # candidates per search generation
-    seeds_per_candidate: PositiveInt = 6
+    population: Annotated[int, Meta(ge=1, le=10_000)] = 12  # candidates per search generation
+    seeds_per_candidate: Annotated[int, Meta(ge=1, le=10_000)] = 6
     learn: bool = True  # may train BC / RL on the fleet's successes once tuning plateaus
     plateau_generations: PositiveInt = 5  # generations without gain that make a tuning plateau
     learn_min_successes: PositiveInt = 100  # recorded successes before the first behaviour cloning
@@ -122,17 +127,17 @@ class AgentsConfig(Strict):
     model: str = ""  # required when backend is not "builtin"
     base_url: str = ""  # "" = the provider's own; e.g. "http://127.0.0.1:8000/v1" for vLLM, llama.cpp, Ollama
     api_key_env: str = ""  # "" = ANTHROPIC_API_KEY / OPENAI_API_KEY; keys are read from the environment only
-    token_budget: NonNegInt = 0  # per agent, input + output tokens; 0 = no limit
-    wall_budget_minutes: Annotated[float, Meta(ge=0)] = 0.0  # 0 = no limit
+    token_budget: Annotated[int, Meta(ge=0, le=10**13)] = 0  # per agent, input + output tokens; 0 = no limit
+    wall_budget_minutes: Minutes = 0.0  # 0 = no limit
     # turns kept verbatim in the prompt; past this many (or context_chars) the oldest half become journal
     # lines at once, so the prompt's cached prefix changes rarely
     max_turns_window: PositiveInt = 40
     context_chars: PositiveInt = 120_000
     max_output_tokens: PositiveInt = 4096
     max_output_ceiling: PositiveInt = 16384  # a reply cut off at the limit is asked again with up to this limit
-    request_timeout_s: PositiveFloat = 120.0
+    request_timeout_s: Seconds = 120.0
     max_failures: PositiveInt = 5  # consecutive failed model calls before the agent pauses
-    pause_s: PositiveFloat = 300.0
+    pause_s: Seconds = 300.0
     notes_dir: str = ""  # a folder of notes / literature the agents may search
     digest: bool = True  # false (ablation): briefings list every peer finding instead of the summarizer's digest
     # CLI coding agents (backend "claude-code", "codex" or "command"): one research turn is one headless run
@@ -141,18 +146,18 @@ class AgentsConfig(Strict):
     max_turns: NonNegInt = 0  # runs per agent; 0 = until the budgets end
     # model agents on a pooled fleet start a turn once some results are in and fewer than this many
     # episodes per cell are queued (teammates' coming requests included); 0 = after all their results
-    pace_per_cell: Annotated[float, Meta(ge=0)] = 10.0
+    pace_per_cell: Annotated[float, Meta(ge=0, le=1e6)] = 10.0
     # cost of each model call on the token ledger: [agents.prices."MODEL"] input/output/cached_input/
     # cache_write in currency per million tokens (cached_input, cache_write default to input)
     prices: dict[str, PriceConfig] = {}
 
 
 class SchedulerConfig(Strict):
-    lease_s: PositiveFloat = 60.0  # a leased episode not reported by then is re-queued
-    heartbeat_s: PositiveFloat = 1.0
+    lease_s: Seconds = 60.0  # a leased episode not reported by then is re-queued
+    heartbeat_s: Annotated[float, Meta(gt=0, le=3600)] = 1.0
     background: bool = True  # idle cells re-evaluate the champion on more held-out seeds
     pooled: bool = True  # false: cell-i runs only agent-i's episodes and no background work (the paper's set-up)
-    promote_seeds: PositiveInt = 100  # held-out seeds a candidate is judged on
+    promote_seeds: Annotated[int, Meta(ge=1, le=10_000_000)] = 100  # held-out seeds a candidate is judged on
     alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.05  # promotion test significance
     rollback_min_n: PositiveInt = 30  # confirmation episodes before a regression can roll a champion back
     smoke_seeds: PositiveInt = 5  # simulated episodes a policy passes before a real cell runs it
@@ -272,6 +277,10 @@ def check(config: Config, source: str = "<config>") -> None:
         for joint, (low, high) in task.limits.joints.items():
             if not low < high:
                 raise ConfigError(f"{source}: tasks.{name}.limits.joints.{joint}: low {low} must be below high {high}")
+        for which in ("tuning_seeds", "heldout_seeds"):
+            seeds = getattr(task, which).seeds()
+            if seeds.stop > 2**32:
+                raise ConfigError(f"{source}: tasks.{name}.{which}: seeds up to {seeds.stop - 1}; seeds must be < 2**32")
         if task.observation == "pixels" and task.driver not in PIXEL_DRIVERS:
             raise ConfigError(f"{source}: tasks.{name}.observation: 'pixels' needs a camera driver "
                               f"({', '.join(PIXEL_DRIVERS)}), not {task.driver!r}")
@@ -293,6 +302,31 @@ def check(config: Config, source: str = "<config>") -> None:
                           f"trainer.lease_s {config.trainer.lease_s}")
     if config.bus.listen and not config.bus.listen.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"{source}: bus.listen: {config.bus.listen!r} is not a tcp:// or ipc:// url")
+
+
+# Directories a state dir must never be: the daemon makes its state dir private (chmod 0700) and fills it.
+SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+                         "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp",
+                         "/usr", "/var", "/var/lib", "/var/tmp"})
+SYSTEM_TREES = ("/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/bin", "/sbin", "/lib", "/usr")
+
+
+def state_dir_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be a state directory (one line), or None."""
+    given = str(path)
+    try:
+        real = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as e:
+        return f"state_dir {given!r}: cannot resolve: {e}"
+    text = str(real)
+    if text in SYSTEM_DIRS or any(text == t or text.startswith(t + "/") for t in SYSTEM_TREES):
+        shown = given if given == text else f"{given!r} ({text})"
+        return f"state_dir {shown} is a system directory; use a directory of its own, e.g. ./state"
+    if real == Path.home().resolve():
+        return f"state_dir {given!r} is your home directory; use a directory of its own, e.g. ~/enpire-state"
+    if real.exists() and not real.is_dir():
+        return f"state_dir {given!r} exists and is not a directory"
+    return None
 
 
 def _overlap(a: range, b: range) -> bool:

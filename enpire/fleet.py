@@ -70,7 +70,7 @@ from bus.records import (
     Meta,
     TokenRecord,
 )
-from bus.transport import RequestServer, ipc_url
+from bus.transport import RequestServer, cell_key, ipc_url
 from enpire import config as cfg
 from enpire import isolation, ledger, log, progress
 from enpire.agents.backends import make_backend
@@ -203,7 +203,7 @@ def cell_command(config: cfg.Config, index: int, url: str, state_dir: Path) -> l
         "--load-timeout", str(sb.load_timeout_s),
         "--cpu-seconds", str(sb.cpu_seconds), "--memory-mb", str(sb.memory_mb), "--exit-with-parent",
         "--scratch-mb", str(sb.scratch_mb), "--pids", str(sb.pids),
-        "--secret-env", LOCAL_SECRET_ENV,
+        "--key-env", LOCAL_SECRET_ENV,
     ]
     cpus = sorted(os.sched_getaffinity(0))
     pinning = config.cells.cpu_pinning
@@ -222,7 +222,7 @@ async def _cell_process(
     logger = structlog.get_logger().bind(actor="fleet")
     command = cell_command(config, index, url, state_dir)
     env = without_credentials(os.environ, config.bus.secret_env, config.agents.api_key_env)  # no model key in a cell
-    env[LOCAL_SECRET_ENV] = secret.hex()
+    env[LOCAL_SECRET_ENV] = cell_key(secret.hex().encode(), cell_id).decode()  # this cell's key only
     failures = 0
     while not stopping.is_set():
         began = time.time()
@@ -326,8 +326,10 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     system = ActorSystem(nursery)
     events = EventHub()
     bundles = BundleStore(workspace.read_bytes, state_dir / ARTIFACTS)
-    verifier = await system.spawn("verifier", lambda: Verifier(task_kinds))
-    queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events))
+    verdict_key = secrets.token_bytes(32)  # verifier and lease queue only: cells relay verdicts, never sign them
+    verifier = await system.spawn("verifier", lambda: Verifier(task_kinds, verdict_key))
+    queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events,
+                                                             verdict_key=verdict_key))
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
     trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
@@ -340,6 +342,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
         ref = routes.get(type(envelope.body))
         if ref is None:
             return Failure(error=f"no actor takes {type(envelope.body).__name__} from the bus")
+        claimed = getattr(envelope.body, "cell_id", envelope.sender)
+        if claimed != envelope.sender:  # the sender is authenticated (its own key); the field is not
+            structlog.get_logger().warning("impersonation_refused", actor="fleet", sender=envelope.sender[:60],
+                                           claimed=str(claimed)[:60], request=type(envelope.body).__name__)
+            return Failure(error=f"sender {envelope.sender!r} cannot speak for cell {claimed!r}", retry=False)
         return await ref.ask(envelope.body, timeout=60.0)
 
     # Local peers authenticate too: a per-run secret, so nothing else on the machine (a policy that
@@ -349,11 +356,12 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     # Each cell's long-polled LeaseRequest holds one server worker: leave room for heartbeats and reports.
     workers = 2 * config.cells.count + 8
     await _listen(nursery, "the local bus", RequestServer(url, route, sender="fleet", secret=local_secret.hex().encode(),
-                                                          workers=workers))
+                                                          per_sender_keys=True, workers=workers))
     if config.bus.listen:
         secret = os.environ[config.bus.secret_env].encode()
         await _listen(nursery, f"bus.listen {config.bus.listen!r}",
-                      RequestServer(config.bus.listen, route, sender="fleet", secret=secret, workers=32))
+                      RequestServer(config.bus.listen, route, sender="fleet", secret=secret,
+                                   per_sender_keys=True, workers=32))
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
     stopping = trio.Event()
     for i in range(config.cells.count):
@@ -582,6 +590,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)
+        return EXIT_CONFIG
+    if (problem := cfg.state_dir_problem(config.fleet.state_dir)) is not None:
+        print(f"enpire: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
         print(f"enpire: {idle}", file=sys.stderr)

@@ -36,7 +36,7 @@ from bus.messages import (
     TrainJob,
     TrainJobRequest,
 )
-from bus.transport import AuthError, RequestClient, RequestTimeout
+from bus.transport import AuthError, RequestClient, RequestTimeout, cell_key
 from enpire import log
 from enpire.learning import runner
 
@@ -183,6 +183,8 @@ async def run(args: argparse.Namespace, secret: bytes | None, device: str, gpu: 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") -> int:
     args = parse_args(argv, prog)
     secret = os.environ.pop(args.secret_env, "").encode() or None  # recipes must not inherit it
+    if secret:  # the daemon derives each peer's key from the fleet secret and the peer's name
+        secret = cell_key(secret, f"trainer:{args.trainer_id}")
     log.configure(None, f"trainer:{args.trainer_id}", console=True)
     from enpire.learning.device import DeviceError
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from enpire import config as cfg
@@ -49,3 +51,49 @@ def test_command_line_overrides_are_validated():
 def test_print_config_round_trips():
     c = cfg.Config()
     assert cfg.decode(cfg.to_toml(c)) == c
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[sandbox]\nmemory_mb = 9223372036854775807\n", "sandbox.memory_mb"),
+        ("[sandbox]\ncpu_seconds = 9223372036854775807\n", "sandbox.cpu_seconds"),
+        ("[cells]\ncount = 1000000\n", "cells.count"),
+        ("[agents]\ncount = 1000000\n", "agents.count"),
+        ("[fleet]\nbudget_minutes = inf\n", "fleet.budget_minutes"),
+        ("[fleet]\nbudget_minutes = nan\n", "fleet.budget_minutes"),
+        ("[agents]\nwall_budget_minutes = inf\n", "agents.wall_budget_minutes"),
+        ("[fleet]\nmap_size_mb = 1000000000\n", "fleet.map_size_mb"),
+        ("[scheduler]\nlease_s = 1e300\n", "scheduler.lease_s"),
+        ("[tasks.pusht]\ntuning_seeds = {start = 4294967000, count = 1000}\n", "tasks.pusht.tuning_seeds"),
+    ],
+)
+def test_absurd_numbers_are_refused_in_one_line(text, key):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.decode(text, "x.toml")
+    assert str(e.value).startswith(f"x.toml: {key}") and "\n" not in str(e.value), e.value
+
+
+def test_state_dir_checks(tmp_path):
+    assert cfg.state_dir_problem(tmp_path / "state") is None
+    assert cfg.state_dir_problem(tmp_path) is None  # an existing empty dir of its own is fine
+    for bad in ("/", "/proc/self", "/sys/kernel", "/etc", "/usr/lib/enpire", "/tmp", "/root/..", "~"):
+        problem = cfg.state_dir_problem(bad)
+        assert problem and "\n" not in problem, bad
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in (cfg.state_dir_problem(tmp_path / "file") or "")
+
+
+@pytest.mark.parametrize("state_dir", ["/proc/self", "FILE", "/sys/kernel"])
+def test_daemon_refuses_a_bad_state_dir_with_exit_2(state_dir, tmp_path):
+    import subprocess
+    import sys
+
+    if state_dir == "FILE":
+        state_dir = str(tmp_path / "file")
+        Path(state_dir).write_text("x")
+    r = subprocess.run([sys.executable, "-m", "enpire.fleet", "--state-dir", state_dir, "--cells", "0",
+                        "--agents", "0", "--budget-minutes", "0.01", "--quiet"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "state_dir" in r.stderr

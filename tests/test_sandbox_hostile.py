@@ -168,3 +168,21 @@ def test_each_judging_gets_a_fresh_jail(tmp_path: Path) -> None:
         sb.load(good(), {}, context="heldout:job-2")
         assert sb._proc.pid != judging  # type: ignore[union-attr]
     assert not os.path.exists(f"/proc/{judging}") or _state(Path(f"/proc/{judging}")) == "Z"
+
+
+def test_without_the_engine_untrusted_code_is_refused_unless_opted_out(tmp_path, monkeypatch, capsys):
+    from enpire import fleet
+
+    monkeypatch.setitem(isolation._checked, "result", "bubblewrap (bwrap) is not installed")
+    with PolicySandbox(LIMITS, tmp_path / "scratch") as sb:
+        with pytest.raises(PolicyError, match="^sandbox_unavailable: bubblewrap"):
+            sb.load(good(), {})
+    # The user's explicit opt-out runs it with the in-process layers only.
+    with PolicySandbox(SandboxLimits(load_timeout_s=5.0, confined=False), tmp_path / "scratch") as sb:
+        action = first_action(sb, good())
+        assert isinstance(action, np.ndarray) and "bwrap" not in sb.isolation
+    # The daemon says so in one line and exits 2 before touching its state dir.
+    code = fleet.main(["--state-dir", str(tmp_path / "state"), "--cells", "1", "--agents", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "bwrap" in err and "require_isolation" in err, err
+    assert not (tmp_path / "state").exists()

@@ -25,4 +25,10 @@ def test_soak_ci_mode_loses_nothing(tmp_path):
     assert model["pauses_logged"] >= result["faults_injected"]["model_outage"], model
     assert model["key_redactions_logged"] >= 1 and model["files_with_key"] == [], model
     assert model["policy_sandboxes_seen"] > 0 and model["policy_sandboxes_with_key"] == 0, model
+    # Hostile policies ran among the candidates; none succeeded, no sandbox process outlived the run, and
+    # every recorded episode replays under the policy it is recorded under.
+    hostile = result["hostile"]
+    assert hostile["evaluations_share"] >= 0.1 and hostile["episodes"] > 0 and hostile["successes"] == 0, hostile
+    assert result["sandbox_survivors"] == [], result["sandbox_survivors"]
+    assert result["replay"]["ok"] and result["replay"]["policy_replay"]["mismatches"] == 0, result["replay"]
     assert r.returncode == 0
