@@ -171,9 +171,11 @@ class Policy:
                              and isinstance(m.get("content"), str)), "")
             results = _new_results(briefing)
             if self.search.hostile:  # the ids the commit tool gave for the hostile policies
+                commits = {c.get("id") for m in messages if m.get("role") == "assistant"
+                           for c in m.get("tool_calls") or () if (c.get("function") or {}).get("name") == "commit"}
                 for m in messages:
-                    call = a.pending.get(m.get("tool_call_id", "")) if m.get("role") == "tool" else None
-                    found = _COMMIT.search(str(m.get("content") or "")) if call and call[0] == "commit" else None
+                    call = m.get("role") == "tool" and m.get("tool_call_id") in commits
+                    found = _COMMIT.search(str(m.get("content") or "")) if call else None
                     if found and found.group(1) not in a.hostile_ids:
                         a.hostile_ids.append(found.group(1))
             fleet = _FLEET.search(briefing)

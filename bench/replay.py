@@ -92,16 +92,29 @@ def policy_replay(state: Path, episodes: list[EpisodeRecord]) -> dict:
             if e.policy.commit not in files_of:
                 files_of[e.policy.commit] = workspace.read_bytes(e.policy.commit)
             try:
-                sb.load(files_of[e.policy.commit], e.policy.params)
+                try:
+                    sb.load(files_of[e.policy.commit], e.policy.params)
+                except PolicyError:  # a policy that hoards (e.g. forks at load) in a reused process: a fresh jail
+                    sb.close()
+                    sb.load(files_of[e.policy.commit], e.policy.params)
             except PolicyError:
                 outcome["exact" if len(recorded) == 0 else "mismatch"] += 1  # it cannot act: nothing recorded
                 if len(recorded):
                     mismatched.append(e.episode_id)
                 continue
             verdict = "mismatch"
-            for extra in range(4):  # as recorded, then after 1-3 resubmissions of the first observation
-                verdict = _compare(_actions(sb, observations, len(recorded), extra), recorded)
-                steps += len(recorded)
+            for fresh in (False, True):  # in the reused process, then (a policy that hoards, e.g. forks) a fresh jail
+                if fresh:
+                    sb.close()
+                    try:
+                        sb.load(files_of[e.policy.commit], e.policy.params)
+                    except PolicyError:
+                        break
+                for extra in range(4):  # as recorded, then after 1-3 resubmissions of the first observation
+                    verdict = _compare(_actions(sb, observations, len(recorded), extra), recorded)
+                    steps += len(recorded)
+                    if verdict != "mismatch":
+                        break
                 if verdict != "mismatch":
                     break
             outcome[verdict if extra == 0 or verdict == "mismatch" else "after_resubmission"] += 1

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("enpire.logs", "the fleet's JSON log in readable form, filtered, --follow"),
     "report": ("enpire.report", "plots and a markdown summary of a run"),
     "cell": ("enpire.cell", "one robot cell process joining a fleet over the bus"),
+    "trainer": ("enpire.trainer", "a trainer (e.g. a GPU machine) joining a fleet's training queue over the bus"),
     "replay": ("enpire.replay", "render recorded episodes (failed ones first) as mp4 or GIF"),
     "export": ("enpire.export", "write a run's episodes as a LeRobotDataset (needs LeRobot)"),
     "export-policy": ("enpire.export_policy", "write the champion (code, params, safetensors, runner)"),

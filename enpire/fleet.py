@@ -343,6 +343,8 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
         if ref is None:
             return Failure(error=f"no actor takes {type(envelope.body).__name__} from the bus")
         claimed = getattr(envelope.body, "cell_id", envelope.sender)
+        if hasattr(envelope.body, "trainer_id"):  # remote trainers speak as "trainer:<id>" (their own key)
+            claimed = f"trainer:{envelope.body.trainer_id}"
         if claimed != envelope.sender:  # the sender is authenticated (its own key); the field is not
             structlog.get_logger().warning("impersonation_refused", actor="fleet", sender=envelope.sender[:60],
                                            claimed=str(claimed)[:60], request=type(envelope.body).__name__)

@@ -43,8 +43,8 @@ from enpire.learning import runner
 FETCH_BATCH = 256  # hashes per DataRequest
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m enpire.trainer", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--connect", required=True, help="bus url of the fleet, tcp://HOST:PORT (or ipc://...)")
     p.add_argument("--trainer-id", default=f"{socket.gethostname()}-{os.getpid()}", help="unique name in the fleet")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
@@ -180,8 +180,8 @@ async def run(args: argparse.Namespace, secret: bytes | None, device: str, gpu: 
         client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") -> int:
+    args = parse_args(argv, prog)
     secret = os.environ.pop(args.secret_env, "").encode() or None  # recipes must not inherit it
     if secret:  # the daemon derives each peer's key from the fleet secret and the peer's name
         secret = cell_key(secret, f"trainer:{args.trainer_id}")

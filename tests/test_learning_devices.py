@@ -89,3 +89,24 @@ def test_cuda_and_cpu_train_the_same_model_within_float_noise(recorded):
     assert abs(m_cpu["val_loss"] - m_gpu["val_loss"]) < 1e-2 * max(1.0, m_cpu["val_loss"])
     for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_two_process_bc_reaches_the_one_process_heldout_success():
+    """bench/train_devices.py on 1,000 recorded episodes: BC trained by 2 gloo processes lands inside the
+    Wilson interval of the one-process model on the same 100 held-out seeds (both stated in the JSON)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / "train_devices.py"), "--episodes", "1000",
+                          "--eval", "100", "--processes", "2", "--max-epochs", "40", "--vm-episodes", "2",
+                          "--vm-epochs", "1"], capture_output=True, text=True, timeout=7200, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    placements = json.loads(out.stdout)["placements"]
+    one, two = placements["cpu"], placements["cpu_x2"]
+    assert one["heldout"]["success_rate"] >= 0.1, one  # it learned (measured: 22/100; an untrained MLP gets 0)
+    assert two["heldout_within_cpu_interval"], (one["heldout"], two["heldout"])
+    if "cuda" in placements:
+        assert placements["cuda"]["heldout_within_cpu_interval"], placements["cuda"]["heldout"]

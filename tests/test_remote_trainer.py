@@ -160,3 +160,29 @@ async def test_a_trainer_with_a_wrong_secret_is_refused(tmp_path):
     assert proc.returncode == 3, proc.stderr.decode()[-500:]
     assert "refused our credentials" in proc.stderr.decode()
     assert not seen  # nothing it sent reached a handler
+
+
+async def test_a_trainer_cannot_speak_for_another(tmp_path, monkeypatch):
+    from bus.messages import Ack, TrainerHello
+    from bus.transport import RequestClient, cell_key
+
+    state = tmp_path / "state"
+    board, meta = open_state_dir(state)
+    monkeypatch.setenv("ENPIRE_SECRET", SECRET)
+    port = free_port()
+    config = cfg.with_overrides(fleet_config(port, local_slots=0), **{"cells.count": 0})
+    async with trio.open_nursery() as nursery:
+        core = await start_core(nursery, config, state, board, meta)
+        client = RequestClient(f"tcp://127.0.0.1:{port}", sender="trainer:a",
+                               secret=cell_key(SECRET.encode(), "trainer:a"))
+        with trio.fail_after(30):
+            await client.wait_ready()
+            ok = await client.request(TrainerHello(trainer_id="a", host="h", pid=1, device="cpu"))
+            forged = await client.request(TrainerHello(trainer_id="b", host="h", pid=1, device="cpu"))
+        client.close()
+        core.stopping.set()
+        nursery.cancel_scope.cancel()
+    assert ok == Ack(detail="welcome")
+    assert isinstance(forged, Failure) and "cannot speak for" in forged.error
+    assert board.get("trainers", "b", TrainerRecord) is None
+    board.close()
