@@ -588,9 +588,10 @@ def _where(exc: BaseException) -> str:
     """The policy's own frames of a traceback, innermost first: " (at policy.py:41 in act <- policy.py:12 in
     helper)". Frames only (walk_tb reads no source file, so the audit hook sees no open)."""
     scratch = os.getcwd() + os.sep
+    own = os.path.dirname(os.path.abspath(__file__)) + os.sep  # a checkout under /tmp lies inside scratch
     frames = [f"{frame.f_code.co_filename[len(scratch):]}:{line} in {frame.f_code.co_name}"
               for frame, line in traceback.walk_tb(exc.__traceback__)
-              if frame.f_code.co_filename.startswith(scratch)]
+              if frame.f_code.co_filename.startswith(scratch) and not frame.f_code.co_filename.startswith(own)]
     return f" (at {' <- '.join(reversed(frames[-4:]))})" if frames else ""
 
 

@@ -208,7 +208,12 @@ class BuiltinResearcher:
                 fps = [fingerprint([self.source_hash, sp.params]) for sp in specs]
                 known = [tools.tested(fp) for fp in fps]
                 fresh = [i for i, k in enumerate(known) if k is None]
-                evaluated = await _gather([lambda sp=specs[i], seeds=seeds: tools.evaluate(sp, seeds) for i in fresh])
+                # The first guess (the template at its initial parameters) is asked for alone, before its
+                # siblings: the judge takes the first candidate evaluated as where the run started.
+                head = fresh[:1] if self.generation == 1 and champion is None and fresh[:1] == [0] else []
+                evaluated = [*await _gather([lambda sp=specs[i], seeds=seeds: tools.evaluate(sp, seeds) for i in head]),
+                             *await _gather([lambda sp=specs[i], seeds=seeds: tools.evaluate(sp, seeds)
+                                             for i in fresh[len(head):]])]
                 results: list[EvalResult | None] = [None] * len(specs)
                 scores = np.array([k.score if k is not None else 0.0 for k in known])
                 for i, result in zip(fresh, evaluated, strict=True):
