@@ -363,7 +363,7 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--ci", action="store_true", help="2-minute mode")
+    p.add_argument("--ci", action="store_true", help="CI mode: 2 minutes, then on until every fault kind ran once")
     p.add_argument("--cells", type=int, default=3)
     p.add_argument("--agents", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -398,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     deadline = started + minutes * 60
     _wait_progress(fleet, 0, 120)
-    while time.time() < deadline:
+    # CI mode: at least two minutes, and on until every kind of fault was injected once (at most six).
+    cap = started + 6 * 60 if args.ci else deadline
+    while time.time() < deadline or (args.ci and time.time() < cap and set(KINDS) - set(injected)):
         time.sleep(rng.uniform(3.0, 8.0) if not args.ci else rng.uniform(2.0, 4.0))
         rss["daemon_mb"] = max(rss["daemon_mb"], _rss_mb(fleet.proc.pid))
         for pid in fleet.cell_pids():
