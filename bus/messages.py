@@ -573,6 +573,7 @@ class Progress(Message, frozen=True):
     champion_n: int
     mru: float
     tokens: int  # the team's input + output tokens so far
+    agent_tokens: dict[str, int] = {}  # each agent's input + output tokens so far
     tokens_per_min: float = 0.0  # MTU over the run so far
     time_left_s: float = 0.0  # of the budget
 

@@ -462,7 +462,9 @@ class Ticks:
         # Local cells take a while to start (imports, simulator); a fleet waiting for remote ones says so sooner.
         grace = 30.0 if config.cells.count else 3 * config.fleet.progress_s
         self.watch = progress.NoCellWatch(started, grace_s=max(5.0, grace))
-        self.tokens = ledger.totals(board.values("tokens", TokenRecord))  # once; then from the agents' events
+        records = board.values("tokens", TokenRecord)  # once; then from the agents' events
+        self.tokens = ledger.totals(records)
+        self.agent_tokens = {a: t.total for a, t in ledger.per_agent(records).items()}
 
     async def feed_sink(self) -> None:
         if self.sink is None:
@@ -475,7 +477,9 @@ class Ticks:
         with self.events.subscribe(TokensUsed) as used:
             while True:
                 while used.pending():
-                    self.tokens = self.tokens.add(await used.receive())
+                    call = await used.receive()
+                    self.tokens = self.tokens.add(call)
+                    self.agent_tokens[call.agent] = self.agent_tokens.get(call.agent, 0) + ledger.call_tokens(call.input_tokens, call.output_tokens)
                 await self.tick()
                 await trio.sleep(self.config.fleet.progress_s)
 
@@ -486,7 +490,7 @@ class Ticks:
         live = isinstance(queue, LeaseQueue)
         mru = mean_robot_utilization(queue.utilization()) if live else 0.0
         p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
-                              self.events.latest(ChampionChanged), mru, self.tokens.total)
+                              self.events.latest(ChampionChanged), mru, self.tokens.total, self.agent_tokens)
         self.logger.info("progress", **progress.log_fields(p, self.started))
         self.events.publish(p)  # the sink (and any other subscriber) takes it from here
         cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0

@@ -7,13 +7,14 @@ from bus.messages import Progress
 from enpire.metrics import mean_token_utilization
 
 
-def progress(now: float, started: float, deadline: float, episodes: int, champion, mru: float, tokens: int) -> Progress:
+def progress(now: float, started: float, deadline: float, episodes: int, champion, mru: float, tokens: int,
+             agent_tokens: dict[str, int] | None = None) -> Progress:
     """`champion`: anything with policy, successes and n (the champion record or its change event), or None."""
     confirmed_n = champion.n if champion is not None else 0
     return Progress(
         t=now, episodes=episodes, champion=champion.policy.ref if champion is not None else "",
         champion_success=round(champion.successes / confirmed_n, 4) if confirmed_n else 0.0,
-        champion_n=confirmed_n, mru=round(mru, 4), tokens=tokens,
+        champion_n=confirmed_n, mru=round(mru, 4), tokens=tokens, agent_tokens=dict(agent_tokens or {}),
         tokens_per_min=round(mean_token_utilization(tokens, now - started), 1),
         time_left_s=round(max(0.0, deadline - now), 1),
     )
@@ -22,7 +23,7 @@ def progress(now: float, started: float, deadline: float, episodes: int, champio
 def log_fields(p: Progress, started: float) -> dict:
     return {"elapsed_s": round(p.t - started, 1), "time_left_s": p.time_left_s, "episodes": p.episodes,
             "champion": p.champion, "confirmed": f"{round(p.champion_success * p.champion_n)}/{p.champion_n}",
-            "mru": p.mru, "tokens": p.tokens, "tokens_per_min": p.tokens_per_min}
+            "mru": p.mru, "tokens": p.tokens, "tokens_per_min": p.tokens_per_min, "agent_tokens": p.agent_tokens}
 
 
 class NoCellWatch:

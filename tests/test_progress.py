@@ -62,4 +62,5 @@ async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path)
             nursery.cancel_scope.cancel()
     board.close()
     assert first.tokens == 1200 and later.tokens == 1600
+    assert first.agent_tokens == {"agent-0": 1200} and later.agent_tokens == {"agent-0": 1250, "agent-1": 350}
     assert 590 < later.time_left_s <= 600 and later.tokens_per_min > 0
