@@ -17,14 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import structlog
 import trio
 
 from actors.cell import Cell
 from actors.runtime import ActorSystem
-from bus.transport import AuthError, RequestClient, RequestTimeout, cell_key
+from bus.transport import RequestClient, cell_key
 from enpire import isolation, log
 from enpire.config import SandboxConfig
+from enpire.peer import run_peer
 from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
 from enpire.sandbox import SandboxLimits
 from hw import PluginError, make_driver
@@ -179,18 +179,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> 
     except DriverError as e:
         print(f"enpire.cell: {e}", file=sys.stderr)
         return 5
-    try:
-        trio.run(run, args, secret, driver, interface)
-    except AuthError as e:
-        structlog.get_logger().error("cell_refused", cell=args.cell_id, error=str(e))
-        print(f"enpire.cell: {e}", file=sys.stderr)
-        return 3
-    except RequestTimeout as e:
-        print(f"enpire.cell: {e}", file=sys.stderr)
-        return 4
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_peer("enpire.cell", "cell_refused", {"cell": args.cell_id}, run, args, secret, driver, interface)
 
 
 if __name__ == "__main__":

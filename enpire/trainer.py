@@ -36,9 +36,10 @@ from bus.messages import (
     TrainJob,
     TrainJobRequest,
 )
-from bus.transport import AuthError, RequestClient, RequestTimeout, cell_key
+from bus.transport import RequestClient, RequestTimeout, cell_key
 from enpire import log
 from enpire.learning import runner
+from enpire.peer import run_peer
 
 FETCH_BATCH = 256  # hashes per DataRequest
 
@@ -194,18 +195,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") 
     except DeviceError as e:
         print(f"enpire.trainer: {e}", file=sys.stderr)
         return 2
-    try:
-        trio.run(run, args, secret, device, gpu, processes)
-    except AuthError as e:
-        structlog.get_logger().error("trainer_refused", trainer=args.trainer_id, error=str(e))
-        print(f"enpire.trainer: {e}", file=sys.stderr)
-        return 3
-    except RequestTimeout as e:
-        print(f"enpire.trainer: {e}", file=sys.stderr)
-        return 4
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_peer("enpire.trainer", "trainer_refused", {"trainer": args.trainer_id},
+                    run, args, secret, device, gpu, processes)
 
 
 if __name__ == "__main__":
