@@ -145,6 +145,26 @@ async def test_killed_hung_and_failing_runs_are_restarted_with_backoff(tmp_path,
     assert not model.errors
 
 
+@pytest.mark.parametrize("kind", ["claude-code", "codex"])
+async def test_a_session_the_cli_never_saved_is_replaced_not_retried(tmp_path, kind):
+    """A run killed before the CLI wrote its transcript leaves an id no resume can find; the next run starts anew."""
+    require(kind)
+    tools = FakeTools(tmp_path)
+    run_dir = tools.workspace.path.parent / "cli" / tools.agent / "run"
+    run_dir.mkdir(parents=True)
+    lost = "2b38f2f0-3fa2-4322-9e77-ee49da50d702"
+    (run_dir / "session.json").write_text(json.dumps({"session": lost, "turns": 1}))
+    steps = Steps([lambda ex: Reply(text="Fresh start.")], main_tool=MAIN_TOOL[kind])
+    with ScriptedModel(PROVIDER[kind], steps) as model:
+        agent = make_agent(kind, model.url, max_turns=1, turn_timeout_s=60)
+        with trio.fail_after(200):
+            await agent.run(tools)
+    assert [o.ok for o in agent.outcomes] == [True], [o.reason for o in agent.outcomes]
+    assert agent.backoffs == [] and len(model.log) == 1
+    saved = json.loads((run_dir / "session.json").read_text())["session"]
+    assert saved and saved != lost
+
+
 async def test_any_mcp_capable_cli_through_the_command_template(tmp_path, monkeypatch):
     """`backend = "command"`: here Claude Code stands in for another CLI, started only by the template."""
     require("claude-code")

@@ -171,6 +171,7 @@ class Run:
     result: dict[str, Any] | None = None
     error: str = ""
     lines: int = 0
+    replies: int = 0  # model replies seen in this run; 0 on a resume means the session never got going
     on_failed: Callable[[str, str, str], None] | None = None  # (tool, input, error) of a failed tool call
     calls: dict[str, tuple[str, str]] = field(default_factory=dict)  # Claude Code: tool_use id -> (name, input)
 
@@ -190,6 +191,8 @@ class Run:
         if kind == "claude-code":
             if event.get("session_id"):
                 self.session = event["session_id"]
+            if t == "assistant":
+                self.replies += 1
             if t == "result":
                 self.result = event
                 if event.get("is_error"):
@@ -211,6 +214,7 @@ class Run:
             elif t == "turn.completed":
                 self.result = event
             elif t == "item.completed":
+                self.replies += 1
                 item = event.get("item") or {}
                 if item.get("type") == "command_execution" and item.get("exit_code") not in (0, None):
                     self._failed("shell", item.get("command", ""), str(item.get("aggregated_output", "")))
@@ -277,6 +281,7 @@ class TurnOutcome:
     exit_code: int | None
     seconds: float
     run: Run
+    session_lost: bool = False  # a resume found no saved conversation for the session
 
 
 @dataclass
@@ -425,6 +430,13 @@ class CLIAgent:
                 limit = max(1.0, min(limit, s.wall_budget_s - elapsed))
             outcome = await self._turn(tools, log, worktree, home, run_dir, relay_token, server, mcp_config,
                                        prompt=prompt, session=session, resume=resume, limit=limit)
+            if resume and outcome.session_lost:
+                # A run killed before the CLI saved its transcript leaves a session that can never be
+                # resumed ("No conversation found"): start a new one at once; this was not a research turn.
+                log.warning("cli_session_lost", session=session, reason=outcome.reason)
+                state.pop("session", None)
+                state_file.write_text(json.dumps(state))
+                continue
             self.turns += 1
             self.outcomes.append(outcome)
             if outcome.run.session:
@@ -434,8 +446,6 @@ class CLIAgent:
                 state["turns"] = state.get("turns", 0) + 1
             else:
                 failures += 1
-                if resume and outcome.run.lines == 0:
-                    state.pop("session", None)  # the saved session cannot be resumed: start a new one
                 delay = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (failures - 1))
                 log.warning("cli_restart", reason=outcome.reason, failures=failures, backoff_s=delay)
                 self.backoffs.append(delay)
@@ -519,15 +529,18 @@ class CLIAgent:
             if self.over_budget:
                 reason = "token budget exhausted: stopped"
             elif code != 0:
-                tail = stderr_path.read_bytes()[-300:].decode(errors="replace").strip().replace("\n", " | ")
+                stderr = stderr_path.read_bytes().decode(errors="replace").split("Stack backtrace:")[0]
+                tail = stderr[-300:].strip().replace("\n", " | ")
                 reason = f"exit {code}: {tail}" if tail else f"exit {code}"
             elif run.error:
                 reason = f"the CLI reported an error: {run.error}"
         ok = not reason
+        lost = (not ok and run.replies == 0
+                and any(m in f"{reason} {run.error}".lower() for m in ("no conversation found", "no rollout found")))
         log.info("cli_turn_finished", turn=number, ok=ok, reason=reason, exit_code=code, seconds=round(seconds, 2),
                  cli_cost_usd=run.cost, session=run.session,
                  cli_usage=(run.result or {}).get("usage"))
-        return TurnOutcome(ok, reason, code, seconds, run)
+        return TurnOutcome(ok, reason, code, seconds, run, session_lost=lost)
 
     async def _publish(self, tools, worktree: Worktree, log, arguments: dict) -> str | None:
         """Before a fleet tool runs: the worktree's latest commit becomes a commit of the agent's branch."""
