@@ -30,6 +30,7 @@ TABLES = (
     "cells",
     "timeline",
     "tokens",
+    "cli_runs",
     "counters",
     "leases",
     "smoke",
