@@ -23,6 +23,7 @@ import trio
 
 from actors.runtime import Actor, Ref
 from bus import messages as m
+from bus.backoff import backoff_delay
 from bus.blackboard import Blackboard
 from bus.events import EventHub
 from bus.records import Champion, FinalRecord, HeldoutRecord, JobRecord, SmokeRecord
@@ -325,14 +326,16 @@ class Judge(Actor):
 
     async def _run(self, spec: m.JobSpec) -> m.JobDone:
         """Submit a job and wait for it; a restart of the queue is answered by submitting again (idempotent)."""
+        tries = 0
         while True:
             reply = await self.queue.ask(m.SubmitJob(job=spec), timeout=math.inf)
             if isinstance(reply, m.JobDone):
                 return reply
             if isinstance(reply, m.Failure) and not reply.retry:
                 raise JobRefused(reply.error)
+            tries += 1
             self.log.warning("job_resubmitted", job=spec.job_id, reply=str(reply)[:200])
-            await trio.sleep(0.5)
+            await trio.sleep(backoff_delay(tries, 0.5, 5.0))
 
     def champion(self) -> Champion | None:
         return self.board.get("champion", self.task, Champion)

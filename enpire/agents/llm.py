@@ -19,6 +19,7 @@ import msgspec
 import structlog
 import trio
 
+from bus.backoff import backoff_delay
 from bus.records import QueueRecord, TokenRecord, TurnHold
 from enpire import ledger
 from enpire.agents import budget
@@ -40,7 +41,6 @@ from enpire.agents.prompt import SYSTEM, Window, briefing, build_prompt, journal
 from enpire.agents.registry import REGISTRY, Session, SessionSettings, open_session
 from enpire.agents.tool_fleet import EvaluateArgs
 from enpire.agents.tools import Tools
-from enpire.backoff import backoff_delay
 from enpire.tasks import TaskCard
 
 __all__ = ["LLMAgent", "LLMConfigError", "LLMSettings", "ModelError", "TOOL_SPECS", "scrub"]
