@@ -32,7 +32,7 @@ def champion_line(task: str, c: dict) -> str:
         return f"champion[{task}]: none yet"
     conf, judged = c["heldout_confirm"], c["heldout_judged"]
     lo, hi = conf["wilson95"]
-    return (f"champion[{task}]: {c['policy']} by {c['agent']}; held-out {conf['successes']}/{conf['n']} = "
+    return (f"champion[{task}]: {c['policy']} by {c['agent']}; held-out success {conf['successes']}/{conf['n']} = "
             f"{conf['rate']:.1%}, Wilson 95% [{lo:.3f}, {hi:.3f}] (seeds never used to choose it); judged "
             f"{judged['successes']}/{judged['n']} at promotion")
 
