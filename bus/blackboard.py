@@ -29,6 +29,7 @@ TABLES = (
     "cells",
     "timeline",
     "tokens",
+    "cli_runs",
     "counters",
     "leases",
     "smoke",

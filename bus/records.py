@@ -221,6 +221,21 @@ class TokenRecord(msgspec.Struct):
     cost: float = 0.0
 
 
+class CLIRunRecord(msgspec.Struct):
+    """One headless run of a CLI coding agent (table "cli_runs"): the cost figure the CLI itself reported
+    at its end, kept beside the ledger's per-call records and their price. Claude Code's total_cost_usd
+    covers its session so far (a resumed session carries its cost on), so the figure is per session."""
+
+    agent: str
+    cli: str  # the backend: "claude-code", "codex", "command"
+    t: float
+    turn: int
+    ok: bool
+    seconds: float
+    session: str = ""  # the CLI's session ("" when it names none: the run is a session of its own)
+    cost_usd: float | None = None  # the session's cost so far as the CLI reported it; None: it reports none
+
+
 class DaemonRecord(msgspec.Struct):
     """Written by the daemon at start, at every progress tick and at stop; read by `enpire.status`."""
 

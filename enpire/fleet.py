@@ -62,6 +62,7 @@ from bus.messages import (
 from bus.records import (
     SCHEMA_VERSION,
     Champion,
+    CLIRunRecord,
     DaemonRecord,
     EpisodeRecord,
     FinalRecord,
@@ -525,7 +526,8 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
             for cid, u in util.items()
         },
         "actor_restarts": stats.get("restarts", {}),
-        "tokens": ledger.summary(board.values("tokens", TokenRecord)),  # team and per-agent ledger totals
+        # team and per-agent ledger totals; CLI agents' runs add the cost their CLI reported (cli_cost_usd)
+        "tokens": ledger.summary(board.values("tokens", TokenRecord), board.values("cli_runs", CLIRunRecord)),
     }
 
 

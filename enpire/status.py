@@ -15,6 +15,7 @@ from bus.blackboard import Blackboard
 from bus.records import (
     CellRecord,
     Champion,
+    CLIRunRecord,
     DaemonRecord,
     HeldoutRecord,
     JobRecord,
@@ -89,7 +90,7 @@ def _collect(board: Blackboard, now: float) -> dict:
         "tokens_total": team.total,
         "tokens_cached_input": team.cached_input_tokens,
         "tokens_per_min": round(ledger.mtu(records, running_s), 1) if records and running_s > 0 else 0.0,
-        "token_ledger": ledger.summary(records),  # per agent: input, cached, cache writes, output, reasoning, cost
+        "token_ledger": ledger.summary(records, board.values("cli_runs", CLIRunRecord)),  # per agent: input, cached, cache writes, output, reasoning, cost
         "findings": board.count("findings"),
         # every judging draws fresh held-out seeds: how much of each task's pool is spent
         "heldout": {task: {"used": h.used, "total": h.total, "draws": h.draws, "low": h.low}

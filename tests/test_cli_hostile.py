@@ -28,7 +28,7 @@ HELDOUT = "heldout_seeds = { start = 777000, count = 500 } # hostile-test-marker
 
 def _snapshot(state: Path, board) -> dict[str, str]:
     """Every file of the state dir but the agent's own folder and the LMDB files, plus every blackboard
-    table but the token ledger (which the daemon's relay writes as the model is called)."""
+    table but the token ledger (which the daemon writes as the model is called and at the end of each run)."""
     out = {}
     for path in sorted(state.rglob("*")):
         rel = path.relative_to(state).as_posix()
@@ -37,7 +37,7 @@ def _snapshot(state: Path, board) -> dict[str, str]:
     with board.read() as txn:  # every raw key and value of every table
         for table in TABLES:
             for key, raw in txn._txn.cursor(db=txn._db(table)):
-                if table != "tokens" and not (table == "counters" and key == b"seq:tokens"):  # the ledger's
+                if table not in ("tokens", "cli_runs") and key not in (b"seq:tokens", b"seq:cli_runs"):  # the ledger's
                     out[f"{table}:{key.decode()}"] = hashlib.sha256(raw).hexdigest()
     return out
 

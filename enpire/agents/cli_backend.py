@@ -35,7 +35,7 @@ from typing import Any, Literal
 import structlog
 import trio
 
-from bus.records import Champion, TokenRecord
+from bus.records import Champion, CLIRunRecord, TokenRecord
 from enpire import isolation, ledger
 from enpire.agents.model import LLMConfigError
 from enpire.agents.model_relay import CallUsage, ModelRelay
@@ -188,7 +188,7 @@ class Run:
             return
         self.lines += 1
         t = event.get("type")
-        if kind == "claude-code":
+        if kind in ("claude-code", "command"):  # a template CLI may print Claude Code's stream-json too
             if event.get("session_id"):
                 self.session = event["session_id"]
             if t == "assistant":
@@ -222,8 +222,10 @@ class Run:
                 self.error = str(event.get("error") or event.get("message"))[:300]
 
     @property
-    def cost(self) -> float:
-        return float((self.result or {}).get("total_cost_usd") or 0.0)
+    def cost(self) -> float | None:
+        """The run's cost as the CLI itself reported it (None: it reports none, as Codex never does)."""
+        value = (self.result or {}).get("total_cost_usd")
+        return float(value) if isinstance(value, int | float) else None
 
 
 def mcp_server_spec(socket_path: Path, token: str) -> dict[str, Any]:
@@ -540,6 +542,9 @@ class CLIAgent:
         log.info("cli_turn_finished", turn=number, ok=ok, reason=reason, exit_code=code, seconds=round(seconds, 2),
                  cli_cost_usd=run.cost, session=run.session,
                  cli_usage=(run.result or {}).get("usage"))
+        # The CLI's own cost figure goes to the ledger beside the relay's per-call records (report.json shows both).
+        await trio.to_thread.run_sync(tools.board.append, "cli_runs", CLIRunRecord(
+            tools.agent, s.kind, self.clock(), number, ok, round(seconds, 3), run.session, run.cost))
         return TurnOutcome(ok, reason, code, seconds, run, session_lost=lost)
 
     async def _publish(self, tools, worktree: Worktree, log, arguments: dict) -> str | None:
