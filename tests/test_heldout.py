@@ -127,7 +127,7 @@ async def test_an_exhausted_pool_refuses_a_judging_and_a_low_pool_is_announced(t
 async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fresh_seeds(tmp_path):
     from bus.messages import FinalJudging, FinalResult
     from bus.records import FinalRecord
-    from enpire.fleet import final_summary
+    from enpire.summary import final as final_summary
 
     config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
                                 **{"scheduler.promote_seeds": 4, "scheduler.background": False,

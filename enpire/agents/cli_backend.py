@@ -35,6 +35,7 @@ from typing import Any, Literal
 import structlog
 import trio
 
+from bus.backoff import backoff_delay
 from bus.records import Champion, CLIRunRecord, TokenRecord
 from enpire import isolation, ledger
 from enpire.agents.model import LLMConfigError
@@ -448,7 +449,7 @@ class CLIAgent:
                 state["turns"] = state.get("turns", 0) + 1
             else:
                 failures += 1
-                delay = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (failures - 1))
+                delay = backoff_delay(failures, s.backoff_initial_s, s.backoff_max_s)
                 log.warning("cli_restart", reason=outcome.reason, failures=failures, backoff_s=delay)
                 self.backoffs.append(delay)
                 state_file.write_text(json.dumps(state))
