@@ -26,6 +26,7 @@ import numpy as np
 import trio
 
 from actors.runtime import Actor
+from bus.backoff import backoff_delay
 from bus.messages import (
     Array,
     Attempt,
@@ -184,6 +185,7 @@ class Cell(Actor):
         # Reports go out in the background so the robot asks for its next lease at once; a small limit
         # keeps a dead daemon from piling them up (they are acked and idempotent, order does not matter).
         outbox = trio.Semaphore(4)
+        refusals = 0
         async with trio.open_nursery() as nursery:
             while True:
                 if self.interface is not None and self.interface.paused.is_set():
@@ -199,9 +201,12 @@ class Cell(Actor):
                     await trio.sleep(reply.retry_after_s)
                     continue
                 if not isinstance(reply, Lease):
-                    self.log.warning("lease_refused", reply=str(reply)[:200])
-                    await trio.sleep(1.0)
+                    refusals += 1
+                    delay = backoff_delay(refusals, 1.0, 10.0)
+                    self.log.warning("lease_refused", reply=str(reply)[:200], retry_in_s=delay)
+                    await trio.sleep(delay)
                     continue
+                refusals = 0
                 outcome = await trio.to_thread.run_sync(self._run_episode, reply, sandbox, client)
                 await outbox.acquire()
                 nursery.start_soon(self._send_report, client, outcome, outbox)

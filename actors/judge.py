@@ -1,16 +1,13 @@
 """The judge actor: what the team's experiments mean. It submits jobs to the lease queue and hears
-"job done"; it never leases an episode itself.
+"job done"; it never leases an episode itself. Its rules are pure functions in `enpire/judging.py`.
 
 - Agents' evaluations (tuning seeds only, within each agent's episode budget), tallied per candidate
-  into the team's leaderboard.
-- Promotion: each judging draws FRESH held-out seeds (`HeldoutRecord`: no held-out seed is judged twice,
-  across candidates, confirmations and the final judging); a candidate replaces the champion only when
-  it is better with statistical confidence (one-sided two-proportion z-test) than the champion's
-  held-out record. One judging per candidate, however many agents ask.
-- Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
-  (`metrics.sprt`: the chance to say "met" for a policy below the target is at most `[scheduler] alpha`,
-  however often it is checked); a decisive confirmation goes before agents' experiments. A regression
-  it finds is rolled back.
+  into the team's leaderboard (`enpire/leaderboard.py`).
+- Promotion: each judging draws FRESH held-out seeds (`enpire/heldout.py`: no held-out seed is judged
+  twice, across candidates, confirmations and the final judging); one judging per candidate, however
+  many agents ask.
+- Confirmation of the champion on further fresh held-out seeds until the sequential rule stops; a
+  regression it finds is rolled back.
 - The starting policy (`[fleet] baseline`, else the first candidate an agent evaluated) is judged by
   idle cells until there is a champion; at the end of a run `FinalJudging` runs it and the champion
   on the same fresh held-out seeds. Smoke tests clear policies for cells marked real.
@@ -21,25 +18,21 @@ from __future__ import annotations
 import math
 import time
 
+import msgspec
 import trio
 
 from actors.runtime import Actor, Ref
 from bus import messages as m
+from bus.backoff import backoff_delay
 from bus.blackboard import Blackboard
 from bus.events import EventHub
-from bus.records import CandidateRecord, Champion, FinalRecord, HeldoutRecord, JobRecord, SmokeRecord
-from enpire import leaderboard
+from bus.records import Champion, FinalRecord, HeldoutRecord, JobRecord, SmokeRecord
+from enpire import judging, leaderboard
 from enpire.config import Config
 from enpire.heldout import PoolExhausted, draw, running_low
-from enpire.metrics import better_with_confidence, sprt, wilson_interval
+from enpire.judging import PRIORITY, tally
 from enpire.queueing import spec_of
 
-SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
-PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "background": -1}
-# Confirmation runs in jobs of a few episodes per cell: each judging job has a sandbox jail of its own (a
-# start-up cost), and the sequential rule is checked as each job ends.
-CONFIRM_EPISODES_PER_CELL = 4
-BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
 Purpose = m.Purpose
 
 
@@ -132,27 +125,18 @@ class Judge(Actor):
                 return m.Failure(error=f"episode budget exhausted: {spent} of {budget} used, {len(msg.seeds)} asked")
             self.committed[msg.agent] = spent + len(msg.seeds)
 
-            def pending(w) -> int:  # teammates see what is being measured right now
+            def pending(w) -> int:
                 if self.baseline is None and w.get("meta", "start", m.PolicySpec) is None:
                     w.put("meta", "start", msg.policy)  # the run starts from the first candidate evaluated
-                candidate = self._candidate(w, spec)
-                candidate.pending += len(spec.seeds)
-                w.put("candidates", _key(spec.task, spec.policy), candidate)
-                return candidate.n
-            if await self._write(pending):  # more evidence on a measured candidate goes first (to a promotion)
-                spec = m.JobSpec(**{**_fields(spec), "priority": spec.priority + 1})
+                return leaderboard.expect(w, spec.task, spec.policy, spec.agent, len(spec.seeds), time.time())
+            if await self.board.transact(pending):  # more evidence on a measured candidate goes first
+                spec = msgspec.structs.replace(spec, priority=spec.priority + 1)
         done = await self._run(spec)
-        if fresh:
-            def tally(w) -> None:  # from verdicts, never from what an agent says
-                outcomes = [(e.success, e.score, e.steps) for e in done.episodes]
-                candidate = leaderboard.add(self._candidate(w, spec), outcomes, len(spec.seeds), time.time())
-                w.put("candidates", _key(spec.task, spec.policy), candidate)
-            await self._write(tally)
+        if fresh:  # from verdicts, never from what an agent says
+            outcomes = [(e.success, e.score, e.steps) for e in done.episodes]
+            await self.board.transact(lambda w: leaderboard.record(w, spec.task, spec.policy, spec.agent, outcomes,
+                                                                   len(spec.seeds), time.time()))
         return m.EvalResult(job_id=msg.job_id, policy=msg.policy, task=msg.task, episodes=done.episodes)
-
-    def _candidate(self, w, spec: m.JobSpec) -> CandidateRecord:
-        return w.get("candidates", _key(spec.task, spec.policy), CandidateRecord) or CandidateRecord(
-            spec.task, spec.policy, spec.agent, t=time.time())
 
     # ------------------------------------------------------------------ promotion
 
@@ -177,46 +161,31 @@ class Judge(Actor):
         return await self._decide(spec, done)
 
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
-        s, n = sum(e.success for e in done.episodes), len(done.episodes)
-        champion = self.champion()
-        # The champion's held-out record: its judging plus its confirmation, all on fresh seeds.
-        cs, cn = (champion.judged_successes + champion.successes, champion.judged_n + champion.n) if champion else (0, 0)
-        alpha = self.config.scheduler.alpha
-        if champion and champion.policy == spec.policy:
-            promoted, detail = True, "already the champion"
-        elif better_with_confidence(s, n, cs, cn, alpha):
-            promoted, detail = True, f"{s}/{n} beats {cs}/{cn} (one-sided z-test, alpha {alpha})"
-            await self._crown(Champion(
-                spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=time.time(), agent=spec.agent,
-                previous=champion.policy if champion else None, previous_successes=cs, previous_n=cn))
+        (s, n), champion = tally(done.episodes), self.champion()
+        decision = judging.promotion(spec, s, n, champion, self.config.scheduler.alpha, time.time())
+        if decision.crowned is not None:
+            await self._crown(decision.crowned)
             self.log.info("champion_promoted", task=spec.task, policy=spec.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
-        else:
-            promoted, detail = False, f"{s}/{n} is not better than {cs}/{cn} with confidence"
-        await self._mark(spec, "promoted" if promoted else "rejected")
-        return m.PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=promoted, successes=s, n=n,
-                               champion_successes=cs, champion_n=cn, detail=detail)
+        await self._mark(spec, "promoted" if decision.promoted else "rejected")
+        cs, cn = judging.heldout_record(champion)
+        return m.PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=decision.promoted, successes=s, n=n,
+                               champion_successes=cs, champion_n=cn, detail=decision.detail)
 
     async def _crown(self, champion: Champion) -> None:
-        await self._write(lambda w: w.put("champion", champion.task, champion))
+        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
         await self._cancel_background()  # the old champion's confirmation (or the baseline's judging) is moot
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
 
     async def _mark(self, spec: m.JobSpec, judged: str) -> None:
-        def mark(w) -> None:
-            candidate = w.get("candidates", _key(spec.task, spec.policy), CandidateRecord)
-            if candidate is not None and candidate.judged != judged:
-                candidate.judged = judged
-                w.put("candidates", _key(spec.task, spec.policy), candidate)
-        await self._write(mark)
+        await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, judged))
 
     # ------------------------------------------------------------------ background: baseline, confirmation
 
     async def _top_up(self, nursery: trio.Nursery) -> None:
         """Keep two jobs of the champion's confirmation queued (or the baseline's judging while there is
-        no champion). A decisive confirmation (its judging does not rule out the target) goes before
-        agents' experiments; otherwise only idle cells run it, and only with `[scheduler] background`."""
+        no champion)."""
         sched = self.config.scheduler
         champion = self.champion()
         if champion is None:
@@ -226,15 +195,9 @@ class Judge(Actor):
                 await self._submit_background(nursery, Purpose.BASELINE, self.baseline, "baseline",
                                               sched.promote_seeds, PRIORITY["background"], job_id)
             return
-        state = self._confirmation(champion)
-        upper = wilson_interval(champion.judged_successes, champion.judged_n)[1]
-        decisive = state == "" and upper >= self.config.fleet.target
-        if state in ("met", "not_met") or not (decisive or sched.background):
-            return
-        batch = CONFIRM_EPISODES_PER_CELL * max(1, self.cells)
-        while self._confirming < 2 * batch:
-            if not await self._submit_background(nursery, Purpose.CONFIRM, champion.policy, champion.agent, batch,
-                                                 PRIORITY["decisive" if decisive else "background"]):
+        plan = judging.confirmation_plan(champion, self.config, self.cells)
+        while plan is not None and self._confirming < 2 * plan[0]:
+            if not await self._submit_background(nursery, Purpose.CONFIRM, champion.policy, champion.agent, *plan):
                 return
 
     async def _submit_background(self, nursery, purpose: m.Purpose, policy: m.PolicySpec, agent: str, n: int,
@@ -276,40 +239,30 @@ class Judge(Actor):
     async def _baseline_judged(self, spec: m.JobSpec, done: m.JobDone) -> None:
         if self.champion() is not None:
             return  # a promotion came first; the baseline's episodes stay recorded
-        s = sum(e.success for e in done.episodes)
-        await self._crown(Champion(spec.task, spec.policy, judged_successes=s, judged_n=len(done.episodes),
-                                   promoted=time.time(), agent="baseline"))
-        self.log.info("baseline_judged", policy=spec.policy.ref, judged=f"{s}/{len(done.episodes)}")
+        s, n = tally(done.episodes)
+        await self._crown(Champion(spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=time.time(),
+                                   agent="baseline"))
+        self.log.info("baseline_judged", policy=spec.policy.ref, judged=f"{s}/{n}")
 
     async def _confirmed(self, spec: m.JobSpec, done: m.JobDone) -> None:
         champion = self.champion()
         if champion is None or champion.policy != spec.policy:
             return  # the champion changed while this ran: the episodes stay recorded, not counted
-        champion.successes += sum(e.success for e in done.episodes)
-        champion.n += len(done.episodes)
-        sched = self.config.scheduler
-        if (champion.previous is not None and champion.n >= sched.rollback_min_n
-                and better_with_confidence(champion.previous_successes, champion.previous_n, champion.successes,
-                                           champion.n, sched.alpha)):
+        s, n = tally(done.episodes)
+        champion.successes, champion.n = champion.successes + s, champion.n + n
+        if (previous := judging.rollback(champion, self.config, time.time())) is not None:
             self.log.warning("champion_rolled_back", task=champion.task, policy=champion.policy.ref,
-                             confirmed=f"{champion.successes}/{champion.n}", back_to=champion.previous.ref)
-            await self._crown(Champion(champion.task, champion.previous, judged_successes=champion.previous_successes,
-                                       judged_n=champion.previous_n, promoted=time.time(), agent="rollback"))
+                             confirmed=f"{champion.successes}/{champion.n}", back_to=previous.policy.ref)
+            await self._crown(previous)
             return
-        decision = self._confirmation(champion)
+        decision = judging.confirmation(champion, self.config)
         champion.decision = decision if decision in ("met", "not_met") else ""
-        await self._write(lambda w: w.put("champion", champion.task, champion))
+        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
         self._publish(champion)
         if champion.decision:
             await self._cancel_background()  # what is still queued of it is not needed
             self.log.info("confirmation_stopped", policy=champion.policy.ref, decision=champion.decision,
                           confirmed=f"{champion.successes}/{champion.n}")
-
-    def _confirmation(self, c: Champion) -> str:
-        """The sequential rule on the champion's confirmation so far ("met" can end the run)."""
-        return "met" if c.decision == "met" else sprt(
-            c.successes, c.n, self.config.fleet.target, self.config.scheduler.alpha, BETA,
-            min_n=self.config.fleet.min_heldout, max_n=5 * self.config.fleet.min_heldout)
 
     # ------------------------------------------------------------------ smoke tests, final judging
 
@@ -324,12 +277,9 @@ class Judge(Actor):
             except JobRefused as e:
                 done = m.JobDone(job_id=f"smoke-{policy.ref}", episodes=[
                     m.EpisodeSummary("", 0, False, False, 0.0, f"policy_error: {e}", 0)])
-            faults = [e.reason for e in done.episodes if e.reason.startswith(SMOKE_FAULTS)]
-            wins = sum(e.success for e in done.episodes)
-            detail = f"{wins}/{len(done.episodes)} succeeded" + (f"; faults: {faults[:3]}" if faults else "")
-            record = SmokeRecord(policy, not faults and wins > 0, detail, time.time())
-            await self._write(lambda w: w.put("smoke", policy.ref, record))
-            self.log.info("smoke_tested", policy=policy.ref, passed=record.passed, detail=detail)
+            record = judging.smoke_record(policy, done.episodes, time.time())
+            await self.board.transact(lambda w: w.put("smoke", policy.ref, record))
+            self.log.info("smoke_tested", policy=policy.ref, passed=record.passed, detail=record.detail)
         await self.queue.ask(m.Clearance(policy=policy, passed=record.passed))
 
     async def _final(self, msg: m.FinalJudging) -> m.Message:
@@ -349,13 +299,13 @@ class Judge(Actor):
             done = await self._run(m.JobSpec(job_id=f"final-{policy.ref}-{seeds[0]}", agent="final", task=msg.task,
                                              policy=policy, seeds=seeds, purpose=Purpose.FINAL,
                                              priority=PRIORITY["final"]))
-            results[policy.ref] = (sum(e.success for e in done.episodes), len(done.episodes))
+            results[policy.ref] = tally(done.episodes)
         async with trio.open_nursery() as nursery:
             for policy in {p.ref: p for p in (start, best) if p is not None}.values():
                 nursery.start_soon(judge, policy)
         (s0, n0), (s1, n1) = results[start.ref], results[best.ref] if best else (0, 0)
         record = FinalRecord(msg.task, seeds, start, s0, n0, best, s1, n1, time.time())
-        await self._write(lambda w: w.put("meta", "final", record))
+        await self.board.transact(lambda w: w.put("meta", "final", record))
         self.log.info("final_judging", start=start.ref, start_judged=f"{s0}/{n0}",
                       champion=best.ref if best else "", champion_judged=f"{s1}/{n1}")
         return m.FinalResult(task=msg.task, seeds=seeds, start=start, start_successes=s0, start_n=n0, champion=best,
@@ -376,21 +326,16 @@ class Judge(Actor):
 
     async def _run(self, spec: m.JobSpec) -> m.JobDone:
         """Submit a job and wait for it; a restart of the queue is answered by submitting again (idempotent)."""
+        tries = 0
         while True:
             reply = await self.queue.ask(m.SubmitJob(job=spec), timeout=math.inf)
             if isinstance(reply, m.JobDone):
                 return reply
             if isinstance(reply, m.Failure) and not reply.retry:
                 raise JobRefused(reply.error)
+            tries += 1
             self.log.warning("job_resubmitted", job=spec.job_id, reply=str(reply)[:200])
-            await trio.sleep(0.5)
-
-    async def _write(self, fn):
-        """`fn(txn)` in one blackboard write transaction, in a worker thread (LMDB fsyncs on commit)."""
-        def run():
-            with self.board.write() as w:
-                return fn(w)
-        return await trio.to_thread.run_sync(run)
+            await trio.sleep(backoff_delay(tries, 0.5, 5.0))
 
     def champion(self) -> Champion | None:
         return self.board.get("champion", self.task, Champion)
@@ -401,10 +346,3 @@ class Judge(Actor):
             successes=c.successes, n=c.n, decision=c.decision, t=time.time()))
         self._changed.set()
 
-
-def _key(task: str, policy: m.PolicySpec) -> str:
-    return f"{task}/{policy.ref}"
-
-
-def _fields(spec: m.JobSpec) -> dict:
-    return {f: getattr(spec, f) for f in spec.__struct_fields__}

@@ -5,9 +5,7 @@
 - Every episode is leased with a deadline. A lease that expires, or whose cell stops heartbeating, is
   queued again under the same episode id; the first report for an episode id is recorded and any later
   one is acknowledged and ignored, so each episode ends with exactly one result.
-- Order: the head of the highest-priority queue first (the judge sets priorities: a decisive
-  confirmation, then judging, smoke tests, agents' evaluations, background work); between agents at
-  the same priority, the one served least so far (fair share; judging is not charged to anyone).
+- Order (`enpire.queueing.Lanes`): by the priority the judge set, then fair share between agents.
 - The judge submits jobs (`SubmitJob`) and hears `JobDone` when every episode is recorded. Jobs,
   episodes, leases, cells and timelines are on the blackboard, written off the event loop; `setup()`
   rebuilds the queue from it. Queue depth and cell states are published as events.
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict, deque
 from pathlib import Path
 
 import trio
@@ -26,15 +23,7 @@ from actors.runtime import Actor
 from bus import messages as m
 from bus.blackboard import Blackboard
 from bus.events import EventHub
-from bus.records import (
-    CellRecord,
-    EpisodeRecord,
-    JobRecord,
-    LeaseRecord,
-    QueueRecord,
-    SmokeRecord,
-    TimelineRecord,
-)
+from bus.records import CellRecord, EpisodeRecord, JobRecord, LeaseRecord, QueueRecord
 from enpire.bundles import BundleError, BundleStore
 from enpire.config import Config
 from enpire.metrics import Utilization
@@ -42,12 +31,18 @@ from enpire.queueing import (
     CellState,
     Episode,
     Job,
+    Lanes,
+    LeaseBook,
     LeaseState,
-    lane,
-    lane_rank,
+    eligible,
+    finished,
+    lease_of,
     record_episode,
+    replacement,
+    save_cell,
     spec_of,
     stored_segments,
+    unfinished,
 )
 from enpire.seal import refuse_report
 
@@ -61,14 +56,12 @@ class LeaseQueue(Actor):
         """`verdict_key`: the verifier's signing key; every recorded verdict must be signed with it."""
         super().__init__()
         self.verdict_key = verdict_key
-        self.lapsed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id -> (cell, episode) once re-queued
         self.config, self.board, self.bundles, self.events = config, board, bundles, events
         self.state_dir, self.run_id = state_dir, run_id
         self.jobs: dict[str, Job] = {}
-        self.pending: dict[str, deque[Episode]] = {}
-        self.leases: dict[str, LeaseState] = {}
+        self.pending = Lanes()
+        self.leases = LeaseBook()
         self.cells: dict[str, CellState] = {}
-        self.served: dict[str, int] = {}  # agents' episodes leased, for fair share
         self.cleared: dict[str, bool] = {}  # smoke verdicts by policy ref (cells marked real run cleared ones)
         self.cancelled: set[str] = set()  # job ids cancelled before they were submitted
         self.recording: set[str] = set()  # episode ids whose first report is being written
@@ -82,13 +75,7 @@ class LeaseQueue(Actor):
 
     async def setup(self) -> None:
         """Rebuild the queue from the blackboard: unfinished jobs, minus episodes already recorded."""
-        def read():
-            with self.board.read() as r:
-                jobs = [j for _, j in r.items("jobs", JobRecord) if not j.done]
-                done = {eid: e for j in jobs for i in range(len(j.seeds))
-                        if (e := r.get("episodes", eid := f"{j.job_id}:{i}", EpisodeRecord)) is not None}
-                return jobs, done, {s.policy.ref: s.passed for s in (v for _, v in r.items("smoke", SmokeRecord))}
-        jobs, done, self.cleared = await trio.to_thread.run_sync(read)
+        jobs, done, self.cleared = await trio.to_thread.run_sync(unfinished, self.board)
         self.recorded = self.board.counter("episodes")
         for record in jobs:
             try:
@@ -96,7 +83,7 @@ class LeaseQueue(Actor):
             except (BundleError, OSError) as e:  # its policy is gone: it cannot run again
                 self.log.error("job_dropped", job=record.job_id, error=str(e))
         if jobs:
-            self.log.info("queue_restored", jobs=len(jobs), episodes=sum(len(q) for q in self.pending.values()))
+            self.log.info("queue_restored", jobs=len(jobs), episodes=len(self.pending))
 
     async def main(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -105,15 +92,14 @@ class LeaseQueue(Actor):
                 await trio.sleep(0.25)
                 self._expire(time.time())
                 if self._unsaved:
-                    requeued, offline, self._unsaved = self._requeued, [c.record for c in self.cells.values()
-                                                                        if c.record.state == "offline"], False
-                    self._requeued = 0
+                    requeued, self._requeued, self._unsaved = self._requeued, 0, False
+                    offline = [c.record for c in self.cells.values() if c.record.state == "offline"]
 
                     def save(w, requeued=requeued, offline=offline):
                         w.incr("episodes_requeued", requeued)
                         for record in offline:
                             w.put("cells", record.cell_id, record)
-                    await self._write(save)
+                    await self.board.transact(save)
 
     # ------------------------------------------------------------------ messages
 
@@ -152,7 +138,7 @@ class LeaseQueue(Actor):
         segments = previous.segments if previous else await trio.to_thread.run_sync(stored_segments, self.board,
                                                                                     msg.cell_id)
         self.cells[msg.cell_id] = CellState(record, frozenset(msg.tasks), segments, now)
-        await self._write(lambda w: w.put("cells", msg.cell_id, record))
+        await self.board.transact(lambda w: save_cell(w, msg.cell_id, record, []))
         self._cell_changed(msg.cell_id)
         self.log.info("cell_joined", cell=msg.cell_id, host=msg.host, pid=msg.pid, driver=msg.driver, tasks=msg.tasks)
         return m.Welcome(run_id=self.run_id, heartbeat_s=self.config.scheduler.heartbeat_s)
@@ -166,14 +152,8 @@ class LeaseQueue(Actor):
         cell.record.state = msg.state
         fresh = cell.fresh(msg.segments)
         if changed or fresh:
-            record = cell.record
-
-            def write(w):
-                if changed:  # status reads cells' live state from here
-                    w.put("cells", msg.cell_id, record)
-                if fresh:
-                    w.append("timeline", TimelineRecord(msg.cell_id, fresh))
-            await self._write(write)
+            record = cell.record if changed else None
+            await self.board.transact(lambda w: save_cell(w, msg.cell_id, record, fresh))
         if changed:
             self._cell_changed(msg.cell_id)
         return m.Ack()
@@ -184,37 +164,27 @@ class LeaseQueue(Actor):
             return m.Failure(error=f"unknown cell {msg.cell_id!r}: say m.Hello first", retry=False)
         with trio.move_on_after(min(msg.wait_s, 10.0)):
             while True:
-                episode = self._next_episode(cell)
+                episode = self.pending.take(lambda e: self._eligible(e, cell))
                 if episode is not None:
                     return await self._grant(episode, msg.cell_id)
+                self._work = trio.Event() if self._work.is_set() else self._work
                 await self._work.wait()
         return m.NoWork(retry_after_s=0.0)
 
     async def _grant(self, episode: Episode, cell_id: str) -> m.Lease:
-        spec = episode.spec
-        task = self.config.task(spec.task)
-        lease_id = uuid.uuid4().hex[:12]
-        now = time.time()
-        self.leases[lease_id] = LeaseState(episode, cell_id, now + self.config.scheduler.lease_s)
-        if spec.kind == "agent":  # judging and background work are for the team: not charged to one agent
-            self.served[spec.agent] = self.served.get(spec.agent, 0) + 1
+        lease_id, now = uuid.uuid4().hex[:12], time.time()
+        self.leases.held[lease_id] = LeaseState(episode, cell_id, now + self.config.scheduler.lease_s)
         self._depth_changed()
         # Recorded before the cell hears of it; should this be cancelled, the lease expires and is re-queued.
-        await self._write(lambda w: w.put("leases", lease_id, LeaseRecord(lease_id, episode.episode_id, spec.job_id,
-                                                                          cell_id, now)))
-        return m.Lease(
-            lease_id=lease_id, episode_id=episode.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task,
-            seed=episode.seed, attempts=spec.attempts, policy=spec.policy, bundle=episode.bundle,
-            deadline_s=self.config.scheduler.lease_s, horizon=task.horizon, max_delta=task.limits.max_delta,
-            verifier=task.verifier, observation=task.observation, control_hz=task.control_hz,
-            joints=task.limits.joints,
-        )
+        record = LeaseRecord(lease_id, episode.episode_id, episode.spec.job_id, cell_id, now)
+        await self.board.transact(lambda w: w.put("leases", lease_id, record))
+        return lease_of(lease_id, episode, self.config)
 
     async def _report(self, msg: m.EpisodeReport) -> m.Message:
-        lease = self.leases.get(msg.lease_id)
+        lease = self.leases.held.get(msg.lease_id)
         # Only the cell the lease was granted to (also once it lapsed while that cell was late) may report,
         # with verdicts the verifier signed for that lease; anything else is refused and logged.
-        held = (lease.cell_id, lease.episode.episode_id) if lease else self.lapsed.get(msg.lease_id)
+        held = self.leases.holder(msg.lease_id)
         real = (c := self.cells.get(msg.cell_id)) is not None and c.record.real  # a person may judge
         recorded = msg.episode_id in self.recording or (
             (j := self.jobs.get(msg.episode_id.rsplit(":", 1)[0])) is not None and msg.episode_id in j.results)
@@ -222,23 +192,21 @@ class LeaseQueue(Actor):
             self.log.warning("report_refused", cell=msg.cell_id, lease=msg.lease_id, episode=msg.episode_id, why=why)
             return m.Failure(error=f"report refused: {why}", retry=False)
         if held is not None and held[0] == msg.cell_id:
-            self.leases.pop(msg.lease_id, None)
+            self.leases.held.pop(msg.lease_id, None)
         else:
             lease = None
         job = self.jobs.get(lease.episode.spec.job_id if lease else msg.episode_id.rsplit(":", 1)[0])
         cell = self.cells.get(msg.cell_id)
         fresh = cell.fresh(msg.segments) if cell else []
-        episode = lease.episode if lease else self._find_episode(msg.episode_id)
+        # A late report on a lapsed lease: the episode is queued again or leased to another cell.
+        episode = lease.episode if lease else (self.pending.find(msg.episode_id)
+                                               or self.leases.episode(msg.episode_id))
         if job is None or episode is None or msg.episode_id in job.results or msg.episode_id in self.recording:
             if fresh:
-                await self._write(lambda w: w.append("timeline", TimelineRecord(msg.cell_id, fresh)))
+                await self.board.transact(lambda w: save_cell(w, msg.cell_id, None, fresh))
             return m.Ack(detail="duplicate or unknown episode; ignored")
-        # A re-leased copy of this episode may still be queued or running: drop it, this result wins.
-        for queue in self.pending.values():
-            for queued in [e for e in queue if e.episode_id == msg.episode_id]:
-                queue.remove(queued)
-        for lease_id in [k for k, v in self.leases.items() if v.episode.episode_id == msg.episode_id]:
-            del self.leases[lease_id]
+        self.pending.discard(msg.episode_id)  # a re-leased copy may be queued or running: this result wins
+        self.leases.end(msg.episode_id)
         self.recording.add(msg.episode_id)
         try:
             record, first = await trio.to_thread.run_sync(
@@ -249,7 +217,9 @@ class LeaseQueue(Actor):
         job.results[msg.episode_id] = record  # the recorded result, whichever report it came from
         self.recorded += first
         if first and record.flagged and job.spec.kind == "agent":  # solved at reset: the seed says nothing
-            self._replace(job, episode)
+            pool = self.config.task(job.spec.task).tuning_seeds  # (held-out jobs just count one fewer)
+            self.pending.push_front(replacement(job, episode, pool.start, pool.count))
+            self._wake()
         await self._progress(job)
         self._depth_changed()
         return m.Ack() if first else m.Ack(detail="already recorded")
@@ -264,7 +234,7 @@ class LeaseQueue(Actor):
         if job is None:
             stored = self.board.get("jobs", spec.job_id, JobRecord)
             if stored is not None and stored.done:
-                return await trio.to_thread.run_sync(self._finished, stored)
+                return await trio.to_thread.run_sync(finished, self.board, stored)
             try:  # a policy that cannot be served (a checkpoint that is not there) is refused, not queued
                 await self.bundles.digest(spec.policy)
             except (BundleError, OSError) as e:
@@ -272,15 +242,9 @@ class LeaseQueue(Actor):
             if stored is None:
                 record = JobRecord(spec.job_id, spec.agent, spec.kind, spec.task, spec.policy, list(spec.seeds),
                                    spec.attempts, spec.priority, time.time(), purpose=spec.purpose)
-                await self._write(lambda w: w.put("jobs", spec.job_id, record))
+                await self.board.transact(lambda w: w.put("jobs", spec.job_id, record))
             job = self.jobs.get(spec.job_id) or await self._add(spec, {})
         await job.done.wait()
-        return job.reply()
-
-    def _finished(self, record: JobRecord) -> m.JobDone:
-        job = Job(spec_of(record), [f"{record.job_id}:{i}" for i in range(len(record.seeds))])
-        with self.board.read() as r:
-            job.results = {eid: e for eid in job.episode_ids if (e := r.get("episodes", eid, EpisodeRecord))}
         return job.reply()
 
     async def _add(self, spec: m.JobSpec, done: dict[str, EpisodeRecord]) -> Job:
@@ -289,12 +253,8 @@ class LeaseQueue(Actor):
             return self.jobs[spec.job_id]
         ids = [f"{spec.job_id}:{i}" for i in range(len(spec.seeds))]
         job = self.jobs[spec.job_id] = Job(spec, ids, {eid: done[eid] for eid in ids if eid in done})
-        queue = self.pending.setdefault(lane(spec), deque())
-        # Within a queue, higher priority first, then in order of arrival.
-        at = next((i for i, e in enumerate(queue) if e.spec.priority < spec.priority), len(queue))
-        for eid, seed in reversed(list(zip(ids, spec.seeds, strict=True))):
-            if eid not in job.results:
-                queue.insert(at, Episode(eid, spec, seed, bundle))
+        self.pending.add([Episode(eid, spec, seed, bundle) for eid, seed in zip(ids, spec.seeds, strict=True)
+                          if eid not in job.results])
         await self._progress(job)
         self._wake()
         return job
@@ -304,90 +264,52 @@ class LeaseQueue(Actor):
         if job is None:  # not here (yet): a submission that arrives later is refused
             self.cancelled.add(job_id)
             return m.Ack(detail="no such job running")
-        queue = self.pending.get(lane(job.spec), deque())
-        self.pending[lane(job.spec)] = deque(e for e in queue if e.spec.job_id != job_id)
+        self.pending.cancel(job.spec)
         job.cancelled = True
         job.episode_ids = [eid for eid in job.episode_ids if eid in job.results]
         del self.jobs[job_id]
-        await self._write(lambda w: w.put("jobs", job_id, job.record()))
+        await self.board.transact(lambda w: w.put("jobs", job_id, job.record()))
         job.done.set()
         self._depth_changed()
         return m.Ack()
 
     async def _progress(self, job: Job) -> None:
         if job.complete and not job.done.is_set():
-            await self._write(lambda w: w.put("jobs", job.spec.job_id, job.record()))
+            await self.board.transact(lambda w: w.put("jobs", job.spec.job_id, job.record()))
             self.jobs.pop(job.spec.job_id, None)
             job.done.set()
 
-    def _replace(self, job: Job, episode: Episode) -> None:
-        """A flagged episode of an agent's evaluation gets another tuning seed (held-out jobs just count one
-        fewer: their seeds come from the judge's pool, never reused)."""
-        pool = self.config.task(job.spec.task).tuning_seeds
-        seed = pool.start + (episode.seed - pool.start + 7919) % pool.count
-        # Numbered by the flagged results so far (this one included): unique however many are replaced.
-        eid = f"{job.spec.job_id}:r{sum(1 for r in job.results.values() if r.flagged)}"
-        job.episode_ids.append(eid)
-        job.episode_ids.remove(episode.episode_id)
-        self.pending.setdefault(lane(job.spec), deque()).appendleft(Episode(eid, job.spec, seed, episode.bundle))
-        self._wake()
-
-    # ------------------------------------------------------------------ the queue
-
-    def _next_episode(self, cell: CellState) -> Episode | None:
-        lanes = sorted((k for k, q in self.pending.items() if q),
-                       key=lambda k: (-self.pending[k][0].spec.priority, lane_rank(k), self.served.get(k, 0)))
-        for key in lanes:
-            queue = self.pending[key]
-            for episode in queue:
-                if self._eligible(episode, cell):
-                    queue.remove(episode)
-                    return episode
-        self._work = trio.Event() if self._work.is_set() else self._work
-        return None
+    # ------------------------------------------------------------------ cells and leases
 
     def _eligible(self, episode: Episode, cell: CellState) -> bool:
-        spec = episode.spec
-        driver = self.config.task(spec.task).driver  # a cell names its driver and the driver's tasks
-        if driver != cell.record.driver and driver not in cell.tasks:
-            return False
-        if not self.config.scheduler.pooled:  # the paper's set-up: cell-i runs only agent-i's work
-            if spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]:
-                return False
-        if cell.record.real:  # a real robot runs only what passed its simulated smoke test
-            passed = self.cleared.get(spec.policy.ref)
-            if passed is None:
-                self.events.publish(m.SmokeNeeded(policy=spec.policy))
-            return bool(passed)
-        return True
+        fits = eligible(episode, cell, self.config, self.cleared)
+        if fits is None:
+            self.events.publish(m.SmokeNeeded(policy=episode.spec.policy))
+        return bool(fits)
 
     def _wake(self) -> None:
         self._work.set()
         self._depth_changed()
 
     def _requeue(self, lease_id: str, why: str) -> None:
-        state = self.leases.pop(lease_id)
-        self.lapsed[lease_id] = (state.cell_id, state.episode.episode_id)
-        while len(self.lapsed) > 100_000:
-            self.lapsed.popitem(last=False)
+        state = self.leases.lapse(lease_id)
         episode = state.episode
         job = self.jobs.get(episode.spec.job_id)
         if job is None or episode.episode_id in job.results:
             return
-        self.pending.setdefault(lane(episode.spec), deque()).appendleft(episode)
+        self.pending.push_front(episode)
         self._wake()
         self._requeued += 1  # counted on the blackboard by main(), off the event loop
         self._unsaved = True
         self.log.warning("lease_requeued", episode=episode.episode_id, cell=state.cell_id, why=why)
 
     def _release_cell(self, cell_id: str, why: str) -> None:
-        for lease_id in [k for k, v in self.leases.items() if v.cell_id == cell_id]:
+        for lease_id in self.leases.of_cell(cell_id):
             self._requeue(lease_id, why)
 
     def _expire(self, now: float) -> None:
-        for lease_id, state in list(self.leases.items()):
-            if state.expires < now:
-                self._requeue(lease_id, "lease expired")
+        for lease_id in self.leases.expired(now):
+            self._requeue(lease_id, "lease expired")
         silent = 4 * self.config.scheduler.heartbeat_s + 1.0
         for cell_id, cell in self.cells.items():
             if cell.record.state != "offline" and now - cell.last_heartbeat > silent:
@@ -397,13 +319,6 @@ class LeaseQueue(Actor):
                 self.log.warning("cell_silent", cell=cell_id, silent_s=round(now - cell.last_heartbeat, 1))
                 self._release_cell(cell_id, "cell stopped heartbeating")
 
-    def _find_episode(self, episode_id: str) -> Episode | None:
-        """A late report whose lease expired: the episode is queued again or leased to another cell."""
-        for episode in [*(e for q in self.pending.values() for e in q), *(s.episode for s in self.leases.values())]:
-            if episode.episode_id == episode_id:
-                return episode
-        return None
-
     # ------------------------------------------------------------------ events and records
 
     def _cell_changed(self, cell_id: str) -> None:
@@ -411,9 +326,7 @@ class LeaseQueue(Actor):
         self._depth_changed()
 
     def _depth_changed(self) -> None:
-        depth = (sum(len(q) for k, q in self.pending.items() if k != "background"),
-                 len(self.pending.get("background", ())),
-                 sum(c.record.state != "offline" for c in self.cells.values()))
+        depth = (*self.pending.depth(), sum(c.record.state != "offline" for c in self.cells.values()))
         if depth != self._depth:
             self._depth = depth
             self.events.publish(m.QueueDepth(waiting=depth[0], background=depth[1], cells=depth[2], t=time.time()))
@@ -425,15 +338,8 @@ class LeaseQueue(Actor):
             await self._depth_dirty.wait()
             self._depth_dirty = trio.Event()
             record = QueueRecord(self._depth[0], self._depth[2], time.time())
-            await self._write(lambda w, record=record: w.put("meta", "queue", record))
+            await self.board.transact(lambda w, record=record: w.put("meta", "queue", record))
             await trio.sleep(0.1)
-
-    async def _write(self, fn) -> None:
-        """A blackboard write transaction in a worker thread: LMDB fsyncs on commit."""
-        def run():
-            with self.board.write() as w:
-                fn(w)
-        await trio.to_thread.run_sync(run)
 
     def utilization(self, now: float | None = None) -> dict[str, Utilization]:
         now = now or time.time()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from bus.backoff import backoff_delay
 from bus.messages import Ack, Failure, Message
 
 
@@ -74,7 +75,7 @@ class RestartPolicy:
     max_restarts: float = math.inf
 
     def delay(self, failures: int) -> float:
-        return min(self.max_s, self.initial_s * 2 ** max(0, failures - 1))
+        return backoff_delay(max(1, failures), self.initial_s, self.max_s)
 
 
 @dataclass

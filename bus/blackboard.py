@@ -8,7 +8,7 @@ type it expects, so a record of the wrong shape is a clear `RecordError`, never 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +16,7 @@ from typing import TypeVar
 import lmdb
 import msgspec
 import structlog
+import trio
 
 T = TypeVar("T")
 
@@ -29,6 +30,7 @@ TABLES = (
     "cells",
     "timeline",
     "tokens",
+    "cli_runs",
     "counters",
     "leases",
     "smoke",
@@ -147,6 +149,14 @@ class Blackboard:
         self._grow_if_needed()
         with self._env.begin(write=True) as txn:
             yield Txn(self, txn)
+
+    async def transact(self, fn: Callable[[Txn], T]) -> T:
+        """`fn(txn)` in one write transaction in a worker thread, so an actor's loop never waits for the
+        fsync of the commit; returns what `fn` returns."""
+        def run() -> T:
+            with self.write() as w:
+                return fn(w)
+        return await trio.to_thread.run_sync(run)
 
     def _grow_if_needed(self) -> None:
         info, page = self._env.info(), self._env.stat()["psize"]

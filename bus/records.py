@@ -145,13 +145,14 @@ class Champion(msgspec.Struct):
 
 class HeldoutRecord(msgspec.Struct):
     """Use of a task's held-out seeds (table "heldout", by task): every judging, confirmation and final
-    judging draws the next unused seeds, so no held-out seed is ever judged twice."""
+    judging draws the next unused seeds of the task's secret order, so no held-out seed is ever judged twice."""
 
     task: str
-    used: int = 0  # seeds [start, start + used) of the task's heldout_seeds are spent
+    used: int = 0  # the first `used` seeds of the secret order are spent
     draws: int = 0
     total: int = 0  # the pool's size (heldout_seeds.count) when last drawn from
     low: bool = False  # fewer left than a judging and a confirmation's minimum need
+    key: str = ""  # the secret that orders the held-out seeds (hex; made at the first draw, never leaves the board)
 
 
 class FinalRecord(msgspec.Struct):
@@ -219,6 +220,21 @@ class TokenRecord(msgspec.Struct):
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cost: float = 0.0
+
+
+class CLIRunRecord(msgspec.Struct):
+    """One headless run of a CLI coding agent (table "cli_runs"): the cost figure the CLI itself reported
+    at its end, kept beside the ledger's per-call records and their price. Claude Code's total_cost_usd
+    covers its session so far (a resumed session carries its cost on), so the figure is per session."""
+
+    agent: str
+    cli: str  # the backend: "claude-code", "codex", "command"
+    t: float
+    turn: int
+    ok: bool
+    seconds: float
+    session: str = ""  # the CLI's session ("" when it names none: the run is a session of its own)
+    cost_usd: float | None = None  # the session's cost so far as the CLI reported it; None: it reports none
 
 
 class DaemonRecord(msgspec.Struct):

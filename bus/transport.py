@@ -2,7 +2,7 @@
 
 Acked path (anything that must not be lost: assignments, results, jobs, findings):
 `RequestClient.request` sends an Envelope with an id and waits for the reply; on timeout it resends
-the SAME id with backoff. `RequestServer` answers each (sender, id) once: replies are cached (bounded
+the SAME id with backoff (`bus.backoff`). `RequestServer` answers each (sender, id) once: replies are cached (bounded
 LRU) and a duplicate, even one arriving while the first copy is still being handled, gets the first
 reply without running the handler again. The ready barrier is `RequestClient.wait_ready`: a ping
 the server answers itself, so a client knows the server is up before it relies on it.
@@ -56,6 +56,7 @@ import trio
 from pynng import ffi, lib
 from pynng.exceptions import check_err
 
+from bus.backoff import backoff_delay
 from bus.messages import Ack, DecodeError, Envelope, Failure, Message, PolicyBundle, decode, encode
 
 MAX_FRAME = 64 << 20  # nng refuses larger frames before we see them
@@ -393,7 +394,7 @@ class RequestServer:
             send.send_nowait((slot, frame))  # room for every worker: never blocks
 
     async def _free_slot(self, idle: list[_Slot]) -> _Slot:
-        delay = 0.0002
+        looks = 0
         while True:
             for i, slot in enumerate(idle):
                 done, error = slot.settled()
@@ -403,8 +404,8 @@ class RequestServer:
                 if done:
                     return idle.pop(i)
             # Every idle context's reply still waits behind others on its pipe (rare): look again soon.
-            await trio.sleep(delay)
-            delay = min(2 * delay, 0.02)
+            looks += 1
+            await trio.sleep(backoff_delay(looks, 0.0002, 0.02))
 
     async def _worker(self, receive, idle: list[_Slot], free: trio.Semaphore) -> None:
         async for slot, frame in receive:
@@ -600,7 +601,6 @@ class RequestClient:
         after `retries` resends, AuthError when the server refuses our credentials."""
         envelope = Envelope(id=id or uuid.uuid4().hex, sender=self.sender, body=body)
         payload = encode(envelope)
-        delay = 0.05
         for attempt in range(retries + 1):
             reply = await self._exchange(self._seal(payload), timeout)
             if reply is not None:
@@ -611,8 +611,7 @@ class RequestClient:
                 if answer is not None and answer != STALE_RUN:
                     return answer
             if attempt < retries:
-                await trio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await trio.sleep(backoff_delay(attempt + 1, 0.05, 2.0))
         raise RequestTimeout(
             f"{self.url}: no reply to {type(body).__name__} (id {envelope.id}) after {retries + 1} tries of {timeout}s"
         )
@@ -670,14 +669,15 @@ class RequestClient:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """The ready barrier: returns once the server answers a ping (handled by the server itself,
         never by its handler). Raises RequestTimeout after `timeout`, AuthError if refused."""
-        per_try = 0.25  # grows, so a slow (remote) link still gets an answer in
+        tries = 0
         with trio.move_on_after(timeout):
             while True:
-                try:
-                    await self.request(PING, timeout=per_try, retries=0)
+                tries += 1
+                try:  # each try waits longer, so a slow (remote) link still gets an answer in
+                    await self.request(PING, timeout=backoff_delay(tries, 0.25, 2.0), retries=0)
                     return
                 except RequestTimeout:
-                    per_try = min(per_try * 2, 2.0)
+                    pass
         raise RequestTimeout(f"{self.url}: server not ready after {timeout}s")
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ from actors.runtime import ActorSystem, Ref
 from actors.summarizer import Summarizer
 from actors.trainer import Trainer
 from actors.verifier import Verifier
+from bus.backoff import backoff_delay
 from bus.blackboard import Blackboard, RecordError
 from bus.events import EventHub
 from bus.messages import (
@@ -62,6 +63,7 @@ from bus.messages import (
 from bus.records import (
     SCHEMA_VERSION,
     Champion,
+    CLIRunRecord,
     DaemonRecord,
     EpisodeRecord,
     FinalRecord,
@@ -72,14 +74,15 @@ from bus.records import (
 )
 from bus.transport import RequestServer, cell_key, ipc_url
 from enpire import config as cfg
-from enpire import isolation, ledger, log, progress
+from enpire import isolation, ledger, log, progress, summary
 from enpire.agents.backends import make_backend
 from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
 from enpire.agents.session import agent_tools
 from enpire.bundles import BundleStore
+from enpire.heldout import running_low
 from enpire.learning.dataset import ARTIFACTS
-from enpire.metrics import mean_robot_utilization, regimes_used, wilson_interval
+from enpire.metrics import mean_robot_utilization, regimes_used
 from enpire.sandbox import without_credentials
 from enpire.sinks import TensorBoardSink, check_tensorboard
 from enpire.statelock import StateDirLocked, StateLock
@@ -229,52 +232,19 @@ async def _cell_process(
         result = await trio.run_process(command, check=False, stdin=None, env=env)
         if stopping.is_set():
             return
-        failures = 0 if time.time() - began > 30 else failures + 1
-        logger.error("cell_process_exited", cell=cell_id, code=result.returncode, restart_in_s=min(5, 0.5 * 2**failures))
-        await trio.sleep(min(5.0, 0.5 * 2**failures))
+        failures = 1 if time.time() - began > 30 else failures + 1  # a run that lasted starts afresh
+        delay = backoff_delay(failures, 0.5, 5.0)
+        logger.error("cell_process_exited", cell=cell_id, code=result.returncode, restart_in_s=delay)
+        await trio.sleep(delay)
 
 
-def champion_summary(board: Blackboard, task: str) -> dict:
-    c = board.get("champion", task, Champion)
-    if c is None:
-        return {"policy": None}
-    lo, hi = wilson_interval(c.successes, c.n)
-    jlo, jhi = wilson_interval(c.judged_successes, c.judged_n)
-    return {
-        "policy": c.policy.ref, "commit": c.policy.commit, "params": c.policy.params, "agent": c.agent,
-        "heldout_confirm": {"successes": c.successes, "n": c.n, "rate": c.successes / c.n if c.n else 0.0,
-                            "wilson95": [round(lo, 4), round(hi, 4)]},
-        "heldout_judged": {"successes": c.judged_successes, "n": c.judged_n,
-                           "rate": c.judged_successes / c.judged_n if c.judged_n else 0.0,
-                           "wilson95": [round(jlo, 4), round(jhi, 4)]},
-    }
-
-
-def _rate(successes: int, n: int) -> dict:
-    lo, hi = wilson_interval(successes, n)
-    return {"successes": successes, "n": n, "rate": round(successes / n, 4) if n else 0.0,
-            "wilson95": [round(lo, 4), round(hi, 4)]}
-
-
-def final_summary(f: FinalRecord | None) -> dict | None:
-    """The paired final judging: the starting policy and the champion on the same fresh held-out seeds."""
-    if f is None:
-        return None
-    return {"task": f.task, "seeds": {"first": f.seeds[0], "count": len(f.seeds)} if f.seeds else {},
-            "start": {"policy": f.start.ref, "commit": f.start.commit, "params": f.start.params,
-                      **_rate(f.start_successes, f.start_n)},
-            "champion": ({"policy": f.champion.ref, "commit": f.champion.commit, "params": f.champion.params,
-                          **_rate(f.champion_successes, f.champion_n)} if f.champion else None)}
-
-
-def heldout_summary(board: Blackboard, config: cfg.Config) -> dict:
-    """How much of each task's held-out pool the run spent (every seed is judged once at most)."""
-    out = {}
+def heldout_records(board: Blackboard, config: cfg.Config) -> list[HeldoutRecord]:
+    """Every task's held-out pool, drawn from or not."""
+    out = []
     for name, task in config.tasks.items():
         record = board.get("heldout", name, HeldoutRecord) or HeldoutRecord(name)
-        need = config.scheduler.promote_seeds + config.fleet.min_heldout
-        out[name] = {"used": record.used, "total": task.heldout_seeds.count, "draws": record.draws,
-                     "low": task.heldout_seeds.count - record.used < need}
+        record.total, record.low = task.heldout_seeds.count, running_low(config, record)
+        out.append(record)
     return out
 
 
@@ -510,52 +480,38 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
         "elapsed_s": round(outcome.elapsed_s, 1),
         "time_to_target_s": round(outcome.time_to_target_s, 1) if outcome.time_to_target_s else None,
         "target": config.fleet.target,
-        "champion": champion_summary(board, config.cells.task),
-        "start_vs_champion": final_summary(board.get("meta", "final", FinalRecord)),
-        "heldout_pool": heldout_summary(board, config),
+        "task": config.cells.task,
+        "champion": summary.champion(board.get("champion", config.cells.task, Champion)),
+        "start_vs_champion": summary.final(board.get("meta", "final", FinalRecord)),
+        "heldout_pool": summary.heldout_pools(heldout_records(board, config)),
         "episodes": len(episodes),
         "episodes_by_kind": by_kind,
         "episodes_flagged": board.counter("episodes_flagged"),
         "episodes_requeued": board.counter("episodes_requeued"),
         "regimes": regimes_used(board.values("findings", Finding)),
-        "mru": round(mean_robot_utilization(util), 4),
-        "cells": {
-            cid: {"mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4), "wall_s": round(u.wall_s, 1),
-                  "by_state_s": {k: round(v, 1) for k, v in u.by_state.items()}}
-            for cid, u in util.items()
-        },
+        **summary.cells(util),  # "mru", "cells"
         "actor_restarts": stats.get("restarts", {}),
-        "tokens": ledger.summary(board.values("tokens", TokenRecord)),  # team and per-agent ledger totals
+        # team and per-agent ledger totals; CLI agents' runs add the cost their CLI reported (cli_cost_usd)
+        "tokens": ledger.summary(board.values("tokens", TokenRecord), board.values("cli_runs", CLIRunRecord)),
     }
 
 
 def format_report(report: dict) -> str:
-    c = report["champion"]
-    lines = [f"enpire fleet: {report['outcome']} after {report['elapsed_s']:.0f}s"]
-    if c.get("policy"):
-        conf, judged = c["heldout_confirm"], c["heldout_judged"]
-        lines.append(f"  champion {c['policy']} (agent {c['agent']})")
-        lines.append(f"  held-out success {conf['successes']}/{conf['n']} = {conf['rate']:.1%}, Wilson 95% "
-                     f"[{conf['wilson95'][0]:.3f}, {conf['wilson95'][1]:.3f}] (seeds never used to choose it)")
-        lines.append(f"  judged on {judged['n']} held-out seeds at promotion: {judged['rate']:.1%}")
-    else:
-        lines.append("  no champion yet")
+    lines = [f"enpire fleet: {report['outcome']} after {report['elapsed_s']:.0f}s",
+             "  " + summary.champion_line(report["task"], report["champion"])]
     final = report.get("start_vs_champion")
     if final:
         for label, r in (("started from", final["start"]), ("champion", final["champion"])):
             if r:
                 lines.append(f"  {label} {r['policy']}: {r['successes']}/{r['n']} = {r['rate']:.1%}, Wilson 95% "
                              f"[{r['wilson95'][0]:.3f}, {r['wilson95'][1]:.3f}] on the same fresh held-out seeds")
-    for task, pool in report.get("heldout_pool", {}).items():
-        if pool["low"]:
-            lines.append(f"  warning: held-out pool of {task} runs low: {pool['used']} of {pool['total']} seeds used")
+    lines += ["  " + summary.heldout_line(task, pool) for task, pool in report["heldout_pool"].items() if pool["low"]]
     ttt = report["time_to_target_s"]
     lines.append(f"  time to target: {ttt:.0f}s" if ttt else "  target not reached")
     lines.append(f"  episodes {report['episodes']} {report['episodes_by_kind']}; MRU {report['mru']:.1%}")
     for agent, regimes in sorted(report["regimes"].items()):
         lines.append(f"    {agent}: regimes {' > '.join(regimes)}")
-    for cid, u in sorted(report["cells"].items()):
-        lines.append(f"    {cid}: MRU {u['mru']:.1%}, agent share {u['agent_share']:.1%}")
+    lines += ["    " + summary.cell_line(cid, u) for cid, u in report["cells"].items()]
     return "\n".join(lines)
 
 

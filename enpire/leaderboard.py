@@ -1,4 +1,5 @@
-"""The team's leaderboard: candidates ranked by what the fleet measured on tuning seeds. Pure functions.
+"""The team's leaderboard: candidates ranked by what the fleet measured on tuning seeds. Pure functions,
+and the tally's reads and writes inside a blackboard transaction the caller holds.
 
 The scheduler tallies every agent evaluation per candidate (`CandidateRecord`); agents see the top of
 the board in every briefing, so a team searches together: each member builds on the best results of
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from bus.blackboard import Txn
+from bus.messages import PolicySpec
 from bus.records import CandidateRecord
 
 PRIOR = 2.0
@@ -41,6 +44,40 @@ def add(c: CandidateRecord, outcomes: Iterable[tuple[bool, float, int]], asked: 
     c.pending = max(0, c.pending - asked)
     c.t = t
     return c
+
+
+# ---------------------------------------------------------------- the tally on the blackboard ("candidates")
+
+
+def key(task: str, policy: PolicySpec) -> str:
+    return f"{task}/{policy.ref}"
+
+
+def stored(w: Txn, task: str, policy: PolicySpec, agent: str, now: float) -> CandidateRecord:
+    """The candidate's record, or a fresh one naming `agent` as the first to ask."""
+    return w.get("candidates", key(task, policy), CandidateRecord) or CandidateRecord(task, policy, agent, t=now)
+
+
+def expect(w: Txn, task: str, policy: PolicySpec, agent: str, episodes: int, now: float) -> int:
+    """Teammates see what is being measured right now: `episodes` more are running. Returns the
+    episodes already measured."""
+    c = stored(w, task, policy, agent, now)
+    c.pending += episodes
+    w.put("candidates", key(task, policy), c)
+    return c.n
+
+
+def record(w: Txn, task: str, policy: PolicySpec, agent: str, outcomes: Iterable[tuple[bool, float, int]],
+           asked: int, now: float) -> None:
+    w.put("candidates", key(task, policy), add(stored(w, task, policy, agent, now), outcomes, asked, now))
+
+
+def mark(w: Txn, task: str, policy: PolicySpec, judged: str) -> None:
+    """The held-out judging's state of a candidate ("judging", "promoted", "rejected"), figures not shown."""
+    c = w.get("candidates", key(task, policy), CandidateRecord)
+    if c is not None and c.judged != judged:
+        c.judged = judged
+        w.put("candidates", key(task, policy), c)
 
 
 def line(c: CandidateRecord) -> str:

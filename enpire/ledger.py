@@ -5,6 +5,11 @@ cache writes included; `cached_input_tokens` and `cache_write_tokens` are parts 
 counts every generated token, `reasoning_tokens` the part spent on hidden reasoning. A call's tokens are
 input + output (`call_tokens`, the one place this sum is made). Cost comes from a price table per model
 (currency per million tokens); a model without a price costs 0 and is named in `unpriced`.
+
+A CLI coding agent also states a cost of its own at the end of each headless run (Claude Code's
+`total_cost_usd`, from its own price table, for the session so far); each run's figure is a `CLIRunRecord`
+on the "cli_runs" table, and the summaries show per agent `cli_cost_usd` beside the ledger's price-based
+`cost`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bus.records import TokenRecord
+from bus.records import CLIRunRecord, TokenRecord
 from enpire.metrics import mean_token_utilization
 
 
@@ -86,11 +91,34 @@ def per_agent(records: Iterable[TokenRecord]) -> dict[str, TokenTotals]:
     return out
 
 
-def summary(records: Iterable[TokenRecord]) -> dict:
-    """Team and per-agent totals as plain values: what progress events, `enpire.status` and report.json show."""
+def cli_costs(runs: Iterable[CLIRunRecord]) -> dict[str, dict]:
+    """Per agent: its CLI runs and the cost its CLI reported (None when it reported none). A figure covers
+    the CLI's session so far, so an agent's cost is the sum of the latest figure of each of its sessions."""
+    out: dict[str, dict] = {}
+    latest: dict[tuple[str, str], float] = {}
+    for r in sorted(runs, key=lambda r: r.t):
+        out.setdefault(r.agent, {"cli_runs": 0, "cli_cost_usd": None})["cli_runs"] += 1
+        if r.cost_usd is not None:
+            latest[(r.agent, r.session or f"run {r.turn}")] = r.cost_usd
+    for (agent, _), cost in latest.items():
+        out[agent]["cli_cost_usd"] = round((out[agent]["cli_cost_usd"] or 0.0) + cost, 6)
+    return out
+
+
+def summary(records: Iterable[TokenRecord], runs: Iterable[CLIRunRecord] = ()) -> dict:
+    """Team and per-agent totals as plain values: what progress events, `enpire.status` and report.json show.
+    With the CLI agents' `runs`, each of their agents also shows its runs and the cost its CLI reported."""
     records = list(records)
-    return {"team": totals(records).as_dict(),
-            "agents": {a: t.as_dict() for a, t in sorted(per_agent(records).items())}}
+    agents = {a: t.as_dict() for a, t in per_agent(records).items()}
+    team = totals(records).as_dict()
+    cli = cli_costs(runs)
+    for agent, figures in cli.items():
+        agents.setdefault(agent, TokenTotals().as_dict()).update(figures)
+    if cli:
+        costs = [f["cli_cost_usd"] for f in cli.values() if f["cli_cost_usd"] is not None]
+        team.update(cli_runs=sum(f["cli_runs"] for f in cli.values()),
+                    cli_cost_usd=round(sum(costs), 6) if costs else None)
+    return {"team": team, "agents": dict(sorted(agents.items()))}
 
 
 def mtu(records: Iterable[TokenRecord], wall_s: float) -> float:

@@ -1,17 +1,20 @@
-"""The lease queue's bookkeeping (actors/lease_queue.py): jobs, episodes, leases and cells as data, and
-the records they become on the blackboard. No actor here: the queue holds these and decides."""
+"""The lease queue's bookkeeping (actors/lease_queue.py): jobs, episodes, the waiting lanes, leases and
+cells as data, and the records they become on the blackboard. No actor here: the queue holds these."""
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from bus.blackboard import Blackboard
-from bus.messages import EpisodeReport, EpisodeSummary, JobDone, JobSpec, Segment
-from bus.records import CellRecord, EpisodeRecord, JobRecord, TimelineRecord
+from bus.blackboard import Blackboard, Txn
+from bus.messages import EpisodeReport, EpisodeSummary, JobDone, JobSpec, Lease, Segment
+from bus.records import CellRecord, EpisodeRecord, JobRecord, SmokeRecord, TimelineRecord
+from enpire.config import Config
 from enpire.episodes import write_trajectory
 from enpire.metrics import Utilization, utilization
 
@@ -55,13 +58,83 @@ def spec_of(record: JobRecord) -> JobSpec:
 
 
 def lane(spec: JobSpec) -> str:
-    """Judging shares one queue, each agent has its own, background work has one."""
+    """Judging shares one lane, each agent has its own, background work has one."""
     return {"heldout": "judge", "background": "background"}.get(spec.kind, spec.agent)
 
 
 def lane_rank(lane_key: str) -> int:
-    """Between queues whose heads have the same priority: judging, then agents, then background work."""
+    """Between lanes whose heads have the same priority: judging, then agents, then background work."""
     return {"judge": 0, "background": 2}.get(lane_key, 1)
+
+
+class Lanes:
+    """Episodes waiting for a cell. The head of the highest-priority lane goes first; between lanes whose
+    heads have the same priority, judging, then the agent served least so far (fair share; judging and
+    background work are for the team, charged to no one), then background work. Within a lane, higher
+    priority first, then in order of arrival."""
+
+    def __init__(self) -> None:
+        self.lanes: dict[str, deque[Episode]] = {}
+        self.served: dict[str, int] = {}  # agents' episodes leased
+
+    def add(self, episodes: list[Episode]) -> None:
+        """A job's episodes, behind the waiting ones of its priority or higher."""
+        if not episodes:
+            return
+        spec = episodes[0].spec
+        queue = self.lanes.setdefault(lane(spec), deque())
+        at = next((i for i, e in enumerate(queue) if e.spec.priority < spec.priority), len(queue))
+        for episode in reversed(episodes):
+            queue.insert(at, episode)
+
+    def push_front(self, episode: Episode) -> None:
+        """An episode that must run next in its lane (a lapsed lease, a re-seeded flagged episode)."""
+        self.lanes.setdefault(lane(episode.spec), deque()).appendleft(episode)
+
+    def take(self, fits: Callable[[Episode], bool]) -> Episode | None:
+        """The first waiting episode, in the order above, that `fits` the asking cell."""
+        keys = sorted((k for k, q in self.lanes.items() if q),
+                      key=lambda k: (-self.lanes[k][0].spec.priority, lane_rank(k), self.served.get(k, 0)))
+        for key in keys:
+            queue = self.lanes[key]
+            for episode in queue:
+                if fits(episode):
+                    queue.remove(episode)
+                    if episode.spec.kind == "agent":
+                        self.served[episode.spec.agent] = self.served.get(episode.spec.agent, 0) + 1
+                    return episode
+        return None
+
+    def discard(self, episode_id: str) -> None:
+        """Drop every queued copy of an episode (its result is in)."""
+        for queue in self.lanes.values():
+            for queued in [e for e in queue if e.episode_id == episode_id]:
+                queue.remove(queued)
+
+    def cancel(self, spec: JobSpec) -> None:
+        key = lane(spec)
+        self.lanes[key] = deque(e for e in self.lanes.get(key, ()) if e.spec.job_id != spec.job_id)
+
+    def find(self, episode_id: str) -> Episode | None:
+        return next((e for q in self.lanes.values() for e in q if e.episode_id == episode_id), None)
+
+    def depth(self) -> tuple[int, int]:
+        """(agents' and judging episodes waiting, background episodes waiting)."""
+        return (sum(len(q) for k, q in self.lanes.items() if k != "background"),
+                len(self.lanes.get("background", ())))
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.lanes.values())
+
+
+def replacement(job: Job, episode: Episode, pool_start: int, pool_count: int) -> Episode:
+    """A flagged episode (solved at reset) of an agent's evaluation gets another tuning seed, numbered by
+    the flagged results so far (this one included): unique however many are replaced."""
+    seed = pool_start + (episode.seed - pool_start + 7919) % pool_count
+    eid = f"{job.spec.job_id}:r{sum(1 for r in job.results.values() if r.flagged)}"
+    job.episode_ids.remove(episode.episode_id)
+    job.episode_ids.append(eid)
+    return Episode(eid, job.spec, seed, episode.bundle)
 
 
 @dataclass
@@ -69,6 +142,65 @@ class LeaseState:
     episode: Episode
     cell_id: str
     expires: float
+
+
+class LeaseBook:
+    """Leases held by cells, each with a deadline, and the ones that lapsed (kept a while, bounded): a
+    cell that reports late on a lapsed lease of its own is still heard."""
+
+    def __init__(self, remember: int = 100_000) -> None:
+        self.held: dict[str, LeaseState] = {}
+        self.lapsed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id -> (cell, episode)
+        self.remember = remember
+
+    def holder(self, lease_id: str) -> tuple[str, str] | None:
+        """(cell, episode id) the lease was granted for, held or lapsed; None for a lease never granted."""
+        state = self.held.get(lease_id)
+        return (state.cell_id, state.episode.episode_id) if state else self.lapsed.get(lease_id)
+
+    def lapse(self, lease_id: str) -> LeaseState:
+        state = self.held.pop(lease_id)
+        self.lapsed[lease_id] = (state.cell_id, state.episode.episode_id)
+        while len(self.lapsed) > self.remember:
+            self.lapsed.popitem(last=False)
+        return state
+
+    def of_cell(self, cell_id: str) -> list[str]:
+        return [k for k, v in self.held.items() if v.cell_id == cell_id]
+
+    def expired(self, now: float) -> list[str]:
+        return [k for k, v in self.held.items() if v.expires < now]
+
+    def episode(self, episode_id: str) -> Episode | None:
+        return next((s.episode for s in self.held.values() if s.episode.episode_id == episode_id), None)
+
+    def end(self, episode_id: str) -> None:
+        """The episode's result is in: no lease of it is held any more (a re-leased copy included)."""
+        for lease_id in [k for k, v in self.held.items() if v.episode.episode_id == episode_id]:
+            del self.held[lease_id]
+
+
+def eligible(episode: Episode, cell: CellState, config: Config, cleared: dict[str, bool]) -> bool | None:
+    """Whether `cell` may run `episode`; None when it may once the policy passed a smoke test."""
+    spec = episode.spec
+    driver = config.task(spec.task).driver  # a cell names its driver and the driver's tasks
+    if driver != cell.record.driver and driver not in cell.tasks:
+        return False
+    if not config.scheduler.pooled and spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]:
+        return False  # the paper's set-up: cell-i runs only agent-i's work
+    if cell.record.real:  # a real robot runs only what passed its simulated smoke test
+        return cleared.get(spec.policy.ref)
+    return True
+
+
+def lease_of(lease_id: str, episode: Episode, config: Config) -> Lease:
+    """What a cell needs to run the episode: the task's settings and the policy by content hash."""
+    spec, task = episode.spec, config.task(episode.spec.task)
+    return Lease(
+        lease_id=lease_id, episode_id=episode.episode_id, job_id=spec.job_id, kind=spec.kind, task=spec.task,
+        seed=episode.seed, attempts=spec.attempts, policy=spec.policy, bundle=episode.bundle,
+        deadline_s=config.scheduler.lease_s, horizon=task.horizon, max_delta=task.limits.max_delta,
+        verifier=task.verifier, observation=task.observation, control_hz=task.control_hz, joints=task.limits.joints)
 
 
 @dataclass
@@ -92,8 +224,33 @@ class CellState:
         return utilization(self.segments, end - self.record.joined)
 
 
+def save_cell(w: Txn, cell_id: str, record: CellRecord | None, fresh: list[Segment]) -> None:
+    """A cell's live state (`status` reads it here) and the timeline segments it just reported."""
+    if record is not None:
+        w.put("cells", cell_id, record)
+    if fresh:
+        w.append("timeline", TimelineRecord(cell_id, fresh))
+
+
 def stored_segments(board: Blackboard, cell_id: str) -> list[Segment]:
     return [seg for rec in board.values("timeline", TimelineRecord) if rec.cell_id == cell_id for seg in rec.segments]
+
+
+def unfinished(board: Blackboard) -> tuple[list[JobRecord], dict[str, EpisodeRecord], dict[str, bool]]:
+    """Blocking: what a restarted queue resumes: unfinished jobs, their recorded episodes, smoke verdicts."""
+    with board.read() as r:
+        jobs = [j for _, j in r.items("jobs", JobRecord) if not j.done]
+        done = {eid: e for j in jobs for i in range(len(j.seeds))
+                if (e := r.get("episodes", eid := f"{j.job_id}:{i}", EpisodeRecord)) is not None}
+        return jobs, done, {s.policy.ref: s.passed for _, s in r.items("smoke", SmokeRecord)}
+
+
+def finished(board: Blackboard, record: JobRecord) -> JobDone:
+    """Blocking: the reply to a job that finished before (a resubmission after a restart)."""
+    job = Job(spec_of(record), [f"{record.job_id}:{i}" for i in range(len(record.seeds))])
+    with board.read() as r:
+        job.results = {eid: e for eid in job.episode_ids if (e := r.get("episodes", eid, EpisodeRecord))}
+    return job.reply()
 
 
 def record_episode(board: Blackboard, state_dir: Path, msg: EpisodeReport, episode: Episode, trajectory: bool,
@@ -121,8 +278,7 @@ def record_episode(board: Blackboard, state_dir: Path, msg: EpisodeReport, episo
         finished=time.time(), trajectory_file=trajectory_file, flagged=msg.flagged, purpose=spec.purpose,
     )
     with board.write() as w:
-        if fresh:
-            w.append("timeline", TimelineRecord(msg.cell_id, fresh))
+        save_cell(w, msg.cell_id, None, fresh)
         if not w.put("episodes", msg.episode_id, record, overwrite=False):
             return w.get("episodes", msg.episode_id, EpisodeRecord), False
         w.incr("episodes")

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bus.blackboard import Blackboard  # noqa: E402
 from bus.records import CandidateRecord, Champion, EpisodeRecord, Finding, Meta, TimelineRecord, TokenRecord  # noqa: E402
 from enpire import config as cfg  # noqa: E402
+from enpire import ledger, summary  # noqa: E402
 from enpire.metrics import regimes_used, summarize, utilization, wilson_interval  # noqa: E402
 from enpire.status import collect  # noqa: E402
 
@@ -106,7 +107,7 @@ def tokens_by(tokens: list[TokenRecord], times: np.ndarray) -> np.ndarray:
     """The team's input + output tokens up to each of `times`."""
     ordered = sorted(tokens, key=lambda r: r.t)
     t = np.array([r.t for r in ordered])
-    cumulative = np.cumsum([r.input_tokens + r.output_tokens for r in ordered])
+    cumulative = np.cumsum([ledger.call_tokens(r.input_tokens, r.output_tokens) for r in ordered])
     idx = np.searchsorted(t, np.asarray(times, dtype=float), side="right")
     return np.where(idx > 0, cumulative[np.maximum(idx - 1, 0)] if len(cumulative) else 0, 0)
 
@@ -235,10 +236,11 @@ def plot_tokens(tokens: list[TokenRecord], t0: float):
     for r in sorted(tokens, key=lambda r: r.t):
         by_agent[r.agent].append(r)
     for agent, records in sorted(by_agent.items()):
-        ax.step([r.t - t0 for r in records], np.cumsum([r.input_tokens + r.output_tokens for r in records]),
+        ax.step([r.t - t0 for r in records], np.cumsum([ledger.call_tokens(r.input_tokens, r.output_tokens)
+                                                        for r in records]),
                 where="post", lw=1, label=agent)
     ordered = sorted(tokens, key=lambda r: r.t)
-    total = np.cumsum([r.input_tokens + r.output_tokens for r in ordered])
+    total = np.cumsum([ledger.call_tokens(r.input_tokens, r.output_tokens) for r in ordered])
     cached = sum(r.cached_input_tokens for r in ordered)
     ax.step([r.t - t0 for r in ordered], total, where="post", color="black", lw=1.5, label="team")
     span_min = max((ordered[-1].t - ordered[0].t) / 60, 1 / 60)
@@ -303,13 +305,14 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
              f"({sum(e.kind == 'agent' for e in episodes)} agent, {sum(e.kind == 'heldout' for e in episodes)} "
              f"judging, {sum(e.kind == 'background' for e in episodes)} confirmation)",
              f"- MRU: {status['mru']:.1%}", f"- findings: {status['findings']}",
-             f"- tokens: {sum(status['tokens'].values())}", f"- target: {target:.0%} held-out success"]
+             f"- tokens: {status['tokens_total']}", f"- target: {target:.0%} held-out success"]
     for c in champions:
+        lines.append("- " + summary.champion_line(c.task, summary.champion(c)))
         confirm = [e for e in episodes if e.kind == "background" and e.policy == c.policy and not e.flagged
                    and _purpose(e) in ("", "confirm")]
-        s = summarize(((e.verdict.success, e.success_at_k) for e in confirm), k=max([e.attempts for e in confirm] or [1]))
-        lines.append(f"- champion `{c.policy.ref}` ({c.task}, by {c.agent}): held-out {s}; "
-                     f"judged {c.judged_successes}/{c.judged_n} at promotion")
+        if (k := max([e.attempts for e in confirm] or [1])) > 1:  # pass@k: each attempt continues the last
+            s = summarize(((e.verdict.success, e.success_at_k) for e in confirm), k=k)
+            lines.append(f"  - its confirmation episodes with up to {k} attempts: {s}")
     for label, p in _final_points(final):
         lo, hi = p.wilson
         lines.append(f"- final judging, {label} `{p.policy}`: {p.successes}/{p.n} = {p.rate:.1%} "
@@ -318,9 +321,7 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
     lines.append(f"- judgings: {len(judged)} ({len(promoted)} promoted)")
     for agent, used in sorted(regimes.items()):
         lines.append(f"- {agent} improved the policy by: {', '.join(REGIME_NAMES.get(r, r) for r in used)}")
-    for cell, segs in sorted(timelines.items()):
-        wall = max(s.end for s in segs) - min(s.start for s in segs) if segs else 0.0
-        lines.append(f"- {cell}: MRU over its reported time {utilization(segs, wall).mru:.1%}")
+    lines += ["- " + summary.cell_line(cid, c) for cid, c in sorted(status["cells"].items())]
     lines.append("")
     lines += [f"![{name[:-4]}]({name})\n" for name in written]
     (out / "summary.md").write_text("\n".join(lines))

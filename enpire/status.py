@@ -15,6 +15,7 @@ from bus.blackboard import Blackboard
 from bus.records import (
     CellRecord,
     Champion,
+    CLIRunRecord,
     DaemonRecord,
     HeldoutRecord,
     JobRecord,
@@ -22,8 +23,8 @@ from bus.records import (
     TokenRecord,
     TrainerRecord,
 )
-from enpire import ledger
-from enpire.metrics import mean_robot_utilization, utilization, wilson_interval
+from enpire import ledger, summary
+from enpire.metrics import utilization
 
 
 def collect(state_dir: Path, now: float | None = None) -> dict:
@@ -40,16 +41,13 @@ def _collect(board: Blackboard, now: float) -> dict:
     segments: dict[str, list] = {}
     for rec in board.values("timeline", TimelineRecord):
         segments.setdefault(rec.cell_id, []).extend(rec.segments)
-    cells = {}
-    per_cell = {}
-    for cell in board.values("cells", CellRecord):
-        end = now if alive and cell.state != "offline" else cell.last_seen
-        u = utilization(segments.get(cell.cell_id, []), max(0.0, end - cell.joined))
-        per_cell[cell.cell_id] = u
-        cells[cell.cell_id] = {
-            "state": cell.state if alive else "offline", "host": cell.host, "pid": cell.pid,
-            "mru": round(u.mru, 4), "agent_share": round(u.agent_share, 4),
-        }
+    records = {c.cell_id: c for c in board.values("cells", CellRecord)}
+    per_cell = {cid: utilization(segments.get(cid, []),
+                                 max(0.0, (now if alive and c.state != "offline" else c.last_seen) - c.joined))
+                for cid, c in records.items()}
+    fleet = summary.cells(per_cell)
+    cells = {cid: {"state": records[cid].state if alive else "offline", "host": records[cid].host,
+                   "pid": records[cid].pid, **u} for cid, u in fleet["cells"].items()}
     trainers = {  # beside the cells: where training runs and how fast its last job went
         t.trainer_id: {"state": t.state if alive else "offline", "host": t.host, "pid": t.pid, "device": t.device,
                        "gpu": t.gpu, "processes": t.processes, "job": t.job_id, "jobs_done": t.jobs_done,
@@ -57,14 +55,7 @@ def _collect(board: Blackboard, now: float) -> dict:
         for t in board.values("trainers", TrainerRecord)
     }
     jobs = [j for j in board.values("jobs", JobRecord) if not j.done]
-    champions = {}
-    for _, c in board.items("champion", Champion):
-        lo, hi = wilson_interval(c.successes, c.n)
-        champions[c.task] = {
-            "policy": c.policy.ref, "agent": c.agent, "confirmed": [c.successes, c.n],
-            "rate": round(c.successes / c.n, 4) if c.n else None, "wilson95": [round(lo, 4), round(hi, 4)],
-            "judged": [c.judged_successes, c.judged_n],
-        }
+    champions = {task: summary.champion(c) for task, c in board.items("champion", Champion)}
     records = board.values("tokens", TokenRecord)
     team = ledger.totals(records)
     running_s = ((now if alive else daemon.last_seen) - daemon.started) if daemon else 0.0
@@ -79,7 +70,7 @@ def _collect(board: Blackboard, now: float) -> dict:
         "episodes": board.counter("episodes"),
         "episodes_requeued": board.counter("episodes_requeued"),
         "cells": cells,
-        "mru": round(mean_robot_utilization(per_cell), 4),
+        "mru": fleet["mru"],
         "trainers": trainers,
         "training_requeued": board.counter("training_requeued"),
         "jobs_queued": len(jobs),
@@ -89,11 +80,10 @@ def _collect(board: Blackboard, now: float) -> dict:
         "tokens_total": team.total,
         "tokens_cached_input": team.cached_input_tokens,
         "tokens_per_min": round(ledger.mtu(records, running_s), 1) if records and running_s > 0 else 0.0,
-        "token_ledger": ledger.summary(records),  # per agent: input, cached, cache writes, output, reasoning, cost
+        "token_ledger": ledger.summary(records, board.values("cli_runs", CLIRunRecord)),  # per agent: input, cached, cache writes, output, reasoning, cost
         "findings": board.count("findings"),
         # every judging draws fresh held-out seeds: how much of each task's pool is spent
-        "heldout": {task: {"used": h.used, "total": h.total, "draws": h.draws, "low": h.low}
-                    for task, h in board.items("heldout", HeldoutRecord)},
+        "heldout": summary.heldout_pools(board.values("heldout", HeldoutRecord)),
     }
 
 
@@ -103,8 +93,7 @@ def render(status: dict) -> str:
     lines = [f"daemon: {d['state']} (pid {d['pid']}), running {d['running_s']:.0f}s{left}; "
              f"episodes {status['episodes']} (requeued {status['episodes_requeued']}); MRU {status['mru']:.1%}"]
     for cid, c in sorted(status["cells"].items()):
-        lines.append(f"  {cid:<10} {c['state']:<10} MRU {c['mru']:.1%}  agent share {c['agent_share']:.1%}  "
-                     f"{c['host']}:{c['pid']}")
+        lines.append(f"  {summary.cell_line(cid, c)}; {c['state']} on {c['host']}:{c['pid']}")
     for tid, t in sorted(status.get("trainers", {}).items()):
         where = f"{t['device']}" + (f" ({t['gpu']})" if t["gpu"] else "") + (f" x{t['processes']}" if t["processes"] > 1 else "")
         lines.append(f"  trainer {tid:<10} {t['state']:<9} {where}  job {t['job'] or '-'}  "
@@ -113,11 +102,7 @@ def render(status: dict) -> str:
     lines.append(f"jobs {'queued' if running else 'left unfinished'}: {status['jobs_queued']}")
     for j in status["jobs"]:
         lines.append(f"  {j['job']} ({j['kind']}, {j['agent']}): {j['episodes']} episodes")
-    for task, c in status["champions"].items():
-        s, n = c["confirmed"]
-        lo, hi = c["wilson95"]
-        lines.append(f"champion[{task}]: {c['policy']} by {c['agent']}; held-out {s}/{n} "
-                     f"[{lo:.3f}, {hi:.3f}]; judged {c['judged'][0]}/{c['judged'][1]}")
+    lines += [summary.champion_line(task, c) for task, c in status["champions"].items()]
     if not status["champions"]:
         lines.append("champion: none yet")
     if status["tokens_total"]:
@@ -126,9 +111,7 @@ def render(status: dict) -> str:
     for agent, n in status["tokens"].items():
         lines.append(f"  {agent}: {n:,} tokens")
     lines.append(f"findings: {status['findings']}")
-    for task, h in status.get("heldout", {}).items():
-        warn = "  WARNING: runs low (raise heldout_seeds.count)" if h["low"] else ""
-        lines.append(f"held-out pool[{task}]: {h['used']:,} of {h['total']:,} seeds used in {h['draws']} draws{warn}")
+    lines += [summary.heldout_line(task, h) for task, h in status.get("heldout", {}).items()]
     return "\n".join(lines)
 
 

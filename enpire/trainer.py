@@ -24,12 +24,12 @@ from pathlib import Path
 import structlog
 import trio
 
+from bus.backoff import backoff_delay
 from bus.messages import (
     Ack,
     DataReply,
     DataRequest,
     Failure,
-    NoWork,
     TrainDone,
     TrainerHeartbeat,
     TrainerHello,
@@ -75,23 +75,25 @@ class RemoteTrainer:
         self.id = args.trainer_id
         self.log = structlog.get_logger().bind(actor=f"trainer:{self.id}")
 
-    async def serve(self) -> None:
+    async def _hello(self) -> None:
         await self.client.request(TrainerHello(trainer_id=self.id, host=socket.gethostname(), pid=os.getpid(),
                                                device=self.device, gpu=self.gpu, processes=self.processes),
                                   timeout=5.0)
+
+    async def serve(self) -> None:
+        await self._hello()
         self.log.info("trainer_ready", device=self.device, gpu=self.gpu, processes=self.processes)
-        done = 0
+        done = refusals = 0
         while not self.args.max_jobs or done < self.args.max_jobs:
             reply = await self.client.request(TrainJobRequest(trainer_id=self.id, wait_s=5.0), timeout=15.0, retries=20)
-            if isinstance(reply, NoWork):
-                continue
             if isinstance(reply, Failure):  # e.g. the fleet restarted and forgot us: introduce ourselves again
-                self.log.warning("job_request_refused", error=reply.error)
-                await trio.sleep(1.0)
-                await self.client.request(TrainerHello(trainer_id=self.id, host=socket.gethostname(),
-                                                       pid=os.getpid(), device=self.device, gpu=self.gpu,
-                                                       processes=self.processes), timeout=5.0)
+                refusals += 1
+                delay = backoff_delay(refusals, 1.0, 30.0)
+                self.log.warning("job_request_refused", error=reply.error, retry_in_s=delay)
+                await trio.sleep(delay)
+                await self._hello()
                 continue
+            refusals = 0
             if isinstance(reply, TrainJob):
                 await self.run_job(reply)
                 done += 1

@@ -105,3 +105,28 @@ def test_records_are_msgpack_not_pickle(tmp_path):
     with board.read() as r:
         raw = r._txn.get(b"e", db=board._dbs["episodes"])
     assert msgspec.msgpack.decode(raw)["seed"] == 1
+
+
+def test_transact_commits_in_a_worker_thread_and_returns_the_result(tmp_path):
+    import threading
+
+    import trio
+
+    board = Blackboard(tmp_path / "bb")
+    threads = []
+
+    def write(w) -> int:
+        threads.append(threading.current_thread())
+        w.put("meta", "x", PolicySpec(commit="a"))
+        return w.incr("n", 2)
+
+    assert trio.run(board.transact, write) == 2
+    assert threads and threads[0] is not threading.main_thread()  # the loop never waits for the fsync
+    assert board.get("meta", "x", PolicySpec) == PolicySpec(commit="a")
+
+    def fail(w) -> None:
+        w.put("meta", "y", PolicySpec(commit="b"))
+        raise ValueError("no")
+    with pytest.raises(ValueError):
+        trio.run(board.transact, fail)
+    assert board.get("meta", "y", PolicySpec) is None  # all or nothing

@@ -192,3 +192,11 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
                                              u.output_tokens, u.reasoning_tokens)
     transcript = (tmp_path / "state" / "cli" / "agent-0" / "logs" / "turn-00000.jsonl").read_text()
     assert json.loads(transcript.splitlines()[0])  # the CLI's own JSON lines are kept for the user
+    # report.json's token section: the ledger's figures and, beside them, the cost the CLI itself reported.
+    report = json.loads((tmp_path / "state" / "report.json").read_text())["tokens"]["agents"]["agent-0"]
+    assert report["calls"] == len(model.log) and report["cli_runs"] == 1
+    if kind == "claude-code":
+        figure = [json.loads(line) for line in transcript.splitlines() if '"type":"result"' in line][-1]
+        assert report["cli_cost_usd"] == round(figure["total_cost_usd"], 6) > 0
+    else:
+        assert report["cli_cost_usd"] is None  # Codex reports no cost

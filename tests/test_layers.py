@@ -92,3 +92,31 @@ def test_the_checks_see_a_violation(tmp_path):
     mods["enpire.x"].write_text("from actors.runtime import Ref\n")
     assert _imports(mods["enpire.x"], mods) == {"actors.runtime"}
     assert RANK[layer("actors.runtime")] > RANK[layer("enpire.x")]
+
+
+# Modules the architecture issue (#12) bounded: one concern each, the pure rules in domain modules.
+BOUNDED = {"actors/lease_queue.py": 350, "actors/judge.py": 350, "enpire/agents/llm.py": 350}
+
+
+def test_scheduler_judge_and_llm_modules_stay_small():
+    sizes = {path: len((ROOT / path).read_text().splitlines()) for path in BOUNDED}
+    over = [f"{path}: {n} lines (bound {BOUNDED[path]})" for path, n in sizes.items() if n > BOUNDED[path]]
+    assert not over, "split by concern:\n" + "\n".join(over)
+
+
+def _token_sums(path: Path) -> list[int]:
+    """Lines adding input tokens to output tokens: the call's token count made outside ledger.call_tokens."""
+    def name(node) -> str:
+        return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+    return [n.lineno for n in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Add)
+            and {name(n.left), name(n.right)} == {"input_tokens", "output_tokens"}]
+
+
+def test_one_token_arithmetic(tmp_path):
+    found = [f"{p.relative_to(ROOT)}:{line}" for p in sorted(_modules().values())
+             if p != ROOT / "enpire" / "ledger.py" for line in _token_sums(p)]
+    assert found == [], "count a call's tokens with enpire.ledger.call_tokens:\n" + "\n".join(found)
+    written_out = tmp_path / "x.py"  # the scan sees a sum written out
+    written_out.write_text("total = r.input_tokens + r.output_tokens\nboth = input_tokens + cached\n")
+    assert _token_sums(written_out) == [1]

@@ -35,7 +35,8 @@ from typing import Any, Literal
 import structlog
 import trio
 
-from bus.records import Champion, TokenRecord
+from bus.backoff import backoff_delay
+from bus.records import Champion, CLIRunRecord, TokenRecord
 from enpire import isolation, ledger
 from enpire.agents.model import LLMConfigError
 from enpire.agents.model_relay import CallUsage, ModelRelay
@@ -131,8 +132,8 @@ Local check on tuning seeds (the simulator and the verifier, as the fleet's offl
 {listing}
 
 ## Rules
-- Held-out seeds are never visible to you; promotion is judged on them by the fleet. Only tuning
-  seeds run locally.
+- Held-out seeds are never visible to you; promotion is judged on them by the fleet, which draws them
+  in a secret order from billions of seeds outside the tuning range. Only tuning seeds run locally.
 - Commits that touch protected paths (verifier, reset, eval, seeds, safety, limits) are refused.
 - You may write only inside this folder and your home; there is no network but your model.
 - Every model call counts against your token budget; be brief and let the robots work.
@@ -188,7 +189,7 @@ class Run:
             return
         self.lines += 1
         t = event.get("type")
-        if kind == "claude-code":
+        if kind in ("claude-code", "command"):  # a template CLI may print Claude Code's stream-json too
             if event.get("session_id"):
                 self.session = event["session_id"]
             if t == "assistant":
@@ -222,8 +223,10 @@ class Run:
                 self.error = str(event.get("error") or event.get("message"))[:300]
 
     @property
-    def cost(self) -> float:
-        return float((self.result or {}).get("total_cost_usd") or 0.0)
+    def cost(self) -> float | None:
+        """The run's cost as the CLI itself reported it (None: it reports none, as Codex never does)."""
+        value = (self.result or {}).get("total_cost_usd")
+        return float(value) if isinstance(value, int | float) else None
 
 
 def mcp_server_spec(socket_path: Path, token: str) -> dict[str, Any]:
@@ -359,6 +362,7 @@ class CLIAgent:
         worktree_dir, home, run_dir = self._dirs(tools)
         worktree = Worktree(worktree_dir, tools.agent)
         await trio.to_thread.run_sync(self._prepare, tools, worktree)
+        (run_dir / "task.json").write_text(json.dumps(self.task))  # the local check's, read-only in the jail
         own = [r for r in tools.board.values("tokens", TokenRecord) if r.agent == tools.agent]
         self.used = ledger.totals(own).total
         started = min((r.t for r in own), default=self.clock())
@@ -446,7 +450,7 @@ class CLIAgent:
                 state["turns"] = state.get("turns", 0) + 1
             else:
                 failures += 1
-                delay = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (failures - 1))
+                delay = backoff_delay(failures, s.backoff_initial_s, s.backoff_max_s)
                 log.warning("cli_restart", reason=outcome.reason, failures=failures, backoff_s=delay)
                 self.backoffs.append(delay)
                 state_file.write_text(json.dumps(state))
@@ -463,7 +467,7 @@ class CLIAgent:
                "TMPDIR": "/tmp", "LANG": "C.UTF-8", "TERM": "dumb", "CODEX_HOME": str(home / ".codex"),
                "GIT_AUTHOR_NAME": tools.agent, "GIT_AUTHOR_EMAIL": f"{tools.agent}@enpire",
                "GIT_COMMITTER_NAME": tools.agent, "GIT_COMMITTER_EMAIL": f"{tools.agent}@enpire",
-               "NO_COLOR": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+               "NO_COLOR": "1", "PYTHONDONTWRITEBYTECODE": "1", "ENPIRE_TASK_FILE": str(run_dir / "task.json")}
         # The CLI's key variable holds the relay token: the relay swaps in the real key on the way out.
         env[{"claude-code": "ANTHROPIC_API_KEY", "codex": "ENPIRE_MODEL_KEY"}.get(s.kind, self.key_env)] = relay_token
         url_env = [f"{k}={v}" for k, v in extra.items() if "{relay_port}" in v]
@@ -540,6 +544,9 @@ class CLIAgent:
         log.info("cli_turn_finished", turn=number, ok=ok, reason=reason, exit_code=code, seconds=round(seconds, 2),
                  cli_cost_usd=run.cost, session=run.session,
                  cli_usage=(run.result or {}).get("usage"))
+        # The CLI's own cost figure goes to the ledger beside the relay's per-call records (report.json shows both).
+        await trio.to_thread.run_sync(tools.board.append, "cli_runs", CLIRunRecord(
+            tools.agent, s.kind, self.clock(), number, ok, round(seconds, 3), run.session, run.cost))
         return TurnOutcome(ok, reason, code, seconds, run, session_lost=lost)
 
     async def _publish(self, tools, worktree: Worktree, log, arguments: dict) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ import msgspec
 import structlog
 import trio
 
+from bus.backoff import backoff_delay
 from bus.records import QueueRecord, TokenRecord, TurnHold
 from enpire import ledger
 from enpire.agents import budget
@@ -37,11 +37,10 @@ from enpire.agents.model import (
     sdk_error,
     truncate,
 )
-from enpire.agents.prompt import SYSTEM, briefing, build_prompt, journal_line
+from enpire.agents.prompt import SYSTEM, Window, briefing, build_prompt, journal_line
 from enpire.agents.registry import REGISTRY, Session, SessionSettings, open_session
 from enpire.agents.tool_fleet import EvaluateArgs
 from enpire.agents.tools import Tools
-from enpire.backoff import backoff_delay
 from enpire.tasks import TaskCard
 
 __all__ = ["LLMAgent", "LLMConfigError", "LLMSettings", "ModelError", "TOOL_SPECS", "scrub"]
@@ -104,8 +103,8 @@ class LLMAgent:
         self.rng_seed = rng_seed
         self.clock = clock
         self.probe = probe
-        self.turns: deque[Turn] = deque()
-        self.journal: deque[str] = deque(maxlen=settings.journal_lines)
+        self.window = Window(settings.max_turns_window, settings.context_chars, settings.journal_lines)
+        self.turns, self.journal = self.window.turns, self.window.journal
         self.last_prompt_chars = 0
         self.expected = 10  # episodes the next turn will likely ask for (teammates count them while it thinks)
         self._lapse = math.inf  # when the next teammate's hold lapses (pacing checks again then)
@@ -157,23 +156,25 @@ class LLMAgent:
             self.last_prompt_chars = prompt.chars()
             reply, spent = await self._ask(prompt, used, tools, log)
             used += spent
-            if reply is None:
-                continue  # paused after failures
+            if reply is None:  # too many failures: pause. It asks for nothing meanwhile, so it holds no room
+                self._hold(tools, 0, 0.0)  # in the queue: its teammates think on and the robots keep working
+                await trio.sleep(self.settings.pause_s)
+                continue
             session.jobs.mark_seen([j.job_id for j in results])  # shown in a request that got an answer
             self.expected = _episodes(reply.calls) or self.expected
             if reply.stop == "refusal":
                 log.warning("model_refused", text=truncate(scrub(reply.refusal or reply.text, self.secrets), 300))
                 turn = Turn(reply, [], REFUSED)
                 self.journal.append(journal_line(turn))  # surfaced at once, not only when the turn leaves the window
-                self._record(turn)
+                self.window.add(turn)
                 continue
             if reply.stop == "max_tokens":  # still cut off at the ceiling: never run a truncated call
-                self._record(Turn(ModelReply(reply.text, [], reply.usage, reply.stop, reply.raw_stop), [],
+                self.window.add(Turn(ModelReply(reply.text, [], reply.usage, reply.stop, reply.raw_stop), [],
                                   TRUNCATED.format(n=self.settings.max_output_ceiling)))
                 continue
             self._hold(tools, self.expected, 2.0)  # until the scheduler's queue shows them
             outputs = await self._dispatch(session, reply.calls, log)
-            self._record(Turn(reply, outputs, "" if reply.calls else NUDGE))
+            self.window.add(Turn(reply, outputs, "" if reply.calls else NUDGE))
 
     # ------------------------------------------------------------------ one model call
 
@@ -231,8 +232,8 @@ class LLMAgent:
                             cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens, cost=cost)
 
     async def _call(self, prompt: Prompt, max_out: int, log) -> ModelReply | None:
-        """Call the model until it answers: back off on errors; pause after too many in a row or on a
-        non-retryable error (a request refused as it is: the window starts afresh). None after a pause."""
+        """Call the model until it answers: back off on errors; None (the caller pauses) after too many in a
+        row or on a non-retryable error (a request refused as it is: the window starts afresh)."""
         failures = 0
         while True:
             try:
@@ -244,11 +245,10 @@ class LLMAgent:
             failures += 1
             error = scrub(str(err), self.secrets)
             if err.bad_request and self.turns:
-                self._drop(len(self.turns))  # the request itself is refused (too long, odd history): start afresh
+                self.window.drop(len(self.turns))  # the request itself is refused (too long, odd history): start afresh
             if not err.retryable or failures >= self.settings.max_failures:
                 log.warning("backend_paused", failures=failures, pause_s=self.settings.pause_s, error=error,
                             retryable=err.retryable)
-                await trio.sleep(self.settings.pause_s)
                 return None
             delay = backoff_delay(failures, self.settings.backoff_initial_s, self.settings.backoff_max_s,
                                   retry_after=err.retry_after, retry_after_max=self.settings.retry_after_max_s)
@@ -339,25 +339,3 @@ class LLMAgent:
     def _hold(self, tools: Tools, episodes: int, seconds: float) -> None:
         if self.settings.pace_per_cell:
             tools.board.put("turns", tools.agent, TurnHold(episodes, self.clock() + seconds))
-
-    # ------------------------------------------------------------------ context
-
-    def _record(self, turn: Turn) -> None:
-        self.turns.append(turn)
-        chars = sum(_turn_chars(t) for t in self.turns)
-        if len(self.turns) > self.settings.max_turns_window or chars > self.settings.context_chars:
-            # Drop the oldest half at once, not one turn per call: the prompt's prefix (what providers
-            # cache) then changes once every many turns instead of every turn.
-            keep = max(1, len(self.turns) // 2)
-            while len(self.turns) > 1 and (len(self.turns) > keep or
-                                           sum(_turn_chars(t) for t in self.turns) > self.settings.context_chars // 2):
-                self._drop(1)
-
-    def _drop(self, n: int) -> None:
-        for _ in range(min(n, len(self.turns))):
-            self.journal.append(journal_line(self.turns.popleft()))
-
-
-def _turn_chars(t: Turn) -> int:
-    return (len(t.reply.text) + len(t.nudge) + sum(len(c.arguments) + len(c.name) for c in t.reply.calls)
-            + sum(len(o.content) for o in t.outputs))

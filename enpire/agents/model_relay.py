@@ -27,6 +27,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from enpire import ledger
+
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
 AUTH_HEADERS = ("x-api-key", "authorization", "api-key")
@@ -45,7 +47,7 @@ class CallUsage:
 
     @property
     def total(self) -> int:
-        return self.input_tokens + self.output_tokens
+        return ledger.call_tokens(self.input_tokens, self.output_tokens)
 
 
 class UsageMeter:

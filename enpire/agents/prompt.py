@@ -7,6 +7,7 @@ last, so every request starts with the previous one up to where the previous bri
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 from bus.records import CandidateRecord, QueueRecord
@@ -87,3 +88,29 @@ def journal_line(turn: Turn) -> str:
         result = " ".join(out.content.split())
         parts.append(f"{call.name}{' ERROR' if out.is_error else ''} -> {truncate(result, 100)}")
     return truncate("; ".join(parts), 240)
+
+
+class Window:
+    """The model's own turns, verbatim, bounded by count and characters; a turn that leaves becomes one
+    journal line. Past a bound the oldest half leaves at once, not one turn per call: the prompt's prefix
+    (what providers cache) then changes once every many turns instead of every turn."""
+
+    def __init__(self, max_turns: int, max_chars: int, journal_lines: int) -> None:
+        self.max_turns, self.max_chars = max_turns, max_chars
+        self.turns: deque[Turn] = deque()
+        self.journal: deque[str] = deque(maxlen=journal_lines)
+
+    def add(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        if len(self.turns) > self.max_turns or self.chars() > self.max_chars:
+            keep = max(1, len(self.turns) // 2)
+            while len(self.turns) > 1 and (len(self.turns) > keep or self.chars() > self.max_chars // 2):
+                self.drop(1)
+
+    def drop(self, n: int) -> None:
+        for _ in range(min(n, len(self.turns))):
+            self.journal.append(journal_line(self.turns.popleft()))
+
+    def chars(self) -> int:
+        return sum(len(t.reply.text) + len(t.nudge) + sum(len(c.arguments) + len(c.name) for c in t.reply.calls)
+                   + sum(len(o.content) for o in t.outputs) for t in self.turns)

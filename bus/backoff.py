@@ -1,4 +1,9 @@
-"""The one backoff rule of the project: exponential from `initial`, capped, stretched to a server's retry-after."""
+"""The one backoff rule of the project: exponential from `initial`, capped, stretched to a server's retry-after.
+
+Every retry loop uses it: the bus's resends and ready barrier, the actor runtime's restarts, the fleet's
+restarts of local cell processes, a remote trainer refused by the fleet, a cell refused a lease, the judge
+resubmitting a job, model calls and restarts of CLI coding agents. It lives with the bus (the bottom
+layer) so that the transport can use it too."""
 
 from __future__ import annotations
 

@@ -1,0 +1,91 @@
+"""What held-out evidence means: the judge's rules as pure functions (actors/judge.py applies them).
+
+- Promotion: a candidate replaces the champion only when it is better with statistical confidence
+  (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation).
+- Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
+  (`metrics.sprt`: the chance to say "met" for a policy below the target is at most `alpha`, however
+  often it is checked). A confirmation whose judging does not rule out the target is decisive and goes
+  before agents' experiments; otherwise only idle cells run it, and only with `[scheduler] background`.
+- Rollback: a confirmation that shows the champion worse, with confidence, than the one it replaced.
+- Smoke test: a policy may run on cells marked real once it ran faultlessly and succeeded in simulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bus import messages as m
+from bus.records import Champion, SmokeRecord
+from enpire.config import Config
+from enpire.metrics import better_with_confidence, sprt, wilson_interval
+
+SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
+PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "background": -1}
+# Confirmation runs in jobs of a few episodes per cell: each judging job has a sandbox jail of its own (a
+# start-up cost), and the sequential rule is checked as each job ends.
+CONFIRM_EPISODES_PER_CELL = 4
+BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
+
+
+def tally(episodes: Sequence[m.EpisodeSummary]) -> tuple[int, int]:
+    """(successes, n) of a finished job: verdicts, never what an agent says."""
+    return sum(e.success for e in episodes), len(episodes)
+
+
+def heldout_record(c: Champion | None) -> tuple[int, int]:
+    """The champion's held-out record: its judging plus its confirmation, all on fresh seeds."""
+    return (c.judged_successes + c.successes, c.judged_n + c.n) if c else (0, 0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    detail: str
+    crowned: Champion | None = None  # the new champion when this judging made one
+
+
+def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, alpha: float, now: float) -> Decision:
+    """The verdict of a candidate's judging (`s` of `n` held-out episodes) against the champion."""
+    cs, cn = heldout_record(champion)
+    if champion and champion.policy == spec.policy:
+        return Decision(True, "already the champion")
+    if not better_with_confidence(s, n, cs, cn, alpha):
+        return Decision(False, f"{s}/{n} is not better than {cs}/{cn} with confidence")
+    return Decision(True, f"{s}/{n} beats {cs}/{cn} (one-sided z-test, alpha {alpha})", Champion(
+        spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent=spec.agent,
+        previous=champion.policy if champion else None, previous_successes=cs, previous_n=cn))
+
+
+def confirmation(c: Champion, config: Config) -> str:
+    """The sequential rule on the champion's confirmation so far: "met" (can end the run), "not_met",
+    or "" (go on)."""
+    return "met" if c.decision == "met" else sprt(
+        c.successes, c.n, config.fleet.target, config.scheduler.alpha, BETA,
+        min_n=config.fleet.min_heldout, max_n=5 * config.fleet.min_heldout)
+
+
+def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int] | None:
+    """(episodes per confirmation job, its priority), or None when the champion needs no more."""
+    state = confirmation(c, config)
+    decisive = state == "" and wilson_interval(c.judged_successes, c.judged_n)[1] >= config.fleet.target
+    if state in ("met", "not_met") or not (decisive or config.scheduler.background):
+        return None
+    return CONFIRM_EPISODES_PER_CELL * max(1, cells), PRIORITY["decisive" if decisive else "background"]
+
+
+def rollback(c: Champion, config: Config, now: float) -> Champion | None:
+    """The previous champion back, once the confirmation shows this one worse than it with confidence."""
+    sched = config.scheduler
+    if (c.previous is None or c.n < sched.rollback_min_n
+            or not better_with_confidence(c.previous_successes, c.previous_n, c.successes, c.n, sched.alpha)):
+        return None
+    return Champion(c.task, c.previous, judged_successes=c.previous_successes, judged_n=c.previous_n,
+                    promoted=now, agent="rollback")
+
+
+def smoke_record(policy: m.PolicySpec, episodes: Sequence[m.EpisodeSummary], now: float) -> SmokeRecord:
+    faults = [e.reason for e in episodes if e.reason.startswith(SMOKE_FAULTS)]
+    wins, n = tally(episodes)
+    detail = f"{wins}/{n} succeeded" + (f"; faults: {faults[:3]}" if faults else "")
+    return SmokeRecord(policy, not faults and wins > 0, detail, now)

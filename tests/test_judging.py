@@ -1,0 +1,72 @@
+"""The judge's rules (enpire/judging.py) as pure functions: promotion, confirmation, rollback, smoke."""
+
+from bus.messages import EpisodeSummary, JobSpec, PolicySpec, Purpose
+from bus.records import Champion
+from enpire import config as cfg
+from enpire import judging
+
+OLD, NEW = PolicySpec(commit="a" * 40), PolicySpec(commit="b" * 40)
+
+
+def _spec(policy=NEW) -> JobSpec:
+    return JobSpec(job_id="j", agent="agent-0", task="pusht", policy=policy, seeds=[1, 2], purpose=Purpose.PROMOTE)
+
+
+def _config(**fleet) -> cfg.Config:
+    config = cfg.Config()
+    for k, v in fleet.items():
+        setattr(config.fleet, k, v)
+    return config
+
+
+def test_promotion_needs_confidence_against_the_whole_heldout_record():
+    champion = Champion("pusht", OLD, judged_successes=30, judged_n=50, promoted=0.0, successes=60, n=100)
+    assert judging.heldout_record(champion) == (90, 150)
+    close = judging.promotion(_spec(), 33, 50, champion, 0.05, now=1.0)
+    assert not close.promoted and close.crowned is None and "33/50 is not better than 90/150" in close.detail
+    clear = judging.promotion(_spec(), 49, 50, champion, 0.05, now=1.0)
+    assert clear.promoted and clear.crowned.policy == NEW and clear.crowned.previous == OLD
+    assert (clear.crowned.previous_successes, clear.crowned.previous_n, clear.crowned.promoted) == (90, 150, 1.0)
+    again = judging.promotion(_spec(OLD), 0, 50, champion, 0.05, now=1.0)
+    assert again.promoted and again.crowned is None and again.detail == "already the champion"
+    first = judging.promotion(_spec(), 1, 50, None, 0.05, now=1.0)  # anything that succeeds beats nothing
+    assert first.crowned is not None and first.crowned.previous is None
+
+
+def test_confirmation_plan_is_decisive_only_while_the_target_is_possible():
+    config = _config(target=0.9, min_heldout=20)
+    config.scheduler.background = False
+    strong = Champion("pusht", NEW, judged_successes=50, judged_n=50, promoted=0.0)
+    per_job, priority = judging.confirmation_plan(strong, config, cells=3)
+    assert per_job == judging.CONFIRM_EPISODES_PER_CELL * 3 and priority == judging.PRIORITY["decisive"]
+    weak = Champion("pusht", NEW, judged_successes=10, judged_n=50, promoted=0.0)
+    assert judging.confirmation_plan(weak, config, cells=3) is None  # only idle cells would, and background is off
+    config.scheduler.background = True
+    assert judging.confirmation_plan(weak, config, cells=0)[1] == judging.PRIORITY["background"]
+    met = Champion("pusht", NEW, judged_successes=50, judged_n=50, promoted=0.0, successes=100, n=100)
+    assert judging.confirmation(met, config) == "met" and judging.confirmation_plan(met, config, 3) is None
+    failing = Champion("pusht", NEW, judged_successes=50, judged_n=50, promoted=0.0, successes=40, n=100)
+    assert judging.confirmation(failing, config) == "not_met"
+
+
+def test_rollback_only_with_enough_confirmation_and_confidence():
+    config = _config()
+    config.scheduler.rollback_min_n = 40
+    c = Champion("pusht", NEW, judged_successes=20, judged_n=20, promoted=0.0, previous=OLD,
+                 previous_successes=45, previous_n=50, successes=10, n=30)
+    assert judging.rollback(c, config, now=2.0) is None  # fewer than rollback_min_n confirmed
+    c.successes, c.n = 12, 40
+    back = judging.rollback(c, config, now=2.0)
+    assert back.policy == OLD and (back.judged_successes, back.judged_n, back.agent) == (45, 50, "rollback")
+    c.successes = 40
+    assert judging.rollback(c, config, now=2.0) is None  # as good as the one it replaced
+
+
+def test_smoke_passes_only_faultless_policies_that_succeed():
+    ok = EpisodeSummary("e0", 1, True, True, 1.0, "success", 10)
+    fault = EpisodeSummary("e1", 2, False, False, 0.0, "safety_violation: action out of bounds", 3)
+    failed = EpisodeSummary("e2", 3, False, False, 0.2, "timeout", 300)
+    assert judging.smoke_record(NEW, [ok, failed], 1.0).passed
+    record = judging.smoke_record(NEW, [ok, fault], 1.0)
+    assert not record.passed and "safety_violation" in record.detail and record.detail.startswith("1/2")
+    assert not judging.smoke_record(NEW, [failed], 1.0).passed

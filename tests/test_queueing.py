@@ -1,0 +1,81 @@
+"""The lease queue's bookkeeping as data (enpire/queueing.py): lanes, leases, eligibility."""
+
+from bus.messages import JobSpec, PolicySpec, Purpose
+from bus.records import CellRecord
+from enpire import config as cfg
+from enpire.queueing import CellState, Episode, Job, Lanes, LeaseBook, LeaseState, eligible, replacement
+
+POLICY = PolicySpec(commit="c" * 40)
+
+
+def _episodes(job: str, agent: str, n: int, priority: int = 0, purpose=Purpose.EVAL) -> list[Episode]:
+    spec = JobSpec(job_id=job, agent=agent, task="pusht", policy=POLICY, seeds=list(range(n)), purpose=purpose,
+                   priority=priority)
+    return [Episode(f"{job}:{i}", spec, i, "bundle") for i in range(n)]
+
+
+def test_lanes_serve_priority_first_then_the_agent_served_least():
+    lanes = Lanes()
+    lanes.add(_episodes("a", "agent-0", 3))
+    lanes.add(_episodes("b", "agent-1", 3))
+    lanes.add(_episodes("bg", "background", 2, priority=-1, purpose=Purpose.CONFIRM))
+    taken = [lanes.take(lambda e: True).spec.agent for _ in range(4)]
+    assert sorted(taken[:2]) == ["agent-0", "agent-1"] and taken[2] != taken[3]  # fair share alternates
+    assert lanes.depth() == (2, 2)
+    lanes.add(_episodes("j", "agent-0", 1, priority=100, purpose=Purpose.PROMOTE))  # judging jumps the queue
+    assert lanes.take(lambda e: True).episode_id == "j:0"
+    assert lanes.served == {"agent-0": 2, "agent-1": 2}  # judging is charged to no one
+    lanes.add(_episodes("a2", "agent-0", 1, priority=1))  # within a lane: higher priority before arrival order
+    assert lanes.lanes["agent-0"][0].episode_id == "a2:0"
+    assert lanes.take(lambda e: e.spec.agent == "background").episode_id == "bg:0"  # what fits the cell
+
+
+def test_lanes_discard_cancel_and_find():
+    lanes = Lanes()
+    first = _episodes("a", "agent-0", 2)
+    lanes.add(first)
+    lanes.push_front(first[1])  # a lapsed copy queued again
+    assert lanes.find("a:1") is first[1] and len(lanes) == 3
+    lanes.discard("a:1")
+    assert len(lanes) == 1 and lanes.find("a:1") is None
+    lanes.cancel(first[0].spec)
+    assert len(lanes) == 0 and lanes.take(lambda e: True) is None
+
+
+def test_lease_book_remembers_lapsed_leases_boundedly():
+    book = LeaseBook(remember=2)
+    episodes = _episodes("a", "agent-0", 3)
+    for i, e in enumerate(episodes):
+        book.held[f"l{i}"] = LeaseState(e, "cell-0" if i < 2 else "cell-1", expires=float(i))
+    assert book.expired(1.5) == ["l0", "l1"] and book.of_cell("cell-1") == ["l2"]
+    for lease_id in ("l0", "l1", "l2"):
+        book.lapse(lease_id)
+    assert book.holder("l0") is None  # forgotten: only the last two are kept
+    assert book.holder("l2") == ("cell-1", "a:2") and book.held == {}
+    book.held["l3"] = LeaseState(episodes[0], "cell-0", 9.0)
+    assert book.episode("a:0") is episodes[0]
+    book.end("a:0")
+    assert book.held == {} and book.episode("a:0") is None
+
+
+def test_eligibility_by_driver_pooling_and_smoke_clearance():
+    config = cfg.Config()
+    config.cells.task = "pusht"
+    episode = _episodes("a", "agent-1", 1)[0]
+    driver = config.task("pusht").driver
+
+    def cell(cell_id="cell-1", drv=driver, real=False) -> CellState:
+        return CellState(CellRecord(cell_id, drv, "host", 1, 0.0, 0.0, real=real), frozenset())
+    assert eligible(episode, cell(), config, {}) is True
+    assert eligible(episode, cell(drv="other"), config, {}) is False
+    assert eligible(episode, cell(real=True), config, {}) is None  # needs a smoke test first
+    assert eligible(episode, cell(real=True), config, {POLICY.ref: True}) is True
+    config.scheduler.pooled = False  # the paper's set-up: cell-i runs agent-i's work only
+    assert eligible(episode, cell("cell-0"), config, {}) is False and eligible(episode, cell(), config, {}) is True
+
+
+def test_a_flagged_episode_is_replaced_by_another_tuning_seed():
+    episodes = _episodes("a", "agent-0", 2)
+    job = Job(episodes[0].spec, [e.episode_id for e in episodes])
+    new = replacement(job, episodes[0], pool_start=0, pool_count=10_000)
+    assert new.seed == 7919 and new.episode_id == "a:r0" and job.episode_ids == ["a:1", "a:r0"]
