@@ -201,6 +201,7 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
     # report.json's token section: the ledger's figures and, beside them, the cost the CLI itself reported.
     report = json.loads((tmp_path / "state" / "report.json").read_text())["tokens"]["agents"]["agent-0"]
     assert report["calls"] == len(model.log) and report["cli_runs"] == 1
+    assert report["cli_tokens"] == report["tokens"]  # the CLI's own count equals the relay's ledger
     if kind == "claude-code":
         figure = [json.loads(line) for line in transcript.splitlines() if '"type":"result"' in line][-1]
         assert report["cli_cost_usd"] == round(figure["total_cost_usd"], 6) > 0
