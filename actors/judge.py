@@ -26,7 +26,7 @@ from bus import messages as m
 from bus.backoff import backoff_delay
 from bus.blackboard import Blackboard
 from bus.events import EventHub
-from bus.records import Champion, FinalRecord, HeldoutRecord, JobRecord, SmokeRecord
+from bus.records import Champion, HeldoutRecord, JobRecord, SmokeRecord
 from enpire import judging, leaderboard
 from enpire.config import Config
 from enpire.heldout import PoolExhausted, draw, running_low
@@ -304,12 +304,11 @@ class Judge(Actor):
             for policy in {p.ref: p for p in (start, best) if p is not None}.values():
                 nursery.start_soon(judge, policy)
         (s0, n0), (s1, n1) = results[start.ref], results[best.ref] if best else (0, 0)
-        record = FinalRecord(msg.task, seeds, start, s0, n0, best, s1, n1, time.time())
+        record = m.FinalJudged(msg.task, seeds, start, s0, n0, best, s1, n1, time.time())
         await self.board.transact(lambda w: w.put("meta", "final", record))
         self.log.info("final_judging", start=start.ref, start_judged=f"{s0}/{n0}",
                       champion=best.ref if best else "", champion_judged=f"{s1}/{n1}")
-        return m.FinalResult(task=msg.task, seeds=seeds, start=start, start_successes=s0, start_n=n0, champion=best,
-                             champion_successes=s1, champion_n=n1)
+        return m.FinalResult(final=record)
 
     # ------------------------------------------------------------------ the held-out pool, jobs, events
 
