@@ -58,6 +58,7 @@ class Judge(Actor):
         self._confirming = 0  # background episodes (confirmation, baseline) submitted and not done
         self._background: set[str] = set()  # background jobs running (their ids)
         self._changed = trio.Event()
+        self._deciding = trio.Lock()  # teammates waiting on one judging: the first decides, the others see it
 
     async def setup(self) -> None:
         self.promotions.clear()
@@ -158,7 +159,8 @@ class Judge(Actor):
         else:
             spec = spec_of(record)
         done = await self._run(spec)
-        return await self._decide(spec, done)
+        async with self._deciding:
+            return await self._decide(spec, done)
 
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
         (s, n), champion = tally(done.episodes), self.champion()

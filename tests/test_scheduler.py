@@ -367,6 +367,8 @@ async def test_a_candidate_is_judged_once_however_many_agents_promote_it(tmp_pat
             while len(out) < 2:
                 await trio.sleep(0.01)
         assert out["a"].promoted and out["b"].promoted and out["b"].n == 10
+        # crowned once: the second to hear the verdict finds it the champion already
+        assert sorted(r.detail == "already the champion" for r in out.values()) == [False, True]
         lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1))
         assert lease.kind == "background"  # no second judging: the idle cell confirms the champion
         nursery.cancel_scope.cancel()
