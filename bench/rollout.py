@@ -1,6 +1,6 @@
 """Rollout benchmark: the full cell path against a raw gym-pusht loop, in the same run.
 
-    python bench/rollout.py [--episodes N] [--rounds R] [--quick]
+    python bench/rollout.py [--episodes N] [--rounds R] [--quick] [--cells 1 [2]] [--no-ablation]
 
 Full path = a real fleet core (scheduler, verifier, bus) and 1 or 2 cell processes, each running the
 policy in its sandbox process, checking every action, asking the verifier, recording trajectories.
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--episodes", type=int, default=240)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="48 episodes in 4 rounds")
+    p.add_argument("--cells", type=int, nargs="+", choices=(1, 2), default=[1, 2], help="fleet sizes to measure")
+    p.add_argument("--no-ablation", action="store_true", help="only the fleet's default CPU placement")
     args = p.parse_args(argv)
     n, rounds = (48, 4) if args.quick else (args.episodes, args.rounds)
     seeds = list(range(50_000, 50_000 + n))
@@ -174,16 +176,19 @@ def main(argv: list[str] | None = None) -> None:
     out: dict = {"episodes": n, "rounds": rounds, "cpus": len(os.sched_getaffinity(0)),
                  "policy": "enpire.agents.pusht_policy (INITIAL_PARAMS)"}
     cpus = out["cpus"]
-    for cells in (1, 2):
+    for cells in args.cells:
         # the fleet's "auto" placement pins when cells >= CPUs; the other placement is the ablation
         other = "off" if cells >= cpus else "on"
         auto = measure(seeds, params, cells, "auto", rounds)
         out[f"cells_{cells}"] = auto
         out[f"ratio_steps_{cells}"] = auto["ratio_median"]
+        if args.no_ablation:
+            continue
         ablation = measure(seeds, params, cells, other, rounds)
         out[f"cells_{cells}_pinning_{other}"] = ablation
         out[f"ratio_steps_{cells}_pinning_{other}"] = ablation["ratio_median"]
-    out["ratio_full_2_over_raw_1"] = round(out["cells_2"]["full"]["steps_per_s"] / out["cells_1"]["raw"]["steps_per_s"], 3)
+    if {1, 2} <= set(args.cells):
+        out["ratio_full_2_over_raw_1"] = round(out["cells_2"]["full"]["steps_per_s"] / out["cells_1"]["raw"]["steps_per_s"], 3)
     print(json.dumps(out, indent=2))
 
 

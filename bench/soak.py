@@ -28,9 +28,11 @@ simulator must give back its observations and score), so an episode recorded und
 (say, a survivor of an earlier sandbox swapping in its own code) is found. No process of any sandbox
 may outlive the run.
 
-A fault is survived when the fleet records new episodes afterwards; a model fault also needs the
-agent it hit to get a later answer onto the token ledger (within 2 minutes), and an outage needs
-episodes recorded while its agent was paused. At the end the state is audited: every episode id
+A fault is survived when the fleet records new episodes afterwards (within 90 s); a model fault also
+needs the agent it hit to get a later answer onto the token ledger (within 2 minutes), and an outage
+needs episodes recorded between its last fault and that answer, i.e. while its agent was paused (the
+fleet kept working; a paused agent holds no room in the queue, so its teammates keep thinking). The
+JSON lists each fault not survived and why, and each outage's figures. At the end the state is audited: every episode id
 ever leased has exactly one recorded result (or its job is still open and will run on resume), no
 episode is counted twice, every finding and token record ever seen is still there, every agent has
 token records and none more than the calls the simulator answered, rate limits were waited out,
@@ -149,15 +151,15 @@ class Fleet:
         finally:
             board.close()
 
-    def answered_after(self, agent: str, t: float) -> bool:
-        """The agent got a model answer after time t and the ledger recorded it."""
+    def answers_after(self, t: float) -> list[tuple[str, float]]:
+        """(agent, time) of the model answers the ledger recorded after time t (among its last 50 records)."""
         board = self.board()
         if board is None:
-            return False
+            return []
         try:
             count = board.count("tokens")
-            tail = board.items("tokens", TokenRecord, start=f"{max(0, count - 20):012d}")
-            return any(r.agent == agent and r.t > t for _, r in tail)
+            tail = board.items("tokens", TokenRecord, start=f"{max(0, count - 50):012d}")
+            return [(r.agent, r.t) for _, r in tail if r.t > t]
         finally:
             board.close()
 
@@ -224,17 +226,28 @@ def _wait(predicate, timeout: float) -> bool:
     return False
 
 
-def _model_fault(fleet: Fleet, faults: Faults, armed: list[Fault], timeout: float = 120.0) -> bool:
-    """Wait for armed faults to fire and for their agent to be answered again; an outage (several in a
-    row) also needs episodes recorded while its agent was paused."""
+def _model_fault(fleet: Fleet, faults: Faults, armed: list[Fault], outages: list[dict], timeout: float = 120.0) -> str:
+    """Wait for the armed faults to fire and for their agent to get an answer onto the ledger again.
+
+    An outage (`max_failures` faults in a row to one agent, which then pauses for `pause_s`) is survived
+    when, besides, the fleet recorded episodes between the last fault and the agent's next answer: one
+    agent's outage must not stop the robots (nor, through the pacing, its teammates). Each outage's
+    figures go to `outages`. Returns "" or why the fault was not survived."""
     if not _wait(lambda: all(f.fired_at for f in armed), timeout):
-        faults.disarm()
-        return False  # no model request for two minutes: the agents are stuck
-    last = max(f.fired_at for f in armed)
+        left = faults.disarm()
+        return f"{len(left)} of {len(armed)} not fired in {timeout:.0f} s"  # no model request: the agents are stuck
+    agent, last = armed[-1].fired_on, max(f.fired_at for f in armed)
     during = fleet.counter("episodes")
-    if not _wait(lambda: fleet.answered_after(armed[-1].fired_on, last), timeout):
-        return False
-    return len(armed) == 1 or fleet.counter("episodes") > during
+    if not _wait(lambda: any(a == agent for a, _ in fleet.answers_after(last)), timeout):
+        return f"{agent} not answered within {timeout:.0f} s of the last fault"
+    if len(armed) == 1:
+        return ""
+    answers = fleet.answers_after(last)
+    back = min(t for a, t in answers if a == agent)
+    outage = {"agent": agent, "silent_s": round(back - last, 1), "episodes": fleet.counter("episodes") - during,
+              "teammate_answers": sum(a != agent and t < back for a, t in answers)}
+    outages.append(outage)
+    return "" if outage["episodes"] > 0 else f"no episode recorded while {agent} was paused ({outage})"
 
 
 def _retry_after_honoured(sim: ModelSimulator, fired: list[Fault], retry_after_s: float) -> bool:
@@ -390,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = Fleet(args.state_dir, config, key)
     fleet.start()
     injected, survived = Counter(), Counter()
+    failed: list[dict] = []  # the faults not survived: kind, seconds into the run, why
+    outages: list[dict] = []  # per model outage: the agent, how long it was silent, what the fleet did meanwhile
     fired: list[Fault] = []
     bag: list[str] = []
     rss = {"daemon_mb": 0.0, "cell_mb": 0.0}
@@ -415,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         if not bag:  # every kind once per round, in random order
             bag = rng.sample(KINDS, len(KINDS))
         kind = bag.pop()
+        t_fault = time.time()
         pids = fleet.cell_pids()
         if kind in ("kill_cell", "stop_cell") and not pids:
             kind = "garbage"
@@ -439,9 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             armed = [faults.arm(kind.removeprefix("model_"))]
         injected[kind] += 1
-        ok = _model_fault(fleet, faults, armed) if armed else True
+        why = _model_fault(fleet, faults, armed, outages) if armed else ""
         fired += [f for f in armed if f.fired_at]
-        if ok and _wait_progress(fleet, before, 90):
+        if not why and not _wait_progress(fleet, before, 90):
+            why = "no episode recorded within 90 s"
+        if why:
+            failed.append({"kind": kind, "at_s": round(t_fault - started, 1), "why": why})
+        else:
             survived[kind] += 1
     # Stop gracefully and audit.
     fleet.proc.send_signal(signal.SIGTERM)
@@ -457,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "minutes": minutes, "cells": args.cells, "agents": args.agents, "daemon_starts": fleet.starts,
         "faults_injected": dict(injected), "faults_survived": dict(survived),
+        "faults_not_survived": failed, "outages": outages,
         "final_exit_code": code, "max_rss": {k: round(v, 1) for k, v in rss.items()},
         **audit(args.state_dir, seen_findings, seen_tokens),
         "hostile": hostile_summary(args.state_dir, hostile_commits),

@@ -145,13 +145,14 @@ class Champion(msgspec.Struct):
 
 class HeldoutRecord(msgspec.Struct):
     """Use of a task's held-out seeds (table "heldout", by task): every judging, confirmation and final
-    judging draws the next unused seeds, so no held-out seed is ever judged twice."""
+    judging draws the next unused seeds of the task's secret order, so no held-out seed is ever judged twice."""
 
     task: str
-    used: int = 0  # seeds [start, start + used) of the task's heldout_seeds are spent
+    used: int = 0  # the first `used` seeds of the secret order are spent
     draws: int = 0
     total: int = 0  # the pool's size (heldout_seeds.count) when last drawn from
     low: bool = False  # fewer left than a judging and a confirmation's minimum need
+    key: str = ""  # the secret that orders the held-out seeds (hex; made at the first draw, never leaves the board)
 
 
 # The run's paired final judging (meta/"final"), stored as the judge answered it; report.json and the

@@ -38,6 +38,14 @@ class SeedRange(Strict):
         return range(self.start, self.start + self.count)
 
 
+class HeldoutSeeds(SeedRange):
+    """Every seed from `start` up is held out; a run judges `count` of them at most (its pool), drawn in an
+    order keyed by a secret in the state dir (`enpire.heldout`): nothing an agent can read names them."""
+
+    def seeds(self) -> range:
+        return range(self.start, 2**32)
+
+
 class ActionLimitsConfig(Strict):
     max_delta: Annotated[float, Meta(gt=0, le=1e6)] = 100.0  # largest allowed change between consecutive actions
     # Per named action (a LeRobot robot's action_features, e.g. "shoulder_pan.pos"): [low, high].
@@ -61,9 +69,10 @@ class TaskConfig(Strict):
     attempts: Annotated[int, Meta(ge=1, le=100)] = 1  # k of pass@k for evaluations
     control_hz: Annotated[float, Meta(ge=0, le=100_000)] = 0.0  # pace simulated steps like a real robot; 0 = unpaced
     tuning_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=0, count=100_000))
-    # Every judging, confirmation and final judging draws fresh seeds from here, never reused: size it
-    # for the run (a judging takes scheduler.promote_seeds, a confirmation up to 5 x fleet.min_heldout).
-    heldout_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=1_000_000, count=100_000))
+    # Every judging, confirmation and final judging draws fresh seeds, never reused, from `start` up to 2**32
+    # in a secret order; `count` is the pool: size it for the run (a judging takes scheduler.promote_seeds,
+    # a confirmation up to 5 x fleet.min_heldout).
+    heldout_seeds: HeldoutSeeds = msgspec.field(default_factory=lambda: HeldoutSeeds(start=1_000_000, count=100_000))
     limits: ActionLimitsConfig = msgspec.field(default_factory=ActionLimitsConfig)
     record_trajectories: bool = True
 
@@ -281,11 +290,15 @@ def check(config: Config, source: str = "<config>") -> None:
             seeds = getattr(task, which).seeds()
             if seeds.stop > 2**32:
                 raise ConfigError(f"{source}: tasks.{name}.{which}: seeds up to {seeds.stop - 1}; seeds must be < 2**32")
+        if task.heldout_seeds.count > len(task.heldout_seeds.seeds()):
+            raise ConfigError(f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} is more than "
+                              f"the {len(task.heldout_seeds.seeds())} seeds from its start up to 2**32")
         if task.observation == "pixels" and task.driver not in PIXEL_DRIVERS:
             raise ConfigError(f"{source}: tasks.{name}.observation: 'pixels' needs a camera driver "
                               f"({', '.join(PIXEL_DRIVERS)}), not {task.driver!r}")
         if _overlap(task.tuning_seeds.seeds(), task.heldout_seeds.seeds()):
-            raise ConfigError(f"{source}: tasks.{name}.heldout_seeds: overlaps tuning_seeds; held-out seeds must stay unseen")
+            raise ConfigError(f"{source}: tasks.{name}.heldout_seeds: start {task.heldout_seeds.start} is not above "
+                              "tuning_seeds; every seed from heldout_seeds.start up is held out and must stay unseen")
         if task.heldout_seeds.count < config.fleet.min_heldout:
             raise ConfigError(
                 f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} < fleet.min_heldout "

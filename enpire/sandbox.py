@@ -13,6 +13,10 @@ reaches the next one. The audit hook inside the child is only a friendly early e
 `SandboxLimits(confined=False)` runs the child without the jail: only where the user opted out.
 
 Synchronous by design: a cell drives one `PolicySandbox` from its episode thread. Not thread-safe.
+The child is started from a thread the sandbox owns: the jail's `--die-with-parent` is
+PR_SET_PDEATHSIG, which fires when the *thread* that started it ends, and the caller's thread may be
+a pool worker that ends when idle (trio's end after 10 s), which would kill a child kept for the next
+episode.
 See `enpire/sandbox_child.py` for the layers inside the child.
 """
 
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -172,6 +177,7 @@ class PolicySandbox:
         ] = []  # layers the child reported active, e.g. ["rlimits", "landlock-abi7", ...]
         self._audit_hook = _audit_hook
         self._proc: subprocess.Popen[bytes] | None = None
+        self._spawner: ThreadPoolExecutor | None = None  # its one thread starts every child (see above)
         self._files: dict[str, bytes] = {}
         self._params: dict[str, float] = {}
         self._key = ""
@@ -292,6 +298,9 @@ class PolicySandbox:
 
     def close(self) -> None:
         self._kill()
+        spawner, self._spawner = getattr(self, "_spawner", None), None
+        if spawner is not None:
+            spawner.shutdown(wait=False)
 
     def stderr_tail(self, n: int = 2000) -> str:
         """The end of the child's stderr/print output, for logs (never parsed)."""
@@ -310,7 +319,7 @@ class PolicySandbox:
         self.close()
 
     def __del__(self) -> None:
-        self._kill()
+        self.close()
 
     # ------------------------------------------------------------------------- child lifecycle
 
@@ -337,8 +346,11 @@ class PolicySandbox:
             inner = self.scratch / "work"
             _clear(inner)
             cwd, env = inner, child_env(inner)
+        if self._spawner is None:
+            self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
         with open(self._stderr_path(), "wb") as stderr:  # the child keeps its own copy of the fd
-            self._proc = subprocess.Popen(
+            self._proc = self._spawner.submit(
+                subprocess.Popen,
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -347,7 +359,7 @@ class PolicySandbox:
                 env=env,
                 close_fds=True,  # only the two pipes and the stderr file reach the child
                 start_new_session=True,  # its own process group: killed as a whole, deaf to our ^C
-            )
+            ).result()
         assert self._proc.stdin is not None and self._proc.stdout is not None
         for pipe in (self._proc.stdin, self._proc.stdout):
             try:  # image observations fit in one pipe buffer: fewer wake-ups per step

@@ -156,3 +156,50 @@ max_delta = 2.0
     assert isinstance(result, EvalResult) and len(result.episodes) == 2
     for e in result.episodes:
         assert not e.success and e.steps == 60 and e.reason.startswith("not solved")
+
+
+# Counts the episodes its process has run and steps out of bounds at that step: the step a violation
+# names is how many episodes the same sandbox process served.
+COUNTING = """
+import numpy as np
+
+EPISODES = 0
+
+
+class Policy:
+    def __init__(self, params):
+        self.t = 0
+
+    def reset(self):
+        global EPISODES
+        EPISODES += 1
+        self.t = 0
+
+    def act(self, obs):
+        self.t += 1
+        return np.array([900.0, 256.0]) if self.t > EPISODES else np.asarray(obs[:2], dtype=float)
+"""
+
+
+async def test_policy_sandbox_survives_idle_time_between_episodes(tmp_path):
+    """bwrap's --die-with-parent fires when the thread that started the jail ends, and trio ends its idle
+    worker threads after 10 s: the cell's sandbox must outlive a quiet spell of the cell (16 s here) and
+    serve the next episode of the same policy in the same process."""
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"cells.count": 1, "agents.count": 0, "scheduler.background": False})
+    board, meta = open_state_dir(tmp_path / "state")
+    steps = []
+    async with trio.open_nursery() as nursery:
+        core = await start_core(nursery, config, tmp_path / "state", board, meta)
+        commit = core.workspace.commit("agent/count", {"policy.py": COUNTING}, "counting")
+        for job, pause in (("first", 0.0), ("after-idle", 16.0)):
+            await trio.sleep(pause)
+            with trio.fail_after(120):
+                result = await core.judge.ask(EvalRequest(job_id=job, agent="t", task="pusht",
+                                                          policy=PolicySpec(commit, {}), seeds=[3]), timeout=120)
+            (e,) = result.episodes
+            assert e.reason.startswith("safety_violation"), e.reason
+            steps.append(e.steps)
+        core.stopping.set()
+        nursery.cancel_scope.cancel()
+    board.close()
+    assert steps == [1, 2], steps  # [1, 1]: the sandbox died while the cell was idle and was started anew

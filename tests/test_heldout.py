@@ -8,6 +8,7 @@ from bus.events import EventHub
 from bus.messages import EvalRequest, HeldoutUsage, LeaseRequest, PolicySpec, PromoteRequest
 from bus.records import Champion, EpisodeRecord, HeldoutRecord
 from enpire import config as cfg
+from enpire.heldout import order
 from enpire.metrics import sprt
 from tests.test_scheduler import _eventually, _hello, _judge, _report, _start
 
@@ -96,7 +97,8 @@ async def test_no_held_out_seed_is_judged_twice(tmp_path):
             by_job.setdefault(e.job_id, set()).add(e.seed)
         assert by_job["pa"].isdisjoint(by_job["pb"])
         pool = board.get("heldout", "pusht", HeldoutRecord)
-        assert pool.used >= len(set(seeds)) and all(1_000_000 <= s < 1_000_000 + pool.used for s in seeds)
+        assert pool.used >= len(set(seeds)) and set(seeds) <= set(order(pool, config.task("pusht").heldout_seeds,
+                                                                          range(pool.used)))
         nursery.cancel_scope.cancel()
 
 
@@ -136,7 +138,7 @@ async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fr
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path, config, baseline=start)
         await _hello(ref)
-        assert (await _judge(ref, best, "pa", 4, 4)).promoted  # judged on 1_000_000..3
+        assert (await _judge(ref, best, "pa", 4, 4)).promoted  # judged on the first 4 seeds of the order
         out = {}
 
         async def final():
@@ -148,11 +150,12 @@ async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fr
             if hasattr(lease, "seed"):
                 if lease.job_id.startswith("final-"):
                     runs.setdefault(lease.policy.commit, []).append(lease.seed)
-                await ref.ask(_report(lease, lease.policy == best or lease.seed % 5 == 0))
+                first_final = lease.job_id.startswith("final-") and len(runs[lease.policy.commit]) == 1
+                await ref.ask(_report(lease, lease.policy == best or first_final))  # the start: 1 of 5
         await _eventually(lambda: "r" in out)
         assert isinstance(out["r"], FinalResult)
         r = out["r"].final
-        assert sorted(runs["ba5e"]) == sorted(runs["aaaa"]) == r.seeds
+        assert sorted(runs["ba5e"]) == sorted(runs["aaaa"]) == sorted(r.seeds)
         judged = {e.seed for e in board.values("episodes", EpisodeRecord) if not e.job_id.startswith("final-")}
         assert len(set(r.seeds)) == 5 and not judged & set(r.seeds)  # fresh: no other judging saw them
         assert (r.start_successes, r.start_n, r.champion_successes, r.champion_n) == (1, 5, 5, 5)
@@ -176,3 +179,30 @@ async def test_status_shows_the_pool_and_warns_when_it_runs_low(tmp_path):
     s = status._collect(board, 0.0)
     assert s["heldout"] == {"pusht": {"used": 4, "total": 9, "draws": 1, "low": True}}
     assert "held-out pool[pusht]: 4 of 9 seeds used in 1 draws  WARNING: runs low" in status.render(s)
+
+
+def test_held_out_seeds_follow_a_secret_order_of_the_whole_space(tmp_path):
+    """Every seed from heldout_seeds.start up is held out; a fleet's draws walk them in an order keyed by a
+    secret on its own blackboard: distinct, never tuning seeds, another order for another fleet, the same
+    order on resume, and nothing in the config or the source says which seeds come."""
+    import pytest
+
+    from bus.blackboard import Blackboard
+    from enpire.heldout import draw
+
+    config = cfg.Config()
+    pool = config.task("pusht").heldout_seeds
+    board = Blackboard(tmp_path / "a")
+    first, _ = draw(board, config, "pusht", 500)
+    board.close()
+    board = Blackboard(tmp_path / "a")  # a resumed fleet: the same state dir
+    more, record = draw(board, config, "pusht", 500)
+    seeds = first + more
+    assert len(set(seeds)) == 1000 and all(pool.start <= s < 2**32 for s in seeds)
+    assert set(seeds).isdisjoint(config.task("pusht").tuning_seeds.seeds())
+    assert sum(s < pool.start + pool.count for s in seeds) < 5  # spread over 4 billion seeds, not the first 100k
+    assert order(record, pool, range(1000)) == seeds and len(record.key) == 64  # all a resume needs
+    other, _ = draw(Blackboard(tmp_path / "b"), config, "pusht", 500)
+    assert set(other).isdisjoint(first)  # another fleet, another secret, other seeds
+    with pytest.raises(cfg.ConfigError, match="heldout_seeds: start 50 is not above tuning_seeds"):
+        cfg.decode('[tasks.pusht]\ndriver = "pusht"\nheldout_seeds = { start = 50, count = 100 }\n', "t.toml")

@@ -155,3 +155,40 @@ async def test_a_result_stays_unseen_until_an_answered_request_showed_it(tmp_pat
         nursery.cancel_scope.cancel()
     shown = ['"successes":1' in p.briefing for p in model.prompts[:4]]
     assert shown == [False, True, True, False]  # failed request: shown again; answered request: seen
+
+
+async def test_an_agent_paused_by_an_outage_does_not_hold_up_its_teammates(tmp_path):
+    """agent-0's model is down: it holds room for its next turn when admitted, fails, and pauses. While it is
+    paused it asks for nothing, so its hold must go: agent-1 still thinks (the fleet keeps working)."""
+    from enpire.agents.model import ModelError
+
+    class Down:
+        model, secrets = "down", ()
+
+        def __init__(self):
+            self.calls = 0
+
+        async def probe(self):
+            return None
+
+        async def complete(self, prompt, tools, max_output_tokens):
+            self.calls += 1
+            raise ModelError("APIConnectionError: connection refused")
+
+    board, workspace = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
+    workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
+    board.put("meta", "queue", QueueRecord(0, 1, time.time()))
+    down, up, release = Down(), ScriptedModel(), trio.Event()
+    paced = LLMSettings(pace_per_cell=6.0, max_failures=2, backoff_initial_s=0.01, pause_s=60.0)
+    async with trio.open_nursery() as nursery:
+        scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
+        agent = LLMAgent(down, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=0)
+        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board))
+        await _until(lambda: down.calls >= 2)  # failed twice in a row: paused for a minute
+        await trio.sleep(0.2)
+        teammate = LLMAgent(up, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=1)
+        nursery.start_soon(teammate.run, Tools("agent-1", "pusht", workspace, scheduler, board))
+        await _until(lambda: len(up.prompts) >= 1)  # was blocked for 120 s by the paused agent's hold
+        assert down.calls == 2  # still paused
+        release.set()
+        nursery.cancel_scope.cancel()

@@ -25,8 +25,9 @@ from bus.messages import (
     PromoteResult,
     Verdict,
 )
-from bus.records import CandidateRecord, Champion, EpisodeRecord
+from bus.records import CandidateRecord, Champion, EpisodeRecord, HeldoutRecord
 from enpire import config as cfg
+from enpire import heldout as pool
 from enpire.bundles import BundleStore
 
 POLICY = PolicySpec("c0ffee", {"gain": 1.0})
@@ -68,6 +69,11 @@ async def _eventually(check, timeout=5.0):
 
 async def _hello(ref, cell="cell-0"):
     await ref.ask(Hello(cell_id=cell, driver="pusht", tasks=["pusht"], host="h", pid=1))
+
+
+def _heldout(board, positions: range, task="pusht") -> list[int]:
+    """The held-out seeds at `positions` of the task's secret order (`enpire.heldout`)."""
+    return pool.order(board.get("heldout", task, HeldoutRecord), cfg.Config().task(task).heldout_seeds, positions)
 
 
 def _report(lease: Lease, success: bool, cell="cell-0") -> EpisodeReport:
@@ -164,11 +170,10 @@ async def test_promotion_then_background_confirmation(tmp_path):
             out["p"] = await ref.ask(PromoteRequest(job_id="p1", agent="a", task="pusht", policy=POLICY))
 
         nursery.start_soon(promote)
-        heldout = range(1_000_000, 1_000_020)
         for _ in range(20):
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-            assert lease.kind == "heldout" and lease.seed in heldout
-            await ref.ask(_report(lease, lease.seed % 10 != 0))  # 18/20
+            assert lease.kind == "heldout" and lease.seed in _heldout(board, range(20))
+            await ref.ask(_report(lease, _heldout(board, range(20)).index(lease.seed) % 10 != 0))  # 18/20
         with trio.fail_after(5):
             while "p" not in out:
                 await trio.sleep(0.01)
@@ -178,7 +183,7 @@ async def test_promotion_then_background_confirmation(tmp_path):
         seeds = set()
         for i in range(8):  # two confirmation jobs of 4 episodes per cell are queued
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-            assert lease.kind == "background" and 1_000_020 <= lease.seed < 1_000_028  # fresh: never judged
+            assert lease.kind == "background" and lease.seed in _heldout(board, range(20, 28))  # never judged
             seeds.add(lease.seed)
             await ref.ask(_report(lease, i != 0))
         assert len(seeds) == 8
@@ -382,7 +387,8 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
         ref, _, _ = await _start(nursery, tmp_path, config, board, baseline=baseline)
         await _hello(ref)
         first = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert first.kind == "background" and first.job_id.startswith("baseline-") and first.seed == 1_000_000
+        assert first.kind == "background" and first.job_id.startswith("baseline-")
+        assert first.seed == _heldout(board, range(1))[0]
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[7]))
         await trio.sleep(0.3)
         assert (await ref.ask(LeaseRequest(cell_id="cell-0"))).job_id == "j"  # agents' work goes first
@@ -395,7 +401,7 @@ async def test_idle_cells_judge_the_baseline_until_there_is_a_champion(tmp_path)
         champ = board.get("champion", "pusht", Champion)
         assert champ.policy == baseline and (champ.judged_successes, champ.judged_n, champ.agent) == (2, 4, "baseline")
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.kind == "background" and 1_000_004 <= lease.seed < 1_000_012  # then its confirmation, as for any champion
+        assert lease.kind == "background" and lease.seed in _heldout(board, range(4, 12))  # then its confirmation, as for any champion
         nursery.cancel_scope.cancel()
 
 
@@ -452,7 +458,7 @@ async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_pat
             seeds.append(lease.seed)
             await ref.ask(_report(lease, True, "cell-1"))
         # fresh seeds after the 3 it was judged on
-        assert len(set(seeds)) == 16 and all(1_000_003 <= s < 1_000_019 for s in seeds)
+        assert len(set(seeds)) == 16 and set(seeds) <= set(_heldout(board, range(3, 19)))
         await _eventually(lambda: board.get("champion", "pusht", Champion).n == 16)
         champ = board.get("champion", "pusht", Champion)
         assert (champ.successes, champ.n) == (16, 16)
@@ -464,10 +470,10 @@ async def test_a_promotion_ends_the_baselines_judging(tmp_path):
         ref, board, _ = await _start(nursery, tmp_path, _config(promote_seeds=4), baseline=PolicySpec("ba5e", {}))
         await _hello(ref)
         first = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert first.job_id.startswith("baseline-") and first.seed == 1_000_000
-        assert (await _judge(ref, POLICY, "p", 3, 4)).promoted  # judged on fresh seeds 1_000_004..7
+        assert first.job_id.startswith("baseline-") and first.seed == _heldout(board, range(1))[0]
+        assert (await _judge(ref, POLICY, "p", 3, 4)).promoted  # judged on fresh seeds: positions 4..7
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.job_id.startswith("confirm-") and lease.seed >= 1_000_008  # no more baseline episodes
+        assert lease.job_id.startswith("confirm-") and lease.seed in _heldout(board, range(8, 16))  # no more baseline episodes
         assert isinstance(await ref.ask(_report(first, True)), Ack)  # its late report is acknowledged, not counted
         await trio.sleep(0.3)
         assert board.get("champion", "pusht", Champion).policy == POLICY

@@ -1,20 +1,16 @@
-"""The soak benchmark's CI mode: two minutes of faults against the real fleet, then the ledger audit."""
+"""The soak benchmark's CI mode: faults against the real fleet for two minutes and until every kind was
+injected once (at most six), then the ledger and replay audit."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FAULTS = {"model_rate_limit", "model_server_error", "model_timeout", "model_bad_json", "model_not_completion",
                 "model_outage"}
 
 
-# Slow for now: in a clean-clone CI run its model_outage fault was injected but not counted survived
-# (the same mode passed standalone with every kind survived); to be investigated before it returns to CI.
-@pytest.mark.slow
 def test_soak_ci_mode_loses_nothing(tmp_path):
     r = subprocess.run([sys.executable, "bench/soak.py", "--ci", "--cells", "2", "--seed", "7",
                         "--state-dir", str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -22,7 +18,9 @@ def test_soak_ci_mode_loses_nothing(tmp_path):
     assert result["episodes_lost"] == 0 and result["duplicates"] == 0, result
     assert result["findings_intact"] and result["champion_consistent"] and result["progress"], result
     assert sum(result["faults_injected"].values()) >= 10
-    assert result["faults_injected"] == result["faults_survived"], result
+    assert result["faults_injected"] == result["faults_survived"], result["faults_not_survived"]
+    # One agent's outage paused that agent only: the fleet recorded episodes while it was silent.
+    assert len(result["outages"]) == result["faults_injected"]["model_outage"], result["outages"]
     # The agents ran on the model simulator, met every kind of backend error and recovered from each.
     assert MODEL_FAULTS <= set(result["faults_survived"]), result
     model = result["model"]

@@ -132,8 +132,8 @@ Local check on tuning seeds (the simulator and the verifier, as the fleet's offl
 {listing}
 
 ## Rules
-- Held-out seeds are never visible to you; promotion is judged on them by the fleet. Only tuning
-  seeds run locally.
+- Held-out seeds are never visible to you; promotion is judged on them by the fleet, which draws them
+  in a secret order from billions of seeds outside the tuning range. Only tuning seeds run locally.
 - Commits that touch protected paths (verifier, reset, eval, seeds, safety, limits) are refused.
 - You may write only inside this folder and your home; there is no network but your model.
 - Every model call counts against your token budget; be brief and let the robots work.
@@ -362,6 +362,7 @@ class CLIAgent:
         worktree_dir, home, run_dir = self._dirs(tools)
         worktree = Worktree(worktree_dir, tools.agent)
         await trio.to_thread.run_sync(self._prepare, tools, worktree)
+        (run_dir / "task.json").write_text(json.dumps(self.task))  # the local check's, read-only in the jail
         own = [r for r in tools.board.values("tokens", TokenRecord) if r.agent == tools.agent]
         self.used = ledger.totals(own).total
         started = min((r.t for r in own), default=self.clock())
@@ -466,7 +467,7 @@ class CLIAgent:
                "TMPDIR": "/tmp", "LANG": "C.UTF-8", "TERM": "dumb", "CODEX_HOME": str(home / ".codex"),
                "GIT_AUTHOR_NAME": tools.agent, "GIT_AUTHOR_EMAIL": f"{tools.agent}@enpire",
                "GIT_COMMITTER_NAME": tools.agent, "GIT_COMMITTER_EMAIL": f"{tools.agent}@enpire",
-               "NO_COLOR": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+               "NO_COLOR": "1", "PYTHONDONTWRITEBYTECODE": "1", "ENPIRE_TASK_FILE": str(run_dir / "task.json")}
         # The CLI's key variable holds the relay token: the relay swaps in the real key on the way out.
         env[{"claude-code": "ANTHROPIC_API_KEY", "codex": "ENPIRE_MODEL_KEY"}.get(s.kind, self.key_env)] = relay_token
         url_env = [f"{k}={v}" for k, v in extra.items() if "{relay_port}" in v]

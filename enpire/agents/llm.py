@@ -156,8 +156,10 @@ class LLMAgent:
             self.last_prompt_chars = prompt.chars()
             reply, spent = await self._ask(prompt, used, tools, log)
             used += spent
-            if reply is None:
-                continue  # paused after failures
+            if reply is None:  # too many failures: pause. It asks for nothing meanwhile, so it holds no room
+                self._hold(tools, 0, 0.0)  # in the queue: its teammates think on and the robots keep working
+                await trio.sleep(self.settings.pause_s)
+                continue
             session.jobs.mark_seen([j.job_id for j in results])  # shown in a request that got an answer
             self.expected = _episodes(reply.calls) or self.expected
             if reply.stop == "refusal":
@@ -230,8 +232,8 @@ class LLMAgent:
                             cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens, cost=cost)
 
     async def _call(self, prompt: Prompt, max_out: int, log) -> ModelReply | None:
-        """Call the model until it answers: back off on errors; pause after too many in a row or on a
-        non-retryable error (a request refused as it is: the window starts afresh). None after a pause."""
+        """Call the model until it answers: back off on errors; None (the caller pauses) after too many in a
+        row or on a non-retryable error (a request refused as it is: the window starts afresh)."""
         failures = 0
         while True:
             try:
@@ -247,7 +249,6 @@ class LLMAgent:
             if not err.retryable or failures >= self.settings.max_failures:
                 log.warning("backend_paused", failures=failures, pause_s=self.settings.pause_s, error=error,
                             retryable=err.retryable)
-                await trio.sleep(self.settings.pause_s)
                 return None
             delay = backoff_delay(failures, self.settings.backoff_initial_s, self.settings.backoff_max_s,
                                   retry_after=err.retry_after, retry_after_max=self.settings.retry_after_max_s)

@@ -5,8 +5,11 @@
 
 The same loop the fleet's offline evaluation uses (`policy_eval.run_episode`: the task's driver resets the
 scene with the seed, every action is checked as a cell checks it, the verifier judges the final trusted
-state). The task and its tuning seed range come from `.enpire/task.json`, which the daemon writes into the
-worktree; seeds outside that range are refused: held-out results come only from the fleet.
+state). The task and its tuning seed range come from the file `$ENPIRE_TASK_FILE` names (in a CLI agent's
+jail: the daemon's copy in its read-only run folder, which the agent cannot edit), else from the worktree's
+`.enpire/task.json`; seeds outside that range are refused: held-out results come only from the fleet.
+The refusal keeps an agent from tuning on held-out seeds by mistake; what keeps the judged seeds unknown
+is their secret order (`enpire.heldout`), not this check.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
 import sys
 from pathlib import Path
 
 
 def load_task(folder: Path) -> dict:
-    path = folder / ".enpire" / "task.json"
+    path = Path(os.environ.get("ENPIRE_TASK_FILE") or folder / ".enpire" / "task.json")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
