@@ -151,6 +151,21 @@ def test_a_session_figure_counts_once_per_session():
     assert "cli_cost_usd" not in ledger.summary([TokenRecord("a", "m", 1.0, 100, 0, 10)])["team"]
 
 
+def test_status_shows_the_cli_figures_beside_the_ledger(tmp_path):
+    from enpire import status
+
+    board = Blackboard(tmp_path / "bb")
+    board.append("tokens", TokenRecord("agent-0", "m", 1.0, 1000, 0, 200))
+    board.append("cli_runs", CLIRunRecord("agent-0", "claude-code", 2.0, 0, True, 5.0, "s1", 0.0123, 1000, 200))
+    board.append("tokens", TokenRecord("agent-1", "m", 1.0, 500, 0, 50))
+    board.append("cli_runs", CLIRunRecord("agent-1", "codex", 2.0, 0, True, 5.0, "t1", None, 500, 50))
+    s = status._collect(board, 0.0)
+    assert s["token_ledger"]["agents"]["agent-0"]["cli_cost_usd"] == 0.0123
+    text = status.render(s)
+    assert "agent-0: 1,200 tokens (its CLI counted 1,200, $0.0123 in 1 runs)" in text
+    assert "agent-1: 550 tokens (its CLI counted 550 in 1 runs)" in text
+
+
 def test_missing_node_or_cli_fails_at_start_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(CLIConfigError, match=r"needs Node.js >= 20 and npm .*npm ci --prefix cli"):
