@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from bus.messages import JobKind, PolicySpec, Purpose, Segment, Verdict
+from bus.messages import FinalJudged, JobKind, PolicySpec, Purpose, Segment, Verdict
 
 # 2: held-out seeds drawn fresh per judging (table "heldout"), job purposes as a closed type
 SCHEMA_VERSION = 2
@@ -155,19 +155,9 @@ class HeldoutRecord(msgspec.Struct):
     key: str = ""  # the secret that orders the held-out seeds (hex; made at the first draw, never leaves the board)
 
 
-class FinalRecord(msgspec.Struct):
-    """The run's paired final judging (meta/"final"): where the run started and where it got to, judged
-    on the same fresh held-out seeds; report.json and the report's plots read it."""
-
-    task: str
-    seeds: list[int]
-    start: PolicySpec
-    start_successes: int
-    start_n: int
-    champion: PolicySpec | None
-    champion_successes: int
-    champion_n: int
-    t: float
+# The run's paired final judging (meta/"final"), stored as the judge answered it; report.json and the
+# report's plots read it.
+FinalRecord = FinalJudged
 
 
 class SmokeRecord(msgspec.Struct):
