@@ -389,7 +389,10 @@ class FinalJudging(Message, frozen=True):
     seeds: int
 
 
-class FinalResult(Message, frozen=True):
+class FinalJudged(msgspec.Struct, frozen=True):
+    """The run's paired final judging: where the run started and where it got to, judged on the same fresh
+    held-out seeds. The judge answers it and keeps it on the blackboard as it is (`records.FinalRecord`)."""
+
     task: str
     seeds: list[int]
     start: PolicySpec
@@ -398,6 +401,11 @@ class FinalResult(Message, frozen=True):
     champion: PolicySpec | None
     champion_successes: int
     champion_n: int
+    t: float
+
+
+class FinalResult(Message, frozen=True):
+    final: FinalJudged
 
 
 # ----------------------------------------------------------------------------- agents <-> trainer
