@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from bus.messages import FinalJudged, JobKind, PolicySpec, Purpose, Segment, Verdict
+from bus.messages import FinalJudged, JobKind, PolicySpec, Purpose, Segment, TokenCall, Verdict
 
 # 2: held-out seeds drawn fresh per judging (table "heldout"), job purposes as a closed type
 SCHEMA_VERSION = 2
@@ -197,19 +197,8 @@ class TimelineRecord(msgspec.Struct):
     segments: list[Segment]
 
 
-class TokenRecord(msgspec.Struct):
-    """One model call. input_tokens counts every prompt token (cached reads and cache writes included),
-    output_tokens every generated one (reasoning included); cost in the price table's currency (0 = no price)."""
-
-    agent: str
-    model: str
-    t: float
-    input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost: float = 0.0
+# The token ledger (table "tokens"): one model call each, as the agent's TokensUsed event tells it.
+TokenRecord = TokenCall
 
 
 class CLIRunRecord(msgspec.Struct):

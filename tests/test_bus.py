@@ -68,7 +68,7 @@ EXAMPLES = [
                       decision="", t=1.0),
     m.HeldoutUsage(task="pusht", used=10, total=100, low=False, t=1.0),
     m.FindingPosted(finding_id="f", agent="a", t=1.0),
-    m.TokensUsed(agent="a", model="m", input_tokens=10, cached_input_tokens=2, output_tokens=3, t=1.0),
+    m.TokensUsed(call=m.TokenCall(agent="a", model="m", t=1.0, input_tokens=10, cached_input_tokens=2, output_tokens=3)),
 ]
 
 
