@@ -26,7 +26,7 @@ from bus import messages as m
 from bus.backoff import backoff_delay
 from bus.blackboard import Blackboard
 from bus.events import EventHub
-from bus.records import Champion, FinalRecord, HeldoutRecord, JobRecord, SmokeRecord
+from bus.records import Champion, HeldoutRecord, JobRecord, SmokeRecord
 from enpire import judging, leaderboard
 from enpire.config import Config
 from enpire.heldout import PoolExhausted, draw, running_low
@@ -58,6 +58,7 @@ class Judge(Actor):
         self._confirming = 0  # background episodes (confirmation, baseline) submitted and not done
         self._background: set[str] = set()  # background jobs running (their ids)
         self._changed = trio.Event()
+        self._deciding = trio.Lock()  # teammates waiting on one judging: the first decides, the others see it
 
     async def setup(self) -> None:
         self.promotions.clear()
@@ -158,7 +159,8 @@ class Judge(Actor):
         else:
             spec = spec_of(record)
         done = await self._run(spec)
-        return await self._decide(spec, done)
+        async with self._deciding:
+            return await self._decide(spec, done)
 
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
         (s, n), champion = tally(done.episodes), self.champion()
@@ -304,12 +306,11 @@ class Judge(Actor):
             for policy in {p.ref: p for p in (start, best) if p is not None}.values():
                 nursery.start_soon(judge, policy)
         (s0, n0), (s1, n1) = results[start.ref], results[best.ref] if best else (0, 0)
-        record = FinalRecord(msg.task, seeds, start, s0, n0, best, s1, n1, time.time())
+        record = m.FinalJudged(msg.task, seeds, start, s0, n0, best, s1, n1, time.time())
         await self.board.transact(lambda w: w.put("meta", "final", record))
         self.log.info("final_judging", start=start.ref, start_judged=f"{s0}/{n0}",
                       champion=best.ref if best else "", champion_judged=f"{s1}/{n1}")
-        return m.FinalResult(task=msg.task, seeds=seeds, start=start, start_successes=s0, start_n=n0, champion=best,
-                             champion_successes=s1, champion_n=n1)
+        return m.FinalResult(final=record)
 
     # ------------------------------------------------------------------ the held-out pool, jobs, events
 

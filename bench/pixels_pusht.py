@@ -10,9 +10,11 @@
 2. Regime (a), perception inside the policy: the template with the fleet champion's parameters (or its
    initial parameters when the run has no champion), --n-a episodes on held-out seeds.
 3. Regime (b), a visuomotor policy: the "visuomotor" recipe (`enpire.learning.recipes`, the trainer's
-   entry point) trains the CNN on the run's recorded successes (agents' tuning-seed episodes only) for
-   --train-minutes with --threads torch threads; then the numpy policy file the cells would run,
-   --n-b episodes on held-out seeds.
+   entry point) trains the CNN on the run's recorded successes (agents' tuning-seed episodes only,
+   relabelled by the champion's perception template with its memory cleared each step, then DAgger
+   rounds on tuning seeds 50,000..) for --train-minutes with --threads torch threads and as many
+   relabelling/rollout processes; then the numpy policy file the cells would run, --n-b episodes on
+   held-out seeds. The training's wall time and the CPU time of all its processes are reported.
 
 Held-out seeds here start at 2,000,000: never a tuning seed (0..99,999) and never one the fleet judged
 (its held-out range is 1,000,000..1,099,999). Episodes run in-process on the cell's driver with the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -127,18 +130,26 @@ def store_summary(state_dir: Path) -> dict:
                                                        "judged": f"{champion.judged_successes}/{champion.judged_n}"}}
 
 
-def train(state_dir: Path, out: Path, minutes: float, threads: int, max_episodes: int | None) -> dict:
+def train(state_dir: Path, out: Path, minutes: float, threads: int, max_episodes: int | None,
+          options: list[str]) -> dict:
     cmd = [sys.executable, "-m", "enpire.learning.recipes", "--recipe", "visuomotor", "--task", "pusht",
            "--state-dir", str(state_dir), "--out", str(out), "--time-budget-s", str(minutes * 60),
-           "--max-rss-mb", "12000", "--option", f"threads={threads}", "--option", "device=auto"]
+           "--max-rss-mb", "12000", "--option", f"threads={threads}", "--option", f"workers={threads}",
+           "--device", "auto"]
     if max_episodes:
         cmd += ["--option", f"max_episodes={max_episodes}"]
+    for option in options:
+        cmd += ["--option", option]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"training failed: {r.stderr.strip()[-1000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["command_wall_s"] = round(time.monotonic() - t0, 1)
+    # the recipe and its relabelling/rollout workers, all processes together
+    metrics["process_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
     return metrics
 
 
@@ -155,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--weights", type=Path, help="evaluate these visuomotor weights instead of training")
+    ap.add_argument("--option", action="append", default=[], help="recipe option key=value (repeatable)")
     args = ap.parse_args(argv)
 
     out: dict = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(), "heldout_start": HELDOUT}
@@ -180,8 +192,9 @@ def main(argv=None) -> int:
             weights, trained = args.weights, {"weights": str(args.weights)}
         else:
             ckpt = Path(tempfile.mkdtemp(prefix="visuomotor-"))
-            trained = train(state_dir, ckpt, args.train_minutes, args.threads, args.max_episodes or None)
+            trained = train(state_dir, ckpt, args.train_minutes, args.threads, args.max_episodes or None, args.option)
             weights = ckpt / "weights.npz"
+            out["weights"] = str(weights)
             out["load_average_after_training"] = os.getloadavg()
         out["regime_b"] = {"policy": "visuomotor CNN (numpy policy file)", "training": trained,
                            **evaluate("visuomotor", str(weights), args.n_b, HELDOUT, args.workers)}

@@ -389,7 +389,10 @@ class FinalJudging(Message, frozen=True):
     seeds: int
 
 
-class FinalResult(Message, frozen=True):
+class FinalJudged(msgspec.Struct, frozen=True):
+    """The run's paired final judging: where the run started and where it got to, judged on the same fresh
+    held-out seeds. The judge answers it and keeps it on the blackboard as it is (`records.FinalRecord`)."""
+
     task: str
     seeds: list[int]
     start: PolicySpec
@@ -398,6 +401,11 @@ class FinalResult(Message, frozen=True):
     champion: PolicySpec | None
     champion_successes: int
     champion_n: int
+    t: float
+
+
+class FinalResult(Message, frozen=True):
+    final: FinalJudged
 
 
 # ----------------------------------------------------------------------------- agents <-> trainer
@@ -545,16 +553,24 @@ class FindingPosted(Message, frozen=True):
     t: float
 
 
-class TokensUsed(Message, frozen=True):
+class TokenCall(msgspec.Struct, frozen=True):
+    """One model call. input_tokens counts every prompt token (cached reads and cache writes included),
+    output_tokens every generated one (reasoning included); cost in the price table's currency (0 = no price).
+    The token ledger keeps it as it is (`records.TokenRecord`); `TokensUsed` tells the fleet of it."""
+
     agent: str
     model: str
+    t: float
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
-    t: float
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cost: float = 0.0
+
+
+class TokensUsed(Message, frozen=True):
+    call: TokenCall
 
 
 class SmokeNeeded(Message, frozen=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from bus.messages import JobKind, PolicySpec, Purpose, Segment, Verdict
+from bus.messages import FinalJudged, JobKind, PolicySpec, Purpose, Segment, TokenCall, Verdict
 
 # 2: held-out seeds drawn fresh per judging (table "heldout"), job purposes as a closed type
 SCHEMA_VERSION = 2
@@ -155,19 +155,9 @@ class HeldoutRecord(msgspec.Struct):
     key: str = ""  # the secret that orders the held-out seeds (hex; made at the first draw, never leaves the board)
 
 
-class FinalRecord(msgspec.Struct):
-    """The run's paired final judging (meta/"final"): where the run started and where it got to, judged
-    on the same fresh held-out seeds; report.json and the report's plots read it."""
-
-    task: str
-    seeds: list[int]
-    start: PolicySpec
-    start_successes: int
-    start_n: int
-    champion: PolicySpec | None
-    champion_successes: int
-    champion_n: int
-    t: float
+# The run's paired final judging (meta/"final"), stored as the judge answered it; report.json and the
+# report's plots read it.
+FinalRecord = FinalJudged
 
 
 class SmokeRecord(msgspec.Struct):
@@ -207,25 +197,15 @@ class TimelineRecord(msgspec.Struct):
     segments: list[Segment]
 
 
-class TokenRecord(msgspec.Struct):
-    """One model call. input_tokens counts every prompt token (cached reads and cache writes included),
-    output_tokens every generated one (reasoning included); cost in the price table's currency (0 = no price)."""
-
-    agent: str
-    model: str
-    t: float
-    input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost: float = 0.0
+# The token ledger (table "tokens"): one model call each, as the agent's TokensUsed event tells it.
+TokenRecord = TokenCall
 
 
 class CLIRunRecord(msgspec.Struct):
-    """One headless run of a CLI coding agent (table "cli_runs"): the cost figure the CLI itself reported
-    at its end, kept beside the ledger's per-call records and their price. Claude Code's total_cost_usd
-    covers its session so far (a resumed session carries its cost on), so the figure is per session."""
+    """One headless run of a CLI coding agent (table "cli_runs"): this run's share of the figures the CLI
+    itself reported at its end, kept beside the ledger's per-call records (a figure that covers the CLI's
+    session so far, as Claude Code's cost and Codex's tokens do on a resumed session, is taken net of the
+    session's earlier runs)."""
 
     agent: str
     cli: str  # the backend: "claude-code", "codex", "command"
@@ -233,8 +213,12 @@ class CLIRunRecord(msgspec.Struct):
     turn: int
     ok: bool
     seconds: float
-    session: str = ""  # the CLI's session ("" when it names none: the run is a session of its own)
-    cost_usd: float | None = None  # the session's cost so far as the CLI reported it; None: it reports none
+    session: str = ""  # the CLI's session ("" when it names none)
+    cost_usd: float | None = None  # as the CLI priced this run; None: it reports no cost (Codex)
+    # This run's tokens as the CLI itself counted them (ledger convention: input counts cached input and
+    # cache writes); 0 and 0 when it reported none (a run that was killed).
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 class DaemonRecord(msgspec.Struct):

@@ -40,11 +40,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import itertools
 import os
 import re
 import struct
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -99,7 +99,7 @@ def ipc_url(state_dir: str | os.PathLike[str], name: str) -> str:
 def seal(payload: bytes, secret: bytes | None) -> bytes:
     if not secret:
         return payload
-    return hmac.new(secret, payload, hashlib.sha256).digest() + payload
+    return hmac.digest(secret, payload, "sha256") + payload
 
 
 def unseal(frame: bytes, secret: bytes | None) -> bytes:
@@ -109,7 +109,7 @@ def unseal(frame: bytes, secret: bytes | None) -> bytes:
     if len(frame) < MAC_SIZE:
         raise AuthError("frame shorter than its MAC")
     mac, payload = frame[:MAC_SIZE], frame[MAC_SIZE:]
-    if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
+    if not hmac.compare_digest(mac, hmac.digest(secret, payload, "sha256")):
         raise AuthError("frame failed authentication")
     return payload
 
@@ -121,6 +121,18 @@ def cell_key(secret: bytes, sender: str) -> bytes:
 
 def new_run_id() -> bytes:
     return os.urandom(RUN_BYTES)
+
+
+class _Ids:
+    """Envelope ids unique across peers and restarts: a random prefix per process object and a counter
+    (a uuid4 per request costs more than the rest of building the frame)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._next = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._next):x}"
 
 
 class Sealed:
@@ -137,7 +149,7 @@ def seal_frame(payload: bytes, key: bytes, sender: str, run: bytes, counter: int
     if len(name) > 255 or len(run) != RUN_BYTES:
         raise ValueError(f"cannot seal for sender {sender[:40]!r} / run of {len(run)} bytes")
     head = bytes((SEALED_MAGIC, len(name))) + name + run + _COUNTER.pack(counter)
-    return head + hmac.new(key, head + payload, hashlib.sha256).digest() + payload
+    return head + hmac.digest(key, head + payload, "sha256") + payload  # one-shot: no HMAC object per frame
 
 
 def open_frame(frame: bytes, key_for: Callable[[str], bytes]) -> tuple[Sealed, bytes]:
@@ -153,7 +165,7 @@ def open_frame(frame: bytes, key_for: Callable[[str], bytes]) -> tuple[Sealed, b
     except UnicodeDecodeError:
         raise AuthError("sender is not UTF-8") from None
     head, mac, payload = frame[:mac_at], frame[mac_at : mac_at + MAC_SIZE], frame[mac_at + MAC_SIZE :]
-    if not hmac.compare_digest(mac, hmac.new(key_for(sender), head + payload, hashlib.sha256).digest()):
+    if not hmac.compare_digest(mac, hmac.digest(key_for(sender), head + payload, "sha256")):
         raise AuthError("frame failed authentication")
     return Sealed(sender, frame[end : end + RUN_BYTES], _COUNTER.unpack_from(frame, end + RUN_BYTES)[0]), payload
 
@@ -365,33 +377,40 @@ class RequestServer:
             slots = [_Slot(sock.new_context()) for _ in range(self.workers)]
             try:
                 async with trio.open_nursery() as nursery:
-                    send, receive = trio.open_memory_channel(self.workers)
-                    free = trio.Semaphore(self.workers)
-                    idle = list(slots)
+                    listening, idle = trio.Lock(), list(slots)
                     for _ in range(self.workers):
-                        nursery.start_soon(self._worker, receive, idle, free)
+                        nursery.start_soon(self._worker, sock.recv_fd, listening, idle)
                     task_status.started(self)
-                    await self._receive(sock, idle, free, send)
             finally:
                 for slot in slots:  # contexts before the socket, so none outlives it
                     slot.close()
 
-    async def _receive(self, sock: pynng.Rep0, idle: list[_Slot], free: trio.Semaphore, send) -> None:
-        """Take each request into a free context and hand it to a worker. One task waits on the socket's
-        readiness fd in trio's own poll, so a request costs no thread hand-off, and requests already
-        waiting are taken without waiting at all. A long-poll holds its context, never this loop."""
-        fd = sock.recv_fd
+    async def _worker(self, fd: int, listening: trio.Lock, idle: list[_Slot]) -> None:
+        """Workers take turns listening (leader/follower): the one holding `listening` takes the next
+        request into a free context, waiting on the socket's readiness fd in trio's own poll when none
+        waits (no thread hand-off), then hands the turn on and answers the request itself at once, while
+        the next worker listens. A long-poll holds its worker and context, never the listening. There are
+        as many workers as contexts, so the listener always finds a context that is not in use."""
         while True:
             try:
-                free.acquire_nowait()  # no scheduling round trip when a context is free (the usual case)
+                listening.acquire_nowait()  # no scheduling round trip when no other worker waits for the turn
             except trio.WouldBlock:
-                await free.acquire()
-            slot = await self._free_slot(idle)
-            frame = slot.try_recv()
-            while frame is None:
-                await trio.lowlevel.wait_readable(fd)
+                await listening.acquire()
+            try:
+                slot = await self._free_slot(idle)
                 frame = slot.try_recv()
-            send.send_nowait((slot, frame))  # room for every worker: never blocks
+                while frame is None:
+                    await trio.lowlevel.wait_readable(fd)
+                    frame = slot.try_recv()
+            finally:
+                listening.release()
+            try:
+                reply = await self.answer(frame)
+            except Exception as e:  # a bug here must cost one request, not the server
+                self.log.exception("request_failed", bytes=len(frame), error=type(e).__name__)
+                reply = self._reply("", Failure(error="internal error", retry=True))
+            slot.reply(reply)
+            idle.append(slot)
 
     async def _free_slot(self, idle: list[_Slot]) -> _Slot:
         looks = 0
@@ -406,17 +425,6 @@ class RequestServer:
             # Every idle context's reply still waits behind others on its pipe (rare): look again soon.
             looks += 1
             await trio.sleep(backoff_delay(looks, 0.0002, 0.02))
-
-    async def _worker(self, receive, idle: list[_Slot], free: trio.Semaphore) -> None:
-        async for slot, frame in receive:
-            try:
-                reply = await self.answer(frame)
-            except Exception as e:  # a bug here must cost one request, not the server
-                self.log.exception("request_failed", bytes=len(frame), error=type(e).__name__)
-                reply = self._reply("", Failure(error="internal error", retry=True))
-            slot.reply(reply)
-            idle.append(slot)
-            free.release()
 
     def key_for(self, sender: str) -> bytes:
         assert self.secret is not None
@@ -584,6 +592,7 @@ class RequestClient:
         self.secret = secret
         self.run = bytes(RUN_BYTES)  # the server's run id, learned from its first authenticated reply
         self._counter = time.time_ns()  # a clock, so a restarted client never reuses a counter
+        self._ids = _Ids()
         self._sockets: list[_Requester] = []
         self._idle: list[_Requester] = [self._open()]
         self._free = trio.Semaphore(MAX_CLIENT_SOCKETS)
@@ -599,7 +608,7 @@ class RequestClient:
         """Send `body` and return the reply body. On each `timeout` the same id is resent (after a
         backoff of 50 ms doubling up to 2 s), so the server runs it at most once. Raises RequestTimeout
         after `retries` resends, AuthError when the server refuses our credentials."""
-        envelope = Envelope(id=id or uuid.uuid4().hex, sender=self.sender, body=body)
+        envelope = Envelope(id=id or self._ids(), sender=self.sender, body=body)
         payload = encode(envelope)
         for attempt in range(retries + 1):
             reply = await self._exchange(self._seal(payload), timeout)
@@ -638,11 +647,14 @@ class RequestClient:
         self._counter = max(self._counter + 1, time.time_ns())
         return seal_frame(payload, self.secret, self.sender, self.run, self._counter)
 
+    def _own_key(self, _sender: str) -> bytes:
+        return self.secret  # type: ignore[return-value]  # replies come sealed with our own key
+
     def _read_reply(self, reply: bytes, request_id: str) -> Message | None:
         """The reply body; None for a frame to ignore (a resend follows)."""
         try:
             if self.secret:
-                head, payload = open_frame(reply, lambda _sender: self.secret)  # type: ignore[arg-type,return-value]
+                head, payload = open_frame(reply, self._own_key)
                 envelope = decode(payload)
                 self.run = head.run  # authenticated by our key: the server's current run
             else:
@@ -706,9 +718,10 @@ class Publisher:
         self._sock = pynng.Pub0(send_buffer_size=buffer)  # per-subscriber queue before nng drops
         self._sock.listen(url)
         self._yielder = _Yielder()
+        self._ids = _Ids()
 
     async def publish(self, body: Message) -> None:
-        envelope = Envelope(id=uuid.uuid4().hex, sender=self.sender, body=body)
+        envelope = Envelope(id=self._ids(), sender=self.sender, body=body)
         frame = seal(encode(envelope), self.secret)
         try:  # Pub0 drops rather than blocks, so this nearly always completes without a trio round trip
             self._sock.send(frame, block=False)

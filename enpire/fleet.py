@@ -447,7 +447,7 @@ class Ticks:
         with self.events.subscribe(TokensUsed) as used:
             while True:
                 while used.pending():
-                    call = await used.receive()
+                    call = (await used.receive()).call
                     self.tokens = self.tokens.add(call)
                     self.agent_tokens[call.agent] = self.agent_tokens.get(call.agent, 0) + ledger.call_tokens(call.input_tokens, call.output_tokens)
                 await self.tick()

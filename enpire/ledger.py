@@ -6,10 +6,10 @@ counts every generated token, `reasoning_tokens` the part spent on hidden reason
 input + output (`call_tokens`, the one place this sum is made). Cost comes from a price table per model
 (currency per million tokens); a model without a price costs 0 and is named in `unpriced`.
 
-A CLI coding agent also states a cost of its own at the end of each headless run (Claude Code's
-`total_cost_usd`, from its own price table, for the session so far); each run's figure is a `CLIRunRecord`
-on the "cli_runs" table, and the summaries show per agent `cli_cost_usd` beside the ledger's price-based
-`cost`.
+A CLI coding agent also states figures of its own at the end of each headless run (Claude Code: its cost
+from its own price table, `total_cost_usd`, and its tokens; Codex: its tokens); each run's share is a
+`CLIRunRecord` on the "cli_runs" table, and the summaries show per agent `cli_cost_usd` beside the
+ledger's price-based `cost` and `cli_tokens` beside the ledger's `tokens`.
 """
 
 from __future__ import annotations
@@ -92,16 +92,15 @@ def per_agent(records: Iterable[TokenRecord]) -> dict[str, TokenTotals]:
 
 
 def cli_costs(runs: Iterable[CLIRunRecord]) -> dict[str, dict]:
-    """Per agent: its CLI runs and the cost its CLI reported (None when it reported none). A figure covers
-    the CLI's session so far, so an agent's cost is the sum of the latest figure of each of its sessions."""
+    """Per agent: its CLI runs, the tokens its CLI counted in them (beside the ledger's own `tokens`, a check)
+    and the sum of the costs its CLI reported (None when it reported none)."""
     out: dict[str, dict] = {}
-    latest: dict[tuple[str, str], float] = {}
-    for r in sorted(runs, key=lambda r: r.t):
-        out.setdefault(r.agent, {"cli_runs": 0, "cli_cost_usd": None})["cli_runs"] += 1
+    for r in runs:
+        acc = out.setdefault(r.agent, {"cli_runs": 0, "cli_tokens": 0, "cli_cost_usd": None})
+        acc["cli_runs"] += 1
+        acc["cli_tokens"] += call_tokens(r.input_tokens, r.output_tokens)
         if r.cost_usd is not None:
-            latest[(r.agent, r.session or f"run {r.turn}")] = r.cost_usd
-    for (agent, _), cost in latest.items():
-        out[agent]["cli_cost_usd"] = round((out[agent]["cli_cost_usd"] or 0.0) + cost, 6)
+            acc["cli_cost_usd"] = round((acc["cli_cost_usd"] or 0.0) + r.cost_usd, 6)
     return out
 
 
@@ -116,7 +115,7 @@ def summary(records: Iterable[TokenRecord], runs: Iterable[CLIRunRecord] = ()) -
         agents.setdefault(agent, TokenTotals().as_dict()).update(figures)
     if cli:
         costs = [f["cli_cost_usd"] for f in cli.values() if f["cli_cost_usd"] is not None]
-        team.update(cli_runs=sum(f["cli_runs"] for f in cli.values()),
+        team.update(cli_runs=sum(f["cli_runs"] for f in cli.values()), cli_tokens=sum(f["cli_tokens"] for f in cli.values()),
                     cli_cost_usd=round(sum(costs), 6) if costs else None)
     return {"team": team, "agents": dict(sorted(agents.items()))}
 

@@ -109,7 +109,10 @@ def render(status: dict) -> str:
         lines.append(f"tokens: {status['tokens_total']:,} ({status['tokens_cached_input']:,} cached input), "
                      f"{status['tokens_per_min']:,.0f}/min")
     for agent, n in status["tokens"].items():
-        lines.append(f"  {agent}: {n:,} tokens")
+        own = status["token_ledger"]["agents"].get(agent, {})  # a CLI agent's own figures, beside the ledger's
+        cost = f", ${own['cli_cost_usd']:.4f}" if own.get("cli_cost_usd") is not None else ""
+        said = f" (its CLI counted {own['cli_tokens']:,}{cost} in {own['cli_runs']} runs)" if own.get("cli_runs") else ""
+        lines.append(f"  {agent}: {n:,} tokens{said}")
     lines.append(f"findings: {status['findings']}")
     lines += [summary.heldout_line(task, h) for task, h in status.get("heldout", {}).items()]
     return "\n".join(lines)

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from bus.blackboard import Blackboard
-from bus.records import EpisodeRecord, TokenRecord
+from bus.records import EpisodeRecord, HeldoutRecord, TokenRecord
+from enpire import config as cfg
+from enpire.heldout import order
 from enpire.workspace import Workspace
 from tests.cli_harness import KINDS, MAIN_TOOL, MODEL, PROVIDER, require, shell, write
 from tests.scripted_models import Reply, ScriptedModel, Steps
@@ -169,6 +171,7 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
     try:
         episodes = board.values("episodes", EpisodeRecord)
         tokens = board.values("tokens", TokenRecord)
+        pool = board.get("heldout", "pusht", HeldoutRecord)
     finally:
         board.close()
     agent_eps = [e for e in episodes if e.job_id == seen["eval"]]
@@ -182,6 +185,9 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
     assert '"step", 40.0' in ws.read(agent_eps[0].policy.commit)["policy.py"]
     judged = [e for e in episodes if e.kind == "heldout" and e.policy.commit == head]
     assert len(judged) == 30 and all(e.seed >= 1_000_000 for e in judged)  # held-out seeds
+    # ... drawn in the fleet's secret order (its key is on the blackboard), not the range's first seeds
+    assert {e.seed for e in judged} <= set(order(pool, cfg.Config().task("pusht").heldout_seeds, range(pool.used)))
+    assert sorted(e.seed for e in judged) != list(range(1_000_000, 1_000_030))
     # The ledger equals what the server reported, call for call.
     mine = [t for t in tokens if t.agent == "agent-0"]
     assert len(mine) == len(model.log)
@@ -195,6 +201,7 @@ def test_a_cli_agent_improves_a_policy_on_the_fleet(tmp_path, kind):
     # report.json's token section: the ledger's figures and, beside them, the cost the CLI itself reported.
     report = json.loads((tmp_path / "state" / "report.json").read_text())["tokens"]["agents"]["agent-0"]
     assert report["calls"] == len(model.log) and report["cli_runs"] == 1
+    assert report["cli_tokens"] == report["tokens"]  # the CLI's own count equals the relay's ledger
     if kind == "claude-code":
         figure = [json.loads(line) for line in transcript.splitlines() if '"type":"result"' in line][-1]
         assert report["cli_cost_usd"] == round(figure["total_cost_usd"], 6) > 0

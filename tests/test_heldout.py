@@ -153,8 +153,9 @@ async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fr
                 first_final = lease.job_id.startswith("final-") and len(runs[lease.policy.commit]) == 1
                 await ref.ask(_report(lease, lease.policy == best or first_final))  # the start: 1 of 5
         await _eventually(lambda: "r" in out)
-        r = out["r"]
-        assert isinstance(r, FinalResult) and sorted(runs["ba5e"]) == sorted(runs["aaaa"]) == sorted(r.seeds)
+        assert isinstance(out["r"], FinalResult)
+        r = out["r"].final
+        assert sorted(runs["ba5e"]) == sorted(runs["aaaa"]) == sorted(r.seeds)
         judged = {e.seed for e in board.values("episodes", EpisodeRecord) if not e.job_id.startswith("final-")}
         assert len(set(r.seeds)) == 5 and not judged & set(r.seeds)  # fresh: no other judging saw them
         assert (r.start_successes, r.start_n, r.champion_successes, r.champion_n) == (1, 5, 5, 5)

@@ -227,7 +227,7 @@ async def test_agent_runs_the_improvement_cycle_through_the_sdk(api, tmp_path, m
               "reasoning_tokens": sum(r[4] for r in rows)}
     progress = ledger.TokenTotals()  # what the daemon's progress ticks add up from the agents' TokensUsed events
     for event in used:
-        progress = progress.add(event)
+        progress = progress.add(event.call)
     assert {k: progress.as_dict()[k] for k in served} == served and progress.total == 6000 and progress.calls == 6
     report = fleet.build_report(board, fleet.cfg.Config(), fleet.Outcome("budget", 1.0, None), {})["tokens"]
     shown = status._collect(board, time.time())["token_ledger"]

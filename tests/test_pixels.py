@@ -195,7 +195,8 @@ async def test_a_real_cell_runs_the_perception_template_on_pixels_and_records_th
 
 
 def test_visuomotor_numpy_policy_computes_what_torch_trained():
-    """The sandbox's numpy network (visuomotor_policy.forward) and the trained torch network agree."""
+    """The sandbox's numpy network (visuomotor_policy.forward) and the trained torch network agree, on the
+    action and on the pose head."""
     import torch
 
     from enpire.learning import visuomotor as vm
@@ -207,18 +208,24 @@ def test_visuomotor_numpy_policy_computes_what_torch_trained():
                  "observations": rng.uniform(50, 450, (n + 1, 2)).astype(np.float32),
                  "actions": rng.uniform(50, 450, (n, 2)).astype(np.float32)} for _ in range(2)]
     ds = vm.from_episodes(episodes)
-    assert len(ds) == 2 * n and ds.prev[0] == 0 and ds.prev[n] == n and ds.prev[n + 5] == n + 4
-    model, metrics = vm.train_visuomotor(ds, vm.VisuomotorConfig(max_epochs=2, batch_size=16, device="cpu"))
-    assert metrics["epochs"] == 2 and np.isfinite(metrics["train_loss"])
+    assert len(ds) == 2 * n and ds.episode[n - 1] == 0 and ds.episode[n] == 1
+    angle = rng.uniform(-np.pi, np.pi, 2 * n)  # labelled already: no expert needed on random frames
+    ds.pose = np.stack([rng.normal(size=2 * n), rng.normal(size=2 * n), np.cos(angle), np.sin(angle)], 1).astype(np.float32)
+    ds.pose_ok = np.ones(2 * n, bool)
+    ds.mode = np.stack([rng.integers(0, k, 2 * n) for k in vp.MODES], 1)
+    from enpire.agents import pusht_policy
+
+    assert vp.MODES[0] == len(pusht_policy.C_LOC)  # the numpy file cannot import the controller: same count
+    model, metrics = vm.train_visuomotor(ds, vm.VisuomotorConfig(max_epochs=2, batch_size=16, device="cpu",
+                                                                 dagger_rounds=0, workers=1))
+    assert metrics["bc_epochs"] == 2 and np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_aux_loss"])
     w = vm.export_numpy(model)
     idx = np.arange(0, 2 * n, 7)
-    image, pp = vm._batch(ds, idx, torch.device("cpu"))
     with torch.no_grad():
-        pos = torch.cat([(pp[:, :2] - model.pos_mean) / model.pos_std, (pp[:, :2] - pp[:, 2:]) / 20.0], dim=1)
-        expected = model(image, pos).numpy()
-    got = vp.forward(w, vp.frames_input(ds.frames[idx], ds.frames[ds.prev[idx]]),
-                     vp.pos_input(w, ds.pos[idx], ds.pos[ds.prev[idx]]))
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+        expected, expected_pose, _ = model(*vm._batch(ds, idx, torch.device("cpu")))
+    got, got_pose = vp.forward(w, vp.frames_input(ds.frames[idx]), ds.pos[idx])
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got_pose, expected_pose.numpy(), rtol=0, atol=1e-4)
     assert vm.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
@@ -263,9 +270,13 @@ async def test_visuomotor_checkpoint_trained_by_the_trainer_runs_in_a_real_cell(
                       artifacts=state / ARTIFACTS)
         with trio.fail_after(240):
             trained = await tools.train("visuomotor", time_budget_s=90,
-                                        options={"max_epochs": "1", "batch_size": "16", "device": "auto"})
+                                        options={"max_epochs": "1", "batch_size": "16", "device": "auto",
+                                                 "dagger_rounds": "1", "dagger_episodes": "2", "horizon": "10",
+                                                 "workers": "2"})
             assert trained.ok, trained.error
-            assert trained.metrics["episodes"] == 2 and trained.metrics["transitions"] == 50
+            m = trained.metrics  # the recordings, relabelled, then one DAgger round in the simulator
+            assert m["episodes"] == 2 and m["recorded_transitions"] == 50 and m["dagger_rounds"] == 1
+            assert m["dagger_transitions"] == 20 and m["transitions"] == 70  # 2 rollouts of the 10-step horizon
             commit = await tools.commit_checkpoint(trained.artifact, "visuomotor on 2 episodes")
             files = await tools.read_files(commit)
             assert files["policy.py"] == LEARNED_POLICIES["visuomotor"].read_text()

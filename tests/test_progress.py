@@ -54,8 +54,8 @@ async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticks.run)
             first = await progress_events.receive()
-            events.publish(TokensUsed("agent-1", "m", 300, 100, 50, time.time()))
-            events.publish(TokensUsed("agent-0", "m", 20, 0, 30, time.time()))
+            events.publish(TokensUsed(call=TokenRecord("agent-1", "m", time.time(), 300, 100, 50)))
+            events.publish(TokensUsed(call=TokenRecord("agent-0", "m", time.time(), 20, 0, 30)))
             later = await progress_events.receive()
             while later.tokens == first.tokens:
                 later = await progress_events.receive()

@@ -29,6 +29,7 @@ from bus.records import CandidateRecord, Champion, EpisodeRecord, HeldoutRecord
 from enpire import config as cfg
 from enpire import heldout as pool
 from enpire.bundles import BundleStore
+from enpire.judging import CONFIRM_EPISODES_PER_CELL
 
 POLICY = PolicySpec("c0ffee", {"gain": 1.0})
 
@@ -69,6 +70,17 @@ async def _eventually(check, timeout=5.0):
 
 async def _hello(ref, cell="cell-0"):
     await ref.ask(Hello(cell_id=cell, driver="pusht", tasks=["pusht"], host="h", pid=1))
+
+
+async def _serve(ref, n: int, cell="cell-0", success=True, wait_s=2.0) -> list[Lease]:
+    """A cell runs its next `n` leases and reports each (all succeeding unless `success` is False)."""
+    leases = []
+    for _ in range(n):
+        lease = await ref.ask(LeaseRequest(cell_id=cell, wait_s=wait_s))
+        assert isinstance(lease, Lease), lease
+        await ref.ask(_report(lease, success, cell))
+        leases.append(lease)
+    return leases
 
 
 def _heldout(board, positions: range, task="pusht") -> list[int]:
@@ -303,10 +315,7 @@ async def test_unpooled_cells_run_only_their_own_agents_work(tmp_path):
                                                 seeds=list(range(3))))
         nursery.start_soon(ref.ask, PromoteRequest(job_id="p1", agent="agent-1", task="pusht", policy=POLICY))
         await trio.sleep(0.3)
-        for _ in range(3):
-            lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1))
-            assert isinstance(lease, Lease) and lease.job_id == "j0"
-            await ref.ask(_report(lease, True))
+        assert [lease.job_id for lease in await _serve(ref, 3, wait_s=0.1)] == ["j0"] * 3
         # agent-0 has nothing left: cell-0 waits although agent-1's judging is queued
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
         lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
@@ -364,14 +373,13 @@ async def test_a_candidate_is_judged_once_however_many_agents_promote_it(tmp_pat
         await trio.sleep(0.3)
         nursery.start_soon(promote, "b", "pb")
         await trio.sleep(0.3)
-        for _ in range(10):
-            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-            assert lease.job_id == "pa"
-            await ref.ask(_report(lease, True))
+        assert {lease.job_id for lease in await _serve(ref, 10)} == {"pa"}
         with trio.fail_after(5):
             while len(out) < 2:
                 await trio.sleep(0.01)
         assert out["a"].promoted and out["b"].promoted and out["b"].n == 10
+        # crowned once: the second to hear the verdict finds it the champion already
+        assert sorted(r.detail == "already the champion" for r in out.values()) == [False, True]
         lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1))
         assert lease.kind == "background"  # no second judging: the idle cell confirms the champion
         nursery.cancel_scope.cancel()
@@ -417,7 +425,8 @@ async def test_a_champion_that_may_meet_the_target_is_confirmed_before_queued_ex
             lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
             kinds.append(lease.kind)
             await ref.ask(_report(lease, True))
-            await trio.sleep(0.02)  # the judge hears each confirmation job's end
+            if len(kinds) % CONFIRM_EPISODES_PER_CELL == 0:  # a confirmation job ended: the judge counts it
+                await _eventually(lambda: board.get("champion", "pusht", Champion).n == len(kinds))
         # the sequential rule (target 0.5, alpha 0.05) says "met" after 8 straight successes: the run may end
         assert kinds == ["background"] * 8
         assert [(await ref.ask(LeaseRequest(cell_id="cell-0"))).kind for _ in range(3)] == ["agent"] * 3
@@ -445,16 +454,12 @@ async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_pat
         await _hello(ref, "cell-1")
         nursery.start_soon(ref.ask, PromoteRequest(job_id="p", agent="agent-1", task="pusht", policy=POLICY))
         await trio.sleep(0.3)
-        for _ in range(3):
-            lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
-            await ref.ask(_report(lease, True, "cell-1"))
+        await _serve(ref, 3, "cell-1", wait_s=0.1)
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.1)), NoWork)
-        seeds = []
-        for _ in range(16):  # two jobs of 4 episodes per cell (2 cells), all on the promoter's own cell
-            lease = await ref.ask(LeaseRequest(cell_id="cell-1", wait_s=0.1))
-            assert lease.kind == "background" and lease.job_id.startswith("confirm-")
-            seeds.append(lease.seed)
-            await ref.ask(_report(lease, True, "cell-1"))
+        # two jobs of 4 episodes per cell (2 cells), all on the promoter's own cell
+        confirm = await _serve(ref, 16, "cell-1", wait_s=0.1)
+        assert all(lease.kind == "background" and lease.job_id.startswith("confirm-") for lease in confirm)
+        seeds = [lease.seed for lease in confirm]
         # fresh seeds after the 3 it was judged on
         assert len(set(seeds)) == 16 and set(seeds) <= set(_heldout(board, range(3, 19)))
         await _eventually(lambda: board.get("champion", "pusht", Champion).n == 16)
@@ -490,12 +495,7 @@ async def test_more_episodes_of_a_measured_candidate_go_before_first_looks(tmp_p
         await trio.sleep(0.3)
         nursery.start_soon(ref.ask, EvalRequest(job_id="more", agent="c", task="pusht", policy=POLICY, seeds=[4, 5]))
         await trio.sleep(0.3)
-        order = []
-        for _ in range(4):
-            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-            order.append(lease.job_id)
-            await ref.ask(_report(lease, True))
-        assert order == ["more", "more", "new", "new"]
+        assert [lease.job_id for lease in await _serve(ref, 4)] == ["more", "more", "new", "new"]
         nursery.cancel_scope.cancel()
 
 
@@ -508,10 +508,6 @@ async def test_judging_a_candidate_is_not_charged_to_the_promoting_agents_share(
         await trio.sleep(0.3)
         nursery.start_soon(ref.ask, EvalRequest(job_id="jb", agent="b", task="pusht", policy=POLICY, seeds=[3, 4]))
         await trio.sleep(0.3)
-        jobs = []
-        for _ in range(2):
-            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-            jobs.append(lease.job_id)
-            await ref.ask(_report(lease, True))
+        jobs = [lease.job_id for lease in await _serve(ref, 2)]
         assert jobs == ["ja", "jb"] or jobs == ["jb", "ja"]  # served alternately, "a" not pushed back
         nursery.cancel_scope.cancel()

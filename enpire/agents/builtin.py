@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -278,6 +279,9 @@ class BuiltinResearcher:
             options = {"seed": str(self.generation)}
             if recipe == "rl":
                 options |= {"init_artifact": self.bc_artifact, "online_episodes": str(s.rl_online_episodes)}
+            champion = tools.champion()
+            if recipe == "visuomotor" and champion is not None:  # the expert that relabels the frames
+                options["expert_params"] = json.dumps(champion.policy.params)
             hypothesis = f"{recipe} on the fleet's {successes} recorded successes beats the best tuned candidate"
             try:
                 trained = await tools.train(recipe, time_budget_s=s.train_budget_s, options=options)

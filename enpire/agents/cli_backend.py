@@ -223,10 +223,35 @@ class Run:
                 self.error = str(event.get("error") or event.get("message"))[:300]
 
     @property
+    def usage(self) -> tuple[int, int]:
+        """(input, output) tokens of this run as the CLI reported them, input counting cached input and
+        cache writes (Claude Code's result reports them apart; Codex's turn.completed counts them in)."""
+        usage = (self.result or {}).get("usage") or {}
+        n = {key: value for key, value in usage.items() if isinstance(value, int)}
+        return (n.get("input_tokens", 0) + n.get("cache_read_input_tokens", 0) + n.get("cache_creation_input_tokens", 0),
+                n.get("output_tokens", 0))
+
+    @property
     def cost(self) -> float | None:
         """The run's cost as the CLI itself reported it (None: it reports none, as Codex never does)."""
         value = (self.result or {}).get("total_cost_usd")
         return float(value) if isinstance(value, int | float) else None
+
+
+# Which end-of-run figures of each CLI cover its session so far (a resumed session carries them on) rather
+# than the run: measured with the pinned versions (tests/test_cli_backend.py checks both against the ledger).
+SESSION_FIGURES = {"claude-code": {"cost"}, "codex": {"tokens"}, "command": set()}
+
+
+def run_share(kind: Kind, cost: float | None, tokens: tuple[int, int], earlier: list[CLIRunRecord]
+              ) -> tuple[float | None, tuple[int, int]]:
+    """This run's share of what the CLI reported, given the records of the session's earlier runs."""
+    if "cost" in SESSION_FIGURES[kind] and cost is not None:
+        cost = max(0.0, cost - sum(r.cost_usd or 0.0 for r in earlier))
+    if "tokens" in SESSION_FIGURES[kind] and any(tokens):
+        tokens = (max(0, tokens[0] - sum(r.input_tokens for r in earlier)),
+                  max(0, tokens[1] - sum(r.output_tokens for r in earlier)))
+    return cost, tokens
 
 
 def mcp_server_spec(socket_path: Path, token: str) -> dict[str, Any]:
@@ -544,10 +569,16 @@ class CLIAgent:
         log.info("cli_turn_finished", turn=number, ok=ok, reason=reason, exit_code=code, seconds=round(seconds, 2),
                  cli_cost_usd=run.cost, session=run.session,
                  cli_usage=(run.result or {}).get("usage"))
-        # The CLI's own cost figure goes to the ledger beside the relay's per-call records (report.json shows both).
-        await trio.to_thread.run_sync(tools.board.append, "cli_runs", CLIRunRecord(
-            tools.agent, s.kind, self.clock(), number, ok, round(seconds, 3), run.session, run.cost))
+        # The CLI's own figures go to the ledger beside the relay's per-call records (report.json shows both).
+        await trio.to_thread.run_sync(self._record_run, tools, number, ok, seconds, run)
         return TurnOutcome(ok, reason, code, seconds, run, session_lost=lost)
+
+    def _record_run(self, tools, number: int, ok: bool, seconds: float, run: Run) -> None:
+        earlier = [r for r in tools.board.values("cli_runs", CLIRunRecord)
+                   if r.agent == tools.agent and run.session and r.session == run.session]
+        cost, tokens = run_share(self.settings.kind, run.cost, run.usage, earlier)
+        tools.board.append("cli_runs", CLIRunRecord(tools.agent, self.settings.kind, self.clock(), number, ok,
+                                                    round(seconds, 3), run.session, cost, *tokens))
 
     async def _publish(self, tools, worktree: Worktree, log, arguments: dict) -> str | None:
         """Before a fleet tool runs: the worktree's latest commit becomes a commit of the agent's branch."""

@@ -231,8 +231,5 @@ class Tools:
                              cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens, cost=cost)
         self.board.append("tokens", record)
         if self.events:
-            self.events.publish(TokensUsed(agent=self.agent, model=model, input_tokens=input_tokens,
-                                           cached_input_tokens=cached_input_tokens, output_tokens=output_tokens,
-                                           t=record.t, cache_write_tokens=cache_write_tokens,
-                                           reasoning_tokens=reasoning_tokens, cost=cost))
+            self.events.publish(TokensUsed(call=record))
         return record

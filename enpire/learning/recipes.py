@@ -12,7 +12,10 @@ failed allocation ends as "memory budget exceeded").
 Options (all strings on the command line): max_episodes, success_only, hidden, layers, max_epochs,
 patience, lr, seed, batch_size; for "rl" also rl_steps, alpha, online_episodes and init_artifact (the content hash
 of a BC checkpoint in artifacts/ to start from instead of training BC first); for "visuomotor" (a CNN on
-recorded camera frames, `enpire.learning.visuomotor`) the same and batch_size; inject_nan (tests only).
+recorded camera frames, `enpire.learning.visuomotor`) hidden, max_epochs, lr, batch_size, seed, dagger_rounds,
+dagger_episodes, horizon, workers and expert_params (JSON: the perception template's parameters the expert
+relabels with; default the champion on the state dir's blackboard, else the template's initial ones);
+inject_nan (tests only).
 
 Where: `--device auto|cpu|cuda|cuda:N` (auto: CUDA when torch sees a GPU) and option `amp`
 (auto|on|off: bf16 autocast on CUDA; auto leaves it to the recipe, and the small MLPs here train in
@@ -151,11 +154,20 @@ def _visuomotor(state_dir, out_dir: Path, budget: float, task: str, options: dic
     remaining = budget - load_s
     if remaining <= 1.0:
         raise RecipeError(f"time budget exceeded while loading data ({time.monotonic() - t0:.0f} s of {budget:.0f} s)")
+    expert = options.get("expert_params", "")
+    try:  # the expert that relabels: the perception template with these parameters (the champion's)
+        params = json.loads(expert) if expert else vm.champion_params(state_dir, task)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"option expert_params is not JSON: {exc}") from None
+    if params is not None and not isinstance(params, dict):
+        raise RecipeError(f"option expert_params must be a JSON object of parameters, not {expert!r}")
     cfg = vm.VisuomotorConfig(
         hidden=_opt(options, "hidden", int, 256), max_epochs=_opt(options, "max_epochs", int, 100),
-        patience=_opt(options, "patience", int, 8), lr=_opt(options, "lr", float, 1e-3),
-        batch_size=_opt(options, "batch_size", int, 64), seed=_opt(options, "seed", int, 0),
-        time_budget_s=remaining * 0.9, inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
+        lr=_opt(options, "lr", float, 1e-3), batch_size=_opt(options, "batch_size", int, 64),
+        seed=_opt(options, "seed", int, 0), time_budget_s=remaining * 0.9,
+        dagger_rounds=_opt(options, "dagger_rounds", int, 4), dagger_episodes=_opt(options, "dagger_episodes", int, 40),
+        horizon=_opt(options, "horizon", int, 300), workers=_opt(options, "workers", int, 2), expert_params=params,
+        inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
     )
     try:
         model, metrics = vm.train_visuomotor(ds, cfg, place=place)

@@ -6,37 +6,65 @@ Copy this file as `policy.py` next to the `weights.npz` the "visuomotor" recipe 
 network's arithmetic on the numpy side; `enpire.learning.visuomotor` trains the same network in torch
 and a test checks that both give the same actions.
 
-Network: the current and the previous frame stacked (6 channels, scaled to [-0.5, 0.5]) -> three
-convolutions with ReLU (by default c0: 4x4 stride 4, c1 and c2: 3x3 stride 1; padding k // 2) ->
-spatial soft-argmax (an expected (x, y) in [-1, 1] per channel of c2: keypoints with sub-pixel
-precision) -> concatenated with the normalised pusher position and its change since the previous step
--> an MLP (ReLU) -> the action as a normalised offset from the pusher position.
+Network (one frame in, one action out; nothing carried between steps but the per-step change limit):
+1. the frame (3 channels, scaled to [-0.5, 0.5]) -> three convolutions with ReLU (by default c0: 4x4
+   stride 4, c1 and c2: 3x3 stride 1; padding k // 2) -> spatial soft-argmax: an expected (x, y) in
+   [-1, 1] per channel of c2 (keypoints with sub-pixel precision);
+2. a pose head (MLP on the keypoints) -> the block pose it sees, [(x - 256) / 32, (y - 256) / 32, cos,
+   sin] (trained against the fleet's own pose estimates: a bottleneck that makes the keypoints find the
+   block);
+3. `pose_features` of the pusher position and that pose (the pusher and the goal in the block's frame,
+   the angle error) with the keypoints -> a mode head (MLP) choosing the controller's discrete decision:
+   which of its 42 contact points to use, whether to push now, which way to go round the block (argmax of
+   each group: a choice, never an average of two ways to go);
+4. features, keypoints and the chosen mode (one-hot) -> an MLP (ReLU) -> the action as a normalised offset
+   from the pusher position.
 
-weights.npz holds plain arrays: c{i}_w (out, in, k, k), c{i}_b, n_conv, strides (n_conv,), m{i}_w
-(in, out), m{i}_b, n_mlp, pos_mean/pos_std (2,), act_mean/act_std (2,), act_low/act_high (2,),
-max_delta (), policy_kind = "visuomotor".
+weights.npz holds plain arrays: c{i}_w (out, in, k, k), c{i}_b, n_conv, strides (n_conv,), p{i}_w /
+p{i}_b (pose head, (in, out)), n_pose, q{i}_w / q{i}_b (mode head), n_mode, m{i}_w / m{i}_b (action head),
+n_mlp, feat_mean/feat_std,
+act_mean/act_std (2,), act_low/act_high (2,), max_delta (), policy_kind = "visuomotor".
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
 WEIGHTS_FILE = "weights.npz"
 POLICY_KIND = "visuomotor"
+POLICY_VERSION = 2  # 2: one frame, pose bottleneck (version 1 stacked two frames and had no pose head)
+GOAL = (256.0, 256.0, math.pi / 4)
+POSE_SCALE = 32.0  # px per unit of the pose head's position outputs
+SCALE = 256.0  # px per unit of the features' positions
+N_FEATURES = 12
+MODES = (42, 2, 3)  # the controller's contact points, pushing or not, orbit direction (-1, 0, +1)
+N_MODES = sum(MODES)
 
 
-def frames_input(frame: np.ndarray, prev_frame: np.ndarray) -> np.ndarray:
-    """(N, 96, 96, 3) uint8 frames and the frames one step earlier -> (N, 6, 96, 96) float32 input."""
-    x = np.concatenate([np.asarray(frame), np.asarray(prev_frame)], axis=-1).astype(np.float32)
+def frames_input(frame: np.ndarray) -> np.ndarray:
+    """(N, 96, 96, 3) uint8 frames -> (N, 3, 96, 96) float32 input."""
+    x = np.asarray(frame).astype(np.float32)
     return np.ascontiguousarray(np.moveaxis(x / 255.0 - 0.5, -1, 1))
 
 
-def pos_input(w: dict[str, np.ndarray], pos: np.ndarray, prev_pos: np.ndarray) -> np.ndarray:
-    """(N, 2) pusher positions and the previous ones -> (N, 4) normalised position and change."""
-    pos, prev_pos = np.asarray(pos, np.float32).reshape(-1, 2), np.asarray(prev_pos, np.float32).reshape(-1, 2)
-    return np.concatenate([(pos - w["pos_mean"]) / w["pos_std"], (pos - prev_pos) / 20.0], axis=1).astype(np.float32)
+def pose_features(pos: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """(N, 2) pusher positions and (N, 4) poses [(x-256)/32, (y-256)/32, cos, sin] -> (N, 12) features:
+    the pusher and the goal in the block's frame, the angle error's cos/sin, positions; what the
+    controller that made the data acts on. The torch twin is `visuomotor.pose_features_t`."""
+    pos = np.asarray(pos, np.float32).reshape(-1, 2)
+    bx, by = pose[:, 0] * POSE_SCALE + 256.0, pose[:, 1] * POSE_SCALE + 256.0
+    norm = np.sqrt(pose[:, 2] ** 2 + pose[:, 3] ** 2) + 1e-6
+    c, s = pose[:, 2] / norm, pose[:, 3] / norm
+    rx, ry = pos[:, 0] - bx, pos[:, 1] - by
+    gx, gy = GOAL[0] - bx, GOAL[1] - by
+    cg, sg = math.cos(GOAL[2]), math.sin(GOAL[2])
+    cols = [(pos[:, 0] - 256.0) / SCALE, (pos[:, 1] - 256.0) / SCALE, (bx - 256.0) / SCALE, (by - 256.0) / SCALE,
+            c, s, cg * c + sg * s, sg * c - cg * s,
+            (c * rx + s * ry) / SCALE, (-s * rx + c * ry) / SCALE, (c * gx + s * gy) / SCALE, (-s * gx + c * gy) / SCALE]
+    return np.stack(cols, axis=1).astype(np.float32)
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
@@ -63,24 +91,40 @@ def spatial_softargmax(h: np.ndarray) -> np.ndarray:
     return np.concatenate([flat @ xs, flat @ ys], axis=1)
 
 
-def forward(w: dict[str, np.ndarray], image: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Network input (frames_input, pos_input) -> normalised action offset (N, 2)."""
-    h = image
-    strides = np.asarray(w["strides"]).astype(int)
-    for i in range(int(w["n_conv"])):
-        h = np.maximum(conv2d(h, w[f"c{i}_w"], w[f"c{i}_b"], int(strides[i])), 0.0)
-    z = np.concatenate([spatial_softargmax(h), pos], axis=1)
-    n = int(w["n_mlp"])
+def mlp(w: dict[str, np.ndarray], prefix: str, n: int, z: np.ndarray) -> np.ndarray:
     for i in range(n):
-        z = z @ w[f"m{i}_w"] + w[f"m{i}_b"]
+        z = z @ w[f"{prefix}{i}_w"] + w[f"{prefix}{i}_b"]
         if i < n - 1:
             z = np.maximum(z, 0.0)
     return z
 
 
-def predict(w, frame, prev_frame, pos, prev_pos) -> np.ndarray:
+def one_hot_modes(logits: np.ndarray) -> np.ndarray:
+    """(N, N_MODES) mode logits -> (N, N_MODES) one-hot of the argmax within each group."""
+    out = np.zeros_like(logits)
+    start = 0
+    for size in MODES:
+        out[np.arange(len(logits)), start + logits[:, start : start + size].argmax(axis=1)] = 1.0
+        start += size
+    return out
+
+
+def forward(w: dict[str, np.ndarray], image: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """frames_input(frames), (N, 2) pusher positions -> (normalised action offsets (N, 2), poses (N, 4))."""
+    h = image
+    strides = np.asarray(w["strides"]).astype(int)
+    for i in range(int(w["n_conv"])):
+        h = np.maximum(conv2d(h, w[f"c{i}_w"], w[f"c{i}_b"], int(strides[i])), 0.0)
+    keys = spatial_softargmax(h)
+    pose = mlp(w, "p", int(w["n_pose"]), keys)
+    z = np.concatenate([(pose_features(pos, pose) - w["feat_mean"]) / w["feat_std"], keys], axis=1)
+    mode = one_hot_modes(mlp(w, "q", int(w["n_mode"]), z))
+    return mlp(w, "m", int(w["n_mlp"]), np.concatenate([z, mode], axis=1)), pose
+
+
+def predict(w, frame, pos) -> np.ndarray:
     """Batch prediction of the raw (unclipped) absolute action targets."""
-    out = forward(w, frames_input(frame, prev_frame), pos_input(w, pos, prev_pos))
+    out, _ = forward(w, frames_input(frame), pos)
     return np.asarray(pos, np.float64).reshape(-1, 2) + out * w["act_std"] + w["act_mean"]
 
 
@@ -90,12 +134,13 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
              for k in data.files}
     if str(w.get("policy_kind", "")) != POLICY_KIND:
         raise ValueError(f"{path}: not a visuomotor checkpoint (policy_kind {w.get('policy_kind')!r})")
-    for i in range(int(w["n_conv"])):
-        if f"c{i}_w" not in w:
-            raise ValueError(f"{path}: convolution {i} missing")
-    for i in range(int(w["n_mlp"])):
-        if f"m{i}_w" not in w:
-            raise ValueError(f"{path}: layer {i} missing")
+    if int(w.get("policy_version", 1)) != POLICY_VERSION:
+        raise ValueError(f"{path}: visuomotor checkpoint version {int(w.get('policy_version', 1))}, this file "
+                         f"runs version {POLICY_VERSION} (retrain with the current recipe)")
+    for prefix, count in (("c", "n_conv"), ("p", "n_pose"), ("q", "n_mode"), ("m", "n_mlp")):
+        for i in range(int(w[count])):
+            if f"{prefix}{i}_w" not in w:
+                raise ValueError(f"{path}: layer {prefix}{i} missing")
     return w
 
 
@@ -109,7 +154,6 @@ class Policy:
         self.reset()
 
     def reset(self) -> None:
-        self.prev = None
         self.last_action = None
 
     def on_failure(self, info: dict) -> None:  # pass@k: start the next attempt afresh
@@ -118,9 +162,7 @@ class Policy:
     def act(self, obs) -> np.ndarray:
         frame = np.asarray(obs["pixels"], dtype=np.uint8)
         pos = np.asarray(obs["agent_pos"], dtype=np.float64).reshape(2)
-        prev_frame, prev_pos = self.prev if self.prev is not None else (frame, pos)
-        self.prev = (frame, pos)
-        a = predict(self.w, frame[None], prev_frame[None], pos[None], prev_pos[None])[0]
+        a = predict(self.w, frame[None], pos[None])[0]
         if not np.all(np.isfinite(a)):
             a = pos.copy()  # never send junk: hold the pusher where it is
         ref = pos if self.last_action is None else self.last_action
