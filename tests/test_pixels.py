@@ -232,6 +232,23 @@ def test_visuomotor_numpy_policy_computes_what_torch_trained():
             vm.pick_device("cuda")
 
 
+def test_dagger_rollouts_are_labelled_by_the_memory_free_expert_and_stop_at_their_deadline():
+    """A DAgger round: the numpy policy drives the simulator, every visited frame gets the expert's action,
+    pose and decision (the same a fresh expert gives for that frame alone); a passed deadline stops it."""
+    import time
+
+    from enpire.learning import visuomotor as vm
+
+    w = vm.export_numpy(vm.Net(vm.VisuomotorConfig()))
+    new, wins = vm.dagger_data(w, None, [50000], 5, None, deadline=time.time() + 120)
+    assert len(new) == 5 and wins == 0 and new.pose_ok.all() and new.mode.shape == (5, 3)
+    action, pose, mode = vm.expert_label(None, new.frames[3], new.pos[3])
+    np.testing.assert_allclose(new.actions[3], action, atol=1e-3)
+    np.testing.assert_allclose(new.pose[3], pose, atol=1e-5)
+    assert new.mode[3].tolist() == mode.tolist()
+    assert vm.dagger_data(w, None, [50000, 50001], 300, None, deadline=time.time() - 1) == (None, 0)
+
+
 async def test_visuomotor_checkpoint_trained_by_the_trainer_runs_in_a_real_cell(tmp_path):
     """Record pixel episodes, train the visuomotor recipe through the trainer, commit the checkpoint
     (the visuomotor policy file goes with it), evaluate it through a real cell on pixels, and find the

@@ -79,7 +79,8 @@ class VisuomotorConfig:
     time_budget_s: float = 600.0
     bc_share: float = 0.4  # of the training time, spent before the first DAgger round
     dagger_rounds: int = 4
-    dagger_episodes: int = 40  # learner episodes per round
+    dagger_episodes: int = 40  # learner episodes per round (fewer when the round's rollout time runs out)
+    rollout_share: float = 0.4  # of each round's time slice, for its rollouts
     horizon: int = 300
     workers: int = 2  # processes for relabelling and rollouts
     expert_params: dict[str, float] | None = None  # the perception template's parameters (None: its initial ones)
@@ -231,9 +232,12 @@ def relabel(ds: FrameDataset, params, pool: ProcessPoolExecutor | None) -> None:
     ds.mode = np.concatenate([p[3] for p in parts])
 
 
-def _rollouts(weights: dict[str, np.ndarray], params, seeds: list[int], horizon: int) -> tuple[dict, int]:
+def _rollouts(weights: dict[str, np.ndarray], params, seeds: list[int], horizon: int,
+              deadline: float) -> tuple[dict, int]:
     """Run the numpy policy (what a cell runs) from each seed; the expert labels every frame it visits.
-    Returns the labelled frames and the number of successes."""
+    Stops at `deadline` (time.time(): the workers are other processes) even mid-episode, so a loaded
+    machine shortens a round instead of overrunning the budget. Returns the labelled frames and the number
+    of successes."""
     from hw.pusht import PushTDriver
 
     driver = PushTDriver(obs_type="pixels")
@@ -245,6 +249,8 @@ def _rollouts(weights: dict[str, np.ndarray], params, seeds: list[int], horizon:
             obs = driver.reset(int(seed))
             policy.reset()
             for _ in range(horizon):
+                if time.time() > deadline:
+                    return out, wins
                 a, pose, mode = expert_label(params, obs["pixels"], obs["agent_pos"])
                 out["frames"].append(obs["pixels"])
                 out["pos"].append(obs["agent_pos"])
@@ -262,19 +268,24 @@ def _rollouts(weights: dict[str, np.ndarray], params, seeds: list[int], horizon:
     return out, wins
 
 
-def dagger_data(weights, params, seeds: list[int], horizon: int, pool: ProcessPoolExecutor | None) -> tuple[FrameDataset, int]:
-    """One DAgger round's data: learner rollouts from `seeds`, relabelled by the expert."""
+def dagger_data(weights, params, seeds: list[int], horizon: int, pool: ProcessPoolExecutor | None,
+                deadline: float) -> tuple[FrameDataset | None, int]:
+    """One DAgger round's data: learner rollouts from `seeds` until `deadline`, relabelled by the expert."""
     n = pool._max_workers if pool else 1
     shares = [seeds[i::n] for i in range(n) if seeds[i::n]]
-    jobs = [(weights, params, s, horizon) for s in shares]
+    jobs = [(weights, params, s, horizon, deadline) for s in shares]
     parts = list(pool.map(_rollouts, *zip(*jobs, strict=True))) if pool else [_rollouts(*j) for j in jobs]
     eps, wins = [], 0
     for i, (out, w) in enumerate(parts):
         wins += w
+        if not out["frames"]:  # the deadline came before this worker's first step
+            continue
         eps.append(FrameDataset(np.array(out["frames"], np.uint8), np.array(out["pos"], np.float32),
                                 np.array(out["actions"], np.float32), np.array(out["episode"]) * len(parts) + i,
                                 np.array(out["pose"], np.float32), np.array(out["pose_ok"], bool),
                                 np.array(out["mode"], np.int64), episode_ids=[f"dagger-{s}" for s in shares[i]]))
+    if not eps:
+        return None, wins
     ds = eps[0]
     for e in eps[1:]:
         ds.frames, ds.pos, ds.actions = (np.concatenate([ds.frames, e.frames]), np.concatenate([ds.pos, e.pos]),
@@ -526,22 +537,25 @@ def train_visuomotor(ds: FrameDataset, cfg: VisuomotorConfig | None = None, log=
             began = time.monotonic()
             seeds = list(range(DAGGER_SEED0 + cfg.seed * 10_000 + r * cfg.dagger_episodes,
                                DAGGER_SEED0 + cfg.seed * 10_000 + (r + 1) * cfg.dagger_episodes))
-            new, wins = dagger_data(export_numpy(model), cfg.expert_params, seeds, cfg.horizon, pool)
+            left = cfg.time_budget_s - (time.monotonic() - t0)
+            deadline = time.time() + cfg.rollout_share * left / (rounds - r)  # the rest of the slice trains
+            new, wins = dagger_data(export_numpy(model), cfg.expert_params, seeds, cfg.horizon, pool, deadline)
             model.to(device)
-            ds.extend(new)
-            train_idx = np.concatenate([train_idx, np.arange(len(ds) - len(new), len(ds))])
+            if new is not None:
+                ds.extend(new)
+                train_idx = np.concatenate([train_idx, np.arange(len(ds) - len(new), len(ds))])
             metrics[f"dagger_successes_r{r}"] = float(wins)
-            metrics[f"dagger_transitions_r{r}"] = float(len(new))
+            metrics[f"dagger_transitions_r{r}"] = float(len(new) if new is not None else 0)
             metrics[f"dagger_rollout_s_r{r}"] = time.monotonic() - began
             if log:
-                log(f"round {r}: learner {wins}/{len(seeds)} on seeds {seeds[0]}..{seeds[-1]}, +{len(new)} frames "
+                log(f"round {r}: learner {wins}/{len(seeds)} on seeds {seeds[0]}..{seeds[-1]}, +{metrics[f'dagger_transitions_r{r}']:.0f} frames "
                     f"({time.monotonic() - began:.0f} s)")
             left = cfg.time_budget_s - (time.monotonic() - t0)
             last = fit(model, net, ds, train_idx, val_idx, cfg, left / (rounds - r), cfg.lr / 3, place, rng, log, step)
             samples, train_time, step = samples + last["samples"], train_time + last["seconds"], int(last["steps"])
     finally:
         if pool:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)  # rollouts stop at their deadline anyway
     model = model.to("cpu").eval()
     metrics.update({
         "train_loss": last["train_loss"], "val_loss": last["val_loss"], "val_aux_loss": last["val_aux_loss"],
