@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(CONFIG.format(cells=args.cells, agents=args.agents, lease_s=lease_s, base_url=sim.start(),
                                     key_env=KEY_ENV, baseline=baseline, **CLIENT))
     fleet = Fleet(args.state_dir, config, key)
+    first = fleet.counter("episodes")  # a state dir resumed holds some already
     fleet.start()
     injected, survived = Counter(), Counter()
     failed: list[dict] = []  # the faults not survived: kind, seconds into the run, why
@@ -412,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     seen_findings = seen_tokens = 0
     started = time.time()
     deadline = started + minutes * 60
-    _wait_progress(fleet, 0, 120)
+    _wait(lambda: fleet.proc.poll() is not None or fleet.counter("episodes") > first, 120)
+    if fleet.counter("episodes") <= first:
+        fleet.proc.kill()  # e.g. a state dir the daemon refuses: nothing to soak
+        sim.stop()
+        print(f"soak: the fleet recorded no episode (daemon exit code {fleet.proc.wait()}); see {fleet.output}",
+              file=sys.stderr)
+        return 2
     # CI mode: at least two minutes, and on until every kind of fault was injected once (at most six).
     cap = started + 6 * 60 if args.ci else deadline
     while time.time() < deadline or (args.ci and time.time() < cap and set(KINDS) - set(injected)):

@@ -232,6 +232,22 @@ def test_reload_restarts_only_for_new_code(state: Path) -> None:
         os.kill(new_pid, 0)  # close() killed and reaped it
 
 
+def test_child_outlives_the_thread_that_loaded_it(state: Path) -> None:
+    """A cell loads policies from pool threads that end when idle; the jail's die-with-parent fires when the
+    thread that started it ends, so the sandbox starts children from a thread of its own."""
+    import threading
+
+    with PolicySandbox(FAST, state / "scratch") as sb:
+        loader = threading.Thread(target=sb.load, args=({"policy.py": ECHO}, {}))
+        loader.start()
+        loader.join()
+        pid = sb._proc.pid  # type: ignore[union-attr]
+        time.sleep(0.5)  # the parent-death signal, had it fired, has killed the jail by now
+        sb.reset()
+        assert sb.act(np.zeros(5)).action is not None
+        assert sb._proc.pid == pid  # type: ignore[union-attr]
+
+
 def test_load_errors_are_reasons(state: Path) -> None:
     with PolicySandbox(FAST, state / "scratch") as sb:
         with pytest.raises(PolicyError, match="^policy_error: SyntaxError"):

@@ -24,6 +24,7 @@ from enpire.agents.model import (
     ToolCall,
     ToolSpec,
     Usage,
+    probe_model,
     sdk_error,
     truncate,
 )
@@ -138,24 +139,9 @@ class AnthropicClient:
             raise ModelError(truncate(f"malformed response: {type(e).__name__}", 200)) from None
 
     async def probe(self) -> Usage | None:
-        """Ask for the model by name (GET /v1/models/{id}, free of tokens). A 404 there may be a server without
-        that endpoint: a one-token message then decides. A wrong name or key raises LLMConfigError; returns
-        the usage of the one-token message when one was needed (the caller bills it)."""
-        try:
-            await self._client.models.retrieve(self.model)
-            return None
-        except Exception as e:
-            err = sdk_error(e, self.secrets)
-        if err.auth:
-            raise LLMConfigError(f"the key in {self.api_key_env} was refused ({err})")
-        if not err.fatal:
-            return None  # transient: the loop's own retries deal with it
-        try:
+        async def one_token() -> Usage:
             message = await self._client.messages.create(model=self.model, max_tokens=1,
                                                          messages=[{"role": "user", "content": "ping"}])
-        except Exception as e:
-            err = sdk_error(e, self.secrets)
-            if err.fatal or err.auth:
-                raise LLMConfigError(f"model {self.model!r} is not served at this endpoint ({err})") from None
-            return None
-        return parse(message).usage
+            return parse(message).usage
+
+        return await probe_model(self._client, self.model, self.secrets, self.api_key_env, one_token)

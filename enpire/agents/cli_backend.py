@@ -18,6 +18,7 @@ filter refuses the new namespaces they would need, and one tested boundary beats
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets as pysecrets
@@ -36,6 +37,7 @@ import structlog
 import trio
 
 from bus.backoff import backoff_delay
+from bus.messages import TokensUsed
 from bus.records import Champion, CLIRunRecord, TokenRecord
 from enpire import isolation, ledger
 from enpire.agents.model import LLMConfigError
@@ -394,13 +396,19 @@ class CLIAgent:
         self.over_budget = False
         relay_token, tools_token = pysecrets.token_urlsafe(24), pysecrets.token_urlsafe(24)
 
-        def record(u: CallUsage) -> None:
+        loop = trio.lowlevel.current_trio_token()
+
+        def record(u: CallUsage) -> None:  # on the relay's thread
             self.used += u.total
             cost = ledger.cost(self.settings.price, u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
                                u.output_tokens)
-            tools.board.append("tokens", TokenRecord(
-                tools.agent, u.model, self.clock(), u.input_tokens, u.cached_input_tokens, u.output_tokens,
-                cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens, cost=cost))
+            call = TokenRecord(tools.agent, u.model, self.clock(), u.input_tokens, u.cached_input_tokens,
+                               u.output_tokens, cache_write_tokens=u.cache_write_tokens,
+                               reasoning_tokens=u.reasoning_tokens, cost=cost)
+            tools.board.append("tokens", call)
+            if tools.events is not None:  # progress events and the TensorBoard sink count CLI agents too
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(tools.events.publish, TokensUsed(call=call), trio_token=loop)
 
         def allow() -> str | None:
             if self.settings.token_budget and self.used >= self.settings.token_budget:

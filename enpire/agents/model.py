@@ -7,7 +7,7 @@ small `ModelClient` protocol and normalises usage and stop reasons to the values
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -177,3 +177,26 @@ def sdk_error(e: Exception, secrets: Sequence[str]) -> ModelError:
             return ModelError(message, retry_after=retry_after)
         return ModelError(message, retryable=False, bad_request=True)
     return ModelError(message)  # timeouts, dropped connections, unparsable bodies: try again
+
+
+async def probe_model(client: Any, model: str, secrets: Sequence[str], key_env: str,
+                      one_token: Callable[[], Awaitable[Usage]]) -> Usage | None:
+    """Ask either SDK for the model by name (GET models/{id}, free of tokens). A 404 there may be a server
+    without that endpoint: a one-token request then decides. A wrong name or key raises LLMConfigError;
+    returns the usage of the one-token request when one was needed (the caller bills it)."""
+    try:
+        await client.models.retrieve(model)
+        return None
+    except Exception as e:
+        err = sdk_error(e, secrets)
+    if err.auth:
+        raise LLMConfigError(f"the key in {key_env} was refused ({err})")
+    if not err.fatal:
+        return None  # transient: the loop's own retries deal with it
+    try:
+        return await one_token()
+    except Exception as e:
+        err = e if isinstance(e, ModelError) else sdk_error(e, secrets)
+        if err.fatal or err.auth:
+            raise LLMConfigError(f"model {model!r} is not served at this endpoint ({err})") from None
+        return None

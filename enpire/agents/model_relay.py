@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from enpire import ledger
+from enpire.agents.model import Usage
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
@@ -35,19 +35,10 @@ AUTH_HEADERS = ("x-api-key", "authorization", "api-key")
 
 
 @dataclass(frozen=True)
-class CallUsage:
-    """One model call as the provider reported it (input counts cached reads and cache writes)."""
+class CallUsage(Usage):
+    """One model call as the provider reported it, and which model answered."""
 
-    model: str
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    cache_write_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    @property
-    def total(self) -> int:
-        return ledger.call_tokens(self.input_tokens, self.output_tokens)
+    model: str = ""
 
 
 class UsageMeter:
@@ -75,7 +66,8 @@ class UsageMeter:
         if not self.found:
             return None
         u = self.u
-        return CallUsage(self.model, u["input"], u["cached"], u["write"], u["output"], u["reasoning"])
+        return CallUsage(input_tokens=u["input"], cached_input_tokens=u["cached"], cache_write_tokens=u["write"],
+                         output_tokens=u["output"], reasoning_tokens=u["reasoning"], model=self.model)
 
     def _event(self, data: bytes) -> None:
         try:

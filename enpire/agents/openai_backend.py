@@ -24,6 +24,7 @@ from enpire.agents.model import (
     ToolCall,
     ToolSpec,
     Usage,
+    probe_model,
     sdk_error,
     truncate,
 )
@@ -114,24 +115,10 @@ class _OpenAIBase:
             raise ModelError(truncate(f"malformed response: {type(e).__name__}", 200)) from None
 
     async def probe(self) -> Usage | None:
-        """GET /models/{id} (free of tokens); a 404 there may be a server without that endpoint, so a
-        one-token request decides. A wrong name or key raises LLMConfigError."""
-        try:
-            await self._client.models.retrieve(self.model)
-            return None
-        except Exception as e:
-            err = sdk_error(e, self.secrets)
-        if err.auth:
-            raise LLMConfigError(f"the key in {self.api_key_env} was refused ({err})")
-        if not err.fatal:
-            return None
-        try:
-            reply = await self._tiny()
-        except ModelError as e:
-            if e.fatal or e.auth:
-                raise LLMConfigError(f"model {self.model!r} is not served at this endpoint ({e})") from None
-            return None
-        return reply.usage
+        async def one_token() -> Usage:
+            return (await self._tiny()).usage
+
+        return await probe_model(self._client, self.model, self.secrets, self.api_key_env, one_token)
 
     async def _tiny(self) -> ModelReply:
         raise NotImplementedError
