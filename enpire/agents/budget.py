@@ -23,9 +23,11 @@ def line(token_budget: int, wall_budget_s: float, used: int, elapsed: float) -> 
 
 
 def team_goal_met(tools: Tools, target: float) -> bool:
-    """The champion already meets the target on its judging and on what confirmation has seen so far."""
+    """The champion already meets the target on its judging and on what confirmation has seen so far. A
+    confirmation that stopped "not_met" says it does not, however its point estimate looks: the team works on."""
     c = tools.champion()
-    if target <= 0 or c is None or c.judged_n == 0 or c.judged_successes / c.judged_n < target:
+    if (target <= 0 or c is None or c.decision == "not_met" or c.judged_n == 0
+            or c.judged_successes / c.judged_n < target):
         return False
     return c.n < 20 or c.successes / c.n >= target
 

@@ -343,7 +343,7 @@ class BuiltinResearcher:
 
     def _goal_met(self, tools: Tools) -> bool:
         champion = tools.champion()
-        if champion is None or champion.judged_n == 0:
+        if champion is None or champion.judged_n == 0 or champion.decision == "not_met":
             return False
         if champion.n >= 50 and champion.successes / champion.n < self.settings.target:
             return False  # confirmation says it is not there yet: keep searching

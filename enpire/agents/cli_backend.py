@@ -38,8 +38,9 @@ import trio
 
 from bus.backoff import backoff_delay
 from bus.messages import TokensUsed
-from bus.records import Champion, CLIRunRecord, TokenRecord
+from bus.records import CLIRunRecord, TokenRecord
 from enpire import isolation, ledger
+from enpire.agents import budget
 from enpire.agents.model import LLMConfigError
 from enpire.agents.model_relay import CallUsage, ModelRelay
 from enpire.agents.worktree import Worktree, WorktreeError
@@ -455,7 +456,7 @@ class CLIAgent:
                 tools.post_finding(hypothesis=f"budget exhausted: this agent stops ({reason})", change="none",
                                    evidence=f"{self.turns} CLI runs", outcome="note")
                 return
-            if self._team_goal_met(tools):
+            if budget.team_goal_met(tools, s.target):
                 await trio.sleep(1.0)
                 continue
             resume = bool(state.get("session")) and s.kind != "command"
@@ -607,14 +608,6 @@ class CLIAgent:
             return None
         log.info("cli_published", worktree_commit=done[0][:12], commit=done[1][:12])
         return f"published worktree commit {done[0][:12]} as fleet commit {done[1][:12]} (your branch head)"
-
-    def _team_goal_met(self, tools) -> bool:
-        target = self.settings.target
-        c: Champion | None = tools.champion()
-        if target <= 0 or c is None or c.judged_n == 0 or c.judged_successes / c.judged_n < target:
-            return False
-        return c.n < 20 or c.successes / c.n >= target
-
 
 
 def make_cli_backend(config, index: int) -> CLIAgent:

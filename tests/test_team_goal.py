@@ -1,0 +1,37 @@
+"""When does an agent stop searching because the team's champion is at the target?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from bus.messages import PolicySpec
+from bus.records import Champion
+from enpire.agents import budget
+
+
+@dataclass
+class _Tools:
+    current: Champion | None
+
+    def champion(self) -> Champion | None:
+        return self.current
+
+
+def _champion(judged=(10, 10), confirmed=(0, 0), decision="") -> Champion:
+    return Champion("pusht", PolicySpec(commit="c0ffee", params={}), judged[0], judged[1], 0.0,
+                    successes=confirmed[0], n=confirmed[1], decision=decision)
+
+
+@pytest.mark.parametrize("champion, met", [
+    (None, False),
+    (_champion(), True),                                    # judged at the target, confirmation just started
+    (_champion(judged=(7, 10)), False),                     # judged below the target
+    (_champion(confirmed=(46, 52)), True),                  # 0.885 so far, rule still running
+    (_champion(confirmed=(12, 40)), False),                 # confirmation disagrees
+    (_champion(confirmed=(46, 52), decision="not_met"), False),  # the rule stopped it: the team works on
+    (_champion(confirmed=(104, 104), decision="met"), True),
+])
+def test_a_champion_the_sequential_rule_turned_down_no_longer_stops_the_team(champion, met):
+    assert budget.team_goal_met(_Tools(champion), 0.8) is met
