@@ -19,6 +19,7 @@ from bus.messages import TokensUsed
 from bus.records import CLIRunRecord, TokenRecord
 from enpire import ledger
 from enpire.agents.cli_backend import CLIAgent, CLIConfigError, CLISettings, cli_binary
+from enpire.agents.tools import Tools
 from enpire.workspace import Workspace
 from tests.cli_harness import MAIN_TOOL, MODEL, PROVIDER, read, require, shell, write
 from tests.scripted_models import Reply, ScriptedModel, Steps
@@ -47,6 +48,8 @@ class FakeTools:
 
     def post_finding(self, **kw):
         self.findings.append(kw)
+
+    record_tokens = Tools.record_tokens  # the real ledger append and TokensUsed announcement
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,6 @@ filter refuses the new namespaces they would need, and one tested boundary beats
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets as pysecrets
@@ -37,7 +36,6 @@ import structlog
 import trio
 
 from bus.backoff import backoff_delay
-from bus.messages import TokensUsed
 from bus.records import CLIRunRecord, TokenRecord
 from enpire import isolation, ledger
 from enpire.agents import budget
@@ -401,15 +399,7 @@ class CLIAgent:
 
         def record(u: CallUsage) -> None:  # on the relay's thread
             self.used += u.total
-            cost = ledger.cost(self.settings.price, u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
-                               u.output_tokens)
-            call = TokenRecord(tools.agent, u.model, self.clock(), u.input_tokens, u.cached_input_tokens,
-                               u.output_tokens, cache_write_tokens=u.cache_write_tokens,
-                               reasoning_tokens=u.reasoning_tokens, cost=cost)
-            tools.board.append("tokens", call)
-            if tools.events is not None:  # progress events and the TensorBoard sink count CLI agents too
-                with contextlib.suppress(trio.RunFinishedError):
-                    trio.from_thread.run_sync(tools.events.publish, TokensUsed(call=call), trio_token=loop)
+            tools.record_tokens(u.ledger_record(tools.agent, u.model, self.clock(), self.settings.price), trio_token=loop)
 
         def allow() -> str | None:
             if self.settings.token_budget and self.used >= self.settings.token_budget:

@@ -225,11 +225,7 @@ class LLMAgent:
         return box.get("reply")
 
     def _bill(self, tools: Tools, reply: ModelReply) -> None:
-        u = reply.usage
-        cost = ledger.cost(self.settings.price, u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
-                           u.output_tokens)
-        tools.record_tokens(self.client.model, u.input_tokens, u.cached_input_tokens, u.output_tokens,
-                            cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens, cost=cost)
+        tools.record_tokens(reply.usage.ledger_record(tools.agent, self.client.model, time.time(), self.settings.price))
 
     async def _call(self, prompt: Prompt, max_out: int, log) -> ModelReply | None:
         """Call the model until it answers: back off on errors; None (the caller pauses) after too many in a

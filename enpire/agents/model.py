@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from bus.records import TokenRecord
 from enpire import ledger
 from enpire.agents.toolkit import Image
 
@@ -32,6 +33,14 @@ class Usage:
     @property
     def total(self) -> int:
         return ledger.call_tokens(self.input_tokens, self.output_tokens)
+
+    def ledger_record(self, agent: str, model: str, t: float, price: ledger.Price | None) -> TokenRecord:
+        """This call as the token ledger keeps it, priced (the one place a call becomes a `TokenRecord`)."""
+        cost = ledger.cost(price, self.input_tokens, self.cached_input_tokens, self.cache_write_tokens,
+                           self.output_tokens)
+        return TokenRecord(agent, model, t, self.input_tokens, self.cached_input_tokens, self.output_tokens,
+                           cache_write_tokens=self.cache_write_tokens, reasoning_tokens=self.reasoning_tokens,
+                           cost=cost)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ findings go to the blackboard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
@@ -223,13 +224,15 @@ class Tools:
                               failure_summary(result))
         self.board.put("tested", fp, record, overwrite=False)
 
-    def record_tokens(self, model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int, *,
-                      cache_write_tokens: int = 0, reasoning_tokens: int = 0, cost: float = 0.0) -> TokenRecord:
-        """Append one model call to the token ledger (input includes cached input and cache writes, output
-        includes reasoning; see enpire/ledger.py)."""
-        record = TokenRecord(self.agent, model, time.time(), input_tokens, cached_input_tokens, output_tokens,
-                             cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens, cost=cost)
-        self.board.append("tokens", record)
-        if self.events:
-            self.events.publish(TokensUsed(call=record))
-        return record
+    def record_tokens(self, call: TokenRecord, *, trio_token: trio.lowlevel.TrioToken | None = None) -> None:
+        """Append one model call to the token ledger and announce it (TokensUsed). From another thread
+        (the CLI agents' model relay) pass the trio token of the loop the events live on: the LMDB append
+        stays on the calling thread, off the event loop, and only the announcement hops to the loop."""
+        self.board.append("tokens", call)
+        if self.events is None:
+            return
+        if trio_token is None:
+            self.events.publish(TokensUsed(call=call))
+        else:
+            with contextlib.suppress(trio.RunFinishedError):  # the fleet stopped while this call was billed
+                trio.from_thread.run_sync(self.events.publish, TokensUsed(call=call), trio_token=trio_token)
