@@ -496,3 +496,61 @@ def test_request_reply_throughput_against_raw_pynng():
                          capture_output=True, text=True, timeout=600, check=True).stdout
     ratios = json.loads(out)["ratios_transport_over_raw"]
     assert ratios["reqrep_1_throughput"] >= 0.3 and ratios["reqrep_8_throughput"] >= 0.27, ratios
+
+
+def test_the_frame_mac_is_hmac_sha256():
+    import hmac
+
+    import bus.transport as transport
+
+    for key_len in (0, 1, 12, 63, 64, 65, 200):  # shorter, equal to and longer than SHA-256's block
+        key = os.urandom(key_len)
+        for head, payload in ((b"", b""), (b"h" * 40, b"p"), (os.urandom(50), os.urandom(5000))):
+            assert transport._mac(key, head, payload) == hmac.digest(key, head + payload, "sha256")
+
+
+async def test_a_waiting_handler_hands_the_listening_on_and_a_quick_one_keeps_it(tmp_path):
+    url = ipc_url(tmp_path, "bus")
+    release = trio.Event()
+
+    async def handler(env):
+        if env.body.detail == "hold":
+            await release.wait()  # a long-poll: the worker waits, other requests must still be answered
+        return m.Ack(detail=env.body.detail)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(RequestServer(url, handler, workers=2).serve)
+        with RequestClient(url, sender="c") as client, trio.fail_after(10):
+            async def hold():
+                assert await client.request(m.Ack(detail="hold"), timeout=10) == m.Ack(detail="hold")
+
+            async with trio.open_nursery() as asks:
+                asks.start_soon(hold)
+                await trio.sleep(0.05)
+                for i in range(20):  # answered by the other worker while the first waits
+                    assert await client.request(m.Ack(detail=str(i)), timeout=2) == m.Ack(detail=str(i))
+                release.set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_waits_each_time_out_on_their_own_deadline(tmp_path):
+    import bus.transport as transport
+
+    url = ipc_url(tmp_path, "nobody")  # no server: every wait times out
+    took = {}
+
+    async def ask(timeout):
+        with RequestClient(url, sender=f"c{timeout}") as client:
+            start = trio.current_time()
+            with pytest.raises(RequestTimeout):
+                await client.request(m.Ack(), timeout=timeout, retries=0)
+            took[timeout] = trio.current_time() - start
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for timeout in (1.5, 0.2, 0.8):  # a later request with an earlier deadline re-arms the timer
+                nursery.start_soon(ask, timeout)
+                await trio.sleep(0.01)
+    for timeout, seconds in took.items():
+        assert timeout <= seconds < timeout + 0.5
+    assert transport._reply_timeouts().waits == {}  # nothing left in flight
