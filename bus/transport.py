@@ -173,11 +173,17 @@ def _mac(key: bytes, head: bytes, payload: bytes) -> bytes:
     return outer.digest()
 
 
-def seal_frame(payload: bytes, key: bytes, sender: str, run: bytes, counter: int) -> bytes:
+def seal_prefix(sender: str, run: bytes) -> bytes:
+    """The part of a sealed frame's header that is the same for every frame of one sender in one run."""
     name = sender.encode()
     if len(name) > 255 or len(run) != RUN_BYTES:
         raise ValueError(f"cannot seal for sender {sender[:40]!r} / run of {len(run)} bytes")
-    head = bytes((SEALED_MAGIC, len(name))) + name + run + _COUNTER.pack(counter)
+    return bytes((SEALED_MAGIC, len(name))) + name + run
+
+
+def seal_frame(payload: bytes, key: bytes, sender: str, run: bytes, counter: int, *, prefix: bytes = b"") -> bytes:
+    """`prefix`: seal_prefix(sender, run) when the caller keeps it (it seals many frames)."""
+    head = (prefix or seal_prefix(sender, run)) + _COUNTER.pack(counter)
     return b"".join((head, _mac(key, head, payload), payload))
 
 
@@ -284,8 +290,9 @@ def _new_aio(timeout_ms: int):
     return aio_p[0]
 
 
-def _nng_msg(data: bytes):
-    msg_p = ffi.new("nng_msg **")
+def _nng_msg(data: bytes, msg_p: Any = None):
+    """A new nng message holding `data`; `msg_p`: an nng_msg** of the caller's to reuse."""
+    msg_p = msg_p or ffi.new("nng_msg **")
     check_err(lib.nng_msg_alloc(msg_p, 0))
     check_err(lib.nng_msg_append(msg_p[0], data, len(data)))
     return msg_p[0]
@@ -298,12 +305,14 @@ class _Slot:
 
     def __init__(self, ctx: pynng.Context) -> None:
         self.ctx = ctx
+        self._ctx = ctx.context  # the nng handle itself (pynng's property costs a call per use)
+        self._msg = ffi.new("nng_msg **")
         self._recv = _new_aio(NNG_NOW)
         self._reply = _new_aio(REPLY_TIMEOUT_MS)
         self._replying = False
 
     def try_recv(self) -> bytes | None:
-        lib.nng_ctx_recv(self.ctx.context, self._recv)
+        lib.nng_ctx_recv(self._ctx, self._recv)
         lib.nng_aio_wait(self._recv)  # returns at once: zero timeout
         err = lib.nng_aio_result(self._recv)
         if err == lib.NNG_ETIMEDOUT:
@@ -318,8 +327,8 @@ class _Slot:
     def reply(self, data: bytes) -> None:
         # Never with a zero timeout: a Rep0 send that finds its pipe busy would fail and drop the
         # request's return route. This one waits in nng (behind the pipe's previous reply), not here.
-        lib.nng_aio_set_msg(self._reply, _nng_msg(data))
-        lib.nng_ctx_send(self.ctx.context, self._reply)
+        lib.nng_aio_set_msg(self._reply, _nng_msg(data, self._msg))
+        lib.nng_ctx_send(self._ctx, self._reply)
         self._replying = True
 
     def settled(self) -> tuple[bool, str]:
@@ -376,10 +385,13 @@ def _unless_it_waits(coro: Coroutine[Any, Any, Any], on_wait: Callable[[], None]
 
 
 class _Pending:
-    """The first copy of a request being handled; duplicates wait on it and share its reply."""
+    """The first copy of a request being handled; duplicates wait on it and share its reply (the Event
+    is made by the first duplicate: most requests have none)."""
+
+    __slots__ = ("done", "reply")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done: trio.Event | None = None
         self.reply: bytes | None = None
 
 
@@ -408,6 +420,7 @@ class RequestServer:
         self.secret = secret
         self.per_sender_keys = per_sender_keys
         self.run_id = run_id or new_run_id()
+        self._prefix, self._prefix_run = b"", b""  # seal_prefix(sender, run_id), made at the first sealed reply
         self._keys: OrderedDict[str, bytes] = OrderedDict()
         self._replay = ReplayGuard()
         self._counter = time.time_ns()
@@ -549,6 +562,8 @@ class RequestServer:
         pending = self._inflight.get(key)
         if pending is not None:
             self.stats["duplicates"] += 1
+            if pending.done is None:
+                pending.done = trio.Event()
             await pending.done.wait()
             return pending.reply or self._reply(envelope.id, Failure(error="first copy was cancelled", retry=True),
                                                 to=envelope.sender)
@@ -569,10 +584,10 @@ class RequestServer:
             return pending.reply
         finally:
             del self._inflight[key]
-            pending.done.set()
+            if pending.done is not None:
+                pending.done.set()
 
     async def _handle(self, envelope: Envelope) -> Message:
-        request = type(envelope.body).__name__
         try:
             body = await self.handler(envelope)
             if not isinstance(body, Message):
@@ -580,7 +595,7 @@ class RequestServer:
             return body
         except Exception as e:
             self.stats["handler_errors"] += 1
-            self.log.error("handler_failed", request=request, sender=envelope.sender, id=envelope.id,
+            self.log.error("handler_failed", request=type(envelope.body).__name__, sender=envelope.sender, id=envelope.id,
                            error=f"{type(e).__name__}: {e}")
             return Failure(error=f"{type(e).__name__}: {e}", retry=True)
 
@@ -596,7 +611,9 @@ class RequestServer:
         if not sealed or self.secret is None:
             return payload
         self._counter = max(self._counter + 1, time.time_ns())
-        return seal_frame(payload, self.key_for(to), self.sender, self.run_id, self._counter)
+        if self._prefix_run != self.run_id:
+            self._prefix, self._prefix_run = seal_prefix(self.sender, self.run_id), self.run_id
+        return seal_frame(payload, self.key_for(to), self.sender, self.run_id, self._counter, prefix=self._prefix)
 
 
 class _ReplyTimeouts:
@@ -658,6 +675,8 @@ class _Requester:
         self.sock.reconnect_time_max = 500
         self.sock.dial(url, block=False)
         self.fd = self.sock.recv_fd
+        self._sock = self.sock.socket  # the nng handle itself (pynng's property costs a call per use)
+        self._msg_out, self._msg_in = ffi.new("nng_msg **"), ffi.new("nng_msg **")
         self._send = _new_aio(-1)  # no timeout: a request waits in nng for the server to appear
         self._sending = False
         self.timed_out = False  # set by _ReplyTimeouts when it ended a wait for a reply
@@ -665,8 +684,8 @@ class _Requester:
     def post(self, frame: bytes) -> None:
         """Send a request (abandoning the previous one: a late reply to it is dropped by nng)."""
         self._settle()
-        lib.nng_aio_set_msg(self._send, _nng_msg(frame))
-        lib.nng_send_aio(self.sock.socket, self._send)
+        lib.nng_aio_set_msg(self._send, _nng_msg(frame, self._msg_out))
+        lib.nng_send_aio(self._sock, self._send)
         self._sending = True
 
     def _settle(self) -> None:
@@ -682,12 +701,17 @@ class _Requester:
     async def reply(self) -> bytes:
         while True:  # a reply takes a round trip: wait before the first look
             await trio.lowlevel.wait_readable(self.fd)
-            try:
-                return self.sock.recv(block=False)
-            except pynng.TryAgain:  # woken for nothing (the fd is a hint): wait again, unless out of time
+            err = lib.nng_recvmsg(self._sock, self._msg_in, lib.NNG_FLAG_NONBLOCK)
+            if err == lib.NNG_EAGAIN:  # woken for nothing (the fd is a hint): wait again, unless out of time
                 if self.timed_out:  # _ReplyTimeouts ended this wait while we were being woken
-                    raise trio.ClosedResourceError("timed out") from None
+                    raise trio.ClosedResourceError("timed out")
                 continue
+            check_err(err)
+            msg = self._msg_in[0]
+            try:
+                return ffi.buffer(lib.nng_msg_body(msg), lib.nng_msg_len(msg))[:]
+            finally:
+                lib.nng_msg_free(msg)
 
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # outside trio nothing waits on the fd
@@ -712,6 +736,7 @@ class RequestClient:
         self.sender = sender
         self.secret = secret
         self.run = bytes(RUN_BYTES)  # the server's run id, learned from its first authenticated reply
+        self._prefix, self._prefix_run = b"", b""  # seal_prefix(sender, run) and the run it was made for
         self._counter = time.time_ns()  # a clock, so a restarted client never reuses a counter
         self._ids = _Ids()
         self._sockets: list[_Requester] = []
@@ -771,7 +796,9 @@ class RequestClient:
         if not self.secret:
             return payload
         self._counter = max(self._counter + 1, time.time_ns())
-        return seal_frame(payload, self.secret, self.sender, self.run, self._counter)
+        if self._prefix_run != self.run:
+            self._prefix, self._prefix_run = seal_prefix(self.sender, self.run), self.run
+        return seal_frame(payload, self.secret, self.sender, self.run, self._counter, prefix=self._prefix)
 
     def _own_key(self, _sender: str) -> bytes:
         return self.secret  # type: ignore[return-value]  # replies come sealed with our own key
