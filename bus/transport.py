@@ -493,6 +493,10 @@ class RequestServer:
             except Exception as e:  # a bug here must cost one request, not the server
                 self.log.exception("request_failed", bytes=len(frame), error=type(e).__name__)
                 reply = self._reply("", Failure(error="internal error", retry=True))
+            except BaseException:  # cancelled (always at a yield, so after hand_off) or interrupted
+                if holding:
+                    hand_off()
+                raise
             slot.reply(reply)
             idle.append(slot)
 
