@@ -226,6 +226,15 @@ def test_visuomotor_numpy_policy_computes_what_torch_trained():
     got, got_pose = vp.forward(w, vp.frames_input(ds.frames[idx]), ds.pos[idx])
     np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
     np.testing.assert_allclose(got_pose, expected_pose.numpy(), rtol=0, atol=1e-4)
+    # the absolute action: the head's offset is in the frame of the block pose the network sees
+    local = expected.numpy() * model.act_std.numpy() + model.act_mean.numpy()
+    th = np.arctan2(expected_pose.numpy()[:, 3], expected_pose.numpy()[:, 2])
+    world = np.stack([np.cos(th) * local[:, 0] - np.sin(th) * local[:, 1],
+                      np.sin(th) * local[:, 0] + np.cos(th) * local[:, 1]], 1)
+    np.testing.assert_allclose(vp.predict(w, ds.frames[idx], ds.pos[idx]), ds.pos[idx] + world, rtol=0, atol=1e-3)
+    # and the head's target is the expert's offset turned into the frame of the pose it saw
+    back = vp.rotate(vm.local_offsets(ds, idx), ds.pose[idx])
+    np.testing.assert_allclose(back, ds.actions[idx] - ds.pos[idx], rtol=0, atol=1e-3)
     assert vm.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):

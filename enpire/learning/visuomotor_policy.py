@@ -14,15 +14,17 @@ Network (one frame in, one action out; nothing carried between steps but the per
    sin] (trained against the fleet's own pose estimates: a bottleneck that makes the keypoints find the
    block);
 3. `pose_features` of the pusher position and that pose (the pusher and the goal in the block's frame,
-   the angle error) with the keypoints -> a mode head (MLP) choosing the controller's discrete decision:
-   which of its 42 contact points to use, whether to push now, which way to go round the block (argmax of
-   each group: a choice, never an average of two ways to go);
-4. features, keypoints and the chosen mode (one-hot) -> an MLP (ReLU) -> the action as a normalised offset
-   from the pusher position.
+   the angle error; the keypoints themselves go no further than the pose head) -> a contact head (MLP) choosing which of the controller's 42
+   contact points to use, then a second head (MLP) on the same inputs and that contact (one-hot) choosing
+   whether to push now and which way to go round the block (argmax of each group: a choice, never an
+   average of two ways to go);
+4. the features and the chosen decision (one-hot) -> an MLP (ReLU) -> the action as a normalised
+   offset from the pusher position in the block's frame (of the pose from step 2), turned into the
+   world's frame by that pose's angle.
 
 weights.npz holds plain arrays: c{i}_w (out, in, k, k), c{i}_b, n_conv, strides (n_conv,), p{i}_w /
-p{i}_b (pose head, (in, out)), n_pose, q{i}_w / q{i}_b (mode head), n_mode, m{i}_w / m{i}_b (action head),
-n_mlp, feat_mean/feat_std,
+p{i}_b (pose head, (in, out)), n_pose, q{i}_w / q{i}_b (contact head), n_mode, r{i}_w / r{i}_b (push and
+orbit head), n_mode2, m{i}_w / m{i}_b (action head), n_mlp, feat_mean/feat_std,
 act_mean/act_std (2,), act_low/act_high (2,), max_delta (), policy_kind = "visuomotor".
 """
 
@@ -35,7 +37,8 @@ import numpy as np
 
 WEIGHTS_FILE = "weights.npz"
 POLICY_KIND = "visuomotor"
-POLICY_VERSION = 2  # 2: one frame, pose bottleneck (version 1 stacked two frames and had no pose head)
+POLICY_VERSION = 3  # 3: action in the block's frame, push/orbit decided given the contact (2: world frame,
+# all decisions side by side; 1: two stacked frames, no pose head)
 GOAL = (256.0, 256.0, math.pi / 4)
 POSE_SCALE = 32.0  # px per unit of the pose head's position outputs
 SCALE = 256.0  # px per unit of the features' positions
@@ -99,33 +102,46 @@ def mlp(w: dict[str, np.ndarray], prefix: str, n: int, z: np.ndarray) -> np.ndar
     return z
 
 
-def one_hot_modes(logits: np.ndarray) -> np.ndarray:
-    """(N, N_MODES) mode logits -> (N, N_MODES) one-hot of the argmax within each group."""
+def one_hot_modes(logits: np.ndarray, sizes: tuple[int, ...] = MODES) -> np.ndarray:
+    """(N, sum(sizes)) logits -> one-hot of the argmax within each group of `sizes`."""
     out = np.zeros_like(logits)
     start = 0
-    for size in MODES:
+    for size in sizes:
         out[np.arange(len(logits)), start + logits[:, start : start + size].argmax(axis=1)] = 1.0
         start += size
     return out
 
 
+def rotate(v: np.ndarray, pose: np.ndarray, sign: float = 1.0) -> np.ndarray:
+    """(N, 2) vectors turned by the pose's angle (sign -1: by minus it, world -> block frame); a pose
+    with no direction (cos = sin = 0: the block was hidden) leaves them as they are."""
+    norm = np.sqrt(pose[:, 2] ** 2 + pose[:, 3] ** 2)
+    c = np.where(norm > 1e-6, pose[:, 2] / np.maximum(norm, 1e-6), 1.0)
+    s = sign * np.where(norm > 1e-6, pose[:, 3] / np.maximum(norm, 1e-6), 0.0)
+    return np.stack([c * v[:, 0] - s * v[:, 1], s * v[:, 0] + c * v[:, 1]], axis=1)
+
+
 def forward(w: dict[str, np.ndarray], image: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """frames_input(frames), (N, 2) pusher positions -> (normalised action offsets (N, 2), poses (N, 4))."""
+    """frames_input(frames), (N, 2) pusher positions -> (normalised action offsets in the block's frame
+    (N, 2), poses (N, 4))."""
     h = image
     strides = np.asarray(w["strides"]).astype(int)
     for i in range(int(w["n_conv"])):
         h = np.maximum(conv2d(h, w[f"c{i}_w"], w[f"c{i}_b"], int(strides[i])), 0.0)
     keys = spatial_softargmax(h)
     pose = mlp(w, "p", int(w["n_pose"]), keys)
-    z = np.concatenate([(pose_features(pos, pose) - w["feat_mean"]) / w["feat_std"], keys], axis=1)
-    mode = one_hot_modes(mlp(w, "q", int(w["n_mode"]), z))
-    return mlp(w, "m", int(w["n_mlp"]), np.concatenate([z, mode], axis=1)), pose
+    z = (pose_features(pos, pose) - w["feat_mean"]) / w["feat_std"]  # the heads see the pose only
+    contact = one_hot_modes(mlp(w, "q", int(w["n_mode"]), z), MODES[:1])
+    rest = one_hot_modes(mlp(w, "r", int(w["n_mode2"]), np.concatenate([z, contact], axis=1)), MODES[1:])
+    return mlp(w, "m", int(w["n_mlp"]), np.concatenate([z, contact, rest], axis=1)), pose
 
 
 def predict(w, frame, pos) -> np.ndarray:
-    """Batch prediction of the raw (unclipped) absolute action targets."""
-    out, _ = forward(w, frames_input(frame), pos)
-    return np.asarray(pos, np.float64).reshape(-1, 2) + out * w["act_std"] + w["act_mean"]
+    """Batch prediction of the raw (unclipped) absolute action targets: the head's offset, in the frame of
+    the block pose the network sees, turned into the world's and added to the pusher position."""
+    out, pose = forward(w, frames_input(frame), pos)
+    local = out * w["act_std"] + w["act_mean"]
+    return np.asarray(pos, np.float64).reshape(-1, 2) + rotate(local, pose)
 
 
 def load_weights(path: str) -> dict[str, np.ndarray]:
@@ -137,7 +153,7 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
     if int(w.get("policy_version", 1)) != POLICY_VERSION:
         raise ValueError(f"{path}: visuomotor checkpoint version {int(w.get('policy_version', 1))}, this file "
                          f"runs version {POLICY_VERSION} (retrain with the current recipe)")
-    for prefix, count in (("c", "n_conv"), ("p", "n_pose"), ("q", "n_mode"), ("m", "n_mlp")):
+    for prefix, count in (("c", "n_conv"), ("p", "n_pose"), ("q", "n_mode"), ("r", "n_mode2"), ("m", "n_mlp")):
         for i in range(int(w[count])):
             if f"{prefix}{i}_w" not in w:
                 raise ValueError(f"{path}: layer {prefix}{i} missing")
