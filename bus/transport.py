@@ -647,7 +647,8 @@ class _ReplyTimeouts:
             for requester in overdue:
                 del self.waits[requester]
                 requester.timed_out = True
-                trio.lowlevel.notify_closing(requester.fd)
+                if not requester.closed:  # closing already woke its wait
+                    trio.lowlevel.notify_closing(requester.fd)
             self.wake_at = min(self.waits.values(), default=float("inf"))
             self.scope = trio.CancelScope(deadline=self.wake_at)
             with self.scope:
@@ -684,6 +685,7 @@ class _Requester:
         self._send = _new_aio(-1)  # no timeout: a request waits in nng for the server to appear
         self._sending = False
         self.timed_out = False  # set by _ReplyTimeouts when it ended a wait for a reply
+        self.closed = False
 
     def post(self, frame: bytes) -> None:
         """Send a request (abandoning the previous one: a late reply to it is dropped by nng)."""
@@ -718,6 +720,7 @@ class _Requester:
                 lib.nng_msg_free(msg)
 
     def close(self) -> None:
+        self.closed = True  # its fd number may be reused at once: _ReplyTimeouts must not touch it again
         with contextlib.suppress(RuntimeError):  # outside trio nothing waits on the fd
             trio.lowlevel.notify_closing(self.fd)
         self.sock.close()  # aborts a pending send, so the free below does not wait
