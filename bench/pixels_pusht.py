@@ -138,10 +138,6 @@ def train(state_dir: Path, out: Path, minutes: float, threads: int, max_episodes
            "--device", "auto"]
     if max_episodes:
         cmd += ["--option", f"max_episodes={max_episodes}"]
-    # the recipe's own defaults for these (the trainer's entry point has older ones); --option overrides
-    from enpire.learning.visuomotor import VisuomotorConfig
-
-    cmd += ["--option", f"lr={VisuomotorConfig.lr}", "--option", f"batch_size={VisuomotorConfig.batch_size}"]
     for option in options:
         cmd += ["--option", option]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

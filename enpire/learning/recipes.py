@@ -161,12 +161,14 @@ def _visuomotor(state_dir, out_dir: Path, budget: float, task: str, options: dic
         raise RecipeError(f"option expert_params is not JSON: {exc}") from None
     if params is not None and not isinstance(params, dict):
         raise RecipeError(f"option expert_params must be a JSON object of parameters, not {expert!r}")
+    d = vm.VisuomotorConfig()  # the recipe's own defaults, where an option is not given
     cfg = vm.VisuomotorConfig(
-        hidden=_opt(options, "hidden", int, 256), max_epochs=_opt(options, "max_epochs", int, 100),
-        lr=_opt(options, "lr", float, 1e-3), batch_size=_opt(options, "batch_size", int, 64),
-        seed=_opt(options, "seed", int, 0), time_budget_s=remaining * 0.9,
-        dagger_rounds=_opt(options, "dagger_rounds", int, 4), dagger_episodes=_opt(options, "dagger_episodes", int, 40),
-        horizon=_opt(options, "horizon", int, 300), workers=_opt(options, "workers", int, 2), expert_params=params,
+        hidden=_opt(options, "hidden", int, d.hidden), max_epochs=_opt(options, "max_epochs", int, d.max_epochs),
+        lr=_opt(options, "lr", float, d.lr), batch_size=_opt(options, "batch_size", int, d.batch_size),
+        seed=_opt(options, "seed", int, d.seed), time_budget_s=remaining * 0.9,
+        dagger_rounds=_opt(options, "dagger_rounds", int, d.dagger_rounds),
+        dagger_episodes=_opt(options, "dagger_episodes", int, d.dagger_episodes),
+        horizon=_opt(options, "horizon", int, d.horizon), workers=_opt(options, "workers", int, d.workers), expert_params=params,
         inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
     )
     try:
