@@ -35,3 +35,17 @@ def _champion(judged=(10, 10), confirmed=(0, 0), decision="") -> Champion:
 ])
 def test_a_champion_the_sequential_rule_turned_down_no_longer_stops_the_team(champion, met):
     assert budget.team_goal_met(_Tools(champion), 0.8) is met
+
+
+@pytest.mark.parametrize("champion, met", [
+    (_champion(judged=(82, 100)), False),                   # at the target but inside the margin
+    (_champion(judged=(84, 100)), True),
+    (_champion(judged=(84, 100), confirmed=(30, 40)), True),    # 0.75: too few episodes to overrule
+    (_champion(judged=(84, 100), confirmed=(37, 50)), False),   # 0.74 after 50: confirmation disagrees
+])
+def test_the_builtin_agents_margin_and_confirmation_count(champion, met):
+    assert budget.team_goal_met(_Tools(champion), 0.8, margin=0.03, confirm_after=50) is met
+
+
+def test_no_target_is_never_met():
+    assert budget.team_goal_met(_Tools(_champion()), 0.0) is False

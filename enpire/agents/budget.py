@@ -22,14 +22,15 @@ def line(token_budget: int, wall_budget_s: float, used: int, elapsed: float) -> 
     return f"{tokens}; {wall}"
 
 
-def team_goal_met(tools: Tools, target: float) -> bool:
-    """The champion already meets the target on its judging and on what confirmation has seen so far. A
-    confirmation that stopped "not_met" says it does not, however its point estimate looks: the team works on."""
+def team_goal_met(tools: Tools, target: float, *, margin: float = 0.0, confirm_after: int = 20) -> bool:
+    """The champion already meets the target (plus `margin`) on its judging and on what confirmation has
+    seen so far, once it has seen `confirm_after` episodes. A confirmation that stopped "not_met" says it
+    does not, however its point estimate looks: the team works on. A target of 0 or less is no goal."""
     c = tools.champion()
     if (target <= 0 or c is None or c.decision == "not_met" or c.judged_n == 0
-            or c.judged_successes / c.judged_n < target):
+            or c.judged_successes / c.judged_n < target + margin):
         return False
-    return c.n < 20 or c.successes / c.n >= target
+    return c.n < confirm_after or c.successes / c.n >= target
 
 
 def stop(tools: Tools, log, reason: str, used: int, elapsed: float) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 import trio
 
 from bus.messages import EvalResult, PolicySpec
+from enpire.agents import budget
 from enpire.agents.tools import ToolError, Tools, failure_summary, fingerprint
 
 # The policy the researcher writes for each task: a module with PARAM_SPACE, INITIAL_PARAMS and Policy.
@@ -195,7 +196,9 @@ class BuiltinResearcher:
 
         async with trio.open_nursery() as nursery:
             while True:
-                if self._goal_met(tools):  # done unless confirmation on further held-out seeds disagrees
+                # Done unless confirmation on further held-out seeds disagrees; the margin leaves room for
+                # the confirmation's noise, which judges the champion only after 50 more episodes.
+                if budget.team_goal_met(tools, s.target, margin=0.03, confirm_after=50):
                     await tools.champion_changed(timeout=60.0)
                     continue
 
@@ -340,14 +343,6 @@ class BuiltinResearcher:
             )
         finally:
             self.promoting = False
-
-    def _goal_met(self, tools: Tools) -> bool:
-        champion = tools.champion()
-        if champion is None or champion.judged_n == 0 or champion.decision == "not_met":
-            return False
-        if champion.n >= 50 and champion.successes / champion.n < self.settings.target:
-            return False  # confirmation says it is not there yet: keep searching
-        return champion.judged_successes / champion.judged_n >= self.settings.target + 0.03
 
     async def _write_policy(self, tools: Tools) -> str:
         """Start from nothing: write the heuristic policy into the agent's branch (once)."""
