@@ -1,6 +1,6 @@
 """Push-T from pixels, the built-in agent's two regimes measured on held-out seeds; prints JSON.
 
-    python bench/pixels_pusht.py --record-minutes 30 --train-minutes 60        # the whole measurement
+    python bench/pixels_pusht.py --record-minutes 15 --train-minutes 55 --max-episodes 230   # the whole measurement
     python bench/pixels_pusht.py --state-dir runs/px --train-minutes 20 --n-b 200   # reuse a fleet run
 
 1. Recording: the fleet itself (`python -m enpire.fleet`, 2 cells, 1 built-in agent, Push-T with
