@@ -39,7 +39,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,12 @@ def _opt(options: dict[str, str], key: str, kind, default):
         return kind(options[key])
     except ValueError:
         raise RecipeError(f"option {key}={options[key]!r} is not a valid {kind.__name__}") from None
+
+
+def _with_options(config, options: dict[str, str], names: tuple[str, ...]):
+    """`config` (a dataclass) with the named fields read from `options` where given, each typed like its
+    value in `config`: the recipe's own defaults stand where no option is given."""
+    return replace(config, **{n: _opt(options, n, type(getattr(config, n)), getattr(config, n)) for n in names})
 
 
 def _peak_rss_mb() -> float:
@@ -161,16 +167,10 @@ def _visuomotor(state_dir, out_dir: Path, budget: float, task: str, options: dic
         raise RecipeError(f"option expert_params is not JSON: {exc}") from None
     if params is not None and not isinstance(params, dict):
         raise RecipeError(f"option expert_params must be a JSON object of parameters, not {expert!r}")
-    d = vm.VisuomotorConfig()  # the recipe's own defaults, where an option is not given
-    cfg = vm.VisuomotorConfig(
-        hidden=_opt(options, "hidden", int, d.hidden), max_epochs=_opt(options, "max_epochs", int, d.max_epochs),
-        lr=_opt(options, "lr", float, d.lr), batch_size=_opt(options, "batch_size", int, d.batch_size),
-        seed=_opt(options, "seed", int, d.seed), time_budget_s=remaining * 0.9,
-        dagger_rounds=_opt(options, "dagger_rounds", int, d.dagger_rounds),
-        dagger_episodes=_opt(options, "dagger_episodes", int, d.dagger_episodes),
-        horizon=_opt(options, "horizon", int, d.horizon), workers=_opt(options, "workers", int, d.workers), expert_params=params,
-        inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1,
-    )
+    cfg = _with_options(vm.VisuomotorConfig(time_budget_s=remaining * 0.9, expert_params=params,
+                                            inject_nan_at_step=0 if _opt(options, "inject_nan", bool, False) else -1),
+                        options, ("hidden", "max_epochs", "lr", "batch_size", "seed", "dagger_rounds",
+                                  "dagger_episodes", "horizon", "workers"))
     try:
         model, metrics = vm.train_visuomotor(ds, cfg, place=place)
     except vm.NaNLossError as exc:
