@@ -100,7 +100,7 @@ _ENTRY = re.compile(r"^(\S+) commit (\w+) params (\{.*?\}): (\d+)/(\d+) succeede
 class SearchConfig:
     population: int = 4  # new candidates per turn, sampled around the team's elites
     n_seeds: int = 5  # tuning episodes per new candidate
-    validation_seeds: int = 20  # episodes a candidate needs before it is promoted
+    validation_seeds: int = 40  # episodes before promotion (at 20, ~0.9 policies got through)
     topups: int = 2  # open entries topped up per turn
     margin: float = 0.05  # promote only at target + margin on tuning seeds: held-out judging must agree
     elites: int = 1  # best leaderboard entries the search distribution is fitted to (1: around the best)

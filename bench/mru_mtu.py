@@ -332,7 +332,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-tok-s", type=float)
     args = p.parse_args(argv)
     full = dict(sizes="1,4,8", control_hz=50.0, horizon=120, target=0.9, promote_seeds=40, min_heldout=40, budget_minutes=15.0, total_minutes=38.0,
-                population=4, n_seeds=5, validation_seeds=20, pace_per_cell=10.0, overhead_s=0.8, input_tok_s=4000.0, output_tok_s=60.0)
+                population=4, n_seeds=5, validation_seeds=40, pace_per_cell=10.0, overhead_s=0.8, input_tok_s=4000.0, output_tok_s=60.0)
     # quick: the same pipeline with a fast model and few episodes (the model's timing rule is unchanged)
     quick = dict(sizes="1,2", control_hz=200.0, horizon=120, target=0.8, promote_seeds=10, min_heldout=10, budget_minutes=2.5, total_minutes=12.0,
                  population=2, n_seeds=3, validation_seeds=5, pace_per_cell=10.0, overhead_s=0.05, input_tok_s=40000.0,
