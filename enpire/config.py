@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from enpire.metrics import sprt
+
 # Every number has bounds: an absurd value (2**63 - 1 MB of memory, 10**6 cells, an `inf` budget) is a
 # one-line configuration error at start, never a crash later. The bounds are generous on purpose.
 PositiveInt = Annotated[int, Meta(ge=1, le=1_000_000_000)]
@@ -71,7 +73,7 @@ class TaskConfig(Strict):
     tuning_seeds: SeedRange = msgspec.field(default_factory=lambda: SeedRange(start=0, count=100_000))
     # Every judging, confirmation and final judging draws fresh seeds, never reused, from `start` up to 2**32
     # in a secret order; `count` is the pool: size it for the run (a judging takes scheduler.promote_seeds,
-    # a confirmation up to 5 x fleet.min_heldout).
+    # a confirmation up to CONFIRMATION_CAP x fleet.min_heldout).
     heldout_seeds: HeldoutSeeds = msgspec.field(default_factory=lambda: HeldoutSeeds(start=1_000_000, count=100_000))
     limits: ActionLimitsConfig = msgspec.field(default_factory=ActionLimitsConfig)
     record_trajectories: bool = True
@@ -91,6 +93,7 @@ class FleetConfig(Strict):
     tensorboard: bool = False  # progress events as TensorBoard scalars in <state_dir>/tensorboard (extra: tensorboard)
 
 
+CONFIRMATION_CAP = 5  # a champion's confirmation stops "not_met" after this many times fleet.min_heldout episodes
 PIXEL_DRIVERS = ("pusht",)  # drivers that can hand the policy camera frames instead of the state
 DEFAULT_TASK = "peg-insert-side-v3"  # Meta-World pin insertion: the built-in agent's first guess is far below target
 
@@ -304,6 +307,12 @@ def check(config: Config, source: str = "<config>") -> None:
                 f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} < fleet.min_heldout "
                 f"{config.fleet.min_heldout}"
             )
+    fleet, cap = config.fleet, CONFIRMATION_CAP * config.fleet.min_heldout
+    if 0 < fleet.target < 1 and sprt(cap, cap, fleet.target, config.scheduler.alpha, min_n=fleet.min_heldout,
+                                     max_n=cap) != "met":
+        raise ConfigError(f"{source}: fleet.target: {fleet.target} cannot be confirmed: even {cap} successes in a row "
+                          f"(the confirmation's cap, {CONFIRMATION_CAP} x fleet.min_heldout) fall short at "
+                          f"scheduler.alpha {config.scheduler.alpha}; raise fleet.min_heldout or lower the target")
     if config.fleet.baseline and not (Path(config.fleet.baseline) / "policy.py").is_file():
         raise ConfigError(f"{source}: fleet.baseline: {config.fleet.baseline!r} has no policy.py")
     if config.agents.backend != "builtin" and not config.agents.model:

@@ -4,8 +4,9 @@
   (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation).
 - Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
   (`metrics.sprt`: the chance to say "met" for a policy below the target is at most `alpha`, however
-  often it is checked). A confirmation whose judging does not rule out the target is decisive and goes
-  before agents' experiments; otherwise only idle cells run it, and only with `[scheduler] background`.
+  often it is checked; it stops "not_met" as soon as "met" is out of reach within its cap). A
+  confirmation whose judging does not rule out the target is decisive and goes before agents'
+  experiments; otherwise only idle cells run it, and only with `[scheduler] background`.
 - Rollback: a confirmation that shows the champion worse, with confidence, than the one it replaced.
 - Smoke test: a policy may run on cells marked real once it ran faultlessly and succeeded in simulation.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from bus import messages as m
 from bus.records import Champion, SmokeRecord
-from enpire.config import Config
+from enpire.config import CONFIRMATION_CAP, Config
 from enpire.metrics import better_with_confidence, sprt, wilson_interval
 
 SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
@@ -62,7 +63,7 @@ def confirmation(c: Champion, config: Config) -> str:
     or "" (go on)."""
     return "met" if c.decision == "met" else sprt(
         c.successes, c.n, config.fleet.target, config.scheduler.alpha, BETA,
-        min_n=config.fleet.min_heldout, max_n=5 * config.fleet.min_heldout)
+        min_n=config.fleet.min_heldout, max_n=CONFIRMATION_CAP * config.fleet.min_heldout)
 
 
 def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int] | None:

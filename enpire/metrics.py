@@ -60,16 +60,23 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
     the target the ratio is a non-negative martingale (a supermartingale below it), so by Ville's
     inequality the chance it EVER reaches 1/alpha, whenever and however often it is checked, is at most
     alpha. "unlikely" while it is at or below beta (p1 is then unlikely: worth running only on idle
-    cells), "not_met" at max_n: stopping that way only lowers the chance of a false "met".
+    cells). "not_met" at max_n, or as soon as "met" is out of reach within max_n even if every episode
+    left succeeds: stopping that way only lowers the chance of a false "met", and never denies a "met"
+    the rule could still have said (near the target a confirmation otherwise runs to max_n in vain).
     """
     if not 0 < target < 1:  # a target of 0 is met by anything; one of 1 by nothing a sample can show
         return "met" if target <= 0 and n >= min_n else ("not_met" if max_n is not None and n >= max_n else "")
     p0, p1 = target, (1 + target) / 2
-    llr = successes * math.log(p1 / p0) + (n - successes) * math.log((1 - p1) / (1 - p0))
-    if llr >= math.log(1 / alpha) and n >= min_n:
+    per_success, per_failure = math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
+    llr = successes * per_success + (n - successes) * per_failure
+    threshold = math.log(1 / alpha)
+    if llr >= threshold and n >= min_n:
         return "met"
-    if max_n is not None and n >= max_n:
-        return "not_met"
+    if max_n is not None:
+        # the fewest further episodes (all successes) that would say "met"; the 1e-9 keeps an exact hit a hit
+        needed = max(math.ceil((threshold - llr) / per_success - 1e-9), min_n - n, 0)
+        if n + needed > max_n:
+            return "not_met"
     return "unlikely" if llr <= math.log(beta) else ""
 
 

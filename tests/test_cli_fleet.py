@@ -35,7 +35,7 @@ CONFIG = """
 [fleet]
 budget_minutes = {budget}
 baseline = "{baseline}"
-target = 0.99
+target = 1.0  # never met: the run lasts its budget
 min_heldout = 30
 progress_s = 2.0
 [cells]

@@ -56,6 +56,46 @@ def test_sequential_rule_stops_for_good_policies_and_gives_up_on_bad_ones():
     assert sprt(450, 500, TARGET, ALPHA, min_n=MIN_N, max_n=MAX_N) == "not_met"  # at the cap: stop
 
 
+def _without_futility(s: int, n: int) -> str:
+    """The rule before its futility stop: "not_met" only at the cap."""
+    state = sprt(s, n, TARGET, ALPHA, min_n=MIN_N)
+    return "not_met" if state != "met" and n >= MAX_N else state
+
+
+def test_sequential_rule_stops_once_met_is_out_of_reach_without_losing_a_met():
+    """On the same simulated paths, the futility stop says "met" exactly when the cap-only rule does, and
+    ends a confirmation of a policy near the target far sooner (it used to run all MAX_N episodes)."""
+    rng = np.random.default_rng(7)
+    stopped_at = {"futility": [], "cap": []}
+    for p in (0.85, 0.9, 0.92, 0.95, 0.97):
+        for row in rng.random((200, MAX_N)) < p:
+            s = np.cumsum(row)
+            ends = {}
+            for name, rule in (("futility", _sequential), ("cap", _without_futility)):
+                n = next(n for n in range(1, MAX_N + 1) if rule(int(s[n - 1]), n) in ("met", "not_met"))
+                ends[name] = (rule(int(s[n - 1]), n), n)
+                if p == 0.92:
+                    stopped_at[name].append(n)
+            assert ends["futility"][0] == ends["cap"][0], (p, ends)
+            assert ends["futility"][1] <= ends["cap"][1]
+            if ends["futility"][0] == "met":
+                assert ends["futility"][1] == ends["cap"][1]
+    # at 0.92 (floor 100, cap 500): a mean of 345 episodes instead of 428 on these paths
+    assert np.mean(stopped_at["futility"]) < 0.85 * np.mean(stopped_at["cap"]), stopped_at
+    # target 0.9, floor 40, cap 200: 56 straight successes say "met", so 11 failures rule it out
+    assert sprt(39, 50, TARGET, ALPHA, min_n=40, max_n=200) == "not_met"
+    assert sprt(40, 50, TARGET, ALPHA, min_n=40, max_n=200) == "unlikely"
+
+
+def test_a_target_no_confirmation_can_show_is_refused_at_load():
+    import pytest
+
+    with pytest.raises(cfg.ConfigError, match=r"t.toml: fleet.target: 0.99 cannot be confirmed"):
+        cfg.decode("[fleet]\ntarget = 0.99\nmin_heldout = 100\n", "t.toml")
+    assert cfg.decode("[fleet]\ntarget = 0.99\nmin_heldout = 120\n", "t.toml").fleet.target == 0.99
+    assert cfg.decode("[fleet]\ntarget = 1.0\nmin_heldout = 1\n", "t.toml").fleet.target == 1.0  # never met: soak
+
+
 async def test_no_held_out_seed_is_judged_twice(tmp_path):
     """Baseline, two judgings, confirmation: every held-out episode has a seed of its own."""
     config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
@@ -103,7 +143,7 @@ async def test_no_held_out_seed_is_judged_twice(tmp_path):
 
 
 async def test_an_exhausted_pool_refuses_a_judging_and_a_low_pool_is_announced(tmp_path):
-    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\n[scheduler]\npromote_seeds = 4\n'
+    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\ntarget = 0.5\n[scheduler]\npromote_seeds = 4\n'
                         'background = false\n[tasks.pusht]\ndriver = "pusht"\n'
                         'heldout_seeds = { start = 5000000, count = 9 }\n', "t.toml")
     async with trio.open_nursery() as nursery:
@@ -168,7 +208,7 @@ async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fr
 async def test_status_shows_the_pool_and_warns_when_it_runs_low(tmp_path):
     from enpire import status
 
-    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\n[scheduler]\npromote_seeds = 4\n'
+    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\ntarget = 0.5\n[scheduler]\npromote_seeds = 4\n'
                         'background = false\n[tasks.pusht]\ndriver = "pusht"\n'
                         'heldout_seeds = { start = 5000000, count = 9 }\n', "t.toml")
     async with trio.open_nursery() as nursery:

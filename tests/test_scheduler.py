@@ -447,7 +447,7 @@ async def test_a_champion_whose_judging_rules_out_the_target_is_confirmed_by_idl
 
 async def test_unpooled_promotion_is_confirmed_on_the_promoters_own_cell(tmp_path):
     config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **{"scheduler.pooled": False, "scheduler.promote_seeds": 3,
-                                                  "fleet.min_heldout": 2})
+                                                  "fleet.min_heldout": 20})
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path, config)
         await _hello(ref, "cell-0")
