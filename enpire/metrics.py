@@ -75,7 +75,7 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
     if max_n is not None:
         # the fewest further episodes (all successes) that would say "met"; the 1e-9 keeps an exact hit a hit
         needed = max(math.ceil((threshold - llr) / per_success - 1e-9), min_n - n, 0)
-        if n + needed > max_n:
+        if n >= max_n or n + needed > max_n:
             return "not_met"
     return "unlikely" if llr <= math.log(beta) else ""
 

@@ -2,6 +2,7 @@
 rate, the pool's use published and warned about."""
 
 import numpy as np
+import pytest
 import trio
 
 from bus.events import EventHub
@@ -88,8 +89,6 @@ def test_sequential_rule_stops_once_met_is_out_of_reach_without_losing_a_met():
 
 
 def test_a_target_no_confirmation_can_show_is_refused_at_load():
-    import pytest
-
     with pytest.raises(cfg.ConfigError, match=r"t.toml: fleet.target: 0.99 cannot be confirmed"):
         cfg.decode("[fleet]\ntarget = 0.99\nmin_heldout = 100\n", "t.toml")
     assert cfg.decode("[fleet]\ntarget = 0.99\nmin_heldout = 120\n", "t.toml").fleet.target == 0.99
