@@ -148,7 +148,7 @@ class Cell(Actor):
 
     async def main(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
-        sandbox = PolicySandbox(self.sandbox_limits, self.scratch)
+        sandbox = PolicySandbox(self.sandbox_limits, self.scratch, keep_spare=True)
         client = RequestClient(self.connect, sender=self.cell_id, secret=self.secret)
         try:
             await client.wait_ready(timeout=60.0)

@@ -22,6 +22,7 @@ See `enpire/sandbox_child.py` for the layers inside the child.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import math
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -45,7 +46,7 @@ from enpire import isolation
 from enpire import sandbox_child as proto
 
 CHILD_SCRIPT = Path(proto.__file__).resolve()
-STDERR_NAME = ".sandbox-stderr.log"  # the child's stderr/print output, next to its scratch, size-capped
+STDERR_NAME = ".sandbox-stderr-{}.log"  # a child's stderr/print output (per slot), next to its scratch, size-capped
 JAIL_SCRATCH = Path("/tmp")  # the jail's tmpfs, as the child sees it
 MAX_STALE_FRAMES = 1000  # late replies skipped in one wait (an honest child sends one per missed step)
 _LOCALE_VARS = ("LANG", "LC_ALL", "LC_CTYPE")
@@ -160,6 +161,36 @@ def _death_reason(returncode: int | None, limits: SandboxLimits, cpu_s: float, o
     return f"policy_crashed (exit code {returncode})"
 
 
+@dataclass(frozen=True)
+class _Fresh:
+    """A started child waiting for its Init: its process, its scratch (as it sees it) and its slot."""
+
+    proc: subprocess.Popen[bytes]
+    scratch: Path
+    slot: int
+
+
+def _stop(proc: subprocess.Popen[bytes], confined: bool) -> None:
+    """Kill a child, its process group and (confined) whatever is left of its jail; close its pipes."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group: also any process that slipped out
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=5)
+    if confined:
+        isolation.release(proc.pid)  # whatever of the jail is left, and its cgroup
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
 def _reason(text: object) -> str:
     """A child-written reason as the parent stores it: one printable line of at most MAX_REASON characters."""
     line = "".join(c if c.isprintable() else " " for c in str(text)[: 4 * proto.MAX_REASON])
@@ -168,16 +199,21 @@ def _reason(text: object) -> str:
 
 class PolicySandbox:
     def __init__(
-        self, limits: SandboxLimits, scratch_dir: str | os.PathLike[str], *, _audit_hook: bool = True
+        self, limits: SandboxLimits, scratch_dir: str | os.PathLike[str], *, keep_spare: bool = False,
+        _audit_hook: bool = True,
     ):
+        """`keep_spare`: keep one child started and waiting (a cell's sandbox): see `_start`."""
         self.limits = limits
         self.scratch = Path(scratch_dir).resolve()
+        self.keep_spare = keep_spare
         self.isolation: list[
             str
         ] = []  # layers the child reported active, e.g. ["rlimits", "landlock-abi7", ...]
         self._audit_hook = _audit_hook
         self._proc: subprocess.Popen[bytes] | None = None
         self._spawner: ThreadPoolExecutor | None = None  # its one thread starts every child (see above)
+        self._spare: Future[_Fresh] | None = None  # the next child, started while the current one works
+        self._slot = 0  # the current child's scratch and stderr log; the spare uses the other one
         self._files: dict[str, bytes] = {}
         self._params: dict[str, float] = {}
         self._key = ""
@@ -298,6 +334,10 @@ class PolicySandbox:
 
     def close(self) -> None:
         self._kill()
+        spare, self._spare = getattr(self, "_spare", None), None
+        if spare is not None and not spare.cancel():
+            with contextlib.suppress(Exception):  # it failed to start: nothing to stop
+                _stop(spare.result().proc, self.limits.confined)
         spawner, self._spawner = getattr(self, "_spawner", None), None
         if spawner is not None:
             spawner.shutdown(wait=False)
@@ -323,11 +363,41 @@ class PolicySandbox:
 
     # ------------------------------------------------------------------------- child lifecycle
 
-    def _stderr_path(self) -> Path:
-        return self.scratch / STDERR_NAME
+    def _stderr_path(self, slot: int | None = None) -> Path:
+        return self.scratch / STDERR_NAME.format(self._slot if slot is None else slot)
 
     def _start(self) -> None:
+        """A new child for the current code and context. With `keep_spare`, the next child is started
+        (jail, interpreter, imports: most of the cost) while this one works, and waits for its Init:
+        a new policy version or judging then costs the robot only its Init. A spare has run no policy
+        code and holds no files, so it is as fresh as a child started now."""
         self._kill()
+        if self._spawner is None:
+            self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+        fresh = self._take_spare() or self._spawner.submit(self._spawn, 1 - self._slot).result()
+        self._proc, self._slot = fresh.proc, fresh.slot
+        try:
+            self._init(fresh.scratch)
+        finally:
+            if self.keep_spare:
+                self._spare = self._spawner.submit(self._spawn, 1 - self._slot)
+
+    def _take_spare(self) -> _Fresh | None:
+        """The spare if it started and still waits; None if there is none or it did not last."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:
+            fresh = spare.result()
+        except Exception:  # noqa: BLE001 - starting it failed: a start now says why, or succeeds
+            return None
+        if fresh.proc.poll() is None:
+            return fresh
+        _stop(fresh.proc, self.limits.confined)  # died waiting (killed from outside): not the policy's fault
+        return None
+
+    def _spawn(self, slot: int) -> _Fresh:
+        """Start a child that waits for its Init, using scratch/stderr `slot` (on the spawner thread)."""
         lim = self.limits
         self.scratch.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-I", "-B", str(CHILD_SCRIPT)]
@@ -343,14 +413,11 @@ class PolicySandbox:
             )
             argv, cwd, env = isolation.wrap(jail, argv), None, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         else:
-            inner = self.scratch / "work"
+            inner = self.scratch / f"work-{slot}"
             _clear(inner)
             cwd, env = inner, child_env(inner)
-        if self._spawner is None:
-            self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
-        with open(self._stderr_path(), "wb") as stderr:  # the child keeps its own copy of the fd
-            self._proc = self._spawner.submit(
-                subprocess.Popen,
+        with open(self._stderr_path(slot), "wb") as stderr:  # the child keeps its own copy of the fd
+            proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -359,13 +426,19 @@ class PolicySandbox:
                 env=env,
                 close_fds=True,  # only the two pipes and the stderr file reach the child
                 start_new_session=True,  # its own process group: killed as a whole, deaf to our ^C
-            ).result()
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        for pipe in (self._proc.stdin, self._proc.stdout):
+            )
+        assert proc.stdin is not None and proc.stdout is not None
+        for pipe in (proc.stdin, proc.stdout):
             try:  # image observations fit in one pipe buffer: fewer wake-ups per step
                 fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:
                 pass
+        return _Fresh(proc, inner, slot)
+
+    def _init(self, inner: Path) -> None:
+        """Hand the current child its code, parameters and limits; it answers once `Policy(params)` exists."""
+        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
+        lim = self.limits
         self._wfd = self._proc.stdin.fileno()
         os.set_blocking(self._wfd, False)
         os.set_blocking(self._proc.stdout.fileno(), False)  # reads go through the Waiter
@@ -407,25 +480,8 @@ class PolicySandbox:
 
     def _kill(self) -> None:
         proc, self._proc = getattr(self, "_proc", None), None
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group: also any process that slipped out
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=5)
-        if self.limits.confined:
-            isolation.release(proc.pid)  # whatever of the jail is left, and its cgroup
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
+        if proc is not None:
+            _stop(proc, self.limits.confined)
 
     def _death(self) -> _Terminal:
         proc = self._proc

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from enpire.safety import ActionLimits, check_action
-from enpire.sandbox import STDERR_NAME, PolicyError, PolicySandbox, SandboxLimits, without_credentials
+from enpire.sandbox import PolicyError, PolicySandbox, SandboxLimits, without_credentials
 
 ADVERSARIAL = Path(__file__).parent / "adversarial"
 FAKE_KEY = "sk-ant-test-DO-NOT-LEAK-0123456789"
@@ -232,6 +232,36 @@ def test_reload_restarts_only_for_new_code(state: Path) -> None:
         os.kill(new_pid, 0)  # close() killed and reaped it
 
 
+def test_warm_spare_takes_over_a_new_version_and_dies_with_the_sandbox(state: Path) -> None:
+    """A cell's sandbox keeps the next child started; a new version (or judging) runs in it, it never
+    ran anything before, and a spare that died while waiting is replaced, not blamed on the policy."""
+    talker = ECHO + "\nimport sys\nprint('loaded', __name__, file=sys.stderr)\n"
+    with PolicySandbox(FAST, state / "scratch", keep_spare=True) as sb:
+        sb.load({"policy.py": talker}, {})
+        first = sb._proc.pid  # type: ignore[union-attr]
+        spare = sb._spare.result().proc  # type: ignore[union-attr]
+        assert spare.pid != first and spare.poll() is None
+        sb.load({"policy.py": talker + "# v2\n"}, {})
+        assert sb._proc.pid == spare.pid  # type: ignore[union-attr]  # the spare took over
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # the old version is gone
+        sb.reset()
+        assert sb.act(np.zeros(5)).action is not None
+        assert "loaded policy" in sb.stderr_tail()  # the current child's log, not the spare's
+
+        doomed = sb._spare.result().proc  # type: ignore[union-attr]
+        doomed.kill()
+        doomed.wait()
+        sb.load({"policy.py": talker}, {}, context="heldout:job-1")  # a judging: a fresh child all the same
+        assert sb._proc.pid not in (doomed.pid, spare.pid)  # type: ignore[union-attr]
+        sb.reset()
+        assert sb.act(np.zeros(5)).action is not None
+        pids = [sb._proc.pid, sb._spare.result().proc.pid]  # type: ignore[union-attr]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # close() stopped the child and the spare
+
+
 def test_child_outlives_the_thread_that_loaded_it(state: Path) -> None:
     """A cell loads policies from pool threads that end when idle; the jail's die-with-parent fires when the
     thread that started it ends, so the sandbox starts children from a thread of its own."""
@@ -333,7 +363,7 @@ def test_print_flood_does_not_block(state: Path) -> None:
         outcomes = [sb.act(np.zeros(5)) for _ in range(15)]
         assert time.monotonic() - t0 < 5
         assert any((r.error or "").startswith("policy_error: OSError") for r in outcomes)  # file too large
-        assert (state / "scratch" / STDERR_NAME).stat().st_size <= 1 << 20
+        assert sb._stderr_path().stat().st_size <= 1 << 20
 
 
 # ----------------------------------------------------------------------------- check_action
