@@ -478,7 +478,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
     return {
         "outcome": outcome.reason,
         "elapsed_s": round(outcome.elapsed_s, 1),
-        "time_to_target_s": round(outcome.time_to_target_s, 1) if outcome.time_to_target_s else None,
+        "time_to_target_s": round(outcome.time_to_target_s, 1) if outcome.time_to_target_s is not None else None,
         "target": config.fleet.target,
         "task": config.cells.task,
         "champion": summary.champion(board.get("champion", config.cells.task, Champion)),
@@ -507,7 +507,7 @@ def format_report(report: dict) -> str:
                              f"[{r['wilson95'][0]:.3f}, {r['wilson95'][1]:.3f}] on the same fresh held-out seeds")
     lines += ["  " + summary.heldout_line(task, pool) for task, pool in report["heldout_pool"].items() if pool["low"]]
     ttt = report["time_to_target_s"]
-    lines.append(f"  time to target: {ttt:.0f}s" if ttt else "  target not reached")
+    lines.append(f"  time to target: {ttt:.0f}s" if ttt is not None else "  target not reached")
     lines.append(f"  episodes {report['episodes']} {report['episodes_by_kind']}; MRU {report['mru']:.1%}")
     for agent, regimes in sorted(report["regimes"].items()):
         lines.append(f"    {agent}: regimes {' > '.join(regimes)}")
@@ -574,6 +574,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         lock.release()
         print(f"enpire: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    champion = board.get("champion", config.cells.task, Champion)
+    if config.fleet.stop_at_target and target_met(champion):  # a finished run, started again: say so, touch nothing
+        board.close()
+        lock.release()
+        print(f"enpire: {state_dir}: the target was already met here ({champion.policy.ref} confirmed "
+              f"{champion.successes}/{champion.n}); nothing to run. Its report is {state_dir / 'report.json'}; "
+              "use a new --state-dir to start again", file=sys.stderr)
+        return EXIT_TARGET
     log.configure(state_dir, "fleet", console=not args.quiet)
     try:
         try:

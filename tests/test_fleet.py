@@ -158,6 +158,14 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
         assert value not in out and value not in err
     # the state directory is private to its user
     assert (tmp_path / "state").stat().st_mode & 0o077 == 0
+    # Started again on the finished state: one line saying the target was met, and nothing recorded changes.
+    before, episodes = (tmp_path / "state" / "report.json").read_bytes(), _episodes(tmp_path)
+    again = _start(tmp_path)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert err.count("\n") == 1 and "the target was already met here" in err and champion["policy"] in err
+    assert (tmp_path / "state" / "report.json").read_bytes() == before
+    assert _episodes(tmp_path) == episodes
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
