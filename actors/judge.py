@@ -71,6 +71,11 @@ class Judge(Actor):
         self._confirming = 0
         self._background.clear()
         if (champion := self.champion()) is not None:
+            if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
+                await self.board.transact(lambda w: w.put("champion", champion.task, champion))
+                self.log.info("confirmation_decision_revisited", policy=champion.policy.ref,
+                              decision=champion.decision or "go on", target=self.config.fleet.target,
+                              confirmed=f"{champion.successes}/{champion.n}")
             self._publish(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
 
@@ -257,8 +262,7 @@ class Judge(Actor):
                              confirmed=f"{champion.successes}/{champion.n}", back_to=previous.policy.ref)
             await self._crown(previous)
             return
-        decision = judging.confirmation(champion, self.config)
-        champion.decision = decision if decision in ("met", "not_met") else ""
+        judging.decide(champion, self.config)
         await self.board.transact(lambda w: w.put("champion", champion.task, champion))
         self._publish(champion)
         if champion.decision:

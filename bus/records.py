@@ -137,6 +137,7 @@ class Champion(msgspec.Struct):
     # "" while confirmation runs; "met" / "not_met" once the sequential rule stopped it
     # (`metrics.sprt`: the chance to say "met" for a policy below the target is at most [scheduler] alpha)
     decision: str = ""
+    decision_target: float = 0.0  # the [fleet] target that decision was made against (a later run may set another)
     # The champion it replaced, kept so a regression found by confirmation is rolled back.
     previous: PolicySpec | None = None
     previous_successes: int = 0

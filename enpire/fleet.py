@@ -74,7 +74,7 @@ from bus.records import (
 )
 from bus.transport import RequestServer, cell_key, ipc_url
 from enpire import config as cfg
-from enpire import isolation, ledger, log, progress, summary
+from enpire import isolation, judging, ledger, log, progress, summary
 from enpire.agents.backends import make_backend
 from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
@@ -575,7 +575,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         print(f"enpire: {e}", file=sys.stderr)
         return EXIT_CONFIG
     champion = board.get("champion", config.cells.task, Champion)
-    if config.fleet.stop_at_target and target_met(champion):  # a finished run, started again: say so, touch nothing
+    # A finished run, started again with the same target (or a lower one): say so, touch nothing.
+    if config.fleet.stop_at_target and champion is not None and judging.confirmation(champion, config) == "met":
         board.close()
         lock.release()
         print(f"enpire: {state_dir}: the target was already met here ({champion.policy.ref} confirmed "

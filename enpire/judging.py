@@ -60,10 +60,22 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, alpha:
 
 def confirmation(c: Champion, config: Config) -> str:
     """The sequential rule on the champion's confirmation so far: "met" (can end the run), "not_met",
-    or "" (go on)."""
-    return "met" if c.decision == "met" else sprt(
+    or "" (go on). A "met" stays met for the target it was made against (episodes still in flight when
+    it stopped do not undo it); against another target the rule is applied again to the tally."""
+    return "met" if c.decision == "met" and c.decision_target == config.fleet.target else sprt(
         c.successes, c.n, config.fleet.target, config.scheduler.alpha, BETA,
         min_n=config.fleet.min_heldout, max_n=CONFIRMATION_CAP * config.fleet.min_heldout)
+
+
+def decide(c: Champion, config: Config) -> bool:
+    """Record the rule's stop ("met" / "not_met") on the champion against the current target; whether
+    that changed it."""
+    state = confirmation(c, config)
+    decision = state if state in ("met", "not_met") else ""
+    target = config.fleet.target if decision else 0.0
+    changed = (decision, target) != (c.decision, c.decision_target)
+    c.decision, c.decision_target = decision, target
+    return changed
 
 
 def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int] | None:

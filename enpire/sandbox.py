@@ -22,7 +22,6 @@ See `enpire/sandbox_child.py` for the layers inside the child.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import math
@@ -336,8 +335,12 @@ class PolicySandbox:
         self._kill()
         spare, self._spare = getattr(self, "_spare", None), None
         if spare is not None and not spare.cancel():
-            with contextlib.suppress(Exception):  # it failed to start: nothing to stop
-                _stop(spare.result().proc, self.limits.confined)
+            try:
+                fresh = spare.result()
+            except Exception:  # noqa: BLE001 - it failed to start: nothing to stop
+                fresh = None
+            if fresh is not None:  # stopping it may fail like stopping the current child: that is told
+                _stop(fresh.proc, self.limits.confined)
         spawner, self._spawner = getattr(self, "_spawner", None), None
         if spawner is not None:
             spawner.shutdown(wait=False)

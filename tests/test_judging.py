@@ -49,6 +49,23 @@ def test_confirmation_plan_is_decisive_only_while_the_target_is_possible():
     assert judging.confirmation(failing, config) == "not_met"
 
 
+def test_a_stop_holds_for_the_target_it_was_made_against():
+    config = _config(target=0.9, min_heldout=20)
+    c = Champion("pusht", NEW, judged_successes=40, judged_n=40, promoted=0.0, successes=60, n=60)
+    assert judging.decide(c, config) and (c.decision, c.decision_target) == ("met", 0.9)
+    assert not judging.decide(c, config)  # the same verdict: nothing to record
+    c.successes, c.n = 60, 64  # episodes in flight when it stopped do not undo a "met"...
+    assert judging.confirmation(c, config) == "met"
+    config.fleet.target = 0.99  # ...but a run with a higher target applies the rule again
+    assert judging.confirmation(c, config) != "met"
+    assert judging.decide(c, config) and (c.decision, c.decision_target) == ("not_met", 0.99)  # 4 failures of 64
+    config.fleet.target = 0.8  # and a lower one says "met" again, for 0.8
+    assert judging.decide(c, config) and (c.decision, c.decision_target) == ("met", 0.8)
+    legacy = Champion("pusht", NEW, judged_successes=40, judged_n=40, promoted=0.0, successes=20, n=48,
+                      decision="met")  # recorded before decisions named their target
+    assert judging.confirmation(legacy, config) == "not_met"
+
+
 def test_rollback_only_with_enough_confirmation_and_confidence():
     config = _config()
     config.scheduler.rollback_min_n = 40

@@ -12,6 +12,7 @@ from bus.events import EventHub
 from bus.messages import (
     Ack,
     BundleRequest,
+    ChampionChanged,
     EpisodeReport,
     EvalRequest,
     EvalResult,
@@ -510,4 +511,19 @@ async def test_judging_a_candidate_is_not_charged_to_the_promoting_agents_share(
         await trio.sleep(0.3)
         jobs = [lease.job_id for lease in await _serve(ref, 2)]
         assert jobs == ["ja", "jb"] or jobs == ["jb", "ja"]  # served alternately, "a" not pushed back
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stop_made_against_another_target_is_decided_again_at_start(tmp_path):
+    """A run resumed with a higher [fleet] target does not inherit the earlier run's "met"."""
+    board = Blackboard(tmp_path / "bb")
+    earlier = Champion("pusht", POLICY, judged_successes=40, judged_n=40, promoted=0.0, successes=60, n=64,
+                       decision="met", decision_target=0.8)
+    board.put("champion", "pusht", earlier)
+    config = cfg.with_overrides(_config(), **{"fleet.target": 0.95})
+    async with trio.open_nursery() as nursery:
+        fleet, board, _ = await _start(nursery, tmp_path, config, board=board)
+        champ = board.get("champion", "pusht", Champion)
+        assert (champ.decision, champ.decision_target, champ.successes, champ.n) == ("", 0.0, 60, 64)  # go on
+        assert fleet.events.latest(ChampionChanged).decision == ""  # what the fleet and agents hear
         nursery.cancel_scope.cancel()
