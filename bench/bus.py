@@ -5,9 +5,13 @@
 Prints one JSON object: request/reply throughput and latency (p50/p99 microseconds) with 1 and N
 concurrent requesters, pub/sub event throughput, for (a) bus.transport (msgspec envelopes, ids, dedup
 cache, HMAC) and (b) raw pynng Req0/Rep0 and Pub0/Sub0 with plain blocking calls and raw bytes, plus
-the ratios transport/raw. Request/reply runs in rounds that alternate transport and raw (the median of
-the per-round ratios is reported), so that both see the same load on a shared machine. The peer always
-runs in a separate process. Every loop is bounded by time and count and stops by itself.
+the ratios transport/raw. Request/reply also measures (c) the trio floor: the transport's own nng I/O
+(`_Requester`, `_Slot`: a frame handed to nng, the reply waited for on the socket's fd in trio's poll)
+echoing bytes, with no envelope, MAC, timeout scope, replay guard or duplicate cache. It says how much
+of the gap to raw is trio's wait itself and how much is the transport's work. Request/reply runs in
+rounds that rotate the three (the median of the per-round ratios is reported), so that all see the same
+load on a shared machine. The peer always runs in a separate process. Every loop is bounded by time and
+count and stops by itself.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import pynng  # noqa: E402
 import trio  # noqa: E402
 
 from bus import messages as m  # noqa: E402
-from bus.transport import Publisher, RequestClient, RequestServer, Subscriber, ipc_url  # noqa: E402
+
+# _Requester and _Slot: the transport's own nng I/O, which the trio floor measures alone
+from bus.transport import Publisher, RequestClient, RequestServer, Subscriber, _Requester, _Slot, ipc_url  # noqa: E402
 
 SECRET = b"bench-secret"
 REQUEST = m.LeaseRequest(cell_id="bench")
@@ -62,6 +68,29 @@ def raw_server(url: str, ready, seconds: float) -> None:
                 sock.send(sock.recv())
             except pynng.Timeout:
                 pass
+
+
+def floor_server(url: str, ready, seconds: float) -> None:
+    """Echoes on Rep0 contexts with the transport server's I/O (`_Slot`) and nothing else."""
+    async def main():
+        with pynng.Rep0(listen=url) as sock:
+            slots = [_Slot(sock.new_context()) for _ in range(4)]
+            ready.set()
+            with trio.move_on_after(seconds):
+                while True:
+                    slot = next((s for s in slots if s.settled()[0]), None)
+                    if slot is None:  # every context's reply still leaving: rare
+                        await trio.sleep(0)
+                        continue
+                    frame = slot.try_recv()
+                    while frame is None:
+                        await trio.lowlevel.wait_readable(sock.recv_fd)
+                        frame = slot.try_recv()
+                    slot.reply(frame)
+            for slot in slots:
+                slot.close()
+
+    trio.run(main)
 
 
 def transport_subscriber(url: str, ready, out, seconds: float) -> None:
@@ -142,6 +171,38 @@ def bench_transport_reqrep(url: str, concurrency: int, seconds: float) -> dict:
     return trio.run(main)
 
 
+def bench_floor_reqrep(url: str, concurrency: int, seconds: float) -> dict:
+    """The transport client's I/O (`_Requester`, one per task) sending the same bytes the transport
+    would, without envelope, MAC, ids or a timeout scope."""
+    payload = m.encode(m.Envelope(id="x", sender="bench", body=REQUEST))
+
+    async def main():
+        latencies: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def worker(requester):
+            while time.perf_counter() < end and len(latencies) < MAX_COUNT:
+                t = time.perf_counter()
+                requester.post(payload)
+                await requester.reply()
+                latencies.append(time.perf_counter() - t)
+
+        requesters = [_Requester(url) for _ in range(concurrency)]
+        for requester in requesters:  # connected before the clock starts, as the others are
+            requester.post(payload)
+            await requester.reply()
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for requester in requesters:
+                nursery.start_soon(worker, requester)
+        elapsed = time.perf_counter() - start
+        for requester in requesters:
+            requester.close()
+        return _summary(latencies, elapsed)
+
+    return trio.run(main)
+
+
 def bench_raw_reqrep(url: str, concurrency: int, seconds: float) -> dict:
     """Raw pynng, blocking: N threads each with its own Req0 socket (Req0 is one request at a time)."""
     import threading
@@ -217,7 +278,7 @@ def with_server(kind: str, seconds_total: float, fn):
     with tempfile.TemporaryDirectory() as tmp:
         url = ipc_url(tmp, f"rr-{kind}")
         ready = ctx.Event()
-        target = transport_server if kind == "transport" else raw_server
+        target = {"transport": transport_server, "raw": raw_server, "floor": floor_server}[kind]
         proc = ctx.Process(target=target, args=(url, ready, seconds_total + 5))
         proc.start()
         try:
@@ -245,23 +306,25 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 3 if args.quick else args.rounds
     n = args.concurrency
     result = {"seconds_per_measurement": s, "concurrency": n, "rounds": rounds}
-    # Transport and raw alternate (and swap which goes first) so that both see the same machine: on a
+    # The three rotate (which goes first changes every round) so that all see the same machine: on a
     # shared machine the load changes within seconds. Ratios are the median of the per-round ratios.
-    kinds = {"transport": bench_transport_reqrep, "raw": bench_raw_reqrep}
+    kinds = {"transport": bench_transport_reqrep, "raw": bench_raw_reqrep, "floor": bench_floor_reqrep}
+    order = list(kinds)
     runs: dict[str, dict[str, list[dict]]] = {k: {"1": [], str(n): []} for k in kinds}
     for r in range(rounds):
-        for kind in (("transport", "raw") if r % 2 == 0 else ("raw", "transport")):
+        for kind in order[r % 3:] + order[: r % 3]:
             bench = kinds[kind]
             got = with_server(kind, 2 * s + 10, lambda url, bench=bench: {"1": bench(url, 1, s), str(n): bench(url, n, s)})
             for c in ("1", str(n)):
                 runs[kind][c].append(got[c])
     result["reqrep_transport"] = {c: _median_round(v) for c, v in runs["transport"].items()}
     result["reqrep_raw_pynng"] = {c: _median_round(v) for c, v in runs["raw"].items()}
+    result["reqrep_trio_floor"] = {c: _median_round(v) for c, v in runs["floor"].items()}
     result["pubsub_transport"] = bench_pubsub("transport", s)
     result["pubsub_raw_pynng"] = bench_pubsub("raw", s)
 
-    def paired(c: str, key: str) -> float:
-        ratios = sorted(t[key] / r[key] for t, r in zip(runs["transport"][c], runs["raw"][c], strict=True))
+    def paired(c: str, key: str, over: str = "raw", kind: str = "transport") -> float:
+        ratios = sorted(t[key] / r[key] for t, r in zip(runs[kind][c], runs[over][c], strict=True))
         return round(ratios[len(ratios) // 2], 3)
 
     result["ratios_transport_over_raw"] = {
@@ -272,6 +335,12 @@ def main(argv: list[str] | None = None) -> None:
         f"reqrep_{n}_p50_latency": paired(str(n), "p50_us"),
         "pubsub_throughput": round(result["pubsub_transport"]["events_per_s"]
                                    / max(1.0, result["pubsub_raw_pynng"]["events_per_s"]), 3),
+    }
+    result["ratios_trio_floor"] = {  # where the gap is: trio's wait itself, or the transport's own work
+        "floor_over_raw_1": paired("1", "msgs_per_s", kind="floor"),
+        f"floor_over_raw_{n}": paired(str(n), "msgs_per_s", kind="floor"),
+        "transport_over_floor_1": paired("1", "msgs_per_s", over="floor"),
+        f"transport_over_floor_{n}": paired(str(n), "msgs_per_s", over="floor"),
     }
     print(json.dumps(result, indent=2))
 
