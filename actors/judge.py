@@ -72,11 +72,9 @@ class Judge(Actor):
         self._background.clear()
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
-                await self.board.transact(lambda w: w.put("champion", champion.task, champion))
-                self.log.info("confirmation_decision_revisited", policy=champion.policy.ref,
-                              decision=champion.decision or "go on", target=self.config.fleet.target,
-                              confirmed=f"{champion.successes}/{champion.n}")
-            self._publish(champion)
+                self.log.info("confirmation_decided_again", decision=champion.decision or "go on",
+                              target=self.config.fleet.target, confirmed=f"{champion.successes}/{champion.n}")
+            await self._store(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
 
     async def main(self) -> None:
@@ -185,6 +183,10 @@ class Judge(Actor):
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
 
+    async def _store(self, champion: Champion) -> None:
+        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
+        self._publish(champion)
+
     async def _mark(self, spec: m.JobSpec, judged: str) -> None:
         await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, judged))
 
@@ -263,8 +265,7 @@ class Judge(Actor):
             await self._crown(previous)
             return
         judging.decide(champion, self.config)
-        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
-        self._publish(champion)
+        await self._store(champion)
         if champion.decision:
             await self._cancel_background()  # what is still queued of it is not needed
             self.log.info("confirmation_stopped", policy=champion.policy.ref, decision=champion.decision,
