@@ -332,18 +332,27 @@ class PolicySandbox:
         self._call(proto.Notify(self._next_seq(), info), self.limits.call_timeout_s)
 
     def close(self) -> None:
-        self._kill()
-        spare, self._spare = getattr(self, "_spare", None), None
-        if spare is not None and not spare.cancel():
+        """Stop the child, the spare and the spawner. A failure to stop one is raised, after the others
+        are stopped."""
+        try:
+            self._kill()
+        finally:
             try:
-                fresh = spare.result()
-            except Exception:  # noqa: BLE001 - it failed to start: nothing to stop
-                fresh = None
-            if fresh is not None:  # stopping it may fail like stopping the current child: that is told
-                _stop(fresh.proc, self.limits.confined)
-        spawner, self._spawner = getattr(self, "_spawner", None), None
-        if spawner is not None:
-            spawner.shutdown(wait=False)
+                self._drop_spare()
+            finally:
+                spawner, self._spawner = getattr(self, "_spawner", None), None
+                if spawner is not None:
+                    spawner.shutdown(wait=False)
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = getattr(self, "_spare", None), None
+        if spare is None or spare.cancel():
+            return
+        try:
+            fresh = spare.result()
+        except Exception:  # noqa: BLE001 - it failed to start: nothing to stop
+            return
+        _stop(fresh.proc, self.limits.confined)
 
     def stderr_tail(self, n: int = 2000) -> str:
         """The end of the child's stderr/print output, for logs (never parsed)."""

@@ -262,6 +262,27 @@ def test_warm_spare_takes_over_a_new_version_and_dies_with_the_sandbox(state: Pa
             os.kill(pid, 0)  # close() stopped the child and the spare
 
 
+def test_close_tells_a_failure_to_stop_and_still_stops_the_rest(state: Path, monkeypatch) -> None:
+    """close() does not hide a child it could not stop; the others are stopped all the same."""
+    import enpire.sandbox as sandbox
+
+    sb = PolicySandbox(FAST, state / "scratch", keep_spare=True)
+    sb.load({"policy.py": ECHO}, {})
+    child, spare = sb._proc, sb._spare.result().proc  # type: ignore[union-attr]
+    real_stop = sandbox._stop
+
+    def stop(proc, confined):
+        if proc is child:
+            raise OSError("cannot stop it")
+        real_stop(proc, confined)
+
+    monkeypatch.setattr(sandbox, "_stop", stop)
+    with pytest.raises(OSError, match="cannot stop it"):
+        sb.close()
+    assert spare.poll() is not None and sb._spawner is None  # the spare and the spawner went anyway
+    real_stop(child, FAST.confined)
+
+
 def test_child_outlives_the_thread_that_loaded_it(state: Path) -> None:
     """A cell loads policies from pool threads that end when idle; the jail's die-with-parent fires when the
     thread that started it ends, so the sandbox starts children from a thread of its own."""
