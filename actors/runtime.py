@@ -73,9 +73,16 @@ class RestartPolicy:
     max_s: float = 5.0
     stable_s: float = 30.0
     max_restarts: float = math.inf
+    # An actor whose setup fails this often in a row before it was ever ready fails its spawn: at start-up
+    # that is damaged state (an unreadable record), not a passing fault, and retrying would hang the start.
+    start_tries: int = 3
 
     def delay(self, failures: int) -> float:
         return backoff_delay(max(1, failures), self.initial_s, self.max_s)
+
+
+class ActorStartError(RuntimeError):
+    """An actor never became ready: its setup failed `RestartPolicy.start_tries` times in a row."""
 
 
 @dataclass
@@ -181,6 +188,9 @@ async def supervise(
             if slot.restarts > policy.max_restarts:
                 log.error("actor_gave_up", error=slot.last_error, restarts=slot.restarts)
                 raise
+            if not ready and slot.restarts >= policy.start_tries:
+                log.error("actor_not_started", error=slot.last_error, tries=slot.restarts)
+                raise ActorStartError(f"{slot.ref.name} could not start: {slot.last_error}") from None
             delay = policy.delay(failures)
             log.error("actor_crashed", error=slot.last_error, restarts=slot.restarts, backoff_s=delay)
             await trio.sleep(delay)

@@ -45,7 +45,11 @@ DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as dat
 MAX_MAP_SIZE = 1 << 36
 
 
-class RecordError(ValueError):
+class BlackboardError(ValueError):
+    """The blackboard cannot be opened or read (not an LMDB environment, damaged, not ours)."""
+
+
+class RecordError(BlackboardError):
     """A stored record could not be decoded as the expected type."""
 
 
@@ -120,18 +124,24 @@ class Blackboard:
         self.path = Path(path)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._env = lmdb.open(
-            str(self.path),
-            map_size=map_size,
-            max_dbs=len(TABLES),
-            readonly=readonly,
-            lock=True,
-            sync=True,  # a committed write survives a kill or power loss
-            create=not readonly,
-        )
+        try:
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=len(TABLES),
+                readonly=readonly,
+                lock=True,
+                sync=True,  # a committed write survives a kill or power loss
+                create=not readonly,
+            )
+            # Named databases must be opened inside a write txn unless readonly.
+            self._dbs = {name: self._open_table(name, readonly) for name in TABLES}
+        except lmdb.Error as e:
+            if hasattr(self, "_env"):
+                self._env.close()
+            reason = str(e).removeprefix(f"{self.path}: ")  # lmdb names the path too
+            raise BlackboardError(f"{self.path}: not a readable blackboard ({reason})") from None
         self.reads = 0
-        # Named databases must be opened inside a write txn unless readonly.
-        self._dbs = {name: self._open_table(name, readonly) for name in TABLES}
 
     def _open_table(self, name: str, readonly: bool):
         try:

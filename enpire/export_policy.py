@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bus.blackboard import Blackboard
+from bus.blackboard import Blackboard, BlackboardError
 from bus.records import Champion
 from enpire.workspace import Workspace
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.export_pol
     args = p.parse_args(argv)
     try:
         info = export(args.state_dir, args.out, args.task)
-    except ExportError as e:
+    except (ExportError, BlackboardError) as e:
         print(f"enpire.export_policy: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), **info}))

@@ -30,12 +30,12 @@ import trio
 from actors.agent import AgentActor
 from actors.judge import Judge
 from actors.lease_queue import LeaseQueue
-from actors.runtime import ActorSystem, Ref
+from actors.runtime import ActorStartError, ActorSystem, Ref
 from actors.summarizer import Summarizer
 from actors.trainer import Trainer
 from actors.verifier import Verifier
 from bus.backoff import backoff_delay
-from bus.blackboard import Blackboard, RecordError
+from bus.blackboard import Blackboard, BlackboardError
 from bus.events import EventHub
 from bus.messages import (
     BundleRequest,
@@ -107,11 +107,11 @@ async def _listen(nursery: trio.Nursery, what: str, server: RequestServer) -> No
         raise StartupError(f"{what}: cannot listen on {server.url}: {e}") from None
 
 
-def _startup_error(error: BaseException) -> StartupError | None:
-    """The StartupError that ended trio.run (alone, possibly inside exception groups), else None."""
+def _startup_error(error: BaseException) -> StartupError | ActorStartError | None:
+    """The start-up failure that ended trio.run (alone, possibly inside exception groups), else None."""
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
-    return error if isinstance(error, StartupError) else None
+    return error if isinstance(error, StartupError | ActorStartError) else None
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> argparse.Namespace:
@@ -170,7 +170,9 @@ def open_state_dir(path: Path, map_size_mb: int = 1024) -> tuple[Blackboard, Met
     try:
         board = Blackboard(path / "blackboard.lmdb", map_size=map_size_mb << 20)
         meta = board.get("meta", "meta", Meta)
-    except (OSError, lmdb.Error, RecordError) as e:
+    except BlackboardError as e:  # names the path
+        raise StateDirError(f"cannot open the state directory: {e}") from None
+    except (OSError, lmdb.Error) as e:
         raise StateDirError(f"{path / 'blackboard.lmdb'}: cannot open the blackboard: {e}") from None
     if meta is None:
         meta = Meta(schema_version=SCHEMA_VERSION, run_id=uuid.uuid4().hex[:12], created=time.time())
@@ -574,7 +576,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         lock.release()
         print(f"enpire: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    champion = board.get("champion", config.cells.task, Champion)
+    try:
+        champion = board.get("champion", config.cells.task, Champion)
+    except BlackboardError as e:
+        board.close()
+        lock.release()
+        print(f"enpire: {state_dir}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     # A finished run, started again with the same target (or a lower one): say so, touch nothing.
     if config.fleet.stop_at_target and champion is not None and judging.confirmation(champion, config) == "met":
         board.close()
@@ -588,7 +596,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         try:
             outcome, stats = trio.run(run_fleet, config, state_dir, board, meta,
                                       restrict_keyboard_interrupt_to_checkpoints=True)
-        except (StartupError, BaseExceptionGroup) as e:
+        except (StartupError, ActorStartError, BaseExceptionGroup) as e:
             if (startup := _startup_error(e)) is None:
                 raise
             structlog.get_logger().error("fleet_not_started", actor="fleet", error=str(startup))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bus.blackboard import Blackboard
+from bus.blackboard import Blackboard, BlackboardError
 from bus.records import CellRecord, EpisodeRecord
 from enpire.episodes import EpisodeFileError, read_trajectory
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.replay") -
     args = p.parse_args(argv)
     try:
         board = open_board(args.state_dir)
-    except ReplayError as e:
+    except (ReplayError, BlackboardError) as e:
         print(f"enpire.replay: {e}", file=sys.stderr)
         return 2
     try:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.replay") -
             if shown.max_drift is not None and shown.max_drift > DRIFT_TOLERANCE:
                 print(f"enpire.replay: episode {r.episode_id}: replay drifted {shown.max_drift:.3g} from the "
                       "recorded observations; the video may not show what happened", file=sys.stderr)
-    except ReplayError as e:
+    except (ReplayError, BlackboardError) as e:  # a damaged record too
         print(f"enpire.replay: {e}", file=sys.stderr)
         return 2
     finally:

@@ -27,7 +27,7 @@ import numpy as np
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bus.blackboard import Blackboard  # noqa: E402
+from bus.blackboard import Blackboard, BlackboardError  # noqa: E402
 from bus.records import CandidateRecord, Champion, EpisodeRecord, Finding, Meta, TimelineRecord, TokenRecord  # noqa: E402
 from enpire import config as cfg  # noqa: E402
 from enpire import ledger, summary  # noqa: E402
@@ -336,7 +336,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.report") -
     if not (args.state_dir / "blackboard.lmdb").exists():
         print(f"{prog}: {args.state_dir}: no fleet state here", file=sys.stderr)
         return 2
-    out, written = write(args.state_dir, args.target)
+    try:
+        out, written = write(args.state_dir, args.target)
+    except BlackboardError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}/summary.md" + "".join(f", {name}" for name in written))
     return 0
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from bus.blackboard import Blackboard
+from bus.blackboard import Blackboard, BlackboardError
 from bus.records import (
     CellRecord,
     Champion,
@@ -126,7 +126,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -
     if not (args.state_dir / "blackboard.lmdb").exists():
         print(f"{prog}: {args.state_dir}: no fleet state here", file=sys.stderr)
         return 2
-    status = collect(args.state_dir)
+    try:
+        status = collect(args.state_dir)
+    except BlackboardError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0
 

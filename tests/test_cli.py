@@ -50,3 +50,44 @@ def test_a_command_is_one_registration(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "extra", ("extra_cmd", "a command added by one line"))
     assert cli.main(["extra", "--flag", "x"]) == 7
     assert capsys.readouterr().out == "enpire extra ['--flag', 'x']\n"
+
+
+def _damaged_records(state: Path, *records: tuple[bytes, bytes]) -> None:
+    """A state dir whose blackboard opens but holds records (table, key) that are not what their table says."""
+    import lmdb
+
+    from bus.blackboard import Blackboard
+
+    Blackboard(state / "blackboard.lmdb").close()
+    env = lmdb.open(str(state / "blackboard.lmdb"), max_dbs=64)
+    with env.begin(write=True) as txn:
+        for table, key in records:
+            txn.put(key, b"\xc1not msgpack", db=env.open_db(table, txn=txn))
+    env.close()
+
+
+def test_a_damaged_state_dir_is_a_one_line_error_for_every_reader(tmp_path):
+    """Not an LMDB file, or one record that does not decode: every command names it in one line, exit 2,
+    and the daemon does not hang restarting the actor that cannot load it."""
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "blackboard.lmdb").mkdir(parents=True)
+    (unreadable / "blackboard.lmdb" / "data.mdb").write_bytes(b"\x00garbage" * 1000)
+    damaged = tmp_path / "damaged"
+    _damaged_records(damaged, (b"jobs", b"job-1"), (b"episodes", b"job-1:0"), (b"champion", b"pusht"))
+    for state, reason in ((unreadable, "not a readable blackboard"), (damaged, "not a valid")):
+        for argv in (["status"], ["report"], ["replay", "--list"], ["export-policy", "--out", str(tmp_path / "o")]):
+            r = _run(str(SCRIPT), *argv, "--state-dir", str(state))
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and reason in r.stderr, (argv, r.stderr)
+    r = _run(str(SCRIPT), "fleet", "--state-dir", str(unreadable), "--budget-minutes", "0.1", "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a readable blackboard" in r.stderr, r.stderr
+    r = _run(str(SCRIPT), "fleet", "--state-dir", str(damaged), "--budget-minutes", "0.1", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("enpire: queue could not start: RecordError: blackboard table 'jobs' "
+                                                "key 'job-1'"), r.stderr
+    from enpire.config import Config
+
+    task = Config().cells.task.encode()  # the champion the daemon reads before it starts
+    _damaged_records(tmp_path / "champion", (b"champion", task))
+    r = _run(str(SCRIPT), "fleet", "--state-dir", str(tmp_path / "champion"), "--budget-minutes", "0.1", "--quiet")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"blackboard table 'champion' key '{task.decode()}': not a valid Champion" in r.stderr

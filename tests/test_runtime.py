@@ -1,6 +1,7 @@
+import pytest
 import trio
 
-from actors.runtime import Actor, ActorSystem, RestartPolicy
+from actors.runtime import Actor, ActorStartError, ActorSystem, RestartPolicy
 from bus.messages import Ack, Failure, NoWork
 
 
@@ -104,4 +105,29 @@ async def test_a_crashing_handler_s_siblings_answer_their_callers_at_once():
         # the actor was restarted and answers again (the next long-poll parks, so ask a crash)
         assert isinstance(await ref.ask(Ack(detail="crash")), Failure)
         assert system.actors["poller"].restarts >= 1
+        nursery.cancel_scope.cancel()
+
+
+class BadState(Actor):
+    """Its setup reads durable state that fails `fails` times (e.g. a damaged record), then works."""
+
+    name = "bad-state"
+    fails = 0
+
+    async def setup(self):
+        if BadState.fails > 0:
+            BadState.fails -= 1
+            raise ValueError("table 'jobs' key 'j1': not a valid JobRecord")
+
+
+async def test_an_actor_that_never_gets_ready_fails_its_spawn_and_a_passing_fault_does_not():
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery, RestartPolicy(initial_s=0.01, start_tries=3))
+        BadState.fails = 2  # a passing fault: the third setup works
+        await system.spawn("passing", BadState)
+        assert system.actors["passing"].restarts == 2
+        BadState.fails = 10**6  # damaged for good: the start fails at once with the reason, no hang
+        with trio.fail_after(5), pytest.raises(ActorStartError, match="^stuck could not start: ValueError: table 'jobs'"):
+            await system.spawn("stuck", BadState)
+        assert system.actors["stuck"].restarts == 3
         nursery.cancel_scope.cancel()
