@@ -1,7 +1,7 @@
 """`python -m enpire.logs --state-dir DIR [--follow]`: the fleet's JSON log in readable form.
 
 Filters: --actor (prefix, e.g. `cell` or `scheduler`), --event, --level (minimum). Lines that are not
-valid JSON (a torn last line after a crash) are shown as they are, never dropped silently.
+a JSON object (a torn last line after a crash) are shown as they are, never dropped silently.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def keep(event: dict, actor: str | None, name: str | None, level: str) -> bool:
 def readable(event: dict) -> str:
     extras = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
                       for k, v in event.items() if k not in SHOWN_FIRST)
-    actor = event.get("actor") or event.get("process", "")
-    return f"{event.get('timestamp', '')[:23]} {event.get('level', ''):<7} {actor:<12} {event.get('event', '')} {extras}"
+    actor = str(event.get("actor") or event.get("process", ""))
+    return (f"{str(event.get('timestamp', ''))[:23]} {str(event.get('level', '')):<7} {actor:<12} "
+            f"{event.get('event', '')} {extras}")
 
 
 def lines(path: Path, follow: bool, poll_s: float = 0.25):
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.logs") -> 
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
+                event = None
+            if not isinstance(event, dict):  # a torn line, or not one of ours
                 print(f"(unparsed) {line}")
                 continue
             if keep(event, args.actor, args.event, args.level):

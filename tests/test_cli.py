@@ -91,3 +91,20 @@ def test_a_damaged_state_dir_is_a_one_line_error_for_every_reader(tmp_path):
     r = _run(str(SCRIPT), "fleet", "--state-dir", str(tmp_path / "champion"), "--budget-minutes", "0.1", "--quiet")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"blackboard table 'champion' key '{task.decode()}': not a valid Champion" in r.stderr
+
+
+def test_logs_show_every_line_even_ones_that_are_not_ours(tmp_path, capsys):
+    """A torn line, a JSON value that is not an object, fields of unexpected types: shown, never a traceback."""
+    from enpire import logs
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "fleet.jsonl").write_bytes(
+        b'{"event": "cell_joined", "level": "info", "actor": "queue", "timestamp": "2026-12-03T10:00:00Z"}\n'
+        b'[1, 2]\n\xff\xfe torn\n{"event": "odd", "level": ["x"], "timestamp": 5, "actor": {"a": 1}}\n'
+        b'{"event": "boom", "level": "error", "actor": "judge"}')
+    assert logs.main(["--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and "cell_joined" in out[0] and out[1] == "(unparsed) [1, 2]" and "odd" in out[3]
+    assert logs.main(["--state-dir", str(tmp_path), "--level", "error", "--actor", "judge"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if not line.startswith("(unparsed)")] == [" error   judge        boom "]
