@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.report") -
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--target", type=float, help="success rate drawn as the target (default: the run's, from report.json)")
     args = p.parse_args(argv)
+    if args.target is not None and not 0.0 <= args.target <= 1.0:  # also refuses nan
+        p.error(f"--target {args.target}: a success rate, between 0 and 1")
     if not (args.state_dir / "blackboard.lmdb").exists():
         print(f"{prog}: {args.state_dir}: no fleet state here", file=sys.stderr)
         return 2

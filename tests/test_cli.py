@@ -41,6 +41,9 @@ def test_unknown_command_and_bad_state_dir_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'fleets'" in r.stderr
     r = _run(str(SCRIPT), "status", "--state-dir", str(tmp_path / "none"))
     assert r.returncode == 2 and r.stderr.strip() == f"enpire status: {tmp_path / 'none'}: no fleet state here"
+    for bad in ("5", "nan", "-1"):
+        r = _run(str(SCRIPT), "report", "--state-dir", str(tmp_path), "--target", bad)
+        assert r.returncode == 2 and "a success rate, between 0 and 1" in r.stderr, r.stderr
 
 
 def test_a_command_is_one_registration(tmp_path, monkeypatch, capsys):
