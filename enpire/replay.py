@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.replay") -
     p.add_argument("--frame-size", type=int, default=256, help="pixels per side when replaying a simulator")
     p.add_argument("--list", action="store_true", help="list episodes failed-first and exit")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"-n {args.n}: at least 1 episode")
+    if not 0 < args.fps <= 1000:  # also refuses nan
+        p.error(f"--fps {args.fps}: frames per second, above 0 and at most 1000")
+    if not 16 <= args.frame_size <= 4096:
+        p.error(f"--frame-size {args.frame_size}: pixels per side, 16 to 4096")
     try:
         board = open_board(args.state_dir)
     except (ReplayError, BlackboardError) as e:

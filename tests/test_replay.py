@@ -112,3 +112,8 @@ def test_replay_lists_failures_first_and_names_bad_input(fleet_run, tmp_path, ca
     assert "no blackboard.lmdb" in capsys.readouterr().err
     assert replay.main(["--state-dir", str(fleet_run), "--episode", "nope"]) == 2
     assert "episode 'nope' has no recorded trajectory" in capsys.readouterr().err
+    for bad, says in ((["-n", "0"], "at least 1 episode"), (["--fps", "nan"], "frames per second"),
+                      (["--frame-size", "100000"], "pixels per side")):
+        with pytest.raises(SystemExit) as exit_:
+            replay.main(["--state-dir", str(fleet_run), *bad])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
