@@ -24,7 +24,7 @@ from actors.runtime import ActorSystem
 from bus.transport import RequestClient, cell_key
 from enpire import isolation, log
 from enpire.config import SandboxConfig
-from enpire.peer import run_peer
+from enpire.peer import bus_url, peer_name, run_peer
 from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
 from enpire.sandbox import SandboxLimits
 from hw import PluginError, make_driver
@@ -33,8 +33,8 @@ from hw.driver import DriverError
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--connect", help="bus url of the fleet, ipc://... or tcp://HOST:PORT (required to run)")
-    p.add_argument("--cell-id", required=True, help="unique name of this cell in the fleet")
+    p.add_argument("--connect", type=bus_url, help="bus url of the fleet, ipc://... or tcp://HOST:PORT (required to run)")
+    p.add_argument("--cell-id", type=peer_name, required=True, help="unique name of this cell in the fleet")
     p.add_argument("--driver", default="pusht",
                    help="robot or simulator driver: built in, a plugin's entry point name, or package.module:Class")
     p.add_argument("--driver-options", default="{}", help="JSON object of keyword arguments for the driver")

@@ -1,13 +1,38 @@
-"""Exit codes of a process that joins the daemon over the bus (a cell, a remote trainer)."""
+"""A process that joins the daemon over the bus (a cell, a remote trainer): its command-line checks and
+its exit codes."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 
+import pynng
 import structlog
 import trio
 
 from bus.transport import AuthError, RequestTimeout
+
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # it names files and folders too
+
+
+def peer_name(value: str) -> str:
+    """argparse type of a cell's or trainer's name."""
+    if not PEER_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def bus_url(value: str) -> str:
+    """argparse type of the fleet's address: refused when nng cannot dial it at all (a typo); an address
+    with nobody listening yet is fine (the peer waits for the fleet)."""
+    with pynng.Req0() as probe:
+        try:
+            probe.dial(value, block=False)
+        except pynng.NNGException as e:
+            raise argparse.ArgumentTypeError(f"{value!r}: not an address to dial ({e}); e.g. tcp://HOST:7700") from None
+    return value
 
 
 def run_peer(prog: str, refused_event: str, identity: dict[str, str], main, *args) -> int:

@@ -39,15 +39,16 @@ from bus.messages import (
 from bus.transport import RequestClient, RequestTimeout, cell_key
 from enpire import log
 from enpire.learning import runner
-from enpire.peer import run_peer
+from enpire.peer import bus_url, peer_name, run_peer
 
 FETCH_BATCH = 256  # hashes per DataRequest
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--connect", required=True, help="bus url of the fleet, tcp://HOST:PORT (or ipc://...)")
-    p.add_argument("--trainer-id", default=f"{socket.gethostname()}-{os.getpid()}", help="unique name in the fleet")
+    p.add_argument("--connect", type=bus_url, required=True, help="bus url of the fleet, tcp://HOST:PORT (or ipc://...)")
+    p.add_argument("--trainer-id", type=peer_name, default=f"{socket.gethostname()}-{os.getpid()}",
+                   help="unique name in the fleet")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--processes", type=int, default=1, help="data-parallel processes per BC job; 0 = one per GPU")
     p.add_argument("--cache", type=Path, help="folder for fetched episodes and job directories (default: a temp dir)")

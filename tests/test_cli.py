@@ -44,6 +44,12 @@ def test_unknown_command_and_bad_state_dir_are_one_line_errors(tmp_path):
     for bad in ("5", "nan", "-1"):
         r = _run(str(SCRIPT), "report", "--state-dir", str(tmp_path), "--target", bad)
         assert r.returncode == 2 and "a success rate, between 0 and 1" in r.stderr, r.stderr
+    for argv, says in ((["cell", "--cell-id", "../arm", "--connect", "tcp://127.0.0.1:7700"], "--cell-id: '../arm'"),
+                       (["cell", "--cell-id", "arm-1", "--connect", "localhost:7700"], "--connect: 'localhost:7700'"),
+                       (["trainer", "--trainer-id", "gpu 1", "--connect", "tcp://127.0.0.1:7700"], "--trainer-id"),
+                       (["trainer", "--connect", "tcp://:7700"], "not an address to dial")):
+        r = _run(str(SCRIPT), *argv)
+        assert r.returncode == 2 and says in r.stderr.splitlines()[-1], r.stderr
 
 
 def test_a_command_is_one_registration(tmp_path, monkeypatch, capsys):
