@@ -72,8 +72,7 @@ class Judge(Actor):
         self._background.clear()
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
-                self.log.info("confirmation_decided_again", decision=champion.decision or "go on",
-                              target=self.config.fleet.target, confirmed=f"{champion.successes}/{champion.n}")
+                self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
             await self._store(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
 
@@ -158,7 +157,7 @@ class Judge(Actor):
                 return m.Failure(error=str(e))
             spec = m.JobSpec(job_id=job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=seeds,
                              purpose=Purpose.PROMOTE, priority=PRIORITY["judging"])
-            await self._mark(spec, "judging")
+            await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, "judging"))
         else:
             spec = spec_of(record)
         done = await self._run(spec)
@@ -172,7 +171,8 @@ class Judge(Actor):
             await self._crown(decision.crowned)
             self.log.info("champion_promoted", task=spec.task, policy=spec.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
-        await self._mark(spec, "promoted" if decision.promoted else "rejected")
+        judged = "promoted" if decision.promoted else "rejected"
+        await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, judged))
         cs, cn = judging.heldout_record(champion)
         return m.PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=decision.promoted, successes=s, n=n,
                                champion_successes=cs, champion_n=cn, detail=decision.detail)
@@ -186,9 +186,6 @@ class Judge(Actor):
     async def _store(self, champion: Champion) -> None:
         await self.board.transact(lambda w: w.put("champion", champion.task, champion))
         self._publish(champion)
-
-    async def _mark(self, spec: m.JobSpec, judged: str) -> None:
-        await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, judged))
 
     # ------------------------------------------------------------------ background: baseline, confirmation
 
@@ -294,12 +291,11 @@ class Judge(Actor):
         start = self.baseline or self.board.get("meta", "start", m.PolicySpec)
         if start is None:
             return m.Failure(error="no starting policy: no baseline and no agent evaluated anything")
-        champion = self.champion()
         try:
             seeds = await self._draw(msg.task, msg.seeds)
         except PoolExhausted as e:
             return m.Failure(error=str(e))
-        best = champion.policy if champion else None
+        best = c.policy if (c := self.champion()) else None
         results: dict[str, tuple[int, int]] = {}
 
         async def judge(policy: m.PolicySpec) -> None:
