@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib import metadata
 
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    return module.main(args.args, prog=f"enpire {args.command}")
+    try:
+        return module.main(args.args, prog=f"enpire {args.command}")
+    except BrokenPipeError:  # the reader went away (`enpire status | head -1`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The installed `enpire` command: version, help, every subcommand reachable, `python -m` kept."""
 
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -117,3 +118,17 @@ def test_logs_show_every_line_even_ones_that_are_not_ours(tmp_path, capsys):
     assert logs.main(["--state-dir", str(tmp_path), "--level", "error", "--actor", "judge"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line for line in out if not line.startswith("(unparsed)")] == [" error   judge        boom "]
+
+
+def test_a_reader_that_goes_away_stops_a_command_quietly(tmp_path):
+    """`enpire status | head -1`: the rest of the output has nowhere to go; no traceback."""
+    (tmp_path / "chatty_cmd.py").write_text(
+        "def main(argv=None, prog=''):\n    for i in range(10**6):\n        print('line', i)\n    return 0\n")
+    code = ("import sys; from enpire import cli; cli.COMMANDS['chatty'] = ('chatty_cmd', 'prints a lot'); "
+            "sys.exit(cli.main(['chatty']))")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()  # the reader goes away
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read() == b""
