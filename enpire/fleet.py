@@ -194,6 +194,7 @@ class Outcome:
 
 
 LOCAL_SECRET_ENV = "ENPIRE_LOCAL_SECRET"
+MIN_LEASE_S = 1.0  # no episode, however short, is leased, run, verified and reported faster than this
 
 
 def cell_command(config: cfg.Config, index: int, url: str, state_dir: Path) -> list[str]:
@@ -528,6 +529,17 @@ def idle_fleet(config: cfg.Config) -> str | None:
     return None
 
 
+def short_lease(config: cfg.Config) -> str | None:
+    """Why leases would end before their episodes do (each episode cut off and re-run), or None."""
+    task, lease = config.task(), config.scheduler.lease_s
+    episode_s = task.horizon / task.control_hz if task.control_hz else 0.0  # paced: a full episode's length
+    if lease >= max(episode_s, MIN_LEASE_S):
+        return None
+    length = f"a full episode takes {episode_s:g} s" if episode_s else f"below {MIN_LEASE_S:g} s"
+    return (f"scheduler.lease_s {lease:g} is shorter than an episode ({length}): cells will be cut off and "
+            "episodes re-run again and again")
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
     args = parse_args(argv, prog)
     try:
@@ -561,6 +573,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
     if idle := idle_fleet(config):  # a fleet that could never do work must not sit out its budget
         print(f"enpire: {idle}", file=sys.stderr)
         return EXIT_CONFIG
+    if short := short_lease(config):
+        print(f"enpire: warning: {short}", file=sys.stderr)
     if config.fleet.tensorboard and (reason := check_tensorboard()):
         print(f"enpire: {reason}", file=sys.stderr)
         return EXIT_CONFIG

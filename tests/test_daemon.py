@@ -39,6 +39,17 @@ def test_a_fleet_that_could_do_no_work_is_refused_at_start(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_leases_shorter_than_an_episode_are_warned_about():
+    from enpire import config as cfg
+    from enpire.fleet import short_lease
+
+    assert short_lease(cfg.Config()) is None  # 60 s leases
+    assert "below 1 s" in short_lease(cfg.with_overrides(cfg.Config(), **{"scheduler.lease_s": 0.01}))
+    paced = cfg.with_overrides(cfg.Config(), **{"cells.task": "pusht", "scheduler.lease_s": 20.0})
+    paced.tasks["pusht"].control_hz = 10.0  # 300 steps at 10 Hz
+    assert "a full episode takes 30 s" in short_lease(paced)
+
+
 def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
     port = _free_port()
     config = tmp_path / "alone.toml"
