@@ -318,14 +318,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.realcell")
     g = sub.add_parser("agreement", help="the verifier program's agreement with the person so far")
     g.add_argument("--dir", type=Path, required=True)
     args = p.parse_args(argv)
-    if args.command == "approve":
-        if not args.program.is_file():
-            print(f"enpire.realcell: {args.program}: no such file", file=sys.stderr)
-            return 2
-        target = approve(args.program, args.dir, Operator())
-        print(f"approved: {target}" if target else "not approved")
-        return 0 if target else 1
-    print(json.dumps(load_agreement(args.dir / "agreement.json").summary(), indent=2))
+    not_a_dir = args.dir.exists() and not args.dir.is_dir()  # approve creates it; agreement reads it
+    if not_a_dir or (args.command == "agreement" and not args.dir.is_dir()):
+        print(f"enpire.realcell: --dir {args.dir}: not a cell's interface directory", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "approve":
+            if not args.program.is_file():
+                print(f"enpire.realcell: {args.program}: no such file", file=sys.stderr)
+                return 2
+            target = approve(args.program, args.dir, Operator())
+            print(f"approved: {target}" if target else "not approved")
+            return 0 if target else 1
+        print(json.dumps(load_agreement(args.dir / "agreement.json").summary(), indent=2))
+    except (OSError, ValueError) as e:
+        print(f"enpire.realcell: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

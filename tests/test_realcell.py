@@ -302,3 +302,15 @@ async def test_a_local_robot_that_cannot_connect_leaves_the_fleet_serving(tmp_pa
 
     await _real_fleet(tmp_path, monkeypatch, body, horizon=5, task_extra=broken, local_cells=1,
                       cell_args=("--driver", "lerobot", "--driver-options", working))
+
+
+def test_the_interface_command_names_a_bad_directory_or_record(tmp_path, capsys):
+    from enpire import realcell
+
+    assert realcell.main(["agreement", "--dir", str(tmp_path / "none")]) == 2
+    assert "not a cell's interface directory" in capsys.readouterr().err
+    (tmp_path / "agreement.json").write_text('{"n": ')
+    assert realcell.main(["agreement", "--dir", str(tmp_path)]) == 2
+    assert "unreadable agreement record" in capsys.readouterr().err
+    (tmp_path / "agreement.json").write_text('{"n": 2, "agree": 2}')
+    assert realcell.main(["agreement", "--dir", str(tmp_path)]) == 0 and '"n": 2' in capsys.readouterr().out
