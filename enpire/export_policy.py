@@ -55,8 +55,8 @@ def export(state_dir: Path, out: Path, task: str | None = None) -> dict:
     if champion is None:
         raise ExportError(f"{state_dir}: no champion for task {task!r} (champions: {', '.join(champions) or 'none'})")
     files = Workspace(state_dir / "workspace").read_bytes(champion.policy.commit)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out}: exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists and is not an empty directory")
     (out / "policy").mkdir(parents=True, exist_ok=True)
     weights = []
     for name, data in files.items():
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.export_pol
     args = p.parse_args(argv)
     try:
         info = export(args.state_dir, args.out, args.task)
-    except (ExportError, BlackboardError) as e:
+    except (ExportError, BlackboardError, OSError) as e:  # OSError: --out cannot be made or written
         print(f"enpire.export_policy: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), **info}))

@@ -86,3 +86,9 @@ def test_export_policy_bad_input(tmp_path, capsys):
     board.close()
     assert export_policy.main(["--state-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert "no champion" in capsys.readouterr().err
+    state, _ = _state_with_champion(tmp_path / "run")
+    (tmp_path / "a-file").write_text("x")
+    for out, says in ((tmp_path / "a-file", "exists and is not an empty directory"),
+                      (tmp_path / "a-file" / "below", "Not a directory")):
+        assert export_policy.main(["--state-dir", str(state), "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err
