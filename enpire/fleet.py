@@ -194,7 +194,7 @@ class Outcome:
 
 
 LOCAL_SECRET_ENV = "ENPIRE_LOCAL_SECRET"
-MIN_LEASE_S = 1.0  # no episode, however short, is leased, run, verified and reported faster than this
+MIN_LEASE_S = 1.0  # a shorter lease is warned about: few episodes are leased, run, verified and reported in less
 
 
 def cell_command(config: cfg.Config, index: int, url: str, state_dir: Path) -> list[str]:
