@@ -302,11 +302,12 @@ def check(config: Config, source: str = "<config>") -> None:
         if _overlap(task.tuning_seeds.seeds(), task.heldout_seeds.seeds()):
             raise ConfigError(f"{source}: tasks.{name}.heldout_seeds: start {task.heldout_seeds.start} is not above "
                               "tuning_seeds; every seed from heldout_seeds.start up is held out and must stay unseen")
-        if task.heldout_seeds.count < config.fleet.min_heldout:
-            raise ConfigError(
-                f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} < fleet.min_heldout "
-                f"{config.fleet.min_heldout}"
-            )
+        # one judging, one confirmation or one final judging must fit in the pool (each draws fresh seeds)
+        for key, need in (("fleet.min_heldout", config.fleet.min_heldout),
+                          ("scheduler.promote_seeds", config.scheduler.promote_seeds),
+                          ("fleet.final_seeds", config.fleet.final_seeds)):
+            if task.heldout_seeds.count < need:
+                raise ConfigError(f"{source}: tasks.{name}.heldout_seeds.count: {task.heldout_seeds.count} < {key} {need}")
     fleet, cap = config.fleet, CONFIRMATION_CAP * config.fleet.min_heldout
     if 0 < fleet.target < 1 and sprt(cap, cap, fleet.target, config.scheduler.alpha, min_n=fleet.min_heldout,
                                      max_n=cap) != "met":

@@ -27,6 +27,8 @@ def test_repository_enpire_toml_is_valid():
         ("[tasks.pusht]\nhorizon = 0\n", "tasks.pusht.horizon"),
         ("[tasks.pusht]\nheldout_seeds = {start = 0, count = 500}\n", "tasks.pusht.heldout_seeds"),
         ("[fleet]\ntarget = 1.5\n", "fleet.target"),
+        ("[fleet]\nfinal_seeds = 200000\n", "fleet.final_seeds 200000"),  # more than the held-out pool
+        ("[scheduler]\npromote_seeds = 200000\n", "scheduler.promote_seeds 200000"),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(text, key):

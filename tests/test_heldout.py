@@ -142,8 +142,8 @@ async def test_no_held_out_seed_is_judged_twice(tmp_path):
 
 
 async def test_an_exhausted_pool_refuses_a_judging_and_a_low_pool_is_announced(tmp_path):
-    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\ntarget = 0.5\n[scheduler]\npromote_seeds = 4\n'
-                        'background = false\n[tasks.pusht]\ndriver = "pusht"\n'
+    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\ntarget = 0.5\nfinal_seeds = 0\n'
+                        '[scheduler]\npromote_seeds = 4\nbackground = false\n[tasks.pusht]\ndriver = "pusht"\n'
                         'heldout_seeds = { start = 5000000, count = 9 }\n', "t.toml")
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path, config)
@@ -207,8 +207,8 @@ async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fr
 async def test_status_shows_the_pool_and_warns_when_it_runs_low(tmp_path):
     from enpire import status
 
-    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\ntarget = 0.5\n[scheduler]\npromote_seeds = 4\n'
-                        'background = false\n[tasks.pusht]\ndriver = "pusht"\n'
+    config = cfg.decode('[cells]\ntask = "pusht"\n[fleet]\nmin_heldout = 2\ntarget = 0.5\nfinal_seeds = 0\n'
+                        '[scheduler]\npromote_seeds = 4\nbackground = false\n[tasks.pusht]\ndriver = "pusht"\n'
                         'heldout_seeds = { start = 5000000, count = 9 }\n', "t.toml")
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path, config)
