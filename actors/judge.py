@@ -73,7 +73,8 @@ class Judge(Actor):
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
                 self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
-            await self._store(champion)
+                await self.board.transact(lambda w: w.put("champion", champion.task, champion))
+            self._publish(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
 
     async def main(self) -> None:
@@ -183,10 +184,6 @@ class Judge(Actor):
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
 
-    async def _store(self, champion: Champion) -> None:
-        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
-        self._publish(champion)
-
     # ------------------------------------------------------------------ background: baseline, confirmation
 
     async def _top_up(self, nursery: trio.Nursery) -> None:
@@ -262,7 +259,8 @@ class Judge(Actor):
             await self._crown(previous)
             return
         judging.decide(champion, self.config)
-        await self._store(champion)
+        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
+        self._publish(champion)
         if champion.decision:
             await self._cancel_background()  # what is still queued of it is not needed
             self.log.info("confirmation_stopped", policy=champion.policy.ref, decision=champion.decision,
