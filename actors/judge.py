@@ -3,9 +3,8 @@
 
 - Agents' evaluations (tuning seeds only, within each agent's episode budget), tallied per candidate
   into the team's leaderboard (`enpire/leaderboard.py`).
-- Promotion: each judging draws FRESH held-out seeds (`enpire/heldout.py`: no held-out seed is judged
-  twice, across candidates, confirmations and the final judging); one judging per candidate, however
-  many agents ask.
+- Promotion: each judging draws FRESH held-out seeds (`enpire/heldout.py`: no held-out seed is judged twice,
+  across candidates, confirmations and the final judging); one judging per candidate, however many ask.
 - Confirmation of the champion on further fresh held-out seeds until the sequential rule stops; a
   regression it finds is rolled back.
 - The starting policy (`[fleet] baseline`, else the first candidate an agent evaluated) is judged by
@@ -73,7 +72,7 @@ class Judge(Actor):
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
                 self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
-                await self.board.transact(lambda w: w.put("champion", champion.task, champion))
+                await self._store(champion)
             self._publish(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
 
@@ -179,7 +178,7 @@ class Judge(Actor):
                                champion_successes=cs, champion_n=cn, detail=decision.detail)
 
     async def _crown(self, champion: Champion) -> None:
-        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
+        await self._store(champion)
         await self._cancel_background()  # the old champion's confirmation (or the baseline's judging) is moot
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
@@ -259,7 +258,7 @@ class Judge(Actor):
             await self._crown(previous)
             return
         judging.decide(champion, self.config)
-        await self.board.transact(lambda w: w.put("champion", champion.task, champion))
+        await self._store(champion)
         self._publish(champion)
         if champion.decision:
             await self._cancel_background()  # what is still queued of it is not needed
@@ -339,6 +338,9 @@ class Judge(Actor):
 
     def champion(self) -> Champion | None:
         return self.board.get("champion", self.task, Champion)
+
+    async def _store(self, c: Champion) -> None:  # the durable record, before anyone hears of it
+        await self.board.transact(lambda w: w.put("champion", c.task, c))
 
     def _publish(self, c: Champion) -> None:
         self.events.publish(m.ChampionChanged(
