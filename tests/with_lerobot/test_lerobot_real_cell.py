@@ -9,6 +9,7 @@ episode that is then not counted. The run is exported as a LeRobotDataset and lo
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +37,19 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the harness the ma
 from realcell_harness import ScriptedOperator, free_port, pass_smoke, start_real_cell  # noqa: E402
 
 HZ, HORIZON = 10.0, 30
+
+# The host's own pacing noise in the same run: a plain process sleeping to the same 10 Hz deadlines, at
+# normal priority, beside the fleet. A shared machine's steal and load show up here as in the cell.
+HOST_PACER = """
+import sys, time
+period, tick = float(sys.argv[1]), time.perf_counter()
+with open(sys.argv[2], "w") as out:
+    while True:  # until the fixture kills it
+        tick += period
+        time.sleep(max(0.0, tick - time.perf_counter()))
+        out.write(f"{time.perf_counter()}\\n")
+        out.flush()
+"""
 
 
 def test_the_simulated_arm_is_a_lerobot_robot():
@@ -115,10 +129,13 @@ def real_run(tmp_path_factory):
             core.stopping.set()
             nursery.cancel_scope.cancel()
 
+    pacer = subprocess.Popen([sys.executable, "-c", HOST_PACER, str(1.0 / HZ), str(tmp_path / "host_pacer.txt")])
     try:
         trio.run(main)
         run["records"] = board.values("episodes", EpisodeRecord)
     finally:
+        pacer.kill()
+        pacer.wait()
         board.close()
     return run
 
@@ -139,14 +156,21 @@ def test_person_first_then_the_verifier_and_the_estop_is_not_counted(real_run):
 
 
 def test_ten_hertz_real_time(real_run):
-    """p99 of the period between commands the arm received, within 10% of the nominal 100 ms."""
+    """The period between commands the arm received: mean within 2% of the nominal 100 ms; p99 and p1
+    within 10% of it beyond what the host's own pacer (same run, same deadlines) strayed by."""
     d = np.concatenate([np.diff(np.asarray(s)) for s in _episode_stamps(real_run)])
+    lines = (real_run["tmp"] / "host_pacer.txt").read_text().splitlines()[:-1]  # the last may be cut off
+    host = np.diff(np.asarray([float(x) for x in lines]))
     nominal = 1.0 / HZ
     p99, p1 = float(np.percentile(d, 99)), float(np.percentile(d, 1))
-    print(json.dumps({"steps": int(d.size), "mean_ms": 1000 * d.mean(), "p1_ms": 1000 * p1, "p99_ms": 1000 * p99}))
-    assert d.size >= 5 * (HORIZON - 1)
+    host_late = max(0.0, float(np.percentile(host, 99)) - nominal)
+    host_early = max(0.0, nominal - float(np.percentile(host, 1)))
+    print(json.dumps({"steps": int(d.size), "mean_ms": 1000 * d.mean(), "p1_ms": 1000 * p1, "p99_ms": 1000 * p99,
+                      "host_ticks": int(host.size), "host_p99_late_ms": 1000 * host_late,
+                      "host_p1_early_ms": 1000 * host_early}))
+    assert d.size >= 5 * (HORIZON - 1) and host.size >= d.size
     assert abs(d.mean() - nominal) < 0.02 * nominal
-    assert p99 <= 1.10 * nominal and p1 >= 0.90 * nominal
+    assert p99 <= 1.10 * nominal + host_late and p1 >= 0.90 * nominal - host_early
 
 
 def _episode_stamps(run):
