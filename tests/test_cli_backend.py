@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 
+import msgspec
 import pytest
 import trio
 
@@ -157,6 +159,42 @@ def test_a_session_figure_counts_once_per_session():
     assert s["agents"]["b"]["cli_cost_usd"] is None and s["agents"]["b"]["calls"] == 0
     assert (s["team"]["cli_runs"], s["team"]["cli_cost_usd"], s["team"]["cli_tokens"]) == (3, 0.3, 165)
     assert "cli_cost_usd" not in ledger.summary([TokenRecord("a", "m", 1.0, 100, 0, 10)])["team"]
+
+
+@pytest.mark.parametrize("kind", ["claude-code", "codex"])
+def test_hostile_cli_output_is_skipped_not_a_crash(kind):
+    """The CLI's lines come out of the jail: brackets nested past the parser's limit, values of the wrong
+    type where a session, a message or a usage is expected. None crashes the reader, and what the run
+    reports still fits its ledger record; a well-formed line still counts."""
+    from enpire.agents.cli_backend import Run
+
+    failed = []
+    run = Run(on_failed=lambda tool, given, error: failed.append((tool, given, error)))
+    hostile = ["[" * 100_000, '{"a": ' * 5_000 + "1" + "}" * 5_000, "\xff", "[1]", "null",
+               '{"type": "result", "session_id": {"x": 1}, "usage": [1], "total_cost_usd": true}',
+               '{"type": "assistant", "message": "text, not an object"}',
+               '{"type": "assistant", "message": {"content": 7}}',
+               '{"type": "user", "message": {"content": [{"type": "tool_use", "id": ["a"], "input": 1}, '
+               '{"type": "tool_result", "is_error": true, "tool_use_id": {"b": 2}, "content": 5}]}}',
+               '{"type": "thread.started", "thread_id": ["t"]}', '{"type": "item.completed", "item": [1]}',
+               '{"type": "turn.completed", "usage": {"input_tokens": -5, "output_tokens": 1' + "0" * 30 + '}}',
+               '{"type": "result", "usage": {"input_tokens": true, "output_tokens": 1e400}, "total_cost_usd": 1e400}',
+               '{"type": "result", "total_cost_usd": 1' + "0" * 400 + '}']
+    good = ('{"type": "result", "session_id": "s-1", "usage": {"input_tokens": 7, "output_tokens": 3}, '
+            '"total_cost_usd": 0.5}' if kind == "claude-code" else
+            '{"type": "turn.completed", "usage": {"input_tokens": 7, "output_tokens": 3}}')
+    for line in [*hostile, good]:
+        run.feed(kind, line)
+    for line in hostile:  # and after it
+        run.feed(kind, line)
+    assert all(isinstance(v, int) and 0 <= v < 1 << 48 for v in run.usage)
+    assert isinstance(run.session, str) and (run.cost is None or math.isfinite(run.cost))
+    record = CLIRunRecord("a", kind, 0.0, 0, True, 1.0, run.session, run.cost, *run.usage)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(record), type=CLIRunRecord) == record
+    assert all(isinstance(part, str) for call in failed for part in call)
+    run = Run()
+    run.feed(kind, good)
+    assert run.usage == (7, 3) and (run.session, run.cost) == (("s-1", 0.5) if kind == "claude-code" else ("", None))
 
 
 def test_status_shows_the_cli_figures_beside_the_ledger(tmp_path):

@@ -136,3 +136,43 @@ async def test_mcp_serves_exactly_the_tools_the_sdk_backends_get(tmp_path):
     sdk = [(s.name, s.description, s.parameters) for s in TOOL_SPECS]
     assert mcp == sdk and len(mcp) >= 15
     assert {"evaluate", "wait", "episode", "promote", "commit", "read_file"} <= {name for name, _, _ in mcp}
+
+
+async def test_gateway_answers_hostile_lines_and_keeps_serving(tmp_path):
+    """Whatever a jailed agent writes to its tool socket gets a one-line refusal; the gateway (and with it
+    the agent's session) keeps serving the next call."""
+    registry = Registry()
+    gateway = ToolGateway(tmp_path / "t.sock", "tok", "agent-1", registry, "session-1")
+    path = str(tmp_path / "t.sock")
+
+    def send_line(line: bytes) -> bytes:
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(line + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+    hostile = [b"[" * 100_000, b'{"token": "tok", "op": "call", "arguments": ' + b"[" * 50_000 + b"}",
+               b"\xff\xfe not utf-8", b"[1, 2]", b'"tok"', b"NaN", b"",
+               b'{"token": ["tok"], "op": "list"}', b'{"token": "tok", "op": ["list"]}',
+               b'{"token": "tok", "op": "call", "name": "echo", "arguments": [1]}']
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve)
+        replies = [await trio.to_thread.run_sync(send_line, line) for line in hostile]
+        after = await trio.to_thread.run_sync(request, path, "tok", {"op": "call", "name": "echo",
+                                                                      "arguments": {"n": 5}}, 10.0)
+        nursery.cancel_scope.cancel()
+    import json
+
+    decoded = [json.loads(r) for r in replies]
+    assert [bool(d.get("error") or d.get("is_error")) for d in decoded] == [True] * len(hostile), decoded
+    assert decoded[0] == {"error": "request is not a JSON object"}
+    assert after["text"] == "echo 5 " and not after["is_error"]

@@ -98,3 +98,27 @@ def test_a_call_the_cli_hangs_up_on_is_still_recorded(tmp_path):
             relay.close()
     assert len(recorded) == len(model.log) == 1  # the provider answered (and bills) it: the ledger has it
     assert recorded[0].output_tokens == model.log[0].usage.output_tokens
+
+
+def test_a_hostile_body_from_the_jail_is_answered_and_the_relay_keeps_serving(tmp_path):
+    """The relay reads the model name from the CLI's request body; a body nested past the parser's limit,
+    or one whose model is not a string, must not cost the relay its answer or its next call."""
+    recorded = []
+    with ScriptedModel("anthropic", lambda ex: Reply(text="ok")) as model:
+        relay = ModelRelay(tmp_path / "m.sock", model.url, token="t0k", key="sk-real", record=recorded.append,
+                           allow=lambda: None).start()
+        port = forward(0, str(tmp_path / "m.sock"))
+        try:
+            statuses = []
+            for body in (b"[" * 100_000, b'{"model": ' * 5_000, json.dumps({"model": {"x": [1]}}).encode()):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("POST", "/v1/messages", body=body, headers={"x-api-key": "t0k"})
+                resp = conn.getresponse()
+                resp.read()
+                statuses.append(resp.status)
+                conn.close()
+            status, _ = _post(port, "/v1/messages", {"model": "m", "stream": True, "messages": []}, "t0k")
+        finally:
+            relay.close()
+    assert all(100 <= s < 600 for s in statuses)  # an HTTP answer each, whatever upstream made of the body
+    assert status == 200 and recorded and recorded[-1].input_tokens > 0

@@ -42,6 +42,7 @@ from enpire.agents import budget
 from enpire.agents.model import LLMConfigError
 from enpire.agents.model_relay import CallUsage, ModelRelay
 from enpire.agents.worktree import Worktree, WorktreeError
+from enpire.untrusted_json import finite, json_object, typed_get
 from enpire.workspace import ProtectedPathError, WorkspaceError
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository (editable install)
@@ -182,44 +183,43 @@ class Run:
             self.on_failed(tool, given[:300], " ".join(error.split())[:300])
 
     def feed(self, kind: Kind, line: str) -> None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
+        """Take one line of the CLI's output. It comes out of the jail: a line that is not JSON, or a
+        value of the wrong type in it, is skipped, never a crash of the daemon's reader."""
+        event = json_object(line)
+        if event is None:
             return
         self.lines += 1
-        t = event.get("type")
+        t = typed_get(event, "type", str, "")
         if kind in ("claude-code", "command"):  # a template CLI may print Claude Code's stream-json too
-            if event.get("session_id"):
-                self.session = event["session_id"]
+            self.session = typed_get(event, "session_id", str, "") or self.session
             if t == "assistant":
                 self.replies += 1
             if t == "result":
                 self.result = event
                 if event.get("is_error"):
                     self.error = str(event.get("result") or event.get("subtype"))[:300]
-            for block in (event.get("message") or {}).get("content") or []:
+            for block in typed_get(typed_get(event, "message", dict, {}), "content", list, []):
                 if not isinstance(block, dict):
                     continue
                 if block.get("type") == "tool_use":
-                    self.calls[block.get("id", "")] = (block.get("name", ""), json.dumps(block.get("input")))
+                    self.calls[str(block.get("id", ""))] = (str(block.get("name", "")),
+                                                            json.dumps(block.get("input"))[:300])
                 elif block.get("type") == "tool_result" and block.get("is_error"):
-                    name, given = self.calls.get(block.get("tool_use_id", ""), ("?", ""))
+                    name, given = self.calls.get(str(block.get("tool_use_id", "")), ("?", ""))
                     content = block.get("content")
-                    text = content if isinstance(content, str) else " ".join(
-                        c.get("text", "") for c in content or [] if isinstance(c, dict))
-                    self._failed(name, given, text)
+                    if isinstance(content, list):
+                        content = " ".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
+                    self._failed(name, given, content if isinstance(content, str) else "")
         elif kind == "codex":
             if t == "thread.started":
-                self.session = event.get("thread_id", "")
+                self.session = typed_get(event, "thread_id", str, "")
             elif t == "turn.completed":
                 self.result = event
             elif t == "item.completed":
                 self.replies += 1
-                item = event.get("item") or {}
+                item = typed_get(event, "item", dict, {})
                 if item.get("type") == "command_execution" and item.get("exit_code") not in (0, None):
-                    self._failed("shell", item.get("command", ""), str(item.get("aggregated_output", "")))
+                    self._failed("shell", str(item.get("command", "")), str(item.get("aggregated_output", "")))
             elif t in ("turn.failed", "error") and not self.result:
                 self.error = str(event.get("error") or event.get("message"))[:300]
 
@@ -227,16 +227,16 @@ class Run:
     def usage(self) -> tuple[int, int]:
         """(input, output) tokens of this run as the CLI reported them, input counting cached input and
         cache writes (Claude Code's result reports them apart; Codex's turn.completed counts them in)."""
-        usage = (self.result or {}).get("usage") or {}
-        n = {key: value for key, value in usage.items() if isinstance(value, int)}
-        return (n.get("input_tokens", 0) + n.get("cache_read_input_tokens", 0) + n.get("cache_creation_input_tokens", 0),
-                n.get("output_tokens", 0))
+        usage = typed_get(self.result or {}, "usage", dict, {})
+        n = {key: typed_get(usage, key, int, 0) for key in
+             ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")}
+        n = {key: value if 0 <= value < 1 << 48 else 0 for key, value in n.items()}  # a record holds int64
+        return (n["input_tokens"] + n["cache_read_input_tokens"] + n["cache_creation_input_tokens"], n["output_tokens"])
 
     @property
     def cost(self) -> float | None:
         """The run's cost as the CLI itself reported it (None: it reports none, as Codex never does)."""
-        value = (self.result or {}).get("total_cost_usd")
-        return float(value) if isinstance(value, int | float) else None
+        return finite((self.result or {}).get("total_cost_usd"))
 
 
 # Which end-of-run figures of each CLI cover its session so far (a resumed session carries them on) rather

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from enpire.agents.model import Usage
+from enpire.untrusted_json import json_object
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
@@ -70,11 +71,8 @@ class UsageMeter:
                          output_tokens=u["output"], reasoning_tokens=u["reasoning"], model=self.model)
 
     def _event(self, data: bytes) -> None:
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
+        event = json_object(data)
+        if event is None:
             return
         kind = event.get("type", "")
         if kind == "message_start":  # Anthropic: input side (and a placeholder output count)
@@ -203,10 +201,7 @@ class ModelRelay:
                 reason = relay.allow() if self.command == "POST" else None
                 if reason:
                     return self._refuse(429 if "budget" not in reason else 400, reason)
-                try:
-                    model = json.loads(raw or b"{}").get("model", "") if raw else ""
-                except (ValueError, AttributeError):
-                    model = ""
+                model = str((json_object(raw) or {}).get("model", ""))[:200]
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP
                            and k.lower() not in AUTH_HEADERS}
                 name, bearer = auth  # the real key goes where the CLI put its token (x-api-key, Bearer, ...)

@@ -20,6 +20,7 @@ import structlog
 import trio
 
 from enpire.agents.mcp_server import image_payload
+from enpire.untrusted_json import json_object
 
 MAX_REQUEST = 4 << 20
 
@@ -76,11 +77,8 @@ class ToolGateway:
                 pass  # the MCP server went away (the CLI was stopped): the call's effects stand
 
     async def handle(self, line: bytes) -> dict[str, Any]:
-        try:
-            message = json.loads(line)
-            if not isinstance(message, dict):
-                raise ValueError("not an object")
-        except ValueError:
+        message = json_object(line)
+        if message is None:
             return {"error": "request is not a JSON object"}
         if not hmac.compare_digest(str(message.get("token", "")).encode(), self.token.encode()):
             self.log.warning("tool_gateway_refused", reason="wrong token")
