@@ -171,6 +171,24 @@ def test_recipe_process_ok_nan_and_empty(recorded, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_recipes_metrics_file_is_read_without_trusting_it(tmp_path):
+    """Only finite numbers become metrics and only named facts become info; a file that is not a flat
+    JSON object (a list, brackets past the parser's limit, numbers no float holds) gives nothing."""
+    from enpire.learning.runner import read_metrics
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"val_loss": 0.25, "epochs": 7, "early": True, "device": "cpu", "world": 2,
+                                "gpu": {"name": "x"}, "note": "n"}))
+    assert read_metrics(path) == ({"val_loss": 0.25, "epochs": 7.0, "world": 2.0}, {"device": "cpu", "world": "2",
+                                                                       "gpu": "{'name': 'x'}"})
+    path.write_text('{"a": NaN, "b": Infinity, "c": -Infinity, "d": 1' + "0" * 400 + ', "e": -2.5}')
+    assert read_metrics(path) == ({"e": -2.5}, {})
+    for data in (b"[1, 2]", b"[" * 100_000, b'{"a": ' * 100 + b"1" + b"}" * 100, b'\xff{"a": 1}', b""):
+        path.write_bytes(data)
+        assert read_metrics(path) == ({}, {}), data[:20]
+    assert read_metrics(tmp_path / "missing.json") == ({}, {})
+
+
 def test_bc_reaches_target_on_heldout_seeds():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bc_pusht.py"), "--episodes", "1000", "--eval", "100"],
                          capture_output=True, text=True, timeout=3600, cwd=ROOT)

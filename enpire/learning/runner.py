@@ -26,6 +26,7 @@ import trio
 
 from enpire import isolation
 from enpire.sandbox import without_credentials
+from enpire.untrusted_json import finite, json_object
 
 ROOT = Path(__file__).resolve().parents[2]  # the code the recipe imports (bound read-only into the jail)
 RECIPES = ("bc", "rl", "visuomotor")
@@ -157,6 +158,17 @@ async def _run_process(argv: list[str], env: dict[str, str] | None, job_dir: Pat
             proc.wait()
 
 
+def read_metrics(path: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """(the finite numbers, the device facts) of a recipe's metrics.json. The recipe ran on the agents'
+    data and options: anything that is not a flat JSON object of such values is left out, not a crash."""
+    try:
+        doc = json_object(path.read_bytes()) or {}
+    except OSError:
+        doc = {}
+    metrics = {k: number for k, v in doc.items() if (number := finite(v)) is not None}
+    return metrics, {k: str(doc[k])[:200] for k in ("device", "gpu", "precision", "world") if k in doc}
+
+
 async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss_mb: int, options: dict[str, str],
               device: str = "cpu", processes: int = 1) -> Outcome:
     """Run the staged job; never raises for a failing recipe (the Outcome says why in one line)."""
@@ -178,11 +190,6 @@ async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss
     weights, metrics_file = job_dir / "out" / "weights.npz", job_dir / "out" / "metrics.json"
     if not weights.exists():
         return Outcome(False, "recipe wrote no weights.npz")
-    try:
-        doc = json.loads(metrics_file.read_text())
-    except (OSError, ValueError):
-        doc = {}
-    metrics = {k: float(v) for k, v in doc.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    info = {k: str(doc[k]) for k in ("device", "gpu", "precision", "world") if k in doc}
+    metrics, info = read_metrics(metrics_file)
     info["isolation"] = how
     return Outcome(True, weights=weights.read_bytes(), metrics=metrics, info=info)
