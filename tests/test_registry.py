@@ -84,6 +84,31 @@ async def test_bad_calls_become_error_results(tmp_path):
             assert r.is_error and words in r.text, (name, r.text)
 
 
+async def test_text_no_path_or_git_argument_can_hold_is_refused_at_the_edge(tmp_path):
+    """A NUL or a lone surrogate in any string argument (a model can send both: JSON escapes them) is an
+    error result naming where it is, not an exception that restarts the agent; the next call works."""
+    board, ws = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
+    ws.commit("main", {"policy.py": TEMPLATE}, "template")
+    tools = Tools("agent-0", "pusht", ws, None, board)
+    nul, lone = "a\x00b", "\ud800"
+    calls = [("read_file", {"path": nul}, "`$.path`"), ("read_file", {"path": "policy.py", "commit": nul}, "`$.commit`"),
+             ("write_file", {"path": lone, "content": "x"}, "`$.path`"),
+             ("write_file", {"path": "p.py", "content": lone}, "`$.content`"),
+             ("write_file", {"path": "p.py", "content": "x", "message": nul}, "`$.message`"),
+             ("commit", {"files": {nul: "x"}, "message": "m"}, "`$.files key`"),
+             ("commit", {"files": {"p.py": "x"}, "message": lone}, "`$.message`"),
+             ("log", {"branch": nul}, "`$.branch`"), ("diff", {"paths": ["ok.py", nul]}, "`$.paths[1]`"),
+             ("evaluate", {"commit": nul}, "`$.commit`"), ("episode", {"episode": lone}, "`$.episode`"),
+             ("post_finding", {"hypothesis": "h", "change": "c", "evidence": "e", "outcome": lone}, "surrogates"),
+             ("read_file", '{"path": "a\\u0000b"}', "`$.path`")]  # JSON text, as the API backends pass it
+    async with open_session(tools, SessionSettings(), card("pusht"), range(10)) as s:
+        for name, args, words in calls:
+            r = await REGISTRY.call(s, name, args)
+            assert r.is_error and "bad arguments" in r.text and words in r.text, (name, r.text)
+        assert not (await _call(s, "read_file", path="policy.py", max_lines=3)).is_error
+    assert ws.head("agent/agent-0") is None  # nothing of it was committed
+
+
 async def test_read_file_pages_through_the_template_and_edit_changes_one_line(tmp_path):
     board, ws = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
     ws.commit("main", {"policy.py": TEMPLATE}, "template")

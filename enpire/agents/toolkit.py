@@ -74,6 +74,28 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _unusable_text(value: Any, where: str) -> str | None:
+    """Where in a tool's arguments a string holds what no path, git argument or UTF-8 file can (NUL, a
+    lone surrogate), or None. Argument types nest two or three levels, so the recursion is shallow."""
+    if isinstance(value, str):
+        return where if "\0" in value or (not value.isascii() and not _encodes(value)) else None
+    if isinstance(value, dict):  # the keys of argument dicts are strings (paths, parameter names)
+        pairs = [(_unusable_text(key, f"{where} key"), _unusable_text(item, f"{where}.{key}"))
+                 for key, item in value.items()]
+        return next((found for pair in pairs for found in pair if found), None)
+    if isinstance(value, list):
+        return next((found for i, item in enumerate(value) if (found := _unusable_text(item, f"{where}[{i}]"))), None)
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Registry:
     """Every agent tool by name. `call` validates the arguments against the tool's Struct and never raises
     for a tool's own failure: the model gets an error result instead."""
@@ -107,10 +129,16 @@ class Registry:
             raise ToolError(f"unknown tool {name!r}; tools: {', '.join(self._tools)}")
         try:
             if isinstance(arguments, (str, bytes)):
-                return tool, msgspec.json.decode(arguments or "{}", type=tool.args)
-            return tool, msgspec.convert(arguments or {}, type=tool.args)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise ToolError(f"bad arguments for {name}: {e}") from None
+                args = msgspec.json.decode(arguments or "{}", type=tool.args)
+            else:
+                args = msgspec.convert(arguments or {}, type=tool.args)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeEncodeError) as e:  # the last: a lone
+            raise ToolError(f"bad arguments for {name}: {e}") from None  # surrogate compared to a Literal
+        where = _unusable_text(msgspec.structs.asdict(args), "$")
+        if where:
+            raise ToolError(f"bad arguments for {name}: text at `{where}` holds a NUL or an unpaired surrogate "
+                            "(paths, messages and files are UTF-8 without NUL)")
+        return tool, args
 
     async def call(self, session, name: str, arguments: dict | str) -> ToolResult:
         """Validate, run (ordered tools one at a time per session, in call order), cap and scrub the text."""
