@@ -22,6 +22,7 @@ PROTECTED = ("verify*", "verifier*", "reset*", "eval*", "seeds*", "heldout*", "s
 MAIN = "main"
 MAX_FILE_BYTES = 8 << 20  # one file, e.g. a trained policy's weights
 MAX_COMMIT_BYTES = 16 << 20  # all files of a commit: what every lease carries to a cell
+MAX_FILES = 1000  # files of one commit (each costs git processes here and a file in every cell's sandbox)
 
 
 class WorkspaceError(RuntimeError):
@@ -81,6 +82,8 @@ class Workspace:
                allow_empty_parent=False) -> str:
         """Commit `files` (text, bytes, or None to delete) on top of `branch` (or main when the branch is new)."""
         self.check_paths(files)
+        if len(files) > MAX_FILES:
+            raise TooLargeError(f"a commit may change at most {MAX_FILES} files, not {len(files)}")
         blobs: dict[str, bytes | None] = {}
         for path, content in files.items():
             if isinstance(content, str):
@@ -104,9 +107,11 @@ class Workspace:
                 blob = self._git("hash-object", "-w", "--stdin", input=content).strip()
                 self._git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", index=index)
             tree = self._git("write-tree", index=index).strip()
-        total = sum(int(line.split()[3]) for line in self._git("ls-tree", "-r", "-l", tree).splitlines())
-        if total > MAX_COMMIT_BYTES:
-            raise TooLargeError(f"commit on {branch!r} would hold {total} bytes of files; at most {MAX_COMMIT_BYTES}")
+        sizes = [int(line.split()[3]) for line in self._git("ls-tree", "-r", "-l", tree).splitlines()]
+        if sum(sizes) > MAX_COMMIT_BYTES:
+            raise TooLargeError(f"commit on {branch!r} would hold {sum(sizes)} bytes of files; at most {MAX_COMMIT_BYTES}")
+        if len(sizes) > MAX_FILES:
+            raise TooLargeError(f"commit on {branch!r} would hold {len(sizes)} files; at most {MAX_FILES}")
         args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
         commit = self._git(*args).strip()
         self._git("update-ref", f"refs/heads/{branch}", commit)

@@ -80,3 +80,42 @@ def test_symlinks_are_not_published(setup):
     _git(wt.path, "commit", "-qm", "a link")
     with pytest.raises(WorktreeError, match="only regular files"):
         wt.publish(ws, "agent/agent-0")
+
+
+def test_many_paths_to_one_blob_are_refused_before_their_contents_are_read(setup, monkeypatch):
+    """40 paths to one 1 MB blob cost the agent 1 MB on disk and would cost the daemon 40 MB in memory:
+    publishing refuses it from the tree's sizes, and reads no content."""
+    ws, wt = setup
+    wt.publish(ws, "agent/agent-0")
+    before = ws.head("agent/agent-0")
+    blob = bytes(range(256)) * 4096
+    for i in range(40):
+        (wt.path / f"copy{i}.bin").write_bytes(blob)
+    _git(wt.path, "add", "-A")
+    _git(wt.path, "commit", "-qm", "forty copies")
+    calls = []
+    real = Worktree.git
+    monkeypatch.setattr(Worktree, "git", lambda self, *args, **kw: calls.append(args[0]) or real(self, *args, **kw))
+    monkeypatch.setattr("enpire.agents.worktree.MAX_COMMIT_BYTES", 16 << 20)
+    with pytest.raises(WorktreeError, match="more than"):
+        wt.publish(ws, "agent/agent-0")
+    assert "cat-file" not in calls and ws.head("agent/agent-0") == before
+    for i in range(40):  # and once the files are gone, the next commit publishes normally, in one read
+        (wt.path / f"copy{i}.bin").unlink()
+    (wt.path / "policy.py").write_text("class Policy:\n    gain = 3\n")
+    _git(wt.path, "add", "-A")
+    _git(wt.path, "commit", "-qm", "gain 3")
+    calls.clear()
+    _, remote = wt.publish(ws, "agent/agent-0")
+    assert ws.read(remote)["policy.py"] == "class Policy:\n    gain = 3\n" and calls.count("cat-file") == 1
+    assert ws.read(remote)["recipes/bc.py"] == (wt.path / "recipes" / "bc.py").read_text()
+
+
+def test_a_commit_of_more_files_than_a_policy_may_hold_is_refused(tmp_path):
+    from enpire.workspace import MAX_FILES, TooLargeError
+
+    ws = Workspace(tmp_path / "ws")
+    ws.commit("main", {"policy.py": "x = 1\n"}, "template")
+    with pytest.raises(TooLargeError, match=f"at most {MAX_FILES} files"):
+        ws.commit("agent/a", {f"f{i}.py": "" for i in range(MAX_FILES + 1)}, "too many")
+    assert ws.head("agent/a") is None

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enpire.workspace import MAX_FILE_BYTES, Workspace, WorkspaceError
+from enpire.workspace import MAX_COMMIT_BYTES, MAX_FILE_BYTES, MAX_FILES, Workspace, WorkspaceError
 
 DAEMON_FILES = ("AGENTS.md", "CLAUDE.md", ".enpire/")  # written by the daemon, never published
 RECIPES = ("bc.py", "rl.py", "dataset.py", "recipes.py", "mlp_policy.py")
@@ -88,22 +88,35 @@ class Worktree:
         return self.git("rev-parse", "--verify", "HEAD").decode().strip()
 
     def files(self, commit: str) -> dict[str, bytes]:
-        """Regular files of a worktree commit (no symlinks, no submodules), daemon files left out."""
-        out: dict[str, bytes] = {}
-        for entry in self.git("ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
+        """Regular files of a worktree commit (no symlinks, no submodules), daemon files left out. Sizes and
+        count are checked from the tree before any content is read: a thousand paths to one blob cost the
+        agent one object on disk, and would cost the daemon a thousand copies in memory."""
+        wanted: list[tuple[str, bytes, int]] = []
+        total = 0
+        for entry in self.git("ls-tree", "-r", "-l", "-z", "--full-tree", commit).split(b"\0"):
             if not entry:
                 continue
             meta, _, name = entry.partition(b"\t")
-            mode, kind, sha = meta.split()
+            mode, kind, sha, size = meta.split()
             path = name.decode(errors="replace")
             if any(path == d or path.startswith(d) for d in DAEMON_FILES):
                 continue
             if kind != b"blob" or mode not in (b"100644", b"100755"):
                 raise WorktreeError(f"{path}: only regular files can be published (mode {mode.decode()})")
-            size = int(self.git("cat-file", "-s", sha.decode()).strip())
-            if size > MAX_FILE_BYTES:
-                raise WorktreeError(f"{path} is {size} bytes; a policy file may hold at most {MAX_FILE_BYTES}")
-            out[path] = self.git("cat-file", "blob", sha.decode())
+            if int(size) > MAX_FILE_BYTES:
+                raise WorktreeError(f"{path} is {int(size)} bytes; a policy file may hold at most {MAX_FILE_BYTES}")
+            total += int(size)
+            wanted.append((path, sha, int(size)))
+            if total > MAX_COMMIT_BYTES or len(wanted) > MAX_FILES:
+                raise WorktreeError(f"commit {commit[:12]} holds more than {MAX_COMMIT_BYTES} bytes or {MAX_FILES} "
+                                    "files; a policy may hold at most that")
+        # one git process for all contents: each object comes back as "<sha> blob <size>\n<content>\n"
+        batch = self.git("cat-file", "--batch", input=b"".join(sha + b"\n" for _, sha, _ in wanted))
+        out, at = {}, 0
+        for path, _, size in wanted:
+            at = batch.index(b"\n", at) + 1
+            out[path] = batch[at : at + size]
+            at += size + 1
         return out
 
     def publish(self, workspace: Workspace, branch: str) -> tuple[str, str] | None:
