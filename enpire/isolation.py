@@ -14,7 +14,7 @@ Built on bubblewrap (`bwrap`, the tool under Flatpak and the Linux sandboxes of 
   module loading, bpf, perf, userfaultfd, io_uring, handle-based opens, TIOCSTI and the like;
 - a cgroup of its own (v1 here; v2 where our cgroup delegates memory and pids) capping its memory
   (anonymous memory, tmpfs scratch and memfds all count), its number of processes/threads, and
-  measuring its CPU time; RLIMIT_CPU per process.
+  measuring its CPU time; RLIMIT_CPU per process, and RLIMIT_FSIZE on every file it writes.
 
 How: the returned argv starts this file as a small launcher (`python -I -S isolation.py SPEC`) that
 creates the cgroup, moves itself into it, sets rlimits, writes the seccomp program to a memfd, then
@@ -54,11 +54,12 @@ class Jail:
     memory_mb: int = 1024  # cgroup memory limit (RSS + tmpfs + memfds); the scratch is added on top
     pids: int = 64  # processes + threads
     cpu_seconds: int = 600  # RLIMIT_CPU of each process (SIGXCPU, SIGKILL one second later)
+    file_mb: int = 256  # RLIMIT_FSIZE: no file it writes (a writable bind, an inherited log) grows past this
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: Path | None = None  # default /tmp
 
     def __post_init__(self) -> None:
-        for name in ("scratch_mb", "memory_mb", "pids", "cpu_seconds"):
+        for name in ("scratch_mb", "memory_mb", "pids", "cpu_seconds", "file_mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_MB:
                 raise ValueError(f"Jail.{name} = {value!r}: expected an integer in [1, {MAX_MB}]")
@@ -86,7 +87,7 @@ def wrap(jail: Jail, argv: Sequence[str]) -> list[str]:
     spec = {
         "read_only": [str(p) for p in jail.read_only], "writable": [str(p) for p in jail.writable],
         "scratch_mb": jail.scratch_mb, "network": jail.network, "memory_mb": jail.memory_mb,
-        "pids": jail.pids, "cpu_seconds": jail.cpu_seconds, "env": dict(jail.env),
+        "pids": jail.pids, "cpu_seconds": jail.cpu_seconds, "file_mb": jail.file_mb, "env": dict(jail.env),
         "cwd": str(jail.cwd) if jail.cwd else "/tmp", "argv": [str(a) for a in argv],
     }
     return [sys.executable, "-I", "-S", "-B", str(Path(__file__).resolve()), json.dumps(spec)]
@@ -450,6 +451,11 @@ def _launch(spec_json: str) -> None:
         cpu = min(cpu, hard - 1)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    size = spec["file_mb"] << 20
+    _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY:
+        size = min(size, hard)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     fd = os.memfd_create("seccomp", 0)  # inherited by bwrap (no CLOEXEC), read once at start-up
     os.write(fd, seccomp_program())
     os.lseek(fd, 0, os.SEEK_SET)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 
 import msgspec
 import pytest
@@ -304,6 +305,55 @@ async def test_any_mcp_capable_cli_through_the_command_template(tmp_path, monkey
     assert [(r.input_tokens, r.output_tokens) for r in records] == [(e.usage.input_tokens, e.usage.output_tokens)
                                                                      for e in model.log]
     assert all(e.headers["x-api-key"] == "sk-the-real-model-key" for e in model.log)
+
+
+def _command_agent(tmp_path, script: str, **kw) -> CLIAgent:
+    """A `command` backend whose CLI is a shell script: what a jail can print, not what a CLI would."""
+    path = tmp_path / "cli-bin" / "hostile.sh"
+    path.parent.mkdir()
+    path.write_text(script)
+    settings = CLISettings("command", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="ENPIRE_TEST_MODEL_KEY",
+                           command=f"/bin/sh {path}", backoff_initial_s=0.2, **kw)
+    return CLIAgent(settings, open_session=_session, registry=Registry(), card_text="card", protocol="protocol",
+                    task=TASK)
+
+
+async def test_what_a_jail_prints_is_read_in_bounded_pieces_and_kept_up_to_a_cap(tmp_path, monkeypatch):
+    """A 3 MB line with no end is read in pieces of LINE_MAX (none parses, none is held whole), the transcript
+    keeps at most TRANSCRIPT_MAX (plus the piece that crossed it), and the result line after them counts."""
+    from enpire.agents import cli_backend
+
+    monkeypatch.setattr(cli_backend, "LINE_MAX", 1 << 20)
+    monkeypatch.setattr(cli_backend, "TRANSCRIPT_MAX", 2 << 20)
+    fed = []
+    real_feed = cli_backend.Run.feed
+    monkeypatch.setattr(cli_backend.Run, "feed", lambda self, kind, line: fed.append(len(line)) or real_feed(self, kind, line))
+    tools = FakeTools(tmp_path)
+    agent = _command_agent(tmp_path, "head -c 3000000 /dev/zero | tr '\\0' x; echo\n"
+                           "printf '%s\\n' '{\"type\":\"result\",\"session_id\":\"s-ok\",\"usage\":{\"output_tokens\":5}}'\n",
+                           max_turns=1, turn_timeout_s=60)
+    with trio.fail_after(120):
+        await agent.run(tools)
+    assert [o.ok for o in agent.outcomes] == [True], agent.outcomes
+    assert max(fed) <= 1 << 20 and sum(fed) > 3_000_000  # everything read, in pieces
+    assert agent.outcomes[0].run.session == "s-ok" and agent.outcomes[0].run.usage == (0, 5)
+    transcript = tmp_path / "cli" / "agent-0" / "logs" / "turn-00000.jsonl"
+    assert 2 << 20 <= transcript.stat().st_size <= 3 << 20
+
+
+async def test_a_turn_stops_when_the_disk_reaches_its_reserve(tmp_path, monkeypatch):
+    """The agent's folders are host files: a turn stops at once when the disk under them is down to the
+    reserve the fleet's records need (here: a reserve above what is free)."""
+    from enpire.agents import cli_backend
+
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(cli_backend, "DISK_RESERVE", free + (1 << 30))
+    tools = FakeTools(tmp_path)
+    agent = _command_agent(tmp_path, "sleep 60\n", max_turns=1, turn_timeout_s=120)
+    with trio.fail_after(60):
+        await agent.run(tools)
+    assert [o.ok for o in agent.outcomes] == [False] and "disk is down to its last" in agent.outcomes[0].reason
+    assert agent.outcomes[0].seconds < 20
 
 
 async def test_the_token_budget_stops_the_run_at_the_refused_call(tmp_path):

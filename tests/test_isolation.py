@@ -106,6 +106,26 @@ def test_cpu_limit_and_usage() -> None:
     assert rc == 128 + 9 and used is not None and used.cpu_s >= 0.6  # the hard limit a second later
 
 
+def test_file_size_limit_covers_binds_and_inherited_files(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE: no file the jail writes grows past file_mb, on a writable bind or through a file the
+    daemon handed it (its stderr log); the write fails with EFBIG once SIGXFSZ is ignored."""
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    code = ("import signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "for target in (open('big', 'wb'), sys.stderr.buffer):\n"
+            " try:\n  [target.write(bytes(1 << 16)) or target.flush() for _ in range(64)]\n"
+            " except OSError as e: print(e.errno)")
+    jail = Jail(read_only=PY, writable=(rw,), cwd=rw, file_mb=1)
+    with open(tmp_path / "stderr.log", "wb") as log:
+        proc = subprocess.Popen(wrap(jail, [sys.executable, "-I", "-c", code]), stdout=subprocess.PIPE, stderr=log)
+        out, _ = proc.communicate(timeout=60)
+        release(proc.pid)
+    assert out.split() == [b"27", b"27"]  # EFBIG, twice
+    assert (rw / "big").stat().st_size == 1 << 20 and (tmp_path / "stderr.log").stat().st_size == 1 << 20
+    rc, _out, _err, _ = run("open('/tmp/x', 'wb').write(bytes(3 << 20))", Jail(read_only=PY, file_mb=4))
+    assert rc == 0  # under the limit: no effect
+
+
 def test_every_descendant_dies_with_the_jail(tmp_path: Path) -> None:
     """A double-forked, setsid'd grandchild cannot outlive the jail."""
     code = ("import os, time\nif os.fork() == 0:\n os.setsid()\n if os.fork() == 0:\n  time.sleep(60); os._exit(0)\n"

@@ -23,8 +23,10 @@ import os
 import secrets as pysecrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -161,6 +163,21 @@ FIRST_PROMPT = ("Read AGENTS.md. Improve the policy: write or edit policy.py, ch
                 "commit, evaluate it on the fleet with the enpire tools, look at failures, iterate, and promote "
                 "a candidate that beats the champion.")
 NEXT_PROMPT = "Continue improving the policy (AGENTS.md has the rules).\n\n"
+
+
+# What one turn may cost the daemon's disk and memory, whatever the jail prints or writes: the CLI's lines
+# are read in pieces of at most LINE_MAX, kept in the transcript up to TRANSCRIPT_MAX, and a turn stops
+# when the disk under the agent's folders has only DISK_RESERVE left (its files are host files; the jail's
+# RLIMIT_FSIZE caps each one, not their sum).
+LINE_MAX = 32 << 20
+TRANSCRIPT_MAX = 64 << 20
+DISK_RESERVE = 512 << 20
+
+
+def _tail(path: Path, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        return f.read()
 
 
 # ----------------------------------------------------------------------------- the CLIs
@@ -515,6 +532,8 @@ class CLIAgent:
         reason, code = "", None
         procs: list[subprocess.Popen] = []
         done: dict[str, int] = {}
+        starting = threading.Lock()  # a stop that comes before the start (a full disk) must not miss the process
+        stopped = False
 
         def blocking() -> int:
             # bwrap --die-with-parent is PR_SET_PDEATHSIG: the jail dies with the *thread* that started it,
@@ -523,11 +542,18 @@ class CLIAgent:
             with open(stderr_path, "wb") as stderr, open(transcript, "ab") as out:
                 # bwrap itself gets no environment of the daemon: the jail's init is a bwrap process, and a
                 # jailed process can read /proc/1/environ (it would hold the fleet's keys and secret).
-                proc = subprocess.Popen(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                                        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-                procs.append(proc)
-                for line in proc.stdout:
-                    out.write(line)
+                with starting:
+                    if stopped:
+                        return -signal.SIGKILL
+                    proc = subprocess.Popen(jailed, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                                            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+                    procs.append(proc)
+                kept = 0
+                # Bounded reads: a "line" with no end would otherwise be held whole (its pieces fail to parse).
+                for line in iter(lambda: proc.stdout.readline(LINE_MAX), b""):
+                    if kept < TRANSCRIPT_MAX:
+                        out.write(line)
+                        kept += len(line)
                     run.feed(self.settings.kind, line.decode(errors="replace"))
                 return proc.wait()
 
@@ -544,11 +570,17 @@ class CLIAgent:
                     if trio.current_time() > deadline:
                         reason = f"no result within {limit:.0f} s: stopped"
                         break
+                    if shutil.disk_usage(worktree.path).free < DISK_RESERVE:  # what the fleet records needs
+                        reason = f"the disk is down to its last {DISK_RESERVE >> 20} MB: stopped"
+                        log.error("cli_disk_reserve", free_mb=shutil.disk_usage(worktree.path).free >> 20)
+                        break
                     await trio.sleep(0.1)
             finally:
-                for proc in procs:
-                    if proc.poll() is None:
-                        proc.kill()  # the thread then sees the end of its output and returns
+                with starting:  # held only while a Popen runs
+                    stopped = True
+                    for proc in procs:
+                        if proc.poll() is None:
+                            proc.kill()  # the thread then sees the end of its output and returns
         code = done.get("code")
         if procs:
             await trio.to_thread.run_sync(isolation.release, procs[0].pid)
@@ -557,7 +589,7 @@ class CLIAgent:
             if self.over_budget:
                 reason = "token budget exhausted: stopped"
             elif code != 0:
-                stderr = stderr_path.read_bytes().decode(errors="replace").split("Stack backtrace:")[0]
+                stderr = _tail(stderr_path, 1 << 20).decode(errors="replace").split("Stack backtrace:")[0]
                 tail = stderr[-300:].strip().replace("\n", " | ")
                 reason = f"exit {code}: {tail}" if tail else f"exit {code}"
             elif run.error:
