@@ -176,3 +176,40 @@ async def test_gateway_answers_hostile_lines_and_keeps_serving(tmp_path):
     assert [bool(d.get("error") or d.get("is_error")) for d in decoded] == [True] * len(hostile), decoded
     assert decoded[0] == {"error": "request is not a JSON object"}
     assert after["text"] == "echo 5 " and not after["is_error"]
+
+
+async def test_idle_connections_cannot_exhaust_the_daemons_descriptors(tmp_path, monkeypatch):
+    """A jail that opens connections and sends nothing holds at most MAX_CONNECTIONS of the daemon's file
+    descriptors (the rest wait in the kernel's backlog), each for at most REQUEST_TIMEOUT_S; then calls
+    are served again."""
+    import os
+    import socket
+
+    from enpire.agents import tool_gateway
+
+    monkeypatch.setattr(tool_gateway, "REQUEST_TIMEOUT_S", 1.0)
+    gateway = ToolGateway(tmp_path / "t.sock", "tok", "agent-1", Registry(), "session-1")
+    path = str(tmp_path / "t.sock")
+    idle = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve)
+        before = len(os.listdir("/proc/self/fd"))
+
+        def connect() -> None:  # in a thread: a connect waits while the backlog is full
+            for _ in range(tool_gateway.MAX_CONNECTIONS + 10):  # the rest fit in the listen backlog
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)  # blocking: a unix socket with a timeout fails at once on a full backlog
+                idle.append(s)
+
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(connect, abandon_on_cancel=True)
+        await trio.sleep(0.3)
+        held = len(os.listdir("/proc/self/fd")) - before - len(idle)  # the daemon's side of them
+        await trio.sleep(2.5)  # past the request timeout: the first ones are closed, the next ones admitted
+        after = await trio.to_thread.run_sync(request, path, "tok", {"op": "call", "name": "echo",
+                                                                      "arguments": {"n": 4}}, 10.0)
+        nursery.cancel_scope.cancel()
+    for s in idle:
+        s.close()
+    assert 0 < held <= tool_gateway.MAX_CONNECTIONS
+    assert after["text"] == "echo 4 "

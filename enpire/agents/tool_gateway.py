@@ -23,6 +23,8 @@ from enpire.agents.mcp_server import image_payload
 from enpire.untrusted_json import json_object
 
 MAX_REQUEST = 4 << 20
+MAX_CONNECTIONS = 16  # open at once: each holds a descriptor of the daemon's, which a jail must not exhaust
+REQUEST_TIMEOUT_S = 60.0  # to send the request line (a call may then run as long as its tool does)
 
 
 def tool_list(registry) -> list[dict[str, Any]]:
@@ -39,7 +41,6 @@ class ToolGateway:
         self.registry = registry
         self.session = session
         self.before_call = before_call  # e.g. publish the agent's worktree; returns a note for the result
-        self.calls: list[str] = []
         self.log = structlog.get_logger().bind(actor=agent)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -49,32 +50,47 @@ class ToolGateway:
         os.chmod(self.path, 0o600)
         sock.listen(16)
         listener = trio.SocketListener(sock)
+        slots = trio.Semaphore(MAX_CONNECTIONS)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
+                    await slots.acquire()  # past the limit, connects wait in the kernel's backlog, not here
                     stream = await listener.accept()
-                    nursery.start_soon(self._connection, stream)
+                    nursery.start_soon(self._connection, stream, slots)
         finally:
             self.path.unlink(missing_ok=True)  # before the checkpoint below, which a cancellation interrupts
             await listener.aclose()
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            data = bytearray()
+    async def _connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+        try:
+            async with stream:
+                line = await self._request_line(stream)
+                if line is None:
+                    return
+                reply = await self.handle(line)
+                with trio.move_on_after(REQUEST_TIMEOUT_S):  # a caller that never reads keeps no slot
+                    try:
+                        await stream.send_all(json.dumps(reply).encode() + b"\n")
+                    except trio.BrokenResourceError:
+                        pass  # the MCP server went away (the CLI was stopped): the call's effects stand
+        finally:
+            slots.release()
+
+    async def _request_line(self, stream: trio.SocketStream) -> bytes | None:
+        data = bytearray()
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
             while b"\n" not in data:
                 chunk = await stream.receive_some(65536)
                 if not chunk:
-                    return
+                    return None
                 data += chunk
                 if len(data) > MAX_REQUEST:
                     self.log.warning("tool_gateway_refused", reason="request too large")
-                    return
-            reply = await self.handle(bytes(data.split(b"\n", 1)[0]))
-            try:
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
-            except trio.BrokenResourceError:
-                pass  # the MCP server went away (the CLI was stopped): the call's effects stand
+                    return None
+            return bytes(data.split(b"\n", 1)[0])
+        self.log.warning("tool_gateway_refused", reason=f"no request line within {REQUEST_TIMEOUT_S:.0f} s")
+        return None
 
     async def handle(self, line: bytes) -> dict[str, Any]:
         message = json_object(line)
@@ -91,7 +107,6 @@ class ToolGateway:
         name, arguments = str(message.get("name", "")), message.get("arguments") or {}
         if not isinstance(arguments, dict):
             return {"text": "arguments must be an object", "is_error": True}
-        self.calls.append(name)
         note = await self.before_call(name, arguments) if self.before_call else None
         result = await self.registry.call(self.session, name, arguments)
         text = f"{note}\n{result.text}" if note else result.text
