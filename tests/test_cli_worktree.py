@@ -119,3 +119,14 @@ def test_a_commit_of_more_files_than_a_policy_may_hold_is_refused(tmp_path):
     with pytest.raises(TooLargeError, match=f"at most {MAX_FILES} files"):
         ws.commit("agent/a", {f"f{i}.py": "" for i in range(MAX_FILES + 1)}, "too many")
     assert ws.head("agent/a") is None
+
+
+def test_a_blob_removed_from_the_worktrees_objects_is_refused(setup):
+    ws, wt = setup
+    (wt.path / "policy.py").write_text("class Policy:\n    gain = 4\n")
+    _git(wt.path, "commit", "-qam", "gain 4")
+    sha = subprocess.run(["git", "-C", str(wt.path), "rev-parse", "HEAD:policy.py"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    (wt.path / ".git" / "objects" / sha[:2] / sha[2:]).unlink()
+    with pytest.raises(WorktreeError, match="missing"):
+        wt.publish(ws, "agent/agent-0")

@@ -103,6 +103,8 @@ class Worktree:
                 continue
             if kind != b"blob" or mode not in (b"100644", b"100755"):
                 raise WorktreeError(f"{path}: only regular files can be published (mode {mode.decode()})")
+            if not size.isdigit():  # ls-tree's size of an object it cannot read
+                raise WorktreeError(f"{path}: object {sha.decode()[:12]} is missing or unreadable")
             if int(size) > MAX_FILE_BYTES:
                 raise WorktreeError(f"{path} is {int(size)} bytes; a policy file may hold at most {MAX_FILE_BYTES}")
             total += int(size)
@@ -113,8 +115,11 @@ class Worktree:
         # one git process for all contents: each object comes back as "<sha> blob <size>\n<content>\n"
         batch = self.git("cat-file", "--batch", input=b"".join(sha + b"\n" for _, sha, _ in wanted))
         out, at = {}, 0
-        for path, _, size in wanted:
-            at = batch.index(b"\n", at) + 1
+        for path, sha, size in wanted:
+            header = b"%s blob %d\n" % (sha, size)
+            if batch[at : at + len(header)] != header:  # "<sha> missing": the agent removed the object
+                raise WorktreeError(f"{path}: object {sha.decode()[:12]} is missing or not the blob its tree names")
+            at += len(header)
             out[path] = batch[at : at + size]
             at += size + 1
         return out
