@@ -122,3 +122,44 @@ def test_a_hostile_body_from_the_jail_is_answered_and_the_relay_keeps_serving(tm
             relay.close()
     assert all(100 <= s < 600 for s in statuses)  # an HTTP answer each, whatever upstream made of the body
     assert status == 200 and recorded and recorded[-1].input_tokens > 0
+
+
+def test_the_relay_bounds_bodies_connections_and_silent_clients(tmp_path, monkeypatch):
+    """A content-length the relay would have to hold (or none it can read) is refused before any body is
+    read; connections that send nothing are at most MAX_CONNECTIONS threads, each closed after
+    CLIENT_TIMEOUT_S; then calls are served again."""
+    import socket
+    import threading
+    import time
+
+    from enpire.agents import model_relay
+
+    monkeypatch.setattr(model_relay, "CLIENT_TIMEOUT_S", 1.0)
+    recorded = []
+    with ScriptedModel("anthropic", lambda ex: Reply(text="ok")) as model:
+        relay = ModelRelay(tmp_path / "m.sock", model.url, token="t0k", key="sk-real", record=recorded.append,
+                           allow=lambda: None).start()
+        port = forward(0, str(tmp_path / "m.sock"))
+        try:
+            statuses = []
+            for length in (str(1 << 40), "-5", "many"):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(f"POST /v1/messages HTTP/1.1\r\nx-api-key: t0k\r\ncontent-length: {length}\r\n\r\n".encode())
+                    statuses.append(s.recv(100).split(b" ")[1])
+            threads = threading.active_count()
+            idle = []
+            for _ in range(model_relay.MAX_CONNECTIONS + 8):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(tmp_path / "m.sock"))
+                idle.append(s)
+            time.sleep(0.5)
+            held = threading.active_count() - threads
+            time.sleep(3.0)  # past the client timeout: the silent ones are closed
+            status, _ = _post(port, "/v1/messages", {"model": "m", "stream": True, "messages": []}, "t0k")
+            for s in idle:
+                s.close()
+        finally:
+            relay.close()
+    assert statuses == [b"413"] * 3 and not model.log[:-1]  # none of them reached the model
+    assert 0 < held <= model_relay.MAX_CONNECTIONS
+    assert status == 200 and len(recorded) == 1

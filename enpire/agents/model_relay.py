@@ -121,8 +121,35 @@ class UsageMeter:
         self.found = True
 
 
+MAX_BODY = 32 << 20  # one model request (the providers' own limit is about this)
+MAX_CONNECTIONS = 16  # open at once: each is a thread and a descriptor of the daemon's
+CLIENT_TIMEOUT_S = 120.0  # a CLI that stops sending or reading mid-request holds its connection no longer
+
+
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them: a jail that opens more gets them closed."""
+
     daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(timeout=1.0):  # never blocks the accept loop (or shutdown) for long
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class ModelRelay:
@@ -180,6 +207,7 @@ class ModelRelay:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = CLIENT_TIMEOUT_S
 
             def log_message(self, *args) -> None:
                 pass
@@ -194,7 +222,12 @@ class ModelRelay:
                 self.wfile.write(body)
 
             def _relay(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                length = self.headers.get("content-length") or "0"
+                if not length.isdigit() or int(length) > MAX_BODY:
+                    self.close_connection = True  # its body is not read: nothing after it can be parsed
+                    return self._refuse(413, f"model relay: a request needs a content-length of at most {MAX_BODY} "
+                                             f"bytes, not {length[:20]!r}")
+                raw = self.rfile.read(int(length))
                 auth = relay._authorised(self.headers)
                 if auth is None:
                     return self._refuse(401, "model relay: wrong or missing relay token")
