@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -184,7 +185,7 @@ class Trainer(Actor):
         init = job.request.options.get("init_artifact", "")
         if init:
             path = self.artifacts / f"{init}.npz"
-            if len(init) != 32 or not path.exists():
+            if not re.fullmatch("[0-9a-f]{32}", init) or not path.exists():  # a hash, never a path
                 raise JobError(f"init_artifact {init!r}: no checkpoint of that hash in artifacts/")
             files[init] = path
         job.episodes, job.files, job.init = refs, files, init

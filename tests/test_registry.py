@@ -79,7 +79,10 @@ async def test_bad_calls_become_error_results(tmp_path):
                                   ("write_file", {"path": "verifier.py", "content": "x"}, "protected path"),
                                   ("show_commit", {"commit": "deadbeef00"}, "no commit 'deadbeef00'"),
                                   ("job", {"job": "x"}, "no job 'x'"),
-                                  ("search_notes", {"query": "block"}, "no notes folder")]:
+                                  ("search_notes", {"query": "block"}, "no notes folder"),
+                                  ("train", {"recipe": "bc", "options": {f"k{i}": "1" for i in range(21)}},
+                                   "bad arguments for train"),  # options reach a command line: bounded
+                                  ("train", {"recipe": "bc", "options": {"lr": "1" * 201}}, "length <= 200")]:
             r = await REGISTRY.call(s, name, args)
             assert r.is_error and words in r.text, (name, r.text)
 

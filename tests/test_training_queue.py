@@ -148,3 +148,31 @@ async def test_a_job_with_a_bad_option_fails_in_one_line(tmp_path):
         nursery.cancel_scope.cancel()
     assert not results[0].ok and results[0].error == "option max_episodes='many' is not a valid int"
     board.close()
+
+
+async def test_an_init_artifact_is_a_hash_never_a_path(tmp_path):
+    """A 32-character path to an existing .npz (here a held-out episode) is no checkpoint name."""
+    board = Blackboard(tmp_path / "bb")
+    _episode(tmp_path, board, "a0", "agent", True, 0)
+    _episode(tmp_path, board, "h0", "heldout", True, 1)
+    (tmp_path / ARTIFACTS).mkdir(parents=True, exist_ok=True)
+    escape = "./" * 9 + "../episodes/h0"  # 32 characters, as a hash has
+    assert len(escape) == 32 and (tmp_path / ARTIFACTS / f"{escape}.npz").resolve().exists()
+    async with trio.open_nursery() as nursery:
+        system = ActorSystem(nursery)
+        trainer = await system.spawn("trainer", lambda: Trainer(board, tmp_path, TrainerConfig(local_slots=0)))
+        await trainer.ask(hello("t1"))
+        results: list = []
+
+        async def agent() -> None:
+            results.append(await trainer.ask(TrainRequest(job_id="j", agent="a", task="pusht", recipe="rl",
+                                                          options={"init_artifact": escape}), 30))
+
+        nursery.start_soon(agent)
+        assert isinstance(await trainer.ask(TrainJobRequest(trainer_id="t1", wait_s=2)), NoWork)
+        with trio.fail_after(5):
+            while not results:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert not results[0].ok and "no checkpoint of that hash" in results[0].error
+    board.close()

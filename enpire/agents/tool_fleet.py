@@ -195,8 +195,9 @@ class TrainArgs(Args):
     success_only: Annotated[bool, Meta(description="data: only successful episodes")] = True
     max_episodes: Annotated[int, Meta(ge=0, description="data: newest N episodes; 0 = all")] = 0
     init_artifact: Annotated[str, Meta(description="rl: start from this BC checkpoint hash")] = ""
-    options: Annotated[dict[str, str], Meta(description="recipe options: hidden, layers, max_epochs, patience, "
-                                                        "lr, seed, rl_steps, alpha, online_episodes")] = {}
+    options: Annotated[dict[Annotated[str, Meta(max_length=40)], Annotated[str, Meta(max_length=200)]],
+                       Meta(max_length=20, description="recipe options: hidden, layers, max_epochs, patience, "
+                                                       "lr, seed, rl_steps, alpha, online_episodes")] = {}
 
 
 async def train(session, a: TrainArgs) -> str:
