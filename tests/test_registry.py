@@ -88,8 +88,9 @@ async def test_bad_calls_become_error_results(tmp_path):
 
 
 async def test_text_no_path_or_git_argument_can_hold_is_refused_at_the_edge(tmp_path):
-    """A NUL or a lone surrogate in any string argument (a model can send both: JSON escapes them) is an
-    error result naming where it is, not an exception that restarts the agent; the next call works."""
+    """A NUL or a lone surrogate in any string argument (a model can send both: JSON escapes them), or a
+    parameter that is NaN or infinite, is an error result naming where it is, not an exception that
+    restarts the agent or a candidate nobody can name; the next call works."""
     board, ws = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
     ws.commit("main", {"policy.py": TEMPLATE}, "template")
     tools = Tools("agent-0", "pusht", ws, None, board)
@@ -103,7 +104,9 @@ async def test_text_no_path_or_git_argument_can_hold_is_refused_at_the_edge(tmp_
              ("log", {"branch": nul}, "`$.branch`"), ("diff", {"paths": ["ok.py", nul]}, "`$.paths[1]`"),
              ("evaluate", {"commit": nul}, "`$.commit`"), ("episode", {"episode": lone}, "`$.episode`"),
              ("post_finding", {"hypothesis": "h", "change": "c", "evidence": "e", "outcome": lone}, "surrogates"),
-             ("read_file", '{"path": "a\\u0000b"}', "`$.path`")]  # JSON text, as the API backends pass it
+             ("read_file", '{"path": "a\\u0000b"}', "`$.path`"),  # JSON text, as the API backends pass it
+             ("evaluate", {"params": {"gain": float("nan")}}, "`$.params.gain`"),  # the MCP side decodes NaN
+             ("promote", {"params": {"gain": float("-inf")}}, "`$.params.gain`")]
     async with open_session(tools, SessionSettings(), card("pusht"), range(10)) as s:
         for name, args, words in calls:
             r = await REGISTRY.call(s, name, args)

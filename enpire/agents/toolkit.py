@@ -7,6 +7,7 @@ task card) and the validated arguments; whatever goes wrong becomes an error res
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -74,17 +75,20 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def _unusable_text(value: Any, where: str) -> str | None:
-    """Where in a tool's arguments a string holds what no path, git argument or UTF-8 file can (NUL, a
-    lone surrogate), or None. Argument types nest two or three levels, so the recursion is shallow."""
+def _unusable(value: Any, where: str) -> str | None:
+    """Where in a tool's arguments a value is one no path, git argument, UTF-8 file or policy parameter can
+    hold (a NUL, a lone surrogate, NaN or an infinity), or None. JSON text cannot carry NaN, but a decoded
+    object from the MCP side can: both kinds of agent get the same refusal. Argument types nest two or
+    three levels, so the recursion is shallow."""
     if isinstance(value, str):
         return where if "\0" in value or (not value.isascii() and not _encodes(value)) else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
     if isinstance(value, dict):  # the keys of argument dicts are strings (paths, parameter names)
-        pairs = [(_unusable_text(key, f"{where} key"), _unusable_text(item, f"{where}.{key}"))
-                 for key, item in value.items()]
+        pairs = [(_unusable(key, f"{where} key"), _unusable(item, f"{where}.{key}")) for key, item in value.items()]
         return next((found for pair in pairs for found in pair if found), None)
     if isinstance(value, list):
-        return next((found for i, item in enumerate(value) if (found := _unusable_text(item, f"{where}[{i}]"))), None)
+        return next((found for i, item in enumerate(value) if (found := _unusable(item, f"{where}[{i}]"))), None)
     return None
 
 
@@ -134,10 +138,10 @@ class Registry:
                 args = msgspec.convert(arguments or {}, type=tool.args)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeEncodeError) as e:  # the last: a lone
             raise ToolError(f"bad arguments for {name}: {e}") from None  # surrogate compared to a Literal
-        where = _unusable_text(msgspec.structs.asdict(args), "$")
+        where = _unusable(msgspec.structs.asdict(args), "$")
         if where:
-            raise ToolError(f"bad arguments for {name}: text at `{where}` holds a NUL or an unpaired surrogate "
-                            "(paths, messages and files are UTF-8 without NUL)")
+            raise ToolError(f"bad arguments for {name}: `{where}` holds a NUL, an unpaired surrogate or a number "
+                            "that is not finite (text is UTF-8 without NUL; numbers are finite)")
         return tool, args
 
     async def call(self, session, name: str, arguments: dict | str) -> ToolResult:
