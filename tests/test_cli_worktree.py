@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -130,3 +131,36 @@ def test_a_blob_removed_from_the_worktrees_objects_is_refused(setup):
     (wt.path / ".git" / "objects" / sha[:2] / sha[2:]).unlink()
     with pytest.raises(WorktreeError, match="missing"):
         wt.publish(ws, "agent/agent-0")
+
+
+def test_rewriting_the_daemons_files_follows_no_link_the_agent_planted(setup, tmp_path):
+    """On a restart the daemon rewrites AGENTS.md, CLAUDE.md, .enpire/task.json and .git/info/exclude in
+    the worktree. Links the agent put in their place (they resolve in the daemon's file system, not the
+    jail's) are replaced, never written through."""
+    ws, wt = setup
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    for name in ("records.mdb", "task.json", "exclude"):
+        (victims / name).write_text("precious")
+    (wt.path / "AGENTS.md").unlink()
+    (wt.path / "AGENTS.md").symlink_to(victims / "records.mdb")
+    (wt.path / "CLAUDE.md").unlink()
+    (wt.path / "CLAUDE.md").mkdir()  # a directory where a file goes
+    for sub in (wt.path / ".enpire", wt.path / ".git" / "info"):
+        for child in sub.iterdir():
+            child.unlink()
+        sub.rmdir()
+        sub.symlink_to(victims)
+    wt.write_docs({"AGENTS.md": "rules 2", "CLAUDE.md": "rules 2"}, TASK)
+    assert all((victims / name).read_text() == "precious" for name in ("records.mdb", "task.json", "exclude"))
+    assert (wt.path / "AGENTS.md").read_text() == "rules 2" and not (wt.path / "AGENTS.md").is_symlink()
+    assert (wt.path / "CLAUDE.md").read_text() == "rules 2"
+    assert json.loads((wt.path / ".enpire" / "task.json").read_text()) == TASK
+    assert not (wt.path / ".enpire").is_symlink() and not (wt.path / ".git" / "info").is_symlink()
+    assert "/AGENTS.md" in (wt.path / ".git" / "info" / "exclude").read_text()
+    (wt.path / ".git").rename(tmp_path / "moved-git")
+    (wt.path / ".git").symlink_to(tmp_path / "moved-git")  # and a linked .git is refused before any write
+    (victims / "info").mkdir()
+    with pytest.raises(WorktreeError, match="not a plain git directory"):
+        wt.write_docs({"AGENTS.md": "rules 3"}, TASK)
+    assert (wt.path / "AGENTS.md").read_text() == "rules 2" and (victims / "info").is_dir()

@@ -34,17 +34,40 @@ def _git_env(home: Path) -> dict[str, str]:
             "GIT_COMMITTER_NAME": "enpire", "GIT_COMMITTER_EMAIL": "enpire@localhost", "GIT_TERMINAL_PROMPT": "0"}
 
 
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` at `path` (below the worktree) as a new regular file in real folders: whatever link,
+    folder or file the agent left at that name or at its parent is removed first."""
+    if path.parent.is_symlink() or (path.parent.exists() and not path.parent.is_dir()):
+        _remove(path.parent)
+    path.parent.mkdir(exist_ok=True)
+    _remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 @dataclass
 class Worktree:
     path: Path
     agent: str
     published: dict[str, str] = field(default_factory=dict)  # worktree commit -> workspace commit
 
-    def git(self, *args: str, input: bytes | None = None) -> bytes:
-        """git on the worktree with the daemon's own settings: nothing the agent configured runs."""
+    def _git_dir(self) -> Path:
         git_dir = self.path / ".git"
         if git_dir.is_symlink() or not git_dir.is_dir():
             raise WorktreeError(f"{git_dir}: not a plain git directory (it was replaced)")
+        return git_dir
+
+    def git(self, *args: str, input: bytes | None = None) -> bytes:
+        """git on the worktree with the daemon's own settings: nothing the agent configured runs."""
+        git_dir = self._git_dir()
         if (git_dir / "objects" / "info" / "alternates").exists():
             raise WorktreeError(f"{git_dir}: object alternates are not allowed")
         safe = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "protocol.allow=never",
@@ -75,14 +98,14 @@ class Worktree:
         self.published[self.head()] = base
 
     def write_docs(self, docs: dict[str, str], task: dict) -> None:
-        """(Re)write the daemon's files; git ignores them (they are the daemon's, never the agent's work)."""
+        """(Re)write the daemon's files; git ignores them (they are the daemon's, never the agent's work).
+        The agent may have put links in their place, which resolve in the daemon's file system, not the
+        jail's: each file and folder here is replaced, never written through (the jail is not running)."""
+        git_dir = self._git_dir()
         for name, text in docs.items():
-            (self.path / name).write_text(text)
-        (self.path / ".enpire").mkdir(exist_ok=True)
-        (self.path / ".enpire" / "task.json").write_text(json.dumps(task, indent=1))
-        exclude = self.path / ".git" / "info" / "exclude"
-        exclude.parent.mkdir(parents=True, exist_ok=True)
-        exclude.write_text("".join(f"/{d}\n" for d in DAEMON_FILES) + "__pycache__/\n*.pyc\n")
+            _replace(self.path / name, text)
+        _replace(self.path / ".enpire" / "task.json", json.dumps(task, indent=1))
+        _replace(git_dir / "info" / "exclude", "".join(f"/{d}\n" for d in DAEMON_FILES) + "__pycache__/\n*.pyc\n")
 
     def head(self) -> str:
         return self.git("rev-parse", "--verify", "HEAD").decode().strip()
