@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -164,3 +165,18 @@ def test_rewriting_the_daemons_files_follows_no_link_the_agent_planted(setup, tm
     with pytest.raises(WorktreeError, match="not a plain git directory"):
         wt.write_docs({"AGENTS.md": "rules 3"}, TASK)
     assert (wt.path / "AGENTS.md").read_text() == "rules 2" and (victims / "info").is_dir()
+
+
+def test_a_worktree_whose_git_the_agent_removed_starts_anew_without_following_its_links(setup, tmp_path):
+    ws, wt = setup
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    shutil.rmtree(wt.path / ".git")
+    (wt.path / "policy.py").unlink()
+    (wt.path / "policy.py").symlink_to(victim)
+    shutil.rmtree(wt.path / "recipes")
+    (wt.path / "recipes").symlink_to(tmp_path)
+    base = ws.head("main")
+    wt.create(ws.read_bytes(base), base, {"AGENTS.md": "rules"}, TASK)  # what a restart does here
+    assert victim.read_text() == "precious" and not (tmp_path / "bc.py").exists()
+    assert (wt.path / "policy.py").read_text() == "class Policy: pass\n" and (wt.path / "recipes" / "bc.py").is_file()

@@ -79,8 +79,12 @@ class Worktree:
         return proc.stdout
 
     def create(self, files: dict[str, bytes], base: str, docs: dict[str, str], task: dict) -> None:
-        """Fill a new worktree with `files` (the branch head `base`), the recipes and the daemon's files."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Fill a new worktree with `files` (the branch head `base`), the recipes and the daemon's files.
+        Whatever a folder without a git directory holds (what an agent left after removing its .git,
+        links included) goes first: nothing is written through it."""
+        if self.path.exists():
+            shutil.rmtree(self.path)  # removes links, never follows them
+        self.path.mkdir(parents=True)
         subprocess.run(["git", "init", "--quiet", "--initial-branch=main", str(self.path)], check=True,
                        env=_git_env(self.path), capture_output=True)
         for name, data in files.items():
