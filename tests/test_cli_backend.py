@@ -356,6 +356,18 @@ async def test_a_turn_stops_when_the_disk_reaches_its_reserve(tmp_path, monkeypa
     assert agent.outcomes[0].seconds < 20
 
 
+async def test_a_link_the_agent_left_in_its_home_does_not_stop_the_next_turn(tmp_path):
+    tools = FakeTools(tmp_path)
+    home = tmp_path / "cli" / "agent-0" / "home"
+    home.mkdir(parents=True)
+    (home / ".codex").symlink_to(tmp_path / "nowhere")  # dangling: mkdir(exist_ok=True) alone raises
+    agent = _command_agent(tmp_path, "true\n", max_turns=1, turn_timeout_s=60)
+    with trio.fail_after(60):
+        await agent.run(tools)
+    assert [o.ok for o in agent.outcomes] == [True] and (home / ".codex").is_dir()
+    assert not (tmp_path / "nowhere").exists()
+
+
 async def test_the_token_budget_stops_the_run_at_the_refused_call(tmp_path):
     require("claude-code")
     tools = FakeTools(tmp_path)

@@ -515,7 +515,10 @@ class CLIAgent:
         env.update({k: v for k, v in extra.items() if "{relay_port}" not in v})
         if s.kind == "command" and "{base_url}" not in s.command:
             url_env.append("OPENAI_BASE_URL=http://127.0.0.1:{relay_port}")
-        (home / ".codex").mkdir(exist_ok=True)
+        codex_home = home / ".codex"
+        if codex_home.is_symlink() or (codex_home.exists() and not codex_home.is_dir()):
+            codex_home.unlink()  # the agent's home is its own: a link or file here must not stop the turn
+        codex_home.mkdir(exist_ok=True)
         inner = [sys.executable, "-m", "enpire.agents.jail_init", "--model-socket", str(run_dir / "model.sock"),
                  *(f"--url-env={u}" for u in url_env), "--", *argv]
         jailed = isolation.wrap(self._jail(worktree.path, home, run_dir, env), inner)
