@@ -210,6 +210,29 @@ async def test_evaluate_returns_a_job_at_once_and_wait_sleeps_until_results(tmp_
     assert all(0 <= seed < 1000 for m in evals for seed in m.seeds)  # the harness picked tuning seeds
 
 
+async def test_an_agent_has_at_most_max_running_jobs_in_flight(tmp_path):
+    """A model that loops on evaluate gets an error result past the limit, not a fleet queue it fills."""
+    board, ws = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
+    release, seen = trio.Event(), []
+    async with trio.open_nursery() as nursery:
+        sched = await ActorSystem(nursery).spawn("scheduler", lambda: GatedScheduler(release, seen))
+        tools = Tools("agent-0", "pusht", ws, sched, board)
+        async with open_session(tools, SessionSettings(), card("pusht"), range(1000)) as s:
+            await _call(s, "write_file", path="policy.py", content="class Policy: pass\n")
+            results = [await _call(s, "evaluate", n_seeds=1) for _ in range(s.jobs.max_running + 3)]
+            refused = [r for r in results if r.is_error]
+            assert len(refused) == 3 and "still running (at most 64)" in refused[0].text
+            release.set()
+            with trio.fail_after(10):
+                while any(j.state == "running" for j in s.jobs.jobs.values()):
+                    await trio.sleep(0.05)
+            again = await _call(s, "evaluate", n_seeds=1)  # room again
+            assert not again.is_error
+            await s.jobs.wait([json.loads(again.text.split("\n")[0])["job"]], 10)
+        nursery.cancel_scope.cancel()
+    assert sum(isinstance(m, EvalRequest) for m in seen) == s.jobs.max_running + 1
+
+
 async def _later(event: trio.Event) -> None:
     await trio.sleep(0.3)
     event.set()

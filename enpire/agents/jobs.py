@@ -44,11 +44,16 @@ class JobJournal:
     nursery: trio.Nursery
     clock: Callable[[], float] = time.time
     keep: int = 200  # jobs remembered; the oldest seen ones are dropped first
+    max_running: int = 64  # a model that loops on evaluate cannot fill the fleet's queue (each may hold 200 seeds)
     jobs: dict[str, Job] = field(default_factory=dict)
     _changed: trio.Event = field(default_factory=trio.Event)
 
     def launch(self, job_id: str, kind: JobKind, label: str, asked: dict[str, Any],
                work: Callable[[], Awaitable[Any]]) -> Job:
+        running = sum(j.state == "running" for j in self.jobs.values())
+        if running >= self.max_running:
+            raise ToolError(f"{running} of your jobs are still running (at most {self.max_running}): wait for "
+                            "results before you start more")
         job = Job(job_id, kind, label, asked, self.clock())
         self.jobs[job_id] = job
         self._forget_old()
