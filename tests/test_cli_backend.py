@@ -180,7 +180,9 @@ def test_hostile_cli_output_is_skipped_not_a_crash(kind):
                '{"type": "thread.started", "thread_id": ["t"]}', '{"type": "item.completed", "item": [1]}',
                '{"type": "turn.completed", "usage": {"input_tokens": -5, "output_tokens": 1' + "0" * 30 + '}}',
                '{"type": "result", "usage": {"input_tokens": true, "output_tokens": 1e400}, "total_cost_usd": 1e400}',
-               '{"type": "result", "total_cost_usd": 1' + "0" * 400 + '}']
+               '{"type": "result", "total_cost_usd": 1' + "0" * 400 + '}',
+               '{"type": "result", "session_id": "' + "s" * 100_000 + '"}',
+               '{"type": "thread.started", "thread_id": "' + "t" * 100_000 + '"}']
     good = ('{"type": "result", "session_id": "s-1", "usage": {"input_tokens": 7, "output_tokens": 3}, '
             '"total_cost_usd": 0.5}' if kind == "claude-code" else
             '{"type": "turn.completed", "usage": {"input_tokens": 7, "output_tokens": 3}}')
@@ -189,7 +191,7 @@ def test_hostile_cli_output_is_skipped_not_a_crash(kind):
     for line in hostile:  # and after it
         run.feed(kind, line)
     assert all(isinstance(v, int) and 0 <= v < 1 << 48 for v in run.usage)
-    assert isinstance(run.session, str) and (run.cost is None or math.isfinite(run.cost))
+    assert isinstance(run.session, str) and len(run.session) <= 200 and (run.cost is None or math.isfinite(run.cost))
     record = CLIRunRecord("a", kind, 0.0, 0, True, 1.0, run.session, run.cost, *run.usage)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(record), type=CLIRunRecord) == record
     assert all(isinstance(part, str) for call in failed for part in call)

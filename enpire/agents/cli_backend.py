@@ -170,6 +170,7 @@ NEXT_PROMPT = "Continue improving the policy (AGENTS.md has the rules).\n\n"
 # when the disk under the agent's folders has only DISK_RESERVE left (its files are host files; the jail's
 # RLIMIT_FSIZE caps each one, not their sum).
 LINE_MAX = 32 << 20
+SESSION_MAX = 200  # a session id (a UUID) goes on the ledger and the next command line
 TRANSCRIPT_MAX = 64 << 20
 DISK_RESERVE = 512 << 20
 
@@ -208,7 +209,7 @@ class Run:
         self.lines += 1
         t = typed_get(event, "type", str, "")
         if kind in ("claude-code", "command"):  # a template CLI may print Claude Code's stream-json too
-            self.session = typed_get(event, "session_id", str, "") or self.session
+            self.session = typed_get(event, "session_id", str, "")[:SESSION_MAX] or self.session
             if t == "assistant":
                 self.replies += 1
             if t == "result":
@@ -229,7 +230,7 @@ class Run:
                     self._failed(name, given, content if isinstance(content, str) else "")
         elif kind == "codex":
             if t == "thread.started":
-                self.session = typed_get(event, "thread_id", str, "")
+                self.session = typed_get(event, "thread_id", str, "")[:SESSION_MAX]
             elif t == "turn.completed":
                 self.result = event
             elif t == "item.completed":
@@ -602,7 +603,7 @@ class CLIAgent:
                 and any(m in f"{reason} {run.error}".lower() for m in ("no conversation found", "no rollout found")))
         log.info("cli_turn_finished", turn=number, ok=ok, reason=reason, exit_code=code, seconds=round(seconds, 2),
                  cli_cost_usd=run.cost, session=run.session,
-                 cli_usage=(run.result or {}).get("usage"))
+                 cli_usage=run.usage)
         # The CLI's own figures go to the ledger beside the relay's per-call records (report.json shows both).
         await trio.to_thread.run_sync(self._record_run, tools, number, ok, seconds, run)
         return TurnOutcome(ok, reason, code, seconds, run, session_lost=lost)
