@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ MAIN = "main"
 MAX_FILE_BYTES = 8 << 20  # one file, e.g. a trained policy's weights
 MAX_COMMIT_BYTES = 16 << 20  # all files of a commit: what every lease carries to a cell
 MAX_FILES = 1000  # files of one commit (each costs git processes here and a file in every cell's sandbox)
+DISK_RESERVE = 512 << 20  # free bytes no agent's commit (or CLI turn) may take: the fleet's records need them
 
 
 class WorkspaceError(RuntimeError):
@@ -93,6 +95,9 @@ class Workspace:
             if content is not None and len(content) > MAX_FILE_BYTES:
                 raise TooLargeError(f"{path!r} is {len(content)} bytes; a policy file may hold at most {MAX_FILE_BYTES}")
             blobs[path] = content
+        incoming = sum(len(c) for c in blobs.values() if c is not None)
+        if shutil.disk_usage(self.path).free - incoming < DISK_RESERVE:
+            raise WorkspaceError(f"the disk is down to its last {DISK_RESERVE >> 20} MB: commit refused")
         parent = self.head(branch) or self.head(MAIN)
         if parent is None and not allow_empty_parent:
             raise WorkspaceError("workspace has no main branch")

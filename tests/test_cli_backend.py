@@ -346,11 +346,10 @@ async def test_what_a_jail_prints_is_read_in_bounded_pieces_and_kept_up_to_a_cap
 async def test_a_turn_stops_when_the_disk_reaches_its_reserve(tmp_path, monkeypatch):
     """The agent's folders are host files: a turn stops at once when the disk under them is down to the
     reserve the fleet's records need (here: a reserve above what is free)."""
-    from enpire.agents import cli_backend
+    from enpire import workspace
 
-    free = shutil.disk_usage(tmp_path).free
-    monkeypatch.setattr(cli_backend, "DISK_RESERVE", free + (1 << 30))
     tools = FakeTools(tmp_path)
+    monkeypatch.setattr(workspace, "DISK_RESERVE", shutil.disk_usage(tmp_path).free + (1 << 30))
     agent = _command_agent(tmp_path, "sleep 60\n", max_turns=1, turn_timeout_s=120)
     with trio.fail_after(60):
         await agent.run(tools)

@@ -50,3 +50,15 @@ def test_binary_files_round_trip_and_are_size_capped(tmp_path, monkeypatch):
     with pytest.raises(TooLargeError, match="would hold"):
         ws.commit("agent/a", {"more.bin": weights[:900]}, "too much in all")  # 1024 inherited + 900
     assert ws.head("agent/a") == head
+
+
+def test_a_commit_that_would_eat_into_the_disk_reserve_is_refused(tmp_path, monkeypatch):
+    """An agent that commits large files in a loop stops at the reserve the fleet's records need."""
+    import shutil
+
+    ws = Workspace(tmp_path / "ws")
+    ws.commit("main", {"policy.py": "x = 1\n"}, "template")
+    monkeypatch.setattr(workspace, "DISK_RESERVE", shutil.disk_usage(tmp_path).free + (1 << 20))
+    with pytest.raises(WorkspaceError, match="disk is down to its last"):
+        ws.commit("agent/a", {"big.bin": bytes(1000)}, "fill")
+    assert ws.head("agent/a") is None

@@ -39,7 +39,7 @@ import trio
 
 from bus.backoff import backoff_delay
 from bus.records import CLIRunRecord, TokenRecord
-from enpire import isolation, ledger
+from enpire import isolation, ledger, workspace
 from enpire.agents import budget
 from enpire.agents.model import LLMConfigError
 from enpire.agents.model_relay import CallUsage, ModelRelay
@@ -167,12 +167,11 @@ NEXT_PROMPT = "Continue improving the policy (AGENTS.md has the rules).\n\n"
 
 # What one turn may cost the daemon's disk and memory, whatever the jail prints or writes: the CLI's lines
 # are read in pieces of at most LINE_MAX, kept in the transcript up to TRANSCRIPT_MAX, and a turn stops
-# when the disk under the agent's folders has only DISK_RESERVE left (its files are host files; the jail's
-# RLIMIT_FSIZE caps each one, not their sum).
+# when the disk under the agent's folders has only workspace.DISK_RESERVE left (its files are host files;
+# the jail's RLIMIT_FSIZE caps each one, not their sum).
 LINE_MAX = 32 << 20
 SESSION_MAX = 200  # a session id (a UUID) goes on the ledger and the next command line
 TRANSCRIPT_MAX = 64 << 20
-DISK_RESERVE = 512 << 20
 
 
 def _tail(path: Path, size: int) -> bytes:
@@ -574,8 +573,8 @@ class CLIAgent:
                     if trio.current_time() > deadline:
                         reason = f"no result within {limit:.0f} s: stopped"
                         break
-                    if shutil.disk_usage(worktree.path).free < DISK_RESERVE:  # what the fleet records needs
-                        reason = f"the disk is down to its last {DISK_RESERVE >> 20} MB: stopped"
+                    if shutil.disk_usage(worktree.path).free < workspace.DISK_RESERVE:  # the fleet's records
+                        reason = f"the disk is down to its last {workspace.DISK_RESERVE >> 20} MB: stopped"
                         log.error("cli_disk_reserve", free_mb=shutil.disk_usage(worktree.path).free >> 20)
                         break
                     await trio.sleep(0.1)
