@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
+import threading
+import time
 
 import pytest
 
@@ -78,8 +82,6 @@ def test_usage_meter_reads_chat_completions_and_json_bodies():
 
 
 def test_a_call_the_cli_hangs_up_on_is_still_recorded(tmp_path):
-    import socket
-    import time
 
     recorded = []
     with ScriptedModel("openai", lambda ex: Reply(text="late", delay_s=0.5)) as model:
@@ -100,26 +102,35 @@ def test_a_call_the_cli_hangs_up_on_is_still_recorded(tmp_path):
     assert recorded[0].output_tokens == model.log[0].usage.output_tokens
 
 
-def test_a_hostile_body_from_the_jail_is_answered_and_the_relay_keeps_serving(tmp_path):
-    """The relay reads the model name from the CLI's request body; a body nested past the parser's limit,
-    or one whose model is not a string, must not cost the relay its answer or its next call."""
-    recorded = []
+@contextlib.contextmanager
+def _relay(tmp_path, recorded: list):
+    """A relay to a scripted Anthropic server, and the loopback port a jail's forwarder gives the CLI."""
     with ScriptedModel("anthropic", lambda ex: Reply(text="ok")) as model:
         relay = ModelRelay(tmp_path / "m.sock", model.url, token="t0k", key="sk-real", record=recorded.append,
                            allow=lambda: None).start()
-        port = forward(0, str(tmp_path / "m.sock"))
         try:
-            statuses = []
-            for body in (b"[" * 100_000, b'{"model": ' * 5_000, json.dumps({"model": {"x": [1]}}).encode()):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request("POST", "/v1/messages", body=body, headers={"x-api-key": "t0k"})
-                resp = conn.getresponse()
-                resp.read()
-                statuses.append(resp.status)
-                conn.close()
-            status, _ = _post(port, "/v1/messages", {"model": "m", "stream": True, "messages": []}, "t0k")
+            yield model, forward(0, str(tmp_path / "m.sock"))
         finally:
             relay.close()
+
+
+def _call_ok(port: int) -> int:
+    return _post(port, "/v1/messages", {"model": "m", "stream": True, "messages": []}, "t0k")[0]
+
+
+def test_a_hostile_body_from_the_jail_is_answered_and_the_relay_keeps_serving(tmp_path):
+    """The relay reads the model name from the CLI's request body; a body nested past the parser's limit,
+    or one whose model is not a string, must not cost the relay its answer or its next call."""
+    recorded, statuses = [], []
+    with _relay(tmp_path, recorded) as (_model, port):
+        for body in (b"[" * 100_000, b'{"model": ' * 5_000, json.dumps({"model": {"x": [1]}}).encode()):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/messages", body=body, headers={"x-api-key": "t0k"})
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+            conn.close()
+        status = _call_ok(port)
     assert all(100 <= s < 600 for s in statuses)  # an HTTP answer each, whatever upstream made of the body
     assert status == 200 and recorded and recorded[-1].input_tokens > 0
 
@@ -128,38 +139,26 @@ def test_the_relay_bounds_bodies_connections_and_silent_clients(tmp_path, monkey
     """A content-length the relay would have to hold (or none it can read) is refused before any body is
     read; connections that send nothing are at most MAX_CONNECTIONS threads, each closed after
     CLIENT_TIMEOUT_S; then calls are served again."""
-    import socket
-    import threading
-    import time
-
     from enpire.agents import model_relay
 
     monkeypatch.setattr(model_relay, "CLIENT_TIMEOUT_S", 1.0)
-    recorded = []
-    with ScriptedModel("anthropic", lambda ex: Reply(text="ok")) as model:
-        relay = ModelRelay(tmp_path / "m.sock", model.url, token="t0k", key="sk-real", record=recorded.append,
-                           allow=lambda: None).start()
-        port = forward(0, str(tmp_path / "m.sock"))
-        try:
-            statuses = []
-            for length in (str(1 << 40), "-5", "many"):
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                    s.sendall(f"POST /v1/messages HTTP/1.1\r\nx-api-key: t0k\r\ncontent-length: {length}\r\n\r\n".encode())
-                    statuses.append(s.recv(100).split(b" ")[1])
-            threads = threading.active_count()
-            idle = []
-            for _ in range(model_relay.MAX_CONNECTIONS + 8):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(str(tmp_path / "m.sock"))
-                idle.append(s)
-            time.sleep(0.5)
-            held = threading.active_count() - threads
-            time.sleep(3.0)  # past the client timeout: the silent ones are closed
-            status, _ = _post(port, "/v1/messages", {"model": "m", "stream": True, "messages": []}, "t0k")
-            for s in idle:
-                s.close()
-        finally:
-            relay.close()
+    recorded, statuses, idle = [], [], []
+    with _relay(tmp_path, recorded) as (model, port):
+        for length in (str(1 << 40), "-5", "many"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(f"POST /v1/messages HTTP/1.1\r\nx-api-key: t0k\r\ncontent-length: {length}\r\n\r\n".encode())
+                statuses.append(s.recv(100).split(b" ")[1])
+        threads = threading.active_count()
+        for _ in range(model_relay.MAX_CONNECTIONS + 8):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(tmp_path / "m.sock"))
+            idle.append(s)
+        time.sleep(0.5)
+        held = threading.active_count() - threads
+        time.sleep(3.0)  # past the client timeout: the silent ones are closed
+        status = _call_ok(port)
+        for s in idle:
+            s.close()
     assert statuses == [b"413"] * 3 and not model.log[:-1]  # none of them reached the model
     assert 0 < held <= model_relay.MAX_CONNECTIONS
     assert status == 200 and len(recorded) == 1

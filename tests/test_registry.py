@@ -4,6 +4,7 @@ trainer into a candidate the cells run, and episodes with images for Push-T and 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import re
@@ -175,61 +176,62 @@ async def test_a_teammates_commit_is_readable_by_id(tmp_path):
         assert "+class Policy:" in diff.text
 
 
-async def test_evaluate_returns_a_job_at_once_and_wait_sleeps_until_results(tmp_path):
+@contextlib.asynccontextmanager
+async def _gated_session(tmp_path, release: trio.Event, seen: list, **kw):
+    """(session, nursery) on a fresh workspace with a policy written; its evaluations wait for `release`."""
     board, ws = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
-    release, seen = trio.Event(), []
     async with trio.open_nursery() as nursery:
         sched = await ActorSystem(nursery).spawn("scheduler", lambda: GatedScheduler(release, seen))
         tools = Tools("agent-0", "pusht", ws, sched, board)
-        async with open_session(tools, SessionSettings(), card("pusht"), range(1000), rng_seed=3) as s:
+        async with open_session(tools, SessionSettings(), card("pusht"), range(1000), **kw) as s:
             await _call(s, "write_file", path="policy.py", content="class Policy: pass\n")
-            t0 = time.monotonic()
-            r = await _call(s, "evaluate", n_seeds=4)
-            assert not r.is_error and time.monotonic() - t0 < 5.0  # the evaluation waits for the release below
-            job = json.loads(r.text.split("\n")[0])
-            assert job["state"] == "running"
-            waited = await _call(s, "wait", jobs=[job["job"]], timeout_s=0.2)
-            assert waited.text.startswith("timed out") and '"state":"running"' in waited.text
-            nursery.start_soon(_later, release)
-            waited = await _call(s, "wait", jobs=[job["job"]], timeout_s=30)
-            assert waited.text.startswith("all waited-for jobs finished")  # well before its 30 s timeout
-            assert '"successes":2,"n":4' in waited.text and s.jobs.unseen() == []  # seen through wait
-            # an evaluation the scheduler refuses is a failed job, never a finished experiment
-            r = await _call(s, "evaluate", params={"refuse": 1.0}, n_seeds=2)
-            failed = s.jobs.get(json.loads(r.text.split("\n")[0])["job"])
-            await s.jobs.wait([failed.job_id], 5)
-            assert failed.state == "failed" and "queue full" in failed.error and not failed.experiment
-            # a finding names its job: the measured score is attached
-            r = await _call(s, "post_finding", hypothesis="h", change="c", evidence="e", outcome="note",
-                            job=job["job"])
-            assert json.loads(r.text)["score"] == 0.5 and board.values("findings", Finding)[-1].score == 0.5
-            detail = await _call(s, "job", job=job["job"])
-            assert detail.text.count("episode ") == 4
+            yield s, nursery
         nursery.cancel_scope.cancel()
+
+
+async def test_evaluate_returns_a_job_at_once_and_wait_sleeps_until_results(tmp_path):
+    release, seen = trio.Event(), []
+    async with _gated_session(tmp_path, release, seen, rng_seed=3) as (s, nursery):
+        t0 = time.monotonic()
+        r = await _call(s, "evaluate", n_seeds=4)
+        assert not r.is_error and time.monotonic() - t0 < 5.0  # the evaluation waits for the release below
+        job = json.loads(r.text.split("\n")[0])
+        assert job["state"] == "running"
+        waited = await _call(s, "wait", jobs=[job["job"]], timeout_s=0.2)
+        assert waited.text.startswith("timed out") and '"state":"running"' in waited.text
+        nursery.start_soon(_later, release)
+        waited = await _call(s, "wait", jobs=[job["job"]], timeout_s=30)
+        assert waited.text.startswith("all waited-for jobs finished")  # well before its 30 s timeout
+        assert '"successes":2,"n":4' in waited.text and s.jobs.unseen() == []  # seen through wait
+        # an evaluation the scheduler refuses is a failed job, never a finished experiment
+        r = await _call(s, "evaluate", params={"refuse": 1.0}, n_seeds=2)
+        failed = s.jobs.get(json.loads(r.text.split("\n")[0])["job"])
+        await s.jobs.wait([failed.job_id], 5)
+        assert failed.state == "failed" and "queue full" in failed.error and not failed.experiment
+        # a finding names its job: the measured score is attached
+        r = await _call(s, "post_finding", hypothesis="h", change="c", evidence="e", outcome="note",
+                        job=job["job"])
+        assert json.loads(r.text)["score"] == 0.5 and s.tools.board.values("findings", Finding)[-1].score == 0.5
+        detail = await _call(s, "job", job=job["job"])
+        assert detail.text.count("episode ") == 4
     evals = [m for m in seen if isinstance(m, EvalRequest)]
     assert all(0 <= seed < 1000 for m in evals for seed in m.seeds)  # the harness picked tuning seeds
 
 
 async def test_an_agent_has_at_most_max_running_jobs_in_flight(tmp_path):
     """A model that loops on evaluate gets an error result past the limit, not a fleet queue it fills."""
-    board, ws = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
     release, seen = trio.Event(), []
-    async with trio.open_nursery() as nursery:
-        sched = await ActorSystem(nursery).spawn("scheduler", lambda: GatedScheduler(release, seen))
-        tools = Tools("agent-0", "pusht", ws, sched, board)
-        async with open_session(tools, SessionSettings(), card("pusht"), range(1000)) as s:
-            await _call(s, "write_file", path="policy.py", content="class Policy: pass\n")
-            results = [await _call(s, "evaluate", n_seeds=1) for _ in range(s.jobs.max_running + 3)]
-            refused = [r for r in results if r.is_error]
-            assert len(refused) == 3 and "still running (at most 64)" in refused[0].text
-            release.set()
-            with trio.fail_after(10):
-                while any(j.state == "running" for j in s.jobs.jobs.values()):
-                    await trio.sleep(0.05)
-            again = await _call(s, "evaluate", n_seeds=1)  # room again
-            assert not again.is_error
-            await s.jobs.wait([json.loads(again.text.split("\n")[0])["job"]], 10)
-        nursery.cancel_scope.cancel()
+    async with _gated_session(tmp_path, release, seen) as (s, _nursery):
+        results = [await _call(s, "evaluate", n_seeds=1) for _ in range(s.jobs.max_running + 3)]
+        refused = [r for r in results if r.is_error]
+        assert len(refused) == 3 and "still running (at most 64)" in refused[0].text
+        release.set()
+        with trio.fail_after(10):
+            while any(j.state == "running" for j in s.jobs.jobs.values()):
+                await trio.sleep(0.05)
+        again = await _call(s, "evaluate", n_seeds=1)  # room again
+        assert not again.is_error
+        await s.jobs.wait([json.loads(again.text.split("\n")[0])["job"]], 10)
     assert sum(isinstance(m, EvalRequest) for m in seen) == s.jobs.max_running + 1
 
 

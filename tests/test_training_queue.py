@@ -127,9 +127,8 @@ async def test_held_out_episodes_never_reach_a_trainer_and_a_lapsed_lease_is_req
     board.close()
 
 
-async def test_a_job_with_a_bad_option_fails_in_one_line(tmp_path):
-    board = Blackboard(tmp_path / "bb")
-    _episode(tmp_path, board, "a0", "agent", True, 0)
+async def _refused_job(tmp_path, board: Blackboard, recipe: str, options: dict[str, str]) -> TrainResult:
+    """What an agent hears of a job the trainer cannot build (a remote trainer is asking for work)."""
     async with trio.open_nursery() as nursery:
         system = ActorSystem(nursery)
         trainer = await system.spawn("trainer", lambda: Trainer(board, tmp_path, TrainerConfig(local_slots=0)))
@@ -137,8 +136,8 @@ async def test_a_job_with_a_bad_option_fails_in_one_line(tmp_path):
         results: list = []
 
         async def agent() -> None:
-            results.append(await trainer.ask(TrainRequest(job_id="j", agent="a", task="pusht", recipe="bc",
-                                                          options={"max_episodes": "many"}), 30))
+            results.append(await trainer.ask(TrainRequest(job_id="j", agent="a", task="pusht", recipe=recipe,
+                                                          options=options), 30))
 
         nursery.start_soon(agent)
         assert isinstance(await trainer.ask(TrainJobRequest(trainer_id="t1", wait_s=2)), NoWork)
@@ -146,7 +145,14 @@ async def test_a_job_with_a_bad_option_fails_in_one_line(tmp_path):
             while not results:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
-    assert not results[0].ok and results[0].error == "option max_episodes='many' is not a valid int"
+    return results[0]
+
+
+async def test_a_job_with_a_bad_option_fails_in_one_line(tmp_path):
+    board = Blackboard(tmp_path / "bb")
+    _episode(tmp_path, board, "a0", "agent", True, 0)
+    result = await _refused_job(tmp_path, board, "bc", {"max_episodes": "many"})
+    assert not result.ok and result.error == "option max_episodes='many' is not a valid int"
     board.close()
 
 
@@ -158,21 +164,6 @@ async def test_an_init_artifact_is_a_hash_never_a_path(tmp_path):
     (tmp_path / ARTIFACTS).mkdir(parents=True, exist_ok=True)
     escape = "./" * 9 + "../episodes/h0"  # 32 characters, as a hash has
     assert len(escape) == 32 and (tmp_path / ARTIFACTS / f"{escape}.npz").resolve().exists()
-    async with trio.open_nursery() as nursery:
-        system = ActorSystem(nursery)
-        trainer = await system.spawn("trainer", lambda: Trainer(board, tmp_path, TrainerConfig(local_slots=0)))
-        await trainer.ask(hello("t1"))
-        results: list = []
-
-        async def agent() -> None:
-            results.append(await trainer.ask(TrainRequest(job_id="j", agent="a", task="pusht", recipe="rl",
-                                                          options={"init_artifact": escape}), 30))
-
-        nursery.start_soon(agent)
-        assert isinstance(await trainer.ask(TrainJobRequest(trainer_id="t1", wait_s=2)), NoWork)
-        with trio.fail_after(5):
-            while not results:
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
-    assert not results[0].ok and "no checkpoint of that hash" in results[0].error
+    result = await _refused_job(tmp_path, board, "rl", {"init_artifact": escape})
+    assert not result.ok and "no checkpoint of that hash" in result.error
     board.close()
