@@ -170,7 +170,6 @@ def test_recipe_process_ok_nan_and_empty(recorded, tmp_path):
     assert mem.returncode != 0 and lines and "memory budget exceeded" in lines[-1], mem.stderr
 
 
-@pytest.mark.slow
 def test_a_recipes_metrics_file_is_read_without_trusting_it(tmp_path):
     """Only finite numbers become metrics and only named facts become info; a file that is not a flat
     JSON object (a list, brackets past the parser's limit, numbers no float holds) gives nothing."""
@@ -189,6 +188,7 @@ def test_a_recipes_metrics_file_is_read_without_trusting_it(tmp_path):
     assert read_metrics(tmp_path / "missing.json") == ({}, {})
 
 
+@pytest.mark.slow
 def test_bc_reaches_target_on_heldout_seeds():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bc_pusht.py"), "--episodes", "1000", "--eval", "100"],
                          capture_output=True, text=True, timeout=3600, cwd=ROOT)
