@@ -80,6 +80,53 @@ async def test_two_processes_train_the_same_model_as_one(recorded, tmp_path):
                for k in ("w0", "w1"))  # and it did train
 
 
+TORCHRUN_SUMMARY = """terminate called without an active exception
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+===================================================
+enpire.learning.recipes FAILED
+---------------------------------------------------
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 4)  (SIGTERM)
+---------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_16:55:08
+  host      : jail
+  rank      : 1 (local_rank: 1)
+  exitcode  : -6 (pid: 5)  (SIGABRT)
+  error_file: <N/A>
+===================================================
+"""
+
+
+def test_a_failed_launch_is_told_by_its_root_cause(tmp_path):
+    log = tmp_path / "stderr.log"
+    log.write_text(TORCHRUN_SUMMARY)  # the summary a CI run ended with, its line "=====" once the error
+    assert runner.failure(log, 1) == ("rank 1 exited -6 (pid: 5)  (SIGABRT): terminate called without an "
+                                      "active exception", True)
+    log.write_text("error: no data: no episodes\n" + TORCHRUN_SUMMARY.replace("-6 (pid: 5)", "1 (pid: 5)"))
+    assert runner.failure(log, 1) == ("error: no data: no episodes", False)  # the recipe's own words win
+    log.write_text("Traceback (most recent call last):\nKeyError: 'x'\n")
+    assert runner.failure(log, 1) == ("KeyError: 'x'", False)
+    assert runner.failure(tmp_path / "missing.log", 3) == ("exit code 3", False)
+
+
+async def test_a_rank_killed_by_a_signal_restarts_the_group_once_and_a_recipe_error_never(recorded, tmp_path):
+    job = tmp_path / "abort"
+    _stage(recorded, job)
+    out = await runner.run("bc", "pusht", job, budget_s=240, max_rss_mb=2048, options={**SMALL, "inject_abort_once": "1"},
+                           processes=2)
+    assert out.ok and out.info["restarts"] == "1", out.error
+    assert "SIGABRT" in (job / "stderr-1.log").read_text() and (job / "out" / "aborted-once").exists()
+    bad = tmp_path / "bad"
+    _stage(recorded, bad)
+    fail = await runner.run("bc", "pusht", bad, budget_s=240, max_rss_mb=2048, options={**SMALL, "layers": "x"},
+                            processes=2)
+    assert not fail.ok and "error: " in fail.error and not (bad / "stderr-1.log").exists(), fail.error
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_and_cpu_train_the_same_model_within_float_noise(recorded):
     ds = load_dataset(recorded)

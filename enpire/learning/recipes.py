@@ -15,7 +15,7 @@ of a BC checkpoint in artifacts/ to start from instead of training BC first); fo
 recorded camera frames, `enpire.learning.visuomotor`) hidden, max_epochs, lr, batch_size, seed, dagger_rounds,
 dagger_episodes, horizon, workers and expert_params (JSON: the perception template's parameters the expert
 relabels with; default the champion on the state dir's blackboard, else the template's initial ones);
-inject_nan (tests only).
+inject_nan and inject_abort_once (tests only).
 
 Where: `--device auto|cpu|cuda|cuda:N` (auto: CUDA when torch sees a GPU) and option `amp`
 (auto|on|off: bf16 autocast on CUDA; auto leaves it to the recipe, and the small MLPs here train in
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import resource
 import sys
@@ -103,6 +104,11 @@ def run_recipe(
     out_dir.mkdir(parents=True, exist_ok=True)
     # bf16 autocast pays on CUDA for the CNN's convolutions; the small MLPs stay in fp32
     place = Placement.start(device, options.get("amp", "auto"), amp_default=name == "visuomotor")
+    if _opt(options, "inject_abort_once", bool, False) and place.rank == 1:  # tests only: what gloo does at times
+        marker = out_dir / "aborted-once"
+        if not marker.exists():
+            marker.touch()
+            os.abort()
     if name == "visuomotor":
         return _visuomotor(state_dir, out_dir, budget, task, options, max_rss_mb, t0, place, manifest)
 

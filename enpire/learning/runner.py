@@ -169,6 +169,28 @@ def read_metrics(path: Path) -> tuple[dict[str, float], dict[str, str]]:
     return metrics, {k: str(doc[k])[:200] for k in ("device", "gpu", "precision", "world") if k in doc}
 
 
+def failure(stderr_log: Path, code: int) -> tuple[str, bool]:
+    """(why a recipe process failed, in one line; whether a rank died of a signal without the recipe
+    reporting an error). The recipe reports its own errors as `error: ...` lines; a torchrun launch ends
+    with a summary whose "Root Cause" names the first rank that failed and its exit code (negative: a
+    signal)."""
+    try:
+        lines = stderr_log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    if errors:
+        return errors[-1], False
+    root = next((i for i, ln in enumerate(lines) if ln.startswith("Root Cause")), None)
+    if root is not None:
+        fields = dict(ln.strip().partition(":")[::2] for ln in lines[root + 1:] if ":" in ln)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        rank, exitcode = fields.get("rank", "?").split(" ")[0], fields.get("exitcode", "?")
+        said = next((ln.strip() for ln in lines if ln.startswith("terminate called")), "")
+        return f"rank {rank} exited {exitcode}" + (f": {said}" if said else ""), exitcode.startswith("-")
+    return (lines[-1] if lines else f"exit code {code}"), False
+
+
 async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss_mb: int, options: dict[str, str],
               device: str = "cpu", processes: int = 1) -> Outcome:
     """Run the staged job; never raises for a failing recipe (the Outcome says why in one line)."""
@@ -176,20 +198,32 @@ async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss
         return Outcome(False, f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     processes = processes if recipe in DATA_PARALLEL else 1
     jailed = isolation.check() is None and not _uses_cuda(device)
-    argv = command(recipe, task, job_dir, budget_s, max_rss_mb, options, device, processes,
-                   port=29500 if jailed else _free_port())
-    argv, env, how = confine(argv, job_dir, budget_s, max_rss_mb, processes, device)
-    code = await _run_process(argv, env, job_dir, budget_s + 30.0)  # the recipe's own budget, plus grace
-    if code is None:
-        return Outcome(False, f"time budget exceeded ({budget_s:.0f} s)")
-    if code != 0:
-        text = (job_dir / "stderr.log").read_text(errors="replace").strip().splitlines()
-        lines = [ln for ln in text if ln.startswith("error: ")] or text
-        why = lines[-1] if lines else f"exit code {code}"
-        return Outcome(False, f"recipe failed (exit {code}): {why}"[:300])
+    asked, deadline, restarts = budget_s, trio.current_time() + budget_s, 0
+    while True:
+        argv = command(recipe, task, job_dir, budget_s, max_rss_mb, options, device, processes,
+                       port=29500 if jailed else _free_port())
+        argv, env, how = confine(argv, job_dir, budget_s, max_rss_mb, processes, device)
+        code = await _run_process(argv, env, job_dir, budget_s + 30.0)  # the recipe's own budget, plus grace
+        if code is None:
+            return Outcome(False, f"time budget exceeded ({asked:.0f} s)")
+        if code == 0:
+            break
+        why, crashed = failure(job_dir / "stderr.log", code)
+        budget_s = deadline - trio.current_time()
+        # gloo's C++ side aborts a rank now and then (seen once in CI: rank 1, SIGABRT, "terminate called
+        # without an active exception", seconds after the group formed): a group whose rank died of a
+        # signal, with no error from the recipe, starts once more with the time left. A recipe's own
+        # error never runs twice.
+        if not (crashed and processes > 1 and restarts == 0 and budget_s >= 30.0):
+            return Outcome(False, f"recipe failed (exit {code}): {why}"[:300])
+        restarts += 1
+        (job_dir / "stderr.log").replace(job_dir / f"stderr-{restarts}.log")
+        (job_dir / "out" / "weights.npz").unlink(missing_ok=True)  # only the run that succeeds may leave one
     weights, metrics_file = job_dir / "out" / "weights.npz", job_dir / "out" / "metrics.json"
     if not weights.exists():
         return Outcome(False, "recipe wrote no weights.npz")
     metrics, info = read_metrics(metrics_file)
     info["isolation"] = how
+    if restarts:
+        info["restarts"] = str(restarts)
     return Outcome(True, weights=weights.read_bytes(), metrics=metrics, info=info)
