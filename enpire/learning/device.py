@@ -119,6 +119,10 @@ class Placement:
 
     def stop(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
+            # Every rank done with the group before any tears it down: a rank that destroyed it while its
+            # peer still talked was killed by gloo now and then (SIGABRT, "terminate called without an
+            # active exception").
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
