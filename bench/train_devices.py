@@ -82,7 +82,7 @@ def visuomotor_throughput(n_episodes: int, epochs: int, seed: int) -> dict:
                  "observations": rng.uniform(0, 512, (steps + 1, 2)), "actions": rng.uniform(0, 512, (steps, 2))}
                 for _ in range(n_episodes)]
     ds = vm.from_episodes(episodes)
-    cfg = vm.VisuomotorConfig(max_epochs=epochs, patience=epochs, seed=seed, time_budget_s=3600.0)
+    cfg = vm.VisuomotorConfig(max_epochs=epochs, seed=seed, time_budget_s=3600.0)
     out: dict = {"episodes": n_episodes, "transitions": len(ds), "epochs": epochs, "frames": "synthetic 96x96x3"}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name in devices:
