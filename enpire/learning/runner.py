@@ -183,8 +183,7 @@ def failure(stderr_log: Path, code: int) -> tuple[str, bool]:
         return errors[-1], False
     root = next((i for i, ln in enumerate(lines) if ln.startswith("Root Cause")), None)
     if root is not None:
-        fields = dict(ln.strip().partition(":")[::2] for ln in lines[root + 1:] if ":" in ln)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        fields = {key.strip(): value.strip() for key, _, value in (ln.partition(":") for ln in lines[root + 1:])}
         rank, exitcode = fields.get("rank", "?").split(" ")[0], fields.get("exitcode", "?")
         said = next((ln.strip() for ln in lines if ln.startswith("terminate called")), "")
         return f"rank {rank} exited {exitcode}" + (f": {said}" if said else ""), exitcode.startswith("-")
