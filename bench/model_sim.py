@@ -476,6 +476,7 @@ class Fault:
 
     kind: str  # one of FAULT_KINDS
     agent: str = ""  # only this agent's requests meet it; "" = the next request of any agent
+    after: "Fault | None" = None  # only the agent this earlier fault fired on meets it (an outage's tail)
     fired_at: float | None = None
     fired_on: str = ""
 
@@ -499,10 +500,10 @@ class Faults:
         self._armed: list[Fault] = []
         self._lock = threading.Lock()
 
-    def arm(self, kind: str, agent: str = "") -> Fault:
+    def arm(self, kind: str, agent: str = "", after: Fault | None = None) -> Fault:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r} (kinds: {', '.join(FAULT_KINDS)})")
-        fault = Fault(kind, agent)
+        fault = Fault(kind, agent, after)
         with self._lock:
             self._armed.append(fault)
         return fault
@@ -521,7 +522,7 @@ class Faults:
             return None  # not a request the model would answer either
         with self._lock:
             for i, fault in enumerate(self._armed):
-                if fault.agent in ("", agent):
+                if fault.after.fired_on == agent if fault.after else fault.agent in ("", agent):
                     del self._armed[i]
                     fault.fired_at, fault.fired_on = time.time(), agent
                     return fault

@@ -250,13 +250,6 @@ def _model_fault(fleet: Fleet, faults: Faults, armed: list[Fault], outages: list
     return "" if outage["episodes"] > 0 else f"no episode recorded while {agent} was paused ({outage})"
 
 
-def _busy_agent(sim: ModelSimulator) -> str:
-    """The agent that asked the model last: the outage must hit an agent that is talking to its model.
-    One picked at random may be waiting on its evaluations for minutes and never meet the outage."""
-    calls = list(sim.calls)
-    return max(calls, key=lambda c: c.t).agent if calls else ""
-
-
 def _retry_after_honoured(sim: ModelSimulator, fired: list[Fault], retry_after_s: float) -> bool:
     """After a 429 the same agent's next request came no sooner than retry-after said."""
     requests = [(c.agent, c.t) for c in sim.calls] + [(f.fired_on, f.fired_at) for f in fired]
@@ -464,8 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "garbage":
             _garbage(ipc_url(args.state_dir, "bus"), rng)
         elif kind == "model_outage":  # one agent's backend fails until it pauses
-            agent = _busy_agent(sim) or f"agent-{rng.randrange(args.agents)}"
-            armed = [faults.arm(rng.choice(FAULT_KINDS), agent) for _ in range(CLIENT["max_failures"])]
+            # Its first failure meets whichever agent asks next, the rest that agent's retries: an agent picked
+            # beforehand may be waiting on its evaluations for minutes and never meet the outage.
+            armed = [faults.arm(rng.choice(FAULT_KINDS))]
+            armed += [faults.arm(rng.choice(FAULT_KINDS), after=armed[0]) for _ in range(CLIENT["max_failures"] - 1)]
         else:
             armed = [faults.arm(kind.removeprefix("model_"))]
         injected[kind] += 1

@@ -35,3 +35,21 @@ def test_soak_ci_mode_loses_nothing(tmp_path):
     assert result["sandbox_survivors"] == [], result["sandbox_survivors"]
     assert result["replay"]["ok"] and result["replay"]["policy_replay"]["mismatches"] == 0, result["replay"]
     assert r.returncode == 0
+
+
+def test_an_outage_follows_the_agent_its_first_failure_met():
+    """The soak's outage: the first failure takes whoever asks next, the rest only that agent's requests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_sim_faults", ROOT / "bench" / "model_sim.py")
+    model_sim = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = model_sim  # dataclasses look their module up there
+    spec.loader.exec_module(model_sim)
+    faults = model_sim.Faults(hold_s=1.0)
+    first = faults.arm("server_error")
+    tail = [faults.arm("rate_limit", after=first), faults.arm("timeout", after=first)]
+    ask = lambda agent: faults.take(json.dumps({"user": agent}).encode())  # noqa: E731
+    assert ask("agent-2") is first and first.fired_on == "agent-2"
+    assert ask("agent-0") is None and ask("agent-1") is None  # the tail is not theirs
+    assert ask("agent-2") is tail[0] and ask("agent-2") is tail[1]
+    assert ask("agent-2") is None and faults.disarm() == []
