@@ -12,7 +12,7 @@ import lmdb
 import pytest
 
 from bus.blackboard import Blackboard
-from bus.records import CellRecord, EpisodeRecord, JobRecord
+from bus.records import CellRecord, EpisodeRecord, JobRecord, LeaseRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,6 +168,25 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
     assert _episodes(tmp_path) == episodes
 
 
+def _stop_holding_a_lease(tmp_path: Path, cell: CellRecord, tries: int = 50) -> None:
+    """SIGSTOP the cell at a moment its last lease has no recorded result: mid-episode, not between leases
+    (a cell stopped while idle holds nothing to requeue)."""
+    for _ in range(tries):
+        os.kill(cell.pid, signal.SIGSTOP)
+        time.sleep(0.3)  # a report already sent gets recorded meanwhile
+        board = _board(tmp_path)
+        try:
+            leases = [lease for lease in board.values("leases", LeaseRecord) if lease.cell_id == cell.cell_id]
+            last = max(leases, key=lambda lease: lease.granted, default=None)
+            if last and board.get("episodes", last.episode_id, EpisodeRecord) is None:
+                return
+        finally:
+            board.close()
+        os.kill(cell.pid, signal.SIGCONT)
+        time.sleep(0.2)
+    raise AssertionError(f"{cell.cell_id} held no lease at any of {tries} tries")
+
+
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 def test_cell_fault_mid_episode_loses_nothing(tmp_path, fault):
     proc = _start(tmp_path, budget=2.0, lease_s=3.0)
@@ -176,7 +195,9 @@ def test_cell_fault_mid_episode_loses_nothing(tmp_path, fault):
         board = _board(tmp_path)
         victim = board.get("cells", "cell-0", CellRecord)
         board.close()
-        os.kill(victim.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        _stop_holding_a_lease(tmp_path, victim)
+        if fault == "kill":
+            os.kill(victim.pid, signal.SIGKILL)
         before = _episodes(tmp_path)
         _wait_for(lambda: _episodes(tmp_path) >= before + 30, 120, "the fleet to go on")
         if fault == "freeze":
