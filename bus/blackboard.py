@@ -39,6 +39,7 @@ TABLES = (
     "trainers",
     "candidates",
     "turns",
+    "waiting",
     "heldout",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written

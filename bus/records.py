@@ -112,6 +112,14 @@ class TurnHold(msgspec.Struct):
     until: float
 
 
+class RoomWait(msgspec.Struct):
+    """An agent waiting for room in the fleet's queue since `since` (table "waiting", by agent): teammates
+    that came later let it go first. The mark lapses at `until` unless renewed."""
+
+    since: float
+    until: float
+
+
 class Digest(msgspec.Struct):
     t: float
     text: str

@@ -10,7 +10,6 @@ agent's experiments run (see `_settle`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import structlog
 import trio
 
 from bus.backoff import backoff_delay
-from bus.records import QueueRecord, TokenRecord, TurnHold
+from bus.records import TokenRecord
 from enpire import ledger
 from enpire.agents import budget
 from enpire.agents.model import (
@@ -37,6 +36,7 @@ from enpire.agents.model import (
     sdk_error,
     truncate,
 )
+from enpire.agents.pacing import Pacer
 from enpire.agents.prompt import SYSTEM, Window, briefing, build_prompt, journal_line
 from enpire.agents.registry import REGISTRY, Session, SessionSettings, open_session
 from enpire.agents.tool_fleet import EvaluateArgs
@@ -107,7 +107,7 @@ class LLMAgent:
         self.turns, self.journal = self.window.turns, self.window.journal
         self.last_prompt_chars = 0
         self.expected = 10  # episodes the next turn will likely ask for (teammates count them while it thinks)
-        self._lapse = math.inf  # when the next teammate's hold lapses (pacing checks again then)
+        self.pacer: Pacer | None = None  # made with the first tools (pacing checks again at its lapse)
         self.launched: list[str] = []  # job ids the last turn started
 
     @property
@@ -286,7 +286,7 @@ class LLMAgent:
         Nothing launched by the last turn: go on (a reply without tool calls while jobs run sleeps until one
         finishes instead of being nudged at once). Unpaced: until all of the last turn's jobs finished.
         Paced: once one of them produced a result (a refusal or crash is not one) and the fleet admits a
-        turn (`_admit`): robots do not wait for the model while its last episodes run."""
+        turn (`Pacer.admit`): robots do not wait for the model while its last episodes run."""
         jobs = session.jobs
         last = self.turns[-1] if self.turns else None
         if last is not None and not last.reply.calls and jobs.running() and not jobs.unseen():
@@ -299,11 +299,11 @@ class LLMAgent:
         while True:
             running = [j for j in mine if j.state == "running"]
             done = not running or (pace and any(j.experiment for j in mine))
-            if done and (not pace or self._admit(session.tools)):
+            if done and (not pace or self._pacer(session.tools).admit(session.tools, self.expected)):
                 return
             # Checked again when something changes: a result, the fleet's queue (an event), a teammate's
             # hold lapsing. Without a fleet's events (a bare Tools), every 0.25 s.
-            wait = max(0.0, self._lapse - self.clock()) if session.tools.events else 0.25
+            wait = max(0.0, self._pacer(session.tools).lapse - self.clock()) if session.tools.events else 0.25
             async with trio.open_nursery() as race:
                 async def first(wake) -> None:
                     await wake()
@@ -311,27 +311,11 @@ class LLMAgent:
                 race.start_soon(first, jobs.changed)
                 race.start_soon(first, lambda wait=wait: session.tools.queue_changed(wait))
 
-    def _admit(self, tools: Tools) -> bool:
-        """The fleet's queue, plus what teammates about to ask hold, is below `pace_per_cell` per cell: hold
-        our own expected episodes and go. Checked read-only first; decided in one write transaction."""
-        def room(r) -> bool:
-            queue = tools.queue_depth() or r.get("meta", "queue", QueueRecord)
-            if queue is None or queue.cells == 0:
-                return True  # no figures from a scheduler yet: nothing to pace by
-            now = self.clock()
-            holds = [h for agent, h in r.items("turns", TurnHold) if agent != tools.agent and h.until > now]
-            self._lapse = min((h.until for h in holds), default=math.inf)
-            return queue.waiting + sum(h.episodes for h in holds) < self.settings.pace_per_cell * queue.cells
-
-        with tools.board.read() as r:
-            if not room(r):
-                return False
-        with tools.board.write() as w:
-            if not room(w):
-                return False
-            w.put("turns", tools.agent, TurnHold(self.expected, self.clock() + 120.0))
-        return True
-
     def _hold(self, tools: Tools, episodes: int, seconds: float) -> None:
         if self.settings.pace_per_cell:
-            tools.board.put("turns", tools.agent, TurnHold(episodes, self.clock() + seconds))
+            self._pacer(tools).hold(tools, episodes, seconds)
+
+    def _pacer(self, tools: Tools) -> Pacer:
+        if self.pacer is None:  # the agent's name comes with its tools
+            self.pacer = Pacer(tools.agent, self.settings.pace_per_cell, self.clock)
+        return self.pacer
