@@ -269,8 +269,9 @@ def ratios(results: list[dict]) -> dict:
         out["targets"] = {
             "mru_ge_0.9_all_sizes": all(r["mru"] >= 0.9 for r in main.values()),
             "agent_share_ge_0.7_all_sizes": all(r["agent_share"] >= 0.7 for r in main.values()),
-            "tokens_to_success_ratio_le_2": (out.get(f"tokens_to_success_{hi}_over_{lo}") or 1e9) <= 2.0,
-            "speedup_ge_3": (out.get(f"speedup_time_to_success_{lo}_to_{hi}") or 0.0) >= 3.0,
+            # named by the sizes they compare: the targets are 8 over 1, which a run without both lacks
+            f"tokens_to_success_{hi}_over_{lo}_le_2": (out.get(f"tokens_to_success_{hi}_over_{lo}") or 1e9) <= 2.0,
+            f"speedup_{lo}_to_{hi}_ge_3": (out.get(f"speedup_time_to_success_{lo}_to_{hi}") or 0.0) >= 3.0,
         }
     return out
 
