@@ -476,7 +476,7 @@ class Fault:
 
     kind: str  # one of FAULT_KINDS
     agent: str = ""  # only this agent's requests meet it; "" = the next request of any agent
-    after: "Fault | None" = None  # only the agent this earlier fault fired on meets it (an outage's tail)
+    after: Fault | None = None  # only the agent this earlier fault fired on meets it (an outage's tail)
     fired_at: float | None = None
     fired_on: str = ""
 

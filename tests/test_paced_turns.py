@@ -204,27 +204,27 @@ def test_room_goes_to_the_teammate_that_waited_longest(tmp_path):
 
     now = [1000.0]
     board = Blackboard(tmp_path / "bb")
-    tools = SimpleNamespace(board=board, queue_depth=lambda: None)
-    first, later = Pacer("agent-1", 6.0, lambda: now[0]), Pacer("agent-0", 6.0, lambda: now[0])
+    agent = {name: SimpleNamespace(agent=name, board=board, queue_depth=lambda: None) for name in ("agent-0", "agent-1")}
+    first, later = Pacer(6.0, lambda: now[0]), Pacer(6.0, lambda: now[0])
     board.put("meta", "queue", QueueRecord(6, 1, now[0]))  # full: 6 per cell
-    assert not first.admit(tools, 4)
+    assert not first.admit(agent["agent-1"], 4)
     now[0] += 1.0
-    assert not later.admit(tools, 4)
+    assert not later.admit(agent["agent-0"], 4)
     assert board.get("waiting", "agent-1", RoomWait).since == 1000.0
     board.put("meta", "queue", QueueRecord(2, 1, now[0]))  # room for one turn
-    assert not later.admit(tools, 4)  # agent-1 waited longer
-    assert first.admit(tools, 4)
+    assert not later.admit(agent["agent-0"], 4)  # agent-1 waited longer
+    assert first.admit(agent["agent-1"], 4)
     assert board.get("waiting", "agent-1", RoomWait) is None and board.get("turns", "agent-1", TurnHold).episodes == 4
-    assert not later.admit(tools, 4)  # 2 queued + agent-1's 4 held fill the room
+    assert not later.admit(agent["agent-0"], 4)  # 2 queued + agent-1's 4 held fill the room
     board.put("turns", "agent-1", TurnHold(0, now[0]))  # its answer came; its jobs are in the queue
     board.put("meta", "queue", QueueRecord(1, 1, now[0]))
-    assert later.admit(tools, 4)
+    assert later.admit(agent["agent-0"], 4)
     assert board.get("waiting", "agent-0", RoomWait) is None
 
     # A mark that is not renewed lapses: a teammate that stopped waiting holds no one up for long.
     board.put("waiting", "agent-9", RoomWait(since=now[0] - 100, until=now[0] + MARK_S))
-    assert not later.admit(tools, 4)
+    assert not later.admit(agent["agent-0"], 4)
     assert later.lapse == now[0] + MARK_S  # it looks again then, even if nothing else happens
     now[0] += MARK_S + 0.1
-    assert later.admit(tools, 4)
+    assert later.admit(agent["agent-0"], 4)
     board.close()

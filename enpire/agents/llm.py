@@ -107,7 +107,7 @@ class LLMAgent:
         self.turns, self.journal = self.window.turns, self.window.journal
         self.last_prompt_chars = 0
         self.expected = 10  # episodes the next turn will likely ask for (teammates count them while it thinks)
-        self.pacer: Pacer | None = None  # made with the first tools (pacing checks again at its lapse)
+        self.pacer = Pacer(settings.pace_per_cell, clock)  # turns admitted by the fleet's queue
         self.launched: list[str] = []  # job ids the last turn started
 
     @property
@@ -299,11 +299,11 @@ class LLMAgent:
         while True:
             running = [j for j in mine if j.state == "running"]
             done = not running or (pace and any(j.experiment for j in mine))
-            if done and (not pace or self._pacer(session.tools).admit(session.tools, self.expected)):
+            if done and (not pace or self.pacer.admit(session.tools, self.expected)):
                 return
             # Checked again when something changes: a result, the fleet's queue (an event), a teammate's
             # hold lapsing. Without a fleet's events (a bare Tools), every 0.25 s.
-            wait = max(0.0, self._pacer(session.tools).lapse - self.clock()) if session.tools.events else 0.25
+            wait = max(0.0, self.pacer.lapse - self.clock()) if session.tools.events else 0.25
             async with trio.open_nursery() as race:
                 async def first(wake) -> None:
                     await wake()
@@ -313,9 +313,4 @@ class LLMAgent:
 
     def _hold(self, tools: Tools, episodes: int, seconds: float) -> None:
         if self.settings.pace_per_cell:
-            self._pacer(tools).hold(tools, episodes, seconds)
-
-    def _pacer(self, tools: Tools) -> Pacer:
-        if self.pacer is None:  # the agent's name comes with its tools
-            self.pacer = Pacer(tools.agent, self.settings.pace_per_cell, self.clock)
-        return self.pacer
+            self.pacer.hold(tools, episodes, seconds)

@@ -25,8 +25,8 @@ class Pacer:
     """One agent's side of the pacing: `admit` before a turn, `hold` episodes the queue does not show yet.
     `lapse` is when the next teammate's hold or mark runs out (room may appear then, with no event)."""
 
-    def __init__(self, agent: str, pace_per_cell: float, clock: Callable[[], float] = time.time):
-        self.agent, self.pace_per_cell, self.clock = agent, pace_per_cell, clock
+    def __init__(self, pace_per_cell: float, clock: Callable[[], float] = time.time):
+        self.pace_per_cell, self.clock = pace_per_cell, clock
         self.lapse = math.inf
         self.since = 0.0  # when this agent began to wait for room (0: it does not wait)
         self._marked_until = 0.0
@@ -34,17 +34,17 @@ class Pacer:
     def admit(self, tools, expected: int) -> bool:
         """Room for a turn, and no teammate waiting longer: hold our `expected` episodes and go. Checked
         read-only first; decided in one write transaction. Otherwise mark that we wait, and say no."""
-        now = self.clock()
+        me, now = tools.agent, self.clock()
         self.since = self.since or now
 
         def room(r) -> bool:
             queue = tools.queue_depth() or r.get("meta", "queue", QueueRecord)
             if queue is None or queue.cells == 0:
                 return True  # no figures from a scheduler yet: nothing to pace by
-            holds = [h for agent, h in r.items("turns", TurnHold) if agent != self.agent and h.until > now]
-            waits = {agent: w for agent, w in r.items("waiting", RoomWait) if agent != self.agent and w.until > now}
+            holds = [h for agent, h in r.items("turns", TurnHold) if agent != me and h.until > now]
+            waits = {agent: w for agent, w in r.items("waiting", RoomWait) if agent != me and w.until > now}
             self.lapse = min([h.until for h in holds] + [w.until for w in waits.values()], default=math.inf)
-            if any((w.since, agent) < (self.since, self.agent) for agent, w in waits.items()):
+            if any((w.since, agent) < (self.since, me) for agent, w in waits.items()):
                 return False  # a teammate has waited longer: it goes first
             return queue.waiting + sum(h.episodes for h in holds) < self.pace_per_cell * queue.cells
 
@@ -54,15 +54,15 @@ class Pacer:
             with tools.board.write() as w:
                 ok = room(w)
                 if ok:
-                    w.put("turns", self.agent, TurnHold(expected, now + HOLD_S))
-                    w.delete("waiting", self.agent)
+                    w.put("turns", me, TurnHold(expected, now + HOLD_S))
+                    w.delete("waiting", me)
         if ok:
             self.since = self._marked_until = 0.0
         elif self._marked_until - now < MARK_S / 2:  # a write only when the mark is new or half spent
             self._marked_until = now + MARK_S
-            tools.board.put("waiting", self.agent, RoomWait(self.since, self._marked_until))
+            tools.board.put("waiting", me, RoomWait(self.since, self._marked_until))
         return ok
 
     def hold(self, tools, episodes: int, seconds: float) -> None:
         """Count `episodes` as queued for teammates for `seconds` (0 episodes: hold nothing, e.g. paused)."""
-        tools.board.put("turns", self.agent, TurnHold(episodes, self.clock() + seconds))
+        tools.board.put("turns", tools.agent, TurnHold(episodes, self.clock() + seconds))
