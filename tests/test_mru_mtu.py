@@ -56,17 +56,7 @@ def test_quick_benchmark_json_is_complete_and_consistent(tmp_path):
     assert not runs["unpooled-2"]["pooled"] and runs["pooled-2"]["pooled"]
 
 
-def _model_sim():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("model_sim_under_test", ROOT / "bench" / "model_sim.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_simulated_model_reads_the_leaderboard_and_divides_the_work():
+def test_simulated_model_reads_the_leaderboard_and_divides_the_work(model_sim):
     """The simulated agents read the leaderboard the product writes: they promote an entry with enough
     evidence, top up the evaluation of a promising one (minus what teammates already run) and sample new
     candidates around the team's best; judged entries are left alone."""
@@ -74,7 +64,7 @@ def test_simulated_model_reads_the_leaderboard_and_divides_the_work():
     from bus.records import CandidateRecord
     from enpire import leaderboard
 
-    sim = _model_sim()
+    sim = model_sim
     policy = sim.Policy(sim.SearchConfig(population=3, n_seeds=5, validation_seeds=20, target=0.9, margin=0.05))
     ready = CandidateRecord("pusht", PolicySpec("c0ffee0000", {"push_gain": 0.9}), "agent-1", 19, 20, 19.0, 1400)
     judged = CandidateRecord("pusht", PolicySpec("c0ffee0000", {"push_gain": 0.8}), "agent-2", 20, 20, 20.0, 1300,
@@ -94,13 +84,13 @@ def test_simulated_model_reads_the_leaderboard_and_divides_the_work():
     assert all(c["arguments"]["n_seeds"] == 5 and len(c["arguments"]["params"]) == 15 for c in calls[2:])
 
 
-def test_simulated_model_sizes_a_top_up_to_the_fleet():
+def test_simulated_model_sizes_a_top_up_to_the_fleet(model_sim):
     """A promising entry is topped up at once on a fleet that runs it in about one round, by doubling on a small one."""
     from bus.messages import PolicySpec
     from bus.records import CandidateRecord
     from enpire import leaderboard
 
-    sim = _model_sim()
+    sim = model_sim
     lucky = CandidateRecord("pusht", PolicySpec("c0ffee0000", {"push_gain": 0.7}), "agent-0", 5, 5, 5.0, 300)
     for cells, n_seeds in ((8, 15), (1, 5)):
         policy = sim.Policy(sim.SearchConfig(population=1, n_seeds=5, validation_seeds=20, target=0.9))

@@ -37,14 +37,8 @@ def test_soak_ci_mode_loses_nothing(tmp_path):
     assert r.returncode == 0
 
 
-def test_an_outage_follows_the_agent_its_first_failure_met():
+def test_an_outage_follows_the_agent_its_first_failure_met(model_sim):
     """The soak's outage: the first failure takes whoever asks next, the rest only that agent's requests."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("model_sim_faults", ROOT / "bench" / "model_sim.py")
-    model_sim = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = model_sim  # dataclasses look their module up there
-    spec.loader.exec_module(model_sim)
     faults = model_sim.Faults(hold_s=1.0)
     first = faults.arm("server_error")
     tail = [faults.arm("rate_limit", after=first), faults.arm("timeout", after=first)]
