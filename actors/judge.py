@@ -10,6 +10,7 @@
 - The starting policy (`[fleet] baseline`, else the first candidate an agent evaluated) is judged by
   idle cells until there is a champion; at the end of a run `FinalJudging` runs it and the champion
   on the same fresh held-out seeds. Smoke tests clear policies for cells marked real.
+- Each finished job is counted once (`judging.count_*`); a restart counts those a crash left uncounted.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from enpire import judging, leaderboard
 from enpire.config import Config
 from enpire.heldout import PoolExhausted, draw, running_low
 from enpire.judging import PRIORITY, tally
-from enpire.queueing import spec_of
+from enpire.queueing import finished, spec_of
 
 Purpose = m.Purpose
 
@@ -79,9 +80,11 @@ class Judge(Actor):
     async def main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen, nursery)
-            for _, record in self.board.items("jobs", JobRecord):  # resume what a restart interrupted
+            for _, record in self.board.items("jobs", JobRecord):  # what a restart interrupted
                 if not record.done and record.purpose in (Purpose.BASELINE, Purpose.CONFIRM):
                     self._start_background(nursery, spec_of(record))
+            for record in await self.board.transact(lambda w: judging.uncounted(w, time.time())):
+                await self._count(spec_of(record), await trio.to_thread.run_sync(finished, self.board, record))
             while True:
                 await self._top_up(nursery)
                 await self._changed.wait()
@@ -122,7 +125,7 @@ class Judge(Actor):
         spec = m.JobSpec(job_id=msg.job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=list(msg.seeds),
                          purpose=Purpose.EVAL, attempts=msg.attempts or task.attempts, priority=msg.priority)
         fresh = self.board.get("jobs", msg.job_id, JobRecord) is None
-        if fresh:  # a retried request is neither charged nor tallied twice
+        if fresh:  # a retried request is not charged twice
             budget, spent = self.config.agents.episode_budget, self.committed.get(msg.agent, 0)
             if budget and spent + len(msg.seeds) > budget:
                 return m.Failure(error=f"episode budget exhausted: {spent} of {budget} used, {len(msg.seeds)} asked")
@@ -135,10 +138,7 @@ class Judge(Actor):
             if await self.board.transact(pending):  # more evidence on a measured candidate goes first
                 spec = msgspec.structs.replace(spec, priority=spec.priority + 1)
         done = await self._run(spec)
-        if fresh:  # from verdicts, never from what an agent says
-            outcomes = [(e.success, e.score, e.steps) for e in done.episodes]
-            await self.board.transact(lambda w: leaderboard.record(w, spec.task, spec.policy, spec.agent, outcomes,
-                                                                   len(spec.seeds), time.time()))
+        await self._count(spec, done)
         return m.EvalResult(job_id=msg.job_id, policy=msg.policy, task=msg.task, episodes=done.episodes)
 
     # ------------------------------------------------------------------ promotion
@@ -168,7 +168,8 @@ class Judge(Actor):
         (s, n), champion = tally(done.episodes), self.champion()
         decision = judging.promotion(spec, s, n, champion, self.config.scheduler.alpha, time.time())
         if decision.crowned is not None:
-            await self._crown(decision.crowned)
+            await self._store(decision.crowned)
+            await self._crowned(decision.crowned)
             self.log.info("champion_promoted", task=spec.task, policy=spec.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
         judged = "promoted" if decision.promoted else "rejected"
@@ -177,8 +178,7 @@ class Judge(Actor):
         return m.PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=decision.promoted, successes=s, n=n,
                                champion_successes=cs, champion_n=cn, detail=decision.detail)
 
-    async def _crown(self, champion: Champion) -> None:
-        await self._store(champion)
+    async def _crowned(self, champion: Champion) -> None:  # once its durable record is written
         await self._cancel_background()  # the old champion's confirmation (or the baseline's judging) is moot
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
@@ -186,8 +186,7 @@ class Judge(Actor):
     # ------------------------------------------------------------------ background: baseline, confirmation
 
     async def _top_up(self, nursery: trio.Nursery) -> None:
-        """Keep two jobs of the champion's confirmation queued (or the baseline's judging while there is
-        no champion)."""
+        """Keep two jobs of the champion's confirmation queued (with no champion: the baseline's judging)."""
         sched = self.config.scheduler
         champion = self.champion()
         if champion is None:
@@ -231,34 +230,35 @@ class Judge(Actor):
             self._confirming -= len(spec.seeds)
             self._background.discard(spec.job_id)
         if not done.cancelled:
-            await (self._baseline_judged if spec.purpose is Purpose.BASELINE else self._confirmed)(spec, done)
+            await self._count(spec, done)
         self._changed.set()
+
+    async def _count(self, spec: m.JobSpec, done: m.JobDone) -> None:
+        """A finished job's verdicts, counted where they belong, once."""
+        if spec.purpose is Purpose.CONFIRM:
+            return await self._confirmed(spec, done)
+        now = time.time()
+        if spec.purpose is Purpose.EVAL:
+            await self.board.transact(lambda w: judging.count_evaluation(w, spec, done.episodes, now))
+        elif crowned := await self.board.transact(lambda w: judging.count_baseline(w, spec, done.episodes, now)):
+            await self._crowned(crowned)
+            self.log.info("baseline_judged", policy=spec.policy.ref, judged=f"{crowned.judged_successes}/{crowned.judged_n}")
 
     async def _cancel_background(self) -> None:
         for job_id in list(self._background):
             await self.queue.ask(m.CancelJob(job_id=job_id))
 
-    async def _baseline_judged(self, spec: m.JobSpec, done: m.JobDone) -> None:
-        if self.champion() is not None:
-            return  # a promotion came first; the baseline's episodes stay recorded
-        s, n = tally(done.episodes)
-        await self._crown(Champion(spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=time.time(),
-                                   agent="baseline"))
-        self.log.info("baseline_judged", policy=spec.policy.ref, judged=f"{s}/{n}")
-
     async def _confirmed(self, spec: m.JobSpec, done: m.JobDone) -> None:
-        champion = self.champion()
-        if champion is None or champion.policy != spec.policy:
-            return  # the champion changed while this ran: the episodes stay recorded, not counted
-        s, n = tally(done.episodes)
-        champion.successes, champion.n = champion.successes + s, champion.n + n
-        if (previous := judging.rollback(champion, self.config, time.time())) is not None:
+        counted = await self.board.transact(
+            lambda w: judging.count_confirmation(w, spec, done.episodes, self.config, time.time()))
+        if counted is None:
+            return
+        champion, previous = counted
+        if previous is not None:
             self.log.warning("champion_rolled_back", task=champion.task, policy=champion.policy.ref,
                              confirmed=f"{champion.successes}/{champion.n}", back_to=previous.policy.ref)
-            await self._crown(previous)
+            await self._crowned(previous)
             return
-        judging.decide(champion, self.config)
-        await self._store(champion)
         self._publish(champion)
         if champion.decision:
             await self._cancel_background()  # what is still queued of it is not needed

@@ -74,7 +74,16 @@ from replay import audit as replay_audit  # noqa: E402 (bench/)
 
 from bus import messages as m  # noqa: E402
 from bus.blackboard import Blackboard  # noqa: E402
-from bus.records import CellRecord, Champion, EpisodeRecord, Finding, JobRecord, LeaseRecord, TokenRecord  # noqa: E402
+from bus.records import (  # noqa: E402
+    CellRecord,
+    Champion,
+    EpisodeRecord,
+    Finding,
+    JobRecord,
+    LeaseRecord,
+    Tallied,
+    TokenRecord,
+)
 from bus.transport import ipc_url  # noqa: E402
 from enpire import config as cfg  # noqa: E402
 from enpire.sandbox import CHILD_SCRIPT  # noqa: E402
@@ -349,9 +358,13 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
         champion = board.get("champion", "pusht", Champion)
         champion_ok, champion_detail = True, "no champion"
         if champion is not None:
-            confirm = [e for e in episodes.values() if e.kind == "background" and e.policy == champion.policy
-                       and e.purpose is m.Purpose.CONFIRM and not e.flagged and jobs.get(e.job_id) is not None
-                       and jobs[e.job_id].done and not jobs[e.job_id].cancelled]
+            # its confirmation: the jobs of its reign the judge marked counted; a finished job with no mark
+            # yet (the stop came between "done" and its count) is counted when the fleet next starts
+            marks = dict(board.items("tallied", Tallied))
+            reign = {j.job_id for j in jobs.values() if j.purpose is m.Purpose.CONFIRM and j.done and not j.cancelled
+                     and j.policy == champion.policy}
+            counted = {i for i in reign if i in marks and marks[i].counted and marks[i].t >= champion.promoted}
+            confirm = [e for e in episodes.values() if e.job_id in counted and not e.flagged]
             # its judging on held-out seeds (after a rollback: its whole held-out record, confirmation included)
             judged = [e for e in episodes.values() if e.kind != "agent" and e.policy == champion.policy
                       and not e.flagged]
@@ -359,7 +372,8 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
                            and champion.judged_n <= len(judged))
             champion_detail = (f"confirmed {champion.successes}/{champion.n} vs episodes "
                                f"{sum(e.verdict.success for e in confirm)}/{len(confirm)}; judged "
-                               f"{champion.judged_successes}/{champion.judged_n}")
+                               f"{champion.judged_successes}/{champion.judged_n}; "
+                               f"{len(reign - marks.keys())} finished jobs to count at the next start")
         return {
             "episodes_recorded": len(episodes), "episodes_leased": len(leased), "episodes_open": open_,
             "episodes_lost": len(lost), "lost_ids": lost[:10], "duplicates": duplicates,

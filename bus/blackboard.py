@@ -41,6 +41,7 @@ TABLES = (
     "turns",
     "waiting",
     "heldout",
+    "tallied",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written
 MAX_MAP_SIZE = 1 << 36

@@ -120,6 +120,14 @@ class RoomWait(msgspec.Struct):
     until: float
 
 
+class Tallied(msgspec.Struct):
+    """A finished job's verdicts were counted (table "tallied", by job id), written in the same
+    transaction as the count: a restart between "job done" and its count counts it then, and only once."""
+
+    t: float
+    counted: bool = True  # False: the job was moot when it ended (its champion had been replaced)
+
+
 class Digest(msgspec.Struct):
     t: float
     text: str

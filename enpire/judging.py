@@ -9,6 +9,9 @@
   experiments; otherwise only idle cells run it, and only with `[scheduler] background`.
 - Rollback: a confirmation that shows the champion worse, with confidence, than the one it replaced.
 - Smoke test: a policy may run on cells marked real once it ran faultlessly and succeeded in simulation.
+- Counting a finished job (leaderboard, confirmation, the baseline's judging) happens once: the count
+  and the job's mark (table "tallied") are one transaction, so a restart between the queue's "done"
+  and the count counts it then, and never twice.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bus import messages as m
-from bus.records import Champion, SmokeRecord
+from bus.blackboard import Txn
+from bus.records import Champion, JobRecord, SmokeRecord, Tallied
+from enpire import leaderboard
 from enpire.config import CONFIRMATION_CAP, Config
 from enpire.metrics import better_with_confidence, sprt, wilson_interval
 
@@ -27,6 +32,7 @@ PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "backgro
 # start-up cost), and the sequential rule is checked as each job ends.
 CONFIRM_EPISODES_PER_CELL = 4
 BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
+COUNTED = (m.Purpose.EVAL, m.Purpose.CONFIRM, m.Purpose.BASELINE)  # jobs whose verdicts the judge counts
 
 
 def tally(episodes: Sequence[m.EpisodeSummary]) -> tuple[int, int]:
@@ -102,3 +108,61 @@ def smoke_record(policy: m.PolicySpec, episodes: Sequence[m.EpisodeSummary], now
     wins, n = tally(episodes)
     detail = f"{wins}/{n} succeeded" + (f"; faults: {faults[:3]}" if faults else "")
     return SmokeRecord(policy, not faults and wins > 0, detail, now)
+
+
+# ---------------------------------------------------------------- counting finished jobs, once
+# Each runs inside a blackboard transaction the caller holds; a job already marked is not counted again.
+
+
+def count_evaluation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], now: float) -> None:
+    """An agent's evaluation into the leaderboard, from verdicts (never from what an agent says)."""
+    if w.get("tallied", spec.job_id, Tallied) is None:
+        outcomes = [(e.success, e.score, e.steps) for e in episodes]
+        leaderboard.record(w, spec.task, spec.policy, spec.agent, outcomes, len(spec.seeds), now)
+        w.put("tallied", spec.job_id, Tallied(now))
+
+
+def count_baseline(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], now: float) -> Champion | None:
+    """The starting policy's judging crowns it while there is no champion; the champion it made, if any."""
+    crowned = None
+    if w.get("tallied", spec.job_id, Tallied) is None and w.get("champion", spec.task, Champion) is None:
+        s, n = tally(episodes)
+        crowned = Champion(spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent="baseline")
+        w.put("champion", spec.task, crowned)
+    w.put("tallied", spec.job_id, Tallied(now, counted=crowned is not None))  # else a promotion came first
+    return crowned
+
+
+def count_confirmation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], config: Config,
+                       now: float) -> tuple[Champion, Champion | None] | None:
+    """A confirmation job into its champion's tally, then the sequential rule or a rollback. Returns
+    (the champion with this job counted, the champion rolled back to or None); None when not counted."""
+    if w.get("tallied", spec.job_id, Tallied) is not None:
+        return None
+    champion = w.get("champion", spec.task, Champion)
+    if champion is None or champion.policy != spec.policy:  # the champion changed while it ran
+        w.put("tallied", spec.job_id, Tallied(now, counted=False))
+        return None
+    s, n = tally(episodes)
+    champion.successes, champion.n = champion.successes + s, champion.n + n
+    if (previous := rollback(champion, config, now)) is None:
+        decide(champion, config)
+    w.put("champion", spec.task, previous or champion)
+    w.put("tallied", spec.job_id, Tallied(now))
+    return champion, previous
+
+
+def uncounted(w: Txn, now: float) -> list[JobRecord]:
+    """The finished jobs a restart must count: a crash came between the queue's "done" and the count.
+    (A state written before jobs were marked: what finished there was counted then, so it is marked.)"""
+    legacy = w.get("meta", "tallied_since", Tallied) is None
+    found = []
+    for job_id, record in w.items("jobs", JobRecord):
+        if record.done and w.get("tallied", job_id, Tallied) is None:
+            if legacy:
+                w.put("tallied", job_id, Tallied(now))
+            elif not record.cancelled and record.purpose in COUNTED:
+                found.append(record)
+    if legacy:
+        w.put("meta", "tallied_since", Tallied(now))
+    return found

@@ -1,7 +1,8 @@
 """The judge's rules (enpire/judging.py) as pure functions: promotion, confirmation, rollback, smoke."""
 
+from bus.blackboard import Blackboard
 from bus.messages import EpisodeSummary, JobSpec, PolicySpec, Purpose
-from bus.records import Champion
+from bus.records import Champion, JobRecord, Tallied
 from enpire import config as cfg
 from enpire import judging
 
@@ -87,3 +88,40 @@ def test_smoke_passes_only_faultless_policies_that_succeed():
     record = judging.smoke_record(NEW, [ok, fault], 1.0)
     assert not record.passed and "safety_violation" in record.detail and record.detail.startswith("1/2")
     assert not judging.smoke_record(NEW, [failed], 1.0).passed
+
+
+def _job(job_id: str, purpose=Purpose.CONFIRM, done=True, cancelled=False) -> JobRecord:
+    return JobRecord(job_id, "agent-0", "heldout", "pusht", NEW, [1, 2], 1, 0, 0.0, done=done, purpose=purpose,
+                     cancelled=cancelled)
+
+
+def test_a_restart_counts_finished_jobs_without_a_mark_and_trusts_a_state_from_before_marks(tmp_path):
+    board = Blackboard(tmp_path / "bb")
+    with board.write() as w:  # a state written before jobs were marked when counted
+        w.put("jobs", "old", _job("old"))
+    with board.write() as w:
+        assert judging.uncounted(w, now=1.0) == []  # counted by the version that wrote it
+        assert w.get("tallied", "old", Tallied) is not None
+    with board.write() as w:
+        for job in (_job("c"), _job("e", Purpose.EVAL), _job("b", Purpose.BASELINE), _job("x", cancelled=True),
+                    _job("p", Purpose.PROMOTE), _job("r", done=False), _job("k")):
+            w.put("jobs", job.job_id, job)
+        w.put("tallied", "k", Tallied(1.0))
+    with board.write() as w:
+        assert sorted(j.job_id for j in judging.uncounted(w, now=2.0)) == ["b", "c", "e"]
+
+
+def test_a_confirmation_is_counted_once_and_not_for_a_champion_that_changed(tmp_path):
+    board, config = Blackboard(tmp_path / "bb"), _config(target=0.9, min_heldout=20)
+    spec = JobSpec(job_id="c1", agent="agent-0", task="pusht", policy=NEW, seeds=[1, 2], purpose=Purpose.CONFIRM)
+    wins = [EpisodeSummary("c1:0", 1, True, True, 1.0, "success", 9), EpisodeSummary("c1:1", 2, False, False, 0.1, "timeout", 9)]
+    with board.write() as w:
+        w.put("champion", "pusht", Champion("pusht", NEW, judged_successes=9, judged_n=10, promoted=0.0))
+    for _ in range(2):
+        with board.write() as w:
+            judging.count_confirmation(w, spec, wins, config, now=1.0)
+    assert (board.get("champion", "pusht", Champion).successes, board.get("champion", "pusht", Champion).n) == (1, 2)
+    moot = JobSpec(job_id="c0", agent="agent-0", task="pusht", policy=OLD, seeds=[3], purpose=Purpose.CONFIRM)
+    with board.write() as w:
+        assert judging.count_confirmation(w, moot, wins[:1], config, now=1.0) is None
+    assert board.get("champion", "pusht", Champion).n == 2 and not board.get("tallied", "c0", Tallied).counted

@@ -2,6 +2,7 @@
 confirmation, resume."""
 
 
+import msgspec
 import trio
 
 from actors.judge import Judge
@@ -26,7 +27,7 @@ from bus.messages import (
     PromoteResult,
     Verdict,
 )
-from bus.records import CandidateRecord, Champion, EpisodeRecord, HeldoutRecord
+from bus.records import CandidateRecord, Champion, EpisodeRecord, HeldoutRecord, Tallied
 from enpire import config as cfg
 from enpire import heldout as pool
 from enpire.bundles import BundleStore
@@ -527,3 +528,36 @@ async def test_a_stop_made_against_another_target_is_decided_again_at_start(tmp_
         assert (champ.decision, champ.decision_target, champ.successes, champ.n) == ("", 0.0, 60, 64)  # go on
         assert fleet.events.latest(ChampionChanged).decision == ""  # what the fleet and agents hear
         nursery.cancel_scope.cancel()
+
+
+async def test_a_job_finished_before_a_crash_is_counted_once_at_the_restart(tmp_path):
+    """The queue records "done" before the judge counts the job: a kill in between leaves a finished job
+    uncounted on disk. The next start counts it, and the start after that does not count it again."""
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(promote_seeds=20), board)
+        await _hello(ref)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="e", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+        await _serve(ref, 2)
+        assert (await _judge(ref, POLICY, "p", 18, 20)).promoted
+        await _confirm(ref, 3, 4)  # one confirmation job
+        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 4)
+        nursery.cancel_scope.cancel()
+    counted = board.get("champion", "pusht", Champion)
+    candidate = board.get("candidates", f"pusht/{POLICY.ref}", CandidateRecord)
+    assert (counted.successes, counted.n, candidate.n) == (3, 4, 2)
+    # what a kill between "done" and the count leaves: the jobs finished, the tallies without them
+    with board.write() as w:
+        w.put("champion", "pusht", msgspec.structs.replace(counted, successes=0, n=0))
+        w.put("candidates", f"pusht/{POLICY.ref}", msgspec.structs.replace(candidate, successes=0, n=0, pending=2))
+        for job_id in [k for k, _ in w.items("tallied", Tallied)]:
+            w.delete("tallied", job_id)
+    for _ in range(2):  # counted at the first restart, not again at the second
+        async with trio.open_nursery() as nursery:
+            await _start(nursery, tmp_path, _config(promote_seeds=20), board)
+            await _eventually(lambda: board.get("champion", "pusht", Champion).n == 4)
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+        champion = board.get("champion", "pusht", Champion)
+        candidate = board.get("candidates", f"pusht/{POLICY.ref}", CandidateRecord)
+        assert (champion.successes, champion.n) == (3, 4) and (candidate.successes, candidate.n, candidate.pending) == (2, 2, 0)
