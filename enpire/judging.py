@@ -1,4 +1,5 @@
-"""What held-out evidence means: the judge's rules as pure functions (actors/judge.py applies them).
+"""What held-out evidence means: the judge's rules as pure functions (actors/judge.py applies them),
+and its counts as functions of a blackboard transaction the caller holds.
 
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence
   (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation).
