@@ -125,12 +125,14 @@ def count_evaluation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummar
 
 def count_baseline(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], now: float) -> Champion | None:
     """The starting policy's judging crowns it while there is no champion; the champion it made, if any."""
+    if w.get("tallied", spec.job_id, Tallied) is not None:
+        return None
     crowned = None
-    if w.get("tallied", spec.job_id, Tallied) is None and w.get("champion", spec.task, Champion) is None:
+    if w.get("champion", spec.task, Champion) is None:  # else a promotion came first
         s, n = tally(episodes)
         crowned = Champion(spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent="baseline")
         w.put("champion", spec.task, crowned)
-    w.put("tallied", spec.job_id, Tallied(now, counted=crowned is not None))  # else a promotion came first
+    w.put("tallied", spec.job_id, Tallied(now, counted=crowned is not None))
     return crowned
 
 

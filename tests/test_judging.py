@@ -125,3 +125,19 @@ def test_a_confirmation_is_counted_once_and_not_for_a_champion_that_changed(tmp_
     with board.write() as w:
         assert judging.count_confirmation(w, moot, wins[:1], config, now=1.0) is None
     assert board.get("champion", "pusht", Champion).n == 2 and not board.get("tallied", "c0", Tallied).counted
+
+
+def test_the_baseline_is_crowned_once_and_only_while_there_is_no_champion(tmp_path):
+    board = Blackboard(tmp_path / "bb")
+    spec = JobSpec(job_id="b", agent="baseline", task="pusht", policy=OLD, seeds=[1], purpose=Purpose.BASELINE)
+    won = [EpisodeSummary("b:0", 1, True, True, 1.0, "success", 9)]
+    with board.write() as w:
+        crowned = judging.count_baseline(w, spec, won, now=1.0)
+    assert crowned.policy == OLD and (crowned.judged_successes, crowned.judged_n) == (1, 1)
+    with board.write() as w:
+        assert judging.count_baseline(w, spec, won, now=2.0) is None  # counted already: the mark stays as it was
+    assert board.get("tallied", "b", Tallied).counted and board.get("champion", "pusht", Champion).promoted == 1.0
+    late = JobSpec(job_id="b2", agent="baseline", task="pusht", policy=NEW, seeds=[1], purpose=Purpose.BASELINE)
+    with board.write() as w:
+        assert judging.count_baseline(w, late, won, now=3.0) is None  # a champion came first
+    assert not board.get("tallied", "b2", Tallied).counted and board.get("champion", "pusht", Champion).policy == OLD
