@@ -246,11 +246,12 @@ def unfinished(board: Blackboard) -> tuple[list[JobRecord], dict[str, EpisodeRec
 
 
 def finished(board: Blackboard, record: JobRecord) -> JobDone:
-    """Blocking: the reply to a job that finished before (a resubmission after a restart)."""
-    job = Job(spec_of(record), [f"{record.job_id}:{i}" for i in range(len(record.seeds))])
+    """Blocking: the reply to a job that finished before (a resubmission after a restart), replacements of
+    flagged episodes (ids "JOB:rK") included."""
+    ids = [f"{record.job_id}:{i}" for i in range(len(record.seeds))]
     with board.read() as r:
-        job.results = {eid: e for eid in job.episode_ids if (e := r.get("episodes", eid, EpisodeRecord))}
-    return job.reply()
+        results = dict(r.items("episodes", EpisodeRecord, prefix=f"{record.job_id}:"))
+    return Job(spec_of(record), ids + sorted(results.keys() - set(ids)), results).reply()
 
 
 def record_episode(board: Blackboard, state_dir: Path, msg: EpisodeReport, episode: Episode, trajectory: bool,

@@ -538,6 +538,8 @@ async def test_a_job_finished_before_a_crash_is_counted_once_at_the_restart(tmp_
         ref, _, _ = await _start(nursery, tmp_path, _config(promote_seeds=20), board)
         await _hello(ref)
         nursery.start_soon(ref.ask, EvalRequest(job_id="e", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+        first = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        await ref.ask(_report_steps(first, True, 40, flagged="at_reset"))  # solved at reset: replaced
         await _serve(ref, 2)
         assert (await _judge(ref, POLICY, "p", 18, 20)).promoted
         await _confirm(ref, 3, 4)  # one confirmation job
