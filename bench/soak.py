@@ -75,6 +75,7 @@ from replay import audit as replay_audit  # noqa: E402 (bench/)
 from bus import messages as m  # noqa: E402
 from bus.blackboard import Blackboard  # noqa: E402
 from bus.records import (  # noqa: E402
+    CandidateRecord,
     CellRecord,
     Champion,
     EpisodeRecord,
@@ -357,10 +358,10 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
         tokens_ok = len(tokens) >= seen_tokens
         champion = board.get("champion", "pusht", Champion)
         champion_ok, champion_detail = True, "no champion"
+        marks = dict(board.items("tallied", Tallied))
         if champion is not None:
             # its confirmation: the jobs of its reign the judge marked counted; a finished job with no mark
             # yet (the stop came between "done" and its count) is counted when the fleet next starts
-            marks = dict(board.items("tallied", Tallied))
             reign = {j.job_id for j in jobs.values() if j.purpose is m.Purpose.CONFIRM and j.done and not j.cancelled
                      and j.policy == champion.policy}
             counted = {i for i in reign if i in marks and marks[i].counted and marks[i].t >= champion.promoted}
@@ -374,7 +375,21 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
                                f"{sum(e.verdict.success for e in confirm)}/{len(confirm)}; judged "
                                f"{champion.judged_successes}/{champion.judged_n}; "
                                f"{len(reign - marks.keys())} finished jobs to count at the next start")
+        # the leaderboard: each candidate's tally is the recorded episodes of its evaluations the judge counted
+        counted_evals = {i for i, j in jobs.items() if j.purpose is m.Purpose.EVAL and i in marks}
+        measured = Counter()
+        for e in episodes.values():
+            if e.job_id in counted_evals and not e.flagged:
+                measured[e.policy.ref, "n"] += 1
+                measured[e.policy.ref, "successes"] += e.verdict.success
+        candidates = board.values("candidates", CandidateRecord)
+        off = [c.policy.ref for c in candidates
+               if (c.n, c.successes) != (measured[c.policy.ref, "n"], measured[c.policy.ref, "successes"])]
         return {
+            "leaderboard_consistent": not off and sum(c.n for c in candidates) == sum(
+                v for (_, what), v in measured.items() if what == "n"),
+            "leaderboard": f"{len(candidates)} candidates, {sum(c.n for c in candidates)} episodes counted; "
+                           f"{len(off)} off their recorded episodes {off[:3]}",
             "episodes_recorded": len(episodes), "episodes_leased": len(leased), "episodes_open": open_,
             "episodes_lost": len(lost), "lost_ids": lost[:10], "duplicates": duplicates,
             "findings": len(finding_keys), "findings_intact": findings_ok, "tokens_intact": tokens_ok,
@@ -526,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     result["progress"] = result["episodes_recorded"] > 0 and result["champion"] != "no champion"
     result["ok"] = (result["episodes_lost"] == 0 and result["duplicates"] == 0 and result["findings_intact"]
                     and result["tokens_intact"] and result["ledger_ok"] and result["champion_consistent"]
+                    and result["leaderboard_consistent"]
                     and result["progress"] and injected == survived and result["model"]["retry_after_honoured"]
                     and not result["model"]["files_with_key"] and not sandboxes[1]
                     and result["replay"]["ok"] and not survivors and result["hostile"]["successes"] == 0

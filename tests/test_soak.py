@@ -18,6 +18,7 @@ def test_soak_ci_mode_loses_nothing(tmp_path):
     assert result["episodes_lost"] == 0 and result["duplicates"] == 0, result
     assert result["findings_intact"], result["findings"]
     assert result["champion_consistent"], result["champion"]  # its tallies against the recorded episodes
+    assert result["leaderboard_consistent"], result["leaderboard"]
     assert result["progress"], result
     assert sum(result["faults_injected"].values()) >= 10
     assert result["faults_injected"] == result["faults_survived"], result["faults_not_survived"]
