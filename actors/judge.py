@@ -61,15 +61,12 @@ class Judge(Actor):
         self._deciding = trio.Lock()  # teammates waiting on one judging: the first decides, the others see it
 
     async def setup(self) -> None:
-        self.promotions.clear()
-        self.committed.clear()
+        self.promotions, self.committed, self._confirming, self._background = {}, {}, 0, set()
         for _, record in self.board.items("jobs", JobRecord):
             if record.purpose is Purpose.EVAL:
                 self.committed[record.agent] = self.committed.get(record.agent, 0) + len(record.seeds)
             elif record.purpose is Purpose.PROMOTE:
                 self.promotions.setdefault(record.policy.ref, record.job_id)
-        self._confirming = 0
-        self._background.clear()
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
                 self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
@@ -83,6 +80,8 @@ class Judge(Actor):
             for _, record in self.board.items("jobs", JobRecord):  # what a restart interrupted
                 if not record.done and record.purpose in (Purpose.BASELINE, Purpose.CONFIRM):
                     self._start_background(nursery, spec_of(record))
+                elif not record.done and record.purpose in (Purpose.EVAL, Purpose.PROMOTE):
+                    nursery.start_soon(self.handle, judging.request_of(record))  # its asker may be gone
             for record in await self.board.transact(lambda w: judging.uncounted(w, time.time())):
                 await self._count(spec_of(record), await trio.to_thread.run_sync(finished, self.board, record))
             while True:

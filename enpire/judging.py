@@ -155,6 +155,15 @@ def count_confirmation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSumm
     return champion, previous
 
 
+def request_of(record: JobRecord) -> m.EvalRequest | m.PromoteRequest:
+    """The request an agent made for an evaluation or a judging that a restart interrupted: the judge asks
+    it again itself (the same job id: one job, counted once), so its verdicts count though the agent is gone."""
+    if record.purpose is m.Purpose.PROMOTE:
+        return m.PromoteRequest(job_id=record.job_id, agent=record.agent, task=record.task, policy=record.policy)
+    return m.EvalRequest(job_id=record.job_id, agent=record.agent, task=record.task, policy=record.policy,
+                         seeds=list(record.seeds), attempts=record.attempts, priority=record.priority)
+
+
 def uncounted(w: Txn, now: float) -> list[JobRecord]:
     """The finished jobs a restart must count: a crash came between the queue's "done" and the count.
     (A state written before jobs were marked: what finished there was counted then, so it is marked.)"""

@@ -563,3 +563,26 @@ async def test_a_job_finished_before_a_crash_is_counted_once_at_the_restart(tmp_
         champion = board.get("champion", "pusht", Champion)
         candidate = board.get("candidates", f"pusht/{POLICY.ref}", CandidateRecord)
         assert (champion.successes, champion.n) == (3, 4) and (candidate.successes, candidate.n, candidate.pending) == (2, 2, 0)
+
+
+async def test_an_evaluation_and_a_judging_a_restart_interrupted_count_though_their_agent_is_gone(tmp_path):
+    board, key = Blackboard(tmp_path / "bb"), f"pusht/{POLICY.ref}"
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(promote_seeds=4), board)
+        await _hello(ref)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="e", agent="a", task="pusht", policy=POLICY, seeds=[1, 2, 3]))
+        await _serve(ref, 1)
+        nursery.start_soon(ref.ask, PromoteRequest(job_id="p", agent="a", task="pusht", policy=POLICY))
+        await trio.sleep(0.3)
+        assert all(lease.kind == "heldout" for lease in await _serve(ref, 2))
+        nursery.cancel_scope.cancel()  # the daemon dies, and the agent's requests with it
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(promote_seeds=4), board)
+        await _hello(ref)
+        await _serve(ref, 4)  # the queue runs the rest; nobody asks for the results again
+        await _eventually(lambda: board.get("candidates", key, CandidateRecord).n == 3)
+        await _eventually(lambda: board.get("champion", "pusht", Champion) is not None)
+        c = board.get("candidates", key, CandidateRecord)
+        assert (c.successes, c.pending, c.judged) == (3, 0, "promoted")
+        assert board.get("champion", "pusht", Champion).policy == POLICY
+        nursery.cancel_scope.cancel()
