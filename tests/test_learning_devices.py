@@ -113,12 +113,13 @@ def test_a_failed_launch_is_told_by_its_root_cause(tmp_path):
     assert runner.failure(tmp_path / "missing.log", 3) == ("exit code 3", False)
 
 
-async def test_a_rank_killed_by_a_signal_restarts_the_group_once_and_a_recipe_error_never(recorded, tmp_path):
+async def test_a_rank_killed_by_a_signal_restarts_the_group_and_a_recipe_error_never(recorded, tmp_path):
     job = tmp_path / "abort"
     _stage(recorded, job)
     out = await runner.run("bc", "pusht", job, budget_s=240, max_rss_mb=2048, options={**SMALL, "inject_abort_once": "1"},
                            processes=2)
-    assert out.ok and out.info["restarts"] == "1", out.error
+    # the injected abort, then (rarely) one of gloo's own: at most SIGNAL_RESTARTS starts again
+    assert out.ok and 1 <= int(out.info["restarts"]) <= runner.SIGNAL_RESTARTS, out.error
     assert "SIGABRT" in (job / "stderr-1.log").read_text() and (job / "out" / "aborted-once").exists()
     bad = tmp_path / "bad"
     _stage(recorded, bad)

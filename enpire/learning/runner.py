@@ -31,6 +31,7 @@ from enpire.untrusted_json import finite, json_object
 ROOT = Path(__file__).resolve().parents[2]  # the code the recipe imports (bound read-only into the jail)
 RECIPES = ("bc", "rl", "visuomotor")
 DATA_PARALLEL = ("bc", "visuomotor")  # recipes that train with torch.distributed when given several processes
+SIGNAL_RESTARTS = 2  # a group whose rank died of a signal starts again at most this often (see `run`)
 
 
 def content_hash(path: Path) -> str:
@@ -209,11 +210,11 @@ async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss
             break
         why, crashed = failure(job_dir / "stderr.log", code)
         budget_s = deadline - trio.current_time()
-        # gloo's C++ side aborts a rank now and then (seen once in CI: rank 1, SIGABRT, "terminate called
-        # without an active exception", seconds after the group formed): a group whose rank died of a
-        # signal, with no error from the recipe, starts once more with the time left. A recipe's own
-        # error never runs twice.
-        if not (crashed and processes > 1 and restarts == 0 and budget_s >= 30.0):
+        # gloo's C++ side aborts a rank now and then (seen twice in CI: rank 1, SIGABRT, "terminate called
+        # without an active exception"; once in the run after another abort): a group whose rank died of
+        # a signal, with no error from the recipe, starts again with the time left. A recipe's own error
+        # never runs twice.
+        if not (crashed and processes > 1 and restarts < SIGNAL_RESTARTS and budget_s >= 30.0):
             return Outcome(False, f"recipe failed (exit {code}): {why}"[:300])
         restarts += 1
         (job_dir / "stderr.log").replace(job_dir / f"stderr-{restarts}.log")
