@@ -129,7 +129,8 @@ def confine(argv: list[str], job_dir: Path, budget_s: float, max_rss_mb: int, pr
     why = isolation.check()
     if why is None and not _uses_cuda(device):
         env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               "PYTHONDONTWRITEBYTECODE": "1", "GLOO_SOCKET_IFNAME": "lo"}
+               "PYTHONDONTWRITEBYTECODE": "1", "GLOO_SOCKET_IFNAME": "lo",
+               "PYTHONFAULTHANDLER": "1"}
         jail = isolation.Jail(
             read_only=(*isolation.python_paths(), ROOT), writable=(job_dir,), scratch_mb=256, network=False,
             memory_mb=int(max_rss_mb * processes + 512), pids=64 * processes + 64,
@@ -210,10 +211,9 @@ async def run(recipe: str, task: str, job_dir: Path, *, budget_s: float, max_rss
             break
         why, crashed = failure(job_dir / "stderr.log", code)
         budget_s = deadline - trio.current_time()
-        # gloo's C++ side aborts a rank now and then (seen twice in CI: rank 1, SIGABRT, "terminate called
-        # without an active exception"; once in the run after another abort): a group whose rank died of
-        # a signal, with no error from the recipe, starts again with the time left. A recipe's own error
-        # never runs twice.
+        # A safety net: a group whose rank died of a signal (the recipes' exit-time abort in torch's
+        # teardown was one, see recipes.py), with no error from the recipe, starts again with the time
+        # left. A recipe's own error never runs twice.
         if not (crashed and processes > 1 and restarts < SIGNAL_RESTARTS and budget_s >= 30.0):
             return Outcome(False, f"recipe failed (exit {code}): {why}"[:300])
         restarts += 1
