@@ -34,10 +34,10 @@ the digest) and `unpaced` (pooled, but `[agents] pace_per_cell = 0`: each turn w
 results). The leaderboard is in every briefing in all runs.
 
     python bench/mru_mtu.py            # full run (30 to 60 minutes here, at most --total-minutes 60)
+    python bench/mru_mtu.py --quick    # a few minutes, tiny settings (CI)
 
 A run gets at most `--budget-minutes` (default 30; the 1-cell search needed 1,092 s and more than
 1,800 s in the two runs that first had 30 minutes, so a 15-minute cap hid its time-to-success).
-    python bench/mru_mtu.py --quick    # a few minutes, tiny settings (CI)
 
 Writes `<out>/mru_mtu.json` and `<out>/mru_mtu.png`, and prints a table beside the paper's figures.
 """

@@ -118,8 +118,8 @@ async def test_a_rank_killed_by_a_signal_restarts_the_group_and_a_recipe_error_n
     _stage(recorded, job)
     out = await runner.run("bc", "pusht", job, budget_s=240, max_rss_mb=2048, options={**SMALL, "inject_abort_once": "1"},
                            processes=2)
-    # the injected abort, then (rarely) another rank death by a signal: at most SIGNAL_RESTARTS starts again
-    assert out.ok and 1 <= int(out.info["restarts"]) <= runner.SIGNAL_RESTARTS, out.error
+    # the injected abort, one restart: the restarted group's ranks leave without torch's teardown (recipes.py)
+    assert out.ok and out.info["restarts"] == "1", out.error
     assert "SIGABRT" in (job / "stderr-1.log").read_text() and (job / "out" / "aborted-once").exists()
     bad = tmp_path / "bad"
     _stage(recorded, bad)
