@@ -525,6 +525,14 @@ class QueueDepth(Message, frozen=True):
     t: float
 
 
+class RoomReleased(Message, frozen=True):
+    """Published by an agent whose turn hold ended or shrank (its model answered or failed, it paused):
+    teammates waiting for room in the queue look again, as on a change of the queue's depth."""
+
+    agent: str
+    t: float
+
+
 class ChampionChanged(Message, frozen=True):
     """Published by the judge on promotion, confirmation progress, a stop decision and rollback."""
 
@@ -624,6 +632,7 @@ BusMessage = Union[
     CellStateChanged,
     Progress,
     QueueDepth,
+    RoomReleased,
     ChampionChanged,
     HeldoutUsage,
     FindingPosted,

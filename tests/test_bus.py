@@ -64,6 +64,7 @@ EXAMPLES = [
     m.CellStateChanged(cell_id="c", state="idle", t=1.0),
     m.Progress(t=1.0, episodes=3, champion="x", champion_success=0.5, champion_n=4, mru=0.8, tokens=10),
     m.QueueDepth(waiting=3, background=1, cells=2, t=1.0),
+    m.RoomReleased(agent="a", t=1.0),
     m.ChampionChanged(task="pusht", policy=SPEC, agent="a", judged_successes=9, judged_n=10, successes=3, n=4,
                       decision="", t=1.0),
     m.HeldoutUsage(task="pusht", used=10, total=100, low=False, t=1.0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import trio
 
 from actors.runtime import Actor, ActorSystem
@@ -190,6 +191,53 @@ async def test_an_agent_paused_by_an_outage_does_not_hold_up_its_teammates(tmp_p
         nursery.start_soon(teammate.run, Tools("agent-1", "pusht", workspace, scheduler, board))
         await _until(lambda: len(up.prompts) >= 1)  # was blocked for 120 s by the paused agent's hold
         assert down.calls == 2  # still paused
+        release.set()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("failures_to_pause", [1, 3], ids=["paused", "backing_off"])
+async def test_a_teammate_already_waiting_for_room_thinks_once_a_failed_call_gives_it_back(tmp_path,
+                                                                                        failures_to_pause):
+    """agent-1 waits for room that agent-0's turn holds (for up to 120 s). agent-0's call fails: paused, or
+    backing off before its next try, it asks the fleet for nothing, so agent-1 must think now, not when the
+    hold lapses (a soak once saw a fleet record no episode for all of a 10 s pause)."""
+    from bus.events import EventHub
+    from bus.records import RoomWait
+    from enpire.agents.model import ModelError
+
+    class FailsWhenTold:
+        model, secrets = "fails", ()
+
+        def __init__(self):
+            self.calls, self.gate = 0, trio.Event()
+
+        async def probe(self):
+            return None
+
+        async def complete(self, prompt, tools, max_output_tokens):
+            self.calls += 1
+            await self.gate.wait()
+            raise ModelError("APITimeoutError: Request timed out.")
+
+    board, workspace, hub = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws"), EventHub()
+    workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
+    board.put("meta", "queue", QueueRecord(0, 1, time.time()))
+    failing, up, release = FailsWhenTold(), ScriptedModel(), trio.Event()
+    paced = LLMSettings(pace_per_cell=6.0, max_failures=failures_to_pause, backoff_initial_s=60.0,
+                        backoff_max_s=60.0, pause_s=60.0)
+    async with trio.open_nursery() as nursery:
+        scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
+        agent = LLMAgent(failing, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=0)
+        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board, events=hub))
+        await _until(lambda: failing.calls == 1)  # admitted: its turn holds the room
+        teammate = LLMAgent(up, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=1)
+        nursery.start_soon(teammate.run, Tools("agent-1", "pusht", workspace, scheduler, board, events=hub))
+        await _until(lambda: board.get("waiting", "agent-1", RoomWait) is not None)
+        await trio.sleep(0.2)
+        assert not up.prompts
+        failing.gate.set()
+        await _until(lambda: len(up.prompts) >= 1)
+        assert failing.calls == 1  # agent-0 is still paused or backing off
         release.set()
         nursery.cancel_scope.cancel()
 

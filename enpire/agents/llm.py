@@ -156,8 +156,7 @@ class LLMAgent:
             self.last_prompt_chars = prompt.chars()
             reply, spent = await self._ask(prompt, used, tools, log)
             used += spent
-            if reply is None:  # too many failures: pause. It asks for nothing meanwhile, so it holds no room
-                self._hold(tools, 0, 0.0)  # in the queue: its teammates think on and the robots keep working
+            if reply is None:  # too many failures: pause (its room in the queue went at the first failure)
                 await trio.sleep(self.settings.pause_s)
                 continue
             session.jobs.mark_seen([j.job_id for j in results])  # shown in a request that got an answer
@@ -210,7 +209,7 @@ class LLMAgent:
 
         async def call() -> None:
             with shield:
-                box["reply"] = reply = await self._call(prompt, max_out, log)
+                box["reply"] = reply = await self._call(prompt, max_out, tools, log)
                 if reply is not None:
                     self._bill(tools, reply)
             answered.set()
@@ -227,9 +226,11 @@ class LLMAgent:
     def _bill(self, tools: Tools, reply: ModelReply) -> None:
         tools.record_tokens(reply.usage.ledger_record(tools.agent, self.client.model, time.time(), self.settings.price))
 
-    async def _call(self, prompt: Prompt, max_out: int, log) -> ModelReply | None:
+    async def _call(self, prompt: Prompt, max_out: int, tools: Tools, log) -> ModelReply | None:
         """Call the model until it answers: back off on errors; None (the caller pauses) after too many in a
-        row or on a non-retryable error (a request refused as it is: the window starts afresh)."""
+        row or on a non-retryable error (a request refused as it is: the window starts afresh). A failed call
+        gives back the room its turn held: backing off or paused, the agent asks the fleet for nothing, and
+        its teammates must not wait on it (the robots would run dry)."""
         failures = 0
         while True:
             try:
@@ -239,6 +240,8 @@ class LLMAgent:
             except Exception as e:  # noqa: BLE001 - e.g. a malformed body the SDK could not parse
                 err = sdk_error(e, self.secrets)
             failures += 1
+            if failures == 1:
+                self._hold(tools, 0, 0.0)
             error = scrub(str(err), self.secrets)
             if err.bad_request and self.turns:
                 self.window.drop(len(self.turns))  # the request itself is refused (too long, odd history): start afresh
@@ -309,7 +312,7 @@ class LLMAgent:
                     await wake()
                     race.cancel_scope.cancel()
                 race.start_soon(first, jobs.changed)
-                race.start_soon(first, lambda wait=wait: session.tools.queue_changed(wait))
+                race.start_soon(first, lambda wait=wait: session.tools.room_changed(wait))
 
     def _hold(self, tools: Tools, episodes: int, seconds: float) -> None:
         if self.settings.pace_per_cell:

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 
+from bus.messages import RoomReleased
 from bus.records import QueueRecord, RoomWait, TurnHold
 
 MARK_S = 10.0  # a waiting mark's life; renewed at half of it while the agent still waits
@@ -64,5 +65,10 @@ class Pacer:
         return ok
 
     def hold(self, tools, episodes: int, seconds: float) -> None:
-        """Count `episodes` as queued for teammates for `seconds` (0 episodes: hold nothing, e.g. paused)."""
-        tools.board.put("turns", tools.agent, TurnHold(episodes, self.clock() + seconds))
+        """Count `episodes` as queued for teammates for `seconds` (0 episodes: hold nothing, e.g. paused).
+        It only ever shortens the hold `admit` took, so teammates waiting for room are told to look again:
+        they would otherwise sleep until the old hold lapsed, with no event to wake them."""
+        now = self.clock()
+        tools.board.put("turns", tools.agent, TurnHold(episodes, now + seconds))
+        if tools.events is not None:
+            tools.events.publish(RoomReleased(agent=tools.agent, t=now))

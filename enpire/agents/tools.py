@@ -32,6 +32,7 @@ from bus.messages import (
     PromoteRequest,
     PromoteResult,
     QueueDepth,
+    RoomReleased,
     TokensUsed,
     TrainRequest,
     TrainResult,
@@ -183,12 +184,13 @@ class Tools:
         """The fleet's queue as the lease queue last announced it (None before any announcement)."""
         return self.events.latest(QueueDepth) if self.events else None
 
-    async def queue_changed(self, timeout: float) -> None:
-        """Wait until the lease queue announces a change (or `timeout` passes)."""
+    async def room_changed(self, timeout: float) -> None:
+        """Wait until the room in the fleet's queue may have changed: the lease queue announces its depth,
+        or a teammate gives back room its turn held (or `timeout` passes)."""
         if self.events is None:
             await trio.sleep(timeout)
             return
-        with self.events.subscribe(QueueDepth, buffer=1) as changes, trio.move_on_after(timeout):
+        with self.events.subscribe(QueueDepth, RoomReleased, buffer=1) as changes, trio.move_on_after(timeout):
             await changes.receive()
 
     async def champion_changed(self, timeout: float) -> None:
