@@ -14,7 +14,7 @@ from bus.blackboard import Blackboard
 from bus.messages import EpisodeSummary, EvalResult
 from bus.records import QueueRecord, TurnHold
 from enpire.agents.llm import LLMAgent, LLMSettings, _episodes
-from enpire.agents.model import ModelReply, ToolCall, Usage
+from enpire.agents.model import ModelError, ModelReply, ToolCall, Usage
 from enpire.agents.tools import Tools
 from enpire.tasks import card
 from enpire.workspace import Workspace
@@ -57,6 +57,24 @@ class ScriptedModel:
 
     async def probe(self):
         return None
+
+
+class FailingModel:
+    """A provider that is down: every call fails, once `gate` (if given) is set."""
+
+    model, secrets = "down", ()
+
+    def __init__(self, gate: trio.Event | None = None):
+        self.calls, self.gate = 0, gate
+
+    async def probe(self):
+        return None
+
+    async def complete(self, prompt, tools, max_output_tokens):
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        raise ModelError("APIConnectionError: connection refused")
 
 
 async def _run(tmp_path, queue: QueueRecord, steps):
@@ -126,8 +144,6 @@ def test_episodes_a_turn_asks_for():
 async def test_a_result_stays_unseen_until_an_answered_request_showed_it(tmp_path):
     """The result of turn 1's evaluation is in the briefing of the next request; that request fails (a
     non-retryable error, so the agent pauses), and the result is shown again in the request after the pause."""
-    from enpire.agents.model import ModelError
-
     class Flaky:
         model, secrets = "scripted", ()
 
@@ -161,25 +177,10 @@ async def test_a_result_stays_unseen_until_an_answered_request_showed_it(tmp_pat
 async def test_an_agent_paused_by_an_outage_does_not_hold_up_its_teammates(tmp_path):
     """agent-0's model is down: it holds room for its next turn when admitted, fails, and pauses. While it is
     paused it asks for nothing, so its hold must go: agent-1 still thinks (the fleet keeps working)."""
-    from enpire.agents.model import ModelError
-
-    class Down:
-        model, secrets = "down", ()
-
-        def __init__(self):
-            self.calls = 0
-
-        async def probe(self):
-            return None
-
-        async def complete(self, prompt, tools, max_output_tokens):
-            self.calls += 1
-            raise ModelError("APIConnectionError: connection refused")
-
     board, workspace = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
     workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
     board.put("meta", "queue", QueueRecord(0, 1, time.time()))
-    down, up, release = Down(), ScriptedModel(), trio.Event()
+    down, up, release = FailingModel(), ScriptedModel(), trio.Event()
     paced = LLMSettings(pace_per_cell=6.0, max_failures=2, backoff_initial_s=0.01, pause_s=60.0)
     async with trio.open_nursery() as nursery:
         scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
@@ -203,26 +204,11 @@ async def test_a_teammate_already_waiting_for_room_thinks_once_a_failed_call_giv
     hold lapses (a soak once saw a fleet record no episode for all of a 10 s pause)."""
     from bus.events import EventHub
     from bus.records import RoomWait
-    from enpire.agents.model import ModelError
-
-    class FailsWhenTold:
-        model, secrets = "fails", ()
-
-        def __init__(self):
-            self.calls, self.gate = 0, trio.Event()
-
-        async def probe(self):
-            return None
-
-        async def complete(self, prompt, tools, max_output_tokens):
-            self.calls += 1
-            await self.gate.wait()
-            raise ModelError("APITimeoutError: Request timed out.")
 
     board, workspace, hub = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws"), EventHub()
     workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
     board.put("meta", "queue", QueueRecord(0, 1, time.time()))
-    failing, up, release = FailsWhenTold(), ScriptedModel(), trio.Event()
+    failing, up, release = FailingModel(gate=trio.Event()), ScriptedModel(), trio.Event()
     paced = LLMSettings(pace_per_cell=6.0, max_failures=failures_to_pause, backoff_initial_s=60.0,
                         backoff_max_s=60.0, pause_s=60.0)
     async with trio.open_nursery() as nursery:
