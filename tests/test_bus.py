@@ -504,15 +504,22 @@ def test_request_reply_throughput_against_raw_pynng():
     assert 0.2 < floor["transport_over_floor_1"] < 1.0 and floor["floor_over_raw_1"] > ratios["reqrep_1_throughput"], floor
 
 
-def test_the_frame_mac_is_hmac_sha256():
-    import hmac
+def test_the_frame_mac_is_keyed_blake2b_of_head_and_payload():
+    import hashlib
 
     import bus.transport as transport
 
-    for key_len in (0, 1, 12, 63, 64, 65, 200):  # shorter, equal to and longer than SHA-256's block
+    for key_len in (1, 32, 63, 64, 65, 200):  # shorter, equal to and longer than BLAKE2b's 64-byte key
         key = os.urandom(key_len)
+        keyed = key if key_len <= 64 else hashlib.blake2b(key, digest_size=64).digest()
         for head, payload in ((b"", b""), (b"h" * 40, b"p"), (os.urandom(50), os.urandom(5000))):
-            assert transport._mac(key, head, payload) == hmac.digest(key, head + payload, "sha256")
+            mac = transport._mac(key, head, payload)
+            assert mac == hashlib.blake2b(head + payload, key=keyed, digest_size=32).digest()
+            assert len(mac) == transport.MAC_SIZE
+            assert transport._mac(key + b"x", head, payload) != mac  # the key counts, to its last byte
+    assert transport.unseal(transport.seal(b"event", b"k" * 32), b"k" * 32) == b"event"
+    with pytest.raises(transport.AuthError):
+        transport.unseal(transport.seal(b"event", b"k" * 32), b"j" * 32)
 
 
 async def test_a_waiting_handler_hands_the_listening_on_and_a_quick_one_keeps_it(tmp_path):
