@@ -4,7 +4,7 @@
 
 Prints one JSON object: request/reply throughput and latency (p50/p99 microseconds) with 1 and N
 concurrent requesters, pub/sub event throughput, for (a) bus.transport (msgspec envelopes, ids, dedup
-cache, HMAC) and (b) raw pynng Req0/Rep0 and Pub0/Sub0 with plain blocking calls and raw bytes, plus
+cache, MAC) and (b) raw pynng Req0/Rep0 and Pub0/Sub0 with plain blocking calls and raw bytes, plus
 the ratios transport/raw. Request/reply also measures (c) the trio floor: the transport's own nng I/O
 (`_Requester`, `_Slot`: a frame handed to nng, the reply waited for on the socket's fd in trio's poll)
 echoing bytes, with no envelope, MAC, timeout scope, replay guard or duplicate cache. It says how much

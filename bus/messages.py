@@ -144,7 +144,6 @@ class Hello(Message, frozen=True):
     host: str
     pid: int
     real: bool = False
-    auth: str = ""  # HMAC proof of the shared secret for tcp peers
 
 
 class Welcome(Message, frozen=True):
