@@ -154,9 +154,9 @@ class Sealed:
 
 def _mac(key: bytes, head: bytes, payload: bytes) -> bytes:
     """Keyed BLAKE2b-256 of head + payload (RFC 7693's MAC mode), without joining them: one hashlib
-    object per frame, against five for an HMAC-SHA256 from cached pads. At 8 requesters on 2 cores
-    that gave 5-13% more requests/s than the HMAC (3 alternating pairs; README). A key longer than
-    BLAKE2b's 64 bytes is hashed down first, as HMAC does."""
+    object per frame, against five for an HMAC-SHA256 from cached pads (README: 5-13% more requests/s
+    at 8 requesters in 3 alternating pairs; within bench/bus.py's noise). A key longer than BLAKE2b's
+    64 bytes is hashed down first, as HMAC does."""
     mac = hashlib.blake2b(head, key=key if len(key) <= 64 else _long_key(key), digest_size=MAC_SIZE)
     mac.update(payload)
     return mac.digest()
