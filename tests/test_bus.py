@@ -509,7 +509,7 @@ def test_the_frame_mac_is_keyed_blake2b_of_head_and_payload():
 
     import bus.transport as transport
 
-    for key_len in (1, 32, 63, 64, 65, 200):  # shorter, equal to and longer than BLAKE2b's 64-byte key
+    for key_len in (0, 1, 32, 63, 64, 65, 200):  # empty, shorter, equal to and longer than BLAKE2b's 64-byte key
         key = os.urandom(key_len)
         keyed = key if key_len <= 64 else hashlib.blake2b(key, digest_size=64).digest()
         for head, payload in ((b"", b""), (b"h" * 40, b"p"), (os.urandom(50), os.urandom(5000))):
