@@ -95,6 +95,7 @@ class Trainer(Actor):
         self.trainers: dict[str, TrainerRecord] = {}
         self._work = trio.Event()  # set when a job is queued; replaced once consumed
         self._hashes: dict[str, tuple[float, str]] = {}  # episode file -> (mtime, content hash)
+        self._writing = trio.Lock()  # trainers' records are written one at a time (see _save)
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -108,13 +109,13 @@ class Trainer(Actor):
         if isinstance(msg, TrainRequest):
             return await self._submit(msg)
         if isinstance(msg, TrainerHello):
-            return self._hello(msg)
+            return await self._hello(msg)
         if isinstance(msg, TrainJobRequest):
             return await self._lease(msg)
         if isinstance(msg, DataRequest):
             return await self._data(msg)
         if isinstance(msg, TrainerHeartbeat):
-            return self._heartbeat(msg)
+            return await self._heartbeat(msg)
         if isinstance(msg, TrainDone):
             return await self._done(msg)
         raise TypeError(f"trainer does not handle {type(msg).__name__}")
@@ -193,7 +194,7 @@ class Trainer(Actor):
     # ------------------------------------------------------------------------- in-process runners
 
     async def _local_runner(self, runner_id: str) -> None:
-        self._register(TrainerHello(trainer_id=runner_id, host=socket.gethostname(), pid=os.getpid(),
+        await self._register(TrainerHello(trainer_id=runner_id, host=socket.gethostname(), pid=os.getpid(),
                                     device=self.config.device, processes=self.config.processes))
         while True:
             job = await self._take()
@@ -202,7 +203,7 @@ class Trainer(Actor):
                 continue
             job.attempts += 1
             job.holder, job.lease_id = runner_id, f"{runner_id}-{uuid.uuid4().hex[:8]}"
-            self._trainer_state(runner_id, "training", job.request.job_id)
+            await self._trainer_state(runner_id, "training", job.request.job_id)
             try:
                 await trio.to_thread.run_sync(self._select, job)
                 processes = await trio.to_thread.run_sync(runner.resolve_processes, self.config.processes,
@@ -212,7 +213,7 @@ class Trainer(Actor):
                 outcome = runner.Outcome(False, str(e))
             outcome.info.update(trainer=runner_id, host=socket.gethostname())
             await self._finish(job, outcome)
-            self._trainer_state(runner_id, "idle", "", outcome.metrics.get("samples_per_s"))
+            await self._trainer_state(runner_id, "idle", "", outcome.metrics.get("samples_per_s"))
 
     async def _run_here(self, job: Job, processes: int) -> runner.Outcome:
         req = job.request
@@ -228,17 +229,17 @@ class Trainer(Actor):
 
     # ------------------------------------------------------------------------- remote trainers
 
-    def _register(self, hello: TrainerHello) -> TrainerRecord:
+    async def _register(self, hello: TrainerHello) -> TrainerRecord:
         now = time.time()
         old = self.trainers.get(hello.trainer_id)
         rec = TrainerRecord(hello.trainer_id, hello.host, hello.pid, hello.device, hello.gpu, hello.processes,
                             joined=now, last_seen=now, jobs_done=old.jobs_done if old else 0)
         self.trainers[hello.trainer_id] = rec
-        self.board.put("trainers", hello.trainer_id, rec)
+        await self._save(hello.trainer_id)
         return rec
 
-    def _hello(self, msg: TrainerHello) -> Message:
-        self._register(msg)
+    async def _hello(self, msg: TrainerHello) -> Message:
+        await self._register(msg)
         self.log.info("trainer_joined", trainer=msg.trainer_id, host=msg.host, device=msg.device, gpu=msg.gpu)
         return Ack(detail="welcome")
 
@@ -248,7 +249,7 @@ class Trainer(Actor):
             rec.last_seen = time.time()
         return rec
 
-    def _trainer_state(self, trainer_id: str, state: str, job_id: str, samples_per_s: float | None = None) -> None:
+    async def _trainer_state(self, trainer_id: str, state: str, job_id: str, samples_per_s: float | None = None) -> None:
         rec = self._seen(trainer_id)
         if rec is None:
             return
@@ -256,7 +257,17 @@ class Trainer(Actor):
         if samples_per_s is not None:
             rec.samples_per_s = float(samples_per_s)
             rec.jobs_done += 1
-        self.board.put("trainers", trainer_id, rec)
+        await self._save(trainer_id)
+
+    async def _save(self, *trainer_ids: str) -> None:
+        """Write trainers' records (what `status` shows) in a worker thread, so the loop never waits for
+        LMDB's fsync; one write at a time, each encoding the records as they are then, so the last holds
+        the latest state."""
+        def write(w) -> None:
+            for trainer_id in trainer_ids:
+                w.put("trainers", trainer_id, self.trainers[trainer_id])
+        async with self._writing:
+            await self.board.transact(write)
 
     def _live_trainers(self) -> int:
         return sum(r.state != "offline" for r in self.trainers.values())
@@ -266,7 +277,7 @@ class Trainer(Actor):
         if rec is None:
             return Failure(error=f"trainer {msg.trainer_id!r} has not said hello", retry=False)
         if rec.state == "offline":  # it was silent for a while (and lost its job), but it is back
-            self._trainer_state(msg.trainer_id, "idle", "")
+            await self._trainer_state(msg.trainer_id, "idle", "")
         job = None
         with trio.move_on_after(max(0.0, min(msg.wait_s, 30.0))):
             while True:
@@ -285,14 +296,15 @@ class Trainer(Actor):
         job.lease_id, job.holder = uuid.uuid4().hex, msg.trainer_id
         job.expires = time.monotonic() + self.config.lease_s
         self.leases[job.lease_id] = job.request.job_id
-        self._trainer_state(msg.trainer_id, "fetching", job.request.job_id)
+        await self._trainer_state(msg.trainer_id, "fetching", job.request.job_id)
         req = job.request
         self.log.info("training_leased", job=req.job_id, trainer=msg.trainer_id, attempt=job.attempts,
                       episodes=len(job.episodes or []))
         options = {k: v for k, v in req.options.items() if k not in ("success_only", "max_episodes")}
         return TrainJob(lease_id=job.lease_id, job_id=req.job_id, task=req.task, recipe=req.recipe,
                         time_budget_s=req.time_budget_s, max_rss_mb=req.max_rss_mb, options=options,
-                        episodes=list(job.episodes or []), init_artifact=job.init, lease_s=self.config.lease_s)
+                        episodes=list(job.episodes or []), init_artifact=job.init, lease_s=self.config.lease_s,
+                        heartbeat_s=self.config.heartbeat_s)
 
     def _held(self, trainer_id: str, lease_id: str) -> Job | None:
         job = self.jobs.get(self.leases.get(lease_id, ""))
@@ -322,7 +334,7 @@ class Trainer(Actor):
         job.expires = time.monotonic() + self.config.lease_s
         return DataReply(files=await trio.to_thread.run_sync(read))
 
-    def _heartbeat(self, msg: TrainerHeartbeat) -> Message:
+    async def _heartbeat(self, msg: TrainerHeartbeat) -> Message:
         if self._seen(msg.trainer_id) is None:
             return Ack(ok=False, detail="unknown trainer: say hello again")
         if not msg.lease_id:
@@ -332,7 +344,7 @@ class Trainer(Actor):
             return Ack(ok=False, detail=f"lease {msg.lease_id} lapsed; its job went back to the queue")
         job.expires = time.monotonic() + self.config.lease_s
         if self.trainers[msg.trainer_id].state != msg.state:
-            self._trainer_state(msg.trainer_id, msg.state, job.request.job_id)
+            await self._trainer_state(msg.trainer_id, msg.state, job.request.job_id)
         return Ack()
 
     async def _done(self, msg: TrainDone) -> Message:
@@ -345,7 +357,7 @@ class Trainer(Actor):
         host = self.trainers[msg.trainer_id].host if msg.trainer_id in self.trainers else ""
         outcome.info.update(trainer=msg.trainer_id, host=host)
         await self._finish(job, outcome)
-        self._trainer_state(msg.trainer_id, "idle", "", outcome.metrics.get("samples_per_s", 0.0))
+        await self._trainer_state(msg.trainer_id, "idle", "", outcome.metrics.get("samples_per_s", 0.0))
         return Ack(detail="recorded")
 
     async def _sweep(self) -> None:
@@ -360,16 +372,19 @@ class Trainer(Actor):
                 elif now > job.expires:
                     del self.leases[lease_id]
                     holder, job.lease_id, job.holder = job.holder, "", ""
-                    self.board.incr("training_requeued")
                     self.log.warning("training_requeued", job=job_id, trainer=holder, attempt=job.attempts)
-                    self._trainer_state(holder, "offline", "")
                     self._enqueue(job_id, front=True)
+                    await self.board.transact(lambda w: w.incr("training_requeued"))
+                    await self._trainer_state(holder, "offline", "")
             wall = time.time()
+            silent = []
             for rec in self.trainers.values():
                 local = rec.trainer_id.startswith(LOCAL) and rec.pid == os.getpid()
                 if not local and rec.state != "offline" and wall - rec.last_seen > self.config.lease_s:
                     rec.state, rec.job_id = "offline", ""
-                    self.board.put("trainers", rec.trainer_id, rec)
+                    silent.append(rec.trainer_id)
+            if silent:
+                await self._save(*silent)
 
     # ------------------------------------------------------------------------- results
 
@@ -383,7 +398,7 @@ class Trainer(Actor):
         artifact = await trio.to_thread.run_sync(self._store, job, outcome) if outcome.ok else ""
         record = TrainRecord(req.job_id, req.agent, req.recipe, outcome.ok, artifact, outcome.error[:300],
                              outcome.metrics, time.time() - job.started, info=outcome.info, attempts=job.attempts)
-        first = self.board.put("training", req.job_id, record, overwrite=False)
+        first = await self.board.transact(lambda w: w.put("training", req.job_id, record, overwrite=False))
         job.done.set()
         self.jobs.pop(req.job_id, None)
         if first:

@@ -471,6 +471,7 @@ class TrainJob(Message, frozen=True):
     episodes: list[EpisodeRef]
     init_artifact: str = ""  # a checkpoint the recipe starts from, by content hash ("" for none)
     lease_s: float = 30.0  # the lease lapses unless a heartbeat comes sooner
+    heartbeat_s: float = 0.0  # how often the trainer beats (`[trainer] heartbeat_s`); 0: a quarter of lease_s
 
 
 class DataRequest(Message, frozen=True):

@@ -195,7 +195,7 @@ class TrainerConfig(Strict):
     local_slots: NonNegInt = 1
     processes: NonNegInt = 1  # data-parallel processes per BC job (torch.distributed); 0 = one per GPU
     lease_s: PositiveFloat = 30.0  # a remote trainer silent this long loses its job to the queue again
-    heartbeat_s: PositiveFloat = 2.0
+    heartbeat_s: Annotated[float, Meta(ge=0.05, le=3600)] = 2.0  # how often a remote trainer says it still works
 
 
 class BusConfig(Strict):

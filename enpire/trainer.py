@@ -42,6 +42,7 @@ from enpire.learning import runner
 from enpire.peer import bus_url, peer_name, run_peer
 
 FETCH_BATCH = 256  # hashes per DataRequest
+MIN_HEARTBEAT_S = 0.05  # however often a fleet asks for heartbeats, no faster than this
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") -> argparse.Namespace:
@@ -132,7 +133,7 @@ class RemoteTrainer:
                       samples_per_s=round(outcome.metrics.get("samples_per_s", 0.0), 1))
 
     async def _heartbeat(self, job: TrainJob, state: dict, lapsed: trio.Event, scope: trio.CancelScope) -> None:
-        interval = max(0.2, job.lease_s / 4)
+        interval = max(MIN_HEARTBEAT_S, job.heartbeat_s or job.lease_s / 4)
         while True:
             await trio.sleep(interval)
             try:

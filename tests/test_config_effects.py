@@ -55,3 +55,40 @@ async def test_a_cell_is_leased_only_tasks_of_its_driver(tmp_path):
         assert isinstance(await ref.ask(LeaseRequest(cell_id="mw", wait_s=0.1)), NoWork)
         assert (await ref.ask(LeaseRequest(cell_id="pt", wait_s=0.1))).job_id == "j"
         nursery.cancel_scope.cancel()
+
+
+async def test_trainer_heartbeat_s_is_how_often_a_remote_trainer_beats(tmp_path):
+    """[trainer] heartbeat_s travels in every leased job, and the remote trainer beats at that rate."""
+    import argparse
+
+    import msgspec
+
+    from actors.runtime import ActorSystem
+    from actors.trainer import Trainer
+    from bus.blackboard import Blackboard
+    from bus.messages import Ack, TrainerHello, TrainJob, TrainJobRequest, TrainRequest
+    from enpire.trainer import RemoteTrainer
+
+    config = cfg.TrainerConfig(local_slots=0, lease_s=10.0, heartbeat_s=0.1)
+    async with trio.open_nursery() as nursery:
+        trainer = await ActorSystem(nursery).spawn("trainer", lambda: Trainer(Blackboard(tmp_path / "bb"), tmp_path, config))
+        await trainer.ask(TrainerHello(trainer_id="t", host="h", pid=1, device="cpu"))
+        nursery.start_soon(trainer.ask, TrainRequest(job_id="j", agent="a", task="pusht", recipe="bc"), 30)
+        job = await trainer.ask(TrainJobRequest(trainer_id="t", wait_s=5))
+        assert isinstance(job, TrainJob) and (job.heartbeat_s, job.lease_s) == (0.1, 10.0)
+        nursery.cancel_scope.cancel()
+
+    class Counting:
+        def __init__(self):
+            self.beats = 0
+
+        async def request(self, msg, **_):
+            self.beats += 1
+            return Ack()
+
+    for given, expected in ((job, range(6, 12)), (msgspec.structs.replace(job, heartbeat_s=0.0), range(0, 1))):
+        client = Counting()  # heartbeat_s 0 (an older fleet): a quarter of lease_s, so none within a second
+        remote = RemoteTrainer(argparse.Namespace(trainer_id="t"), client, tmp_path, "cpu", "", 1)
+        with trio.move_on_after(1.0) as scope:
+            await remote._heartbeat(given, {"name": "training"}, trio.Event(), scope)
+        assert client.beats in expected, (given.heartbeat_s, client.beats)
