@@ -26,6 +26,12 @@ def call_tokens(input_tokens: int, output_tokens: int) -> int:
     return input_tokens + output_tokens
 
 
+def anthropic_input(input_tokens: int, cache_read_tokens: int, cache_write_tokens: int) -> int:
+    """The ledger's input of an Anthropic usage block (API, relay and Claude Code alike): Anthropic's
+    `input_tokens` excludes cache reads and cache writes, the ledger's counts all input."""
+    return input_tokens + cache_read_tokens + cache_write_tokens
+
+
 @dataclass(frozen=True)
 class Price:
     """Currency per million tokens; `cached_input` and `cache_write` default to `input` when negative."""

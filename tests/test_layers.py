@@ -104,19 +104,46 @@ def test_scheduler_judge_and_llm_modules_stay_small():
     assert not over, "split by concern:\n" + "\n".join(over)
 
 
+OTHER_TOKENS = {"output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"}
+
+
 def _token_sums(path: Path) -> list[int]:
-    """Lines adding input tokens to output tokens: the call's token count made outside ledger.call_tokens."""
+    """Lines adding input tokens to output or to Anthropic's cache tokens, however the fields are reached
+    (attribute, name, ["key"], .get("key"), typed_get(d, "key", ...)): token arithmetic made outside
+    enpire.ledger (call_tokens, anthropic_input)."""
     def name(node) -> str:
-        return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
-    return [n.lineno for n in ast.walk(ast.parse(path.read_text(), str(path)))
-            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Add)
-            and {name(n.left), name(n.right)} == {"input_tokens", "output_tokens"}]
+        if isinstance(node, ast.Attribute):
+            return node.attr
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            return str(node.slice.value)
+        if isinstance(node, ast.Call):  # int(x["k"] or 0), .get("k"), typed_get(d, "k", int, 0)
+            keys = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            return keys[0] if keys else next((name(a) for a in node.args if name(a)), "")
+        if isinstance(node, ast.BoolOp):
+            return name(node.values[0])
+        return ""
+
+    def leaves(node) -> set[str]:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            return leaves(node.left) | leaves(node.right)
+        return {name(node)}
+
+    tops = [n for n in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(n, ast.BinOp)]
+    inner = {id(c) for n in tops for c in (n.left, n.right)}
+    return sorted({n.lineno for n in tops if isinstance(n.op, ast.Add) and id(n) not in inner
+                   and "input_tokens" in (s := leaves(n)) and s & OTHER_TOKENS})
 
 
 def test_one_token_arithmetic(tmp_path):
     found = [f"{p.relative_to(ROOT)}:{line}" for p in sorted(_modules().values())
              if p != ROOT / "enpire" / "ledger.py" for line in _token_sums(p)]
-    assert found == [], "count a call's tokens with enpire.ledger.call_tokens:\n" + "\n".join(found)
-    written_out = tmp_path / "x.py"  # the scan sees a sum written out
-    written_out.write_text("total = r.input_tokens + r.output_tokens\nboth = input_tokens + cached\n")
-    assert _token_sums(written_out) == [1]
+    assert found == [], "count tokens with enpire.ledger (call_tokens, anthropic_input):\n" + "\n".join(found)
+    written_out = tmp_path / "x.py"  # the scan sees sums written out, in every spelling
+    written_out.write_text("total = r.input_tokens + r.output_tokens\nboth = input_tokens + cached\n"
+                           "n = u['input_tokens'] + u['cache_read_input_tokens'] + w\n"
+                           "m = int(u.get('input_tokens') or 0) + int(u.get('output_tokens') or 0)\n"
+                           "k = typed_get(u, 'input_tokens', int, 0) + c.cache_creation_input_tokens\n"
+                           "fine = a.input_tokens + b.input_tokens\n")
+    assert _token_sums(written_out) == [1, 3, 4, 5]

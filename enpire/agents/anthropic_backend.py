@@ -15,6 +15,7 @@ from typing import Any
 import anthropic
 import msgspec
 
+from enpire import ledger
 from enpire.agents.model import (
     LLMConfigError,
     ModelError,
@@ -89,8 +90,7 @@ def parse(message: Any) -> ModelReply:
     u = getattr(message, "usage", None)
     cached = int(getattr(u, "cache_read_input_tokens", 0) or 0)
     written = int(getattr(u, "cache_creation_input_tokens", 0) or 0)
-    # Anthropic's input_tokens excludes cache reads and writes; the ledger counts all input.
-    usage = Usage(int(getattr(u, "input_tokens", 0) or 0) + cached + written, cached, written,
+    usage = Usage(ledger.anthropic_input(int(getattr(u, "input_tokens", 0) or 0), cached, written), cached, written,
                   int(getattr(u, "output_tokens", 0) or 0))
     raw = str(getattr(message, "stop_reason", "") or "")
     stop = STOPS.get(raw, "other")

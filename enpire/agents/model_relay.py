@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from enpire import ledger
 from enpire.agents.model import Usage
 from enpire.untrusted_json import json_object
 
@@ -104,8 +105,7 @@ class UsageMeter:
         self.model = message.get("model") or self.model
         cached = int(u.get("cache_read_input_tokens") or 0)
         write = int(u.get("cache_creation_input_tokens") or 0)
-        # Anthropic's input_tokens excludes cache reads and writes; the ledger counts all input.
-        self.u.update(input=int(u.get("input_tokens") or 0) + cached + write, cached=cached, write=write,
+        self.u.update(input=ledger.anthropic_input(int(u.get("input_tokens") or 0), cached, write), cached=cached, write=write,
                       output=int(u.get("output_tokens") or 0))
         self.found = True
 
