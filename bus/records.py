@@ -105,21 +105,6 @@ class QueueRecord(msgspec.Struct):
     t: float
 
 
-class TurnHold(msgspec.Struct):
-    """An agent about to ask for `episodes` (table "turns", by agent): teammates count them as queued."""
-
-    episodes: int
-    until: float
-
-
-class RoomWait(msgspec.Struct):
-    """An agent waiting for room in the fleet's queue since `since` (table "waiting", by agent): teammates
-    that came later let it go first. The mark lapses at `until` unless renewed."""
-
-    since: float
-    until: float
-
-
 class Tallied(msgspec.Struct):
     """A finished job's verdicts were counted (table "tallied", by job id), written in the same
     transaction as the count: a restart between "job done" and its count counts it then, and only once."""

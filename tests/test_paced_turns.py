@@ -12,9 +12,10 @@ import trio
 from actors.runtime import Actor, ActorSystem
 from bus.blackboard import Blackboard
 from bus.messages import EpisodeSummary, EvalResult
-from bus.records import QueueRecord, TurnHold
+from bus.records import QueueRecord
 from enpire.agents.llm import LLMAgent, LLMSettings, _episodes
 from enpire.agents.model import ModelError, ModelReply, ToolCall, Usage
+from enpire.agents.pacing import MARK_S, Hold, Pacer, Room, Wait
 from enpire.agents.tools import Tools
 from enpire.tasks import card
 from enpire.workspace import Workspace
@@ -77,7 +78,7 @@ class FailingModel:
         raise ModelError("APIConnectionError: connection refused")
 
 
-async def _run(tmp_path, queue: QueueRecord, steps):
+async def _run(tmp_path, queue: QueueRecord, steps, room: Room | None = None):
     board, workspace = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
     workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
     board.put("meta", "queue", queue)
@@ -85,7 +86,7 @@ async def _run(tmp_path, queue: QueueRecord, steps):
     agent = LLMAgent(model, LLMSettings(pace_per_cell=6.0), card=card("pusht"), tuning_seeds=range(100), rng_seed=0)
     async with trio.open_nursery() as nursery:
         scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
-        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board))
+        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board, room=room or Room()))
         await steps(board, model, release)
         nursery.cancel_scope.cancel()
     return model
@@ -124,15 +125,13 @@ async def test_teammates_about_to_ask_count_as_queued(tmp_path):
     async def steps(board, model, release):
         await trio.sleep(0.6)
         assert not model.prompts  # 2 queued + 5 held by agent-1 >= 6 per cell
-        board.put("turns", "agent-1", TurnHold(5, time.time() - 1))  # its hold ran out
+        room.holds["agent-1"] = Hold(5, time.time() - 1)  # its hold ran out
         await _until(lambda: len(model.prompts) >= 1)
-        assert board.get("turns", "agent-0", TurnHold).episodes >= 4  # now it holds its own
+        assert room.holds["agent-0"].episodes >= 4  # now it holds its own
         release.set()
 
-    board = Blackboard(tmp_path / "bb")
-    board.put("turns", "agent-1", TurnHold(5, time.time() + 60))
-    board.close()
-    await _run(tmp_path, QueueRecord(2, 1, time.time()), steps)
+    room = Room(holds={"agent-1": Hold(5, time.time() + 60)})
+    await _run(tmp_path, QueueRecord(2, 1, time.time()), steps, room)
 
 
 def test_episodes_a_turn_asks_for():
@@ -180,16 +179,16 @@ async def test_an_agent_paused_by_an_outage_does_not_hold_up_its_teammates(tmp_p
     board, workspace = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws")
     workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
     board.put("meta", "queue", QueueRecord(0, 1, time.time()))
-    down, up, release = FailingModel(), ScriptedModel(), trio.Event()
+    down, up, release, room = FailingModel(), ScriptedModel(), trio.Event(), Room()
     paced = LLMSettings(pace_per_cell=6.0, max_failures=2, backoff_initial_s=0.01, pause_s=60.0)
     async with trio.open_nursery() as nursery:
         scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
         agent = LLMAgent(down, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=0)
-        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board))
+        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board, room=room))
         await _until(lambda: down.calls >= 2)  # failed twice in a row: paused for a minute
         await trio.sleep(0.2)
         teammate = LLMAgent(up, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=1)
-        nursery.start_soon(teammate.run, Tools("agent-1", "pusht", workspace, scheduler, board))
+        nursery.start_soon(teammate.run, Tools("agent-1", "pusht", workspace, scheduler, board, room=room))
         await _until(lambda: len(up.prompts) >= 1)  # was blocked for 120 s by the paused agent's hold
         assert down.calls == 2  # still paused
         release.set()
@@ -203,9 +202,8 @@ async def test_a_teammate_already_waiting_for_room_thinks_once_a_failed_call_giv
     backing off before its next try, it asks the fleet for nothing, so agent-1 must think now, not when the
     hold lapses (a soak once saw a fleet record no episode for all of a 10 s pause)."""
     from bus.events import EventHub
-    from bus.records import RoomWait
 
-    board, workspace, hub = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws"), EventHub()
+    board, workspace, hub, room = Blackboard(tmp_path / "bb"), Workspace(tmp_path / "ws"), EventHub(), Room()
     workspace.commit("main", {"policy.py": "class Policy: pass\n"}, "baseline")
     board.put("meta", "queue", QueueRecord(0, 1, time.time()))
     failing, up, release = FailingModel(gate=trio.Event()), ScriptedModel(), trio.Event()
@@ -214,11 +212,11 @@ async def test_a_teammate_already_waiting_for_room_thinks_once_a_failed_call_giv
     async with trio.open_nursery() as nursery:
         scheduler = await ActorSystem(nursery).spawn("scheduler", lambda: SlowScheduler(release))
         agent = LLMAgent(failing, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=0)
-        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board, events=hub))
+        nursery.start_soon(agent.run, Tools("agent-0", "pusht", workspace, scheduler, board, events=hub, room=room))
         await _until(lambda: failing.calls == 1)  # admitted: its turn holds the room
         teammate = LLMAgent(up, paced, card=card("pusht"), tuning_seeds=range(100), rng_seed=1)
-        nursery.start_soon(teammate.run, Tools("agent-1", "pusht", workspace, scheduler, board, events=hub))
-        await _until(lambda: board.get("waiting", "agent-1", RoomWait) is not None)
+        nursery.start_soon(teammate.run, Tools("agent-1", "pusht", workspace, scheduler, board, events=hub, room=room))
+        await _until(lambda: "agent-1" in room.waits)
         await trio.sleep(0.2)
         assert not up.prompts
         failing.gate.set()
@@ -233,32 +231,26 @@ def test_room_goes_to_the_teammate_that_waited_longest(tmp_path):
     wakes it) is not beaten to every opening by a teammate whose results arrive as room appears."""
     from types import SimpleNamespace
 
-    from bus.records import RoomWait
-    from enpire.agents.pacing import MARK_S, Pacer
-
-    now = [1000.0]
-    board = Blackboard(tmp_path / "bb")
-    agent = {name: SimpleNamespace(agent=name, board=board, queue_depth=lambda: None) for name in ("agent-0", "agent-1")}
+    now, room, queue = [1000.0], Room(), [QueueRecord(6, 1, 1000.0)]  # full: 6 per cell
+    agent = {name: SimpleNamespace(agent=name, room=room, queue_depth=lambda: queue[0]) for name in ("agent-0", "agent-1")}
     first, later = Pacer(6.0, lambda: now[0]), Pacer(6.0, lambda: now[0])
-    board.put("meta", "queue", QueueRecord(6, 1, now[0]))  # full: 6 per cell
     assert not first.admit(agent["agent-1"], 4)
     now[0] += 1.0
     assert not later.admit(agent["agent-0"], 4)
-    assert board.get("waiting", "agent-1", RoomWait).since == 1000.0
-    board.put("meta", "queue", QueueRecord(2, 1, now[0]))  # room for one turn
+    assert room.waits["agent-1"].since == 1000.0
+    queue[0] = QueueRecord(2, 1, now[0])  # room for one turn
     assert not later.admit(agent["agent-0"], 4)  # agent-1 waited longer
     assert first.admit(agent["agent-1"], 4)
-    assert board.get("waiting", "agent-1", RoomWait) is None and board.get("turns", "agent-1", TurnHold).episodes == 4
+    assert "agent-1" not in room.waits and room.holds["agent-1"].episodes == 4
     assert not later.admit(agent["agent-0"], 4)  # 2 queued + agent-1's 4 held fill the room
-    board.put("turns", "agent-1", TurnHold(0, now[0]))  # its answer came; its jobs are in the queue
-    board.put("meta", "queue", QueueRecord(1, 1, now[0]))
+    room.holds["agent-1"] = Hold(0, now[0])  # its answer came; its jobs are in the queue
+    queue[0] = QueueRecord(1, 1, now[0])
     assert later.admit(agent["agent-0"], 4)
-    assert board.get("waiting", "agent-0", RoomWait) is None
+    assert "agent-0" not in room.waits
 
     # A mark that is not renewed lapses: a teammate that stopped waiting holds no one up for long.
-    board.put("waiting", "agent-9", RoomWait(since=now[0] - 100, until=now[0] + MARK_S))
+    room.waits["agent-9"] = Wait(since=now[0] - 100, until=now[0] + MARK_S)
     assert not later.admit(agent["agent-0"], 4)
     assert later.lapse == now[0] + MARK_S  # it looks again then, even if nothing else happens
     now[0] += MARK_S + 0.1
     assert later.admit(agent["agent-0"], 4)
-    board.close()

@@ -4,9 +4,9 @@ and an idea never only queues behind the team's.
 
 Room goes first come, first served. An agent whose results wake it the moment room appears would
 otherwise win every race against a teammate that has nothing running (one back from a pause, say), which
-then never thinks again. A teammate waiting for room marks it on the blackboard (table "waiting"); an agent
-that came later lets it go first. A mark lapses unless renewed, so one that stopped waiting (paused,
-crashed) holds no one up for longer than `MARK_S`.
+then never thinks again. A teammate waiting for room marks it in the team's `Room`; an agent that came
+later lets it go first. A mark lapses unless renewed, so one that stopped waiting (paused, crashed) holds
+no one up for longer than `MARK_S`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,39 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from bus.messages import RoomReleased
-from bus.records import QueueRecord, RoomWait, TurnHold
+from bus.records import QueueRecord
 
-MARK_S = 10.0  # a waiting mark's life; renewed at half of it while the agent still waits
+MARK_S = 10.0  # a waiting mark's life; renewed at every look while the agent still waits
 HOLD_S = 120.0  # how long an admitted turn holds its expected episodes, at most (the model's answer ends it)
+
+
+@dataclass
+class Hold:
+    """An agent about to ask for `episodes`: teammates count them as queued until `until`."""
+
+    episodes: int
+    until: float
+
+
+@dataclass
+class Wait:
+    """An agent waiting for room since `since`: teammates that came later let it go first (until `until`)."""
+
+    since: float
+    until: float
+
+
+@dataclass
+class Room:
+    """The team's holds and waiting marks, shared by the agents of one daemon. In memory: each lives for
+    seconds, so none needs to outlive the process (after a restart every agent starts afresh), and taking
+    room is one step of the event loop, never a read or write of the blackboard."""
+
+    holds: dict[str, Hold] = field(default_factory=dict)
+    waits: dict[str, Wait] = field(default_factory=dict)
 
 
 class Pacer:
@@ -30,38 +57,28 @@ class Pacer:
         self.pace_per_cell, self.clock = pace_per_cell, clock
         self.lapse = math.inf
         self.since = 0.0  # when this agent began to wait for room (0: it does not wait)
-        self._marked_until = 0.0
 
     def admit(self, tools, expected: int) -> bool:
-        """Room for a turn, and no teammate waiting longer: hold our `expected` episodes and go. Checked
-        read-only first; decided in one write transaction. Otherwise mark that we wait, and say no."""
-        me, now = tools.agent, self.clock()
+        """Room for a turn, and no teammate waiting longer: hold our `expected` episodes and go. Otherwise
+        mark that we wait, and say no."""
+        me, now, room = tools.agent, self.clock(), tools.room
         self.since = self.since or now
-
-        def room(r) -> bool:
-            queue = tools.queue_depth() or r.get("meta", "queue", QueueRecord)
-            if queue is None or queue.cells == 0:
-                return True  # no figures from a scheduler yet: nothing to pace by
-            holds = [h for agent, h in r.items("turns", TurnHold) if agent != me and h.until > now]
-            waits = {agent: w for agent, w in r.items("waiting", RoomWait) if agent != me and w.until > now}
-            self.lapse = min([h.until for h in holds] + [w.until for w in waits.values()], default=math.inf)
-            if any((w.since, agent) < (self.since, me) for agent, w in waits.items()):
-                return False  # a teammate has waited longer: it goes first
-            return queue.waiting + sum(h.episodes for h in holds) < self.pace_per_cell * queue.cells
-
-        with tools.board.read() as r:
-            ok = room(r)
+        queue = tools.queue_depth() or tools.board.get("meta", "queue", QueueRecord)  # the board: before any event
+        holds = [h for agent, h in room.holds.items() if agent != me and h.until > now]
+        waits = {agent: w for agent, w in room.waits.items() if agent != me and w.until > now}
+        self.lapse = min([h.until for h in holds] + [w.until for w in waits.values()], default=math.inf)
+        if queue is None or queue.cells == 0:
+            ok = True  # no figures from a scheduler yet: nothing to pace by
+        elif any((w.since, agent) < (self.since, me) for agent, w in waits.items()):
+            ok = False  # a teammate has waited longer: it goes first
+        else:
+            ok = queue.waiting + sum(h.episodes for h in holds) < self.pace_per_cell * queue.cells
         if ok:
-            with tools.board.write() as w:
-                ok = room(w)
-                if ok:
-                    w.put("turns", me, TurnHold(expected, now + HOLD_S))
-                    w.delete("waiting", me)
-        if ok:
-            self.since = self._marked_until = 0.0
-        elif self._marked_until - now < MARK_S / 2:  # a write only when the mark is new or half spent
-            self._marked_until = now + MARK_S
-            tools.board.put("waiting", me, RoomWait(self.since, self._marked_until))
+            room.holds[me] = Hold(expected, now + HOLD_S)
+            room.waits.pop(me, None)
+            self.since = 0.0
+        else:
+            room.waits[me] = Wait(self.since, now + MARK_S)
         return ok
 
     def hold(self, tools, episodes: int, seconds: float) -> None:
@@ -69,6 +86,6 @@ class Pacer:
         It only ever shortens the hold `admit` took, so teammates waiting for room are told to look again:
         they would otherwise sleep until the old hold lapsed, with no event to wake them."""
         now = self.clock()
-        tools.board.put("turns", tools.agent, TurnHold(episodes, now + seconds))
+        tools.room.holds[tools.agent] = Hold(episodes, now + seconds)
         if tools.events is not None:
             tools.events.publish(RoomReleased(agent=tools.agent, t=now))
