@@ -1,9 +1,11 @@
-"""In-process events: what changed, told to whoever listens, so actors never poll the blackboard.
+"""Events: what changed, told to whoever listens, so actors never poll the blackboard.
 
 The actor that owns a fact publishes its changes (the lease queue its depth and cells' states, the judge
-the champion and the held-out pool, agents their findings and tokens); agents, the summarizer, the
-fleet loop and the status bridge subscribe. The blackboard stays the durable record: an event says
-"this changed", and a subscriber that starts late reads the last value of each type from `latest`.
+the champion and the held-out pool, agents their findings and tokens, the fleet its progress); agents,
+the summarizer and the fleet loop subscribe in the daemon's process, and `relay` puts them on the bus's
+pub/sub for other processes (`enpire status --follow`). The blackboard stays the durable record: an
+event says "this changed", and a subscriber that starts late reads the last value of each type from
+`latest` (or, in another process, from the blackboard).
 
 Delivery to a subscriber is bounded: a subscriber that falls `buffer` events behind loses the oldest
 ones and `dropped` says how many (telemetry semantics; anything that must not be lost travels on an
@@ -18,6 +20,7 @@ from collections.abc import Iterable
 import trio
 
 from bus.messages import Message
+from bus.transport import Publisher, ipc_url
 
 
 class Subscription:
@@ -86,3 +89,16 @@ class EventHub:
 
     def latest_of(self, types: Iterable[type[Message]]) -> list[Message]:
         return [e for t in types if (e := self._latest.get(t)) is not None]
+
+
+def events_url(state_dir) -> str:
+    """Where a daemon publishes its events for other processes: a socket in its state dir."""
+    return ipc_url(state_dir, "events")
+
+
+async def relay(hub: EventHub, publisher: Publisher, types: tuple[type[Message], ...]) -> None:
+    """Publish every event of `types` on the bus's pub/sub, until cancelled: telemetry, so a subscriber
+    that falls behind loses events (nng drops them), and the publisher never waits for one."""
+    with hub.subscribe(*types) as events:
+        async for event in events:
+            await publisher.publish(event)

@@ -48,6 +48,7 @@ import functools
 import hashlib
 import hmac
 import itertools
+import math
 import os
 import re
 import struct
@@ -857,6 +858,7 @@ class Subscriber:
         self._sock.dial(url, block=False)
         self._fd = self._sock.recv_fd
         self._joined = False
+        self.last_heard = -math.inf  # trio time of the publisher's last frame, heartbeat probes included
         self._early: Envelope | None = None  # an event that arrived during wait_joined
         self._yielder = _Yielder()
 
@@ -865,7 +867,9 @@ class Subscriber:
         while True:
             frame = await _fast_recv(self._sock, self._fd, self._yielder)
             try:
-                return decode(unseal(frame, self.secret))
+                envelope = decode(unseal(frame, self.secret))
+                self.last_heard = trio.current_time()
+                return envelope
             except AuthError as e:
                 _count_and_log(self.stats, "unauthenticated", self.log, "frame_unauthenticated",
                                bytes=len(frame), reason=str(e))

@@ -36,9 +36,10 @@ from actors.trainer import Trainer
 from actors.verifier import Verifier
 from bus.backoff import backoff_delay
 from bus.blackboard import Blackboard, BlackboardError
-from bus.events import EventHub
+from bus.events import EventHub, events_url, relay
 from bus.messages import (
     BundleRequest,
+    CellStateChanged,
     ChampionChanged,
     DataRequest,
     Envelope,
@@ -46,7 +47,9 @@ from bus.messages import (
     Failure,
     FinalJudging,
     FinalResult,
+    FindingPosted,
     Heartbeat,
+    HeldoutUsage,
     Hello,
     LeaseRequest,
     Message,
@@ -72,12 +75,13 @@ from bus.records import (
     Meta,
     TokenRecord,
 )
-from bus.transport import RequestServer, cell_key, ipc_url
+from bus.transport import Publisher, RequestServer, cell_key, ipc_url
 from enpire import config as cfg
 from enpire import isolation, judging, ledger, log, progress, summary
 from enpire.agents.backends import make_backend
 from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
+from enpire.agents.pacing import Room
 from enpire.agents.session import agent_tools
 from enpire.bundles import BundleStore
 from enpire.heldout import running_low
@@ -276,6 +280,20 @@ class Core:
         return self.judge
 
 
+# What other processes hear of the daemon's events (`enpire status --follow`); the rest stays in-process.
+TELEMETRY = (Progress, CellStateChanged, ChampionChanged, QueueDepth, FindingPosted, HeldoutUsage, TokensUsed)
+
+
+async def _publish_events(events: EventHub, url: str) -> None:
+    """The daemon's TELEMETRY on the bus's pub/sub. Unsealed: it is telemetry (no secrets, nothing acted
+    on), and its socket sits in the owner-only state dir (or, for a long path, a socket file only the
+    owner may write to, which connecting needs)."""
+    with Publisher(url, sender="fleet") as publisher:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publisher.heartbeat, 1.0)
+            await relay(events, publisher, TELEMETRY)
+
+
 def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> PolicySpec | None:
     """Commit the starting policy (`[fleet] baseline`) to main once per state dir; its spec afterwards."""
     if not config.fleet.baseline:
@@ -293,8 +311,8 @@ def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> Po
 async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path, board: Blackboard,
                      meta: Meta) -> Core:
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
-    workspace = Workspace(state_dir / "workspace")
-    baseline = _baseline(config, workspace, board)
+    workspace = await trio.to_thread.run_sync(Workspace, state_dir / "workspace")  # git: off the loop
+    baseline = await trio.to_thread.run_sync(_baseline, config, workspace, board)
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
     system = ActorSystem(nursery)
     events = EventHub()
@@ -338,6 +356,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
                       RequestServer(config.bus.listen, route, sender="fleet", secret=secret,
                                    per_sender_keys=True, workers=32))
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
+    nursery.start_soon(_publish_events, events, events_url(state_dir))
     stopping = trio.Event()
     for i in range(config.cells.count):
         nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
@@ -355,9 +374,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         core = await start_core(nursery, config, state_dir, board, meta)
         system, workspace, stopping, events = core.system, core.workspace, core.stopping, core.events
         await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
+        room = Room()  # the team's pacing marks, one for all agents
         for i in range(config.agents.count):
             tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
-                                events=events)
+                                events=events, room=room)
             await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
         logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                     budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)

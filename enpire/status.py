@@ -1,17 +1,24 @@
 """`python -m enpire.status --state-dir DIR`: the fleet at a glance, while it runs or after.
 
-Reads the blackboard only (read-only), so it is safe beside a running daemon.
+Reads the blackboard only (read-only), so it is safe beside a running daemon. With `--follow` it then
+subscribes to the running daemon's events on the bus and prints one line per change as it happens (cells'
+states, champion, findings, held-out pool, and the daemon's progress line), until the daemon stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import trio
+
 from bus.blackboard import Blackboard, BlackboardError
+from bus.events import events_url
+from bus.messages import CellStateChanged, ChampionChanged, FindingPosted, HeldoutUsage, Message, Progress
 from bus.records import (
     CellRecord,
     Champion,
@@ -23,8 +30,11 @@ from bus.records import (
     TokenRecord,
     TrainerRecord,
 )
+from bus.transport import Subscriber
 from enpire import ledger, summary
 from enpire.metrics import utilization
+
+SILENT_S = 10.0  # the daemon's heartbeat comes every second: this long without one, it has stopped
 
 
 def collect(state_dir: Path, now: float | None = None) -> dict:
@@ -118,11 +128,55 @@ def render(status: dict) -> str:
     return "\n".join(lines)
 
 
+def event_line(event: Message) -> str | None:
+    """One line for a change worth a reader's eye; None for the rest (queue depth and single model calls
+    change many times a second: the progress line sums them up)."""
+    at = time.strftime("%H:%M:%S", time.localtime(getattr(event, "t", time.time())))
+    match event:
+        case Progress():
+            return (f"{at} progress: {event.episodes} episodes, MRU {event.mru:.1%}, champion {event.champion or '-'} "
+                    f"{event.champion_success:.1%} (n={event.champion_n}), {event.tokens:,} tokens")
+        case CellStateChanged():
+            return f"{at} cell {event.cell_id}: {event.state}"
+        case ChampionChanged():
+            confirmed = f"confirmation {event.successes}/{event.n}" + (f" ({event.decision})" if event.decision else "")
+            return (f"{at} champion[{event.task}]: {event.policy.ref} by {event.agent}; judged "
+                    f"{event.judged_successes}/{event.judged_n}, {confirmed}")
+        case FindingPosted():
+            return f"{at} finding {event.finding_id} by {event.agent}"
+        case HeldoutUsage():
+            return f"{at} held-out seeds of {event.task}: {event.used} of {event.total} used" + (" (running low)" if event.low else "")
+    return None
+
+
+async def follow(url: str, seconds: float = math.inf, out=sys.stdout) -> str:
+    """Print the daemon's changes as they come, for `seconds` at most; why it stopped following."""
+    with Subscriber(url) as events:
+        try:
+            await events.wait_joined(timeout=SILENT_S)
+        except TimeoutError:
+            return "no daemon publishes here (not running, or older than --follow)"
+        with trio.move_on_after(seconds):
+            while True:
+                with trio.move_on_after(SILENT_S):
+                    line = event_line((await events.receive()).body)
+                    if line:
+                        print(line, file=out, flush=True)
+                if trio.current_time() - events.last_heard > SILENT_S:
+                    return f"the daemon went silent ({SILENT_S:.0f} s without its heartbeat)"
+        return f"followed for {seconds:.0f} s"
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--follow", action="store_true", help="then print the running daemon's changes as they happen")
+    p.add_argument("--seconds", type=float, default=math.inf, help="with --follow: stop after this long")
     args = p.parse_args(argv)
+    if not args.seconds > 0:  # NaN too
+        print(f"{prog}: --seconds {args.seconds}: must be a positive number of seconds", file=sys.stderr)
+        return 2
     if not (args.state_dir / "blackboard.lmdb").exists():
         print(f"{prog}: {args.state_dir}: no fleet state here", file=sys.stderr)
         return 2
@@ -131,7 +185,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -
     except BlackboardError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(status, indent=2) if args.json else render(status))
+    print(json.dumps(status, indent=2) if args.json else render(status), flush=True)
+    if args.follow:
+        try:
+            why = trio.run(follow, events_url(args.state_dir), args.seconds)
+        except KeyboardInterrupt:
+            return 0
+        print(f"{prog}: {why}", file=sys.stderr)
     return 0
 
 

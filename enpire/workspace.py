@@ -24,6 +24,7 @@ MAIN = "main"
 MAX_FILE_BYTES = 8 << 20  # one file, e.g. a trained policy's weights
 MAX_COMMIT_BYTES = 16 << 20  # all files of a commit: what every lease carries to a cell
 MAX_FILES = 1000  # files of one commit (each costs git processes here and a file in every cell's sandbox)
+GIT_TIMEOUT_S = 120.0  # one git process (a hung one, e.g. on a stalled disk, fails the call, not the fleet)
 DISK_RESERVE = 512 << 20  # free bytes no agent's commit (or CLI turn) may take: the fleet's records need them
 
 
@@ -58,7 +59,10 @@ class Workspace:
         env = dict(self._env, GIT_DIR=str(self.path))
         if index:
             env["GIT_INDEX_FILE"] = index
-        proc = subprocess.run(["git", *args], input=input, capture_output=True, env=env)
+        try:
+            proc = subprocess.run(["git", *args], input=input, capture_output=True, env=env, timeout=GIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise WorkspaceError(f"git {args[0]}: no answer after {GIT_TIMEOUT_S:.0f} s (killed)") from None
         if proc.returncode != 0:
             raise WorkspaceError(f"git {args[0]}: {proc.stderr.decode(errors='replace').strip()}")
         return proc.stdout

@@ -49,10 +49,10 @@ class FakeTools:
     def digest(self):
         return None
 
-    def post_finding(self, **kw):
+    async def post_finding(self, **kw):
         self.findings.append(kw)
 
-    record_tokens = Tools.record_tokens  # the real ledger append and TokensUsed announcement
+    record_tokens_from_thread = Tools.record_tokens_from_thread  # the real ledger append and TokensUsed announcement
 
 
 @contextlib.asynccontextmanager
@@ -396,4 +396,5 @@ async def test_the_wall_budget_stops_a_run_and_the_agent(tmp_path):
             await agent.run(tools)
         took = trio.current_time() - started
     assert "no result within 8 s" in agent.outcomes[0].reason and took < 60
-    assert any("wall-time budget exhausted" in f["hypothesis"] for f in tools.findings)
+    assert any(f["hypothesis"].startswith("budget exhausted") and "wall-time budget exhausted" in f["evidence"]
+               for f in tools.findings)

@@ -141,6 +141,11 @@ def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
     assert status["daemon"]["state"] == "running" and status["episodes"] >= 20
     assert set(status["cells"]) == {"cell-0", "cell-1"}
     assert status["daemon"]["time_left_s"] > 0
+    # --follow: the daemon's changes as they happen, over the bus (progress comes every 2 s here)
+    r = _run("enpire.status", "--state-dir", str(tmp_path / "state"), "--follow", "--seconds", "4")
+    assert r.returncode == 0 and "followed for 4 s" in r.stderr, r.stderr[-2000:]
+    followed = r.stdout.split("findings: ", 1)[1].splitlines()[1:]  # after the snapshot
+    assert any(" progress: " in line for line in followed) and any(" cell cell-" in line for line in followed), followed
 
     def busy_cells():  # the cells' live state (written when it changes), not "idle" while they work
         from enpire.status import collect

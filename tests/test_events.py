@@ -3,12 +3,15 @@ Policies travel by content hash: a lease is small, a cell fetches a bundle once.
 
 import time
 
+import msgspec
+import pytest
 import trio
 
 from bus import messages as m
 from bus.blackboard import Blackboard
 from bus.events import EventHub
 from bus.messages import BundleRequest, EvalRequest, Lease, LeaseRequest, PolicyBundle, PolicySpec
+from bus.records import JobRecord
 from bus.transport import RequestServer
 from enpire import config as cfg
 from enpire.bundles import BundleCache, BundleError, BundleStore
@@ -33,40 +36,63 @@ async def test_subscribers_get_their_events_and_a_slow_one_loses_only_the_oldest
     assert depth.pending() == 0
 
 
-async def test_an_idle_fleet_reads_nothing_from_the_blackboard(tmp_path):
-    """Agents, the summarizer, the judge, the lease queue and the fleet's own loop wait on events: over an
-    idle stretch (an agent waiting for results no cell runs) the blackboard is not read once. The
-    polling design this replaced read it every 0.25-5 s (fleet 0.5 s, summarizer 5 s, agents 1 s)."""
-    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
-                                **{"cells.count": 0, "agents.count": 1, "fleet.progress_s": 0.2,
-                                   "fleet.budget_minutes": 0.5, "fleet.final_seeds": 0})
+@pytest.mark.parametrize("agents, idle_s", [
+    ("builtin", 3.0),
+    ("model", 5.0),
+    pytest.param("model", 60.0, marks=pytest.mark.slow),  # the idle minute, outside CI's time
+])
+async def test_an_idle_fleet_reads_nothing_from_the_blackboard(tmp_path, model_sim, agents, idle_s):
+    """Agents (built-in, or model agents on the simulated model, paced), the summarizer, the judge, the
+    lease queue and the fleet's own loop wait on events: over an idle stretch (agents waiting for results no
+    cell runs) the blackboard is not read once, in any transaction. The polling design this replaced read
+    it every 0.25-5 s (fleet 0.5 s, summarizer 5 s, agents 1 s)."""
+    overrides = {"cells.count": 0, "agents.count": 2, "fleet.progress_s": 0.2, "fleet.budget_minutes": 5.0,
+                 "fleet.final_seeds": 0}
+    sim = None
+    if agents == "model":
+        sim = model_sim.ModelSimulator(model_sim.Timing(overhead_s=0.05, input_tok_s=1e6, output_tok_s=1e5))
+        baseline = tmp_path / "baseline"  # the policy the team starts from, as the MRU/MTU bench gives it
+        baseline.mkdir()
+        (baseline / "policy.py").write_text(model_sim.TEMPLATE_SOURCE)
+        overrides.update({"fleet.baseline": str(baseline), "agents.backend": "openai", "agents.model": "sim-model", "agents.base_url": sim.start(),
+                          "agents.api_key_env": "ENPIRE_TEST_NO_KEY", "agents.pace_per_cell": 4.0})
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")), **overrides)
     board, meta = open_state_dir(tmp_path / "state")
     samples = {}
 
     async def sample():
-        # Start-up done: the agent wrote its policy and waits for its first results (watched underneath
+        # Start-up done: every agent has asked for an evaluation and waits for results (watched underneath
         # the counter, so it counts only the fleet's reads).
-        def jobs() -> int:
+        def askers() -> set[str]:
             with board._env.begin() as txn:
-                return txn.stat(board._dbs["jobs"])["entries"]
-        with trio.fail_after(30):
-            while not jobs():
+                return {msgspec.msgpack.decode(raw, type=JobRecord).agent for _, raw in txn.cursor(db=board._dbs["jobs"])}
+        with trio.fail_after(60):
+            while not {"agent-0", "agent-1"} <= askers():
                 await trio.sleep(0.1)
         await trio.sleep(1.0)
         samples["start"], t0 = board.reads, time.monotonic()
-        await trio.sleep(3.0)
+        await trio.sleep(idle_s)
         samples["end"], samples["seconds"] = board.reads, time.monotonic() - t0
+        await board.transact(lambda w: w.count("jobs"))  # a read inside a write transaction counts too
+        samples["counted"] = board.reads - samples["end"]
 
-    async with trio.open_nursery() as nursery:
-        async def fleet():
-            samples["outcome"] = (await run_fleet(config, tmp_path / "state", board, meta))[0]
-        nursery.start_soon(fleet)
-        await sample()
-        nursery.cancel_scope.cancel()  # the stretch is measured: no need to sit out the budget
-    board.close()
-    assert samples["seconds"] > 2.5
-    assert samples["start"] > 0  # reads happen (start-up, the agent's first look), so the counter counts
+    try:
+        async with trio.open_nursery() as nursery:
+            async def fleet():
+                samples["outcome"] = (await run_fleet(config, tmp_path / "state", board, meta))[0]
+            nursery.start_soon(fleet)
+            await sample()
+            nursery.cancel_scope.cancel()  # the stretch is measured: no need to sit out the budget
+    finally:
+        board.close()
+        if sim is not None:
+            sim.stop()
+    assert samples["seconds"] >= idle_s
+    assert samples["start"] > 0  # reads happen (start-up, the agents' first look), so the counter counts
     assert samples["end"] - samples["start"] == 0, samples
+    assert samples["counted"] >= 1
+    if sim is not None:
+        assert len(sim.calls) >= 2  # the model agents did think, then waited
 
 
 async def test_a_lease_for_a_cached_policy_carries_no_bundle_bytes(tmp_path):

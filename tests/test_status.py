@@ -28,3 +28,52 @@ def test_status_shows_live_cell_state_time_left_and_tokens(tmp_path):
     s = status.collect(tmp_path, now=now + 3600)
     assert s["daemon"]["state"] == "not responding" and s["daemon"]["time_left_s"] is None
     assert {v["state"] for v in s["cells"].values()} == {"offline"}
+
+
+async def test_status_follow_prints_the_daemons_changes_as_they_happen(tmp_path, monkeypatch):
+    """`enpire status --follow`: the daemon's events reach another process's subscriber over the bus, one
+    line per change; queue depth is left to the progress line; a daemon gone silent ends the follow."""
+    import io
+
+    import trio
+
+    from bus.events import EventHub, events_url
+    from bus.messages import CellStateChanged, ChampionChanged, FindingPosted, PolicySpec, QueueDepth
+    from enpire.fleet import _publish_events
+
+    monkeypatch.setattr(status, "SILENT_S", 1.5)
+    hub, out, why = EventHub(), io.StringIO(), []
+    async with trio.open_nursery() as nursery:
+        daemon = trio.CancelScope()
+
+        async def publish() -> None:
+            with daemon:
+                await _publish_events(hub, events_url(tmp_path))
+
+        async def follower() -> None:
+            why.append(await status.follow(events_url(tmp_path), 30.0, out))
+
+        nursery.start_soon(publish)
+        nursery.start_soon(follower)
+        await trio.sleep(1.5)  # joined: the daemon's heartbeat comes every second
+        hub.publish(CellStateChanged(cell_id="cell-0", state="running", t=time.time()))
+        hub.publish(QueueDepth(waiting=3, background=0, cells=1, t=time.time()))
+        hub.publish(ChampionChanged(task="pusht", policy=PolicySpec("c0ffee1"), agent="agent-0", judged_successes=38,
+                                    judged_n=40, successes=0, n=0, decision="", t=time.time()))
+        hub.publish(FindingPosted(finding_id="agent-0-abc", agent="agent-0", t=time.time()))
+        await trio.sleep(0.5)
+        daemon.cancel()  # the daemon stops: its heartbeat with it
+    lines = out.getvalue().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "cell cell-0: running",
+        f"champion[pusht]: {PolicySpec('c0ffee1').ref} by agent-0; judged 38/40, confirmation 0/0",
+        "finding agent-0-abc by agent-0"], lines
+    assert why == ["the daemon went silent (2 s without its heartbeat)"]
+
+
+async def test_status_follow_without_a_daemon_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(status, "SILENT_S", 0.5)
+    from bus.events import events_url
+
+    assert "no daemon publishes here" in await status.follow(events_url(tmp_path), 5.0)
+    assert status.main(["--state-dir", str(tmp_path), "--follow", "--seconds", "-1"]) == 2

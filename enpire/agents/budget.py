@@ -33,10 +33,10 @@ def team_goal_met(tools: Tools, target: float, *, margin: float = 0.0, confirm_a
     return c.n < confirm_after or c.successes / c.n >= target
 
 
-def stop(tools: Tools, log, reason: str, used: int, elapsed: float) -> None:
+async def stop(tools: Tools, log, reason: str, used: int, elapsed: float) -> None:
     """Log why the agent stops and tell the team once (even across restarts)."""
     log.warning("budget_exhausted", reason=reason, tokens=used, elapsed_s=round(elapsed, 1))
     mine = [f for f in tools.board.values("findings", Finding) if f.agent == tools.agent]
     if not any(f.hypothesis.startswith("budget exhausted") for f in mine[-3:]):
-        tools.post_finding(hypothesis="budget exhausted: this agent stops", change="none",
+        await tools.post_finding(hypothesis="budget exhausted: this agent stops", change="none",
                            evidence=f"{reason}; {len(mine)} findings posted before", outcome="note")

@@ -223,7 +223,7 @@ class BuiltinResearcher:
                 for i, result in zip(fresh, evaluated, strict=True):
                     results[i] = result
                     scores[i] = _score(result, s.horizon, s.step_weight)
-                    tools.record_tested(fps[i], result, float(scores[i]))
+                    await tools.record_tested(fps[i], result, float(scores[i]))
                 order = np.argsort(-scores, kind="stable")
                 elite = np.array([xs[i] for i in order[: s.elites]])
                 new_mean = (1 - s.smoothing) * elite.mean(axis=0) + s.smoothing * mean
@@ -233,7 +233,7 @@ class BuiltinResearcher:
                 spread = elite.std(axis=0) * (1.5 if mean_is_best else 1.0)
                 std = np.maximum(spread, s.min_std)
                 moved = sorted(zip(self.names, new_mean - mean, strict=True), key=lambda kv: -abs(kv[1]))[:3]
-                tools.post_finding(
+                await tools.post_finding(
                     hypothesis=f"generation {self.generation}: moving the search mean toward the elites improves success",
                     change="mean shift " + ", ".join(f"{k} {d:+.3f}" for k, d in moved),
                     evidence=f"best {failure_summary(best)}; {len(fresh)} run, {len(specs) - len(fresh)} reused "
@@ -264,7 +264,7 @@ class BuiltinResearcher:
                 choice = choose_regime(Evidence(self.stalled, successes, dict(self.trained_on), self.bc_beat_best,
                                                 learnable, "visuomotor" if pixels else "bc", not pixels), s)
                 if choice.rule != self.last_rule and choice.rule != "improving":  # why it tunes on, or learns
-                    tools.post_finding(
+                    await tools.post_finding(
                         hypothesis=f"regime {choice.regime}: the evidence favours it now",
                         change=f"regime {choice.regime} ({choice.rule})", evidence=choice.evidence,
                         outcome="note", regime=choice.regime,
@@ -296,14 +296,14 @@ class BuiltinResearcher:
                 spec = PolicySpec(commit=commit)
                 check = await tools.evaluate(spec, self._seeds(s.validation_seeds))
             except ToolError as exc:  # a failed job is evidence too; the fleet and the tuning carry on
-                tools.post_finding(hypothesis=hypothesis, change=f"trained {recipe}: failed", evidence=str(exc),
+                await tools.post_finding(hypothesis=hypothesis, change=f"trained {recipe}: failed", evidence=str(exc),
                                    outcome="inconclusive", regime=recipe)
                 return
             validated = _rate(check)
             beat = validated > self.best_validated
             if recipe in ("bc", "visuomotor"):
                 self.bc_artifact, self.bc_beat_best = trained.artifact, beat
-            tools.post_finding(
+            await tools.post_finding(
                 hypothesis=hypothesis,
                 change=f"trained {recipe} ({m.get('episodes', 0):.0f} episodes, {m.get('transitions', 0):.0f} "
                 f"transitions, {m.get('wall_s', 0):.0f} s), checkpoint {trained.artifact[:12]} at {commit[:10]}",
@@ -333,7 +333,7 @@ class BuiltinResearcher:
     async def _promote(self, tools: Tools, spec: PolicySpec, validated: float) -> None:
         try:
             result = await tools.promote(spec)
-            tools.post_finding(
+            await tools.post_finding(
                 hypothesis=f"candidate {spec.ref} (validation {validated:.0%}) beats the champion on held-out seeds",
                 change=f"promotion request for {spec.ref}",
                 evidence=result.detail,
@@ -351,12 +351,12 @@ class BuiltinResearcher:
         files = {"policy.py": source, **{f"{name}.py": Path(importlib.import_module(f"enpire.agents.{name}").__file__)
                                         .read_text() for name in getattr(self.template, "COMPANIONS", ())}}
         self.source_hash = hashlib.sha1(msgspec.json.encode(files, order="sorted")).hexdigest()  # same code = same idea
-        head = tools.workspace.head(tools.branch)
+        head = await trio.to_thread.run_sync(tools.workspace.head, tools.branch)
         current = await tools.read_files(head) if head is not None else {}  # (an await inside all() is an async generator)
         if head is not None and all(current.get(k) == v for k, v in files.items()):
             return head  # written before a restart: keep the same commit
         commit = await tools.commit(files, "heuristic policy: approach behind the block, push, turn")
-        tools.post_finding(
+        await tools.post_finding(
             hypothesis="a phased heuristic (reach behind the block, push toward the goal, turn at the bar ends) "
             "can solve the task once its parameters are tuned",
             change=f"wrote policy.py ({len(self.names)} parameters) at {commit[:10]}",

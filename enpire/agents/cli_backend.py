@@ -248,7 +248,8 @@ class Run:
         n = {key: typed_get(usage, key, int, 0) for key in
              ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")}
         n = {key: value if 0 <= value < 1 << 48 else 0 for key, value in n.items()}  # a record holds int64
-        return (n["input_tokens"] + n["cache_read_input_tokens"] + n["cache_creation_input_tokens"], n["output_tokens"])
+        return (ledger.anthropic_input(n["input_tokens"], n["cache_read_input_tokens"], n["cache_creation_input_tokens"]),
+                n["output_tokens"])
 
     @property
     def cost(self) -> float | None:
@@ -416,7 +417,7 @@ class CLIAgent:
 
         def record(u: CallUsage) -> None:  # on the relay's thread
             self.used += u.total
-            tools.record_tokens(u.ledger_record(tools.agent, u.model, self.clock(), self.settings.price), trio_token=loop)
+            tools.record_tokens_from_thread(u.ledger_record(tools.agent, u.model, self.clock(), self.settings.price), loop)
 
         def allow() -> str | None:
             if self.settings.token_budget and self.used >= self.settings.token_budget:
@@ -451,20 +452,14 @@ class CLIAgent:
         failures = 0
         while True:
             elapsed = self.clock() - started
-            reason = ""
-            if s.token_budget and self.used >= s.token_budget:
-                reason = f"token budget exhausted ({self.used} of {s.token_budget} tokens)"
-            elif s.wall_budget_s and elapsed >= s.wall_budget_s:
-                reason = f"wall-time budget exhausted ({elapsed:.0f} of {s.wall_budget_s:.0f} s)"
-            elif s.max_turns and self.turns >= s.max_turns:
+            reason = budget.exhausted(s.token_budget, s.wall_budget_s, self.used, elapsed)
+            if not reason and s.max_turns and self.turns >= s.max_turns:
                 reason = f"{self.turns} turns done (max_turns)"
             if reason:
-                log.warning("budget_exhausted", reason=reason, tokens=self.used)
-                tools.post_finding(hypothesis=f"budget exhausted: this agent stops ({reason})", change="none",
-                                   evidence=f"{self.turns} CLI runs", outcome="note")
+                await budget.stop(tools, log, reason, self.used, elapsed)
                 return
             if budget.team_goal_met(tools, s.target):
-                await trio.sleep(1.0)
+                await tools.champion_changed(timeout=60.0)  # until confirmation disagrees (or a new champion)
                 continue
             resume = bool(state.get("session")) and s.kind != "command"
             session = state.get("session") or (str(uuid.uuid4()) if s.kind == "claude-code" else "")

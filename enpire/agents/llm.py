@@ -129,7 +129,7 @@ class LLMAgent:
                 log.error("model_unusable", error=scrub(str(e), self.secrets))
                 return
             if usage is not None:
-                self._bill(tools, ModelReply("", [], usage))
+                await self._bill(tools, ModelReply("", [], usage))
         # The ledger is durable: after a restart the agent goes on with what it already spent.
         own = [r for r in tools.board.values("tokens", TokenRecord) if r.agent == tools.agent]
         used = ledger.totals(own).total
@@ -141,7 +141,7 @@ class LLMAgent:
             started = started if started is not None else now
             reason = budget.exhausted(self.settings.token_budget, self.settings.wall_budget_s, used, now - started)
             if reason:
-                budget.stop(tools, log, reason, used, now - started)
+                await budget.stop(tools, log, reason, used, now - started)
                 return
             if budget.team_goal_met(tools, self.settings.target):
                 self._hold(tools, 0, 0.0)
@@ -211,7 +211,7 @@ class LLMAgent:
             with shield:
                 box["reply"] = reply = await self._call(prompt, max_out, tools, log)
                 if reply is not None:
-                    self._bill(tools, reply)
+                    await self._bill(tools, reply)
             answered.set()
 
         async with trio.open_nursery() as nursery:
@@ -223,8 +223,8 @@ class LLMAgent:
                 raise
         return box.get("reply")
 
-    def _bill(self, tools: Tools, reply: ModelReply) -> None:
-        tools.record_tokens(reply.usage.ledger_record(tools.agent, self.client.model, time.time(), self.settings.price))
+    async def _bill(self, tools: Tools, reply: ModelReply) -> None:
+        await tools.record_tokens(reply.usage.ledger_record(tools.agent, self.client.model, time.time(), self.settings.price))
 
     async def _call(self, prompt: Prompt, max_out: int, tools: Tools, log) -> ModelReply | None:
         """Call the model until it answers: back off on errors; None (the caller pauses) after too many in a

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from enpire.agents.jobs import JobJournal
+from enpire.agents.pacing import Room
 from enpire.agents.toolkit import ToolError
 from enpire.agents.tools import Tools
 from enpire.tasks import TaskCard
@@ -50,8 +51,12 @@ class Session:
     def workspace(self):
         return self.tools.workspace
 
-    def head(self) -> str:
-        """The agent's branch head; a new branch starts from main when main holds a policy."""
+    async def head(self) -> str:
+        """The agent's branch head; a new branch starts from main when main holds a policy. git runs in a
+        worker thread, as every git call of a tool does: the daemon's loop never waits for a process."""
+        return await trio.to_thread.run_sync(self._head)
+
+    def _head(self) -> str:
         ws = self.tools.workspace
         head = ws.head(self.tools.branch)
         if head is not None:
@@ -61,13 +66,16 @@ class Session:
             raise ToolError("the workspace has no main branch")
         return main
 
-    def resolve(self, commit: str, *, policy: bool = False) -> str:
+    async def resolve(self, commit: str, *, policy: bool = False) -> str:
         """A commit id (7+ hex digits of any commit in the workspace, a teammate's too) or "" for the branch
         head. With `policy`, the commit must hold policy.py."""
-        ws = self.tools.workspace
         if commit and len(commit) < 7 and not commit.startswith(("main", "agent/", "learned/")):
             raise ToolError(f"commit {commit!r}: give at least 7 hex digits")
-        full = ws.resolve(commit) if commit else self.head()
+        return await trio.to_thread.run_sync(self._resolve, commit, policy)
+
+    def _resolve(self, commit: str, policy: bool) -> str:
+        ws = self.tools.workspace
+        full = ws.resolve(commit) if commit else self._head()
         if policy and "policy.py" not in ws.read_bytes_names(full):
             where = "your branch has no policy yet: write policy.py first" if not commit else f"{full[:12]} has no policy.py"
             raise ToolError(where)
@@ -99,7 +107,7 @@ def agent_session(config, tools: Tools, index: int, secrets: tuple[str, ...] = (
 
 
 def agent_tools(config, index: int, workspace, scheduler, board, *, trainer=None, state_dir=None,
-                events=None) -> Tools:
+                events=None, room=None) -> Tools:
     """The Tools of agent number `index`: its branch, the fleet's actors and the state dir's stores."""
     from pathlib import Path
 
@@ -107,4 +115,4 @@ def agent_tools(config, index: int, workspace, scheduler, board, *, trainer=None
 
     root = Path(state_dir) if state_dir is not None else None
     return Tools(f"agent-{index}", config.cells.task, workspace, scheduler, board, trainer=trainer,
-                 artifacts=root / ARTIFACTS if root else None, state_dir=root, events=events)
+                 artifacts=root / ARTIFACTS if root else None, state_dir=root, events=events, room=room or Room())

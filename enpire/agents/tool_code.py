@@ -39,7 +39,7 @@ class ReadFileArgs(Args):
 
 
 async def read_file(session, a: ReadFileArgs) -> str:
-    commit = session.resolve(a.commit)
+    commit = await session.resolve(a.commit)
     lines = _text(await _run(session.workspace.read_file, commit, a.path), a.path).splitlines()
     budget = session.settings.tool_output_chars - 300  # a page never gets cut in the middle
     shown, size, end = [], 0, a.start_line - 1
@@ -61,7 +61,7 @@ class ListFilesArgs(Args):
 
 
 async def list_files(session, a: ListFilesArgs) -> str:
-    commit = session.resolve(a.commit)
+    commit = await session.resolve(a.commit)
     sizes = await _run(session.workspace.sizes, commit)
     return f"commit {commit[:12]}:\n" + "\n".join(f"{p} ({n} bytes)" for p, n in sorted(sizes.items()))
 
@@ -100,12 +100,12 @@ async def edit(session, a: EditArgs) -> str:
     if a.diff:
         if a.old:
             raise ToolError("give either old/new or diff, not both")
-        head = session.head()
+        head = await session.head()
         commit = await _run(ws.apply_patch, branch, a.diff, message)
         return _json({"commit": commit}) + "\n" + await _run(ws.diff, head, commit)
     if not a.old:
         raise ToolError("old is empty: give the exact text to replace (or a unified diff in diff)")
-    head = session.head()
+    head = await session.head()
     text = _text(await _run(ws.read_file, head, a.path), a.path)
     n = text.count(a.old)
     if n == 0:
@@ -132,11 +132,14 @@ class LogArgs(Args):
 
 async def log(session, a: LogArgs) -> str:
     ws = session.workspace
-    branch = a.branch or session.tools.branch
-    if ws.head(branch) is None and ws.head(f"agent/{branch}") is not None:
-        branch = f"agent/{branch}"
-    if ws.head(branch) is None:
-        raise ToolError(f"no branch {branch!r} (yours is {session.tools.branch}; teammates' are agent/NAME)")
+    def find(branch: str) -> str:
+        if ws.head(branch) is None and ws.head(f"agent/{branch}") is not None:
+            branch = f"agent/{branch}"
+        if ws.head(branch) is None:
+            raise ToolError(f"no branch {branch!r} (yours is {session.tools.branch}; teammates' are agent/NAME)")
+        return branch
+
+    branch = await _run(find, a.branch or session.tools.branch)
     return f"{branch}:\n" + "\n".join(await _run(ws.log, branch, a.limit))
 
 
@@ -147,7 +150,7 @@ class DiffArgs(Args):
 
 
 async def diff(session, a: DiffArgs) -> str:
-    target, base = session.resolve(a.commit), session.resolve(a.base or "main")
+    target, base = await session.resolve(a.commit), await session.resolve(a.base or "main")
     text = await _run(session.workspace.diff, base, target, tuple(a.paths))
     return f"diff {base[:12]}..{target[:12]}\n" + (text or "(no differences)")
 
@@ -157,7 +160,7 @@ class ShowCommitArgs(Args):
 
 
 async def show_commit(session, a: ShowCommitArgs) -> str:
-    return await _run(session.workspace.show, session.resolve(a.commit))
+    return await _run(session.workspace.show, await session.resolve(a.commit))
 
 
 TOOLS = [

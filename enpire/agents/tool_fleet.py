@@ -56,7 +56,7 @@ class EvaluateArgs(Args):
 async def evaluate(session, a: EvaluateArgs) -> str:
     if a.n_seeds > session.settings.max_eval_seeds:
         raise ToolError(f"n_seeds is at most {session.settings.max_eval_seeds}")
-    spec = PolicySpec(commit=session.resolve(a.commit, policy=True), params=dict(a.params))
+    spec = PolicySpec(commit=await session.resolve(a.commit, policy=True), params=dict(a.params))
     seeds = sorted(session.rng.sample(session.tuning_seeds, min(a.n_seeds, len(session.tuning_seeds))))
     tools = session.tools
     job_id = tools.new_job_id()
@@ -71,7 +71,7 @@ class PromoteArgs(Args):
 
 
 async def promote(session, a: PromoteArgs) -> str:
-    spec = PolicySpec(commit=session.resolve(a.commit, policy=True), params=dict(a.params))
+    spec = PolicySpec(commit=await session.resolve(a.commit, policy=True), params=dict(a.params))
     tools = session.tools
     job_id = tools.new_job_id("promote")
     job = session.jobs.launch(job_id, "promote", spec.ref, {"params": spec.params},

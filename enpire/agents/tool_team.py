@@ -96,7 +96,7 @@ async def post_finding(session, a: PostFindingArgs) -> str:
             raise ToolError(f"job {a.job} has no measured result yet ({j.state}); post after it finished")
         score = j.result.successes / len(j.result.episodes)
     clean = [scrub(t, session.secrets) for t in (a.hypothesis, a.change, a.evidence)]
-    f = session.tools.post_finding(*clean, a.outcome, fingerprint=fingerprint(["llm", a.change]), score=score)
+    f = await session.tools.post_finding(*clean, a.outcome, fingerprint=fingerprint(["llm", a.change]), score=score)
     return _json({"finding": f.finding_id, "score": round(score, 4)})
 
 

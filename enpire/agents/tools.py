@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -38,6 +38,7 @@ from bus.messages import (
     TrainResult,
 )
 from bus.records import Champion, Digest, EpisodeRecord, Finding, TestedRecord, TokenRecord
+from enpire.agents.pacing import Room
 from enpire.agents.toolkit import ToolError
 from enpire.learning import mlp_policy, visuomotor_policy
 from enpire.learning.dataset import trainable
@@ -98,6 +99,7 @@ class Tools:
     artifacts: Path | None = None  # the trainer's checkpoints by content hash (state dir's artifacts/)
     events: EventHub | None = None  # the fleet's events: champion and queue without reading the blackboard
     state_dir: Path | None = None  # where recorded trajectories live (episode inspection)
+    room: Room = field(default_factory=Room)  # the team's pacing marks: one Room shared by a fleet's agents
 
     @property
     def branch(self) -> str:
@@ -105,8 +107,10 @@ class Tools:
 
     async def read_files(self, commit: str | None = None) -> dict[str, str | bytes]:
         """Files of a commit (default: the agent's branch head): text as str, checkpoints as bytes."""
-        ref = commit or self.workspace.head(self.branch) or self.workspace.head("main")
-        return await trio.to_thread.run_sync(self.workspace.read, ref)
+        def read() -> dict[str, str | bytes]:
+            ws = self.workspace
+            return ws.read(commit or ws.head(self.branch) or ws.head("main"))
+        return await trio.to_thread.run_sync(read)
 
     async def commit(self, files: dict[str, str | bytes | None], message: str, branch: str | None = None) -> str:
         return await trio.to_thread.run_sync(self.workspace.commit, branch or self.branch, files, message)
@@ -205,14 +209,14 @@ class Tools:
         latest = self.board.items("digests", Digest)
         return latest[-1][1] if latest else None
 
-    def post_finding(self, hypothesis: str, change: str, evidence: str, outcome: str, *,
+    async def post_finding(self, hypothesis: str, change: str, evidence: str, outcome: str, *,
                      fingerprint: str = "", score: float = 0.0, regime: str = "") -> Finding:
         finding = Finding(
             finding_id=f"{self.agent}-{uuid.uuid4().hex[:10]}", agent=self.agent, t=time.time(),
             hypothesis=hypothesis, change=change, evidence=evidence, outcome=outcome,
             fingerprint=fingerprint, score=score, regime=regime,
         )
-        self.board.append("findings", finding)
+        await self.board.transact(lambda w: w.append("findings", finding))
         if self.events:
             self.events.publish(FindingPosted(finding_id=finding.finding_id, agent=self.agent, t=finding.t))
         return finding
@@ -221,20 +225,22 @@ class Tools:
         """What any agent found when it evaluated the change with this fingerprint."""
         return self.board.get("tested", fp, TestedRecord)
 
-    def record_tested(self, fp: str, result: EvalResult, score: float) -> None:
+    async def record_tested(self, fp: str, result: EvalResult, score: float) -> None:
         record = TestedRecord(self.agent, time.time(), result.successes, len(result.episodes), score,
                               failure_summary(result))
-        self.board.put("tested", fp, record, overwrite=False)
+        await self.board.transact(lambda w: w.put("tested", fp, record, overwrite=False))
 
-    def record_tokens(self, call: TokenRecord, *, trio_token: trio.lowlevel.TrioToken | None = None) -> None:
-        """Append one model call to the token ledger and announce it (TokensUsed). From another thread
-        (the CLI agents' model relay) pass the trio token of the loop the events live on: the LMDB append
-        stays on the calling thread, off the event loop, and only the announcement hops to the loop."""
-        self.board.append("tokens", call)
-        if self.events is None:
-            return
-        if trio_token is None:
+    async def record_tokens(self, call: TokenRecord) -> None:
+        """Append one model call to the token ledger (in a worker thread: LMDB's fsync never holds the
+        loop) and announce it (TokensUsed)."""
+        await self.board.transact(lambda w: w.append("tokens", call))
+        if self.events is not None:
             self.events.publish(TokensUsed(call=call))
-        else:
+
+    def record_tokens_from_thread(self, call: TokenRecord, trio_token: trio.lowlevel.TrioToken) -> None:
+        """`record_tokens` from another thread (the CLI agents' model relay): the append on that thread,
+        only the announcement hops to the loop the events live on (`trio_token`'s)."""
+        self.board.append("tokens", call)
+        if self.events is not None:
             with contextlib.suppress(trio.RunFinishedError):  # the fleet stopped while this call was billed
                 trio.from_thread.run_sync(self.events.publish, TokensUsed(call=call), trio_token=trio_token)
