@@ -118,6 +118,12 @@ def utilization(segments: Iterable[Segment], wall_s: float) -> Utilization:
     return Utilization(wall, running, agent, background, by_state)
 
 
+def cell_window_s(joined: float, last_seen: float, live: bool, now: float) -> float:
+    """The wall time a cell's MRU is over: from when it first joined to now while it is live, else to when
+    it was last heard from (a cell's downtime inside that span counts as not running)."""
+    return max(0.0, (now if live else last_seen) - joined)
+
+
 def mean_robot_utilization(per_cell: dict[str, Utilization]) -> float:
     """MRU: the fraction of wall time a robot actively executes an experiment, averaged over robots."""
     if not per_cell:

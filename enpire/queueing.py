@@ -16,7 +16,7 @@ from bus.messages import EpisodeReport, EpisodeSummary, JobDone, JobSpec, Lease,
 from bus.records import CellRecord, EpisodeRecord, JobRecord, SmokeRecord, TimelineRecord
 from enpire.config import Config
 from enpire.episodes import write_trajectory
-from enpire.metrics import Utilization, utilization
+from enpire.metrics import Utilization, cell_window_s, utilization
 
 
 @dataclass
@@ -220,8 +220,8 @@ class CellState:
         return new
 
     def utilization(self, now: float) -> Utilization:
-        end = self.record.last_seen if self.record.state == "offline" else now
-        return utilization(self.segments, end - self.record.joined)
+        r = self.record
+        return utilization(self.segments, cell_window_s(r.joined, r.last_seen, r.state != "offline", now))
 
 
 def save_cell(w: Txn, cell_id: str, record: CellRecord | None, fresh: list[Segment]) -> None:

@@ -32,7 +32,7 @@ from bus.records import (
 )
 from bus.transport import Subscriber
 from enpire import ledger, summary
-from enpire.metrics import utilization
+from enpire.metrics import cell_window_s, utilization
 
 SILENT_S = 10.0  # the daemon's heartbeat comes every second: this long without one, it has stopped
 
@@ -52,8 +52,7 @@ def _collect(board: Blackboard, now: float) -> dict:
     for rec in board.values("timeline", TimelineRecord):
         segments.setdefault(rec.cell_id, []).extend(rec.segments)
     records = {c.cell_id: c for c in board.values("cells", CellRecord)}
-    per_cell = {cid: utilization(segments.get(cid, []),
-                                 max(0.0, (now if alive and c.state != "offline" else c.last_seen) - c.joined))
+    per_cell = {cid: utilization(segments.get(cid, []), cell_window_s(c.joined, c.last_seen, alive and c.state != "offline", now))
                 for cid, c in records.items()}
     fleet = summary.cells(per_cell)
     cells = {cid: {"state": records[cid].state if alive else "offline", "host": records[cid].host,
