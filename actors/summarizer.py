@@ -35,8 +35,8 @@ def write_digest(findings: list[Finding], champion: Champion | None, top: int = 
     if regimes:
         lines.append("regimes: " + "; ".join(f"{agent} {' > '.join(r)}" for agent, r in sorted(regimes.items())))
     if champion is not None:
-        rate = champion.judged_successes / max(1, champion.judged_n)
-        lines.append(f"champion {champion.policy.ref} by {champion.agent}: judged {rate:.0%} on {champion.judged_n}")
+        lines.append(f"champion {champion.policy.ref} by {champion.agent}: judged {champion.judged_rate:.0%} on "
+                     f"{champion.judged_n}")
     lines.append("best:")
     lines += ["  " + _line(f) for f in best]
     lines.append("recent:")

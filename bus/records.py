@@ -144,6 +144,11 @@ class Champion(msgspec.Struct):
     previous_successes: int = 0
     previous_n: int = 0
 
+    @property
+    def judged_rate(self) -> float:
+        """Success on the promotion seeds it won on (0 before any): the bar a new candidate must beat."""
+        return self.judged_successes / self.judged_n if self.judged_n else 0.0
+
 
 class HeldoutRecord(msgspec.Struct):
     """Use of a task's held-out seeds (table "heldout", by task): every judging, confirmation and final

@@ -28,7 +28,7 @@ def team_goal_met(tools: Tools, target: float, *, margin: float = 0.0, confirm_a
     does not, however its point estimate looks: the team works on. A target of 0 or less is no goal."""
     c = tools.champion()
     if (target <= 0 or c is None or c.decision == "not_met" or c.judged_n == 0
-            or c.judged_successes / c.judged_n < target + margin):
+            or c.judged_rate < target + margin):
         return False
     return c.n < confirm_after or c.successes / c.n >= target
 

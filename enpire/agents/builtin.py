@@ -252,7 +252,7 @@ class BuiltinResearcher:
 
                 # Validate the best candidate on fresh tuning seeds before spending held-out episodes on it.
                 champion = tools.champion()
-                bar = champion.judged_successes / champion.judged_n if champion and champion.judged_n else 0.0
+                bar = champion.judged_rate if champion else 0.0
                 if not self.promoting and _rate(best) > 0 and _rate(best) >= bar:
                     check = await tools.evaluate(specs[order[0]], self._seeds(s.validation_seeds))
                     self._propose(tools, nursery, specs[order[0]], _rate(check), tolerance=0.05)
@@ -323,7 +323,7 @@ class BuiltinResearcher:
         """Ask the scheduler to judge a validated candidate on held-out seeds when it beats the champion's
         judged rate and (within `tolerance`) this agent's best validated candidate so far."""
         champion = tools.champion()
-        bar = champion.judged_successes / champion.judged_n if champion and champion.judged_n else 0.0
+        bar = champion.judged_rate if champion else 0.0
         if self.promoting or validated <= 0 or validated <= max(bar, self.best_validated - tolerance):
             return
         self.best_validated = max(self.best_validated, validated)
