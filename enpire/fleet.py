@@ -309,8 +309,9 @@ def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> Po
 
 
 async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path, board: Blackboard,
-                     meta: Meta) -> Core:
-    """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`."""
+                     meta: Meta, stopping: trio.Event | None = None) -> Core:
+    """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`; `stopping`, once set,
+    ends the cells' restarts (the fleet's stop)."""
     workspace = await trio.to_thread.run_sync(Workspace, state_dir / "workspace")  # git: off the loop
     baseline = await trio.to_thread.run_sync(_baseline, config, workspace, board)
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
@@ -357,7 +358,7 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
                                    per_sender_keys=True, workers=32))
         structlog.get_logger().info("listening", actor="fleet", url=config.bus.listen)
     nursery.start_soon(_publish_events, events, events_url(state_dir))
-    stopping = trio.Event()
+    stopping = stopping if stopping is not None else trio.Event()
     for i in range(config.cells.count):
         nursery.start_soon(_cell_process, config, i, url, state_dir, stopping, local_secret)
     return Core(system, queue, judge, verifier, trainer, workspace, url, stopping, events)
@@ -370,65 +371,77 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
     outcome = Outcome("budget", 0.0, None)
     stats: dict = {}
 
-    async with trio.open_nursery() as nursery:
-        core = await start_core(nursery, config, state_dir, board, meta)
-        system, workspace, stopping, events = core.system, core.workspace, core.stopping, core.events
-        await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
-        room = Room()  # the team's pacing marks, one for all agents
-        for i in range(config.agents.count):
-            tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
-                                events=events, room=room)
-            await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
-        logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
-                    budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
+    stopping, ended = trio.Event(), trio.Event()  # ended: the run's time is over (target, budget or signal)
+    final = trio.CancelScope()  # the final judging after it, which a signal cuts short
 
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async def on_signal() -> None:
-                async for signum in signals:
-                    logger.warning("stopping", signal=signal.Signals(signum).name)
-                    outcome.reason = "signal"
-                    stopping.set()
-                    final.cancel()  # a signal cuts the final judging short too
-                    return
+    async def on_signal(signals) -> None:
+        async for signum in signals:  # every one, until the run ends: one left unread would kill the drain
+            name = signal.Signals(signum).name
+            if final.cancel_called:
+                logger.warning("signal_ignored", signal=name, detail="already stopping: the run drains "
+                               "and writes its report")
+                continue
+            final.cancel()  # a signal cuts the final judging short too
+            if ended.is_set():  # the run already ended (target, budget): it keeps its outcome
+                logger.warning("final_judging_cut_short", signal=name)
+                continue
+            logger.warning("stopping", signal=name)
+            outcome.reason = "signal"
+            stopping.set()
 
-            final = trio.CancelScope()
-            nursery.start_soon(on_signal)
-            daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
-                                  config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
-                                  target=config.fleet.target)
-            sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
-            ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
-            nursery.start_soon(ticks.feed_sink)
-            nursery.start_soon(ticks.run)
-            # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
-            with trio.move_on_at(trio.current_time() + deadline - time.time()), \
-                    events.subscribe(ChampionChanged, buffer=16) as champions:
-                async def on_target() -> None:
-                    latest = events.latest(ChampionChanged)
-                    while not (config.fleet.stop_at_target and target_met(latest)):
-                        latest = await champions.receive()
-                    outcome.reason = "target"
-                    outcome.time_to_target_s = time.time() - started
-                    stopping.set()
-                nursery.start_soon(on_target)
-                await stopping.wait()
-            # The run's figures (time, MRU) end here; the final judging is reported on its own.
-            outcome.elapsed_s = time.time() - started
-            queue = system.actors["queue"].current
-            stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
-            depth = events.latest(QueueDepth)
-            if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
-                logger.warning("final_judging_skipped", detail="no cell is connected")
-            elif outcome.reason != "signal" and config.fleet.final_seeds:
-                with final:
-                    await _final_judging(logger, core, config)
-        if sink is not None:
-            sink.close()
-        stats["restarts"] = {name: s.restarts for name, s in system.actors.items()}
-        daemon.last_seen, daemon.state = time.time(), f"stopped: {outcome.reason}"
-        board.put("meta", "daemon", daemon)
-        stopping.set()
-        nursery.cancel_scope.cancel()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as outer:  # outlives the fleet's nursery: a signal during its drain is read too
+            outer.start_soon(on_signal, signals)
+            async with trio.open_nursery() as nursery:
+                core = await start_core(nursery, config, state_dir, board, meta, stopping)
+                system, workspace, events = core.system, core.workspace, core.events
+                await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
+                room = Room()  # the team's pacing marks, one for all agents
+                for i in range(config.agents.count):
+                    tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
+                                        events=events, room=room)
+                    await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
+                logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
+                            budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
+
+                daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
+                                      config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
+                                      target=config.fleet.target)
+                sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
+                ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+                nursery.start_soon(ticks.feed_sink)
+                nursery.start_soon(ticks.run)
+                # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
+                with trio.move_on_at(trio.current_time() + deadline - time.time()), \
+                        events.subscribe(ChampionChanged, buffer=16) as champions:
+                    async def on_target() -> None:
+                        latest = events.latest(ChampionChanged)
+                        while not (config.fleet.stop_at_target and target_met(latest)):
+                            latest = await champions.receive()
+                        outcome.reason = "target"
+                        outcome.time_to_target_s = time.time() - started
+                        stopping.set()
+                    nursery.start_soon(on_target)
+                    await stopping.wait()
+                ended.set()
+                # The run's figures (time, MRU) end here; the final judging is reported on its own.
+                outcome.elapsed_s = time.time() - started
+                queue = system.actors["queue"].current
+                stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
+                depth = events.latest(QueueDepth)
+                if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
+                    logger.warning("final_judging_skipped", detail="no cell is connected")
+                elif outcome.reason != "signal" and config.fleet.final_seeds:
+                    with final:
+                        await _final_judging(logger, core, config)
+                if sink is not None:
+                    sink.close()
+                stats["restarts"] = {name: s.restarts for name, s in system.actors.items()}
+                daemon.last_seen, daemon.state = time.time(), f"stopped: {outcome.reason}"
+                await trio.to_thread.run_sync(board.put, "meta", "daemon", daemon)
+                stopping.set()
+                nursery.cancel_scope.cancel()  # actors stop, cells drain (a signal meanwhile is read and logged)
+            outer.cancel_scope.cancel()
     return outcome, stats
 
 
@@ -636,9 +649,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
             structlog.get_logger().error("fleet_not_started", actor="fleet", error=str(startup))
             print(f"enpire: {startup}", file=sys.stderr)
             return EXIT_CONFIG
-        report = build_report(board, config, outcome, stats)
-        (state_dir / "report.json").write_text(json.dumps(report, indent=2))
-        print(format_report(report))
+        # The run is over: a stop signal now (a second Ctrl-C, a supervisor's repeated SIGTERM) must not
+        # cut the report short. Until it is written and printed, they are ignored.
+        ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            report = build_report(board, config, outcome, stats)
+            (state_dir / "report.json").write_text(json.dumps(report, indent=2))
+            print(format_report(report), flush=True)
+        finally:
+            for s, handler in ignored.items():
+                signal.signal(s, handler)
     finally:
         board.close()
         lock.release()

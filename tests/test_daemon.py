@@ -174,6 +174,25 @@ def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
     assert str(tmp_path / "state") not in ps
 
 
+def test_a_second_stop_signal_during_the_drain_is_ignored(tmp_path):
+    """Ctrl-C twice, or a supervisor that repeats SIGTERM: the first stops the run, the rest are read and
+    logged, and the drain still ends with the summary and report.json (they once killed it mid-drain)."""
+    proc = _start(tmp_path, budget=5.0)
+    _wait_for(lambda: _episodes(tmp_path) >= 10, 120, "episodes")
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+        proc.send_signal(sig)
+        time.sleep(0.003)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # during the cells' drain
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    report = json.loads((tmp_path / "state" / "report.json").read_text())
+    assert report["outcome"] == "signal" and "champion" in out.lower()
+    events = [json.loads(line)["event"] for line in (tmp_path / "state" / "logs" / "fleet.jsonl").read_text().splitlines()]
+    assert events.count("stopping") == 1 and "signal_ignored" in events
+
+
 def test_sigkill_then_restart_resumes_without_loss_or_duplicates(tmp_path):
     proc = _start(tmp_path, budget=5.0)
     _wait_for(lambda: _episodes(tmp_path) >= 40, 120, "episodes")
