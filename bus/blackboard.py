@@ -141,6 +141,7 @@ class Blackboard:
                 sync=True,  # a committed write survives a kill or power loss
                 create=not readonly,
             )
+            self._check_whole()
             # Named databases must be opened inside a write txn unless readonly.
             self._dbs = {name: self._open_table(name, readonly) for name in TABLES}
         except lmdb.Error as e:
@@ -149,6 +150,17 @@ class Blackboard:
             reason = str(e).removeprefix(f"{self.path}: ")  # lmdb names the path too
             raise BlackboardError(f"{self.path}: not a readable blackboard ({reason})") from None
         self.reads = 0  # read operations of every transaction (writes' included): tests count polling by it
+
+    def _check_whole(self) -> None:
+        """Refuse a data file shorter than the pages its header says are written (a copy interrupted
+        part way, a truncated file): reading a page past its end would kill the process (SIGBUS)."""
+        data = self.path / "data.mdb"
+        need = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]  # from the header only
+        size = data.stat().st_size
+        if size < need:
+            self._env.close()
+            raise BlackboardError(f"{data}: {size} bytes, but its records reach byte {need}: the file was cut "
+                                  "short (an interrupted copy?); restore it from a whole copy")
 
     def _open_table(self, name: str, readonly: bool):
         try:

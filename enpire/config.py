@@ -334,9 +334,15 @@ SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", 
 SYSTEM_TREES = ("/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/bin", "/sbin", "/lib", "/usr")
 
 
+# What a fleet writes in its state directory: any of them, and a folder is a state dir (a new one is empty).
+STATE_MARKERS = ("daemon.lock", "blackboard.lmdb", "logs", "workspace", "episodes", "report.json")
+
+
 def state_dir_problem(path: str | Path) -> str | None:
     """Why `path` cannot be a state directory (one line), or None."""
     given = str(path)
+    if not given.strip():
+        return "state_dir is empty (an unset variable?); name a directory, e.g. ./state"
     try:
         real = Path(path).expanduser().resolve()
     except (OSError, RuntimeError) as e:
@@ -349,6 +355,14 @@ def state_dir_problem(path: str | Path) -> str | None:
         return f"state_dir {given!r} is your home directory; use a directory of its own, e.g. ~/enpire-state"
     if real.exists() and not real.is_dir():
         return f"state_dir {given!r} exists and is not a directory"
+    if real.is_dir() and not any((real / name).exists() for name in STATE_MARKERS):
+        try:
+            other = next(real.iterdir(), None)
+        except OSError as e:
+            return f"state_dir {given!r}: cannot list it: {e.strerror}"
+        if other is not None:  # a project folder, /var/log: never adopted (nor made private to this user)
+            return (f"state_dir {given!r} holds other files (e.g. {other.name!r}) and no fleet state; "
+                    "use a new or empty directory")
     return None
 
 

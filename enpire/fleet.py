@@ -169,6 +169,9 @@ def lock_state_dir(path: Path) -> StateLock:
         raise StateDirError(f"{path}: cannot use as a state directory: {e.strerror or e}") from None
 
 
+RUN_FILES = ("episodes", "workspace", "report.json")  # written by a run: a blackboard without a run beside them was lost
+
+
 def open_state_dir(path: Path, map_size_mb: int = 1024) -> tuple[Blackboard, Meta]:
     """Reopen or start the blackboard of a (locked) state directory; refuse one of another schema version."""
     try:
@@ -179,6 +182,11 @@ def open_state_dir(path: Path, map_size_mb: int = 1024) -> tuple[Blackboard, Met
     except (OSError, lmdb.Error) as e:
         raise StateDirError(f"{path / 'blackboard.lmdb'}: cannot open the blackboard: {e}") from None
     if meta is None:
+        if leftovers := [name for name in RUN_FILES if (path / name).exists()]:
+            board.close()  # an emptied or replaced blackboard: a new run here would orphan the old one's records
+            raise StateDirError(f"{path / 'blackboard.lmdb'}: holds no run, but the directory holds a run's "
+                                f"{', '.join(leftovers)}: the blackboard was emptied or replaced; restore it, or "
+                                "use a new --state-dir")
         meta = Meta(schema_version=SCHEMA_VERSION, run_id=uuid.uuid4().hex[:12], created=time.time())
         board.put("meta", "meta", meta)
     elif meta.schema_version != SCHEMA_VERSION:

@@ -279,7 +279,7 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
         regimes = regimes_used(board.values("findings", Finding))
     finally:
         board.close()
-    run = json.loads((state_dir / "report.json").read_text()) if (state_dir / "report.json").exists() else {}
+    run = _run_summary(state_dir / "report.json")
     target = target if target is not None else run.get("target", cfg.Config().fleet.target)
     final = run.get("start_vs_champion")
     times = [s.start for segs in timelines.values() for s in segs] + [e.finished for e in episodes]
@@ -328,6 +328,28 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
     return out, written
 
 
+class ReportError(ValueError):
+    """The run's report.json cannot be used (one line, naming the file and what is wrong)."""
+
+
+def _run_summary(path: Path) -> dict:
+    """The fleet's report.json ({} when the run wrote none): its target and final judging are drawn."""
+    if not path.exists():
+        return {}
+    try:
+        run = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # unreadable, a directory, not UTF-8, not JSON
+        raise ReportError(f"{path}: not a readable report ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(run, dict):
+        raise ReportError(f"{path}: not a report (a JSON object), but a {type(run).__name__}")
+    target = run.get("target")
+    if target is not None and not (isinstance(target, int | float) and 0.0 <= target <= 1.0):
+        raise ReportError(f"{path}: target {str(target)[:40]!r} is not a success rate between 0 and 1")
+    if not isinstance(run.get("start_vs_champion"), dict | None):
+        raise ReportError(f"{path}: start_vs_champion is not an object")
+    return run
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.report") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
@@ -340,8 +362,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.report") -
         return 2
     try:
         out, written = write(args.state_dir, args.target)
-    except BlackboardError as e:
+    except (BlackboardError, ReportError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the report folder cannot be written
+        print(f"{prog}: {e.filename or args.state_dir}: cannot write the report: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {out}/summary.md" + "".join(f", {name}" for name in written))
     return 0

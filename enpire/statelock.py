@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 LOCK_FILE = "daemon.lock"
@@ -32,6 +33,22 @@ def holder_pid(state_dir: Path) -> int | None:
         return None
 
 
+def held(state_dir: Path) -> bool:
+    """Whether a daemon holds the state directory now: a shared lock, tried and dropped at once (a daemon
+    starting meanwhile retries, see `acquire`). The kernel's answer, so a killed daemon is seen at once."""
+    try:
+        fd = os.open(Path(state_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock, if taken
+    return False
+
+
 class StateLock:
     """Take with `acquire()` (raises StateDirLocked when held); `release()` or process exit frees it."""
 
@@ -42,11 +59,15 @@ class StateLock:
     def acquire(self) -> StateLock:
         # O_CLOEXEC (Python's default): cell and sandbox processes never inherit the lock.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StateDirLocked(self.path.parent, holder_pid(self.path.parent)) from None
+        for attempt in range(3):  # a daemon holds it for its life; `held` probes (status) for a moment only
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 2:
+                    os.close(fd)
+                    raise StateDirLocked(self.path.parent, holder_pid(self.path.parent)) from None
+                time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

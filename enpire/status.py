@@ -31,7 +31,7 @@ from bus.records import (
     TrainerRecord,
 )
 from bus.transport import Subscriber
-from enpire import ledger, summary
+from enpire import ledger, statelock, summary
 from enpire.metrics import cell_window_s, utilization
 
 SILENT_S = 10.0  # the daemon's heartbeat comes every second: this long without one, it has stopped
@@ -40,14 +40,15 @@ SILENT_S = 10.0  # the daemon's heartbeat comes every second: this long without 
 def collect(state_dir: Path, now: float | None = None) -> dict:
     board = Blackboard(state_dir / "blackboard.lmdb", readonly=True)
     try:
-        return _collect(board, now or time.time())
+        return _collect(board, now or time.time(), statelock.held(state_dir))
     finally:
         board.close()
 
 
-def _collect(board: Blackboard, now: float) -> dict:
+def _collect(board: Blackboard, now: float, held: bool = True) -> dict:
+    """`held`: a daemon holds the state dir's lock (a record saying "running" without one: it was killed)."""
     daemon = board.get("meta", "daemon", DaemonRecord)
-    alive = daemon is not None and daemon.state == "running" and now - daemon.last_seen < 60
+    alive = daemon is not None and daemon.state == "running" and held and now - daemon.last_seen < 60
     segments: dict[str, list] = {}
     for rec in board.values("timeline", TimelineRecord):
         segments.setdefault(rec.cell_id, []).extend(rec.segments)
@@ -70,7 +71,9 @@ def _collect(board: Blackboard, now: float) -> dict:
     running_s = ((now if alive else daemon.last_seen) - daemon.started) if daemon else 0.0
     return {
         "daemon": {
-            "state": (daemon.state if alive or daemon.state != "running" else "not responding") if daemon else "never ran",
+            "state": (daemon.state if alive or daemon.state != "running"
+                      else "not responding" if held else "stopped: killed (no daemon holds the state dir)")
+            if daemon else "never ran",
             "pid": daemon.pid if daemon else None,
             "running_s": round(running_s, 1),
             "time_left_s": round(max(0.0, daemon.budget_s - running_s), 1) if alive and daemon.budget_s else None,

@@ -130,3 +130,26 @@ def test_transact_commits_in_a_worker_thread_and_returns_the_result(tmp_path):
     with pytest.raises(ValueError):
         trio.run(board.transact, fail)
     assert board.get("meta", "y", PolicySpec) is None  # all or nothing
+
+
+def test_a_truncated_data_file_is_refused_not_a_crash(tmp_path):
+    """A copy interrupted part way: opening it must say so, never die of SIGBUS on a page past its end
+    (checked in a child process, so a regression cannot take the test run down with it)."""
+    import subprocess
+    import sys
+
+    board = Blackboard(tmp_path / "bb")
+    for i in range(300):
+        board.put("findings", f"f{i:04d}", Finding(f"f{i}", "a", 0.0, "h" * 200, "c", "e", "note"))
+    board.close()
+    data = tmp_path / "bb" / "data.mdb"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    probe = ("import sys; from bus.blackboard import Blackboard, BlackboardError\n"
+             "try:\n    Blackboard(sys.argv[1], readonly=True).values('findings', object)\n"
+             "except BlackboardError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "bb")], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=60)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+    assert "cut short" in r.stdout and "data.mdb" in r.stdout, r.stdout
+

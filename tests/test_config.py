@@ -84,6 +84,14 @@ def test_state_dir_checks(tmp_path):
         assert problem and "\n" not in problem, bad
     (tmp_path / "file").write_text("x")
     assert "not a directory" in (cfg.state_dir_problem(tmp_path / "file") or "")
+    assert "empty" in (cfg.state_dir_problem("") or "")  # an unset variable: never the current directory
+    # A folder with other files and no fleet state (a project, /var/log) is never adopted (nor chmod-ed)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "data.csv").write_text("1,2\n")
+    assert "holds other files (e.g. 'data.csv')" in (cfg.state_dir_problem(project) or "")
+    (project / "daemon.lock").write_text("")  # a fleet's state dir (one that started here before) is its own
+    assert cfg.state_dir_problem(project) is None
 
 
 @pytest.mark.parametrize("state_dir", ["/proc/self", "FILE", "/sys/kernel"])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_fleet import FAST, ROOT, _board, _check_ledger, _episodes, _start, _wait_for
 
 from bus.records import Champion, EpisodeRecord
@@ -255,3 +256,20 @@ def test_remote_cell_over_tcp_needs_the_shared_secret(tmp_path):
     log = (tmp_path / "state" / "logs" / "fleet.jsonl").read_text()
     assert "frame_unauthenticated" in log
     assert "correct horse" not in log
+
+
+def test_an_emptied_blackboard_beside_a_runs_files_is_refused(tmp_path):
+    """data.mdb emptied or replaced while episodes and the workspace remain: a new run there would orphan
+    the old one's records and draw a new held-out order; refused in one line, nothing touched."""
+    from enpire.fleet import StateDirError, open_state_dir
+
+    state = tmp_path / "state"
+    board, meta = open_state_dir(state)
+    board.close()
+    (state / "episodes").mkdir()
+    (state / "episodes" / "e1.npz").write_bytes(b"x")
+    (state / "blackboard.lmdb" / "data.mdb").write_bytes(b"")
+    with pytest.raises(StateDirError) as e:
+        open_state_dir(state)
+    assert "emptied or replaced" in str(e.value) and "episodes" in str(e.value) and "\n" not in str(e.value)
+    assert (state / "episodes" / "e1.npz").read_bytes() == b"x"

@@ -123,3 +123,14 @@ def test_report_writes_only_figures_with_data(tmp_path):
     state = _run(tmp_path / "with_tokens", tokens=True, final=False)
     _, written = report.write(state)
     assert "tokens.png" in written and "success_tokens.png" in written
+
+
+def test_a_bad_report_json_is_one_line_exit_2(tmp_path, capsys):
+    state = _run(tmp_path, tokens=False)
+    for text, says in (("garbage{", "not a readable report"), ("[1, 2]", "but a list"),
+                       ('{"target": "x"}', "not a success rate"), ('{"start_vs_champion": 3}', "not an object")):
+        (state / "report.json").write_text(text)
+        assert report.main(["--state-dir", str(state)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "report.json" in err and says in err, err
+

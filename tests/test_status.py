@@ -5,6 +5,7 @@ import time
 from bus.blackboard import Blackboard
 from bus.records import CellRecord, DaemonRecord, TokenRecord
 from enpire import status
+from enpire.statelock import StateLock
 
 
 def test_status_shows_live_cell_state_time_left_and_tokens(tmp_path):
@@ -17,6 +18,7 @@ def test_status_shows_live_cell_state_time_left_and_tokens(tmp_path):
         board.append("tokens", TokenRecord("agent-0", "m", t, 1000, 400, 200))
     board.append("tokens", TokenRecord("agent-1", "m", now - 5, 300, 0, 100))
     board.close()
+    lock = StateLock(tmp_path).acquire()  # the daemon holds its state dir while it lives
     s = status.collect(tmp_path, now=now)
     assert {c: v["state"] for c, v in s["cells"].items()} == {"cell-0": "running", "cell-1": "verifying"}
     assert s["daemon"]["time_left_s"] == 500.0 and s["daemon"]["target"] == 0.9
@@ -27,6 +29,11 @@ def test_status_shows_live_cell_state_time_left_and_tokens(tmp_path):
     # once the daemon is gone nobody is running and no time is left
     s = status.collect(tmp_path, now=now + 3600)
     assert s["daemon"]["state"] == "not responding" and s["daemon"]["time_left_s"] is None
+    assert {v["state"] for v in s["cells"].values()} == {"offline"}
+    # killed (SIGKILL, a crash): its record still says running, but nothing holds the lock: seen at once
+    lock.release()
+    s = status.collect(tmp_path, now=now)
+    assert s["daemon"]["state"].startswith("stopped: killed") and s["daemon"]["time_left_s"] is None
     assert {v["state"] for v in s["cells"].values()} == {"offline"}
 
 
