@@ -1,6 +1,6 @@
 """Typed configuration: `enpire.toml` decoded into msgspec Structs, validated at start.
 
-The embedded default is the Structs' own defaults (2 simulated Push-T cells, 1 built-in agent), so
+The embedded default is the Structs' own defaults (2 simulated Meta-World peg-insertion cells, 1 built-in agent), so
 `python -m enpire.fleet` runs with no file at all. Every problem is reported as one line naming the
 file, the key and the reason.
 """

@@ -52,8 +52,11 @@ def export(state_dir: Path, out: Path, task: str | None = None) -> dict:
     if task is None and len(champions) == 1:
         task = next(iter(champions))
     champion = champions.get(task or "")
+    if champion is None and not champions:
+        raise ExportError(f"{state_dir}: no champion yet (no candidate has been promoted in this run)")
     if champion is None:
-        raise ExportError(f"{state_dir}: no champion for task {task!r} (champions: {', '.join(champions) or 'none'})")
+        which = f"for task {task!r}" if task else "named: give --task"
+        raise ExportError(f"{state_dir}: no champion {which} (champions: {', '.join(sorted(champions))})")
     files = Workspace(state_dir / "workspace").read_bytes(champion.policy.commit)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty directory")

@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.flee
         description="Run a fleet of robot cells and agents that improve a policy until a target or a budget.",
     )
     p.add_argument("--config", type=Path, help="enpire.toml to use (default: ./enpire.toml if present, "
-                   "else the embedded default: 2 simulated Push-T cells, 1 built-in agent)")
+                   "else the embedded default: 2 simulated Meta-World peg-insertion cells, 1 built-in agent)")
     p.add_argument("--state-dir", help="directory holding everything of this run (default from config: state)")
     p.add_argument("--cells", type=int, help="number of local simulated cells (config cells.count)")
     p.add_argument("--agents", type=int, help="number of agents (config agents.count)")
@@ -640,11 +640,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         return EXIT_CONFIG
     # A finished run, started again with the same target (or a lower one): say so, touch nothing.
     if config.fleet.stop_at_target and champion is not None and judging.confirmation(champion, config) == "met":
+        cut = config.fleet.final_seeds and board.get("meta", "final", FinalRecord) is None
         board.close()
         lock.release()
         print(f"enpire: {state_dir}: the target was already met here ({champion.policy.ref} confirmed "
-              f"{champion.successes}/{champion.n}); nothing to run. Its report is {state_dir / 'report.json'}; "
-              "use a new --state-dir to start again", file=sys.stderr)
+              f"{champion.successes}/{champion.n}); nothing to run. Its report is {state_dir / 'report.json'}"
+              + (" (without its final judging, cut short or skipped: no start-vs-champion figures)" if cut else "")
+              + "; use a new --state-dir to start again", file=sys.stderr)
         return EXIT_TARGET
     log.configure(state_dir, "fleet", console=not args.quiet)
     try:
