@@ -237,9 +237,13 @@ def _convert(raw: object, type_, source: str, prefix: str = ""):
         raise ConfigError(f"{source}: {prefix}{key or '(top level)'}: {reason}") from None
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def decode(text: str | bytes, source: str = "<config>") -> Config:
     try:
-        raw = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the TOML
+        raw = tomllib.loads(text.decode("utf-8-sig") if isinstance(text, bytes) else text.removeprefix("\ufeff"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     # Tasks are checked one by one first: msgspec hides dict keys in its error paths. A file's task
@@ -376,9 +380,12 @@ def load(path: str | Path | None) -> Config:
         return Config()
     path = Path(path)
     try:
-        text = path.read_bytes()
+        with path.open("rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)  # bounded: /dev/zero or a wrong huge file is not read whole
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
     return decode(text, str(path))
 
 

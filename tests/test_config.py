@@ -43,6 +43,15 @@ def test_unknown_key_is_named():
         cfg.decode("[fleet]\nbudget_minutz = 3\n", "enpire.toml")
 
 
+def test_a_byte_order_mark_is_read_and_an_endless_file_is_refused(tmp_path):
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[cells]\ncount = 1\n")  # as some Windows editors save it
+    assert cfg.load(bom).cells.count == 1
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load("/dev/zero")  # read up to a bound, never whole
+    assert "/dev/zero: larger than 1 MiB" in str(e.value)
+
+
 def test_command_line_overrides_are_validated():
     c = cfg.with_overrides(cfg.Config(), **{"cells.count": 4, "fleet.target": None})
     assert c.cells.count == 4 and c.fleet.target == 0.9

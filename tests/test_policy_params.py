@@ -38,6 +38,9 @@ def test_policy_eval_refuses_an_empty_seed_range_and_an_unknown_parameter():
     assert r.returncode == 2 and "'5:5' holds no seed" in r.stderr and not r.stdout
     r = _policy_eval("--seeds", "9:3")
     assert r.returncode == 2 and "holds no seed" in r.stderr
+    for outside in ("--seeds=-3:2", "--seeds=4294967296:4294967297"):  # no simulator takes them: one line, not a traceback
+        r = _policy_eval(outside)
+        assert r.returncode == 2 and "seeds are 0 to 2**32 - 1" in r.stderr and "Traceback" not in r.stderr
     r = _policy_eval("--params", '{"ang_lenn": 80}', "--seeds", "0:1")
     assert r.returncode == 2 and "unknown policy parameter(s) ang_lenn" in r.stderr and not r.stdout
     r = _policy_eval("--params", '{"ang_len": 80}', "--seeds", "0:1")  # the correct name runs

@@ -144,6 +144,8 @@ def parse_seeds(spec: str) -> range:
         raise argparse.ArgumentTypeError(f"{spec!r} is not A:B (a half-open range of seeds)") from None
     if b <= a:
         raise argparse.ArgumentTypeError(f"{spec!r} holds no seed (A:B is half-open: B must exceed A)")
+    if a < 0 or b > 2**32:
+        raise argparse.ArgumentTypeError(f"{spec!r}: seeds are 0 to 2**32 - 1 (simulators take no others)")
     return range(a, b)
 
 
