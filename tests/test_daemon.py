@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_fleet import FAST, ROOT, _board, _check_ledger, _episodes, _start, _wait_for
@@ -133,8 +134,15 @@ def test_a_taken_listen_address_is_one_line(tmp_path):
     assert len(lines) == 1 and "bus.listen" in lines[0] and "Address in use" in lines[0], lines
 
 
+def _start_endless(tmp_path: Path) -> subprocess.Popen:
+    """A daemon that does not stop at the target (the template can meet it within the test's time)."""
+    config = tmp_path / "endless.toml"
+    config.write_text(FAST.format(budget=5.0, cells=2, lease_s=60.0).replace("[fleet]\n", "[fleet]\nstop_at_target = false\n", 1))
+    return _start(tmp_path, budget=5.0, extra=("--config", str(config)))
+
+
 def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
-    proc = _start(tmp_path, budget=5.0)
+    proc = _start_endless(tmp_path)
     _wait_for(lambda: _episodes(tmp_path) >= 20, 120, "episodes")
     # status works from another terminal while it runs
     r = _run("enpire.status", "--state-dir", str(tmp_path / "state"), "--json")
@@ -178,7 +186,7 @@ def test_sigterm_drains_within_ten_seconds_and_keeps_the_data(tmp_path):
 def test_a_second_stop_signal_during_the_drain_is_ignored(tmp_path):
     """Ctrl-C twice, or a supervisor that repeats SIGTERM: the first stops the run, the rest are read and
     logged, and the drain still ends with the summary and report.json (they once killed it mid-drain)."""
-    proc = _start(tmp_path, budget=5.0)
+    proc = _start_endless(tmp_path)
     _wait_for(lambda: _episodes(tmp_path) >= 10, 120, "episodes")
     for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
         proc.send_signal(sig)
