@@ -95,7 +95,6 @@ class Trainer(Actor):
         self.trainers: dict[str, TrainerRecord] = {}
         self._work = trio.Event()  # set when a job is queued; replaced once consumed
         self._hashes: dict[str, tuple[float, str]] = {}  # episode file -> (mtime, content hash)
-        self._writing = trio.Lock()  # trainers' records are written one at a time (see _save)
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -261,13 +260,12 @@ class Trainer(Actor):
 
     async def _save(self, *trainer_ids: str) -> None:
         """Write trainers' records (what `status` shows) in a worker thread, so the loop never waits for
-        LMDB's fsync; one write at a time, each encoding the records as they are then, so the last holds
-        the latest state."""
+        LMDB's fsync. Each write encodes the records inside its transaction, and LMDB runs one write
+        transaction at a time, so the last to commit holds the latest state."""
         def write(w) -> None:
             for trainer_id in trainer_ids:
                 w.put("trainers", trainer_id, self.trainers[trainer_id])
-        async with self._writing:
-            await self.board.transact(write)
+        await self.board.transact(write)
 
     def _live_trainers(self) -> int:
         return sum(r.state != "offline" for r in self.trainers.values())

@@ -857,8 +857,7 @@ class Subscriber:
         self._sock.subscribe(b"")
         self._sock.dial(url, block=False)
         self._fd = self._sock.recv_fd
-        self._joined = False
-        self.last_heard = -math.inf  # trio time of the publisher's last frame, heartbeat probes included
+        self.last_heard = -math.inf  # trio time of the publisher's last frame, probes included (-inf: none yet)
         self._early: Envelope | None = None  # an event that arrived during wait_joined
         self._yielder = _Yielder()
 
@@ -883,7 +882,6 @@ class Subscriber:
             return envelope
         while True:
             envelope = await self._next()
-            self._joined = True
             if envelope.body != PROBE:
                 self.stats["received"] += 1
                 return envelope
@@ -893,13 +891,12 @@ class Subscriber:
         be running). Events published afterwards reach this subscriber unless it falls behind. Tell the
         publisher's side over the acked path if it must wait for you. Raises TimeoutError."""
         with trio.move_on_after(timeout):
-            while not self._joined:
+            while self.last_heard == -math.inf:
                 envelope = await self._next()
-                self._joined = True
                 if envelope.body != PROBE:  # an event came first: keep it for receive()
                     self.stats["received"] += 1
                     self._early = envelope
-        if not self._joined:
+        if self.last_heard == -math.inf:
             raise TimeoutError(f"{self.url}: nothing from the publisher after {timeout}s (is its heartbeat running?)")
 
     def __aiter__(self) -> Subscriber:
