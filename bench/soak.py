@@ -97,6 +97,7 @@ ADVERSARIAL = ROOT / "tests" / "adversarial"
 HOSTILE = ("hook_bypass_setsid", "stale_frame_flood", "bus_connect", "huge_reason", "scratch_fill", "memfd_hoard",
            "ignore_sigxcpu", "raise_memoryerror_subclass", "complex_action", "fork", "kill_parent", "tamper_hook")
 HOSTILE_SHARE = 0.12  # of the team's evaluate calls (the issue asks for at least 10% of evaluations)
+CI_CAP_S = 10 * 60
 KINDS = ["kill_cell", "stop_cell", "kill_daemon", "garbage", *(f"model_{k}" for k in FAULT_KINDS), "model_outage"]
 
 CONFIG = """
@@ -405,7 +406,7 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--ci", action="store_true", help="CI mode: 2 minutes, then on until every fault kind ran once")
+    p.add_argument("--ci", action="store_true", help="CI mode: 2 minutes, then on until every fault kind ran once (at most 10 minutes)")
     p.add_argument("--cells", type=int, default=3)
     p.add_argument("--agents", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -449,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: the fleet recorded no episode (daemon exit code {fleet.proc.wait()}); see {fleet.output}",
               file=sys.stderr)
         return 2
-    # CI mode: at least two minutes, and on until every kind of fault was injected once (at most six).
-    cap = started + 6 * 60 if args.ci else deadline
+    # CI mode: at least two minutes, and on until every kind of fault was injected once. A fault may wait
+    # up to 2 minutes for its proof of survival, so a slow machine needs the room: at most ten minutes.
+    cap = started + CI_CAP_S if args.ci else deadline
     while time.time() < deadline or (args.ci and time.time() < cap and set(KINDS) - set(injected)):
         time.sleep(rng.uniform(3.0, 8.0) if not args.ci else rng.uniform(2.0, 4.0))
         rss["daemon_mb"] = max(rss["daemon_mb"], _rss_mb(fleet.proc.pid))
@@ -514,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     hostile_commits = {c for a in sim.policy.agents.values() for c in a.hostile_ids}
     result = {
         "minutes": minutes, "cells": args.cells, "agents": args.agents, "daemon_starts": fleet.starts,
-        "faults_injected": dict(injected), "faults_survived": dict(survived),
+        "fault_kinds": KINDS, "faults_injected": dict(injected), "faults_survived": dict(survived),
         "faults_not_survived": failed, "outages": outages,
         "final_exit_code": code, "max_rss": {k: round(v, 1) for k, v in rss.items()},
         **audit(args.state_dir, seen_findings, seen_tokens),

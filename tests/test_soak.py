@@ -1,5 +1,5 @@
 """The soak benchmark's CI mode: faults against the real fleet for two minutes and until every kind was
-injected once (at most six), then the ledger and replay audit."""
+injected once (at most ten minutes), then the ledger and replay audit."""
 
 import json
 import subprocess
@@ -13,14 +13,14 @@ MODEL_FAULTS = {"model_rate_limit", "model_server_error", "model_timeout", "mode
 
 def test_soak_ci_mode_loses_nothing(tmp_path):
     r = subprocess.run([sys.executable, "bench/soak.py", "--ci", "--cells", "2", "--seed", "7",
-                        "--state-dir", str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--state-dir", str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     result = json.loads(r.stdout)
     assert result["episodes_lost"] == 0 and result["duplicates"] == 0, result
     assert result["findings_intact"], result["findings"]
     assert result["champion_consistent"], result["champion"]  # its tallies against the recorded episodes
     assert result["leaderboard_consistent"], result["leaderboard"]
     assert result["progress"], result
-    assert sum(result["faults_injected"].values()) >= 10
+    assert set(result["faults_injected"]) == set(result["fault_kinds"]), result["faults_injected"]  # each kind, once or more
     assert result["faults_injected"] == result["faults_survived"], result["faults_not_survived"]
     # One agent's outage paused that agent only: the fleet recorded episodes while it was silent.
     assert len(result["outages"]) == result["faults_injected"]["model_outage"], result["outages"]
