@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from importlib import metadata
+
+from enpire import command
 
 # name: (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return module.main(args.args, prog=f"enpire {args.command}")
-    except BrokenPipeError:  # the reader went away (`enpire status | head -1`): stop quietly, as other tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
-        return 1
+    return command.run(module.main, args.args, prog=f"enpire {args.command}")
 
 
 if __name__ == "__main__":

@@ -681,4 +681,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from enpire import command
+
+    sys.exit(command.run(main))

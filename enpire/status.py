@@ -198,4 +198,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from enpire import command
+
+    sys.exit(command.run(main))

@@ -6,6 +6,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 from enpire import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,15 +122,28 @@ def test_logs_show_every_line_even_ones_that_are_not_ours(tmp_path, capsys):
     assert [line for line in out if not line.startswith("(unparsed)")] == [" error   judge        boom "]
 
 
-def test_a_reader_that_goes_away_stops_a_command_quietly(tmp_path):
+@pytest.mark.parametrize("how", ["enpire", "python -m"])
+def test_a_reader_that_goes_away_stops_a_command_quietly(tmp_path, how):
     """`enpire status | head -1`: the rest of the output has nowhere to go; no traceback."""
     (tmp_path / "chatty_cmd.py").write_text(
-        "def main(argv=None, prog=''):\n    for i in range(10**6):\n        print('line', i)\n    return 0\n")
+        "import sys, time\ndef main(argv=None, prog=''):\n    print('line', 0, flush=True)\n"
+        "    time.sleep(0.5)  # the reader is gone by now\n    for i in range(3):\n        print('line', i)\n"
+        "    return 0\n"
+        "if __name__ == '__main__':\n    from enpire import command\n\n    sys.exit(command.run(main))\n")
     code = ("import sys; from enpire import cli; cli.COMMANDS['chatty'] = ('chatty_cmd', 'prints a lot'); "
             "sys.exit(cli.main(['chatty']))")
+    argv = [sys.executable, "-c", code] if how == "enpire" else [sys.executable, "-m", "chatty_cmd"]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdout.readline() == b"line 0\n"
     proc.stdout.close()  # the reader goes away
     assert proc.wait(timeout=60) == 1
     assert proc.stderr.read() == b""
+
+
+def test_every_command_run_as_a_module_ends_as_the_enpire_command_does():
+    """`python -m enpire.status | head -1` as quiet as `enpire status | head -1`: each command's module
+    runs its main through `command.run`."""
+    for module, _ in cli.COMMANDS.values():
+        source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+        assert source.rstrip().endswith("sys.exit(command.run(main))"), module
