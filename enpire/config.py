@@ -320,6 +320,8 @@ def check(config: Config, source: str = "<config>") -> None:
                           f"scheduler.alpha {config.scheduler.alpha}; raise fleet.min_heldout or lower the target")
     if config.fleet.baseline and not (Path(config.fleet.baseline) / "policy.py").is_file():
         raise ConfigError(f"{source}: fleet.baseline: {config.fleet.baseline!r} has no policy.py")
+    if config.agents.notes_dir and not Path(config.agents.notes_dir).is_dir():
+        raise ConfigError(f"{source}: agents.notes_dir: {config.agents.notes_dir!r} is not a folder")
     if config.agents.backend != "builtin" and not config.agents.model:
         raise ConfigError(f"{source}: agents.model: backend {config.agents.backend!r} needs a model name")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.trainer.device):

@@ -586,6 +586,20 @@ def short_lease(config: cfg.Config) -> str | None:
             "episodes re-run again and again")
 
 
+def trainer_device_problem(device: str) -> str | None:
+    """Why the daemon's own training cannot use `device`, or None. Only a named GPU can be missing ("auto"
+    falls back to the CPU), so torch is imported only then."""
+    if not device.strip().lower().startswith("cuda"):
+        return None
+    from enpire.learning.device import DeviceError, resolve
+
+    try:
+        resolve(device)
+    except DeviceError as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> int:
     args = parse_args(argv, prog)
     try:
@@ -609,6 +623,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
             return EXIT_CONFIG
         print(f"enpire: warning: sandbox: {reason}; running policies unconfined as configured "
               "([sandbox] require_isolation = false)", file=sys.stderr)
+    if config.trainer.local_slots and (reason := trainer_device_problem(config.trainer.device)) is not None:
+        print(f"enpire: trainer.device: {reason} (local_slots = {config.trainer.local_slots}: the daemon trains "
+              "here; set device = \"auto\" or local_slots = 0 to leave training to joined trainers)", file=sys.stderr)
+        return EXIT_CONFIG
     if config.bus.listen and not os.environ.get(config.bus.secret_env):
         print(f"enpire: bus.listen is {config.bus.listen!r} but ${config.bus.secret_env} is empty: "
               "remote cells authenticate with that shared secret", file=sys.stderr)

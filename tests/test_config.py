@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from enpire import config as cfg
+from enpire import fleet
 
 
 def test_embedded_default_is_valid():
@@ -29,6 +30,7 @@ def test_repository_enpire_toml_is_valid():
         ("[fleet]\ntarget = 1.5\n", "fleet.target"),
         ("[fleet]\nfinal_seeds = 200000\n", "fleet.final_seeds 200000"),  # more than the held-out pool
         ("[scheduler]\npromote_seeds = 200000\n", "scheduler.promote_seeds 200000"),
+        ("[agents]\nnotes_dir = '/nonexistent/notes'\n", "agents.notes_dir"),  # a typo, found at start
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(text, key):
@@ -116,3 +118,23 @@ def test_daemon_refuses_a_bad_state_dir_with_exit_2(state_dir, tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "state_dir" in r.stderr
+
+
+def test_a_gpu_the_daemon_cannot_train_on_is_refused_at_start_in_one_line(tmp_path):
+    """[trainer] device = "cuda:7" on a machine without it: exit 2 before anything starts, not a failed
+    training job minutes into the run. With local_slots = 0 only joined trainers train: no check here."""
+    import subprocess
+    import sys
+
+    import torch
+
+    argv = [sys.executable, "-m", "enpire.fleet", "--state-dir", str(tmp_path / "state"), "--cells", "0",
+            "--agents", "0", "--budget-minutes", "0.01", "--quiet", "--config"]
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    (tmp_path / "gpu.toml").write_text("[trainer]\ndevice = 'cuda:7'\n")
+    r = subprocess.run([*argv, str(tmp_path / "gpu.toml")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "trainer.device" in r.stderr, r.stderr
+    assert not (tmp_path / "state").exists()
+    assert fleet.trainer_device_problem("cpu") is None and fleet.trainer_device_problem("auto") is None
