@@ -341,7 +341,9 @@ SYSTEM_TREES = ("/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/bin", "/sbin
 
 
 # What a fleet writes in its state directory: any of them, and a folder is a state dir (a new one is empty).
-STATE_MARKERS = ("daemon.lock", "blackboard.lmdb", "logs", "workspace", "episodes", "report.json")
+# RUN_RECORDS are a run's results: beside an empty blackboard they mean the blackboard lost its run.
+RUN_RECORDS = ("episodes", "report.json")
+STATE_MARKERS = ("daemon.lock", "blackboard.lmdb", "logs", "workspace", *RUN_RECORDS)
 
 
 def state_dir_problem(path: str | Path) -> str | None:

@@ -169,9 +169,6 @@ def lock_state_dir(path: Path) -> StateLock:
         raise StateDirError(f"{path}: cannot use as a state directory: {e.strerror or e}") from None
 
 
-RUN_FILES = ("episodes", "report.json")  # a run's records: an empty blackboard beside them lost its run
-
-
 def _holds_files(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and next(path.iterdir(), None) is not None)
 
@@ -186,7 +183,7 @@ def open_state_dir(path: Path, map_size_mb: int = 1024) -> tuple[Blackboard, Met
     except (OSError, lmdb.Error) as e:
         raise StateDirError(f"{path / 'blackboard.lmdb'}: cannot open the blackboard: {e}") from None
     if meta is None and board.count("episodes") == 0:
-        if leftovers := [name for name in RUN_FILES if _holds_files(path / name)]:
+        if leftovers := [name for name in cfg.RUN_RECORDS if _holds_files(path / name)]:
             board.close()  # an emptied or replaced blackboard: a new run here would orphan the old one's records
             raise StateDirError(f"{path / 'blackboard.lmdb'}: holds no run, but the directory holds a run's "
                                 f"{', '.join(leftovers)}: the blackboard was emptied or replaced; restore it, or "
