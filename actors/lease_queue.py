@@ -26,7 +26,6 @@ from bus.events import EventHub
 from bus.records import CellRecord, EpisodeRecord, JobRecord, LeaseRecord, QueueRecord
 from enpire.bundles import BundleError, BundleStore
 from enpire.config import Config
-from enpire.metrics import Utilization
 from enpire.queueing import (
     CellState,
     Episode,
@@ -120,6 +119,8 @@ class LeaseQueue(Actor):
                 return await self._submit(msg.job)
             case m.CancelJob():
                 return await self._cancel(msg.job_id)
+            case m.UtilizationRequest():
+                return m.UtilizationReport(cells=self.utilization(), recorded=self.recorded)
             case m.Clearance():
                 self.cleared[msg.policy.ref] = msg.passed
                 self._wake()
@@ -341,6 +342,6 @@ class LeaseQueue(Actor):
             await self.board.transact(lambda w, record=record: w.put("meta", "queue", record))
             await trio.sleep(0.1)
 
-    def utilization(self, now: float | None = None) -> dict[str, Utilization]:
+    def utilization(self, now: float | None = None) -> dict[str, m.Utilization]:
         now = now or time.time()
         return {cid: c.utilization(now) for cid, c in self.cells.items()}

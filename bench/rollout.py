@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import trio  # noqa: E402
 
 from bus.blackboard import Blackboard  # noqa: E402
-from bus.messages import EvalRequest, EvalResult, PolicySpec  # noqa: E402
+from bus.messages import EvalRequest, EvalResult, PolicySpec, QueueDepth  # noqa: E402
 from bus.records import EpisodeRecord  # noqa: E402
 from enpire import config as cfg  # noqa: E402
 from enpire.agents import pusht_policy  # noqa: E402
@@ -111,10 +111,10 @@ def measure(seeds: list[int], params: dict[str, float], cells: int, pinning: str
             core = await start_core(nursery, config, state_dir, board, meta)
             commit = core.workspace.commit("agent/bench", {"policy.py": Path(pusht_policy.__file__).read_text()},
                                            "bench policy")
-            queue = core.system.actors["queue"]
-            with trio.fail_after(120):  # wait until every cell process has joined (imports take seconds)
-                while len(getattr(queue.current, "cells", {})) < cells:
-                    await trio.sleep(0.1)
+            with trio.fail_after(120), core.events.subscribe(QueueDepth) as depths:  # every cell has joined
+                depth = core.events.latest(QueueDepth)  # (their imports take seconds)
+                while depth is None or depth.cells < cells:
+                    depth = await depths.receive()
 
             async def full(job_seeds: list[int]) -> tuple[EvalResult, float]:
                 t = time.perf_counter()

@@ -407,6 +407,37 @@ class FinalResult(Message, frozen=True):
     final: FinalJudged
 
 
+# ----------------------------------------------------------------------------- fleet <-> lease queue
+
+
+class Utilization(msgspec.Struct, frozen=True):
+    """Time shares of one cell over a window (`metrics.utilization` computes it); MRU counts only `running`."""
+
+    wall_s: float
+    running_s: float
+    agent_s: float  # running on agent-requested experiments (including held-out judging of candidates)
+    background_s: float  # running background work (champion re-evaluation)
+    by_state: dict[str, float]
+
+    @property
+    def mru(self) -> float:
+        return self.running_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def agent_share(self) -> float:
+        """Share of running time spent on agents' experiments."""
+        return self.agent_s / self.running_s if self.running_s > 0 else 0.0
+
+
+class UtilizationRequest(Message, frozen=True):
+    """The fleet asks the lease queue for its cells' time shares (each progress tick, and for the report)."""
+
+
+class UtilizationReport(Message, frozen=True):
+    cells: dict[str, Utilization]  # every cell the queue has seen, over its MRU window
+    recorded: int  # episodes on the blackboard
+
+
 # ----------------------------------------------------------------------------- agents <-> trainer
 
 

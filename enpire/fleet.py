@@ -38,6 +38,7 @@ from bus.backoff import backoff_delay
 from bus.blackboard import Blackboard, BlackboardError
 from bus.events import EventHub, events_url, relay
 from bus.messages import (
+    Address,
     BundleRequest,
     CellStateChanged,
     ChampionChanged,
@@ -61,6 +62,8 @@ from bus.messages import (
     TrainerHeartbeat,
     TrainerHello,
     TrainJobRequest,
+    UtilizationReport,
+    UtilizationRequest,
     VerifyRequest,
 )
 from bus.records import (
@@ -418,7 +421,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                                       config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
                                       target=config.fleet.target)
                 sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
-                ticks = Ticks(logger, board, config, system, started, deadline, daemon, events, sink)
+                ticks = Ticks(logger, board, config, core.queue, started, deadline, daemon, events, sink)
                 nursery.start_soon(ticks.feed_sink)
                 nursery.start_soon(ticks.run)
                 # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
@@ -436,8 +439,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 ended.set()
                 # The run's figures (time, MRU) end here; the final judging is reported on its own.
                 outcome.elapsed_s = time.time() - started
-                queue = system.actors["queue"].current
-                stats["utilization"] = queue.utilization() if isinstance(queue, LeaseQueue) else {}
+                stats["utilization"] = (await queue_shares(core.queue)).cells
                 depth = events.latest(QueueDepth)
                 if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
                     logger.warning("final_judging_skipped", detail="no cell is connected")
@@ -467,13 +469,22 @@ async def _final_judging(logger, core: Core, config: cfg.Config) -> None:
         logger.warning("final_judging_incomplete", reply=str(reply)[:200] if not scope.cancelled_caught else "timeout")
 
 
+async def queue_shares(queue: Address) -> UtilizationReport:
+    """The lease queue's cells' time shares, asked as a message; none while it restarts (a crash of the
+    queue must not stop the progress lines or the report)."""
+    reply = None
+    with trio.move_on_after(5.0):  # a full mailbox too: the ask's own timeout starts once it is sent
+        reply = await queue.ask(UtilizationRequest(), timeout=10.0)
+    return reply if isinstance(reply, UtilizationReport) else UtilizationReport(cells={}, recorded=0)
+
+
 class Ticks:
     """Progress lines (and the TensorBoard sink), the daemon's liveness record and the no-cell warning, every
-    progress_s, from what the actors hold and publish: a timer, not a read of the blackboard."""
+    progress_s, from what the actors answer and publish: a timer, not a read of the blackboard."""
 
-    def __init__(self, logger, board: Blackboard, config: cfg.Config, system: ActorSystem, started: float,
+    def __init__(self, logger, board: Blackboard, config: cfg.Config, queue: Address, started: float,
                  deadline: float, daemon: DaemonRecord, events: EventHub, sink: TensorBoardSink | None):
-        self.logger, self.board, self.config, self.system, self.events = logger, board, config, system, events
+        self.logger, self.board, self.config, self.queue, self.events = logger, board, config, queue, events
         self.started, self.deadline, self.daemon, self.sink = started, deadline, daemon, sink
         # Local cells take a while to start (imports, simulator); a fleet waiting for remote ones says so sooner.
         grace = 30.0 if config.cells.count else 3 * config.fleet.progress_s
@@ -502,14 +513,12 @@ class Ticks:
     async def tick(self) -> None:
         self.daemon.last_seen = now = time.time()
         await trio.to_thread.run_sync(self.board.put, "meta", "daemon", self.daemon)
-        queue = self.system.actors["queue"].current
-        live = isinstance(queue, LeaseQueue)
-        mru = mean_robot_utilization(queue.utilization()) if live else 0.0
-        p = progress.progress(now, self.started, self.deadline, queue.recorded if live else 0,
-                              self.events.latest(ChampionChanged), mru, self.tokens.total, self.agent_tokens)
+        shares = await queue_shares(self.queue)
+        p = progress.progress(now, self.started, self.deadline, shares.recorded, self.events.latest(ChampionChanged),
+                              mean_robot_utilization(shares.cells), self.tokens.total, self.agent_tokens)
         self.logger.info("progress", **progress.log_fields(p, self.started))
         self.events.publish(p)  # the sink (and any other subscriber) takes it from here
-        cells = sum(c.record.state != "offline" for c in queue.cells.values()) if live else 0
+        cells = depth.cells if (depth := self.events.latest(QueueDepth)) is not None else 0
         if (waiting := self.watch.check(now, cells)) is not None:
             self.logger.warning("no_cells", waiting_s=round(waiting), local=self.config.cells.count,
                                 listen=self.config.bus.listen, detail="no cell is connected, so no episode runs")

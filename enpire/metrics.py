@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bus.messages import Segment
+from bus.messages import Segment, Utilization
 from bus.records import Finding
 
 Z95 = 1.959963984540054
@@ -78,26 +78,6 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
         if n >= max_n or n + needed > max_n:
             return "not_met"
     return "unlikely" if llr <= math.log(beta) else ""
-
-
-@dataclass(frozen=True)
-class Utilization:
-    """Time shares of one cell over a window; MRU counts only `running`."""
-
-    wall_s: float
-    running_s: float
-    agent_s: float  # running on agent-requested experiments (including held-out judging of candidates)
-    background_s: float  # running background work (champion re-evaluation)
-    by_state: dict[str, float]
-
-    @property
-    def mru(self) -> float:
-        return self.running_s / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def agent_share(self) -> float:
-        """Share of running time spent on agents' experiments."""
-        return self.agent_s / self.running_s if self.running_s > 0 else 0.0
 
 
 def utilization(segments: Iterable[Segment], wall_s: float) -> Utilization:

@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from bus.messages import PolicySpec
 from bus.records import Champion
 from enpire import progress
@@ -28,13 +30,16 @@ def test_no_cell_warning_after_the_grace_then_every_minute_until_one_joins():
     assert watch.check(110.0, 0) is None and watch.check(141.0, 0) == 31.0  # they left: a fresh grace
 
 
-async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path):
+@pytest.mark.parametrize("restarting", [False, True])
+async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path, restarting):
+    """Episodes and MRU come from asking the lease queue (none while it restarts); tokens from the ledger
+    once, then from the agents' events."""
     import structlog
     import trio
 
     from bus.blackboard import Blackboard
     from bus.events import EventHub
-    from bus.messages import Progress, TokensUsed
+    from bus.messages import Failure, Progress, TokensUsed, Utilization, UtilizationReport, UtilizationRequest
     from bus.records import DaemonRecord, TokenRecord
     from enpire import config as cfg
     from enpire.fleet import Ticks
@@ -44,12 +49,16 @@ async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path)
     config = cfg.with_overrides(cfg.Config(), **{"fleet.progress_s": 0.05})
     events = EventHub()
 
-    class NoActors:  # the lease queue is restarting: no episodes or MRU this tick, tokens still count
-        actors = {"queue": type("Slot", (), {"current": None})()}
+    class Queue:  # the lease queue's address: restarting (a Failure) or answering with its cells' shares
+        async def ask(self, msg, timeout=30.0):
+            assert isinstance(msg, UtilizationRequest)
+            if restarting:
+                return Failure(error="lease queue restarting")
+            return UtilizationReport(cells={"c0": Utilization(10.0, 5.0, 5.0, 0.0, {"running": 5.0})}, recorded=7)
 
     now = time.time()
     daemon = DaemonRecord(1, now, now, "running", 0, 1, "pusht")
-    ticks = Ticks(structlog.get_logger(), board, config, NoActors(), now, now + 600, daemon, events, None)
+    ticks = Ticks(structlog.get_logger(), board, config, Queue(), now, now + 600, daemon, events, None)
     with events.subscribe(Progress) as progress_events:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticks.run)
@@ -64,3 +73,4 @@ async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path)
     assert first.tokens == 1200 and later.tokens == 1600
     assert first.agent_tokens == {"agent-0": 1200} and later.agent_tokens == {"agent-0": 1250, "agent-1": 350}
     assert 590 < later.time_left_s <= 600 and later.tokens_per_min > 0
+    assert (later.episodes, later.mru) == ((0, 0.0) if restarting else (7, 0.5))
