@@ -29,7 +29,7 @@ from bus.events import EventHub
 from bus.records import Champion, HeldoutRecord, JobRecord, SmokeRecord
 from enpire import judging, leaderboard
 from enpire.config import Config
-from enpire.heldout import PoolExhausted, draw, running_low
+from enpire.heldout import PoolExhausted, draw, running_low, unfinished_final_seeds
 from enpire.judging import PRIORITY, tally
 from enpire.queueing import finished, spec_of
 
@@ -287,8 +287,9 @@ class Judge(Actor):
         start = self.baseline or self.board.get("meta", "start", m.PolicySpec)
         if start is None:
             return m.Failure(error="no starting policy: no baseline and no agent evaluated anything")
-        try:
-            seeds = await self._draw(msg.task, msg.seeds)
+        try:  # one cut short (a stop signal) goes on with its seeds, so its recorded episodes count
+            seeds = (await trio.to_thread.run_sync(unfinished_final_seeds, self.board, msg.task, msg.seeds)
+                     or await self._draw(msg.task, msg.seeds))
         except PoolExhausted as e:
             return m.Failure(error=str(e))
         best = c.policy if (c := self.champion()) else None

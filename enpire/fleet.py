@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import msgspec
 import pynng
 import structlog
 import trio
@@ -377,7 +378,11 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     return Core(system, queue, judge, verifier, trainer, workspace, url, stopping, events)
 
 
-async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta: Meta) -> tuple[Outcome, dict]:
+async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta: Meta,
+                    final_only: bool = False) -> tuple[Outcome, dict]:
+    """The run: cells, judge and agents until the target, the budget or a stop signal, then the final judging.
+    `final_only`: the run met its target before and only its final judging (cut short then) is left: the
+    cells and the judge start for it alone, without agents."""
     logger = structlog.get_logger().bind(actor="fleet")
     started = time.time()
     deadline = started + config.fleet.budget_minutes * 60
@@ -408,40 +413,45 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
             async with trio.open_nursery() as nursery:
                 core = await start_core(nursery, config, state_dir, board, meta, stopping)
                 system, workspace, events = core.system, core.workspace, core.events
-                await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
-                room = Room()  # the team's pacing marks, one for all agents
-                for i in range(config.agents.count):
-                    tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer, state_dir=state_dir,
-                                        events=events, room=room)
-                    await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
-                logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
-                            budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
-
                 daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                       config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
                                       target=config.fleet.target)
-                sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
-                ticks = Ticks(logger, board, config, core.queue, started, deadline, daemon, events, sink)
-                nursery.start_soon(ticks.feed_sink)
-                nursery.start_soon(ticks.run)
-                # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
-                with trio.move_on_at(trio.current_time() + deadline - time.time()), \
-                        events.subscribe(ChampionChanged, buffer=16) as champions:
-                    async def on_target() -> None:
-                        latest = events.latest(ChampionChanged)
-                        while not (config.fleet.stop_at_target and target_met(latest)):
-                            latest = await champions.receive()
-                        outcome.reason = "target"
-                        outcome.time_to_target_s = time.time() - started
-                        stopping.set()
-                    nursery.start_soon(on_target)
-                    await stopping.wait()
+                sink = None
+                if final_only:
+                    outcome.reason = "target"  # met in the run before
+                    logger.info("final_judging_resumed", cells=config.cells.count, state_dir=str(state_dir))
+                else:
+                    await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
+                    room = Room()  # the team's pacing marks, one for all agents
+                    for i in range(config.agents.count):
+                        tools = agent_tools(config, i, workspace, core.judge, board, trainer=core.trainer,
+                                            state_dir=state_dir, events=events, room=room)
+                        await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
+                    logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
+                                budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
+                    sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
+                    ticks = Ticks(logger, board, config, core.queue, started, deadline, daemon, events, sink)
+                    nursery.start_soon(ticks.feed_sink)
+                    nursery.start_soon(ticks.run)
+                    # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
+                    with trio.move_on_at(trio.current_time() + deadline - time.time()), \
+                            events.subscribe(ChampionChanged, buffer=16) as champions:
+                        async def on_target() -> None:
+                            latest = events.latest(ChampionChanged)
+                            while not (config.fleet.stop_at_target and target_met(latest)):
+                                latest = await champions.receive()
+                            outcome.reason = "target"
+                            outcome.time_to_target_s = time.time() - started
+                            stopping.set()
+                        nursery.start_soon(on_target)
+                        await stopping.wait()
                 ended.set()
                 # The run's figures (time, MRU) end here; the final judging is reported on its own.
                 outcome.elapsed_s = time.time() - started
                 stats["utilization"] = (await queue_shares(core.queue)).cells
                 depth = events.latest(QueueDepth)
-                if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells):
+                # (its own cells are still starting when a run resumes only its final judging: it waits for them)
+                if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells or final_only):
                     logger.warning("final_judging_skipped", detail="no cell is connected")
                 elif outcome.reason != "signal" and config.fleet.final_seeds:
                     with final:
@@ -549,6 +559,33 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
         # team and per-agent ledger totals; CLI agents' runs add the cost their CLI reported (cli_cost_usd)
         "tokens": ledger.summary(board.values("tokens", TokenRecord), board.values("cli_runs", CLIRunRecord)),
     }
+
+
+class CellFigures(msgspec.Struct):
+    mru: float
+    agent_share: float
+    wall_s: float
+    by_state_s: dict[str, float]
+
+
+class RunFigures(msgspec.Struct):
+    """What a finished run's report.json says of the run itself: a run resumed only for its final judging
+    keeps them (its time and MRU end where the run ended)."""
+
+    outcome: str
+    elapsed_s: float
+    time_to_target_s: float | None
+    mru: float
+    cells: dict[str, CellFigures]
+    actor_restarts: dict[str, int]
+
+
+def _run_figures(path: Path) -> dict | None:
+    """The run's own figures from its report.json, or None when it is missing or damaged."""
+    try:
+        return msgspec.to_builtins(msgspec.json.decode(path.read_bytes(), type=RunFigures))
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def format_report(report: dict) -> str:
@@ -667,20 +704,26 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         lock.release()
         print(f"enpire: {state_dir}: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    # A finished run, started again with the same target (or a lower one): say so, touch nothing.
+    # A finished run, started again with the same target (or a lower one): say so and touch nothing, unless
+    # its final judging was cut short (a stop signal) and its report is there: then that judging alone runs.
+    previous = None
     if config.fleet.stop_at_target and champion is not None and judging.confirmation(champion, config) == "met":
+        met = f"the target was already met here ({champion.policy.ref} confirmed {champion.successes}/{champion.n})"
         cut = config.fleet.final_seeds and board.get("meta", "final", FinalRecord) is None
-        board.close()
-        lock.release()
-        print(f"enpire: {state_dir}: the target was already met here ({champion.policy.ref} confirmed "
-              f"{champion.successes}/{champion.n}); nothing to run. Its report is {state_dir / 'report.json'}"
-              + (" (without its final judging, cut short or skipped: no start-vs-champion figures)" if cut else "")
-              + "; use a new --state-dir to start again", file=sys.stderr)
-        return EXIT_TARGET
+        previous = _run_figures(state_dir / "report.json") if cut else None
+        if previous is None:
+            board.close()
+            lock.release()
+            print(f"enpire: {state_dir}: {met}; nothing to run. Its report is {state_dir / 'report.json'}"
+                  + (" (without its final judging, cut short or skipped: no start-vs-champion figures)" if cut else "")
+                  + "; use a new --state-dir to start again", file=sys.stderr)
+            return EXIT_TARGET
+        print(f"enpire: {state_dir}: {met}, but its final judging was cut short: running that judging alone "
+              f"({config.fleet.final_seeds} fresh held-out seeds for the start and the champion)", file=sys.stderr)
     log.configure(state_dir, "fleet", console=not args.quiet)
     try:
         try:
-            outcome, stats = trio.run(run_fleet, config, state_dir, board, meta,
+            outcome, stats = trio.run(run_fleet, config, state_dir, board, meta, previous is not None,
                                       restrict_keyboard_interrupt_to_checkpoints=True)
         except (StartupError, ActorStartError, BaseExceptionGroup) as e:
             if (startup := _startup_error(e)) is None:
@@ -693,6 +736,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             report = build_report(board, config, outcome, stats)
+            if previous is not None:  # resumed for its final judging alone: the run's own figures stay
+                report.update(previous)
             (state_dir / "report.json").write_text(json.dumps(report, indent=2))
             print(format_report(report), flush=True)
         finally:

@@ -16,7 +16,8 @@ import hashlib
 import secrets
 
 from bus.blackboard import Blackboard
-from bus.records import HeldoutRecord
+from bus.messages import Purpose
+from bus.records import HeldoutRecord, JobRecord
 from enpire.config import Config, HeldoutSeeds
 
 ROUNDS = 6  # Feistel rounds of the keyed permutation (4 already make a pseudo-random permutation)
@@ -65,6 +66,14 @@ def draw(board: Blackboard, config: Config, task: str, k: int) -> tuple[list[int
         record.low = running_low(config, record)
         w.put("heldout", task, record)
     return seeds, record
+
+
+def unfinished_final_seeds(board: Blackboard, task: str, k: int) -> list[int] | None:
+    """Blocking (a scan of the jobs): the `k` seeds of `task`'s final judging if one was cut short before
+    its jobs finished, so that judging goes on where it was (same seeds and job ids, episodes kept)."""
+    cut = [j for j in board.values("jobs", JobRecord) if j.purpose == Purpose.FINAL and j.task == task
+           and len(j.seeds) == k and not (j.done or j.cancelled)]
+    return max(cut, key=lambda j: j.submitted).seeds if cut else None
 
 
 def running_low(config: Config, record: HeldoutRecord) -> bool:

@@ -81,6 +81,17 @@ def _episodes(tmp_path: Path) -> int:
         board.close()
 
 
+def _final_episodes(tmp_path: Path) -> list[tuple[str, int]]:
+    """(job, seed) of each recorded episode of the final judging."""
+    if _episodes(tmp_path) == 0:
+        return []
+    board = _board(tmp_path)
+    try:
+        return [(e.job_id, e.seed) for e in board.values("episodes", EpisodeRecord) if e.job_id.startswith("final-") and not e.flagged]
+    finally:
+        board.close()
+
+
 def _check_ledger(board: Blackboard) -> None:
     """Every episode of every finished job is recorded exactly once; counters agree with records."""
     episodes = {k: v for k, v in board.items("episodes", EpisodeRecord)}
@@ -114,6 +125,9 @@ def _cell_environments(daemon_pid: int, timeout: float) -> list[bytes]:
 def test_short_fleet_run_improves_over_its_start(tmp_path):
     proc = _start(tmp_path, env={**os.environ, **FAKE_SECRETS})  # keys in the environment must leak nowhere
     cell_envs = _cell_environments(proc.pid, timeout=60)
+    # Ctrl-C during the final judging, once a few of its episodes are recorded: the run keeps its outcome
+    _wait_for(lambda: proc.poll() is not None or len(_final_episodes(tmp_path)) >= 4, 240, "the final judging")
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=240)
     assert cell_envs, "no cell process seen"
     for environ in cell_envs:  # cells need no model key: they never get one
@@ -124,7 +138,8 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
     # The agent started from no policy (0% success); the champion now succeeds on held-out seeds.
     assert champion["policy"] and champion["heldout_confirm"]["n"] >= 30
     assert champion["heldout_confirm"]["rate"] >= 0.8
-    assert report["time_to_target_s"] > 0
+    assert report["time_to_target_s"] > 0 and report["outcome"] == "target"
+    assert report["start_vs_champion"] is None  # cut short
     assert set(report["cells"]) == {"cell-0", "cell-1"}
     assert 0.0 < report["mru"] <= 1.0
     assert report["regimes"]["agent-0"][0] == "tune"  # it starts by tuning its heuristic
@@ -158,6 +173,18 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
         assert value not in out and value not in err
     # the state directory is private to its user
     assert (tmp_path / "state").stat().st_mode & 0o077 == 0
+    # Started again: the final judging alone goes on, on the seeds it drew; the run's own figures stay.
+    cut = _final_episodes(tmp_path)
+    again = _start(tmp_path)
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err
+    assert "its final judging was cut short" in err and "started from" in out
+    resumed = json.loads((tmp_path / "state" / "report.json").read_text())
+    assert {k: resumed[k] for k in ("elapsed_s", "time_to_target_s", "mru", "cells")} == \
+        {k: report[k] for k in ("elapsed_s", "time_to_target_s", "mru", "cells")}
+    final, finals = resumed["start_vs_champion"], _final_episodes(tmp_path)
+    assert final["start"]["n"] == final["champion"]["n"] == 100 and final["champion"]["rate"] >= 0.8
+    assert set(cut) <= set(finals) and len(finals) == len(set(finals)) == 200  # none ran twice
     # Started again on the finished state: one line saying the target was met, and nothing recorded changes.
     before, episodes = (tmp_path / "state" / "report.json").read_bytes(), _episodes(tmp_path)
     again = _start(tmp_path)

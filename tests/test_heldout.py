@@ -204,6 +204,55 @@ async def test_the_final_judging_pairs_the_start_and_the_champion_on_the_same_fr
         nursery.cancel_scope.cancel()
 
 
+async def test_a_final_judging_cut_short_goes_on_with_its_seeds_after_a_restart(tmp_path):
+    """A stop signal during the final judging, then a start again: the judging goes on with the seeds it
+    drew (its jobs and recorded episodes kept), draws none, and runs no recorded episode twice."""
+    from bus.blackboard import Blackboard
+    from bus.messages import FinalJudging, FinalResult
+
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"scheduler.promote_seeds": 4, "scheduler.background": False,
+                                   "scheduler.heartbeat_s": 60.0})
+    start, best = PolicySpec("ba5e", {}), PolicySpec("aaaa", {})
+    board = Blackboard(tmp_path / "bb")
+    leased: list[tuple[str, int]] = []
+
+    async def final_until(ref, out: dict, cut_after: int | None) -> None:
+        async with trio.open_nursery() as inner:
+            async def final():
+                out["r"] = await ref.judge.ask(FinalJudging(task="pusht", seeds=5))
+            inner.start_soon(final)
+            while "r" not in out and (cut_after is None or len(leased) < cut_after):
+                lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.2))
+                if hasattr(lease, "seed") and lease.job_id.startswith("final-"):
+                    leased.append((lease.job_id, lease.seed))
+                    await ref.ask(_report(lease, lease.policy == best))
+                elif hasattr(lease, "seed"):
+                    await ref.ask(_report(lease, True))
+            inner.cancel_scope.cancel()  # cut short: the daemon stops with the judging unfinished
+
+    async with trio.open_nursery() as nursery:  # the run: a champion, then its final judging is cut
+        ref, board, _ = await _start(nursery, tmp_path, config, board=board, baseline=start)
+        await _hello(ref)
+        assert (await _judge(ref, best, "pa", 4, 4)).promoted
+        await final_until(ref, {}, cut_after=4)
+        nursery.cancel_scope.cancel()
+    drawn = board.get("heldout", "pusht", HeldoutRecord).used
+    first = {seed for _, seed in leased}
+    async with trio.open_nursery() as nursery:  # started again
+        ref, board, _ = await _start(nursery, tmp_path, config, board=board, baseline=start)
+        await _hello(ref)
+        out: dict = {}
+        await final_until(ref, out, cut_after=None)
+        nursery.cancel_scope.cancel()
+    assert isinstance(out["r"], FinalResult), out
+    r = out["r"].final
+    assert first <= set(r.seeds) and board.get("heldout", "pusht", HeldoutRecord).used == drawn  # none drawn
+    assert len(leased) == len(set(leased)) == 10  # 5 seeds x (start, champion), each episode leased once
+    assert (r.start_successes, r.start_n, r.champion_successes, r.champion_n) == (0, 5, 5, 5)
+    board.close()
+
+
 async def test_status_shows_the_pool_and_warns_when_it_runs_low(tmp_path):
     from enpire import status
 
