@@ -420,6 +420,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 if final_only:
                     outcome.reason = "target"  # met in the run before
                     logger.info("final_judging_resumed", cells=config.cells.count, state_dir=str(state_dir))
+                    await trio.to_thread.run_sync(board.put, "meta", "daemon", daemon)  # `status`: running
                 else:
                     await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
                     room = Room()  # the team's pacing marks, one for all agents
