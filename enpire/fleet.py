@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lmdb
 import msgspec
@@ -390,6 +391,9 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
     stats: dict = {}
 
     stopping, ended = trio.Event(), trio.Event()  # ended: the run's time is over (target, budget or signal)
+    if final_only:  # the run ended before (at its target); a signal now only cuts the judging short
+        outcome.reason = "target"
+        ended.set()
     final = trio.CancelScope()  # the final judging after it, which a signal cuts short
 
     async def on_signal(signals) -> None:
@@ -416,11 +420,12 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                       config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
                                       target=config.fleet.target)
-                sink = None
+                sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard and not final_only else None
+                ticks = Ticks(logger, board, config, core.queue, started, deadline, daemon, events, sink)
+                nursery.start_soon(ticks.feed_sink)
+                nursery.start_soon(ticks.run)  # progress lines and the daemon's liveness record, final judging too
                 if final_only:
-                    outcome.reason = "target"  # met in the run before
                     logger.info("final_judging_resumed", cells=config.cells.count, state_dir=str(state_dir))
-                    await trio.to_thread.run_sync(board.put, "meta", "daemon", daemon)  # `status`: running
                 else:
                     await system.spawn("summarizer", lambda: Summarizer(board, config.cells.task, events))
                     room = Room()  # the team's pacing marks, one for all agents
@@ -430,10 +435,6 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                         await system.spawn(tools.agent, lambda tools=tools, i=i: AgentActor(tools.agent, make_backend(config, i), tools))
                     logger.info("fleet_started", cells=config.cells.count, agents=config.agents.count, state_dir=str(state_dir),
                                 budget_minutes=config.fleet.budget_minutes, target=config.fleet.target)
-                    sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard else None
-                    ticks = Ticks(logger, board, config, core.queue, started, deadline, daemon, events, sink)
-                    nursery.start_soon(ticks.feed_sink)
-                    nursery.start_soon(ticks.run)
                     # The run ends on an event (the judge's "met", a signal) or at the deadline: nothing is polled.
                     with trio.move_on_at(trio.current_time() + deadline - time.time()), \
                             events.subscribe(ChampionChanged, buffer=16) as champions:
@@ -548,7 +549,7 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
         "target": config.fleet.target,
         "task": config.cells.task,
         "champion": summary.champion(board.get("champion", config.cells.task, Champion)),
-        "start_vs_champion": summary.final(board.get("meta", "final", FinalRecord)),
+        "start_vs_champion": summary.final(current_final(board, config.cells.task)),
         "heldout_pool": summary.heldout_pools(heldout_records(board, config)),
         "episodes": len(episodes),
         "episodes_by_kind": by_kind,
@@ -562,6 +563,16 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
     }
 
 
+def current_final(board: Blackboard, task: str) -> FinalRecord | None:
+    """The final judging of the champion now on the board; one of another champion (an earlier start's,
+    before the run went on) is not this run's."""
+    record = board.get("meta", "final", FinalRecord)
+    champion = board.get("champion", task, Champion)
+    if record is None or record.task != task or record.champion != (champion.policy if champion else None):
+        return None
+    return record
+
+
 class CellFigures(msgspec.Struct):
     mru: float
     agent_share: float
@@ -571,11 +582,12 @@ class CellFigures(msgspec.Struct):
 
 class RunFigures(msgspec.Struct):
     """What a finished run's report.json says of the run itself: a run resumed only for its final judging
-    keeps them (its time and MRU end where the run ended)."""
+    keeps them (its time and MRU end where the run ended). A report of an earlier start (its outcome a
+    signal or the budget) does not decode: that run is not resumed."""
 
-    outcome: str
+    outcome: Literal["target"]  # only a run that met its target is resumed for its final judging
     elapsed_s: float
-    time_to_target_s: float | None
+    time_to_target_s: float
     mru: float
     cells: dict[str, CellFigures]
     actor_restarts: dict[str, int]
@@ -706,11 +718,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         print(f"enpire: {state_dir}: {e}", file=sys.stderr)
         return EXIT_CONFIG
     # A finished run, started again with the same target (or a lower one): say so and touch nothing, unless
-    # its final judging was cut short (a stop signal) and its report is there: then that judging alone runs.
+    # its final judging did not finish (a stop signal) and its report says it met the target: then that
+    # judging alone runs.
     previous = None
     if config.fleet.stop_at_target and champion is not None and judging.confirmation(champion, config) == "met":
         met = f"the target was already met here ({champion.policy.ref} confirmed {champion.successes}/{champion.n})"
-        cut = config.fleet.final_seeds and board.get("meta", "final", FinalRecord) is None
+        cut = config.fleet.final_seeds and current_final(board, config.cells.task) is None
         previous = _run_figures(state_dir / "report.json") if cut else None
         if previous is None:
             board.close()
@@ -719,8 +732,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
                   + (" (without its final judging, cut short or skipped: no start-vs-champion figures)" if cut else "")
                   + "; use a new --state-dir to start again", file=sys.stderr)
             return EXIT_TARGET
-        print(f"enpire: {state_dir}: {met}, but its final judging was cut short: running that judging alone "
-              f"({config.fleet.final_seeds} fresh held-out seeds for the start and the champion)", file=sys.stderr)
+        print(f"enpire: {state_dir}: {met}, but its final judging did not finish: running it alone now (the start "
+              f"and the champion on {config.fleet.final_seeds} held-out seeds, those it drew if it drew any)",
+              file=sys.stderr)
     log.configure(state_dir, "fleet", console=not args.quiet)
     try:
         try:

@@ -178,7 +178,7 @@ def test_short_fleet_run_improves_over_its_start(tmp_path):
     again = _start(tmp_path)
     out, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
-    assert "its final judging was cut short" in err and "started from" in out
+    assert "its final judging did not finish" in err and "started from" in out
     resumed = json.loads((tmp_path / "state" / "report.json").read_text())
     assert {k: resumed[k] for k in ("elapsed_s", "time_to_target_s", "mru", "cells")} == \
         {k: report[k] for k in ("elapsed_s", "time_to_target_s", "mru", "cells")}
@@ -239,3 +239,33 @@ def test_cell_fault_mid_episode_loses_nothing(tmp_path, fault):
     _check_ledger(board)
     assert board.counter("episodes_requeued") >= 1
     board.close()
+
+
+def test_a_final_judging_or_a_report_of_another_start_is_not_taken_for_this_runs(tmp_path):
+    """The final judging on the board counts only for the champion it judged; a report.json resumes a
+    final judging only when it says the run met its target (an earlier start's, stopped by a signal or
+    its budget, does not)."""
+    from bus.messages import PolicySpec
+    from bus.records import Champion, FinalRecord
+    from enpire.fleet import _run_figures, current_final
+
+    start, c1, c2 = PolicySpec("s"), PolicySpec("c1"), PolicySpec("c2")
+    board = Blackboard(tmp_path / "bb")
+    record = FinalRecord("pusht", [1, 2], start, 0, 2, c1, 2, 2, 0.0)
+    board.put("meta", "final", record)
+    board.put("champion", "pusht", Champion("pusht", c1, 30, 30, 0.0))
+    assert current_final(board, "pusht") == record and current_final(board, "other") is None
+    board.put("champion", "pusht", Champion("pusht", c2, 30, 30, 0.0))  # the run went on to another champion
+    assert current_final(board, "pusht") is None
+    board.close()
+    cells = {"cell-0": {"mru": 0.9, "agent_share": 0.8, "wall_s": 10.0, "by_state_s": {"running": 9.0}}}
+    figures = {"outcome": "target", "elapsed_s": 50.0, "time_to_target_s": 40.0, "mru": 0.9, "cells": cells,
+               "actor_restarts": {}, "champion": {"policy": "c2"}}
+    report = tmp_path / "report.json"
+    for change, resumable in (({}, True), ({"outcome": "signal"}, False), ({"time_to_target_s": None}, False),
+                              ({"mru": "high"}, False), ({"cells": []}, False)):
+        report.write_text(json.dumps({**figures, **change}))
+        assert (_run_figures(report) is not None) == resumable, change
+    assert _run_figures(tmp_path / "missing.json") is None
+    report.write_text(json.dumps(figures))
+    assert "champion" not in _run_figures(report)  # only the run's own figures are carried over

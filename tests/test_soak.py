@@ -13,7 +13,7 @@ MODEL_FAULTS = {"model_rate_limit", "model_server_error", "model_timeout", "mode
 
 def test_soak_ci_mode_loses_nothing(tmp_path):
     r = subprocess.run([sys.executable, "bench/soak.py", "--ci", "--cells", "2", "--seed", "7",
-                        "--state-dir", str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                        "--state-dir", str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     result = json.loads(r.stdout)
     assert result["episodes_lost"] == 0 and result["duplicates"] == 0, result
     assert result["findings_intact"], result["findings"]
