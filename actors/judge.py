@@ -165,7 +165,7 @@ class Judge(Actor):
 
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
         (s, n), champion = tally(done.episodes), self.champion()
-        decision = judging.promotion(spec, s, n, champion, self.config.scheduler.alpha, time.time())
+        decision = judging.promotion(spec, s, n, champion, self.config, time.time())
         if decision.crowned is not None:
             await self._store(decision.crowned)
             await self._crowned(decision.crowned)

@@ -2,7 +2,9 @@
 and its counts as functions of a blackboard transaction the caller holds.
 
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence
-  (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation).
+  (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation),
+  or, once the champion's confirmation stopped "not_met", when its judged rate is higher than that
+  record (each champion's own confirmation then holds its target claim to `alpha`).
 - Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
   (`metrics.sprt`: the chance to say "met" for a policy below the target is at most `alpha`, however
   often it is checked; it stops "not_met" as soon as "met" is out of reach within its cap). A
@@ -53,14 +55,23 @@ class Decision:
     crowned: Champion | None = None  # the new champion when this judging made one
 
 
-def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, alpha: float, now: float) -> Decision:
+def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config: Config, now: float) -> Decision:
     """The verdict of a candidate's judging (`s` of `n` held-out episodes) against the champion."""
     cs, cn = heldout_record(champion)
+    alpha = config.scheduler.alpha
     if champion and champion.policy == spec.policy:
         return Decision(True, "already the champion")
-    if not better_with_confidence(s, n, cs, cn, alpha):
+    if better_with_confidence(s, n, cs, cn, alpha):
+        detail = f"{s}/{n} beats {cs}/{cn} (one-sided z-test, alpha {alpha})"
+    elif champion and confirmation(champion, config) == "not_met" and s * cn > cs * n:
+        # A champion shown short of the target no longer needs protecting with confidence: its record
+        # (hundreds of episodes) would otherwise outweigh any judging of `promote_seeds`, and a better
+        # policy could never take its place. The candidate's own confirmation decides the target, and
+        # rollback brings this one back if it shows worse with confidence.
+        detail = f"{s}/{n} is above {cs}/{cn}, a champion whose confirmation stopped short of the target"
+    else:
         return Decision(False, f"{s}/{n} is not better than {cs}/{cn} with confidence")
-    return Decision(True, f"{s}/{n} beats {cs}/{cn} (one-sided z-test, alpha {alpha})", Champion(
+    return Decision(True, detail, Champion(
         spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent=spec.agent,
         previous=champion.policy if champion else None, previous_successes=cs, previous_n=cn))
 

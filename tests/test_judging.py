@@ -21,17 +21,38 @@ def _config(**fleet) -> cfg.Config:
 
 
 def test_promotion_needs_confidence_against_the_whole_heldout_record():
+    config = _config(target=0.5)  # the champion's confirmation (60/100) still runs against this target
     champion = Champion("pusht", OLD, judged_successes=30, judged_n=50, promoted=0.0, successes=60, n=100)
-    assert judging.heldout_record(champion) == (90, 150)
-    close = judging.promotion(_spec(), 33, 50, champion, 0.05, now=1.0)
+    assert judging.heldout_record(champion) == (90, 150) and judging.confirmation(champion, config) not in ("met", "not_met")
+    close = judging.promotion(_spec(), 33, 50, champion, config, now=1.0)
     assert not close.promoted and close.crowned is None and "33/50 is not better than 90/150" in close.detail
-    clear = judging.promotion(_spec(), 49, 50, champion, 0.05, now=1.0)
+    clear = judging.promotion(_spec(), 49, 50, champion, config, now=1.0)
     assert clear.promoted and clear.crowned.policy == NEW and clear.crowned.previous == OLD
     assert (clear.crowned.previous_successes, clear.crowned.previous_n, clear.crowned.promoted) == (90, 150, 1.0)
-    again = judging.promotion(_spec(OLD), 0, 50, champion, 0.05, now=1.0)
+    again = judging.promotion(_spec(OLD), 0, 50, champion, config, now=1.0)
     assert again.promoted and again.crowned is None and again.detail == "already the champion"
-    first = judging.promotion(_spec(), 1, 50, None, 0.05, now=1.0)  # anything that succeeds beats nothing
+    first = judging.promotion(_spec(), 1, 50, None, cfg.Config(), now=1.0)  # anything that succeeds beats nothing
     assert first.crowned is not None and first.crowned.previous is None
+
+
+def test_a_champion_short_of_the_target_yields_to_a_higher_judged_rate():
+    # 94% over 232 held-out episodes: above the 90% target in truth, but its confirmation (181/192)
+    # stopped "not_met" at its cap. No 40-episode judging beats that record with confidence (not even
+    # 40/40), so without this rule the search would be stuck behind it for good.
+    config = _config(target=0.9, min_heldout=40)
+    champion = Champion("pusht", OLD, judged_successes=39, judged_n=40, promoted=0.0, successes=181, n=192)
+    assert judging.confirmation(champion, config) == "not_met"
+    assert not judging.better_with_confidence(40, 40, 220, 232, config.scheduler.alpha)
+    higher = judging.promotion(_spec(), 39, 40, champion, config, now=1.0)
+    assert higher.promoted and higher.crowned.policy == NEW and "stopped short of the target" in higher.detail
+    assert (higher.crowned.previous, higher.crowned.previous_successes, higher.crowned.previous_n) == (OLD, 220, 232)
+    assert higher.crowned.decision == "" and higher.crowned.n == 0  # its own confirmation decides the target
+    assert judging.promotion(_spec(), 38, 40, champion, config, now=1.0).promoted  # 0.950 > 220/232 = 0.948
+    lower = judging.promotion(_spec(), 37, 40, champion, config, now=1.0)
+    assert not lower.promoted and lower.crowned is None
+    champion.successes, champion.n = 30, 32  # the same champion still confirming (not stopped): confidence needed
+    assert judging.confirmation(champion, config) not in ("met", "not_met")
+    assert not judging.promotion(_spec(), 40, 40, champion, config, now=1.0).promoted
 
 
 def test_confirmation_plan_is_decisive_only_while_the_target_is_possible():
