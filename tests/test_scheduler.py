@@ -278,6 +278,28 @@ async def test_a_regression_found_by_confirmation_is_rolled_back(tmp_path):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_champion_whose_confirmation_stopped_short_yields_to_a_higher_judged_rate(tmp_path):
+    config = cfg.with_overrides(_config(promote_seeds=20), **{"fleet.target": 0.9, "fleet.min_heldout": 20})
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, config, board)
+        await _hello(ref)
+        a, b, c = PolicySpec("aaaa", {}), PolicySpec("bbbb", {}), PolicySpec("cccc", {})
+        assert (await _judge(ref, a, "pa", 20, 20)).promoted
+        await _confirm(ref, 4, 8)  # 4/8 on fresh seeds: "met" is out of reach within its cap of 100
+        await _eventually(lambda: board.get("champion", "pusht", Champion).decision == "not_met")
+        lower = await _judge(ref, c, "pc", 17, 20)  # 0.85 is below A's 24/28
+        assert not lower.promoted and (lower.champion_successes, lower.champion_n) == (24, 28)
+        higher = await _judge(ref, b, "pb", 19, 20)  # above 24/28, though not with confidence
+        assert higher.promoted and "stopped short of the target" in higher.detail
+        champ = board.get("champion", "pusht", Champion)
+        assert (champ.policy, champ.previous, champ.previous_successes, champ.previous_n) == (b, a, 24, 28)
+        assert champ.decision == "" and champ.n == 0
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))  # and B's own confirmation starts
+        assert lease.kind == "background" and lease.policy == b
+        nursery.cancel_scope.cancel()
+
+
 async def test_real_cells_run_only_smoke_tested_policies(tmp_path):
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path)
