@@ -135,9 +135,15 @@ def test_a_taken_listen_address_is_one_line(tmp_path):
 
 
 def _start_endless(tmp_path: Path) -> subprocess.Popen:
-    """A daemon that does not stop at the target (the template can meet it within the test's time)."""
+    """A daemon whose cells keep working for the whole test. FAST's target (0.8) can be met and confirmed
+    within seconds, after which the agents rest and the cells go idle; 0.99 is beyond the built-in
+    agent's goal (target plus its margin, above 1), and 200 held-out episodes make it a target a
+    confirmation could show (so the config is accepted)."""
     config = tmp_path / "endless.toml"
-    config.write_text(FAST.format(budget=5.0, cells=2, lease_s=60.0).replace("[fleet]\n", "[fleet]\nstop_at_target = false\n", 1))
+    text = FAST.format(budget=5.0, cells=2, lease_s=60.0).replace("[fleet]\n", "[fleet]\nstop_at_target = false\n", 1)
+    text = text.replace("target = 0.8\n", "target = 0.99\n").replace("min_heldout = 30\n", "min_heldout = 200\n")
+    assert "target = 0.99" in text and "min_heldout = 200" in text
+    config.write_text(text)
     return _start(tmp_path, budget=5.0, extra=("--config", str(config)))
 
 
