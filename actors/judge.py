@@ -5,8 +5,8 @@
   into the team's leaderboard (`enpire/leaderboard.py`).
 - Promotion: each judging draws FRESH held-out seeds (`enpire/heldout.py`: no held-out seed is judged twice,
   across candidates, confirmations and the final judging); one judging per candidate, however many ask.
-- Confirmation of the champion on further fresh held-out seeds until the sequential rule stops; a
-  regression it finds is rolled back.
+- Confirmation of the champion on further fresh held-out seeds until the sequential rule stops (a
+  policy champion again goes on from its earlier tally); a regression it finds is rolled back.
 - The starting policy (`[fleet] baseline`, else the first candidate an agent evaluated) is judged by
   idle cells until there is a champion; at the end of a run `FinalJudging` runs it and the champion
   on the same fresh held-out seeds. Smoke tests clear policies for cells marked real.
@@ -147,8 +147,7 @@ class Judge(Actor):
             return m.Failure(error=f"unknown task {msg.task!r}")
         # One judging per candidate: teammates who ask for the same one wait for that verdict.
         job_id = self.promotions.setdefault(msg.policy.ref, msg.job_id)
-        record = self.board.get("jobs", job_id, JobRecord)
-        if record is None:
+        if (record := self.board.get("jobs", job_id, JobRecord)) is None:
             try:
                 seeds = await self._draw(msg.task, self.config.scheduler.promote_seeds)
             except PoolExhausted as e:
@@ -165,7 +164,8 @@ class Judge(Actor):
 
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
         (s, n), champion = tally(done.episodes), self.champion()
-        decision = judging.promotion(spec, s, n, champion, self.config, time.time())
+        earlier = judging.carried(self.board, spec.task, spec.policy)  # its confirmation as champion before
+        decision = judging.promotion(spec, s, n, champion, self.config, time.time(), earlier)
         if decision.crowned is not None:
             await self._store(decision.crowned)
             await self._crowned(decision.crowned)

@@ -40,6 +40,7 @@ TABLES = (
     "candidates",
     "heldout",
     "tallied",
+    "confirmed",
 )
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as data is written
 MAX_MAP_SIZE = 1 << 36

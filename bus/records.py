@@ -113,6 +113,15 @@ class Tallied(msgspec.Struct):
     counted: bool = True  # False: the job was moot when it ended (its champion had been replaced)
 
 
+class Confirmed(msgspec.Struct):
+    """A policy's confirmation tally in this run (table "confirmed", by "task/policy ref"), kept when it
+    stops being champion: if it becomes champion again (a rollback, a promotion anew) its sequential
+    test goes on from there, so a policy shown short of the target cannot start over on a clean slate."""
+
+    successes: int = 0
+    n: int = 0
+
+
 class Digest(msgspec.Struct):
     t: float
     text: str
@@ -124,7 +133,8 @@ class Champion(msgspec.Struct):
     """The best policy of a task. Two held-out tallies, so the reported figure is unbiased:
 
     - judged: the promotion seeds it won on (selection happened there, so they flatter it);
-    - confirmed: further held-out seeds run afterwards (background work), never used to choose it.
+    - confirmed: further held-out seeds run afterwards (background work), never used to choose it; a
+      policy champion again goes on with the tally of its earlier reigns (`Confirmed`).
     """
 
     task: str

@@ -3,8 +3,10 @@ and its counts as functions of a blackboard transaction the caller holds.
 
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence
   (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation),
-  or, once the champion's confirmation stopped "not_met", when its judged rate is higher than that
-  record (each champion's own confirmation then holds its target claim to `alpha`).
+  or, once the champion's confirmation stopped "not_met", when its record is higher than that record
+  (each champion's own confirmation then holds its target claim to `alpha`). A policy's confirmation
+  tally is kept when it is replaced (table "confirmed"): champion again (a promotion anew, a
+  rollback), its record and its sequential test go on from there, never from a clean slate.
 - Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
   (`metrics.sprt`: the chance to say "met" for a policy below the target is at most `alpha`, however
   often it is checked; it stops "not_met" as soon as "met" is out of reach within its cap). A
@@ -23,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bus import messages as m
-from bus.blackboard import Txn
-from bus.records import Champion, JobRecord, SmokeRecord, Tallied
+from bus.blackboard import Blackboard, Txn
+from bus.records import Champion, Confirmed, JobRecord, SmokeRecord, Tallied
 from enpire import leaderboard
 from enpire.config import CONFIRMATION_CAP, Config
 from enpire.metrics import better_with_confidence, sprt, wilson_interval
@@ -55,25 +57,30 @@ class Decision:
     crowned: Champion | None = None  # the new champion when this judging made one
 
 
-def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config: Config, now: float) -> Decision:
-    """The verdict of a candidate's judging (`s` of `n` held-out episodes) against the champion."""
+def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config: Config, now: float,
+              confirmed: tuple[int, int] = (0, 0)) -> Decision:
+    """The verdict of a candidate's judging (`s` of `n` held-out episodes, plus the confirmation it had
+    in an earlier reign, `confirmed`) against the champion's whole held-out record."""
     cs, cn = heldout_record(champion)
+    rs, rn = s + confirmed[0], n + confirmed[1]  # the candidate's whole held-out record
     alpha = config.scheduler.alpha
     if champion and champion.policy == spec.policy:
         return Decision(True, "already the champion")
-    if better_with_confidence(s, n, cs, cn, alpha):
-        detail = f"{s}/{n} beats {cs}/{cn} (one-sided z-test, alpha {alpha})"
-    elif champion and confirmation(champion, config) == "not_met" and s * cn > cs * n:
+    if better_with_confidence(rs, rn, cs, cn, alpha):
+        detail = f"{rs}/{rn} beats {cs}/{cn} (one-sided z-test, alpha {alpha})"
+    elif champion and confirmation(champion, config) == "not_met" and rs * cn > cs * rn:
         # A champion shown short of the target no longer needs protecting with confidence: its record
         # (hundreds of episodes) would otherwise outweigh any judging of `promote_seeds`, and a better
-        # policy could never take its place. The candidate's own confirmation decides the target, and
-        # rollback brings this one back if it shows worse with confidence.
-        detail = f"{s}/{n} is above {cs}/{cn}, a champion whose confirmation stopped short of the target"
+        # policy could never take its place. The candidate's own confirmation decides the target (going
+        # on from its earlier reigns': `Confirmed`), and rollback brings this one back if it shows worse.
+        detail = f"{rs}/{rn} is above {cs}/{cn}, a champion whose confirmation stopped short of the target"
     else:
-        return Decision(False, f"{s}/{n} is not better than {cs}/{cn} with confidence")
-    return Decision(True, detail, Champion(
-        spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent=spec.agent,
-        previous=champion.policy if champion else None, previous_successes=cs, previous_n=cn))
+        return Decision(False, f"{rs}/{rn} is not better than {cs}/{cn} with confidence")
+    crowned = Champion(spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent=spec.agent,
+                       successes=confirmed[0], n=confirmed[1], previous=champion.policy if champion else None,
+                       previous_successes=cs, previous_n=cn)
+    decide(crowned, config)  # a carried tally may already be decided
+    return Decision(True, detail, crowned)
 
 
 def confirmation(c: Champion, config: Config) -> str:
@@ -105,14 +112,28 @@ def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int
     return CONFIRM_EPISODES_PER_CELL * max(1, cells), PRIORITY["decisive" if decisive else "background"]
 
 
-def rollback(c: Champion, config: Config, now: float) -> Champion | None:
-    """The previous champion back, once the confirmation shows this one worse than it with confidence."""
+def rollback(c: Champion, config: Config, now: float, confirmed: tuple[int, int] = (0, 0)) -> Champion | None:
+    """The previous champion back, once the confirmation shows this one worse than it with confidence;
+    `confirmed`: the previous one's confirmation tally, which goes on (its judging is the rest of the
+    record it had when it was replaced)."""
     sched = config.scheduler
     if (c.previous is None or c.n < sched.rollback_min_n
             or not better_with_confidence(c.previous_successes, c.previous_n, c.successes, c.n, sched.alpha)):
         return None
-    return Champion(c.task, c.previous, judged_successes=c.previous_successes, judged_n=c.previous_n,
-                    promoted=now, agent="rollback")
+    ks, kn = confirmed
+    js, jn = c.previous_successes - ks, c.previous_n - kn
+    if not 0 <= js <= jn:  # a record from before tallies were kept: its whole record as judged, as then
+        (js, jn), (ks, kn) = (c.previous_successes, c.previous_n), (0, 0)
+    back = Champion(c.task, c.previous, judged_successes=js, judged_n=jn, promoted=now, agent="rollback",
+                    successes=ks, n=kn)
+    decide(back, config)
+    return back
+
+
+def carried(w: Txn | Blackboard, task: str, policy: m.PolicySpec) -> tuple[int, int]:
+    """A policy's confirmation tally from its earlier reigns in this run ((0, 0) if it had none)."""
+    c = w.get("confirmed", leaderboard.key(task, policy), Confirmed)
+    return (c.successes, c.n) if c else (0, 0)
 
 
 def smoke_record(policy: m.PolicySpec, episodes: Sequence[m.EpisodeSummary], now: float) -> SmokeRecord:
@@ -159,7 +180,9 @@ def count_confirmation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSumm
         return None
     s, n = tally(episodes)
     champion.successes, champion.n = champion.successes + s, champion.n + n
-    if (previous := rollback(champion, config, now)) is None:
+    w.put("confirmed", leaderboard.key(spec.task, spec.policy), Confirmed(champion.successes, champion.n))
+    earlier = carried(w, champion.task, champion.previous) if champion.previous else (0, 0)
+    if (previous := rollback(champion, config, now, earlier)) is None:
         decide(champion, config)
     w.put("champion", spec.task, previous or champion)
     w.put("tallied", spec.job_id, Tallied(now))

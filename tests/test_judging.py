@@ -55,6 +55,32 @@ def test_a_champion_short_of_the_target_yields_to_a_higher_judged_rate():
     assert not judging.promotion(_spec(), 40, 40, champion, config, now=1.0).promoted
 
 
+def test_a_policy_champion_again_goes_on_with_its_confirmation():
+    config = _config(target=0.9, min_heldout=40)
+    champion = Champion("pusht", OLD, judged_successes=39, judged_n=40, promoted=0.0, successes=181, n=192)
+    assert judging.confirmation(champion, config) == "not_met"  # record 220/232
+    # NEW was champion before and its confirmation stopped at 170/190: its judging (39/40) is compared
+    # together with that tally (209/230 < 220/232), and it cannot start over on a clean slate
+    refuted = judging.promotion(_spec(), 39, 40, champion, config, now=1.0, confirmed=(170, 190))
+    assert not refuted.promoted and "209/230" in refuted.detail
+    back = judging.promotion(_spec(), 40, 40, champion, config, now=1.0, confirmed=(181, 192))  # 221/232
+    assert back.promoted and (back.crowned.successes, back.crowned.n) == (181, 192)
+    assert back.crowned.decision == "not_met"  # its earlier stop holds: nothing more to confirm
+    assert judging.confirmation_plan(back.crowned, config, cells=1) is None
+
+
+def test_a_rollback_restores_the_previous_confirmation_tally():
+    config = _config(target=0.9, min_heldout=40)
+    config.scheduler.rollback_min_n = 20
+    c = Champion("pusht", NEW, judged_successes=40, judged_n=40, promoted=0.0, previous=OLD,
+                 previous_successes=220, previous_n=232, successes=14, n=24)
+    back = judging.rollback(c, config, now=2.0, confirmed=(181, 192))
+    assert (back.judged_successes, back.judged_n, back.successes, back.n) == (39, 40, 181, 192)
+    assert back.decision == "not_met" and judging.heldout_record(back) == (220, 232)
+    legacy = judging.rollback(c, config, now=2.0, confirmed=(0, 0))  # replaced before tallies were kept
+    assert (legacy.judged_successes, legacy.judged_n, legacy.n, legacy.decision) == (220, 232, 0, "")
+
+
 def test_confirmation_plan_is_decisive_only_while_the_target_is_possible():
     config = _config(target=0.9, min_heldout=20)
     config.scheduler.background = False

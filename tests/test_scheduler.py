@@ -300,6 +300,32 @@ async def test_a_champion_whose_confirmation_stopped_short_yields_to_a_higher_ju
         nursery.cancel_scope.cancel()
 
 
+async def test_a_policy_shown_short_of_the_target_cannot_start_its_confirmation_over(tmp_path):
+    """Asking again for a judged candidate re-decides its stored judging: with the confirmation tally it
+    had as champion, so two refuted policies cannot take turns, each with a clean slate."""
+    config = cfg.with_overrides(_config(promote_seeds=20), **{"fleet.target": 0.9, "fleet.min_heldout": 20})
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, config, board)
+        await _hello(ref)
+        a, b = PolicySpec("aaaa", {}), PolicySpec("bbbb", {})
+        assert (await _judge(ref, a, "pa", 20, 20)).promoted
+        await _confirm(ref, 4, 8)  # A: 4/8, stopped "not_met"; record 24/28
+        await _eventually(lambda: board.get("champion", "pusht", Champion).decision == "not_met")
+        assert (await _judge(ref, b, "pb", 19, 20)).promoted  # above 24/28
+        await _confirm(ref, 3, 8)  # B: 3/8, stopped "not_met"; record 22/28
+        await _eventually(lambda: board.get("champion", "pusht", Champion).decision == "not_met")
+        again = await ref.ask(PromoteRequest(job_id="pa2", agent="a", task="pusht", policy=a))
+        assert again.promoted and "24/28 is above 22/28" in again.detail  # A's whole record, not 20/20
+        champ = board.get("champion", "pusht", Champion)
+        assert (champ.policy, champ.successes, champ.n, champ.decision) == (a, 4, 8, "not_met")
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.3)), NoWork)  # nothing to confirm
+        back = await ref.ask(PromoteRequest(job_id="pb2", agent="a", task="pusht", policy=b))
+        assert not back.promoted and "22/28 is not better than 24/28" in back.detail
+        assert board.get("champion", "pusht", Champion).policy == a
+        nursery.cancel_scope.cancel()
+
+
 async def test_real_cells_run_only_smoke_tested_policies(tmp_path):
     async with trio.open_nursery() as nursery:
         ref, board, _ = await _start(nursery, tmp_path)
