@@ -163,16 +163,13 @@ class Judge(Actor):
             return await self._decide(spec, done)
 
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
-        (s, n), champion = tally(done.episodes), self.champion()
-        earlier = judging.carried(self.board, spec.task, spec.policy)  # its confirmation as champion before
-        decision = judging.promotion(spec, s, n, champion, self.config, time.time(), earlier)
+        now, (s, n) = time.time(), tally(done.episodes)
+        decision, champion = await self.board.transact(
+            lambda w: judging.count_promotion(w, spec, done.episodes, self.config, now))
         if decision.crowned is not None:
-            await self._store(decision.crowned)
             await self._crowned(decision.crowned)
             self.log.info("champion_promoted", task=spec.task, policy=spec.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
-        judged = "promoted" if decision.promoted else "rejected"
-        await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, judged))
         cs, cn = judging.heldout_record(champion)
         return m.PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=decision.promoted, successes=s, n=n,
                                champion_successes=cs, champion_n=cn, detail=decision.detail)

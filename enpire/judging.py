@@ -121,9 +121,8 @@ def rollback(c: Champion, config: Config, now: float, confirmed: tuple[int, int]
             or not better_with_confidence(c.previous_successes, c.previous_n, c.successes, c.n, sched.alpha)):
         return None
     ks, kn = confirmed
-    js, jn = c.previous_successes - ks, c.previous_n - kn
-    if not 0 <= js <= jn:  # a record from before tallies were kept: its whole record as judged, as then
-        (js, jn), (ks, kn) = (c.previous_successes, c.previous_n), (0, 0)
+    jn = max(0, c.previous_n - kn)  # its record when replaced, less the tally: never below zero
+    js = min(jn, max(0, c.previous_successes - ks))
     back = Champion(c.task, c.previous, judged_successes=js, judged_n=jn, promoted=now, agent="rollback",
                     successes=ks, n=kn)
     decide(back, config)
@@ -153,6 +152,21 @@ def count_evaluation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummar
         outcomes = [(e.success, e.score, e.steps) for e in episodes]
         leaderboard.record(w, spec.task, spec.policy, spec.agent, outcomes, len(spec.seeds), now)
         w.put("tallied", spec.job_id, Tallied(now))
+
+
+def count_promotion(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], config: Config,
+                    now: float) -> tuple[Decision, Champion | None]:
+    """A candidate's judging decided against the champion and its record as they are now, the new
+    champion and the leaderboard mark written with it: a confirmation counted meanwhile is either seen
+    here or, its champion replaced, not counted (count_confirmation). Returns (decision, the champion
+    it was judged against)."""
+    s, n = tally(episodes)
+    champion = w.get("champion", spec.task, Champion)
+    decision = promotion(spec, s, n, champion, config, now, carried(w, spec.task, spec.policy))
+    if decision.crowned is not None:
+        w.put("champion", spec.task, decision.crowned)
+    leaderboard.mark(w, spec.task, spec.policy, "promoted" if decision.promoted else "rejected")
+    return decision, champion
 
 
 def count_baseline(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], now: float) -> Champion | None:
