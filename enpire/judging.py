@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bus import messages as m
-from bus.blackboard import Blackboard, Txn
+from bus.blackboard import Txn
 from bus.records import Champion, Confirmed, JobRecord, SmokeRecord, Tallied
 from enpire import leaderboard
 from enpire.config import CONFIRMATION_CAP, Config
@@ -129,7 +129,7 @@ def rollback(c: Champion, config: Config, now: float, confirmed: tuple[int, int]
     return back
 
 
-def carried(w: Txn | Blackboard, task: str, policy: m.PolicySpec) -> tuple[int, int]:
+def carried(w: Txn, task: str, policy: m.PolicySpec) -> tuple[int, int]:
     """A policy's confirmation tally from its earlier reigns in this run ((0, 0) if it had none)."""
     c = w.get("confirmed", leaderboard.key(task, policy), Confirmed)
     return (c.successes, c.n) if c else (0, 0)
