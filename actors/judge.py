@@ -70,7 +70,7 @@ class Judge(Actor):
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
                 self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
-                await self._store(champion)
+                await self.board.transact(lambda w: w.put("champion", champion.task, champion))  # before it is heard
             self._publish(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
 
@@ -167,9 +167,9 @@ class Judge(Actor):
         decision, champion = await self.board.transact(
             lambda w: judging.count_promotion(w, spec, done.episodes, self.config, now))
         if decision.crowned is not None:
-            await self._crowned(decision.crowned)
             self.log.info("champion_promoted", task=spec.task, policy=spec.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
+            await self._crowned(decision.crowned)
         cs, cn = judging.heldout_record(champion)
         return m.PromoteResult(job_id=spec.job_id, policy=spec.policy, promoted=decision.promoted, successes=s, n=n,
                                champion_successes=cs, champion_n=cn, detail=decision.detail)
@@ -178,6 +178,11 @@ class Judge(Actor):
         await self._cancel_background()  # the old champion's confirmation (or the baseline's judging) is moot
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
         self._publish(champion)
+        if champion.decision:  # a policy champion again whose carried confirmation already decides it
+            self._stopped(champion)
+
+    def _stopped(self, c: Champion) -> None:
+        self.log.info("confirmation_stopped", policy=c.policy.ref, decision=c.decision, confirmed=f"{c.successes}/{c.n}")
 
     # ------------------------------------------------------------------ background: baseline, confirmation
 
@@ -258,8 +263,7 @@ class Judge(Actor):
         self._publish(champion)
         if champion.decision:
             await self._cancel_background()  # what is still queued of it is not needed
-            self.log.info("confirmation_stopped", policy=champion.policy.ref, decision=champion.decision,
-                          confirmed=f"{champion.successes}/{champion.n}")
+            self._stopped(champion)
 
     # ------------------------------------------------------------------ smoke tests, final judging
 
@@ -335,9 +339,6 @@ class Judge(Actor):
 
     def champion(self) -> Champion | None:
         return self.board.get("champion", self.task, Champion)
-
-    async def _store(self, c: Champion) -> None:  # the durable record, before anyone hears of it
-        await self.board.transact(lambda w: w.put("champion", c.task, c))
 
     def _publish(self, c: Champion) -> None:
         self.events.publish(m.ChampionChanged(

@@ -3,6 +3,7 @@ confirmation, resume."""
 
 
 import msgspec
+import structlog.testing
 import trio
 
 from actors.judge import Judge
@@ -315,8 +316,11 @@ async def test_a_policy_shown_short_of_the_target_cannot_start_its_confirmation_
         assert (await _judge(ref, b, "pb", 19, 20)).promoted  # above 24/28
         await _confirm(ref, 3, 8)  # B: 3/8, stopped "not_met"; record 22/28
         await _eventually(lambda: board.get("champion", "pusht", Champion).decision == "not_met")
-        again = await ref.ask(PromoteRequest(job_id="pa2", agent="a", task="pusht", policy=a))
+        with structlog.testing.capture_logs() as logs:
+            again = await ref.ask(PromoteRequest(job_id="pa2", agent="a", task="pusht", policy=a))
         assert again.promoted and "24/28 is above 22/28" in again.detail  # A's whole record, not 20/20
+        assert [(e["policy"], e["decision"]) for e in logs if e["event"] == "confirmation_stopped"] == [
+            (a.ref, "not_met")]  # said at its crowning: no confirmation episode will say it
         champ = board.get("champion", "pusht", Champion)
         assert (champ.policy, champ.successes, champ.n, champ.decision) == (a, 4, 8, "not_met")
         assert isinstance(await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.3)), NoWork)  # nothing to confirm
