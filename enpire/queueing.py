@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from bus.blackboard import Blackboard, Txn
-from bus.messages import EpisodeReport, EpisodeSummary, JobDone, JobSpec, Lease, Segment
+from bus.messages import EpisodeReport, EpisodeSummary, JobDone, JobSpec, Lease, Purpose, Segment
 from bus.records import CellRecord, EpisodeRecord, JobRecord, SmokeRecord, TimelineRecord
 from enpire.config import Config
 from enpire.episodes import write_trajectory
@@ -180,14 +180,20 @@ class LeaseBook:
             del self.held[lease_id]
 
 
+# An agent's own work, which unpooled fleets run only on that agent's cell; smoke tests and the final
+# judging are the run's and go to any cell that may run them.
+AGENTS_OWN = frozenset({Purpose.EVAL, Purpose.PROMOTE, Purpose.CONFIRM})
+
+
 def eligible(episode: Episode, cell: CellState, config: Config, cleared: dict[str, bool]) -> bool | None:
     """Whether `cell` may run `episode`; None when it may once the policy passed a smoke test."""
     spec = episode.spec
     driver = config.task(spec.task).driver  # a cell names its driver and the driver's tasks
     if driver != cell.record.driver and driver not in cell.tasks:
         return False
-    if not config.scheduler.pooled and spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]:
-        return False  # the paper's set-up: cell-i runs only agent-i's work
+    if (not config.scheduler.pooled and spec.purpose in AGENTS_OWN
+            and spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]):
+        return False  # the paper's set-up: cell-i runs only agent-i's work (the run's own jobs go anywhere)
     if cell.record.real:  # a real robot runs only what passed its simulated smoke test
         return cleared.get(spec.policy.ref)
     return True
