@@ -456,6 +456,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 if outcome.reason != "signal" and config.fleet.final_seeds and not (depth and depth.cells or final_only):
                     logger.warning("final_judging_skipped", detail="no cell is connected")
                 elif outcome.reason != "signal" and config.fleet.final_seeds:
+                    if not final_only:  # the run's own figures first: a kill during the judging leaves them to resume it
+                        interim = {**stats, "restarts": {name: s.restarts for name, s in system.actors.items()}}
+                        await trio.to_thread.run_sync(
+                            lambda: write_report(state_dir, build_report(board, config, outcome, interim)))
                     with final:
                         await _final_judging(logger, core, config)
                 if sink is not None:
@@ -563,6 +567,13 @@ def build_report(board: Blackboard, config: cfg.Config, outcome: Outcome, stats:
     }
 
 
+def write_report(state_dir: Path, report: dict) -> None:
+    """report.json whole or not at all (replaced in one rename): a kill never leaves half of it."""
+    part = state_dir / "report.json.part"
+    part.write_text(json.dumps(report, indent=2))
+    os.replace(part, state_dir / "report.json")
+
+
 def current_final(board: Blackboard, task: str) -> FinalRecord | None:
     """The final judging of the champion now on the board; one of another champion (an earlier start's,
     before the run went on) is not this run's."""
@@ -628,6 +639,10 @@ def idle_fleet(config: cfg.Config) -> str | None:
     if config.agents.count == 0 and not config.fleet.baseline:
         return ("agents.count is 0 and fleet.baseline is empty: no policy would ever exist to run; add agents "
                 "(--agents N) or a starting policy ([fleet] baseline)")
+    if not config.scheduler.pooled and config.agents.count > config.cells.count and not config.bus.listen:
+        return (f"scheduler.pooled is false and agents.count {config.agents.count} is more than cells.count "
+                f"{config.cells.count}: unpooled, agent-i's work runs only on cell-i, so agent-{config.cells.count} "
+                "would wait forever; add cells, remove agents or pool the cells")
     return None
 
 
@@ -753,7 +768,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
             report = build_report(board, config, outcome, stats)
             if previous is not None:  # resumed for its final judging alone: the run's own figures stay
                 report.update(previous)
-            (state_dir / "report.json").write_text(json.dumps(report, indent=2))
+            write_report(state_dir, report)
             print(format_report(report), flush=True)
         finally:
             for s, handler in ignored.items():

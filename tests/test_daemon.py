@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_fleet import FAST, ROOT, _board, _check_ledger, _episodes, _start, _wait_for
+from test_fleet import FAST, ROOT, _board, _check_ledger, _episodes, _final_episodes, _start, _wait_for
 
 from bus.records import Champion, EpisodeRecord
 
@@ -39,6 +39,13 @@ def test_a_fleet_that_could_do_no_work_is_refused_at_start(tmp_path):
     r = _run("enpire.fleet", "--agents", "0", "--state-dir", str(tmp_path / "s"))
     assert r.returncode == 2 and "agents.count is 0 and fleet.baseline is empty" in r.stderr
     assert not (tmp_path / "s").exists()
+    from enpire import config as cfg
+    from enpire.fleet import idle_fleet
+
+    unpooled = cfg.with_overrides(cfg.Config(), **{"scheduler.pooled": False, "cells.count": 2, "agents.count": 3})
+    assert "agent-2 would wait forever" in idle_fleet(unpooled)
+    assert idle_fleet(cfg.with_overrides(unpooled, **{"agents.count": 2})) is None
+    assert idle_fleet(cfg.with_overrides(unpooled, **{"bus.listen": "tcp://127.0.0.1:7700"})) is None  # remote cells
 
 
 def test_leases_shorter_than_an_episode_are_warned_about():
@@ -71,6 +78,30 @@ def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
 
     left = _scalars(tmp_path / "state" / "tensorboard")["fleet/time_left_s"]
     assert len(left) >= 4 and left[-1][1] < left[0][1]
+
+
+def test_a_kill_during_the_final_judging_leaves_the_runs_figures_to_resume_it(tmp_path):
+    """SIGKILL once the final judging runs: report.json already holds the run's own figures (written as the
+    run ended), so a start again runs that judging alone, on the seeds it drew, and keeps those figures."""
+    proc = _start(tmp_path)
+    _wait_for(lambda: proc.poll() is not None or len(_final_episodes(tmp_path)) >= 4, 240, "the final judging")
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.kill()
+    proc.communicate(timeout=30)
+    report = json.loads((tmp_path / "state" / "report.json").read_text())
+    assert report["outcome"] == "target" and report["time_to_target_s"] > 0 and report["start_vs_champion"] is None
+    cut = _final_episodes(tmp_path)
+    again = _start(tmp_path)
+    out, err = again.communicate(timeout=240)
+    assert again.returncode == 0, err[-2000:]
+    assert "its final judging did not finish" in err and "started from" in out
+    resumed = json.loads((tmp_path / "state" / "report.json").read_text())
+    figures = ("elapsed_s", "time_to_target_s", "mru", "cells")
+    assert {k: resumed[k] for k in figures} == {k: report[k] for k in figures}
+    final, finals = resumed["start_vs_champion"], _final_episodes(tmp_path)
+    assert final["start"]["n"] == final["champion"]["n"] == 100
+    assert set(cut) <= set(finals) and len(finals) == len(set(finals)) == 200  # none ran twice
+    assert not (tmp_path / "state" / "report.json.part").exists()
 
 
 def test_print_config_shows_the_effective_configuration(tmp_path):
