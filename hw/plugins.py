@@ -107,6 +107,22 @@ def verifier_name(driver: str) -> str:
     return kind
 
 
+# The built-in verifier kinds (enpire/verify.py) and the methods each judges with.
+BUILTIN_METHODS = {"pusht": ("state", "vision"), "metaworld": ("state",)}
+
+
+def verifier_methods(kind: str) -> tuple[str, ...] | None:
+    """The methods verifier `kind` judges with; None for a plugin's function (it is given the method).
+    Raises PluginError for a kind that does not exist or a plugin that does not load."""
+    if ":" in kind:
+        load_verifier(kind)
+        return None
+    if kind not in BUILTIN_METHODS:
+        raise PluginError(f"unknown verifier kind {kind!r}; known: {', '.join(BUILTIN_METHODS)} or "
+                          "'package.module:function'")
+    return BUILTIN_METHODS[kind]
+
+
 def load_verifier(spec: str) -> Callable:
     fn = load_object(spec, f"verifier {spec!r}")
     if not callable(fn):

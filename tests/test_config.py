@@ -31,6 +31,10 @@ def test_repository_enpire_toml_is_valid():
         ("[fleet]\nfinal_seeds = 200000\n", "fleet.final_seeds 200000"),  # more than the held-out pool
         ("[scheduler]\npromote_seeds = 200000\n", "scheduler.promote_seeds 200000"),
         ("[agents]\nnotes_dir = '/nonexistent/notes'\n", "agents.notes_dir"),  # a typo, found at start
+        # a verifier that does not exist or cannot judge that way: refused at start, not at every verdict
+        ("[tasks.pusht]\nverifier_kind = 'nope'\n", "tasks.pusht.verifier_kind: unknown verifier kind 'nope'"),
+        ("[tasks.pusht]\nverifier_kind = 'no.such.module:fn'\n", "tasks.pusht.verifier_kind"),
+        ("[tasks.peg-insert-side-v3]\nverifier = 'vision'\n", "tasks.peg-insert-side-v3.verifier: 'vision'"),
     ],
 )
 def test_bad_config_gives_one_line_naming_the_key(text, key):
@@ -38,6 +42,14 @@ def test_bad_config_gives_one_line_naming_the_key(text, key):
         cfg.decode(text, "enpire.toml")
     message = str(err.value)
     assert message.startswith("enpire.toml: ") and key in message and "\n" not in message
+
+
+def test_the_built_in_verifier_kinds_are_those_the_verifier_dispatches():
+    from enpire.verify import TASK_KINDS
+    from hw.plugins import BUILTIN_METHODS
+
+    assert set(BUILTIN_METHODS) == set(TASK_KINDS)
+    cfg.decode("[tasks.pusht]\nverifier = 'vision'\nverifier_kind = 'pusht'\n")  # accepted: Push-T judges frames
 
 
 def test_unknown_key_is_named():
