@@ -110,7 +110,7 @@ def default_tasks() -> dict[str, TaskConfig]:
 class CellsConfig(Strict):
     count: Annotated[int, Meta(ge=0, le=1024)] = 2
     task: str = DEFAULT_TASK
-    real: bool = False
+    # (no "real" key: a real robot needs a person at its terminal, so it joins as `enpire cell --real`)
     # "on": each local cell and its policy sandbox share one CPU (cell i on CPU i mod n), so the hand-off
     # at every control step stays on one core. "off": the OS places them, so a policy can think on another
     # core while its cell's simulator scores the step. "auto": on when there are at least as many cells

@@ -22,6 +22,7 @@ def test_repository_enpire_toml_is_valid():
     "text, key",
     [
         ("[fleet]\nbudget_minutz = 3\n", "fleet"),  # unknown key
+        ("[cells]\nreal = true\n", "real"),  # gone: a real robot joins as `enpire cell --real`, never as a local cell
         ("[cells]\ncount = 'two'\n", "cells.count"),  # wrong type
         ("[cells]\ncount = -1\n", "cells.count"),  # impossible value
         ("[cells]\ntask = 'stack-blocks'\n", "cells.task"),  # missing task
