@@ -423,6 +423,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard and not final_only else None
                 ticks = Ticks(logger, board, config, core.queue, started, deadline, daemon, events, sink)
                 nursery.start_soon(ticks.feed_sink)
+                await nursery.start(ticks.count_tokens)
                 nursery.start_soon(ticks.run)  # progress lines and the daemon's liveness record, final judging too
                 if final_only:
                     logger.info("final_judging_resumed", cells=config.cells.count, state_dir=str(state_dir))
@@ -516,15 +517,21 @@ class Ticks:
             async for p in updates:
                 self.sink.write(p)
 
-    async def run(self) -> None:
+    async def count_tokens(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Every model call as it is published (read at once: a long progress_s never overflows the
+        subscription's buffer); started with `nursery.start`, so no call is missed after it returns."""
         with self.events.subscribe(TokensUsed) as used:
-            while True:
-                while used.pending():
-                    call = (await used.receive()).call
-                    self.tokens = self.tokens.add(call)
-                    self.agent_tokens[call.agent] = self.agent_tokens.get(call.agent, 0) + ledger.call_tokens(call.input_tokens, call.output_tokens)
-                await self.tick()
-                await trio.sleep(self.config.fleet.progress_s)
+            task_status.started()
+            async for event in used:
+                call = event.call
+                self.tokens = self.tokens.add(call)
+                self.agent_tokens[call.agent] = self.agent_tokens.get(call.agent, 0) + ledger.call_tokens(
+                    call.input_tokens, call.output_tokens)
+
+    async def run(self) -> None:
+        while True:
+            await self.tick()
+            await trio.sleep(self.config.fleet.progress_s)
 
     async def tick(self) -> None:
         self.daemon.last_seen = now = time.time()

@@ -61,6 +61,7 @@ async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path,
     ticks = Ticks(structlog.get_logger(), board, config, Queue(), now, now + 600, daemon, events, None)
     with events.subscribe(Progress) as progress_events:
         async with trio.open_nursery() as nursery:
+            await nursery.start(ticks.count_tokens)
             nursery.start_soon(ticks.run)
             first = await progress_events.receive()
             events.publish(TokensUsed(call=TokenRecord("agent-1", "m", time.time(), 300, 100, 50)))
@@ -74,3 +75,41 @@ async def test_fleet_progress_counts_the_ledger_then_every_token_event(tmp_path,
     assert first.agent_tokens == {"agent-0": 1200} and later.agent_tokens == {"agent-0": 1250, "agent-1": 350}
     assert 590 < later.time_left_s <= 600 and later.tokens_per_min > 0
     assert (later.episodes, later.mru) == ((0, 0.0) if restarting else (7, 0.5))
+
+
+async def test_progress_counts_every_model_call_however_long_its_interval(tmp_path):
+    """More calls in one progress interval than an event subscription buffers (1,024): all are counted."""
+    import structlog
+    import trio
+
+    from bus.blackboard import Blackboard
+    from bus.events import EventHub
+    from bus.messages import Progress, TokensUsed
+    from bus.records import DaemonRecord, TokenRecord
+    from enpire import config as cfg
+    from enpire.fleet import Ticks
+
+    class Queue:
+        async def ask(self, msg, timeout=30.0):
+            from bus.messages import UtilizationReport
+
+            return UtilizationReport(cells={}, recorded=0)
+
+    board = Blackboard(tmp_path / "blackboard.lmdb")
+    config = cfg.with_overrides(cfg.Config(), **{"fleet.progress_s": 3600.0})  # one tick, then an hour's wait
+    events, now = EventHub(), time.time()
+    daemon = DaemonRecord(1, now, now, "running", 0, 1, "pusht")
+    ticks = Ticks(structlog.get_logger(), board, config, Queue(), now, now + 7200, daemon, events, None)
+    with events.subscribe(Progress) as progress_events:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ticks.count_tokens)
+            nursery.start_soon(ticks.run)
+            await progress_events.receive()
+            for _ in range(1500):  # agents' calls, each after some work of their own
+                events.publish(TokensUsed(call=TokenRecord("agent-0", "m", time.time(), 7, 0, 3)))
+                await trio.sleep(0)
+            await ticks.tick()  # what the next progress line says
+            later = await progress_events.receive()
+            nursery.cancel_scope.cancel()
+    board.close()
+    assert later.tokens == 15_000 and later.agent_tokens == {"agent-0": 15_000}
