@@ -155,7 +155,8 @@ class Judge(Actor):
                 return m.Failure(error=str(e))
             spec = m.JobSpec(job_id=job_id, agent=msg.agent, task=msg.task, policy=msg.policy, seeds=seeds,
                              purpose=Purpose.PROMOTE, priority=PRIORITY["judging"])
-            await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, "judging"))
+            await self.board.transact(lambda w: leaderboard.mark(w, spec.task, spec.policy, spec.agent, "judging",
+                                                                 time.time()))
         else:
             spec = spec_of(record)
         done = await self._run(spec)

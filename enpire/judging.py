@@ -165,7 +165,7 @@ def count_promotion(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary
     decision = promotion(spec, s, n, champion, config, now, carried(w, spec.task, spec.policy))
     if decision.crowned is not None:
         w.put("champion", spec.task, decision.crowned)
-    leaderboard.mark(w, spec.task, spec.policy, "promoted" if decision.promoted else "rejected")
+    leaderboard.mark(w, spec.task, spec.policy, spec.agent, "promoted" if decision.promoted else "rejected", now)
     return decision, champion
 
 

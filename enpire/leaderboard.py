@@ -72,10 +72,11 @@ def record(w: Txn, task: str, policy: PolicySpec, agent: str, outcomes: Iterable
     w.put("candidates", key(task, policy), add(stored(w, task, policy, agent, now), outcomes, asked, now))
 
 
-def mark(w: Txn, task: str, policy: PolicySpec, judged: str) -> None:
-    """The held-out judging's state of a candidate ("judging", "promoted", "rejected"), figures not shown."""
-    c = w.get("candidates", key(task, policy), CandidateRecord)
-    if c is not None and c.judged != judged:
+def mark(w: Txn, task: str, policy: PolicySpec, agent: str, judged: str, now: float) -> None:
+    """The held-out judging's state of a candidate ("judging", "promoted", "rejected"), figures not shown.
+    A policy promoted without evaluations gets a record too (unmeasured, so off the board), so its mark is kept."""
+    c = stored(w, task, policy, agent, now)
+    if c.judged != judged:
         c.judged = judged
         w.put("candidates", key(task, policy), c)
 

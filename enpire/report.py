@@ -70,8 +70,9 @@ def judgings(episodes: list[EpisodeRecord], candidates: dict[str, str]) -> list[
     for e in episodes:
         if e.kind == "heldout" and not e.flagged and _purpose(e) in ("", "promote"):
             jobs[e.job_id].append(e)
+    decided = {ref: outcome for ref, outcome in candidates.items() if outcome in ("promoted", "rejected")}
     points = [Point(max(e.finished for e in eps), sum(e.verdict.success for e in eps), len(eps), eps[0].policy.ref,
-                    candidates.get(eps[0].policy.ref, "")) for eps in jobs.values()]
+                    decided.get(eps[0].policy.ref, "")) for eps in jobs.values()]  # "judging": still pending
     return sorted(points, key=lambda p: p.t)
 
 

@@ -44,3 +44,18 @@ def test_recent_results_are_shown_below_the_best():
     text = leaderboard.board_text([*old, fresh], 120, 5, recent=1)
     lines = text.splitlines()
     assert lines[0] == "best:" and lines[6] == "recent:" and '"a":9.0' in lines[7] and len(lines) == 8
+
+
+def test_a_judging_mark_is_kept_for_a_policy_promoted_without_evaluations(tmp_path):
+    from bus.blackboard import Blackboard
+
+    board = Blackboard(tmp_path / "bb")
+    policy = PolicySpec("c" * 40, {"gain": 2.0})
+    with board.write() as w:
+        leaderboard.mark(w, "pusht", policy, "agent-1", "judging", 5.0)
+    with board.write() as w:
+        leaderboard.mark(w, "pusht", policy, "agent-2", "promoted", 6.0)
+    c = board.get("candidates", leaderboard.key("pusht", policy), CandidateRecord)
+    assert (c.judged, c.agent, c.n) == ("promoted", "agent-1", 0)  # who asked first; nothing measured
+    assert leaderboard.board_text([c], horizon=300, k=5) == "(nothing evaluated yet)"  # unmeasured: off the board
+    board.close()

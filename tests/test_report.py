@@ -81,6 +81,8 @@ def test_judgings_robot_hours_and_tokens_from_records(tmp_path):
     judged = report.judgings(episodes, {A.ref: "promoted", B.ref: "rejected"})
     assert [(p.policy, p.successes, p.n, p.outcome) for p in judged] == [(A.ref, 27, 30, "promoted"),
                                                                            (B.ref, 10, 30, "rejected")]
+    # a judging still running is drawn as pending (no style of its own would leave it out of the figure)
+    assert [p.outcome for p in report.judgings(episodes, {A.ref: "judging"})] == ["", ""]
     series = report.confirmations(episodes)
     assert sorted(series) == [f"{START.ref}: starting policy", f"{A.ref}: confirmation"]
     confirm, start = series[f"{A.ref}: confirmation"], series[f"{START.ref}: starting policy"]
