@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from enpire.agents import metaworld_drawer_policy, metaworld_peg_policy, pusht_policy
-from enpire.learning import mlp_policy
+from enpire.learning import mlp_policy, visuomotor_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,10 +22,11 @@ def test_templates_refuse_unknown_parameters_by_name(template):
         template.Policy({f"{name}x": 1.0})
 
 
-def test_trained_policy_takes_no_parameters():
-    weights = {"w0": np.zeros((4, 2)), "b0": np.zeros(2)}
+@pytest.mark.parametrize("module", [mlp_policy, visuomotor_policy])
+def test_trained_policies_take_no_parameters(module):
+    weights = {"w0": np.zeros((4, 2)), "b0": np.zeros(2)}  # refused before the weights are looked at
     with pytest.raises(ValueError, match="unknown policy parameter\\(s\\) gain; a trained policy takes none"):
-        mlp_policy.Policy({"gain": 1.0}, weights=weights)
+        module.Policy({"gain": 1.0}, weights=weights)
 
 
 def _policy_eval(*args: str) -> subprocess.CompletedProcess:

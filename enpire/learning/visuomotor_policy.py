@@ -162,7 +162,9 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
 
 class Policy:
     def __init__(self, params: dict[str, float] | None = None, weights: dict[str, np.ndarray] | None = None):
-        self.params = dict(params or {})
+        if params:  # a trained policy has no parameters: a name given here would be dropped silently
+            raise ValueError(f"unknown policy parameter(s) {', '.join(sorted(params))}; a trained policy takes none")
+        self.params: dict[str, float] = {}
         self.w = weights if weights is not None else load_weights(os.path.join(os.getcwd(), WEIGHTS_FILE))
         self.low = np.asarray(self.w["act_low"], np.float64)
         self.high = np.asarray(self.w["act_high"], np.float64)
