@@ -22,7 +22,7 @@ import trio
 from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import RequestClient, cell_key
-from enpire import isolation, log
+from enpire import command, isolation, log
 from enpire.config import SandboxConfig
 from enpire.peer import bus_url, peer_name, run_peer
 from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
@@ -32,7 +32,7 @@ from hw.driver import DriverError
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = command.Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--connect", type=bus_url, help="bus url of the fleet, ipc://... or tcp://HOST:PORT (required to run)")
     p.add_argument("--cell-id", type=peer_name, required=True, help="unique name of this cell in the fleet")
     p.add_argument("--driver", default="pusht",
@@ -183,6 +183,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> 
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

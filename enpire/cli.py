@@ -39,7 +39,7 @@ def version() -> str:
 def main(argv: list[str] | None = None) -> int:
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
-    p = argparse.ArgumentParser(
+    p = command.Parser(
         prog="enpire", description="Coding agents improving robot policies on a fleet: every entry point as one command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"commands:\n{listing}\n\n`enpire COMMAND --help` shows a command's options.",

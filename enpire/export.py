@@ -12,7 +12,6 @@ Needs LeRobot (README: LeRobot robots); without it this stops with one line sayi
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bus.records import EpisodeRecord
+from enpire import command
 from enpire.episodes import EpisodeFileError, read_trajectory
 from enpire.replay import ReplayError, driver_of, open_board, replay_on_simulator
 
@@ -140,7 +140,7 @@ def _create(LeRobotDataset, out: Path, repo_id: str, fps: int, traj: dict, frame
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.export") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="write a fleet run's episodes as a LeRobotDataset (v3)")
+    p = command.Parser(prog=prog, description="write a fleet run's episodes as a LeRobotDataset (v3)")
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     p.add_argument("--task", help="which task's episodes (default: the only one)")
@@ -164,6 +164,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.export") -
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

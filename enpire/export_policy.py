@@ -13,7 +13,6 @@ layout the LeRobot driver gives it in the fleet); without --confirm-motion it pr
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 
 from bus.blackboard import Blackboard, BlackboardError
 from bus.records import Champion
+from enpire import command
 from enpire.workspace import Workspace
 
 RUNNER = Path(__file__).with_name("policy_runner.py")
@@ -84,7 +84,7 @@ def export(state_dir: Path, out: Path, task: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.export_policy") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="write the champion (code, params, safetensors weights, runner)")
+    p = command.Parser(prog=prog, description="write the champion (code, params, safetensors weights, runner)")
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--task", help="whose champion (default: the only one)")
     p.add_argument("--out", type=Path, required=True, help="folder to create")
@@ -99,6 +99,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.export_pol
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

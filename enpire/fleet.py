@@ -81,8 +81,8 @@ from bus.records import (
     TokenRecord,
 )
 from bus.transport import Publisher, RequestServer, cell_key, ipc_url
+from enpire import command, isolation, judging, ledger, log, progress, summary
 from enpire import config as cfg
-from enpire import isolation, judging, ledger, log, progress, summary
 from enpire.agents.backends import make_backend
 from enpire.agents.backends import probe as probe_model
 from enpire.agents.llm import LLMConfigError
@@ -124,7 +124,7 @@ def _startup_error(error: BaseException) -> StartupError | ActorStartError | Non
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = command.Parser(
         prog=prog,
         description="Run a fleet of robot cells and agents that improve a policy until a target or a budget.",
     )
@@ -787,6 +787,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

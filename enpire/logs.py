@@ -6,11 +6,12 @@ a JSON object (a torn last line after a crash) are shown as they are, never drop
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
+
+from enpire import command
 
 LEVELS = ["debug", "info", "warning", "error", "critical"]
 SHOWN_FIRST = ("timestamp", "level", "actor", "event", "process", "pid")
@@ -52,7 +53,7 @@ def lines(path: Path, follow: bool, poll_s: float = 0.25):
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.logs") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = command.Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--follow", "-f", action="store_true", help="keep reading as the fleet writes")
     p.add_argument("--actor", help="only events of actors whose name starts with this")
@@ -81,6 +82,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.logs") -> 
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

@@ -34,6 +34,7 @@ import msgspec
 import numpy as np
 
 from bus.messages import Verdict
+from enpire import command
 from enpire.metrics import wilson_interval
 
 ESTOP_WORDS = ("e", "stop", "estop", "e-stop")
@@ -308,9 +309,8 @@ class DryRun:
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.realcell") -> int:
     """`python -m enpire.realcell approve PROGRAM --dir DIR` / `agreement --dir DIR`."""
-    import argparse
 
-    p = argparse.ArgumentParser(prog=prog, description="a real cell's environment interface")
+    p = command.Parser(prog=prog, description="a real cell's environment interface")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("approve", help="show a reset program to the person and keep it if approved")
     a.add_argument("program", type=Path)
@@ -338,6 +338,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.realcell")
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

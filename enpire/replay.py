@@ -8,7 +8,6 @@ observations (the largest difference is printed), so a video never silently show
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 
 from bus.blackboard import Blackboard, BlackboardError
 from bus.records import CellRecord, EpisodeRecord
+from enpire import command
 from enpire.episodes import EpisodeFileError, read_trajectory
 
 DRIFT_TOLERANCE = 1e-2  # largest |replayed - recorded| observation component still called the same episode
@@ -116,7 +116,7 @@ def write_video(frames: np.ndarray, path: Path, fps: float = 10.0) -> Path:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.replay") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="render recorded episodes (failed ones first) as mp4 or GIF")
+    p = command.Parser(prog=prog, description="render recorded episodes (failed ones first) as mp4 or GIF")
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--episode", action="append", default=[], help="episode id (repeatable); default: the list order")
     p.add_argument("-n", type=int, default=1, help="how many episodes from the failed-first list (default 1)")
@@ -176,6 +176,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.replay") -
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

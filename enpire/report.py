@@ -14,7 +14,6 @@ and summary.md. Reads the blackboard only, so it works while the daemon runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+
+from enpire import command
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -352,7 +353,7 @@ def _run_summary(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.report") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = command.Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--target", type=float, help="success rate drawn as the target (default: the run's, from report.json)")
     args = p.parse_args(argv)
@@ -374,6 +375,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.report") -
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

@@ -7,7 +7,6 @@ states, champion, findings, held-out pool, and the daemon's progress line), unti
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -31,7 +30,7 @@ from bus.records import (
     TrainerRecord,
 )
 from bus.transport import Subscriber
-from enpire import ledger, statelock, summary
+from enpire import command, ledger, statelock, summary
 from enpire.metrics import cell_window_s, utilization
 
 SILENT_S = 10.0  # the daemon's heartbeat comes every second: this long without one, it has stopped
@@ -137,7 +136,8 @@ def event_line(event: Message) -> str | None:
     match event:
         case Progress():
             return (f"{at} progress: {event.episodes} episodes, MRU {event.mru:.1%}, champion {event.champion or '-'} "
-                    f"{event.champion_success:.1%} (n={event.champion_n}), {event.tokens:,} tokens")
+                    f"{event.champion_success:.1%} (n={event.champion_n}), {event.tokens:,} tokens "
+                    f"({event.tokens_per_min:,.0f}/min), {event.time_left_s:.0f} s left")
         case CellStateChanged():
             return f"{at} cell {event.cell_id}: {event.state}"
         case ChampionChanged():
@@ -170,7 +170,7 @@ async def follow(url: str, seconds: float = math.inf, out=sys.stdout) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = command.Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--state-dir", type=Path, default=Path("state"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--follow", action="store_true", help="then print the running daemon's changes as they happen")
@@ -198,6 +198,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

@@ -37,7 +37,7 @@ from bus.messages import (
     TrainJobRequest,
 )
 from bus.transport import RequestClient, RequestTimeout, cell_key
-from enpire import log
+from enpire import command, log
 from enpire.learning import runner
 from enpire.peer import bus_url, peer_name, run_peer
 
@@ -46,7 +46,7 @@ MIN_HEARTBEAT_S = 0.05  # however often a fleet asks for heartbeats, no faster t
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = command.Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--connect", type=bus_url, required=True, help="bus url of the fleet, tcp://HOST:PORT (or ipc://...)")
     p.add_argument("--trainer-id", type=peer_name, default=f"{socket.gethostname()}-{os.getpid()}",
                    help="unique name in the fleet")
@@ -204,6 +204,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.trainer") 
 
 
 if __name__ == "__main__":
-    from enpire import command
-
     sys.exit(command.run(main))

@@ -29,6 +29,10 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     assert len(lines) == 1 and "bad.toml" in lines[0] and "cells.count" in lines[0]
     r = _run("enpire.fleet", "--cells", "-1", "--state-dir", str(tmp_path / "s"))
     assert r.returncode == 2 and "cells.count" in r.stderr
+    for command in (("enpire.fleet", "--cells", "abc"), ("enpire", "status", "--nosuch")):  # argparse's own errors too
+        r = _run(*command, "--state-dir", str(tmp_path / "s"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "argument --cells: invalid int value: 'abc'" in _run("enpire.fleet", "--cells", "abc").stderr
     assert not (tmp_path / "s").exists()  # nothing was created for a run that never started
 
 

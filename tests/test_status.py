@@ -84,3 +84,12 @@ async def test_status_follow_without_a_daemon_says_so(tmp_path, monkeypatch):
 
     assert "no daemon publishes here" in await status.follow(events_url(tmp_path), 5.0)
     assert status.main(["--state-dir", str(tmp_path), "--follow", "--seconds", "-1"]) == 2
+
+
+def test_a_progress_line_says_tokens_their_rate_and_time_left():
+    from bus.messages import Progress
+
+    p = Progress(t=time.time(), episodes=321, mru=0.85, champion="c0", champion_success=0.9, champion_n=50,
+                 tokens=6000, tokens_per_min=3000.0, time_left_s=780.0, agent_tokens={"agent-0": 6000})
+    line = status.event_line(p).split(" ", 1)[1]
+    assert line == "progress: 321 episodes, MRU 85.0%, champion c0 90.0% (n=50), 6,000 tokens (3,000/min), 780 s left"
