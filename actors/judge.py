@@ -178,9 +178,9 @@ class Judge(Actor):
     async def _crowned(self, champion: Champion) -> None:  # once its durable record is written
         await self._cancel_background()  # the old champion's confirmation (or the baseline's judging) is moot
         await trio.to_thread.run_sync(self.set_main, champion.policy.commit)
-        self._publish(champion)
         if champion.decision:  # a policy champion again whose carried confirmation already decides it
             self._stopped(champion)
+        self._publish(champion)
 
     def _stopped(self, c: Champion) -> None:
         self.log.info("confirmation_stopped", policy=c.policy.ref, decision=c.decision, confirmed=f"{c.successes}/{c.n}")
@@ -261,10 +261,11 @@ class Judge(Actor):
                              confirmed=f"{champion.successes}/{champion.n}", back_to=previous.policy.ref)
             await self._crowned(previous)
             return
+        if champion.decision:  # said before it is heard: a "met" ends the run, and this actor with it
+            self._stopped(champion)
         self._publish(champion)
         if champion.decision:
             await self._cancel_background()  # what is still queued of it is not needed
-            self._stopped(champion)
 
     # ------------------------------------------------------------------ smoke tests, final judging
 

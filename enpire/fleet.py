@@ -451,6 +451,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 ended.set()
                 # The run's figures (time, MRU) end here; the final judging is reported on its own.
                 outcome.elapsed_s = time.time() - started
+                logger.info("run_ended", outcome=outcome.reason, elapsed_s=round(outcome.elapsed_s, 1),
+                            time_to_target_s=outcome.time_to_target_s and round(outcome.time_to_target_s, 1))
                 stats["utilization"] = (await queue_shares(core.queue)).cells
                 depth = events.latest(QueueDepth)
                 # (its own cells are still starting when a run resumes only its final judging: it waits for them)

@@ -94,6 +94,10 @@ def test_a_kill_during_the_final_judging_leaves_the_runs_figures_to_resume_it(tm
     proc.communicate(timeout=30)
     report = json.loads((tmp_path / "state" / "report.json").read_text())
     assert report["outcome"] == "target" and report["time_to_target_s"] > 0 and report["start_vs_champion"] is None
+    events = [json.loads(line) for line in (tmp_path / "state" / "logs" / "fleet.jsonl").read_text().splitlines()]
+    said = [(e["event"], e.get("decision") or e.get("outcome")) for e in events
+            if e["event"] in ("confirmation_stopped", "run_ended", "final_judging_started")]
+    assert said[-3:] == [("confirmation_stopped", "met"), ("run_ended", "target"), ("final_judging_started", None)]
     cut = _final_episodes(tmp_path)
     again = _start(tmp_path)
     out, err = again.communicate(timeout=240)

@@ -311,7 +311,11 @@ async def test_a_policy_shown_short_of_the_target_cannot_start_its_confirmation_
         await _hello(ref)
         a, b = PolicySpec("aaaa", {}), PolicySpec("bbbb", {})
         assert (await _judge(ref, a, "pa", 20, 20)).promoted
-        await _confirm(ref, 4, 8)  # A: 4/8, stopped "not_met"; record 24/28
+        with structlog.testing.capture_logs() as logs, ref.events.subscribe(ChampionChanged) as heard:
+            await _confirm(ref, 4, 8)  # A: 4/8, stopped "not_met"; record 24/28
+            while not (await heard.receive()).decision:
+                pass
+            assert any(e["event"] == "confirmation_stopped" for e in logs)  # logged before anyone hears it
         await _eventually(lambda: board.get("champion", "pusht", Champion).decision == "not_met")
         assert (await _judge(ref, b, "pb", 19, 20)).promoted  # above 24/28
         await _confirm(ref, 3, 8)  # B: 3/8, stopped "not_met"; record 22/28
