@@ -255,13 +255,13 @@ class Judge(Actor):
             lambda w: judging.count_confirmation(w, spec, done.episodes, self.config, time.time()))
         if counted is None:
             return
-        champion, previous = counted
+        champion, previous, stopped = counted
         if previous is not None:
             self.log.warning("champion_rolled_back", task=champion.task, policy=champion.policy.ref,
                              confirmed=f"{champion.successes}/{champion.n}", back_to=previous.policy.ref)
             await self._crowned(previous)
             return
-        if champion.decision:  # said before it is heard: a "met" ends the run, and this actor with it
+        if stopped:  # said once, before it is heard: a "met" ends the run, and this actor with it
             self._stopped(champion)
         self._publish(champion)
         if champion.decision:

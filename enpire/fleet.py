@@ -451,8 +451,9 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 ended.set()
                 # The run's figures (time, MRU) end here; the final judging is reported on its own.
                 outcome.elapsed_s = time.time() - started
-                logger.info("run_ended", outcome=outcome.reason, elapsed_s=round(outcome.elapsed_s, 1),
-                            time_to_target_s=outcome.time_to_target_s and round(outcome.time_to_target_s, 1))
+                if not final_only:  # (a start for the final judging alone keeps the run's figures)
+                    logger.info("run_ended", outcome=outcome.reason, elapsed_s=round(outcome.elapsed_s, 1),
+                                time_to_target_s=outcome.time_to_target_s and round(outcome.time_to_target_s, 1))
                 stats["utilization"] = (await queue_shares(core.queue)).cells
                 depth = events.latest(QueueDepth)
                 # (its own cells are still starting when a run resumes only its final judging: it waits for them)
@@ -581,6 +582,18 @@ def write_report(state_dir: Path, report: dict) -> None:
     part = state_dir / "report.json.part"
     part.write_text(json.dumps(report, indent=2))
     os.replace(part, state_dir / "report.json")
+
+
+def completed_report(state_dir: Path, board: Blackboard, config: cfg.Config) -> None:
+    """report.json gains the final judging that a kill kept from it (after the judging, before the last
+    report): the only change made to a finished run."""
+    try:
+        report = json.loads((state_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return
+    final = current_final(board, config.cells.task)
+    if isinstance(report, dict) and report.get("start_vs_champion") is None and final is not None:
+        write_report(state_dir, {**report, "start_vs_champion": summary.final(final)})
 
 
 def current_final(board: Blackboard, task: str) -> FinalRecord | None:
@@ -749,6 +762,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         met = f"the target was already met here ({champion.policy.ref} confirmed {champion.successes}/{champion.n})"
         cut = config.fleet.final_seeds and current_final(board, config.cells.task) is None
         previous = _run_figures(state_dir / "report.json") if cut else None
+        if not cut:
+            completed_report(state_dir, board, config)
         if previous is None:
             board.close()
             lock.release()

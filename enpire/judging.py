@@ -183,9 +183,10 @@ def count_baseline(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary]
 
 
 def count_confirmation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], config: Config,
-                       now: float) -> tuple[Champion, Champion | None] | None:
+                       now: float) -> tuple[Champion, Champion | None, bool] | None:
     """A confirmation job into its champion's tally, then the sequential rule or a rollback. Returns
-    (the champion with this job counted, the champion rolled back to or None); None when not counted."""
+    (the champion with this job counted, the champion rolled back to or None, whether this job stopped
+    the rule: a job that finishes after the stop is counted too, and stops nothing); None when not counted."""
     if w.get("tallied", spec.job_id, Tallied) is not None:
         return None
     champion = w.get("champion", spec.task, Champion)
@@ -196,11 +197,12 @@ def count_confirmation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSumm
     champion.successes, champion.n = champion.successes + s, champion.n + n
     w.put("confirmed", leaderboard.key(spec.task, spec.policy), Confirmed(champion.successes, champion.n))
     earlier = carried(w, champion.task, champion.previous) if champion.previous else (0, 0)
+    stopped = False
     if (previous := rollback(champion, config, now, earlier)) is None:
-        decide(champion, config)
+        stopped = decide(champion, config) and bool(champion.decision)
     w.put("champion", spec.task, previous or champion)
     w.put("tallied", spec.job_id, Tallied(now))
-    return champion, previous
+    return champion, previous, stopped
 
 
 def request_of(record: JobRecord) -> m.EvalRequest | m.PromoteRequest:

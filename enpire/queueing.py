@@ -3,6 +3,7 @@ cells as data, and the records they become on the blackboard. No actor here: the
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -180,9 +181,11 @@ class LeaseBook:
             del self.held[lease_id]
 
 
-# An agent's own work, which unpooled fleets run only on that agent's cell; smoke tests and the final
-# judging are the run's and go to any cell that may run them.
+# An agent's own work, which unpooled fleets run only on that agent's cell; smoke tests, the final
+# judging and the confirmation of a champion no agent promoted (the baseline, one rolled back to) are
+# the run's and go to any cell that may run them.
 AGENTS_OWN = frozenset({Purpose.EVAL, Purpose.PROMOTE, Purpose.CONFIRM})
+AGENT = re.compile(r"agent-\d+")
 
 
 def eligible(episode: Episode, cell: CellState, config: Config, cleared: dict[str, bool]) -> bool | None:
@@ -191,7 +194,7 @@ def eligible(episode: Episode, cell: CellState, config: Config, cleared: dict[st
     driver = config.task(spec.task).driver  # a cell names its driver and the driver's tasks
     if driver != cell.record.driver and driver not in cell.tasks:
         return False
-    if (not config.scheduler.pooled and spec.purpose in AGENTS_OWN
+    if (not config.scheduler.pooled and spec.purpose in AGENTS_OWN and AGENT.fullmatch(spec.agent)
             and spec.agent != "agent-" + cell.record.cell_id.rsplit("-", 1)[-1]):
         return False  # the paper's set-up: cell-i runs only agent-i's work (the run's own jobs go anywhere)
     if cell.record.real:  # a real robot runs only what passed its simulated smoke test

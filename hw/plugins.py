@@ -45,6 +45,8 @@ def load_object(spec: str, what: str = "") -> Any:
     except ImportError as e:
         hint = INSTALL_HINT.get(module_name)
         raise PluginError(f"{what}: cannot import {module_name!r} ({e})" + (f"; {hint}" if hint else "")) from None
+    except Exception as e:  # a plugin that fails as it loads (a syntax error, its own check): one line too
+        raise PluginError(f"{what}: importing {module_name!r} failed: {type(e).__name__}: {e}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

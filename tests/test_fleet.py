@@ -267,5 +267,20 @@ def test_a_final_judging_or_a_report_of_another_start_is_not_taken_for_this_runs
         report.write_text(json.dumps({**figures, **change}))
         assert (_run_figures(report) is not None) == resumable, change
     assert _run_figures(tmp_path / "missing.json") is None
+    # killed after its final judging, before the last report: a start again fills it in, and touches nothing else
+    from enpire import config as cfg
+    from enpire.fleet import completed_report
+
+    board = Blackboard(tmp_path / "bb")
+    board.put("meta", "final", FinalRecord("pusht", [1, 2], start, 0, 2, c2, 2, 2, 0.0))
+    config = cfg.with_overrides(cfg.Config(), **{"cells.task": "pusht"})
+    report.write_text(json.dumps({**figures, "start_vs_champion": None}))
+    completed_report(tmp_path, board, config)
+    done = json.loads(report.read_text())
+    assert done["start_vs_champion"]["champion"]["successes"] == 2 and done["mru"] == 0.9
+    before = report.read_bytes()
+    completed_report(tmp_path, board, config)  # complete already: not written again
+    assert report.read_bytes() == before
+    board.close()
     report.write_text(json.dumps(figures))
     assert "champion" not in _run_figures(report)  # only the run's own figures are carried over

@@ -174,6 +174,23 @@ def test_a_confirmation_is_counted_once_and_not_for_a_champion_that_changed(tmp_
     assert board.get("champion", "pusht", Champion).n == 2 and not board.get("tallied", "c0", Tallied).counted
 
 
+def test_only_the_job_that_stops_the_confirmation_says_so(tmp_path):
+    """Jobs that finish after the stop are counted into the tally; the stop is told once."""
+    board, config = Blackboard(tmp_path / "bb"), _config(target=0.9, min_heldout=20)
+    with board.write() as w:
+        w.put("champion", "pusht", Champion("pusht", NEW, judged_successes=40, judged_n=40, promoted=0.0))
+    stops = []
+    for i in range(8):
+        spec = JobSpec(job_id=f"c{i}", agent="agent-0", task="pusht", policy=NEW, seeds=list(range(10)),
+                       purpose=Purpose.CONFIRM)
+        won = [EpisodeSummary(f"c{i}:{k}", k, True, True, 1.0, "success", 9) for k in range(10)]
+        with board.write() as w:
+            champion, previous, stopped = judging.count_confirmation(w, spec, won, config, now=1.0)
+        stops.append(stopped)
+    assert champion.decision == "met" and champion.n == 80 and previous is None
+    assert stops.count(True) == 1 and stops.index(True) < 7  # later jobs counted, the stop said once
+
+
 def test_the_baseline_is_crowned_once_and_only_while_there_is_no_champion(tmp_path):
     board = Blackboard(tmp_path / "bb")
     spec = JobSpec(job_id="b", agent="baseline", task="pusht", policy=OLD, seeds=[1], purpose=Purpose.BASELINE)

@@ -45,6 +45,15 @@ def test_unknown_driver_is_one_line_error():
         cfg.decode('[cells]\ntask = "arm"\n[tasks.arm]\ndriver = "nowhere.mod:Arm"\n', "x.toml")
 
 
+def test_a_plugin_that_fails_as_it_loads_is_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_verifier.py").write_text("raise RuntimeError('calibration file missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.decode('[tasks.pusht]\nverifier_kind = "broken_verifier:verify"\n', "x.toml")
+    assert str(e.value) == ("x.toml: tasks.pusht.verifier_kind: verifier 'broken_verifier:verify': importing "
+                            "'broken_verifier' failed: RuntimeError: calibration file missing")
+
+
 def test_unknown_driver_stops_a_cell_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "enpire.cell", "--connect", f"ipc://{tmp_path}/bus", "--cell-id", "c",
                         "--driver", "no-such-robot"], capture_output=True, text=True, timeout=60)

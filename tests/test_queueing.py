@@ -72,7 +72,9 @@ def test_eligibility_by_driver_pooling_and_smoke_clearance():
     assert eligible(episode, cell(real=True), config, {POLICY.ref: True}) is True
     config.scheduler.pooled = False  # the paper's set-up: cell-i runs agent-i's work only
     assert eligible(episode, cell("cell-0"), config, {}) is False and eligible(episode, cell(), config, {}) is True
-    for purpose, agent in ((Purpose.FINAL, "final"), (Purpose.SMOKE, "smoke")):  # the run's own: any cell
+    # the run's own: any cell (a champion rolled back to, or the baseline, was promoted by no agent)
+    for purpose, agent in ((Purpose.FINAL, "final"), (Purpose.SMOKE, "smoke"), (Purpose.CONFIRM, "rollback"),
+                           (Purpose.CONFIRM, "baseline")):
         run_own = _episodes("r", agent, 1, purpose=purpose)[0]
         assert eligible(run_own, cell("cell-0"), config, {}) is True
         assert eligible(run_own, cell(real=True), config, {}) is None  # a real cell still needs the clearance
