@@ -68,12 +68,15 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config
         return Decision(True, "already the champion")
     if better_with_confidence(rs, rn, cs, cn, alpha):
         detail = f"{rs}/{rn} beats {cs}/{cn} (one-sided z-test, alpha {alpha})"
-    elif champion and confirmation(champion, config) == "not_met" and rs * cn > cs * rn:
+    elif champion and (state := confirmation(champion, config)) in ("not_met", "unlikely") and rs * cn > cs * rn:
         # A champion shown short of the target no longer needs protecting with confidence: its record
         # (hundreds of episodes) would otherwise outweigh any judging of `promote_seeds`, and a better
-        # policy could never take its place. The candidate's own confirmation decides the target (going
-        # on from its earlier reigns': `Confirmed`), and rollback brings this one back if it shows worse.
-        detail = f"{rs}/{rn} is above {cs}/{cn}, a champion whose confirmation stopped short of the target"
+        # policy could never take its place. Nor does one whose confirmation finds the target unlikely:
+        # that confirmation runs on idle cells only, so on a busy fleet it may never stop. The candidate's
+        # own confirmation decides the target (going on from its earlier reigns': `Confirmed`), and
+        # rollback brings this one back if it shows worse.
+        why = "stopped short of the target" if state == "not_met" else "finds the target unlikely"
+        detail = f"{rs}/{rn} is above {cs}/{cn}, a champion whose confirmation {why}"
     else:
         return Decision(False, f"{rs}/{rn} is not better than {cs}/{cn} with confidence")
     crowned = Champion(spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent=spec.agent,
