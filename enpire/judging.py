@@ -3,8 +3,9 @@ and its counts as functions of a blackboard transaction the caller holds.
 
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence
   (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation),
-  or, once the champion's confirmation stopped "not_met", when its record is higher than that record
-  (each champion's own confirmation then holds its target claim to `alpha`). A policy's confirmation
+  or, once the champion's confirmation stopped "not_met" or finds the target unlikely, when its record
+  is higher than that record and its own earlier confirmation (if any) does not show it worse (each
+  champion's own confirmation then holds its target claim to `alpha`). A policy's confirmation
   tally is kept when it is replaced (table "confirmed"): champion again (a promotion anew, a
   rollback), its record and its sequential test go on from there, never from a clean slate.
 - Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
@@ -68,13 +69,15 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config
         return Decision(True, "already the champion")
     if better_with_confidence(rs, rn, cs, cn, alpha):
         detail = f"{rs}/{rn} beats {cs}/{cn} (one-sided z-test, alpha {alpha})"
-    elif champion and (state := confirmation(champion, config)) in ("not_met", "unlikely") and rs * cn > cs * rn:
+    elif (champion and (state := confirmation(champion, config)) in ("not_met", "unlikely") and rs * cn > cs * rn
+          and not (confirmed[1] and better_with_confidence(cs, cn, *confirmed, alpha))):
         # A champion shown short of the target no longer needs protecting with confidence: its record
         # (hundreds of episodes) would otherwise outweigh any judging of `promote_seeds`, and a better
         # policy could never take its place. Nor does one whose confirmation finds the target unlikely:
         # that confirmation runs on idle cells only, so on a busy fleet it may never stop. The candidate's
         # own confirmation decides the target (going on from its earlier reigns': `Confirmed`), and
-        # rollback brings this one back if it shows worse.
+        # rollback brings this one back if it shows worse. A candidate whose earlier confirmation showed
+        # it worse than this record (the policy a rollback removed) still needs confidence.
         why = "stopped short of the target" if state == "not_met" else "finds the target unlikely"
         detail = f"{rs}/{rn} is above {cs}/{cn}, a champion whose confirmation {why}"
     else:

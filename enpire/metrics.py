@@ -59,8 +59,8 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
     p0 = target. "met" once the ratio reaches 1/alpha (and n >= min_n): under any true rate at or below
     the target the ratio is a non-negative martingale (a supermartingale below it), so by Ville's
     inequality the chance it EVER reaches 1/alpha, whenever and however often it is checked, is at most
-    alpha. "unlikely" while it is at or below beta (p1 is then unlikely: worth running only on idle
-    cells). "not_met" at max_n, or as soon as "met" is out of reach within max_n even if every episode
+    alpha. "unlikely" while it is at or below beta and n >= min_n (p1 is then unlikely: worth running
+    only on idle cells; a few early failures are not enough to act on). "not_met" at max_n, or as soon as "met" is out of reach within max_n even if every episode
     left succeeds: stopping that way only lowers the chance of a false "met", and never denies a "met"
     the rule could still have said (near the target a confirmation otherwise runs to max_n in vain).
     """
@@ -77,7 +77,7 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
         needed = max(math.ceil((threshold - llr) / per_success - 1e-9), min_n - n, 0)
         if n >= max_n or n + needed > max_n:
             return "not_met"
-    return "unlikely" if llr <= math.log(beta) else ""
+    return "unlikely" if llr <= math.log(beta) and n >= min_n else ""
 
 
 def utilization(segments: Iterable[Segment], wall_s: float) -> Utilization:

@@ -61,6 +61,17 @@ def test_a_champion_short_of_the_target_yields_to_a_higher_judged_rate():
     unlikely = judging.promotion(_spec(), 38, 40, champion, config, now=1.0)
     assert unlikely.promoted and "finds the target unlikely" in unlikely.detail
     assert not judging.promotion(_spec(), 36, 40, champion, config, now=1.0).promoted  # 0.900 < 0.905
+    # The policy a rollback removed (its confirmation, 22/30, showed it worse than this record with
+    # confidence) does not come back on a higher point estimate: 100/100 + 22/30 = 122/130 needs confidence.
+    assert judging.better_with_confidence(76, 84, 22, 30, config.scheduler.alpha)
+    removed = judging.promotion(_spec(), 100, 100, champion, config, now=1.0, confirmed=(22, 30))
+    assert not removed.promoted and "122/130 is not better than 76/84" in removed.detail
+    again = judging.promotion(_spec(), 38, 40, champion, config, now=1.0, confirmed=(28, 30))  # not shown worse
+    assert again.promoted and "finds the target unlikely" in again.detail
+    champion.successes, champion.n = 4, 8  # "unlikely" on 8 episodes is not acted on before min_heldout (40)
+    assert judging.confirmation(champion, config) == ""
+    assert judging.confirmation_plan(champion, config, cells=1)[1] == judging.PRIORITY["decisive"]
+    assert not judging.promotion(_spec(), 36, 40, champion, config, now=1.0).promoted
 
 
 def test_a_policy_champion_again_goes_on_with_its_confirmation():
