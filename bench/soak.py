@@ -78,6 +78,7 @@ from bus.records import (  # noqa: E402
     CandidateRecord,
     CellRecord,
     Champion,
+    Confirmed,
     EpisodeRecord,
     Finding,
     JobRecord,
@@ -87,6 +88,7 @@ from bus.records import (  # noqa: E402
 )
 from bus.transport import ipc_url  # noqa: E402
 from enpire import config as cfg  # noqa: E402
+from enpire import leaderboard  # noqa: E402
 from enpire.sandbox import CHILD_SCRIPT  # noqa: E402
 
 KEY_ENV = "ENPIRE_SOAK_OPENAI_KEY"
@@ -361,17 +363,20 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
         champion_ok, champion_detail = True, "no champion"
         marks = dict(board.items("tallied", Tallied))
         if champion is not None:
-            # its confirmation: the jobs of its reign the judge marked counted; a finished job with no mark
-            # yet (the stop came between "done" and its count) is counted when the fleet next starts
+            # its confirmation: the jobs the judge marked counted, in all its reigns (a policy champion again
+            # goes on with its tally, table "confirmed"); a finished job with no mark yet (the stop came
+            # between "done" and its count) is counted when the fleet next starts
             reign = {j.job_id for j in jobs.values() if j.purpose is m.Purpose.CONFIRM and j.done and not j.cancelled
                      and j.policy == champion.policy}
-            counted = {i for i in reign if i in marks and marks[i].counted and marks[i].t >= champion.promoted}
+            counted = {i for i in reign if i in marks and marks[i].counted}
             confirm = [e for e in episodes.values() if e.job_id in counted and not e.flagged]
+            tally = board.get("confirmed", leaderboard.key("pusht", champion.policy), Confirmed)
             # its judging on held-out seeds (after a rollback: its whole held-out record, confirmation included)
             judged = [e for e in episodes.values() if e.kind != "agent" and e.policy == champion.policy
                       and not e.flagged]
             champion_ok = (champion.n == len(confirm) and champion.successes == sum(e.verdict.success for e in confirm)
-                           and champion.judged_n <= len(judged))
+                           and champion.judged_n <= len(judged)
+                           and (tally is None or (tally.successes, tally.n) == (champion.successes, champion.n)))
             champion_detail = (f"confirmed {champion.successes}/{champion.n} vs episodes "
                                f"{sum(e.verdict.success for e in confirm)}/{len(confirm)}; judged "
                                f"{champion.judged_successes}/{champion.judged_n}; "
