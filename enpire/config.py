@@ -288,12 +288,13 @@ def check(config: Config, source: str = "<config>") -> None:
         except PluginError as e:
             raise ConfigError(f"{source}: tasks.{name}.driver: {e}") from None
         try:
-            methods = verifier_methods(task.verifier_kind or verifier_name(task.driver))
+            kind = task.verifier_kind or verifier_name(task.driver)
+            methods = verifier_methods(kind)
         except PluginError as e:
             raise ConfigError(f"{source}: tasks.{name}.{'verifier_kind' if task.verifier_kind else 'driver'}: {e}") from None
         if methods is not None and task.verifier not in methods:
             raise ConfigError(f"{source}: tasks.{name}.verifier: {task.verifier!r} is not a method of its verifier "
-                              f"{task.verifier_kind or verifier_name(task.driver)!r} (it has: {', '.join(methods)})")
+                              f"{kind!r} (it has: {', '.join(methods)})")
         for joint, (low, high) in task.limits.joints.items():
             if not low < high:
                 raise ConfigError(f"{source}: tasks.{name}.limits.joints.{joint}: low {low} must be below high {high}")
