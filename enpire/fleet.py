@@ -95,7 +95,7 @@ from enpire.metrics import mean_robot_utilization, regimes_used
 from enpire.sandbox import without_credentials
 from enpire.sinks import TensorBoardSink, check_tensorboard
 from enpire.statelock import StateDirLocked, StateLock
-from enpire.workspace import MAIN, Workspace
+from enpire.workspace import MAIN, Workspace, WorkspaceError
 from hw import verifier_name
 
 EXIT_TARGET, EXIT_CONFIG, EXIT_BUDGET, EXIT_SIGNAL = 0, 2, 3, 130
@@ -316,9 +316,13 @@ def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> Po
     spec = board.get("meta", "baseline", PolicySpec)
     if spec is None:
         root = Path(config.fleet.baseline)
-        files = {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*"))
-                 if p.is_file() and "__pycache__" not in p.parts}
-        spec = PolicySpec(workspace.commit(MAIN, files, "baseline: the policy the team starts from"))
+        # bytes: a starting policy may carry weights (a folder from `enpire export-policy`, a .npz)
+        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                 if p.is_file() and not {"__pycache__", ".git"} & set(p.relative_to(root).parts)}
+        try:
+            spec = PolicySpec(workspace.commit(MAIN, files, "baseline: the policy the team starts from"))
+        except WorkspaceError as e:
+            raise StartupError(f"fleet.baseline {str(root)!r}: {e}") from None
         board.put("meta", "baseline", spec)
     return spec
 

@@ -398,3 +398,8 @@ async def test_the_wall_budget_stops_a_run_and_the_agent(tmp_path):
     assert "no result within 8 s" in agent.outcomes[0].reason and took < 60
     assert any(f["hypothesis"].startswith("budget exhausted") and "wall-time budget exhausted" in f["evidence"]
                for f in tools.findings)
+
+
+def test_a_command_template_that_does_not_parse_is_refused_in_one_line():
+    with pytest.raises(CLIConfigError, match=r"\[agents\] command .* is not a valid argv template: No closing quotation"):
+        cli_binary("command", "sh -c 'oops")

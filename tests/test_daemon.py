@@ -126,7 +126,36 @@ def test_incompatible_state_dir_is_refused(tmp_path):
     board.put("meta", "meta", Meta(schema_version=999, run_id="old", created=0.0))
     board.close()
     r = _run("enpire.fleet", "--state-dir", str(tmp_path / "state"))
-    assert r.returncode == 2 and "schema version 999" in r.stderr
+    assert r.returncode == 2 and "schema version 999" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_baseline_folder_with_weights_is_committed_as_bytes_and_one_too_large_is_refused(tmp_path):
+    from bus.blackboard import Blackboard
+    from enpire import config as cfg
+    from enpire.fleet import _baseline
+    from enpire.workspace import MAX_FILE_BYTES, Workspace
+
+    root = tmp_path / "start"
+    (root / ".git").mkdir(parents=True)
+    (root / "policy.py").write_text("def act(obs):\n    return [0.0, 0.0]\n")
+    weights = bytes(range(256)) * 64  # not UTF-8: a starting policy's weights
+    (root / "weights.npz").write_bytes(weights)
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # a folder that is a git checkout
+    config = cfg.with_overrides(cfg.Config(), **{"fleet.baseline": str(root)})
+    workspace, board = Workspace(tmp_path / "ws"), Blackboard(tmp_path / "board.lmdb")
+    spec = _baseline(config, workspace, board)
+    files = workspace.read_bytes(spec.commit)
+    assert files["policy.py"] == b"def act(obs):\n    return [0.0, 0.0]\n" and files["weights.npz"] == weights
+    assert not any(name.startswith(".git") for name in files)
+    board.close()
+
+    (root / "weights.npz").write_bytes(b"\0" * (MAX_FILE_BYTES + 1))
+    config_file = tmp_path / "big.toml"
+    config_file.write_text(f'[fleet]\nbaseline = "{root}"\n')
+    r = _run("enpire.fleet", "--config", str(config_file), "--state-dir", str(tmp_path / "state"), "--cells", "1",
+             "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "fleet.baseline" in lines[0] and "weights.npz" in lines[0], r.stderr
 
 
 def test_second_daemon_on_the_same_state_dir_is_refused_and_the_first_keeps_running(tmp_path):

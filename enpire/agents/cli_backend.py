@@ -93,7 +93,10 @@ def cli_binary(kind: Kind, command: str = "") -> list[str]:
         if not command.strip():
             raise CLIConfigError("[agents] command is empty: give the CLI's argv template, e.g. "
                                  "'kimi --print --mcp-config-file {mcp_config} --work-dir {workdir} {prompt}'")
-        exe = shlex.split(command)[0]
+        try:
+            exe = shlex.split(command)[0]
+        except ValueError as e:  # e.g. an unbalanced quote
+            raise CLIConfigError(f"[agents] command {command!r} is not a valid argv template: {e}") from None
         if shutil.which(exe) is None and not Path(exe).is_file():
             raise CLIConfigError(f"[agents] command: {exe!r} is not on PATH")
         return []
