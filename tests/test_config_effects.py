@@ -1,5 +1,6 @@
 """Config keys that reach the processes and actors they configure (each one observed doing its job)."""
 
+import msgspec
 import trio
 
 from bus.messages import EvalRequest, LeaseRequest, PolicySpec
@@ -92,3 +93,80 @@ async def test_trainer_heartbeat_s_is_how_often_a_remote_trainer_beats(tmp_path)
         with trio.move_on_after(1.0) as scope:
             await remote._heartbeat(given, {"name": "training"}, trio.Event(), scope)
         assert client.beats in expected, (given.heartbeat_s, client.beats)
+
+
+async def test_scheduler_smoke_seeds_is_the_length_of_a_smoke_test(tmp_path):
+    """A real cell runs a policy only after `smoke_seeds` faultless simulated episodes of it."""
+    from bus.messages import Hello, Lease, NoWork
+    from tests.test_scheduler import POLICY, _config, _report
+
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(smoke_seeds=3))
+        await ref.ask(Hello(cell_id="robot", driver="pusht", tasks=["pusht"], host="lab", pid=2, real=True))
+        await _hello(ref, "sim")
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
+        await trio.sleep(0.3)
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="robot", wait_s=0.2)), NoWork)  # asks for a smoke test
+        leases = [await ref.ask(LeaseRequest(cell_id="sim")) for _ in range(3)]
+        assert all(lease.job_id.startswith("smoke-") for lease in leases), leases
+        assert isinstance(await ref.ask(LeaseRequest(cell_id="robot", wait_s=0.2)), NoWork)  # not reported yet
+        for lease in leases:
+            await ref.ask(_report(lease, True, "sim"))
+        lease = await ref.ask(LeaseRequest(cell_id="robot", wait_s=1))  # the default 5 would want 2 more
+        assert isinstance(lease, Lease) and lease.job_id == "j"
+        nursery.cancel_scope.cancel()
+
+
+async def _silent_cell_requeued(tmp_path, heartbeat_s: float) -> bool:
+    """Cell a takes a lease and then says nothing (no heartbeat, no report); cell b keeps beating. Whether
+    a's episode goes to b within 3 s (leases last 60 s, so only silence can free it)."""
+    from bus.messages import Heartbeat, Lease
+    from tests.test_scheduler import POLICY, _config
+
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(lease_s=60.0, heartbeat_s=heartbeat_s))
+        await _hello(ref, "a")
+        await _hello(ref, "b")
+
+        async def beat_b():
+            while True:
+                await ref.ask(Heartbeat(cell_id="b", state="idle"))
+                await trio.sleep(0.05)
+
+        nursery.start_soon(beat_b)
+        nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="x", task="pusht", policy=POLICY, seeds=[7]))
+        first = await ref.ask(LeaseRequest(cell_id="a"))
+        second = await ref.ask(LeaseRequest(cell_id="b", wait_s=3.0))
+        nursery.cancel_scope.cancel()
+        return isinstance(second, Lease) and second.episode_id == first.episode_id
+
+
+async def test_scheduler_heartbeat_s_is_how_soon_a_silent_cells_lease_goes_to_another(tmp_path):
+    assert await _silent_cell_requeued(tmp_path / "quick", heartbeat_s=0.1)  # silent after 4 x 0.1 + 1 s
+    assert not await _silent_cell_requeued(tmp_path / "slow", heartbeat_s=30.0)
+
+
+async def test_task_record_trajectories_false_keeps_no_trajectory(tmp_path):
+    import numpy as np
+
+    from bus.messages import Array, Lease, Trajectory
+    from bus.records import EpisodeRecord
+    from tests.test_scheduler import POLICY, _report
+
+    steps = Array.of(np.zeros((3, 2), np.float32))
+    for record in (True, False):
+        config = cfg.decode(f'[cells]\ntask = "pusht"\n[tasks.pusht]\ndriver = "pusht"\n'
+                            f'record_trajectories = {str(record).lower()}\n', "t.toml")
+        state = tmp_path / str(record)
+        async with trio.open_nursery() as nursery:
+            ref, board, _ = await _start(nursery, state, config)
+            await _hello(ref)
+            nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1]))
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+            assert isinstance(lease, Lease)
+            report = _report(lease, True)
+            await ref.ask(msgspec.structs.replace(report, trajectory=Trajectory(steps, steps, steps)))
+            episode = board.get("episodes", lease.episode_id, EpisodeRecord)
+            assert bool(episode.trajectory_file) is record
+            assert any(state.rglob("*.npz")) is record
+            nursery.cancel_scope.cancel()
