@@ -259,8 +259,8 @@ class Cell(Actor):
 
     def _held(self, lease: Lease, flag: str, why: str, trajectory: Trajectory | None = None,
               steps: int = 0) -> EpisodeReport:
-        """An episode that is not counted (e-stop, no reset, no verdict, robot fault): the scheduler
-        records it as flagged and runs the seed's work again elsewhere."""
+        """An episode without a verdict (e-stop, no reset, no verdict, robot fault): the scheduler records
+        it as flagged; an agent's work runs again on another seed, held-out work counts it as a failure."""
         verdict = Verdict(success=False, score=0.0, reason=f"unverified: {flag}: {why}"[:500], verifier="cell")
         return EpisodeReport(cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id,
                              verdict=verdict, attempts=[], steps=steps, reset_s=0.0, run_s=0.0, verify_s=0.0,

@@ -44,7 +44,17 @@ class Job:
         return JobDone(job_id=self.spec.job_id, cancelled=self.cancelled, episodes=[
             EpisodeSummary(episode_id=r.episode_id, seed=r.seed, success=r.verdict.success,
                            success_at_k=r.success_at_k, score=r.verdict.score, reason=r.verdict.reason, steps=r.steps)
-            for eid in self.episode_ids if (r := self.results.get(eid)) is not None and not r.flagged])
+            for eid in self.episode_ids if (r := self.results.get(eid)) is not None and self.counts(r)])
+
+    def counts(self, r: EpisodeRecord) -> bool:
+        """Whether a recorded result is in the reply. An agent's flagged episode is not: its work runs on
+        another seed (`replacement`). Held-out work keeps a flagged episode as the failure it was recorded
+        as (an e-stop, a robot fault or an operator who did not answer may be the policy's doing: leaving
+        it out could only flatter the rate), all but those that say nothing of the policy: a seed the
+        verifier signed as solved at reset, and a dry run (no robot moved)."""
+        if not r.flagged:
+            return True
+        return self.spec.kind != "agent" and not (r.flagged == "dry_run" or r.verdict.success)
 
     def record(self) -> JobRecord:
         """The finished job's record (a cancelled one says so: its missing episodes are not lost)."""
@@ -89,8 +99,12 @@ class Lanes:
             queue.insert(at, episode)
 
     def push_front(self, episode: Episode) -> None:
-        """An episode that must run next in its lane (a lapsed lease, a re-seeded flagged episode)."""
-        self.lanes.setdefault(lane(episode.spec), deque()).appendleft(episode)
+        """An episode that must run next in its lane (a lapsed lease, a re-seeded flagged episode): before
+        the waiting ones of its priority, behind those of higher priority (a lapsed judging episode at the
+        head of the judge's lane would rank the final judging behind it at its lower priority)."""
+        queue = self.lanes.setdefault(lane(episode.spec), deque())
+        queue.insert(next((i for i, e in enumerate(queue) if e.spec.priority <= episode.spec.priority), len(queue)),
+                     episode)
 
     def take(self, fits: Callable[[Episode], bool]) -> Episode | None:
         """The first waiting episode, in the order above, that `fits` the asking cell."""

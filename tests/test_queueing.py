@@ -1,7 +1,7 @@
 """The lease queue's bookkeeping as data (enpire/queueing.py): lanes, leases, eligibility."""
 
-from bus.messages import JobSpec, PolicySpec, Purpose
-from bus.records import CellRecord
+from bus.messages import JobSpec, PolicySpec, Purpose, Verdict
+from bus.records import CellRecord, EpisodeRecord
 from enpire import config as cfg
 from enpire.queueing import CellState, Episode, Job, Lanes, LeaseBook, LeaseState, eligible, replacement
 
@@ -85,3 +85,32 @@ def test_a_flagged_episode_is_replaced_by_another_tuning_seed():
     job = Job(episodes[0].spec, [e.episode_id for e in episodes])
     new = replacement(job, episodes[0], pool_start=0, pool_count=10_000)
     assert new.seed == 7919 and new.episode_id == "a:r0" and job.episode_ids == ["a:1", "a:r0"]
+
+
+def test_a_lapsed_episode_goes_first_among_its_priority_not_before_higher_ones():
+    lanes = Lanes()
+    final = _episodes("final", "final", 2, priority=300, purpose=Purpose.FINAL)
+    promote = _episodes("p", "agent-0", 2, priority=100, purpose=Purpose.PROMOTE)
+    lanes.add(promote[1:])
+    lanes.add(final)
+    lanes.add(_episodes("bg", "background", 3, priority=200, purpose=Purpose.CONFIRM))  # a decisive confirmation
+    lanes.push_front(promote[0])  # a judging lease lapsed during the final judging
+    assert [e.episode_id for e in lanes.lanes["judge"]] == ["final:0", "final:1", "p:0", "p:1"]
+    assert lanes.take(lambda e: True).episode_id == "final:0"  # the judge's lane still ranks at 300
+
+
+def _record(episode: Episode, success: bool, flagged: str = "") -> EpisodeRecord:
+    return EpisodeRecord(episode.episode_id, episode.spec.job_id, episode.spec.kind, "pusht", episode.seed,
+                         POLICY, "cell-0", Verdict(success, float(success), "", "state"), success, 1, 10, 0.0, 0.0,
+                         0.0, 0.0, flagged=flagged, purpose=episode.spec.purpose)
+
+
+def test_held_out_work_counts_a_flagged_failure_and_leaves_out_only_what_says_nothing_of_the_policy():
+    flags = [(True, ""), (False, "estop"), (False, "driver_error"), (False, "unverified"), (True, "success_at_reset"),
+             (False, "success_at_reset"), (True, "dry_run"), (False, "dry_run")]
+    for purpose, counted in ((Purpose.PROMOTE, [0, 1, 2, 3, 5]), (Purpose.CONFIRM, [0, 1, 2, 3, 5]),
+                             (Purpose.FINAL, [0, 1, 2, 3, 5]), (Purpose.EVAL, [0])):
+        episodes = _episodes("j", "agent-0", len(flags), purpose=purpose)
+        job = Job(episodes[0].spec, [e.episode_id for e in episodes])
+        job.results = {e.episode_id: _record(e, ok, flag) for e, (ok, flag) in zip(episodes, flags, strict=True)}
+        assert [s.seed for s in job.reply().episodes] == counted, purpose  # an agent's: re-run on other seeds
