@@ -88,7 +88,7 @@ from bus.records import (  # noqa: E402
 )
 from bus.transport import ipc_url  # noqa: E402
 from enpire import config as cfg  # noqa: E402
-from enpire import leaderboard  # noqa: E402
+from enpire import leaderboard, queueing  # noqa: E402
 from enpire.sandbox import CHILD_SCRIPT  # noqa: E402
 
 KEY_ENV = "ENPIRE_SOAK_OPENAI_KEY"
@@ -369,11 +369,11 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
             reign = {j.job_id for j in jobs.values() if j.purpose is m.Purpose.CONFIRM and j.done and not j.cancelled
                      and j.policy == champion.policy}
             counted = {i for i in reign if i in marks and marks[i].counted}
-            confirm = [e for e in episodes.values() if e.job_id in counted and not e.flagged]
+            confirm = [e for e in episodes.values() if e.job_id in counted and queueing.counted(e)]
             tally = board.get("confirmed", leaderboard.key("pusht", champion.policy), Confirmed)
             # its judging on held-out seeds (after a rollback: its whole held-out record, confirmation included)
             judged = [e for e in episodes.values() if e.kind != "agent" and e.policy == champion.policy
-                      and not e.flagged]
+                      and queueing.counted(e)]
             champion_ok = (champion.n == len(confirm) and champion.successes == sum(e.verdict.success for e in confirm)
                            and champion.judged_n <= len(judged)
                            and (tally is None or (tally.successes, tally.n) == (champion.successes, champion.n)))
@@ -385,7 +385,7 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
         counted_evals = {i for i, j in jobs.items() if j.purpose is m.Purpose.EVAL and i in marks}
         measured = Counter()
         for e in episodes.values():
-            if e.job_id in counted_evals and not e.flagged:
+            if e.job_id in counted_evals and queueing.counted(e):
                 measured[e.policy.ref, "n"] += 1
                 measured[e.policy.ref, "successes"] += e.verdict.success
         candidates = board.values("candidates", CandidateRecord)

@@ -20,6 +20,17 @@ from enpire.episodes import write_trajectory
 from enpire.metrics import Utilization, cell_window_s, utilization
 
 
+def counted(r: EpisodeRecord) -> bool:
+    """Whether a recorded result counts for its job. An agent's flagged episode does not: its work runs on
+    another seed (`replacement`). Held-out work keeps a flagged episode as the failure it was recorded as
+    (an e-stop, a robot fault or an operator who did not answer may be the policy's doing: leaving it out
+    could only flatter the rate), all but those that say nothing of the policy: a seed the verifier
+    signed as solved at reset, and a dry run (no robot moved)."""
+    if not r.flagged:
+        return True
+    return r.kind != "agent" and not (r.flagged == "dry_run" or r.verdict.success)
+
+
 @dataclass
 class Episode:
     episode_id: str
@@ -44,17 +55,7 @@ class Job:
         return JobDone(job_id=self.spec.job_id, cancelled=self.cancelled, episodes=[
             EpisodeSummary(episode_id=r.episode_id, seed=r.seed, success=r.verdict.success,
                            success_at_k=r.success_at_k, score=r.verdict.score, reason=r.verdict.reason, steps=r.steps)
-            for eid in self.episode_ids if (r := self.results.get(eid)) is not None and self.counts(r)])
-
-    def counts(self, r: EpisodeRecord) -> bool:
-        """Whether a recorded result is in the reply. An agent's flagged episode is not: its work runs on
-        another seed (`replacement`). Held-out work keeps a flagged episode as the failure it was recorded
-        as (an e-stop, a robot fault or an operator who did not answer may be the policy's doing: leaving
-        it out could only flatter the rate), all but those that say nothing of the policy: a seed the
-        verifier signed as solved at reset, and a dry run (no robot moved)."""
-        if not r.flagged:
-            return True
-        return self.spec.kind != "agent" and not (r.flagged == "dry_run" or r.verdict.success)
+            for eid in self.episode_ids if (r := self.results.get(eid)) is not None and counted(r)])
 
     def record(self) -> JobRecord:
         """The finished job's record (a cancelled one says so: its missing episodes are not lost)."""

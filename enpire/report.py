@@ -33,6 +33,7 @@ from bus.records import CandidateRecord, Champion, EpisodeRecord, Finding, Meta,
 from enpire import config as cfg  # noqa: E402
 from enpire import ledger, summary  # noqa: E402
 from enpire.metrics import regimes_used, summarize, utilization, wilson_interval  # noqa: E402
+from enpire.queueing import counted  # noqa: E402
 from enpire.status import collect  # noqa: E402
 
 REGIME_NAMES = {"tune": "heuristic tuning (CEM)", "bc": "behaviour cloning", "rl": "offline-to-online RL (TD3+BC)"}
@@ -69,7 +70,7 @@ def judgings(episodes: list[EpisodeRecord], candidates: dict[str, str]) -> list[
     """One point per held-out judging of a candidate (its job's episodes), marked by its outcome."""
     jobs: dict[str, list[EpisodeRecord]] = defaultdict(list)
     for e in episodes:
-        if e.kind == "heldout" and not e.flagged and _purpose(e) in ("", "promote"):
+        if e.kind == "heldout" and counted(e) and _purpose(e) in ("", "promote"):
             jobs[e.job_id].append(e)
     decided = {ref: outcome for ref, outcome in candidates.items() if outcome in ("promoted", "rejected")}
     points = [Point(max(e.finished for e in eps), sum(e.verdict.success for e in eps), len(eps), eps[0].policy.ref,
@@ -85,7 +86,7 @@ def confirmations(episodes: list[EpisodeRecord]) -> dict[str, list[Point]]:
     held-out tally after each episode: seeds never used to choose the policy."""
     series: dict[str, list[Point]] = defaultdict(list)
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for e in sorted((e for e in episodes if e.kind == "background" and not e.flagged and _purpose(e) in SERIES),
+    for e in sorted((e for e in episodes if e.kind == "background" and counted(e) and _purpose(e) in SERIES),
                     key=lambda e: e.finished):
         key = f"{e.policy.ref}: {SERIES[_purpose(e)]}"
         t = tally[key]
@@ -310,7 +311,7 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
              f"- tokens: {status['tokens_total']}", f"- target: {target:.0%} held-out success"]
     for c in champions:
         lines.append("- " + summary.champion_line(c.task, summary.champion(c)))
-        confirm = [e for e in episodes if e.kind == "background" and e.policy == c.policy and not e.flagged
+        confirm = [e for e in episodes if e.kind == "background" and e.policy == c.policy and counted(e)
                    and _purpose(e) in ("", "confirm")]
         if (k := max([e.attempts for e in confirm] or [1])) > 1:  # pass@k: each attempt continues the last
             s = summarize(((e.verdict.success, e.success_at_k) for e in confirm), k=k)
