@@ -1,5 +1,7 @@
 """The judge's rules (enpire/judging.py) as pure functions: promotion, confirmation, rollback, smoke."""
 
+import random
+
 from bus.blackboard import Blackboard
 from bus.messages import EpisodeSummary, JobSpec, PolicySpec, Purpose
 from bus.records import Champion, JobRecord, Tallied
@@ -224,3 +226,29 @@ def test_the_baseline_is_crowned_once_and_only_while_there_is_no_champion(tmp_pa
     with board.write() as w:
         assert judging.count_baseline(w, late, won, now=3.0) is None  # a champion came first
     assert not board.get("tallied", "b2", Tallied).counted and board.get("champion", "pusht", Champion).policy == OLD
+
+
+def test_rollback_tests_once_per_look_so_its_false_rollbacks_stay_below_alpha():
+    assert [judging.rollback_look(b, a, 30) for b, a in ((0, 29), (24, 32), (32, 40), (56, 64), (0, 130), (120, 128))] \
+        == [None, 0, None, 1, 2, None]
+    config = _config()
+    config.scheduler.rollback_min_n = 30
+    c = Champion("pusht", NEW, judged_successes=20, judged_n=20, promoted=0.0, previous=OLD,
+                 previous_successes=36, previous_n=40, successes=27, n=40)  # 0.9 vs 0.675: z about 2.5
+    assert judging.rollback(c, config, now=2.0, before=32) is None  # no look between 32 and 40
+    assert judging.rollback(c, config, now=2.0, before=24) is not None  # look 0 at 30, alpha / 2
+    # A champion as good as the one it replaced (both 0.8), confirmed in jobs of 8 until the sequential rule
+    # stops: the share rolled back stays below alpha (a test after every job: about 12% here).
+    config = _config(target=0.8, min_heldout=100)
+    config.scheduler.rollback_min_n = 30
+    rng, rolled, trials = random.Random(7), 0, 600
+    for _ in range(trials):
+        c = Champion("pusht", NEW, judged_successes=40, judged_n=40, promoted=0.0, previous=OLD,
+                     previous_successes=sum(rng.random() < 0.8 for _ in range(40)), previous_n=40)
+        while judging.confirmation(c, config) not in ("met", "not_met"):
+            before = c.n
+            c.successes, c.n = c.successes + sum(rng.random() < 0.8 for _ in range(8)), c.n + 8
+            if judging.rollback(c, config, now=1.0, before=before) is not None:
+                rolled += 1
+                break
+    assert rolled / trials < config.scheduler.alpha, rolled
