@@ -45,28 +45,23 @@ class Judge(Actor):
     concurrent_handlers = True  # agents wait for their jobs
 
     def __init__(self, config: Config, board: Blackboard, queue: Ref, events: EventHub, set_main=None,
-                 baseline: m.PolicySpec | None = None):
-        """`set_main(commit)` points the workspace's main branch at the champion (blocking: git)."""
+                 baseline: m.PolicySpec | None = None, ended: bool = False):
+        """`set_main(commit)` points the workspace's main branch at the champion (blocking: git); `ended`:
+        the run ended before this start (only its final judging is left)."""
         super().__init__()
         self.config, self.board, self.queue, self.events = config, board, queue, events
         self.set_main = set_main or (lambda commit: None)
-        self.baseline = baseline
-        self.task = config.cells.task
+        self.baseline, self.task, self.ended = baseline, config.cells.task, ended
         self.promotions: dict[str, str] = {}  # policy ref -> its judging job
         self.committed: dict[str, int] = {}  # episodes asked per agent, for the episode budget
-        self.cells = 0
-        self._confirming = 0  # background episodes (confirmation, baseline) submitted and not done
+        self.cells = self._confirming = 0  # cells; background episodes submitted and not done
         self._background: set[str] = set()  # background jobs running (their ids)
         self._changed = trio.Event()
         self._deciding = trio.Lock()  # teammates waiting on one judging: the first decides, the others see it
 
     async def setup(self) -> None:
-        self.promotions, self.committed, self._confirming, self._background = {}, {}, 0, set()
-        for _, record in self.board.items("jobs", JobRecord):
-            if record.purpose is Purpose.EVAL:
-                self.committed[record.agent] = self.committed.get(record.agent, 0) + len(record.seeds)
-            elif record.purpose is Purpose.PROMOTE:
-                self.promotions.setdefault(record.policy.ref, record.job_id)
+        self.promotions, self.committed = judging.restored(record for _, record in self.board.items("jobs", JobRecord))
+        self._confirming, self._background, self.closed = 0, set(), self.ended
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
                 self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
@@ -84,7 +79,7 @@ class Judge(Actor):
                     nursery.start_soon(self.handle, judging.request_of(record))  # its asker may be gone
             for record in await self.board.transact(lambda w: judging.uncounted(w, time.time())):
                 await self._count(spec_of(record), await trio.to_thread.run_sync(finished, self.board, record))
-            while True:
+            while not self.closed:  # after the run's end, no more confirmation
                 await self._top_up(nursery)
                 await self._changed.wait()
                 self._changed = trio.Event()
@@ -166,7 +161,7 @@ class Judge(Actor):
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
         now, (s, n) = time.time(), tally(done.episodes)
         decision, champion = await self.board.transact(
-            lambda w: judging.count_promotion(w, spec, done.episodes, self.config, now))
+            lambda w: judging.count_promotion(w, spec, done.episodes, self.config, now, self.closed))
         if decision.crowned is not None:
             self.log.info("champion_promoted", task=spec.task, policy=spec.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
@@ -210,8 +205,8 @@ class Judge(Actor):
         except PoolExhausted as e:
             self.log.warning("heldout_pool_exhausted", detail=str(e))
             return False
-        if purpose is Purpose.CONFIRM and (c := self.champion()) is not None and c.policy != policy:
-            return False  # promoted meanwhile: these seeds stay unused (never judged)
+        if self.closed or purpose is Purpose.CONFIRM and (c := self.champion()) is not None and c.policy != policy:
+            return False  # the run ended, or promoted meanwhile: these seeds stay unused (never judged)
         self._start_background(nursery, m.JobSpec(
             job_id=job_id or f"{purpose.value}-{policy.ref}-{seeds[0]}", agent=agent, task=self.task, policy=policy,
             seeds=seeds, purpose=purpose, priority=priority))
@@ -287,6 +282,8 @@ class Judge(Actor):
 
     async def _final(self, msg: m.FinalJudging) -> m.Message:
         """The starting policy and the champion on the same fresh held-out seeds (paired), before all else."""
+        self.closed = True  # the run ended: a promotion or a confirmation finishing now decides nothing
+        await self._cancel_background()
         start = self.baseline or self.board.get("meta", "start", m.PolicySpec)
         if start is None:
             return m.Failure(error="no starting policy: no baseline and no agent evaluated anything")

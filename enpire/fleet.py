@@ -328,9 +328,10 @@ def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> Po
 
 
 async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path, board: Blackboard,
-                     meta: Meta, stopping: trio.Event | None = None) -> Core:
+                     meta: Meta, stopping: trio.Event | None = None, ended: bool = False) -> Core:
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`; `stopping`, once set,
-    ends the cells' restarts (the fleet's stop)."""
+    ends the cells' restarts (the fleet's stop); `ended`: the run ended before, its final judging is left
+    (the judge decides nothing more)."""
     workspace = await trio.to_thread.run_sync(Workspace, state_dir / "workspace")  # git: off the loop
     baseline = await trio.to_thread.run_sync(_baseline, config, workspace, board)
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
@@ -341,7 +342,8 @@ async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path,
     verifier = await system.spawn("verifier", lambda: Verifier(task_kinds, verdict_key))
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, state_dir, meta.run_id, events,
                                                              verdict_key=verdict_key))
-    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline))
+    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, workspace.set_main, baseline,
+                                                      ended))
     trainer = await system.spawn("trainer", lambda: Trainer(board, state_dir, config.trainer))
     routes: dict[type, Ref] = {
         Hello: queue, LeaseRequest: queue, Heartbeat: queue, EpisodeReport: queue, BundleRequest: queue,
@@ -419,7 +421,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         async with trio.open_nursery() as outer:  # outlives the fleet's nursery: a signal during its drain is read too
             outer.start_soon(on_signal, signals)
             async with trio.open_nursery() as nursery:
-                core = await start_core(nursery, config, state_dir, board, meta, stopping)
+                core = await start_core(nursery, config, state_dir, board, meta, stopping, final_only)
                 system, workspace, events = core.system, core.workspace, core.events
                 daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
                                       config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,

@@ -23,7 +23,7 @@ and its counts as functions of a blackboard transaction the caller holds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from bus import messages as m
@@ -179,14 +179,16 @@ def count_evaluation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummar
 
 
 def count_promotion(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], config: Config,
-                    now: float) -> tuple[Decision, Champion | None]:
+                    now: float, closed: bool = False) -> tuple[Decision, Champion | None]:
     """A candidate's judging decided against the champion and its record as they are now, the new
     champion and the leaderboard mark written with it: a confirmation counted meanwhile is either seen
-    here or, its champion replaced, not counted (count_confirmation). Returns (decision, the champion
-    it was judged against)."""
+    here or, its champion replaced, not counted (count_confirmation). `closed`: the run has ended, and a
+    judging that finishes after its end crowns nothing (the final judging judges the champion it had).
+    Returns (decision, the champion it was judged against)."""
     s, n = tally(episodes)
     champion = w.get("champion", spec.task, Champion)
-    decision = promotion(spec, s, n, champion, config, now, carried(w, spec.task, spec.policy))
+    decision = (Decision(False, "the run ended before this judging did: not decided") if closed else
+                promotion(spec, s, n, champion, config, now, carried(w, spec.task, spec.policy)))
     if decision.crowned is not None:
         w.put("champion", spec.task, decision.crowned)
     leaderboard.mark(w, spec.task, spec.policy, spec.agent, "promoted" if decision.promoted else "rejected", now)
@@ -228,6 +230,19 @@ def count_confirmation(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSumm
     w.put("champion", spec.task, previous or champion)
     w.put("tallied", spec.job_id, Tallied(now))
     return champion, previous, stopped
+
+
+def restored(jobs: Iterable[JobRecord]) -> tuple[dict[str, str], dict[str, int]]:
+    """What a judge rebuilds from the job records as it starts: each candidate's judging job (one per
+    candidate, however many ask), and the episodes each agent asked for (its episode budget)."""
+    promotions: dict[str, str] = {}
+    committed: dict[str, int] = {}
+    for record in jobs:
+        if record.purpose is m.Purpose.EVAL:
+            committed[record.agent] = committed.get(record.agent, 0) + len(record.seeds)
+        elif record.purpose is m.Purpose.PROMOTE:
+            promotions.setdefault(record.policy.ref, record.job_id)
+    return promotions, committed
 
 
 def request_of(record: JobRecord) -> m.EvalRequest | m.PromoteRequest:

@@ -242,8 +242,8 @@ async def test_a_final_judging_cut_short_goes_on_with_its_seeds_after_a_restart(
         nursery.cancel_scope.cancel()
     drawn = board.get("heldout", "pusht", HeldoutRecord).used
     first = {seed for _, seed in leased}
-    async with trio.open_nursery() as nursery:  # started again
-        ref, board, _ = await _start(nursery, tmp_path, config, board=board, baseline=start)
+    async with trio.open_nursery() as nursery:  # started again, for the final judging alone
+        ref, board, _ = await _start(nursery, tmp_path, config, board=board, baseline=start, ended=True)
         await _hello(ref)
         out: dict = {}
         await final_until(ref, out, cut_after=None)
@@ -297,3 +297,40 @@ def test_held_out_seeds_follow_a_secret_order_of_the_whole_space(tmp_path):
     assert set(other).isdisjoint(first)  # another fleet, another secret, other seeds
     with pytest.raises(cfg.ConfigError, match="heldout_seeds: start 50 is not above tuning_seeds"):
         cfg.decode('[tasks.pusht]\ndriver = "pusht"\nheldout_seeds = { start = 50, count = 100 }\n', "t.toml")
+
+
+async def test_after_the_runs_end_a_judging_crowns_nothing_and_confirmation_stops(tmp_path):
+    """The final judging begins (the run has ended): a promotion judging still running then decides nothing
+    (the report's champion is the one judged), and the champion's confirmation is not topped up."""
+    from bus.messages import FinalJudging, FinalResult
+
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"scheduler.promote_seeds": 4, "scheduler.heartbeat_s": 60.0})
+    start, best, late = PolicySpec("ba5e", {}), PolicySpec("aaaa", {}), PolicySpec("bbbb", {})
+    async with trio.open_nursery() as nursery:
+        ref, board, _ = await _start(nursery, tmp_path, config, baseline=start)
+        await _hello(ref)
+        assert (await _judge(ref, best, "pa", 2, 4)).promoted  # 2/4 over no record: its confirmation runs
+        out = {}
+
+        async def promote():
+            out["p"] = await ref.ask(PromoteRequest(job_id="pb", agent="a", task="pusht", policy=late))
+
+        async def final():
+            out["r"] = await ref.judge.ask(FinalJudging(task="pusht", seeds=3))
+        nursery.start_soon(promote)
+        await trio.sleep(0.3)
+        nursery.start_soon(final)
+        await trio.sleep(0.3)
+        kinds = []
+        while "r" not in out or "p" not in out:
+            lease = await ref.ask(LeaseRequest(cell_id="cell-0", wait_s=0.2))
+            if hasattr(lease, "seed"):
+                kinds.append(lease.job_id.split("-")[0])
+                await ref.ask(_report(lease, True))
+        assert isinstance(out["r"], FinalResult) and out["r"].final.champion == best
+        assert not out["p"].promoted and "the run ended" in out["p"].detail
+        assert board.get("champion", "pusht", Champion).policy == best
+        assert kinds.count("final") == 6 and kinds.count("pb") == 4
+        assert "confirm" not in kinds  # the confirmation jobs it had queued were cancelled
+        nursery.cancel_scope.cancel()

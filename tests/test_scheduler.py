@@ -53,14 +53,14 @@ class Fleet:
         return await to.ask(msg, timeout)
 
 
-async def _start(nursery, tmp_path, config=None, board=None, set_main=None, baseline=None):
+async def _start(nursery, tmp_path, config=None, board=None, set_main=None, baseline=None, ended=False):
     config = config or _config()
     board = board or Blackboard(tmp_path / "bb")
     system = ActorSystem(nursery)
     events = EventHub()
     bundles = BundleStore(lambda c: {"policy.py": b"x"})
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, tmp_path, "run", events))
-    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, set_main, baseline))
+    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, set_main, baseline, ended))
     return Fleet(queue, judge, events), board, system
 
 
