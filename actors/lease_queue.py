@@ -38,6 +38,7 @@ from enpire.queueing import (
     lease_of,
     record_episode,
     replacement,
+    restore,
     save_cell,
     spec_of,
     stored_segments,
@@ -218,7 +219,7 @@ class LeaseQueue(Actor):
         job.results[msg.episode_id] = record  # the recorded result, whichever report it came from
         self.recorded += first
         if first and record.flagged and job.spec.kind == "agent":  # solved at reset: the seed says nothing
-            pool = self.config.task(job.spec.task).tuning_seeds  # (held-out jobs just count one fewer)
+            pool = self.config.task(job.spec.task).tuning_seeds  # (held-out work: `counted` says)
             self.pending.push_front(replacement(job, episode, pool.start, pool.count))
             self._wake()
         await self._progress(job)
@@ -252,10 +253,10 @@ class LeaseQueue(Actor):
         bundle = await self.bundles.digest(spec.policy)
         if spec.job_id in self.jobs:  # submitted twice while the bundle was read
             return self.jobs[spec.job_id]
-        ids = [f"{spec.job_id}:{i}" for i in range(len(spec.seeds))]
-        job = self.jobs[spec.job_id] = Job(spec, ids, {eid: done[eid] for eid in ids if eid in done})
-        self.pending.add([Episode(eid, spec, seed, bundle) for eid, seed in zip(ids, spec.seeds, strict=True)
-                          if eid not in job.results])
+        pool = self.config.task(spec.task).tuning_seeds
+        job, waiting = restore(spec, done, bundle, pool.start, pool.count)
+        self.jobs[spec.job_id] = job
+        self.pending.add(waiting)
         await self._progress(job)
         self._wake()
         return job

@@ -153,6 +153,24 @@ def replacement(job: Job, episode: Episode, pool_start: int, pool_count: int) ->
     return Episode(eid, job.spec, seed, episode.bundle)
 
 
+def restore(spec: JobSpec, done: dict[str, EpisodeRecord], bundle: str, pool_start: int,
+            pool_count: int) -> tuple[Job, list[Episode]]:
+    """A job as a restart finds it (`done`: its recorded episodes): its results, and the episodes still to
+    run. Flagged episodes of an agent's job are replaced again in the order they were recorded, so the
+    replacements get the ids and seeds they had ("JOB:rK"): recorded ones count, missing ones run."""
+    ids = [f"{spec.job_id}:{i}" for i in range(len(spec.seeds))]
+    episodes = {eid: Episode(eid, spec, seed, bundle) for eid, seed in zip(ids, spec.seeds, strict=True)}
+    job = Job(spec, ids)
+    for record in sorted((r for r in done.values() if r.job_id == spec.job_id), key=lambda r: r.finished):
+        if record.episode_id not in job.episode_ids:
+            continue  # a replacement no flag of this replay asked for (the order of two flags was a tie)
+        job.results[record.episode_id] = record
+        if record.flagged and spec.kind == "agent":
+            new = replacement(job, episodes[record.episode_id], pool_start, pool_count)
+            episodes[new.episode_id] = new
+    return job, [episodes[eid] for eid in job.episode_ids if eid not in job.results]
+
+
 @dataclass
 class LeaseState:
     episode: Episode
@@ -264,8 +282,7 @@ def unfinished(board: Blackboard) -> tuple[list[JobRecord], dict[str, EpisodeRec
     """Blocking: what a restarted queue resumes: unfinished jobs, their recorded episodes, smoke verdicts."""
     with board.read() as r:
         jobs = [j for _, j in r.items("jobs", JobRecord) if not j.done]
-        done = {eid: e for j in jobs for i in range(len(j.seeds))
-                if (e := r.get("episodes", eid := f"{j.job_id}:{i}", EpisodeRecord)) is not None}
+        done = {eid: e for j in jobs for eid, e in r.items("episodes", EpisodeRecord, prefix=f"{j.job_id}:")}
         return jobs, done, {s.policy.ref: s.passed for _, s in r.items("smoke", SmokeRecord)}
 
 
@@ -275,7 +292,7 @@ def finished(board: Blackboard, record: JobRecord) -> JobDone:
     ids = [f"{record.job_id}:{i}" for i in range(len(record.seeds))]
     with board.read() as r:
         results = dict(r.items("episodes", EpisodeRecord, prefix=f"{record.job_id}:"))
-    return Job(spec_of(record), ids + sorted(results.keys() - set(ids)), results).reply()
+    return Job(spec_of(record), ids + sorted(results.keys() - set(ids)), results, cancelled=record.cancelled).reply()
 
 
 def record_episode(board: Blackboard, state_dir: Path, msg: EpisodeReport, episode: Episode, trajectory: bool,

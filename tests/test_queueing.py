@@ -3,7 +3,17 @@
 from bus.messages import JobSpec, PolicySpec, Purpose, Verdict
 from bus.records import CellRecord, EpisodeRecord
 from enpire import config as cfg
-from enpire.queueing import CellState, Episode, Job, Lanes, LeaseBook, LeaseState, eligible, replacement
+from enpire.queueing import (
+    CellState,
+    Episode,
+    Job,
+    Lanes,
+    LeaseBook,
+    LeaseState,
+    eligible,
+    replacement,
+    restore,
+)
 
 POLICY = PolicySpec(commit="c" * 40)
 
@@ -114,3 +124,34 @@ def test_held_out_work_counts_a_flagged_failure_and_leaves_out_only_what_says_no
         job = Job(episodes[0].spec, [e.episode_id for e in episodes])
         job.results = {e.episode_id: _record(e, ok, flag) for e, (ok, flag) in zip(episodes, flags, strict=True)}
         assert [s.seed for s in job.reply().episodes] == counted, purpose  # an agent's: re-run on other seeds
+
+
+def test_a_restart_replays_the_replacements_of_flagged_episodes():
+    """j:1 was flagged (solved at reset), its replacement j:r1 ran and was flagged too, j:r2 had not run
+    when the daemon stopped: after the restart j:r1 counts as recorded and j:r2 runs with its own seed."""
+    episodes = _episodes("j", "agent-0", 3)
+    spec = episodes[0].spec
+    done = {}
+    for t, (eid, seed, flag) in enumerate((("j:0", 0, ""), ("j:1", 1, "success_at_reset"),
+                                           ("j:r1", 7920, "success_at_reset"))):
+        done[eid] = _record(Episode(eid, spec, seed, "bundle"), flag != "", flag)
+        done[eid].finished = float(t)
+    job, waiting = restore(spec, done, "bundle", pool_start=0, pool_count=10_000)
+    assert set(job.results) == {"j:0", "j:1", "j:r1"} and job.episode_ids == ["j:0", "j:2", "j:r2"]
+    assert [(e.episode_id, e.seed) for e in waiting] == [("j:2", 2), ("j:r2", 5839)]
+    assert [s.episode_id for s in job.reply().episodes] == ["j:0"]
+
+
+def test_a_finished_job_that_was_cancelled_says_so_after_a_restart(tmp_path):
+    from bus.blackboard import Blackboard
+    from enpire.queueing import finished
+
+    board = Blackboard(tmp_path / "bb")
+    episodes = _episodes("c", "background", 4, purpose=Purpose.CONFIRM)
+    job = Job(episodes[0].spec, [episodes[0].episode_id], {episodes[0].episode_id: _record(episodes[0], True)},
+              cancelled=True)
+    with board.write() as w:
+        w.put("episodes", episodes[0].episode_id, job.results[episodes[0].episode_id])
+    reply = finished(board, job.record())
+    assert reply.cancelled and len(reply.episodes) == 1  # a partial tally is not counted as a whole job
+    board.close()
