@@ -30,6 +30,8 @@ from enpire.sandbox import SandboxLimits
 from hw import PluginError, make_driver
 from hw.driver import DriverError
 
+SECONDS, FRACTION = command.bounded(float, 0, 86_400, low_open=True), command.bounded(float, 0, 1)
+
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:
     p = command.Parser(prog=prog, description=__doc__.splitlines()[0])
@@ -51,29 +53,29 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell
     real.add_argument("--interface-dir", type=Path,
                       help="approved reset programs and the verifier's agreement record (default ~/.enpire/cells/ID)")
     real.add_argument("--reset", default="person", help="'person' or an approved reset program (default person)")
-    real.add_argument("--reset-timeout", type=float, default=120.0, help="seconds to answer 'scene reset?'")
-    real.add_argument("--verdict-timeout", type=float, default=120.0, help="seconds to answer 'success?'")
-    real.add_argument("--max-false-success", type=float, default=0.05,
+    real.add_argument("--reset-timeout", type=SECONDS, default=120.0, help="seconds to answer 'scene reset?'")
+    real.add_argument("--verdict-timeout", type=SECONDS, default=120.0, help="seconds to answer 'success?'")
+    real.add_argument("--max-false-success", type=FRACTION, default=0.05,
                       help="Wilson 95%% upper bound of the verifier program's false-success rate to judge alone")
-    real.add_argument("--min-labels", type=int, default=20, help="person labels before the program may judge alone")
-    real.add_argument("--spot-check", type=float, default=0.1, help="share of episodes the person labels afterwards")
+    real.add_argument("--min-labels", type=command.bounded(int, 1, 1e9), default=20, help="person labels before the program may judge alone")
+    real.add_argument("--spot-check", type=FRACTION, default=0.1, help="share of episodes the person labels afterwards")
     limits = SandboxConfig()  # the one definition of the sandbox's limits ([sandbox] in enpire.toml)
-    p.add_argument("--act-timeout", type=float, default=limits.act_timeout_s, help="seconds the policy has per act() call")
-    p.add_argument("--max-missed", type=int, default=limits.max_missed_deadlines,
+    p.add_argument("--act-timeout", type=command.like(SandboxConfig, "act_timeout_s"), default=limits.act_timeout_s, help="seconds the policy has per act() call")
+    p.add_argument("--max-missed", type=command.like(SandboxConfig, "max_missed_deadlines"), default=limits.max_missed_deadlines,
                    help="consecutive missed deadlines that end an episode")
-    p.add_argument("--load-timeout", type=float, default=limits.load_timeout_s,
+    p.add_argument("--load-timeout", type=command.like(SandboxConfig, "load_timeout_s"), default=limits.load_timeout_s,
                    help="seconds the sandbox has to start and build the policy")
-    p.add_argument("--cpu-seconds", type=int, default=limits.cpu_seconds, help="CPU seconds per sandbox process")
-    p.add_argument("--memory-mb", type=int, default=limits.memory_mb,
+    p.add_argument("--cpu-seconds", type=command.like(SandboxConfig, "cpu_seconds"), default=limits.cpu_seconds, help="CPU seconds per sandbox process")
+    p.add_argument("--memory-mb", type=command.like(SandboxConfig, "memory_mb"), default=limits.memory_mb,
                    help="memory of the sandbox (address space, and its jail)")
-    p.add_argument("--scratch-mb", type=int, default=limits.scratch_mb, help="size of the sandbox's tmpfs scratch")
-    p.add_argument("--pids", type=int, default=limits.pids, help="processes + threads in the sandbox's jail")
+    p.add_argument("--scratch-mb", type=command.like(SandboxConfig, "scratch_mb"), default=limits.scratch_mb, help="size of the sandbox's tmpfs scratch")
+    p.add_argument("--pids", type=command.like(SandboxConfig, "pids"), default=limits.pids, help="processes + threads in the sandbox's jail")
     p.add_argument("--unconfined", action="store_true",
                    help="run policies without the isolation engine (bubblewrap); only if you trust them")
-    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
-    p.add_argument("--rt-priority", type=int, default=0,
+    p.add_argument("--connect-timeout", type=SECONDS, default=60.0, help="seconds to wait for the fleet to answer")
+    p.add_argument("--rt-priority", type=command.bounded(int, 0, 99), default=0,
                    help="SCHED_FIFO priority (1-99) of the control loop during rollouts; 0 = normal scheduling")
-    p.add_argument("--cpu", type=int, help="run this cell and its policy sandbox on this CPU only")
+    p.add_argument("--cpu", type=command.bounded(int, 0, 4095), help="run this cell and its policy sandbox on this CPU only")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started us dies")
     return p.parse_args(argv)
 

@@ -51,11 +51,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.trai
     p.add_argument("--trainer-id", type=peer_name, default=f"{socket.gethostname()}-{os.getpid()}",
                    help="unique name in the fleet")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--processes", type=int, default=1, help="data-parallel processes per BC job; 0 = one per GPU")
+    p.add_argument("--processes", type=command.bounded(int, 0, 1024), default=1, help="data-parallel processes per BC job; 0 = one per GPU")
     p.add_argument("--cache", type=Path, help="folder for fetched episodes and job directories (default: a temp dir)")
     p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret")
-    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the fleet to answer")
-    p.add_argument("--max-jobs", type=int, default=0, help="stop after this many jobs (0 = run until stopped)")
+    p.add_argument("--connect-timeout", type=command.bounded(float, 0, 86_400, low_open=True), default=60.0, help="seconds to wait for the fleet to answer")
+    p.add_argument("--max-jobs", type=command.bounded(int, 0, 1e9), default=0, help="stop after this many jobs (0 = run until stopped)")
     return p.parse_args(argv)
 
 

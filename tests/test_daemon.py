@@ -36,6 +36,20 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     assert not (tmp_path / "s").exists()  # nothing was created for a run that never started
 
 
+@pytest.mark.parametrize("flag", ["--act-timeout -1", "--max-missed 0", "--rt-priority 200", "--memory-mb -5",
+                                  "--pids 0", "--connect-timeout nan", "--connect-timeout -3", "--spot-check 2"])
+def test_a_cell_with_a_flag_out_of_range_is_refused_in_one_line(flag, capsys):
+    """A cell joining with --act-timeout -1 ran and failed every episode it was given (held-out ones too)."""
+    from enpire import cell
+
+    name = flag.split()[0]
+    with pytest.raises(SystemExit) as exit_:
+        cell.parse_args(["--cell-id", "c", "--connect", "tcp://127.0.0.1:1", *flag.split()])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and f"argument {name}: " in err[0] and "outside" in err[0], err
+    assert cell.parse_args(["--cell-id", "c", "--connect", "tcp://127.0.0.1:1"]).act_timeout == 0.05  # defaults pass
+
+
 def test_a_fleet_that_could_do_no_work_is_refused_at_start(tmp_path):
     r = _run("enpire.fleet", "--cells", "0", "--state-dir", str(tmp_path / "s"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
