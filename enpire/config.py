@@ -278,6 +278,7 @@ def check(config: Config, source: str = "<config>") -> None:
     for name, task in config.tasks.items():
         from hw.plugins import (  # local import: config stays light for tools that only read it
             PluginError,
+            driver_options_problem,
             driver_spec,
             verifier_methods,
             verifier_name,
@@ -295,6 +296,8 @@ def check(config: Config, source: str = "<config>") -> None:
         if methods is not None and task.verifier not in methods:
             raise ConfigError(f"{source}: tasks.{name}.verifier: {task.verifier!r} is not a method of its verifier "
                               f"{kind!r} (it has: {', '.join(methods)})")
+        if task.driver_options and (problem := driver_options_problem(task.driver, task.driver_options)):
+            raise ConfigError(f"{source}: tasks.{name}.driver_options: {problem}")
         for joint, (low, high) in task.limits.joints.items():
             if not low < high:
                 raise ConfigError(f"{source}: tasks.{name}.limits.joints.{joint}: low {low} must be below high {high}")
@@ -323,8 +326,23 @@ def check(config: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: fleet.target: {fleet.target} cannot be confirmed: even {cap} successes in a row "
                           f"(the confirmation's cap, {CONFIRMATION_CAP} x fleet.min_heldout) fall short at "
                           f"scheduler.alpha {config.scheduler.alpha}; raise fleet.min_heldout or lower the target")
-    if config.fleet.baseline and not (Path(config.fleet.baseline) / "policy.py").is_file():
-        raise ConfigError(f"{source}: fleet.baseline: {config.fleet.baseline!r} has no policy.py")
+    if config.fleet.baseline:
+        policy = Path(config.fleet.baseline) / "policy.py"
+        if not policy.is_file():
+            raise ConfigError(f"{source}: fleet.baseline: {config.fleet.baseline!r} has no policy.py")
+        try:  # a starting policy that cannot even compile would fail every episode of the run
+            compile(policy.read_bytes(), str(policy), "exec")
+        except (SyntaxError, ValueError) as e:
+            where = f"line {e.lineno}: {e.msg}" if isinstance(e, SyntaxError) else str(e)
+            raise ConfigError(f"{source}: fleet.baseline: {str(policy)!r} does not compile ({where})") from None
+    if config.agents.backend == "builtin" and config.agents.count:
+        from enpire.agents.builtin import template_for  # local import, as above
+
+        task = config.task()
+        if template_for(task.driver, task.observation) is None:
+            raise ConfigError(f"{source}: cells.task: the built-in agent (agents.backend 'builtin') has no policy "
+                              f"template for driver {task.driver!r} with {task.observation} observations; give it a "
+                              "model backend, or a starting policy ([fleet] baseline) and agents.count 0")
     if config.agents.notes_dir and not Path(config.agents.notes_dir).is_dir():
         raise ConfigError(f"{source}: agents.notes_dir: {config.agents.notes_dir!r} is not a folder")
     if config.agents.backend != "builtin" and not config.agents.model:

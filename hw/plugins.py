@@ -14,6 +14,7 @@ returning a `bus.messages.Verdict`. Every failure is a `PluginError` of one line
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -96,6 +97,23 @@ def make_driver(name: str, **options):
         raise PluginError(f"driver {name!r}: {e}") from None
     driver.registry_name = name  # what the cell reports, so replays and exports can build it again
     return driver
+
+
+def driver_options_problem(name: str, options: dict) -> str | None:
+    """Why driver `name` cannot take `options` (a misspelled or unknown keyword), or None. A driver whose
+    code is not installed here (cells on other machines) is not checked: its cells say so themselves."""
+    try:
+        cls = driver_class(name)
+    except PluginError:
+        return None
+    args = (name,) if name in METAWORLD_TASKS else ()
+    try:
+        inspect.signature(cls).bind(*args, **options)
+    except TypeError as e:
+        return f"driver {name!r} ({cls.__name__}) does not take them: {e}"
+    except ValueError:  # no signature to read: the cells will say
+        return None
+    return None
 
 
 def verifier_name(driver: str) -> str:

@@ -151,3 +151,29 @@ def test_a_gpu_the_daemon_cannot_train_on_is_refused_at_start_in_one_line(tmp_pa
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "trainer.device" in r.stderr, r.stderr
     assert not (tmp_path / "state").exists()
     assert fleet.trainer_device_problem("cpu") is None and fleet.trainer_device_problem("auto") is None
+
+
+def test_what_would_fail_every_episode_is_refused_at_load_naming_the_key(tmp_path):
+    """A starting policy that does not compile, driver options the driver does not take, a task the built-in
+    agent has no template for: each ran a whole budget doing nothing (or a traceback), now one line."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "policy.py").write_text("def act(obs:\n    return [0.0, 0.0]\n")
+    cases = {
+        f'[fleet]\nbaseline = "{bad}"\n[agents]\ncount = 0\n': "fleet.baseline: '" + str(bad / "policy.py")
+        + "' does not compile (line 1",
+        '[tasks.peg-insert-side-v3]\ndriver = "peg-insert-side-v3"\n[tasks.peg-insert-side-v3.driver_options]\n'
+        'foo = 1\n': "tasks.peg-insert-side-v3.driver_options: driver 'peg-insert-side-v3' (MetaWorldDriver) "
+        "does not take them: got an unexpected keyword argument 'foo'",
+        '[cells]\ntask = "door-open-v3"\n[tasks.door-open-v3]\ndriver = "door-open-v3"\n':
+        "cells.task: the built-in agent (agents.backend 'builtin') has no policy template for driver 'door-open-v3'",
+    }
+    for text, error in cases.items():
+        with pytest.raises(cfg.ConfigError) as e:
+            cfg.check(cfg.decode(text, "t.toml"), "t.toml")
+        assert str(e.value).startswith(f"t.toml: {error}"), str(e.value)
+    # the same tasks pass where they can run: a model agent for door-open, the options a driver takes
+    cfg.check(cfg.decode('[cells]\ntask = "door-open-v3"\n[tasks.door-open-v3]\ndriver = "door-open-v3"\n'
+                         '[agents]\nbackend = "openai"\nmodel = "m"\n', "t.toml"))
+    cfg.check(cfg.decode('[cells]\ntask = "pusht"\n[tasks.pusht]\ndriver = "pusht"\n[tasks.pusht.driver_options]\n'
+                         'frame_size = 64\n', "t.toml"))

@@ -82,7 +82,7 @@ def test_the_robot_features_make_the_task_card():
     from enpire import config as cfg
     from enpire.tasks import card
 
-    config = cfg.decode(f'[cells]\ntask = "arm"\n[tasks.arm]\ndriver = "lerobot"\nverifier_kind = "pusht"\n'
+    config = cfg.decode(f'[cells]\ntask = "arm"\n[agents]\ncount = 0\n[tasks.arm]\ndriver = "lerobot"\nverifier_kind = "pusht"\n'
                         f'[tasks.arm.driver_options]\nrobot = "{SPEC}"\ncamera = "wrist"\n', "x.toml")
     text = card("arm", config).render()
     assert "[0] shoulder.pos (robot units)" in text and "[1] elbow.pos" in text and "camera 'wrist'" not in text

@@ -76,7 +76,7 @@ def test_entry_point_driver_and_its_verifier_resolve(plugin_path):
     driver = make_driver("reach2d", gain=0.25)
     assert type(driver).__module__ == "enpire_reach_plugin" and driver.gain == 0.25
     assert verifier_name("reach2d") == "enpire_reach_plugin:verify_reach"
-    config = cfg.decode('[cells]\ntask = "reach"\n[tasks.reach]\ndriver = "reach2d"\nhorizon = 20\n', "x.toml")
+    config = cfg.decode('[cells]\ntask = "reach"\n[agents]\ncount = 0\n[tasks.reach]\ndriver = "reach2d"\nhorizon = 20\n', "x.toml")
     assert config.task().driver == "reach2d"
     from enpire.tasks import card
 

@@ -143,11 +143,15 @@ def _rate(result: EvalResult) -> float:
 # ----------------------------------------------------------------------------- the researcher
 
 
+def template_for(driver: str, observation: str) -> str | None:
+    """The module of the built-in researcher's policy template for a driver and observation, or None."""
+    return (PIXEL_TEMPLATES if observation == "pixels" else TEMPLATES).get(driver)
+
+
 class BuiltinResearcher:
     def __init__(self, settings: SearchSettings, rng_seed: int, tuning_seeds: range, driver: str = "pusht",
                  observation: str = "state"):
-        templates = PIXEL_TEMPLATES if observation == "pixels" else TEMPLATES
-        if driver not in templates:
+        if (template := template_for(driver, observation)) is None:
             raise ValueError(f"the built-in researcher has no policy template for driver {driver!r} "
                              f"with {observation} observations")
         self.settings = settings
@@ -155,7 +159,7 @@ class BuiltinResearcher:
         self.tuning = tuning_seeds
         self.driver = driver
         self.observation = observation
-        self.template = importlib.import_module(templates[driver])
+        self.template = importlib.import_module(template)
         self.names = sorted(self.template.PARAM_SPACE)
         self.low = np.array([self.template.PARAM_SPACE[k][0] for k in self.names], dtype=float)
         self.high = np.array([self.template.PARAM_SPACE[k][1] for k in self.names], dtype=float)
