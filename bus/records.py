@@ -250,6 +250,7 @@ class DaemonRecord(msgspec.Struct):
     task: str
     budget_s: float = 0.0  # this start's time budget: status tells the time left
     target: float = 0.0  # held-out success rate that ends the run
+    ended: float = 0.0  # when the run ended (target, budget, signal): its figures end there, not the final judging's
 
 
 class TrainRecord(msgspec.Struct):

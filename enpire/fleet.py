@@ -423,9 +423,10 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
             async with trio.open_nursery() as nursery:
                 core = await start_core(nursery, config, state_dir, board, meta, stopping, final_only)
                 system, workspace, events = core.system, core.workspace, core.events
-                daemon = DaemonRecord(os.getpid(), started, started, "running", config.cells.count,
+                prior = board.get("meta", "daemon", DaemonRecord) if final_only else None  # the run's own start
+                daemon = DaemonRecord(os.getpid(), prior.started if prior else started, started, "running", config.cells.count,
                                       config.agents.count, config.cells.task, budget_s=config.fleet.budget_minutes * 60,
-                                      target=config.fleet.target)
+                                      target=config.fleet.target, ended=prior.ended if prior else 0.0)
                 sink = TensorBoardSink(state_dir / "tensorboard", started) if config.fleet.tensorboard and not final_only else None
                 ticks = Ticks(logger, board, config, core.queue, started, deadline, daemon, events, sink)
                 nursery.start_soon(ticks.feed_sink)
@@ -457,6 +458,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 ended.set()
                 # The run's figures (time, MRU) end here; the final judging is reported on its own.
                 outcome.elapsed_s = time.time() - started
+                daemon.ended = daemon.ended or started + outcome.elapsed_s  # status's figures end here too
                 if not final_only:  # (a start for the final judging alone keeps the run's figures)
                     logger.info("run_ended", outcome=outcome.reason, elapsed_s=round(outcome.elapsed_s, 1),
                                 time_to_target_s=outcome.time_to_target_s and round(outcome.time_to_target_s, 1))

@@ -6,6 +6,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import msgspec
+
 from bus.messages import Segment, Utilization
 from bus.records import Finding
 
@@ -96,6 +98,11 @@ def utilization(segments: Iterable[Segment], wall_s: float) -> Utilization:
     # Durations come from the cell's clock and the window from the daemon's: clamp so skew can't exceed 1.
     wall = max(wall_s, sum(by_state.values()))
     return Utilization(wall, running, agent, background, by_state)
+
+
+def until(segments: Iterable[Segment], t: float) -> list[Segment]:
+    """The part of a cell's segments before `t` (a run's end: the final judging after it is not the run's)."""
+    return [msgspec.structs.replace(s, end=min(s.end, t)) for s in segments if s.start < t]
 
 
 def cell_window_s(joined: float, last_seen: float, live: bool, now: float) -> float:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import trio
 
 from bus.blackboard import Blackboard, BlackboardError
@@ -31,7 +32,7 @@ from bus.records import (
 )
 from bus.transport import Subscriber
 from enpire import command, ledger, statelock, summary
-from enpire.metrics import cell_window_s, utilization
+from enpire.metrics import cell_window_s, until, utilization
 
 SILENT_S = 10.0  # the daemon's heartbeat comes every second: this long without one, it has stopped
 
@@ -52,8 +53,12 @@ def _collect(board: Blackboard, now: float, held: bool = True) -> dict:
     for rec in board.values("timeline", TimelineRecord):
         segments.setdefault(rec.cell_id, []).extend(rec.segments)
     records = {c.cell_id: c for c in board.values("cells", CellRecord)}
-    per_cell = {cid: utilization(segments.get(cid, []), cell_window_s(c.joined, c.last_seen, alive and c.state != "offline", now))
-                for cid, c in records.items()}
+    if daemon is not None and daemon.ended:  # the run's figures, as report.json has them: its final judging is not the run's
+        segments = {cid: until(segs, daemon.ended) for cid, segs in segments.items()}
+        records = {cid: msgspec.structs.replace(c, last_seen=min(c.last_seen, daemon.ended)) for cid, c in records.items()}
+    ended = daemon is not None and bool(daemon.ended)
+    per_cell = {cid: utilization(segments.get(cid, []), cell_window_s(
+        c.joined, c.last_seen, alive and not ended and c.state != "offline", now)) for cid, c in records.items()}
     fleet = summary.cells(per_cell)
     cells = {cid: {"state": records[cid].state if alive else "offline", "host": records[cid].host,
                    "pid": records[cid].pid, **u} for cid, u in fleet["cells"].items()}
@@ -67,7 +72,7 @@ def _collect(board: Blackboard, now: float, held: bool = True) -> dict:
     champions = {task: summary.champion(c) for task, c in board.items("champion", Champion)}
     records = board.values("tokens", TokenRecord)
     team = ledger.totals(records)
-    running_s = ((now if alive else daemon.last_seen) - daemon.started) if daemon else 0.0
+    running_s = ((daemon.ended or (now if alive else daemon.last_seen)) - daemon.started) if daemon else 0.0
     return {
         "daemon": {
             "state": (daemon.state if alive or daemon.state != "running"

@@ -93,3 +93,21 @@ def test_a_progress_line_says_tokens_their_rate_and_time_left():
                  tokens=6000, tokens_per_min=3000.0, time_left_s=780.0, agent_tokens={"agent-0": 6000})
     line = status.event_line(p).split(" ", 1)[1]
     assert line == "progress: 321 episodes, MRU 85.0%, champion c0 90.0% (n=50), 6,000 tokens (3,000/min), 780 s left"
+
+
+def test_after_the_run_status_shows_the_runs_figures_not_its_final_judgings(tmp_path):
+    """report.json's MRU and agent share end with the run; the final judging after it (held-out work on
+    every cell) must not turn them into other figures in `status` and the report's summary."""
+    from bus.messages import Segment
+    from bus.records import TimelineRecord
+
+    t0 = 1_000.0
+    board = Blackboard(tmp_path / "blackboard.lmdb")
+    board.put("meta", "daemon", DaemonRecord(123, t0, t0 + 160, "stopped: budget", 1, 1, "pusht", ended=t0 + 100))
+    board.put("cells", "cell-0", CellRecord("cell-0", "pusht", "h", 1, t0, t0 + 160, state="idle"))
+    board.append("timeline", TimelineRecord("cell-0", [
+        Segment("idle", t0, t0 + 50), Segment("running", t0 + 50, t0 + 100, "agent"),
+        Segment("running", t0 + 100, t0 + 160, "heldout")]))  # the final judging, after the run's end
+    board.close()
+    s = status.collect(tmp_path, now=t0 + 200)
+    assert s["mru"] == 0.5 and s["cells"]["cell-0"]["agent_share"] == 1.0 and s["daemon"]["running_s"] == 100.0
