@@ -304,9 +304,12 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
     _save(plot_cells(timelines, t0, t1), out / "cells.png", written)
     _save(plot_tokens(tokens, t0), out / "tokens.png", written)
     status = collect(state_dir)
-    lines = ["# enpire fleet report", "", f"- episodes: {len(episodes)} "
-             f"({sum(e.kind == 'agent' for e in episodes)} agent, {sum(e.kind == 'heldout' for e in episodes)} "
-             f"judging, {sum(e.kind == 'background' for e in episodes)} confirmation)",
+    by = defaultdict(int)
+    for e in episodes:
+        by["final judging" if _purpose(e) == "final" else {"agent": "agent", "heldout": "judging"}.get(
+            e.kind, "confirmation and starting policy")] += 1
+    parts = ", ".join(f"{by[k]} {k}" for k in ("agent", "judging", "confirmation and starting policy", "final judging"))
+    lines = ["# enpire fleet report", "", f"- episodes: {len(episodes)} ({parts})",
              f"- MRU: {status['mru']:.1%}", f"- findings: {status['findings']}",
              f"- tokens: {status['tokens_total']}", f"- target: {target:.0%} held-out success"]
     for c in champions:
@@ -323,7 +326,7 @@ def write(state_dir: Path, target: float | None = None) -> tuple[Path, list[str]
     promoted = [p for p in judged if p.outcome == "promoted"]
     lines.append(f"- judgings: {len(judged)} ({len(promoted)} promoted)")
     for agent, used in sorted(regimes.items()):
-        lines.append(f"- {agent} improved the policy by: {', '.join(REGIME_NAMES.get(r, r) for r in used)}")
+        lines.append(f"- {agent} searched with: {', '.join(REGIME_NAMES.get(r, r) for r in used)}")
     lines += ["- " + summary.cell_line(cid, c) for cid, c in sorted(status["cells"].items())]
     lines.append("")
     lines += [f"![{name[:-4]}]({name})\n" for name in written]

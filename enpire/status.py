@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.status") -
     if not args.seconds > 0:  # NaN too
         print(f"{prog}: --seconds {args.seconds}: must be a positive number of seconds", file=sys.stderr)
         return 2
+    if args.seconds != math.inf and not args.follow:
+        print(f"{prog}: --seconds is for --follow (how long to follow); without it status prints once", file=sys.stderr)
+        return 2
     if not (args.state_dir / "blackboard.lmdb").exists():
         print(f"{prog}: {args.state_dir}: no fleet state here", file=sys.stderr)
         return 2

@@ -33,6 +33,9 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
         r = _run(*command, "--state-dir", str(tmp_path / "s"))
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "argument --cells: invalid int value: 'abc'" in _run("enpire.fleet", "--cells", "abc").stderr
+    r = _run("enpire", "status", "--state-dir", str(tmp_path), "--seconds", "3")  # a flag only --follow reads
+    assert r.returncode == 2 and r.stderr.strip().endswith("--seconds is for --follow (how long to follow); without "
+                                                           "it status prints once"), r.stderr
     assert not (tmp_path / "s").exists()  # nothing was created for a run that never started
 
 

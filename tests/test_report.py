@@ -121,6 +121,7 @@ def test_report_writes_only_figures_with_data(tmp_path):
     assert not (out / "tokens.png").exists() and not (out / "success_tokens.png").exists()
     summary = (out / "summary.md").read_text()
     assert "final judging, start" in summary and "45/50" in summary and "judgings: 2 (1 promoted)" in summary
+    assert "(12 agent, 60 judging, 60 confirmation and starting policy, 10 final judging)" in summary
     assert "tokens.png" not in summary
     state = _run(tmp_path / "with_tokens", tokens=True, final=False)
     _, written = report.write(state)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 import time
 
 import numpy as np
 
+from enpire import command
 from enpire.agents.builtin import PIXEL_TEMPLATES, TEMPLATES
 from enpire.config import ActionLimitsConfig
 from enpire.safety import ActionLimits, check_action
@@ -150,7 +152,8 @@ def parse_seeds(spec: str) -> range:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m enpire.agents.policy_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command.Parser(prog="python -m enpire.agents.policy_eval", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="pusht", choices=sorted(TEMPLATES))
     ap.add_argument("--observation", default="state", choices=("state", "pixels"),
                     help="what the policy sees; pixels: a 96x96 frame and the pusher position (Push-T)")
@@ -183,6 +186,9 @@ def main(argv=None) -> int:
         params = json.loads(text)
         if not isinstance(params, dict):
             raise ValueError("not a JSON object")
+        if bad := [k for k, v in params.items() if isinstance(v, bool) or not isinstance(v, int | float)
+                   or not math.isfinite(v)]:
+            raise ValueError(f"not a finite number: {', '.join(bad)}")
     except (OSError, ValueError) as e:
         ap.error(f"--params {args.params!r}: {e}")
     if args.observation == "pixels":
