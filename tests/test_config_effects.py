@@ -170,3 +170,61 @@ async def test_task_record_trajectories_false_keeps_no_trajectory(tmp_path):
             assert bool(episode.trajectory_file) is record
             assert any(state.rglob("*.npz")) is record
             nursery.cancel_scope.cancel()
+
+
+def test_cells_cpu_pinning_gives_each_local_cell_a_cpu_or_none(tmp_path):
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def cpu_of(pinning: str, count: int, index: int) -> int | None:
+        config = cfg.decode(f'[cells]\ncount = {count}\ncpu_pinning = "{pinning}"\n', "t.toml")
+        argv = cell_command(config, index, "ipc:///x", tmp_path)
+        return int(argv[argv.index("--cpu") + 1]) if "--cpu" in argv else None
+
+    assert cpu_of("on", 1, 0) == cpus[0] and cpu_of("on", 2, len(cpus)) == cpus[0]  # round robin
+    assert cpu_of("off", len(cpus) + 1, 0) is None
+    assert cpu_of("auto", len(cpus), 1) == cpus[1 % len(cpus)]  # as many cells as CPUs: one each
+    if len(cpus) > 1:
+        assert cpu_of("auto", 1, 0) is None  # spare CPUs: the OS places the policy beside its cell
+
+
+def test_fleet_map_size_mb_is_the_blackboards_initial_map(tmp_path):
+    from enpire.fleet import open_state_dir
+
+    for mb in (8, 64):
+        board, _ = open_state_dir(tmp_path / str(mb), mb)
+        assert board.map_size == mb << 20
+        board.close()
+
+
+def test_agents_wall_budget_minutes_and_request_timeout_s_reach_the_model_agent(monkeypatch):
+    from enpire.agents.backends import make_backend, make_client
+
+    config = cfg.decode('[agents]\nbackend = "openai"\nmodel = "m"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                        'wall_budget_minutes = 2.5\nrequest_timeout_s = 7.0\nmax_turns_window = 6\n'
+                        'context_chars = 5000\n', "t.toml")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    agent = make_backend(config, 0)
+    assert agent.settings.wall_budget_s == 150.0
+    assert (agent.window.max_turns, agent.window.max_chars) == (6, 5000)
+    assert make_client(config, 0)._client.timeout == 7.0
+
+
+def test_the_prompt_window_keeps_max_turns_and_max_chars():
+    """Past `max_turns_window` turns, or `context_chars` characters, the oldest half of the turns become
+    journal lines at once (the prompt's cached prefix changes once every many turns)."""
+    from enpire.agents.model import ModelReply, Turn, Usage
+    from enpire.agents.prompt import Window
+
+    def turn(i: int, chars: int = 10) -> Turn:
+        return Turn(reply=ModelReply(text=f"{i}:" + "x" * chars, calls=[], usage=Usage()), outputs=[])
+
+    window = Window(max_turns=4, max_chars=10_000, journal_lines=50)
+    for i in range(5):
+        window.add(turn(i))
+    assert len(window.turns) == 2 and len(window.journal) == 3  # the fifth turn: the oldest half went
+    window = Window(max_turns=100, max_chars=1_000, journal_lines=50)
+    for i in range(4):
+        window.add(turn(i, 300))
+    assert window.chars() <= 1_000 and len(window.journal) >= 1 and window.turns[-1].reply.text.startswith("3:")
