@@ -679,10 +679,12 @@ def idle_fleet(config: cfg.Config) -> str | None:
 def short_lease(config: cfg.Config) -> str | None:
     """Why leases would end before their episodes do (each episode cut off and re-run), or None."""
     task, lease = config.task(), config.scheduler.lease_s
-    episode_s = task.horizon / task.control_hz if task.control_hz else 0.0  # paced: a full episode's length
+    # paced: a full episode's length, every attempt of a pass@k episode included (one lease covers them all)
+    episode_s = task.attempts * task.horizon / task.control_hz if task.control_hz else 0.0
     if lease >= max(episode_s, MIN_LEASE_S):
         return None
-    length = f"a full episode takes {episode_s:g} s" if episode_s else f"below {MIN_LEASE_S:g} s"
+    length = (f"a full episode takes {episode_s:g} s" + (f" ({task.attempts} attempts)" if task.attempts > 1 else "")
+              if episode_s else f"below {MIN_LEASE_S:g} s")
     return (f"scheduler.lease_s {lease:g} is shorter than an episode ({length}): cells will be cut off and "
             "episodes re-run again and again")
 

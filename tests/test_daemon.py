@@ -78,6 +78,8 @@ def test_leases_shorter_than_an_episode_are_warned_about():
     paced = cfg.with_overrides(cfg.Config(), **{"cells.task": "pusht", "scheduler.lease_s": 20.0})
     paced.tasks["pusht"].control_hz = 10.0  # 300 steps at 10 Hz
     assert "a full episode takes 30 s" in short_lease(paced)
+    paced.scheduler.lease_s, paced.tasks["pusht"].attempts = 45.0, 2  # pass@2: one lease, two attempts
+    assert "a full episode takes 60 s (2 attempts)" in short_lease(paced)
 
 
 def test_a_fleet_without_cells_warns_and_progress_reaches_tensorboard(tmp_path):
