@@ -75,7 +75,7 @@ class Judge(Actor):
             for _, record in self.board.items("jobs", JobRecord):  # what a restart interrupted
                 if not record.done and record.purpose in (Purpose.BASELINE, Purpose.CONFIRM):
                     self._start_background(nursery, spec_of(record))
-                elif not record.done and record.purpose in (Purpose.EVAL, Purpose.PROMOTE):
+                elif record.purpose is Purpose.EVAL and not record.done or judging.undecided(self.board, record):
                     nursery.start_soon(self.handle, judging.request_of(record))  # its asker may be gone
             for record in await self.board.transact(lambda w: judging.uncounted(w, time.time())):
                 await self._count(spec_of(record), await trio.to_thread.run_sync(finished, self.board, record))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from bus import messages as m
 from bus.blackboard import Txn
-from bus.records import Champion, Confirmed, JobRecord, SmokeRecord, Tallied
+from bus.records import CandidateRecord, Champion, Confirmed, JobRecord, SmokeRecord, Tallied
 from enpire import leaderboard
 from enpire.config import CONFIRMATION_CAP, Config
 from enpire.metrics import better_with_confidence, sprt, wilson_interval
@@ -243,6 +243,15 @@ def restored(jobs: Iterable[JobRecord]) -> tuple[dict[str, str], dict[str, int]]
         elif record.purpose is m.Purpose.PROMOTE:
             promotions.setdefault(record.policy.ref, record.job_id)
     return promotions, committed
+
+
+def undecided(r, record: JobRecord) -> bool:
+    """A candidate's judging a restart must (go on and) decide: unfinished, or finished with its candidate
+    still marked "judging" (a crash came between the queue's "done" and the decision). `r`: a reader."""
+    if record.purpose is not m.Purpose.PROMOTE:
+        return False
+    candidate = r.get("candidates", leaderboard.key(record.task, record.policy), CandidateRecord)
+    return not record.done or (candidate is not None and candidate.judged == "judging")
 
 
 def request_of(record: JobRecord) -> m.EvalRequest | m.PromoteRequest:

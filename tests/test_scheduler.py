@@ -642,3 +642,25 @@ async def test_an_evaluation_and_a_judging_a_restart_interrupted_count_though_th
         assert (c.successes, c.pending, c.judged) == (3, 0, "promoted")
         assert board.get("champion", "pusht", Champion).policy == POLICY
         nursery.cancel_scope.cancel()
+
+
+async def test_a_judging_finished_before_a_crash_is_decided_at_the_restart(tmp_path):
+    """A kill between the queue's "done" of a judging and its decision left the candidate marked "judging"
+    and no champion: the next start decides it from its recorded episodes (no episode runs again)."""
+    board = Blackboard(tmp_path / "bb")
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, _config(promote_seeds=10, background=False), board)
+        await _hello(ref)
+        assert (await _judge(ref, POLICY, "p", 10, 10)).promoted
+        nursery.cancel_scope.cancel()
+    key = f"pusht/{POLICY.ref}"
+    with board.write() as w:  # what the kill left: the job done, no decision
+        w.delete("champion", "pusht")
+        w.put("candidates", key, msgspec.structs.replace(w.get("candidates", key, CandidateRecord), judged="judging"))
+    episodes = board.counter("episodes")
+    async with trio.open_nursery() as nursery:
+        await _start(nursery, tmp_path, _config(promote_seeds=10, background=False), board)
+        await _eventually(lambda: board.get("champion", "pusht", Champion) is not None)
+        nursery.cancel_scope.cancel()
+    assert board.get("champion", "pusht", Champion).policy == POLICY
+    assert board.get("candidates", key, CandidateRecord).judged == "promoted" and board.counter("episodes") == episodes
