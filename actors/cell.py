@@ -249,7 +249,7 @@ class Cell(Actor):
     def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
         try:
             return self._episode(lease, sandbox, client)
-        except DriverError as e:  # the robot or a camera failed: not the policy's fault, so not counted
+        except DriverError as e:  # the robot or a camera failed: held with no step, so never counted
             self.log.error("driver_error", episode=lease.episode_id, error=str(e))
             if self.interface is not None:
                 self.interface.pause(f"robot fault: {e}")
@@ -260,7 +260,8 @@ class Cell(Actor):
     def _held(self, lease: Lease, flag: str, why: str, trajectory: Trajectory | None = None,
               steps: int = 0) -> EpisodeReport:
         """An episode without a verdict (e-stop, no reset, no verdict, robot fault): the scheduler records
-        it as flagged; an agent's work runs again on another seed, held-out work counts it as a failure."""
+        it as flagged; an agent's work runs again on another seed, held-out work counts it as a failure when
+        the policy acted in it (`steps` > 0: an e-stop, no verdict) and leaves it out otherwise."""
         verdict = Verdict(success=False, score=0.0, reason=f"unverified: {flag}: {why}"[:500], verifier="cell")
         return EpisodeReport(cell_id=self.cell_id, lease_id=lease.lease_id, episode_id=lease.episode_id,
                              verdict=verdict, attempts=[], steps=steps, reset_s=0.0, run_s=0.0, verify_s=0.0,
@@ -371,7 +372,7 @@ class Cell(Actor):
                     break
             steps, error, obs = self._rollout(lease, sandbox, limits, obs, observations, actions, rewards, camera)
             run_s += time.perf_counter() - t2
-            if error == "estop":  # halted by the person: held unverified, never counted
+            if error == "estop":  # halted by the person: held unverified (held-out work counts it failed)
                 self.interface.pause("e-stop")
                 return self._held(lease, "estop", f"halted after {len(actions)} steps", trajectory(), len(actions))
             request = self._verify_request(lease, k, reset_state if k == 0 else None)

@@ -22,13 +22,14 @@ from enpire.metrics import Utilization, cell_window_s, utilization
 
 def counted(r: EpisodeRecord) -> bool:
     """Whether a recorded result counts for its job. An agent's flagged episode does not: its work runs on
-    another seed (`replacement`). Held-out work keeps a flagged episode as the failure it was recorded as
-    (an e-stop, a robot fault or an operator who did not answer may be the policy's doing: leaving it out
-    could only flatter the rate), all but those that say nothing of the policy: a seed the verifier
-    signed as solved at reset, and a dry run (no robot moved)."""
+    another seed (`replacement`). Held-out work keeps a flagged episode the policy acted in (an e-stop, an
+    operator who did not answer after its steps) as the failure it was recorded as: a halt may be the
+    policy's doing, and leaving it out could only flatter the rate. Left out: what says nothing of the
+    policy, an episode held before it acted (no reset, a robot fault: no step recorded), a seed the
+    verifier signed as solved at reset, and a dry run (no robot moved)."""
     if not r.flagged:
         return True
-    return r.kind != "agent" and not (r.flagged == "dry_run" or r.verdict.success)
+    return r.kind != "agent" and r.steps > 0 and not (r.flagged == "dry_run" or r.verdict.success)
 
 
 @dataclass

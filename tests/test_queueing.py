@@ -109,20 +109,22 @@ def test_a_lapsed_episode_goes_first_among_its_priority_not_before_higher_ones()
     assert lanes.take(lambda e: True).episode_id == "final:0"  # the judge's lane still ranks at 300
 
 
-def _record(episode: Episode, success: bool, flagged: str = "") -> EpisodeRecord:
+def _record(episode: Episode, success: bool, flagged: str = "", steps: int = 10) -> EpisodeRecord:
     return EpisodeRecord(episode.episode_id, episode.spec.job_id, episode.spec.kind, "pusht", episode.seed,
-                         POLICY, "cell-0", Verdict(success, float(success), "", "state"), success, 1, 10, 0.0, 0.0,
-                         0.0, 0.0, flagged=flagged, purpose=episode.spec.purpose)
+                         POLICY, "cell-0", Verdict(success, float(success), "", "state"), success, 1, steps, 0.0,
+                         0.0, 0.0, 0.0, flagged=flagged, purpose=episode.spec.purpose)
 
 
 def test_held_out_work_counts_a_flagged_failure_and_leaves_out_only_what_says_nothing_of_the_policy():
-    flags = [(True, ""), (False, "estop"), (False, "driver_error"), (False, "unverified"), (True, "success_at_reset"),
-             (False, "success_at_reset"), (True, "dry_run"), (False, "dry_run")]
-    for purpose, counted in ((Purpose.PROMOTE, [0, 1, 2, 3, 5]), (Purpose.CONFIRM, [0, 1, 2, 3, 5]),
-                             (Purpose.FINAL, [0, 1, 2, 3, 5]), (Purpose.EVAL, [0])):
+    flags = [(True, "", 10), (False, "estop", 10), (False, "driver_error", 0), (False, "unverified", 10),
+             (True, "success_at_reset", 0), (False, "success_at_reset", 10), (True, "dry_run", 10),
+             (False, "dry_run", 10), (False, "operator_timeout", 0)]  # held before the policy acted: left out
+    for purpose, counted in ((Purpose.PROMOTE, [0, 1, 3, 5]), (Purpose.CONFIRM, [0, 1, 3, 5]),
+                             (Purpose.FINAL, [0, 1, 3, 5]), (Purpose.EVAL, [0])):
         episodes = _episodes("j", "agent-0", len(flags), purpose=purpose)
         job = Job(episodes[0].spec, [e.episode_id for e in episodes])
-        job.results = {e.episode_id: _record(e, ok, flag) for e, (ok, flag) in zip(episodes, flags, strict=True)}
+        job.results = {e.episode_id: _record(e, ok, flag, steps)
+                       for e, (ok, flag, steps) in zip(episodes, flags, strict=True)}
         assert [s.seed for s in job.reply().episodes] == counted, purpose  # an agent's: re-run on other seeds
 
 
