@@ -45,13 +45,14 @@ class Judge(Actor):
     concurrent_handlers = True  # agents wait for their jobs
 
     def __init__(self, config: Config, board: Blackboard, queue: Ref, events: EventHub, set_main=None,
-                 baseline: m.PolicySpec | None = None, ended: bool = False):
+                 baseline: m.PolicySpec | None = None, ended: trio.Event | None = None):
         """`set_main(commit)` points the workspace's main branch at the champion (blocking: git); `ended`:
-        the run ended before this start (only its final judging is left)."""
+        the fleet's, set as the run ends: from then on nothing is decided, its final judging aside."""
         super().__init__()
         self.config, self.board, self.queue, self.events = config, board, queue, events
         self.set_main = set_main or (lambda commit: None)
-        self.baseline, self.task, self.ended = baseline, config.cells.task, ended
+        self.baseline, self.task = baseline, config.cells.task
+        self.ended = ended if ended is not None else trio.Event()
         self.promotions: dict[str, str] = {}  # policy ref -> its judging job
         self.committed: dict[str, int] = {}  # episodes asked per agent, for the episode budget
         self.cells = self._confirming = 0  # cells; background episodes submitted and not done
@@ -61,7 +62,7 @@ class Judge(Actor):
 
     async def setup(self) -> None:
         self.promotions, self.committed = judging.restored(record for _, record in self.board.items("jobs", JobRecord))
-        self._confirming, self._background, self.closed = 0, set(), self.ended
+        self._confirming, self._background = 0, set()
         if (champion := self.champion()) is not None:
             if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
                 self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
@@ -72,14 +73,14 @@ class Judge(Actor):
     async def main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen, nursery)
-            for _, record in self.board.items("jobs", JobRecord):  # what a restart interrupted
+            for _, record in [] if self.ended.is_set() else self.board.items("jobs", JobRecord):  # interrupted
                 if not record.done and record.purpose in (Purpose.BASELINE, Purpose.CONFIRM):
                     self._start_background(nursery, spec_of(record))
                 elif record.purpose is Purpose.EVAL and not record.done or judging.undecided(self.board, record):
                     nursery.start_soon(self.handle, judging.request_of(record))  # its asker may be gone
             for record in await self.board.transact(lambda w: judging.uncounted(w, time.time())):
                 await self._count(spec_of(record), await trio.to_thread.run_sync(finished, self.board, record))
-            while not self.closed:  # after the run's end, no more confirmation
+            while not self.ended.is_set():  # after the run's end, no more confirmation
                 await self._top_up(nursery)
                 await self._changed.wait()
                 self._changed = trio.Event()
@@ -161,7 +162,7 @@ class Judge(Actor):
     async def _decide(self, spec: m.JobSpec, done: m.JobDone) -> m.PromoteResult:
         now, (s, n) = time.time(), tally(done.episodes)
         decision, champion = await self.board.transact(
-            lambda w: judging.count_promotion(w, spec, done.episodes, self.config, now, self.closed))
+            lambda w: judging.count_promotion(w, spec, done.episodes, self.config, now, self.ended.is_set()))
         if decision.crowned is not None:
             self.log.info("champion_promoted", task=spec.task, policy=spec.policy.ref, successes=s, n=n,
                           previous=champion.policy.ref if champion else "")
@@ -205,7 +206,7 @@ class Judge(Actor):
         except PoolExhausted as e:
             self.log.warning("heldout_pool_exhausted", detail=str(e))
             return False
-        if self.closed or purpose is Purpose.CONFIRM and (c := self.champion()) is not None and c.policy != policy:
+        if self.ended.is_set() or purpose is Purpose.CONFIRM and (c := self.champion()) is not None and c.policy != policy:
             return False  # the run ended, or promoted meanwhile: these seeds stay unused (never judged)
         self._start_background(nursery, m.JobSpec(
             job_id=job_id or f"{purpose.value}-{policy.ref}-{seeds[0]}", agent=agent, task=self.task, policy=policy,
@@ -232,6 +233,8 @@ class Judge(Actor):
 
     async def _count(self, spec: m.JobSpec, done: m.JobDone) -> None:
         """A finished job's verdicts, counted where they belong, once."""
+        if self.ended.is_set() and spec.purpose is not Purpose.EVAL:  # could change the champion: counted at the
+            return  # next start that is not the run's end (a confirmation, the baseline's judging)
         if spec.purpose is Purpose.CONFIRM:
             return await self._confirmed(spec, done)
         now = time.time()
@@ -282,7 +285,7 @@ class Judge(Actor):
 
     async def _final(self, msg: m.FinalJudging) -> m.Message:
         """The starting policy and the champion on the same fresh held-out seeds (paired), before all else."""
-        self.closed = True  # the run ended: a promotion or a confirmation finishing now decides nothing
+        self.ended.set()  # the run ended (the fleet's too): a judging or a confirmation finishing now decides nothing
         await self._cancel_background()
         start = self.baseline or self.board.get("meta", "start", m.PolicySpec)
         if start is None:

@@ -335,14 +335,6 @@ def check(config: Config, source: str = "<config>") -> None:
         except (SyntaxError, ValueError) as e:
             where = f"line {e.lineno}: {e.msg}" if isinstance(e, SyntaxError) else str(e)
             raise ConfigError(f"{source}: fleet.baseline: {str(policy)!r} does not compile ({where})") from None
-    if config.agents.backend == "builtin" and config.agents.count:
-        from enpire.agents.builtin import template_for  # local import, as above
-
-        task = config.task()
-        if template_for(task.driver, task.observation) is None:
-            raise ConfigError(f"{source}: cells.task: the built-in agent (agents.backend 'builtin') has no policy "
-                              f"template for driver {task.driver!r} with {task.observation} observations; give it a "
-                              "model backend, or a starting policy ([fleet] baseline) and agents.count 0")
     if config.agents.notes_dir and not Path(config.agents.notes_dir).is_dir():
         raise ConfigError(f"{source}: agents.notes_dir: {config.agents.notes_dir!r} is not a folder")
     if config.agents.backend != "builtin" and not config.agents.model:

@@ -328,10 +328,10 @@ def _baseline(config: cfg.Config, workspace: Workspace, board: Blackboard) -> Po
 
 
 async def start_core(nursery: trio.Nursery, config: cfg.Config, state_dir: Path, board: Blackboard,
-                     meta: Meta, stopping: trio.Event | None = None, ended: bool = False) -> Core:
+                     meta: Meta, stopping: trio.Event | None = None, ended: trio.Event | None = None) -> Core:
     """Start verifier, scheduler, bus server(s) and the local cells inside `nursery`; `stopping`, once set,
-    ends the cells' restarts (the fleet's stop); `ended`: the run ended before, its final judging is left
-    (the judge decides nothing more)."""
+    ends the cells' restarts (the fleet's stop); `ended`, once set, closes the judge (the run's end: it
+    decides nothing more, its final judging aside)."""
     workspace = await trio.to_thread.run_sync(Workspace, state_dir / "workspace")  # git: off the loop
     baseline = await trio.to_thread.run_sync(_baseline, config, workspace, board)
     task_kinds = {name: t.verifier_kind or verifier_name(t.driver) for name, t in config.tasks.items()}
@@ -421,7 +421,7 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
         async with trio.open_nursery() as outer:  # outlives the fleet's nursery: a signal during its drain is read too
             outer.start_soon(on_signal, signals)
             async with trio.open_nursery() as nursery:
-                core = await start_core(nursery, config, state_dir, board, meta, stopping, final_only)
+                core = await start_core(nursery, config, state_dir, board, meta, stopping, ended)
                 system, workspace, events = core.system, core.workspace, core.events
                 prior = board.get("meta", "daemon", DaemonRecord) if final_only else None  # the run's own start
                 daemon = DaemonRecord(os.getpid(), prior.started if prior else started, started, "running", config.cells.count,
@@ -458,7 +458,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 ended.set()
                 # The run's figures (time, MRU) end here; the final judging is reported on its own.
                 outcome.elapsed_s = time.time() - started
-                daemon.ended = daemon.ended or started + outcome.elapsed_s  # status's figures end here too
+                if not final_only:  # (a start for the final judging alone keeps the run's end, when it was recorded)
+                    daemon.ended = started + outcome.elapsed_s  # status's figures end here too
                 if not final_only:  # (a start for the final judging alone keeps the run's figures)
                     logger.info("run_ended", outcome=outcome.reason, elapsed_s=round(outcome.elapsed_s, 1),
                                 time_to_target_s=outcome.time_to_target_s and round(outcome.time_to_target_s, 1))
@@ -714,7 +715,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m enpire.fleet") ->
         print(cfg.to_toml(config), end="")
         return 0
     try:
-        make_backend(config, 0)  # a missing API key or model setting fails here, in one line
+        if config.agents.count:
+            make_backend(config, 0)  # a missing API key or model setting fails here, in one line
         trio.run(probe_model, config)  # so does a model name the endpoint does not serve, or a refused key
     except LLMConfigError as e:
         print(f"enpire: agents: {e}", file=sys.stderr)

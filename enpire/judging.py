@@ -183,12 +183,13 @@ def count_promotion(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary
     """A candidate's judging decided against the champion and its record as they are now, the new
     champion and the leaderboard mark written with it: a confirmation counted meanwhile is either seen
     here or, its champion replaced, not counted (count_confirmation). `closed`: the run has ended, and a
-    judging that finishes after its end crowns nothing (the final judging judges the champion it had).
+    judging that finishes after its end decides nothing (the final judging judges the champion it had).
     Returns (decision, the champion it was judged against)."""
-    s, n = tally(episodes)
     champion = w.get("champion", spec.task, Champion)
-    decision = (Decision(False, "the run ended before this judging did: not decided") if closed else
-                promotion(spec, s, n, champion, config, now, carried(w, spec.task, spec.policy)))
+    if closed:  # its mark stays "judging": a start that goes on with the run decides it (`undecided`)
+        return Decision(False, "the run ended before this judging did: not decided"), champion
+    s, n = tally(episodes)
+    decision = promotion(spec, s, n, champion, config, now, carried(w, spec.task, spec.policy))
     if decision.crowned is not None:
         w.put("champion", spec.task, decision.crowned)
     leaderboard.mark(w, spec.task, spec.policy, spec.agent, "promoted" if decision.promoted else "rejected", now)

@@ -53,7 +53,9 @@ def _collect(board: Blackboard, now: float, held: bool = True) -> dict:
     for rec in board.values("timeline", TimelineRecord):
         segments.setdefault(rec.cell_id, []).extend(rec.segments)
     records = {c.cell_id: c for c in board.values("cells", CellRecord)}
-    if daemon is not None and daemon.ended:  # the run's figures, as report.json has them: its final judging is not the run's
+    # The run's figures, as report.json has them: its final judging is not the run's. (Segments are in each
+    # cell's clock, the end in the daemon's: a remote cell's clock skew moves its cut by that much.)
+    if daemon is not None and daemon.ended:
         segments = {cid: until(segs, daemon.ended) for cid, segs in segments.items()}
         records = {cid: msgspec.structs.replace(c, last_seen=min(c.last_seen, daemon.ended)) for cid, c in records.items()}
     ended = daemon is not None and bool(daemon.ended)

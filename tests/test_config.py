@@ -154,8 +154,8 @@ def test_a_gpu_the_daemon_cannot_train_on_is_refused_at_start_in_one_line(tmp_pa
 
 
 def test_what_would_fail_every_episode_is_refused_at_load_naming_the_key(tmp_path):
-    """A starting policy that does not compile, driver options the driver does not take, a task the built-in
-    agent has no template for: each ran a whole budget doing nothing (or a traceback), now one line."""
+    """A starting policy that does not compile, driver options the driver does not take: each ran a whole
+    budget doing nothing, now one line."""
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "policy.py").write_text("def act(obs:\n    return [0.0, 0.0]\n")
@@ -165,15 +165,32 @@ def test_what_would_fail_every_episode_is_refused_at_load_naming_the_key(tmp_pat
         '[tasks.peg-insert-side-v3]\ndriver = "peg-insert-side-v3"\n[tasks.peg-insert-side-v3.driver_options]\n'
         'foo = 1\n': "tasks.peg-insert-side-v3.driver_options: driver 'peg-insert-side-v3' (MetaWorldDriver) "
         "does not take them: got an unexpected keyword argument 'foo'",
-        '[cells]\ntask = "door-open-v3"\n[tasks.door-open-v3]\ndriver = "door-open-v3"\n':
-        "cells.task: the built-in agent (agents.backend 'builtin') has no policy template for driver 'door-open-v3'",
     }
     for text, error in cases.items():
         with pytest.raises(cfg.ConfigError) as e:
             cfg.check(cfg.decode(text, "t.toml"), "t.toml")
         assert str(e.value).startswith(f"t.toml: {error}"), str(e.value)
-    # the same tasks pass where they can run: a model agent for door-open, the options a driver takes
-    cfg.check(cfg.decode('[cells]\ntask = "door-open-v3"\n[tasks.door-open-v3]\ndriver = "door-open-v3"\n'
-                         '[agents]\nbackend = "openai"\nmodel = "m"\n', "t.toml"))
+    # the options a driver takes pass
     cfg.check(cfg.decode('[cells]\ntask = "pusht"\n[tasks.pusht]\ndriver = "pusht"\n[tasks.pusht.driver_options]\n'
                          'frame_size = 64\n', "t.toml"))
+
+
+def test_a_task_the_built_in_agent_cannot_work_on_is_refused_at_start_in_one_line(tmp_path):
+    """door-open-v3 has no template of the built-in agent: a traceback before; one line, exit 2 now, and
+    judged after the command line's flags (with --agents 0 there is no built-in agent to refuse)."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "door.toml"
+    config.write_text('[cells]\ntask = "door-open-v3"\n[tasks.door-open-v3]\ndriver = "door-open-v3"\n')
+
+    def start(*flags: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-m", "enpire.fleet", "--config", str(config), "--state-dir",
+                            str(tmp_path / "s"), "--quiet", *flags], capture_output=True, text=True, timeout=60,
+                           cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 2, r.stderr
+        return r.stderr.strip().splitlines()
+
+    lines = start()
+    assert len(lines) == 1 and "no policy template for driver 'door-open-v3'" in lines[0], lines
+    assert "no policy template" not in start("--agents", "0")[0]  # refused for another reason: no policy at all

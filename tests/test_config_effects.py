@@ -98,15 +98,17 @@ async def test_trainer_heartbeat_s_is_how_often_a_remote_trainer_beats(tmp_path)
 async def test_scheduler_smoke_seeds_is_the_length_of_a_smoke_test(tmp_path):
     """A real cell runs a policy only after `smoke_seeds` faultless simulated episodes of it."""
     from bus.messages import Hello, Lease, NoWork
-    from tests.test_scheduler import POLICY, _config, _report
+    from bus.records import JobRecord
+    from tests.test_scheduler import POLICY, _config, _eventually, _report
 
     async with trio.open_nursery() as nursery:
-        ref, _, _ = await _start(nursery, tmp_path, _config(smoke_seeds=3))
+        ref, board, _ = await _start(nursery, tmp_path, _config(smoke_seeds=3))
         await ref.ask(Hello(cell_id="robot", driver="pusht", tasks=["pusht"], host="lab", pid=2, real=True))
         await _hello(ref, "sim")
         nursery.start_soon(ref.ask, EvalRequest(job_id="j", agent="a", task="pusht", policy=POLICY, seeds=[1, 2]))
-        await trio.sleep(0.3)
+        await _eventually(lambda: board.get("jobs", "j", JobRecord) is not None)
         assert isinstance(await ref.ask(LeaseRequest(cell_id="robot", wait_s=0.2)), NoWork)  # asks for a smoke test
+        await _eventually(lambda: board.get("jobs", f"smoke-{POLICY.ref}", JobRecord) is not None)
         leases = [await ref.ask(LeaseRequest(cell_id="sim")) for _ in range(3)]
         assert all(lease.job_id.startswith("smoke-") for lease in leases), leases
         assert isinstance(await ref.ask(LeaseRequest(cell_id="robot", wait_s=0.2)), NoWork)  # not reported yet

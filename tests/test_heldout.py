@@ -330,6 +330,10 @@ async def test_after_the_runs_end_a_judging_crowns_nothing_and_confirmation_stop
                 await ref.ask(_report(lease, True))
         assert isinstance(out["r"], FinalResult) and out["r"].final.champion == best
         assert not out["p"].promoted and "the run ended" in out["p"].detail
+        from bus.records import CandidateRecord
+
+        mark = board.get("candidates", f"pusht/{late.ref}", CandidateRecord).judged
+        assert mark == "judging"  # undecided: a start that goes on with the run decides it
         assert board.get("champion", "pusht", Champion).policy == best
         assert kinds.count("final") == 6 and kinds.count("pb") == 4
         assert "confirm" not in kinds  # the confirmation jobs it had queued were cancelled

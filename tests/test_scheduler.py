@@ -60,7 +60,10 @@ async def _start(nursery, tmp_path, config=None, board=None, set_main=None, base
     events = EventHub()
     bundles = BundleStore(lambda c: {"policy.py": b"x"})
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, tmp_path, "run", events))
-    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, set_main, baseline, ended))
+    closed = trio.Event()
+    if ended:
+        closed.set()
+    judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, set_main, baseline, closed))
     return Fleet(queue, judge, events), board, system
 
 

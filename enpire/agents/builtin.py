@@ -43,6 +43,7 @@ import trio
 
 from bus.messages import EvalResult, PolicySpec
 from enpire.agents import budget
+from enpire.agents.model import LLMConfigError
 from enpire.agents.tools import ToolError, Tools, failure_summary, fingerprint
 
 # The policy the researcher writes for each task: a module with PARAM_SPACE, INITIAL_PARAMS and Policy.
@@ -151,9 +152,10 @@ def template_for(driver: str, observation: str) -> str | None:
 class BuiltinResearcher:
     def __init__(self, settings: SearchSettings, rng_seed: int, tuning_seeds: range, driver: str = "pusht",
                  observation: str = "state"):
-        if (template := template_for(driver, observation)) is None:
-            raise ValueError(f"the built-in researcher has no policy template for driver {driver!r} "
-                             f"with {observation} observations")
+        if (template := template_for(driver, observation)) is None:  # the fleet says it at start, in one line
+            raise LLMConfigError(f"cells.task: the built-in agent (agents.backend 'builtin') has no policy template "
+                                 f"for driver {driver!r} with {observation} observations; give it a model backend, "
+                                 "or a starting policy ([fleet] baseline) and agents.count 0")
         self.settings = settings
         self.rng = np.random.default_rng(rng_seed)
         self.tuning = tuning_seeds
