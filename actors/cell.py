@@ -247,13 +247,15 @@ class Cell(Actor):
         )
 
     def _run_episode(self, lease: Lease, sandbox: PolicySandbox, client: RequestClient) -> EpisodeReport | Unverified:
+        self._actions: list = []
         try:
             return self._episode(lease, sandbox, client)
-        except DriverError as e:  # the robot or a camera failed: held with no step, so never counted
+        except DriverError as e:  # the robot or a camera failed: a fault after the policy acted (an overload
+            # it drove the arm into) counts against it in held-out work, one before it acted does not
             self.log.error("driver_error", episode=lease.episode_id, error=str(e))
             if self.interface is not None:
                 self.interface.pause(f"robot fault: {e}")
-            return self._held(lease, "driver_error", str(e))
+            return self._held(lease, "driver_error", str(e), steps=len(self._actions))
         finally:
             self.timeline.enter("idle")  # however the episode ended, the robot is free again
 
@@ -309,6 +311,7 @@ class Cell(Actor):
                                           self.driver.action_high, lease.joints, require_all=self.real)
         limits = ActionLimits(dim=len(low), low=low.tolist(), high=high.tolist(), max_delta=lease.max_delta)
         observations, actions, rewards = [obs], [], []
+        self._actions = actions  # how far a robot fault came (`_run_episode`): one after the policy acted counts
         # A robot's camera (LeRobot drivers): one frame per observation, for the record and the dataset.
         camera = [self.driver.frame()] if getattr(self.driver, "record_frames", False) else None
         attempts: list[Attempt] = []

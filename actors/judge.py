@@ -73,13 +73,13 @@ class Judge(Actor):
     async def main(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen, nursery)
+            for record in await self.board.transact(lambda w: judging.uncounted(w, time.time())):  # before resuming a judging
+                await self._count(spec_of(record), await trio.to_thread.run_sync(finished, self.board, record))
             for _, record in [] if self.ended.is_set() else self.board.items("jobs", JobRecord):  # interrupted
                 if not record.done and record.purpose in (Purpose.BASELINE, Purpose.CONFIRM):
                     self._start_background(nursery, spec_of(record))
                 elif record.purpose is Purpose.EVAL and not record.done or judging.undecided(self.board, record):
                     nursery.start_soon(self.handle, judging.request_of(record))  # its asker may be gone
-            for record in await self.board.transact(lambda w: judging.uncounted(w, time.time())):
-                await self._count(spec_of(record), await trio.to_thread.run_sync(finished, self.board, record))
             while not self.ended.is_set():  # after the run's end, no more confirmation
                 await self._top_up(nursery)
                 await self._changed.wait()
@@ -139,8 +139,8 @@ class Judge(Actor):
     # ------------------------------------------------------------------ promotion
 
     async def _promote(self, msg: m.PromoteRequest) -> m.Message:
-        if msg.task not in self.config.tasks:
-            return m.Failure(error=f"unknown task {msg.task!r}")
+        if msg.task not in self.config.tasks or self.ended.is_set():  # after the end: no seeds for a judging
+            return m.Failure(error="the run has ended" if self.ended.is_set() else f"unknown task {msg.task!r}")
         # One judging per candidate: teammates who ask for the same one wait for that verdict.
         job_id = self.promotions.setdefault(msg.policy.ref, msg.job_id)
         if (record := self.board.get("jobs", job_id, JobRecord)) is None:

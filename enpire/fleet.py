@@ -459,7 +459,8 @@ async def run_fleet(config: cfg.Config, state_dir: Path, board: Blackboard, meta
                 # The run's figures (time, MRU) end here; the final judging is reported on its own.
                 outcome.elapsed_s = time.time() - started
                 if not final_only:  # (a start for the final judging alone keeps the run's end, when it was recorded)
-                    daemon.ended = started + outcome.elapsed_s  # status's figures end here too
+                    daemon.ended = started + outcome.elapsed_s  # status's figures end here too: on disk at once,
+                    await trio.to_thread.run_sync(board.put, "meta", "daemon", daemon)  # a kill may come next
                 if not final_only:  # (a start for the final judging alone keeps the run's figures)
                     logger.info("run_ended", outcome=outcome.reason, elapsed_s=round(outcome.elapsed_s, 1),
                                 time_to_target_s=outcome.time_to_target_s and round(outcome.time_to_target_s, 1))

@@ -380,10 +380,9 @@ def test_stop_at_target_false_runs_the_whole_budget_past_a_met_target(tmp_path):
     """FAST's target (0.8) is met and confirmed within seconds; with stop_at_target = false the run goes on
     to its budget (benchmarks, soaks), and says it ended on the budget with the target met."""
     config = tmp_path / "on.toml"
-    config.write_text(FAST.format(budget=0.6, cells=2, lease_s=30.0).replace(
+    config.write_text(FAST.format(budget=0.8, cells=2, lease_s=30.0).replace(
         "[fleet]\n", "[fleet]\nstop_at_target = false\nfinal_seeds = 10\n", 1))
     r = _run("enpire.fleet", "--config", str(config), "--state-dir", str(tmp_path / "state"), "--quiet", timeout=180)
     report = json.loads((tmp_path / "state" / "report.json").read_text())
-    assert r.returncode == 3 and report["outcome"] == "budget" and report["elapsed_s"] >= 0.6 * 60 - 1, r.stderr[-2000:]
-    if (report["champion"] or {}).get("decision") != "met":  # a machine too loaded to reach it in 36 s
-        pytest.skip("the target was not met within the budget here: nothing to run past")
+    assert r.returncode == 3 and report["outcome"] == "budget" and report["elapsed_s"] >= 0.8 * 60 - 1, r.stderr[-2000:]
+    assert report["champion"]["decision"] == "met"  # the target was met early, and the run went on

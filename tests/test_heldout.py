@@ -338,3 +338,29 @@ async def test_after_the_runs_end_a_judging_crowns_nothing_and_confirmation_stop
         assert kinds.count("final") == 6 and kinds.count("pb") == 4
         assert "confirm" not in kinds  # the confirmation jobs it had queued were cancelled
         nursery.cancel_scope.cancel()
+
+
+async def test_a_confirmation_finished_after_the_runs_end_is_counted_at_the_next_start_that_goes_on(tmp_path):
+    from bus.blackboard import Blackboard
+
+    config = cfg.with_overrides(cfg.Config(cells=cfg.CellsConfig(task="pusht")),
+                                **{"scheduler.promote_seeds": 4, "scheduler.heartbeat_s": 60.0})
+    best = PolicySpec("aaaa", {})
+    board, end = Blackboard(tmp_path / "bb"), trio.Event()
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, config, board=board, ended=end)
+        await _hello(ref)
+        assert (await _judge(ref, best, "pa", 4, 4)).promoted
+        leases = [await ref.ask(LeaseRequest(cell_id="cell-0")) for _ in range(4)]  # its first confirmation job
+        assert all(lease.job_id.startswith("confirm-") for lease in leases)
+        end.set()  # the run ends (budget) while the job runs
+        for lease in leases:
+            await ref.ask(_report(lease, True))
+        await trio.sleep(0.5)
+        assert board.get("champion", "pusht", Champion).n == 0  # not counted after the end
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:  # a start that goes on with the run
+        await _start(nursery, tmp_path, config, board=board)
+        await _eventually(lambda: board.get("champion", "pusht", Champion).n == 4)
+        nursery.cancel_scope.cancel()
+    board.close()

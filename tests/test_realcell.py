@@ -273,6 +273,7 @@ async def test_camera_without_frame_pauses_a_real_lerobot_cell(tmp_path, monkeyp
             while not (records := board.values("episodes", EpisodeRecord)):
                 await trio.sleep(0.2)
         assert records[0].flagged == "driver_error" and "camera 'wrist'" in records[0].verdict.reason
+        assert records[0].steps > 0  # mid-episode, after the policy acted: held-out work would count it failed
         assert proc.poll() is None  # paused, not dead
 
     await _real_fleet(tmp_path, monkeypatch, body, horizon=10, task_extra=limits,

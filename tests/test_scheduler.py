@@ -60,8 +60,8 @@ async def _start(nursery, tmp_path, config=None, board=None, set_main=None, base
     events = EventHub()
     bundles = BundleStore(lambda c: {"policy.py": b"x"})
     queue = await system.spawn("queue", lambda: LeaseQueue(config, board, bundles, tmp_path, "run", events))
-    closed = trio.Event()
-    if ended:
+    closed = ended if isinstance(ended, trio.Event) else trio.Event()  # the fleet's end of the run
+    if ended is True:
         closed.set()
     judge = await system.spawn("judge", lambda: Judge(config, board, queue, events, set_main, baseline, closed))
     return Fleet(queue, judge, events), board, system
