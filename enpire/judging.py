@@ -122,12 +122,10 @@ def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int
 def rollback_look(before: int, after: int, first: int) -> int | None:
     """The look a confirmation job crossed going from `before` to `after` episodes, or None: look k at
     `first * 2**k` episodes (the highest one crossed, when a job crosses several)."""
-    look, level, k = None, first, 0
-    while level <= after:
-        if level > before:
-            look = k
-        level, k = level * 2, k + 1
-    return look
+    if after < first:
+        return None
+    k = (after // first).bit_length() - 1  # the highest look at or below `after`: first * 2**k <= after
+    return k if first << k > before else None
 
 
 def rollback(c: Champion, config: Config, now: float, confirmed: tuple[int, int] = (0, 0),
@@ -142,7 +140,7 @@ def rollback(c: Champion, config: Config, now: float, confirmed: tuple[int, int]
     sched = config.scheduler
     look = rollback_look(before, c.n, sched.rollback_min_n)
     if (c.previous is None or look is None or not better_with_confidence(
-            c.previous_successes, c.previous_n, c.successes, c.n, sched.alpha / 2 ** (look + 1))):
+            c.previous_successes, c.previous_n, c.successes, c.n, sched.alpha / (1 << (look + 1)))):
         return None
     ks, kn = confirmed
     jn = max(0, c.previous_n - kn)  # its record when replaced, less the tally: never below zero
