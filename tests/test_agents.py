@@ -264,3 +264,18 @@ def test_policy_eval_judges_like_a_cell():
     assert not episode["success"] and episode["steps"] == 3
     assert episode["violation"] == "safety_violation: step change 144 > 100"
     driver.disconnect()
+
+
+async def test_a_refused_promotion_does_not_crash_the_built_in_agent():
+    """After the run's end (or with the held-out pool spent) the judge refuses a promotion: the researcher
+    carries on (before, the refusal raised out of its task and crashed the agent)."""
+    from enpire.agents.tools import ToolError
+
+    class Refusing:
+        async def promote(self, spec):
+            raise ToolError("promotion refused: the run has ended")
+
+    researcher = BuiltinResearcher(SearchSettings(population=6, seeds_per_candidate=3), 0, range(0, 1000))
+    researcher.promoting = True
+    await researcher._promote(Refusing(), PolicySpec("c0ffee", {}), 1.0)
+    assert researcher.promoting is False

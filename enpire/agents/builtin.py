@@ -338,7 +338,10 @@ class BuiltinResearcher:
 
     async def _promote(self, tools: Tools, spec: PolicySpec, validated: float) -> None:
         try:
-            result = await tools.promote(spec)
+            try:
+                result = await tools.promote(spec)
+            except ToolError:  # refused (the run has ended, the held-out pool is spent): the judge said why
+                return
             await tools.post_finding(
                 hypothesis=f"candidate {spec.ref} (validation {validated:.0%}) beats the champion on held-out seeds",
                 change=f"promotion request for {spec.ref}",
