@@ -23,14 +23,14 @@ from actors.cell import Cell
 from actors.runtime import ActorSystem
 from bus.transport import RequestClient, cell_key
 from enpire import command, isolation, log
-from enpire.config import SandboxConfig
+from enpire.config import Fraction, SandboxConfig, Seconds
 from enpire.peer import bus_url, peer_name, run_peer
 from enpire.realcell import DryRun, Operator, RealInterface, RealSettings
 from enpire.sandbox import SandboxLimits
 from hw import PluginError, make_driver
 from hw.driver import DriverError
 
-SECONDS, FRACTION = command.bounded(float, 0, 86_400, low_open=True), command.bounded(float, 0, 1)
+SECONDS, FRACTION = command.annotated(Seconds), command.annotated(Fraction)  # as the config's
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.cell") -> argparse.Namespace:

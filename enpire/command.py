@@ -44,11 +44,15 @@ def bounded(kind: type, low: float, high: float, *, low_open: bool = False) -> C
     return convert
 
 
-def like(struct: type, field: str) -> Callable[[str], float]:
-    """An argparse type with the bounds of `struct.field` in the config schema: the flag and the key share
-    one definition (e.g. a cell's --act-timeout and [sandbox] act_timeout_s)."""
-    hint = typing.get_type_hints(struct, include_extras=True)[field]
+def annotated(hint) -> Callable[[str], float]:
+    """An argparse type with the bounds of an `Annotated[int | float, msgspec.Meta(...)]` of the config schema:
+    the flag and the key share one definition (e.g. `Seconds`, `Fraction`)."""
     meta = hint.__metadata__[0]
     low = meta.gt if meta.gt is not None else meta.ge
     high = meta.le if meta.le is not None else meta.lt
     return bounded(typing.get_args(hint)[0], low, high, low_open=meta.gt is not None)
+
+
+def like(struct: type, field: str) -> Callable[[str], float]:
+    """`annotated` for a field of a config struct (a cell's --act-timeout and [sandbox] act_timeout_s)."""
+    return annotated(typing.get_type_hints(struct, include_extras=True)[field])

@@ -38,6 +38,7 @@ from bus.messages import (
 )
 from bus.transport import RequestClient, RequestTimeout, cell_key
 from enpire import command, log
+from enpire.config import Seconds
 from enpire.learning import runner
 from enpire.peer import bus_url, peer_name, run_peer
 
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m enpire.trai
     p.add_argument("--processes", type=command.bounded(int, 0, 1024), default=1, help="data-parallel processes per BC job; 0 = one per GPU")
     p.add_argument("--cache", type=Path, help="folder for fetched episodes and job directories (default: a temp dir)")
     p.add_argument("--secret-env", default="ENPIRE_SECRET", help="env var with the fleet's shared secret")
-    p.add_argument("--connect-timeout", type=command.bounded(float, 0, 86_400, low_open=True), default=60.0, help="seconds to wait for the fleet to answer")
+    p.add_argument("--connect-timeout", type=command.annotated(Seconds), default=60.0, help="seconds to wait for the fleet to answer")
     p.add_argument("--max-jobs", type=command.bounded(int, 0, 1e9), default=0, help="stop after this many jobs (0 = run until stopped)")
     return p.parse_args(argv)
 
