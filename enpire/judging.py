@@ -31,7 +31,7 @@ from bus.blackboard import Txn
 from bus.records import CandidateRecord, Champion, Confirmed, JobRecord, SmokeRecord, Tallied
 from enpire import leaderboard
 from enpire.config import CONFIRMATION_CAP, Config
-from enpire.metrics import better_with_confidence, sprt, wilson_interval
+from enpire.metrics import better_with_confidence, sprt, sprt_episodes, wilson_interval
 
 SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
 PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "background": -1}
@@ -88,6 +88,23 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config
                        previous_successes=cs, previous_n=cn)
     decide(crowned, config)  # a carried tally may already be decided
     return Decision(True, detail, crowned)
+
+
+def goal(config: Config) -> str:
+    """The fleet's goal and how the judge decides it, as the agents' task card states it: an agent that
+    knows a policy just at the target is almost never confirmed aims above it."""
+    t, alpha, fleet = config.fleet.target, config.scheduler.alpha, config.fleet
+    judged = (f"A promoted candidate is judged on {config.scheduler.promote_seeds} held-out episodes and replaces "
+              "the champion when its held-out record is better, with confidence, than the champion's.")
+    if not 0 < t < 1:
+        return f"held-out success of {100 * t:g}% on seeds no agent sees. {judged}"
+    p1, cap, ends = (1 + t) / 2, CONFIRMATION_CAP * fleet.min_heldout, ", ending the run," if fleet.stop_at_target else ""
+    return (f"held-out success of at least {100 * t:g}% on seeds no agent sees. {judged} The champion is then confirmed "
+            f"on further held-out episodes by a sequential test (alpha {alpha:g}): it says met{ends} after about "
+            f"{sprt_episodes(1.0, t, alpha, fleet.min_heldout)} episodes for a policy that always succeeds and about "
+            f"{sprt_episodes(p1, t, alpha, fleet.min_heldout)} for one at {100 * p1:g}%; a policy at {100 * t:g}% or below "
+            f"is confirmed with a chance of at most {alpha:g}, and a confirmation stops short after at most {cap} "
+            "episodes. Aim well above the target.")
 
 
 def confirmation(c: Champion, config: Config) -> str:

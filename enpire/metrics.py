@@ -82,6 +82,18 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
     return "unlikely" if llr <= math.log(beta) and n >= min_n else ""
 
 
+def sprt_episodes(rate: float, target: float, alpha: float, min_n: int = 1) -> int | None:
+    """About how many episodes `sprt` takes to say "met" for a policy whose true success is `rate`:
+    Wald's approximation, the evidence "met" needs over the evidence one episode adds on average (the
+    overshoot and the chance of stopping short ignored). None where the evidence does not grow on average
+    (a policy near or below the target is confirmed by chance only)."""
+    if not 0 < target < 1:
+        return None
+    p0, p1 = target, (1 + target) / 2
+    drift = rate * math.log(p1 / p0) + (1 - rate) * math.log((1 - p1) / (1 - p0))
+    return max(min_n, math.ceil(math.log(1 / alpha) / drift)) if drift > 0 else None
+
+
 def utilization(segments: Iterable[Segment], wall_s: float) -> Utilization:
     """Utilization of one cell from its state segments over a window of `wall_s` seconds."""
     by_state: dict[str, float] = {}

@@ -134,6 +134,7 @@ class TaskCard:
                             "but nothing of the fleet: enpire, hw, bus, actors are refused); no files outside "
                             "the sandbox's scratch dir, no sockets, no subprocesses")
     extra: dict[str, str] = field(default_factory=dict)
+    fleet_goal: str = ""  # the fleet's target and how the judge decides it (judging.goal), with a config
 
     @property
     def obs(self) -> ObservationKind:
@@ -151,6 +152,7 @@ class TaskCard:
         lines = [
             f"# Task card: {s.name} — {s.title}",
             f"Goal: {s.goal}.",
+            *([f"Fleet goal: {self.fleet_goal}"] if self.fleet_goal else []),
             f"Observation ({self.observation}, {o.dim} values; {o.note}):\n{rows(o.fields)}",
             f"Action ({len(s.action_low)} values, bounds low {list(s.action_low)} high {list(s.action_high)}): "
             f"{s.action_meaning}.\n{rows(s.action_fields)}",
@@ -183,9 +185,11 @@ def card(name: str, config=None) -> TaskCard:
     if config is None:
         s = spec(name)
         return TaskCard(s, horizon=s.horizon)
+    from enpire.judging import goal  # the judge's rules, not needed for a card without a fleet
+
     task = config.tasks.get(name)
     if task is None:
         raise KeyError(f"task {name!r} is not in the configuration's [tasks] ({', '.join(config.tasks)})")
     return TaskCard(spec(task.driver, dict(task.driver_options)), observation=task.observation, horizon=task.horizon,
                     act_deadline_s=config.sandbox.act_timeout_s, max_delta=task.limits.max_delta,
-                    max_missed=config.sandbox.max_missed_deadlines, attempts=task.attempts)
+                    max_missed=config.sandbox.max_missed_deadlines, attempts=task.attempts, fleet_goal=goal(config))

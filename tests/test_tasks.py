@@ -120,3 +120,34 @@ def test_every_observation_kind_of_a_driver_has_a_card():
         d.disconnect()
     config = cfg.decode('[tasks.pusht]\nobservation = "pixels"\n', "t.toml")
     assert "Observation (pixels, 2 values" in tasks.card("pusht", config).render()
+
+
+def test_card_states_the_fleet_goal_as_the_judge_decides_it():
+    """Agents are told the target and what confirming it takes: the episode counts quoted are the
+    sequential rule's own (a perfect policy is confirmed exactly then; one halfway to perfect about then)."""
+    import random
+
+    from enpire.config import CONFIRMATION_CAP
+    from enpire.metrics import sprt, sprt_episodes
+
+    config = cfg.decode("[fleet]\ntarget = 0.9\nmin_heldout = 40\n[scheduler]\npromote_seeds = 40\nalpha = 0.05\n"
+                        "[cells]\ntask = \"pusht\"\n", "test.toml")
+    out = tasks.card("pusht", config).render()
+    perfect, halfway = sprt_episodes(1.0, 0.9, 0.05, 40), sprt_episodes(0.95, 0.9, 0.05, 40)
+    assert (perfect, halfway) == (56, 180)
+    assert "at least 90%" in out and "judged on 40 held-out episodes" in out and "ending the run" in out
+    assert f"about {perfect} episodes for a policy that always succeeds and about {halfway} for one at 95%" in out
+    assert f"after at most {CONFIRMATION_CAP * 40} episodes" in out
+    assert sprt(perfect, perfect, 0.9, 0.05, min_n=40) == "met" and sprt(perfect - 1, perfect - 1, 0.9, 0.05, min_n=40) == ""
+    rng, stops = random.Random(3), []
+    for _ in range(300):  # a policy at 95%: the rule's mean stopping time among its "met"s is near the quote
+        s = n = 0
+        while sprt(s, n, 0.9, 0.05, min_n=40) != "met" and n < 5000:
+            s, n = s + (rng.random() < 0.95), n + 1
+        stops.append(n)
+    assert 0.8 * halfway < sum(stops) / len(stops) < 1.4 * halfway, sum(stops) / len(stops)
+    assert sprt_episodes(0.9, 0.9, 0.05) is None and sprt_episodes(0.85, 0.9, 0.05) is None
+    # no target to confirm: the card says the goal without a test; a run that goes on says no "ending"
+    endless = cfg.decode("[fleet]\nstop_at_target = false\n[cells]\ntask = \"pusht\"\n", "t.toml")
+    assert "ending the run" not in tasks.card("pusht", endless).render()
+    assert "Fleet goal" not in tasks.card("pusht").render()
