@@ -107,6 +107,9 @@ class SearchConfig:
     init_std: float = 0.15  # in [0, 1]^d units, also the largest spread
     min_std: float = 0.03
     target: float = 0.9
+    # The agents' random draws: agent-i samples from seed (seed, i) (seed 0: 1000 + i, as before seeds
+    # could be chosen). The same seed replays the same search; repeat a benchmark with other seeds.
+    seed: int = 0
     # Hostile policies ((name, files) pairs) the team also commits and evaluates, so that at least
     # `hostile_share` of its evaluate calls run one (bench/soak.py: the sandbox under attack in a real
     # fleet). With hostile policies on, every other call names the team's own commit explicitly.
@@ -163,8 +166,9 @@ class Policy:
         with self.lock:
             if name not in self.agents:
                 index = name.rsplit("-", 1)[-1]
-                self.agents[name] = AgentState(name, np.random.default_rng(1000 + (int(index) if index.isdigit()
-                                                                                    else len(self.agents))))
+                i = int(index) if index.isdigit() else len(self.agents)
+                seed = 1000 + i if self.search.seed == 0 else (self.search.seed, i)
+                self.agents[name] = AgentState(name, np.random.default_rng(seed))
             a = self.agents[name]
             # The briefing is the request's last user message: it lists the results that came in since.
             briefing = next((m["content"] for m in reversed(messages) if m.get("role") == "user"

@@ -22,7 +22,10 @@ Set-up, stated so the figures can be judged:
   tools as sent (cached prefix included, reported apart) and of the reply.
 - Search: each agent turn evaluates `--population` new candidates (`--n-seeds` episodes each) around
   the team leaderboard's best entry, tops up a promising one to `--validation-seeds` episodes, and
-  promotes it once there (model_sim.py). One agent per cell, as in the paper.
+  promotes it once there (model_sim.py). One agent per cell, as in the paper. `--seed` seeds the
+  agents' random draws: the same seed replays the same search (the 1-cell runs of three invocations at
+  seed 0 tried the same candidates), and how long a search takes to find a policy the confirmation
+  accepts varies widely from seed to seed, so one invocation is one sample: repeat with other seeds.
 
 Runs: the fleet sizes (`--sizes`, default 8,4,1: the large fleets, which finish soonest, first, so a
 slow 1-cell search cannot leave them no time) with the system's design: pooled scheduler, paced
@@ -146,7 +149,7 @@ def run_one(args, label: str, cells: int, pooled: bool, digest: bool, paced: boo
     sim = ModelSimulator(
         Timing(args.overhead_s, args.input_tok_s, args.output_tok_s),
         SearchConfig(population=args.population, n_seeds=args.n_seeds, validation_seeds=args.validation_seeds,
-                     target=args.target),
+                     target=args.target, seed=args.seed),
     )
     base_url = sim.start()
     config_path = out / "runs" / f"{label}.toml"
@@ -335,6 +338,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overhead-s", type=float)
     p.add_argument("--input-tok-s", type=float)
     p.add_argument("--output-tok-s", type=float)
+    p.add_argument("--seed", type=int, default=0, help="the simulated agents' random draws (default 0); the same seed "
+                   "replays the same search, so repeat a run with other seeds to see its spread")
     args = p.parse_args(argv)
     full = dict(sizes="8,4,1", control_hz=50.0, horizon=120, target=0.9, promote_seeds=40, min_heldout=40, budget_minutes=30.0, total_minutes=60.0,
                 population=4, n_seeds=5, validation_seeds=40, pace_per_cell=10.0, overhead_s=0.8, input_tok_s=4000.0, output_tok_s=60.0)
@@ -364,7 +369,7 @@ def main(argv=None) -> int:
                                               "total_minutes",
                                               "population", "n_seeds", "validation_seeds", "pace_per_cell",
                                               "overhead_s",
-                                              "input_tok_s", "output_tok_s")}
+                                              "input_tok_s", "output_tok_s", "seed")}
     results: list[dict] = []
     doc: dict = {}
     deadline = time.time() + args.total_minutes * 60

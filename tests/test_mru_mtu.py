@@ -100,3 +100,16 @@ def test_simulated_model_sizes_a_top_up_to_the_fleet(model_sim):
         policy.decide("agent-0", messages)  # reads the code first
         calls = policy.decide("agent-0", messages)[1]
         assert calls[0]["arguments"] == {"params": {"push_gain": 0.7}, "n_seeds": n_seeds}
+
+
+def test_the_benchmark_seed_gives_the_simulated_team_another_search(model_sim):
+    """One seed replays one search (a run is one sample of it); `--seed` draws another."""
+    def first_candidate(seed):
+        policy = model_sim.Policy(model_sim.SearchConfig(seed=seed))
+        messages = [{"role": "user", "content": "briefing"}]
+        policy.decide("agent-0", messages)  # the reading turn
+        _, calls = policy.decide("agent-0", messages)
+        return next(c["arguments"]["params"] for c in calls if c["name"] == "evaluate")
+
+    assert first_candidate(0) == first_candidate(0) and first_candidate(3) == first_candidate(3)
+    assert first_candidate(0) != first_candidate(3)
