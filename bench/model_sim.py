@@ -108,7 +108,7 @@ class SearchConfig:
     min_std: float = 0.03
     target: float = 0.9
     # The agents' random draws: agent-i samples from seed (seed, i) (seed 0: 1000 + i, as before seeds
-    # could be chosen). The same seed replays the same search; repeat a benchmark with other seeds.
+    # could be chosen). The same seed gives the same candidate draws; repeat a benchmark with other seeds.
     seed: int = 0
     # Hostile policies ((name, files) pairs) the team also commits and evaluates, so that at least
     # `hostile_share` of its evaluate calls run one (bench/soak.py: the sandbox under attack in a real

@@ -31,7 +31,7 @@ from bus.blackboard import Txn
 from bus.records import CandidateRecord, Champion, Confirmed, JobRecord, SmokeRecord, Tallied
 from enpire import leaderboard
 from enpire.config import CONFIRMATION_CAP, Config
-from enpire.metrics import better_with_confidence, sprt, sprt_episodes, wilson_interval
+from enpire.metrics import better_with_confidence, sprt, sprt_episodes, sprt_odds, wilson_interval
 
 SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
 PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "background": -1}
@@ -93,18 +93,29 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config
 def goal(config: Config) -> str:
     """The fleet's goal and how the judge decides it, as the agents' task card states it: an agent that
     knows a policy just at the target is almost never confirmed aims above it."""
-    t, alpha, fleet = config.fleet.target, config.scheduler.alpha, config.fleet
-    judged = (f"A promoted candidate is judged on {config.scheduler.promote_seeds} held-out episodes and replaces "
-              "the champion when its held-out record is better, with confidence, than the champion's.")
-    if not 0 < t < 1:
-        return f"held-out success of {100 * t:g}% on seeds no agent sees. {judged}"
-    p1, cap, ends = (1 + t) / 2, CONFIRMATION_CAP * fleet.min_heldout, ", ending the run," if fleet.stop_at_target else ""
-    return (f"held-out success of at least {100 * t:g}% on seeds no agent sees. {judged} The champion is then confirmed "
-            f"on further held-out episodes by a sequential test (alpha {alpha:g}): it says met{ends} after about "
-            f"{sprt_episodes(1.0, t, alpha, fleet.min_heldout)} episodes for a policy that always succeeds and about "
-            f"{sprt_episodes(p1, t, alpha, fleet.min_heldout)} for one at {100 * p1:g}%; a policy at {100 * t:g}% or below "
-            f"is confirmed with a chance of at most {alpha:g}, and a confirmation stops short after at most {cap} "
-            "episodes. Aim well above the target.")
+    t, alpha, fleet, sched = config.fleet.target, config.scheduler.alpha, config.fleet, config.scheduler
+    cap = CONFIRMATION_CAP * fleet.min_heldout
+    judged = (f"A promoted candidate is judged on {sched.promote_seeds} held-out episodes and replaces the champion "
+              "when its held-out record is better, with confidence, than the champion's (or merely higher, once the "
+              "champion's confirmation has stopped short or finds the target unlikely).")
+    if t <= 0:
+        return (f"none (target 0): {judged} A champion counts as confirmed after {fleet.min_heldout} further "
+                "held-out episodes, whatever their outcome.")
+    if t >= 1:
+        return (f"held-out success of 100% on seeds no agent sees: no sample can confirm it (a champion's "
+                f"confirmation stops short after at most {cap} episodes). {judged}")
+    p1, ends = (1 + t) / 2, ", ending the run," if fleet.stop_at_target else ""
+    where = "otherwise only on idle cells" if sched.background else "otherwise not at all"
+    odds = sprt_odds(p1, t, alpha, fleet.min_heldout, cap)
+    at_p1 = (f"one at {100 * p1:g}% within that cap with a chance of {odds[0]:.0%} (after about {odds[1]:.0f} "
+             "episodes when it is)") if odds else f"one at {100 * p1:g}% after about {sprt_episodes(p1, t, alpha)} without a cap"
+    return (f"held-out success of at least {100 * t:g}% on seeds no agent sees. {judged} The champion is then "
+            f"confirmed on further held-out episodes (ahead of agents' experiments while its judging leaves the "
+            f"target possible and its confirmation does not find it unlikely, {where}) by a sequential test (alpha "
+            f"{alpha:g}) that stops short after at most {cap} episodes. It says met{ends} after "
+            f"{sprt_episodes(1.0, t, alpha, fleet.min_heldout)} episodes for a policy that always succeeds, "
+            f"{at_p1}; a policy at {100 * t:g}% or below is confirmed with a chance of at most {alpha:g}. Aim well "
+            "above the target.")
 
 
 def confirmation(c: Champion, config: Config) -> str:

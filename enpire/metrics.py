@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 
 from bus.messages import Segment, Utilization
 from bus.records import Finding
@@ -83,15 +84,42 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
 
 
 def sprt_episodes(rate: float, target: float, alpha: float, min_n: int = 1) -> int | None:
-    """About how many episodes `sprt` takes to say "met" for a policy whose true success is `rate`:
-    Wald's approximation, the evidence "met" needs over the evidence one episode adds on average (the
-    overshoot and the chance of stopping short ignored). None where the evidence does not grow on average
-    (a policy near or below the target is confirmed by chance only)."""
+    """About how many episodes `sprt` takes to say "met" for a policy whose true success is `rate`, with no
+    cap: Wald's approximation, the evidence "met" needs over the evidence one episode adds on average.
+    Exact for a rate of 1 (every episode adds the same). None where the evidence does not grow on average
+    (a policy near or below the target is confirmed by chance only). `sprt_odds` gives the capped rule's."""
     if not 0 < target < 1:
         return None
     p0, p1 = target, (1 + target) / 2
     drift = rate * math.log(p1 / p0) + (1 - rate) * math.log((1 - p1) / (1 - p0))
-    return max(min_n, math.ceil(math.log(1 / alpha) / drift)) if drift > 0 else None
+    return max(min_n, math.ceil(math.log(1 / alpha) / drift - 1e-9)) if drift > 0 else None
+
+
+def sprt_odds(rate: float, target: float, alpha: float, min_n: int, max_n: int) -> tuple[float, float] | None:
+    """(the chance that `sprt` capped at `max_n` says "met" for a policy whose true success is `rate`, the
+    mean number of episodes it takes when it does): exact, carrying the distribution of the number of
+    successes over the episodes while the rule goes on. None for a cap too long to carry (over 5,000)."""
+    if not 0 < target < 1 or max_n > 5_000:
+        return None
+    p0, p1 = target, (1 + target) / 2
+    per_success, per_failure = math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
+    threshold = math.log(1 / alpha)
+    going = np.array([1.0])  # going[s]: the chance of s successes after n episodes with the rule still going
+    met = met_n = 0.0
+    for n in range(1, max_n + 1):
+        after = np.zeros(n + 1)
+        after[:-1] += going * (1 - rate)
+        after[1:] += going * rate
+        llr = np.arange(n + 1) * per_success + (n - np.arange(n + 1)) * per_failure
+        says_met = (llr >= threshold) & (n >= min_n)
+        needed = np.maximum(np.maximum(np.ceil((threshold - llr) / per_success - 1e-9), min_n - n), 0)
+        stops = says_met | (n >= max_n) | (n + needed > max_n)
+        met += after[says_met].sum()
+        met_n += n * after[says_met].sum()
+        going = np.where(stops, 0.0, after)
+        if not going.any():
+            break
+    return float(met), float(met_n / met) if met else 0.0
 
 
 def utilization(segments: Iterable[Segment], wall_s: float) -> Utilization:
