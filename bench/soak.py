@@ -411,13 +411,13 @@ def audit(state: Path, seen_findings: int, seen_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--ci", action="store_true", help="CI mode: 2 minutes, then on until every fault kind ran once (at most 10 minutes)")
+    p.add_argument("--ci", action="store_true", help="CI mode: 1 minute, then on until every fault kind ran once (at most 10 minutes)")
     p.add_argument("--cells", type=int, default=3)
     p.add_argument("--agents", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state-dir", type=Path)
     args = p.parse_args(argv)
-    minutes = 2.0 if args.ci else args.minutes
+    minutes = 1.0 if args.ci else args.minutes
     rng = random.Random(args.seed)
     tmp = None
     if args.state_dir is None:
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: the fleet recorded no episode (daemon exit code {fleet.proc.wait()}); see {fleet.output}",
               file=sys.stderr)
         return 2
-    # CI mode: at least two minutes, and on until every kind of fault was injected once. A fault may wait
+    # CI mode: at least a minute, and on until every kind of fault was injected once. A fault may wait
     # minutes for its proof of survival, so a slow machine needs the room: none starts after ten minutes.
     cap = started + CI_CAP_S if args.ci else deadline
     while time.time() < deadline or (args.ci and time.time() < cap and set(KINDS) - set(injected)):
