@@ -108,7 +108,7 @@ def goal(config: Config) -> str:
     where = "otherwise only on idle cells" if sched.background else "otherwise not at all"
     odds = sprt_odds(p1, t, alpha, fleet.min_heldout, cap)
     at_p1 = (f"one at {100 * p1:g}% within that cap with a chance of {odds[0]:.0%} (after about {odds[1]:.0f} "
-             "episodes when it is)") if odds else f"one at {100 * p1:g}% after about {sprt_episodes(p1, t, alpha)} without a cap"
+             "episodes when it is)") if odds else f"one at {100 * p1:g}% after about {sprt_episodes(p1, t, alpha, fleet.min_heldout)} without a cap"
     return (f"held-out success of at least {100 * t:g}% on seeds no agent sees. {judged} The champion is then "
             f"confirmed on further held-out episodes (ahead of agents' experiments while its judging leaves the "
             f"target possible and its confirmation does not find it unlikely, {where}) by a sequential test (alpha "

@@ -54,6 +54,13 @@ def better_with_confidence(s_new: int, n_new: int, s_old: int, n_old: int, alpha
     return p_value < alpha
 
 
+def _sprt_evidence(target: float, alpha: float) -> tuple[float, float, float]:
+    """`sprt`'s evidence for p1 = (1 + target) / 2 over p0 = target: the log-likelihood ratio a success and
+    a failure add, and the total that says "met" (log 1/alpha). One definition for the rule and its figures."""
+    p0, p1 = target, (1 + target) / 2
+    return math.log(p1 / p0), math.log((1 - p1) / (1 - p0)), math.log(1 / alpha)
+
+
 def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1, min_n: int = 1,
          max_n: int | None = None) -> str:
     """Sequential test of a success rate against `target`: "met", "not_met" or "" (go on).
@@ -69,10 +76,8 @@ def sprt(successes: int, n: int, target: float, alpha: float, beta: float = 0.1,
     """
     if not 0 < target < 1:  # a target of 0 is met by anything; one of 1 by nothing a sample can show
         return "met" if target <= 0 and n >= min_n else ("not_met" if max_n is not None and n >= max_n else "")
-    p0, p1 = target, (1 + target) / 2
-    per_success, per_failure = math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
+    per_success, per_failure, threshold = _sprt_evidence(target, alpha)
     llr = successes * per_success + (n - successes) * per_failure
-    threshold = math.log(1 / alpha)
     if llr >= threshold and n >= min_n:
         return "met"
     if max_n is not None:
@@ -90,9 +95,9 @@ def sprt_episodes(rate: float, target: float, alpha: float, min_n: int = 1) -> i
     (a policy near or below the target is confirmed by chance only). `sprt_odds` gives the capped rule's."""
     if not 0 < target < 1:
         return None
-    p0, p1 = target, (1 + target) / 2
-    drift = rate * math.log(p1 / p0) + (1 - rate) * math.log((1 - p1) / (1 - p0))
-    return max(min_n, math.ceil(math.log(1 / alpha) / drift - 1e-9)) if drift > 0 else None
+    per_success, per_failure, threshold = _sprt_evidence(target, alpha)
+    drift = rate * per_success + (1 - rate) * per_failure
+    return max(min_n, math.ceil(threshold / drift - 1e-9)) if drift > 0 else None
 
 
 def sprt_odds(rate: float, target: float, alpha: float, min_n: int, max_n: int) -> tuple[float, float] | None:
@@ -101,9 +106,7 @@ def sprt_odds(rate: float, target: float, alpha: float, min_n: int, max_n: int) 
     successes over the episodes while the rule goes on. None for a cap too long to carry (over 5,000)."""
     if not 0 < target < 1 or max_n > 5_000:
         return None
-    p0, p1 = target, (1 + target) / 2
-    per_success, per_failure = math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
-    threshold = math.log(1 / alpha)
+    per_success, per_failure, threshold = _sprt_evidence(target, alpha)
     going = np.array([1.0])  # going[s]: the chance of s successes after n episodes with the rule still going
     met = met_n = 0.0
     for n in range(1, max_n + 1):
