@@ -110,8 +110,7 @@ class Judge(Actor):
     # ------------------------------------------------------------------ agents' evaluations
 
     async def _eval(self, msg: m.EvalRequest) -> m.Message:
-        task = self.config.tasks.get(msg.task)
-        if task is None:
+        if (task := self.config.tasks.get(msg.task)) is None:
             return m.Failure(error=f"unknown task {msg.task!r}")
         if not msg.seeds:
             return m.Failure(error="an evaluation needs at least one seed")
@@ -345,6 +344,7 @@ class Judge(Actor):
     def _publish(self, c: Champion) -> None:
         self.events.publish(m.ChampionChanged(
             task=c.task, policy=c.policy, agent=c.agent, judged_successes=c.judged_successes, judged_n=c.judged_n,
-            successes=c.successes, n=c.n, decision=c.decision, t=time.time()))
+            successes=c.successes, n=c.n, decision=c.decision, t=time.time(),
+            confirmation=judging.confirmation(c, self.config)))
         self._changed.set()
 

@@ -11,8 +11,9 @@ and its counts as functions of a blackboard transaction the caller holds.
 - Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
   (`metrics.sprt`: the chance to say "met" for a policy below the target is at most `alpha`, however
   often it is checked; it stops "not_met" as soon as "met" is out of reach within its cap). A
-  confirmation whose judging does not rule out the target is decisive and goes before agents'
-  experiments; otherwise only idle cells run it, and only with `[scheduler] background`.
+  confirmation on course (more likely than not to say "met" within its cap, at the rate the champion's
+  held-out record shows) is decisive and goes before agents' experiments, and agents hold meanwhile;
+  otherwise ("unlikely") only idle cells run it, only with `[scheduler] background`, and the search goes on.
 - Rollback: a confirmation that shows the champion worse, with confidence, than the one it replaced
   (tested once per look, `rollback_look`, so repeated checks do not inflate alpha).
 - Smoke test: a policy may run on cells marked real once it ran faultlessly and succeeded in simulation.
@@ -31,7 +32,7 @@ from bus.blackboard import Txn
 from bus.records import CandidateRecord, Champion, Confirmed, JobRecord, SmokeRecord, Tallied
 from enpire import leaderboard
 from enpire.config import CONFIRMATION_CAP, Config
-from enpire.metrics import better_with_confidence, sprt, sprt_episodes, sprt_odds, wilson_interval
+from enpire.metrics import better_with_confidence, sprt, sprt_episodes, sprt_odds
 
 SMOKE_FAULTS = ("safety_violation", "policy_", "sandbox_denied", "output_too_large", "cpu_limit", "memory_limit")
 PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "background": -1}
@@ -39,6 +40,7 @@ PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "backgro
 # start-up cost), and the sequential rule is checked as each job ends.
 CONFIRM_EPISODES_PER_CELL = 4
 BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
+ON_COURSE = 0.5  # a confirmation goes before agents' experiments while "met" is at least this likely (on_course)
 COUNTED = (m.Purpose.EVAL, m.Purpose.CONFIRM, m.Purpose.BASELINE)  # jobs whose verdicts the judge counts
 
 
@@ -109,22 +111,61 @@ def goal(config: Config) -> str:
     odds = sprt_odds(p1, t, alpha, fleet.min_heldout, cap)
     at_p1 = (f"one at {100 * p1:g}% within that cap with a chance of {odds[0]:.0%} (after about {odds[1]:.0f} "
              "episodes when it is)") if odds else f"one at {100 * p1:g}% after about {sprt_episodes(p1, t, alpha, fleet.min_heldout)} without a cap"
+    k = fewest_on_course(config)
+    leads = (f"; judged alone, {k} of {sched.promote_seeds} or more" if k is not None else
+             f"; no judging of {sched.promote_seeds} episodes alone is")
     return (f"held-out success of at least {100 * t:g}% on seeds no agent sees. {judged} The champion is then "
-            f"confirmed on further held-out episodes (ahead of agents' experiments while its judging leaves the "
-            f"target possible and its confirmation does not find it unlikely, {where}) by a sequential test (alpha "
-            f"{alpha:g}) that stops short after at most {cap} episodes. It says met{ends} after "
+            f"confirmed on further held-out episodes by a sequential test (alpha {alpha:g}) that stops short after "
+            f"at most {cap} episodes: ahead of agents' experiments, with agents holding, while at the rate its whole "
+            f"held-out record shows it is more likely than not to say met within that cap (on course{leads}), "
+            f"{where}, the search going on. It says met{ends} after "
             f"{sprt_episodes(1.0, t, alpha, fleet.min_heldout)} episodes for a policy that always succeeds, "
             f"{at_p1}; a policy at {100 * t:g}% or below is confirmed with a chance of at most {alpha:g}. Aim well "
             "above the target.")
 
 
+def fewest_on_course(config: Config) -> int | None:
+    """The fewest successes of a judging (`promote_seeds` episodes) that put a new champion's confirmation on
+    course; None if none does. The chance grows with the rate, so a bisection finds it."""
+    n = config.scheduler.promote_seeds
+    def fresh(k: int) -> bool:
+        return on_course(Champion("", m.PolicySpec(commit=""), judged_successes=k, judged_n=n, promoted=0.0), config)
+    if n <= 0 or not fresh(n):
+        return None
+    low, high = -1, n  # fresh(low) is False (or low is -1), fresh(high) is True
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fresh(mid) else (mid, high)
+    return high
+
+
 def confirmation(c: Champion, config: Config) -> str:
     """The sequential rule on the champion's confirmation so far: "met" (can end the run), "not_met",
-    or "" (go on). A "met" stays met for the target it was made against (episodes still in flight when
-    it stopped do not undo it); against another target the rule is applied again to the tally."""
-    return "met" if c.decision == "met" and c.decision_target == config.fleet.target else sprt(
-        c.successes, c.n, config.fleet.target, config.scheduler.alpha, BETA,
-        min_n=config.fleet.min_heldout, max_n=CONFIRMATION_CAP * config.fleet.min_heldout)
+    "unlikely" (go on, on idle cells only) or "" (go on, ahead of agents' experiments). A "met" stays met
+    for the target it was made against (episodes still in flight when it stopped do not undo it); against
+    another target the rule is applied again to the tally."""
+    if c.decision == "met" and c.decision_target == config.fleet.target:
+        return "met"
+    fleet, alpha = config.fleet, config.scheduler.alpha
+    state = sprt(c.successes, c.n, fleet.target, alpha, BETA, min_n=fleet.min_heldout,
+                 max_n=CONFIRMATION_CAP * fleet.min_heldout)
+    return "unlikely" if state == "" and not on_course(c, config) else state
+
+
+def on_course(c: Champion, config: Config) -> bool:
+    """Whether the confirmation, going on from where it is, says "met" within its cap more likely than not
+    for a policy at the rate the champion's whole held-out record shows (its judging and its confirmation
+    so far). A near-miss (judged 37/40 against 0.9: a chance of 21%) would otherwise hold every cell for up
+    to the cap and then stop short; off course, it goes on only on idle cells while the search goes on."""
+    s, n = heldout_record(c)
+    if n == 0:
+        return True
+    fleet, alpha = config.fleet, config.scheduler.alpha
+    odds = sprt_odds(s / n, fleet.target, alpha, fleet.min_heldout, CONFIRMATION_CAP * fleet.min_heldout,
+                     c.successes, c.n)
+    if odds is None:  # a cap too long to carry: the evidence must at least grow on average
+        return sprt_episodes(s / n, fleet.target, alpha) is not None
+    return odds[0] >= ON_COURSE
 
 
 def decide(c: Champion, config: Config) -> bool:
@@ -141,7 +182,7 @@ def decide(c: Champion, config: Config) -> bool:
 def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int] | None:
     """(episodes per confirmation job, its priority), or None when the champion needs no more."""
     state = confirmation(c, config)
-    decisive = state == "" and wilson_interval(c.judged_successes, c.judged_n)[1] >= config.fleet.target
+    decisive = state == ""  # on course: the fleet's goal hangs on it
     if state in ("met", "not_met") or not (decisive or config.scheduler.background):
         return None
     return CONFIRM_EPISODES_PER_CELL * max(1, cells), PRIORITY["decisive" if decisive else "background"]

@@ -100,25 +100,28 @@ def sprt_episodes(rate: float, target: float, alpha: float, min_n: int = 1) -> i
     return max(min_n, math.ceil(threshold / drift - 1e-9)) if drift > 0 else None
 
 
-def sprt_odds(rate: float, target: float, alpha: float, min_n: int, max_n: int) -> tuple[float, float] | None:
+def sprt_odds(rate: float, target: float, alpha: float, min_n: int, max_n: int, successes: int = 0,
+              n: int = 0) -> tuple[float, float] | None:
     """(the chance that `sprt` capped at `max_n` says "met" for a policy whose true success is `rate`, the
-    mean number of episodes it takes when it does): exact, carrying the distribution of the number of
-    successes over the episodes while the rule goes on. None for a cap too long to carry (over 5,000)."""
+    mean number of episodes it takes in all when it does), from a confirmation at `successes` of `n` (still
+    going): exact, carrying the distribution of the number of further successes while the rule goes on.
+    None for a cap too long to carry (over 5,000)."""
     if not 0 < target < 1 or max_n > 5_000:
         return None
     per_success, per_failure, threshold = _sprt_evidence(target, alpha)
-    going = np.array([1.0])  # going[s]: the chance of s successes after n episodes with the rule still going
+    going = np.array([1.0])  # going[k]: the chance of k further successes after `done` more, the rule still going
     met = met_n = 0.0
-    for n in range(1, max_n + 1):
-        after = np.zeros(n + 1)
+    for done in range(1, max_n - n + 1):
+        after = np.zeros(done + 1)
         after[:-1] += going * (1 - rate)
         after[1:] += going * rate
-        llr = np.arange(n + 1) * per_success + (n - np.arange(n + 1)) * per_failure
-        says_met = (llr >= threshold) & (n >= min_n)
-        needed = np.maximum(np.maximum(np.ceil((threshold - llr) / per_success - 1e-9), min_n - n), 0)
-        stops = says_met | (n >= max_n) | (n + needed > max_n)
+        wins, total = successes + np.arange(done + 1), n + done
+        llr = wins * per_success + (total - wins) * per_failure
+        says_met = (llr >= threshold) & (total >= min_n)
+        needed = np.maximum(np.maximum(np.ceil((threshold - llr) / per_success - 1e-9), min_n - total), 0)
+        stops = says_met | (total >= max_n) | (total + needed > max_n)
         met += after[says_met].sum()
-        met_n += n * after[says_met].sum()
+        met_n += total * after[says_met].sum()
         going = np.where(stops, 0.0, after)
         if not going.any():
             break

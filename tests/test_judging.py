@@ -6,7 +6,7 @@ from bus.blackboard import Blackboard
 from bus.messages import EpisodeSummary, JobSpec, PolicySpec, Purpose
 from bus.records import Champion, JobRecord, Tallied
 from enpire import config as cfg
-from enpire import judging
+from enpire import judging, metrics
 
 OLD, NEW = PolicySpec(commit="a" * 40), PolicySpec(commit="b" * 40)
 
@@ -70,10 +70,39 @@ def test_a_champion_short_of_the_target_yields_to_a_higher_judged_rate():
     assert not removed.promoted and "122/130 is not better than 76/84" in removed.detail
     again = judging.promotion(_spec(), 38, 40, champion, config, now=1.0, confirmed=(28, 30))  # not shown worse
     assert again.promoted and "finds the target unlikely" in again.detail
-    champion.successes, champion.n = 4, 8  # "unlikely" on 8 episodes is not acted on before min_heldout (40)
+    # Wald's "unlikely" is not acted on before min_heldout (40) confirmation episodes, but the forecast
+    # over the whole held-out record is: 4/8 after a 39/40 judging (43/48) is off course, 7/8 on it.
+    champion.successes, champion.n = 4, 8
+    assert metrics.sprt(4, 8, 0.9, config.scheduler.alpha, judging.BETA, min_n=40) == ""
+    assert judging.confirmation(champion, config) == "unlikely"
+    assert judging.promotion(_spec(), 36, 40, champion, config, now=1.0).promoted  # 0.900 > 43/48 = 0.896
+    champion.successes, champion.n = 7, 8
     assert judging.confirmation(champion, config) == ""
     assert judging.confirmation_plan(champion, config, cells=1)[1] == judging.PRIORITY["decisive"]
-    assert not judging.promotion(_spec(), 36, 40, champion, config, now=1.0).promoted
+    assert not judging.promotion(_spec(), 39, 40, champion, config, now=1.0).promoted
+
+
+def test_a_confirmation_leads_only_while_it_is_on_course():
+    """A confirmation goes before agents' experiments while, at the rate the champion's whole held-out
+    record shows, the capped sequential rule says "met" more likely than not (figures: metrics.sprt_odds)."""
+    config = _config(target=0.9, min_heldout=40)
+    config.scheduler.promote_seeds = 40
+    assert judging.fewest_on_course(config) == 38  # 38/40: a chance of 70%; 37/40: 21%
+    for judged, state, priority in [(37, "unlikely", "background"), (38, "", "decisive"), (40, "", "decisive")]:
+        c = Champion("pusht", NEW, judged_successes=judged, judged_n=40, promoted=0.0)
+        assert judging.confirmation(c, config) == state
+        assert judging.confirmation_plan(c, config, cells=1)[1] == judging.PRIORITY[priority]
+    # A near-miss mid-way: 139/148 (0.939) has an 11% chance left within the 200-episode cap; it goes on on
+    # idle cells only (Wald's ratio alone, at 0.0 and 40+ episodes, would keep it decisive to the cap).
+    near = Champion("pusht", NEW, judged_successes=39, judged_n=40, promoted=0.0, successes=100, n=108)
+    assert metrics.sprt(100, 108, 0.9, config.scheduler.alpha, judging.BETA, min_n=40, max_n=200) == ""
+    assert round(metrics.sprt_odds(139 / 148, 0.9, config.scheduler.alpha, 40, 200, 100, 108)[0], 2) == 0.11
+    assert judging.confirmation(near, config) == "unlikely"
+    config.scheduler.background = False
+    assert judging.confirmation_plan(near, config, cells=4) is None
+    assert "judged alone, 38 of 40 or more" in judging.goal(config)
+    config.fleet.target = 0.999  # even a perfect policy needs about 6,000 episodes: none is on course
+    assert judging.fewest_on_course(config) is None and "no judging of 40 episodes alone is" in judging.goal(config)
 
 
 def test_a_policy_champion_again_goes_on_with_its_confirmation():

@@ -9,6 +9,8 @@ from enpire.metrics import (
     better_with_confidence,
     mean_robot_utilization,
     mean_token_utilization,
+    sprt,
+    sprt_odds,
     summarize,
     utilization,
     wilson_interval,
@@ -61,3 +63,29 @@ def test_mtu_and_pass_at_k():
     assert (s.rate, s.rate_at_k) == (0.25, 0.5)
     assert "pass@3 50.0%" in str(s)
     assert not math.isnan(summarize([]).rate)
+
+
+def _sprt_by_brute_force(rate, target, alpha, min_n, cap, successes, n):
+    """The capped rule's chance of "met" and mean length from (successes, n), state by state with `sprt`."""
+    going, met, met_n = {successes: 1.0}, 0.0, 0.0
+    for total in range(n + 1, cap + 1):
+        after: dict[int, float] = {}
+        for k, p in going.items():
+            after[k] = after.get(k, 0.0) + p * (1 - rate)
+            after[k + 1] = after.get(k + 1, 0.0) + p * rate
+        going = {}
+        for k, p in after.items():
+            state = sprt(k, total, target, alpha, min_n=min_n, max_n=cap)
+            if state == "met":
+                met, met_n = met + p, met_n + total * p
+            elif state != "not_met":
+                going[k] = p
+    return met, met_n / met if met else 0.0
+
+
+@pytest.mark.parametrize("rate, successes, n", [(0.95, 0, 0), (0.939, 100, 108), (0.958, 30, 32), (0.9, 4, 8),
+                                                (1.0, 20, 20), (0.97, 150, 160)])
+def test_sprt_odds_from_a_confirmation_under_way_is_the_rules_own(rate, successes, n):
+    chance, mean = sprt_odds(rate, 0.9, 0.05, 40, 200, successes, n)
+    met, mean_met = _sprt_by_brute_force(rate, 0.9, 0.05, 40, 200, successes, n)
+    assert abs(chance - met) < 1e-9 and abs(mean - mean_met) < 1e-6

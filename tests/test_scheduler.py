@@ -667,3 +667,27 @@ async def test_a_judging_finished_before_a_crash_is_decided_at_the_restart(tmp_p
         nursery.cancel_scope.cancel()
     assert board.get("champion", "pusht", Champion).policy == POLICY
     assert board.get("candidates", key, CandidateRecord).judged == "promoted" and board.counter("episodes") == episodes
+
+
+async def test_an_off_course_confirmation_yields_the_cell_to_agents_and_says_so(tmp_path):
+    """A champion judged 17/20 against a target of 0.9 is unlikely to be confirmed within the cap: the judge
+    says so (agents search on) and its confirmation waits behind an agent's evaluation. One judged 20/20 is on
+    course: the judge says so (agents hold) and its confirmation goes first."""
+    config = cfg.with_overrides(_config(promote_seeds=20), **{"fleet.target": 0.9, "fleet.min_heldout": 20})
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, config)
+        await _hello(ref)
+        a, b = PolicySpec("aaaa", {}), PolicySpec("bbbb", {})
+        assert (await _judge(ref, a, "pa", 17, 20)).promoted
+        await _eventually(lambda: ref.events.latest(ChampionChanged).confirmation == "unlikely")
+        nursery.start_soon(ref.ask, EvalRequest(job_id="e1", agent="a", task="pusht", policy=b, seeds=[1, 2]))
+        await trio.sleep(0.3)
+        assert [lease.job_id for lease in await _serve(ref, 2)] == ["e1", "e1"]
+        assert (await _judge(ref, b, "pb", 20, 20)).promoted  # above a champion found unlikely
+        await _eventually(lambda: ref.events.latest(ChampionChanged).policy == b)
+        assert ref.events.latest(ChampionChanged).confirmation == ""
+        nursery.start_soon(ref.ask, EvalRequest(job_id="e2", agent="a", task="pusht", policy=a, seeds=[3, 4]))
+        await trio.sleep(0.3)
+        lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
+        assert lease.kind == "background" and lease.policy == b
+        nursery.cancel_scope.cancel()

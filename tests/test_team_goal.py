@@ -14,9 +14,13 @@ from enpire.agents import budget
 @dataclass
 class _Tools:
     current: Champion | None
+    state: str = ""  # the judge's announced state of the confirmation ("" on course)
 
     def champion(self) -> Champion | None:
         return self.current
+
+    def confirmation(self) -> str:
+        return self.state
 
 
 def _champion(judged=(10, 10), confirmed=(0, 0), decision="") -> Champion:
@@ -49,3 +53,12 @@ def test_the_builtin_agents_margin_and_confirmation_count(champion, met):
 
 def test_no_target_is_never_met():
     assert budget.team_goal_met(_Tools(_champion()), 0.0) is False
+
+
+def test_a_confirmation_the_judge_finds_unlikely_does_not_hold_the_team():
+    """Judged at the target, confirmed at it so far, but off course (the judge runs it on idle cells only):
+    the team searches on instead of waiting for a confirmation that will likely stop short."""
+    champion = _champion(judged=(37, 40), confirmed=(10, 10))
+    assert budget.team_goal_met(_Tools(champion, ""), 0.9) is True
+    assert budget.team_goal_met(_Tools(champion, "unlikely"), 0.9) is False
+    assert budget.team_goal_met(_Tools(champion, "not_met"), 0.9) is False

@@ -40,6 +40,12 @@ class NoArgs(Args):
     pass
 
 
+# The judge's state of the champion's confirmation, as the team state names it (`judging.confirmation`).
+CONFIRMATION = {"": " (on course to meet the target: it runs ahead of experiments)",
+                "unlikely": " (unlikely to meet the target: it runs on idle cells; beat it)",
+                "met": " (target met)", "not_met": " (stopped short of the target; beat it)"}
+
+
 def team_state(session) -> str:
     """Digest (or, in the ablation, every finding) and the champion."""
     tools, s = session.tools, session.settings
@@ -54,7 +60,7 @@ def team_state(session) -> str:
     if champion is not None:
         parts.append(f"## Champion\ncommit {champion.policy.commit} params {_cut(_json(champion.policy.params), 800)}: "
                      f"judged {champion.judged_successes}/{champion.judged_n} held-out, confirmed "
-                     f"{champion.successes}/{champion.n}")
+                     f"{champion.successes}/{champion.n}{CONFIRMATION.get(tools.confirmation(), '')}")
     return "\n".join(parts)
 
 

@@ -184,6 +184,12 @@ class Tools:
         return Champion(event.task, event.policy, event.judged_successes, event.judged_n, event.t, agent=event.agent,
                         successes=event.successes, n=event.n, decision=event.decision)
 
+    def confirmation(self) -> str:
+        """The champion's confirmation as the judge last announced it: "" on course (agents hold), "unlikely"
+        (the search goes on), "met" or "not_met"; "" before any announcement."""
+        event = self.events.latest(ChampionChanged) if self.events else None
+        return event.confirmation if event is not None and event.task == self.task else ""
+
     def queue_depth(self) -> QueueDepth | None:
         """The fleet's queue as the lease queue last announced it (None before any announcement)."""
         return self.events.latest(QueueDepth) if self.events else None
