@@ -342,9 +342,6 @@ class Judge(Actor):
         return self.board.get("champion", self.task, Champion)
 
     def _publish(self, c: Champion) -> None:
-        self.events.publish(m.ChampionChanged(
-            task=c.task, policy=c.policy, agent=c.agent, judged_successes=c.judged_successes, judged_n=c.judged_n,
-            successes=c.successes, n=c.n, decision=c.decision, t=time.time(),
-            confirmation=judging.confirmation(c, self.config)))
+        self.events.publish(judging.announce(c, self.config, time.time()))
         self._changed.set()
 

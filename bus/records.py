@@ -149,6 +149,9 @@ class Champion(msgspec.Struct):
     # (`metrics.sprt`: the chance to say "met" for a policy below the target is at most [scheduler] alpha)
     decision: str = ""
     decision_target: float = 0.0  # the [fleet] target that decision was made against (a later run may set another)
+    # Whether its confirmation leads (goes ahead of agents' experiments) as of the last count: the judge's
+    # forecast (`judging.leads`) keeps a lead until the chance of "met" falls well below where it began.
+    leads: bool = False
     # The champion it replaced, kept so a regression found by confirmation is rolled back.
     previous: PolicySpec | None = None
     previous_successes: int = 0

@@ -117,8 +117,10 @@ def build_driver(args: argparse.Namespace):
 
 
 async def run(args: argparse.Namespace, secret: bytes | None, driver, interface: RealInterface | None = None) -> None:
-    scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"enpire-{args.cell_id}-"))
-    limits = sandbox_limits(args)
+    if args.scratch is None:  # a scratch of our own goes with the cell
+        with tempfile.TemporaryDirectory(prefix=f"enpire-{args.cell_id}-") as own:
+            return await run(argparse.Namespace(**{**vars(args), "scratch": Path(own)}), secret, driver, interface)
+    scratch, limits = args.scratch, sandbox_limits(args)
     # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.
     probe = RequestClient(args.connect, sender=args.cell_id, secret=secret)
     try:

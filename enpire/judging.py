@@ -3,17 +3,18 @@ and its counts as functions of a blackboard transaction the caller holds.
 
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence
   (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation),
-  or, once the champion's confirmation stopped "not_met" or finds the target unlikely, when its record
-  is higher than that record and its own earlier confirmation (if any) does not show it worse (each
+  or, once the champion's confirmation stopped "not_met" or finds the target unlikely (`yields`), when
+  its record is higher than that record and its own earlier confirmation (if any) does not show it worse (each
   champion's own confirmation then holds its target claim to `alpha`). A policy's confirmation
   tally is kept when it is replaced (table "confirmed"): champion again (a promotion anew, a
   rollback), its record and its sequential test go on from there, never from a clean slate.
 - Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
   (`metrics.sprt`: the chance to say "met" for a policy below the target is at most `alpha`, however
   often it is checked; it stops "not_met" as soon as "met" is out of reach within its cap). A
-  confirmation on course (more likely than not to say "met" within its cap, at the rate the champion's
-  held-out record shows) is decisive and goes before agents' experiments, and agents hold meanwhile;
-  otherwise ("unlikely") only idle cells run it, only with `[scheduler] background`, and the search goes on.
+  confirmation that leads (its chance to say "met" within its cap, at the rate the champion's held-out
+  record shows, is at least JOIN, or LEAVE once it leads) is decisive and goes before agents' experiments,
+  and agents hold meanwhile; otherwise ("unlikely") only idle cells run it, only with `[scheduler]
+  background`, and the search goes on.
 - Rollback: a confirmation that shows the champion worse, with confidence, than the one it replaced
   (tested once per look, `rollback_look`, so repeated checks do not inflate alpha).
 - Smoke test: a policy may run on cells marked real once it ran faultlessly and succeeded in simulation.
@@ -24,6 +25,7 @@ and its counts as functions of a blackboard transaction the caller holds.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -40,7 +42,10 @@ PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "backgro
 # start-up cost), and the sequential rule is checked as each job ends.
 CONFIRM_EPISODES_PER_CELL = 4
 BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
-ON_COURSE = 0.5  # a confirmation goes before agents' experiments while "met" is at least this likely (on_course)
+# A confirmation starts to lead (ahead of agents' experiments, agents holding) at this chance of saying
+# "met" within its cap, and keeps the lead until the chance falls below the second: one episode more or
+# less must not toss the fleet between confirming and searching (`leads`).
+JOIN, LEAVE = 0.5, 0.2
 COUNTED = (m.Purpose.EVAL, m.Purpose.CONFIRM, m.Purpose.BASELINE)  # jobs whose verdicts the judge counts
 
 
@@ -72,7 +77,7 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config
         return Decision(True, "already the champion")
     if better_with_confidence(rs, rn, cs, cn, alpha):
         detail = f"{rs}/{rn} beats {cs}/{cn} (one-sided z-test, alpha {alpha})"
-    elif (champion and (state := confirmation(champion, config)) in ("not_met", "unlikely") and rs * cn > cs * rn
+    elif (champion and (state := yields(champion, config)) and rs * cn > cs * rn
           and not (confirmed[1] and better_with_confidence(cs, cn, *confirmed, alpha))):
         # A champion shown short of the target no longer needs protecting with confidence: its record
         # (hundreds of episodes) would otherwise outweigh any judging of `promote_seeds`, and a better
@@ -90,6 +95,16 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config
                        previous_successes=cs, previous_n=cn)
     decide(crowned, config)  # a carried tally may already be decided
     return Decision(True, detail, crowned)
+
+
+def yields(c: Champion, config: Config) -> str:
+    """The champion's confirmation state when it lets a merely higher record take its place ("" when it does
+    not): stopped short, or finds the target unlikely once it ran `min_heldout` episodes (a few early
+    failures are not enough to act on) or where it does not run at all (no background work)."""
+    state = confirmation(c, config)
+    if state == "not_met" or state == "unlikely" and (c.n >= config.fleet.min_heldout or not config.scheduler.background):
+        return state
+    return ""
 
 
 def goal(config: Config) -> str:
@@ -111,25 +126,26 @@ def goal(config: Config) -> str:
     odds = sprt_odds(p1, t, alpha, fleet.min_heldout, cap)
     at_p1 = (f"one at {100 * p1:g}% within that cap with a chance of {odds[0]:.0%} (after about {odds[1]:.0f} "
              "episodes when it is)") if odds else f"one at {100 * p1:g}% after about {sprt_episodes(p1, t, alpha, fleet.min_heldout)} without a cap"
-    k = fewest_on_course(config)
-    leads = (f"; judged alone, {k} of {sched.promote_seeds} or more" if k is not None else
-             f"; no judging of {sched.promote_seeds} episodes alone is")
+    k = fewest_to_lead(config)
+    fresh = (f"a champion judged {k} of {sched.promote_seeds} or more leads at once" if k is not None else
+             f"no judging of {sched.promote_seeds} episodes alone leads")
     return (f"held-out success of at least {100 * t:g}% on seeds no agent sees. {judged} The champion is then "
             f"confirmed on further held-out episodes by a sequential test (alpha {alpha:g}) that stops short after "
-            f"at most {cap} episodes: ahead of agents' experiments, with agents holding, while at the rate its whole "
-            f"held-out record shows it is more likely than not to say met within that cap (on course{leads}), "
-            f"{where}, the search going on. It says met{ends} after "
+            f"at most {cap} episodes. The confirmation leads (runs ahead of agents' experiments, agents holding) "
+            f"while, at the rate the champion's whole held-out record shows, its chance to say met within that cap "
+            f"is at least {JOIN:.0%} ({LEAVE:.0%} to keep a lead; {fresh}); {where}, the search going on. "
+            f"It says met{ends} after "
             f"{sprt_episodes(1.0, t, alpha, fleet.min_heldout)} episodes for a policy that always succeeds, "
             f"{at_p1}; a policy at {100 * t:g}% or below is confirmed with a chance of at most {alpha:g}. Aim well "
             "above the target.")
 
 
-def fewest_on_course(config: Config) -> int | None:
-    """The fewest successes of a judging (`promote_seeds` episodes) that put a new champion's confirmation on
-    course; None if none does. The chance grows with the rate, so a bisection finds it."""
+def fewest_to_lead(config: Config) -> int | None:
+    """The fewest successes of a judging (`promote_seeds` episodes) with which a new champion's confirmation
+    leads; None if none does. The chance grows with the rate, so a bisection finds it."""
     n = config.scheduler.promote_seeds
     def fresh(k: int) -> bool:
-        return on_course(Champion("", m.PolicySpec(commit=""), judged_successes=k, judged_n=n, promoted=0.0), config)
+        return leads(Champion("", m.PolicySpec(commit=""), judged_successes=k, judged_n=n, promoted=0.0), config)
     if n <= 0 or not fresh(n):
         return None
     low, high = -1, n  # fresh(low) is False (or low is -1), fresh(high) is True
@@ -141,42 +157,58 @@ def fewest_on_course(config: Config) -> int | None:
 
 def confirmation(c: Champion, config: Config) -> str:
     """The sequential rule on the champion's confirmation so far: "met" (can end the run), "not_met",
-    "unlikely" (go on, on idle cells only) or "" (go on, ahead of agents' experiments). A "met" stays met
-    for the target it was made against (episodes still in flight when it stopped do not undo it); against
-    another target the rule is applied again to the tally."""
+    "unlikely" (go on, on idle cells only) or "" (go on, ahead of agents' experiments: it leads). A "met"
+    stays met for the target it was made against (episodes still in flight when it stopped do not undo it);
+    against another target the rule is applied again to the tally."""
     if c.decision == "met" and c.decision_target == config.fleet.target:
         return "met"
     fleet, alpha = config.fleet, config.scheduler.alpha
     state = sprt(c.successes, c.n, fleet.target, alpha, BETA, min_n=fleet.min_heldout,
                  max_n=CONFIRMATION_CAP * fleet.min_heldout)
-    return "unlikely" if state == "" and not on_course(c, config) else state
+    return "unlikely" if state == "" and not leads(c, config) else state
 
 
-def on_course(c: Champion, config: Config) -> bool:
-    """Whether the confirmation, going on from where it is, says "met" within its cap more likely than not
-    for a policy at the rate the champion's whole held-out record shows (its judging and its confirmation
-    so far). A near-miss (judged 37/40 against 0.9: a chance of 21%) would otherwise hold every cell for up
-    to the cap and then stop short; off course, it goes on only on idle cells while the search goes on."""
+def leads(c: Champion, config: Config) -> bool:
+    """Whether the confirmation leads: going on from where it is, it says "met" within its cap with a chance
+    of at least JOIN (LEAVE once it leads: `c.leads`) for a policy at the rate the champion's whole held-out
+    record shows (its judging and its confirmation so far). A near-miss (judged 37/40 against 0.9: a chance
+    of 21%) would otherwise hold every cell up to the cap and then stop short; not leading, it goes on on
+    idle cells only while the search goes on."""
+    t = config.fleet.target
+    if not 0 < t < 1:  # anything meets a target of 0; no sample shows one of 1
+        return t <= 0
     s, n = heldout_record(c)
     if n == 0:
         return True
-    fleet, alpha = config.fleet, config.scheduler.alpha
-    odds = sprt_odds(s / n, fleet.target, alpha, fleet.min_heldout, CONFIRMATION_CAP * fleet.min_heldout,
-                     c.successes, c.n)
-    if odds is None:  # a cap too long to carry: the evidence must at least grow on average
-        return sprt_episodes(s / n, fleet.target, alpha) is not None
-    return odds[0] >= ON_COURSE
+    chance = chance_met(s, n, c.successes, c.n, t, config.scheduler.alpha, config.fleet.min_heldout)
+    return chance >= (LEAVE if c.leads else JOIN)
+
+
+@functools.lru_cache(maxsize=1024)  # a memo of a pure function: the judge asks about one state several times
+def chance_met(s: int, n: int, successes: int, confirmed_n: int, target: float, alpha: float, min_n: int) -> float:
+    """The capped rule's chance of saying "met" from a confirmation at `successes` of `confirmed_n`, for a
+    policy at the rate `s` of `n` (a held-out record) shows (`metrics.sprt_odds`; for a cap too long to
+    carry, 1 or 0 by whether the evidence grows on average at that rate)."""
+    odds = sprt_odds(s / n, target, alpha, min_n, CONFIRMATION_CAP * min_n, successes, confirmed_n)
+    return odds[0] if odds is not None else float(sprt_episodes(s / n, target, alpha) is not None)
 
 
 def decide(c: Champion, config: Config) -> bool:
-    """Record the rule's stop ("met" / "not_met") on the champion against the current target; whether
-    that changed it."""
+    """Record the rule's stop ("met" / "not_met") on the champion against the current target, and whether
+    its confirmation leads now; whether the stop changed."""
     state = confirmation(c, config)
     decision = state if state in ("met", "not_met") else ""
     target = config.fleet.target if decision else 0.0
     changed = (decision, target) != (c.decision, c.decision_target)
-    c.decision, c.decision_target = decision, target
+    c.decision, c.decision_target, c.leads = decision, target, state == ""
     return changed
+
+
+def announce(c: Champion, config: Config, now: float) -> m.ChampionChanged:
+    """The champion as the judge publishes it, with its confirmation's state (agents hold while it leads)."""
+    return m.ChampionChanged(task=c.task, policy=c.policy, agent=c.agent, judged_successes=c.judged_successes,
+                             judged_n=c.judged_n, successes=c.successes, n=c.n, decision=c.decision, t=now,
+                             confirmation=confirmation(c, config))
 
 
 def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int] | None:

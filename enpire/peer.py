@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 
 import pynng
@@ -37,9 +38,9 @@ def bus_url(value: str) -> str:
 
 def run_peer(prog: str, refused_event: str, identity: dict[str, str], main, *args) -> int:
     """Run `main(*args)` under trio: 0 when it returns, 3 when the daemon refused our key, 4 when it
-    never answered, 130 on Ctrl-C. Each failure is one line on stderr."""
+    never answered, 130 when a stop signal (SIGINT, SIGTERM) ended it. Each failure is one line on stderr."""
     try:
-        trio.run(main, *args)
+        stopped = trio.run(_until_stopped, main, *args)
     except AuthError as e:
         structlog.get_logger().error(refused_event, **identity, error=str(e))
         print(f"{prog}: {e}", file=sys.stderr)
@@ -49,4 +50,21 @@ def run_peer(prog: str, refused_event: str, identity: dict[str, str], main, *arg
         return 4
     except KeyboardInterrupt:
         return 130
-    return 0
+    return 130 if stopped else 0
+
+
+async def _until_stopped(main, *args) -> bool:
+    """`main(*args)`, cancelled by a stop signal so that what it holds is let go on the way out (a robot's
+    driver disconnected, the policy sandbox closed, its own scratch folder removed); whether one came."""
+    stopped = False
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                nonlocal stopped
+                async for _ in signals:
+                    stopped = True
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            await main(*args)
+            nursery.cancel_scope.cancel()
+    return stopped

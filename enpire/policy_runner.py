@@ -10,10 +10,12 @@ line per episode. A real robot moves only with --confirm-motion; without it each
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +31,7 @@ def load_policy():
     from safetensors.numpy import load
 
     scratch = Path(tempfile.mkdtemp(prefix="enpire-policy-"))
+    atexit.register(shutil.rmtree, scratch, True)  # the copy goes when the program does
     for f in (HERE / "policy").rglob("*"):
         if f.is_file():
             (scratch / f.relative_to(HERE / "policy")).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ again), runs the recipe (`enpire.learning.runner`: the same staging and confinem
 own trainer, on this machine's device, data-parallel over `--processes`), heartbeats while it works and
 returns the checkpoint's bytes; the fleet stores it by content hash. If this process dies mid-job, the
 lease lapses and the job goes back to the queue for another trainer.
-Exit codes: 0 stopped by a signal, 3 refused (wrong secret), 4 the fleet never answered, 2 bad device.
+Exit codes: 130 stopped by a signal (SIGINT, SIGTERM), 3 refused (wrong secret), 4 the fleet never answered, 2 bad device.
 """
 
 from __future__ import annotations
@@ -176,7 +176,10 @@ class FetchError(RuntimeError):
 
 
 async def run(args: argparse.Namespace, secret: bytes | None, device: str, gpu: str, processes: int) -> None:
-    cache = args.cache or Path(tempfile.mkdtemp(prefix=f"enpire-trainer-{args.trainer_id}-"))
+    if args.cache is None:  # a cache of our own goes with the trainer
+        with tempfile.TemporaryDirectory(prefix=f"enpire-trainer-{args.trainer_id}-") as own:
+            return await run(argparse.Namespace(**{**vars(args), "cache": Path(own)}), secret, device, gpu, processes)
+    cache = args.cache
     cache.mkdir(parents=True, exist_ok=True)
     client = RequestClient(args.connect, sender=f"trainer:{args.trainer_id}", secret=secret)
     try:

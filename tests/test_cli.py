@@ -55,6 +55,39 @@ def test_unknown_command_and_bad_state_dir_are_one_line_errors(tmp_path):
         assert r.returncode == 2 and says in r.stderr.splitlines()[-1], r.stderr
 
 
+@pytest.mark.parametrize("argv, prefix", [
+    (["cell", "--cell-id", "arm-9", "--unconfined"], "enpire-arm-9-"),
+    (["trainer", "--trainer-id", "gpu-9", "--device", "cpu"], "enpire-trainer-gpu-9-"),
+])
+def test_a_stop_signal_ends_a_peer_as_ctrl_c_does_and_it_cleans_up(tmp_path, argv, prefix):
+    """SIGTERM (a supervisor's stop, `kill`) ends a cell or a remote trainer the way Ctrl-C does: what it
+    holds is let go on the way out (here, while it waits for a fleet, the scratch folder it made itself), exit 130.
+    Before, the signal killed it on the spot and every run left its folder behind in /tmp."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:  # an address nobody listens on: the peer waits for its fleet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "ENPIRE_SECRET"} | {"TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([str(SCRIPT), *argv, "--connect", f"tcp://127.0.0.1:{port}", "--connect-timeout", "120"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(prefix) for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.1)
+        time.sleep(0.5)  # inside its wait for the fleet
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(prefix)]
+
+
 def test_a_command_is_one_registration(tmp_path, monkeypatch, capsys):
     (tmp_path / "extra_cmd.py").write_text(
         "def main(argv=None, prog='python -m extra_cmd'):\n    print(prog, argv)\n    return 7\n")

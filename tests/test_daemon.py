@@ -340,15 +340,19 @@ def test_remote_cell_over_tcp_needs_the_shared_secret(tmp_path):
         wrong = _run("enpire.cell", "--connect", url, "--cell-id", "intruder", "--connect-timeout", "20",
                      env=dict(os.environ, ENPIRE_SECRET="guess"))
         assert wrong.returncode == 3 and "refused" in wrong.stderr
+        (tmp := tmp_path / "tmp").mkdir()  # where the cell makes its own scratch folder (no --scratch)
         good = subprocess.Popen(
             [sys.executable, "-m", "enpire.cell", "--connect", url, "--cell-id", "remote-1"],
-            cwd=ROOT, env=dict(os.environ, ENPIRE_SECRET="correct horse battery staple"),
+            cwd=ROOT, env=dict(os.environ, ENPIRE_SECRET="correct horse battery staple", TMPDIR=str(tmp)),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_for(lambda: _episodes(tmp_path) >= 10, 120, "the remote cell to run episodes")
+            assert [p.name for p in tmp.iterdir() if p.name.startswith("enpire-remote-1-")]
         finally:
             good.terminate()
             good.wait(10)
+        # SIGTERM stops it the way Ctrl-C does: what it held is let go (its scratch folder is gone), exit 130
+        assert good.returncode == 130 and not [p for p in tmp.iterdir() if p.name.startswith("enpire-remote-1-")]
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.communicate(timeout=30)

@@ -86,7 +86,8 @@ def test_sequential_rule_stops_once_met_is_out_of_reach_without_losing_a_met():
     # target 0.9, floor 40, cap 200: 56 straight successes say "met", so 11 failures rule it out
     assert sprt(39, 50, TARGET, ALPHA, min_n=40, max_n=200) == "not_met"
     assert sprt(40, 50, TARGET, ALPHA, min_n=40, max_n=200) == "unlikely"
-    # a few early failures are not acted on before the floor: 0/4 and 4/8 go on (at decisive priority)
+    # Wald's ratio does not act on a few early failures before the floor: 0/4 and 4/8 go on (whether the
+    # confirmation still leads is the judge's forecast over the whole held-out record: judging.leads)
     assert sprt(0, 4, TARGET, ALPHA) == "unlikely" and sprt(0, 4, TARGET, ALPHA, min_n=40, max_n=200) == ""
     assert sprt(4, 8, TARGET, ALPHA, min_n=40, max_n=200) == ""
 

@@ -671,8 +671,8 @@ async def test_a_judging_finished_before_a_crash_is_decided_at_the_restart(tmp_p
 
 async def test_an_off_course_confirmation_yields_the_cell_to_agents_and_says_so(tmp_path):
     """A champion judged 17/20 against a target of 0.9 is unlikely to be confirmed within the cap: the judge
-    says so (agents search on) and its confirmation waits behind an agent's evaluation. One judged 20/20 is on
-    course: the judge says so (agents hold) and its confirmation goes first."""
+    says so (agents search on), its confirmation waits behind an agent's evaluation, and once it ran
+    min_heldout episodes a merely higher record takes its place."""
     config = cfg.with_overrides(_config(promote_seeds=20), **{"fleet.target": 0.9, "fleet.min_heldout": 20})
     async with trio.open_nursery() as nursery:
         ref, _, _ = await _start(nursery, tmp_path, config)
@@ -683,11 +683,37 @@ async def test_an_off_course_confirmation_yields_the_cell_to_agents_and_says_so(
         nursery.start_soon(ref.ask, EvalRequest(job_id="e1", agent="a", task="pusht", policy=b, seeds=[1, 2]))
         await trio.sleep(0.3)
         assert [lease.job_id for lease in await _serve(ref, 2)] == ["e1", "e1"]
-        assert (await _judge(ref, b, "pb", 20, 20)).promoted  # above a champion found unlikely
+        await _confirm(ref, 17, 20)  # on the idle cell: 34/40 in all, still unlikely, and now min_heldout long
+        await _eventually(lambda: ref.events.latest(ChampionChanged).n == 20)
+        assert ref.events.latest(ChampionChanged).confirmation == "unlikely"
+        judged = await _judge(ref, b, "pb", 19, 20)  # 19/20 is not better than 34/40 with confidence, only higher
+        assert judged.promoted and "finds the target unlikely" in judged.detail
         await _eventually(lambda: ref.events.latest(ChampionChanged).policy == b)
+        assert ref.events.latest(ChampionChanged).confirmation == "unlikely"  # 19/20: a chance of 31%
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_confirmation_that_leads_goes_first_and_says_so(tmp_path):
+    """A champion judged 20/20 against 0.9 is likely to be confirmed: the judge says so (agents hold) and its
+    confirmation goes before an agent's evaluation queued meanwhile. When failures take the lead away, its
+    job already queued runs out (a job is counted whole or not at all) and the rest goes behind agents' work."""
+    config = cfg.with_overrides(_config(promote_seeds=20), **{"fleet.target": 0.9, "fleet.min_heldout": 20})
+    async with trio.open_nursery() as nursery:
+        ref, _, _ = await _start(nursery, tmp_path, config)
+        await _hello(ref)
+        a = PolicySpec("aaaa", {})
+        assert (await _judge(ref, a, "pa", 20, 20)).promoted
+        await _eventually(lambda: ref.events.latest(ChampionChanged) is not None)
         assert ref.events.latest(ChampionChanged).confirmation == ""
         nursery.start_soon(ref.ask, EvalRequest(job_id="e2", agent="a", task="pusht", policy=a, seeds=[3, 4]))
         await trio.sleep(0.3)
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
-        assert lease.kind == "background" and lease.policy == b
+        assert lease.kind == "background" and lease.policy == a
+        await ref.ask(_report(lease, False))
+        await _confirm(ref, 1, 3)  # its first job: 1/4, 21/24 in all, a chance under 1%: it loses the lead
+        await _eventually(lambda: ref.events.latest(ChampionChanged).n == 4)
+        assert ref.events.latest(ChampionChanged).confirmation == "unlikely"
+        await trio.sleep(0.3)  # what was already queued of it (its second job) runs out; then agents' work
+        jobs = [lease.job_id for lease in await _serve(ref, 6)]
+        assert jobs[-2:] == ["e2", "e2"] and len(set(jobs[:4])) == 1 and jobs[0].startswith("confirm-"), jobs
         nursery.cancel_scope.cancel()

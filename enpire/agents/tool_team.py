@@ -41,8 +41,8 @@ class NoArgs(Args):
 
 
 # The judge's state of the champion's confirmation, as the team state names it (`judging.confirmation`).
-CONFIRMATION = {"": " (on course to meet the target: it runs ahead of experiments)",
-                "unlikely": " (unlikely to meet the target: it runs on idle cells; beat it)",
+CONFIRMATION = {"": " (likely to meet the target: it runs ahead of experiments)",
+                "unlikely": " (unlikely to meet the target: the search goes on; beat it)",
                 "met": " (target met)", "not_met": " (stopped short of the target; beat it)"}
 
 

@@ -184,11 +184,11 @@ class Tools:
         return Champion(event.task, event.policy, event.judged_successes, event.judged_n, event.t, agent=event.agent,
                         successes=event.successes, n=event.n, decision=event.decision)
 
-    def confirmation(self) -> str:
-        """The champion's confirmation as the judge last announced it: "" on course (agents hold), "unlikely"
-        (the search goes on), "met" or "not_met"; "" before any announcement."""
+    def confirmation(self) -> str | None:
+        """The champion's confirmation as the judge last announced it: "" while it leads (agents hold),
+        "unlikely" (the search goes on), "met" or "not_met"; None before any announcement."""
         event = self.events.latest(ChampionChanged) if self.events else None
-        return event.confirmation if event is not None and event.task == self.task else ""
+        return event.confirmation if event is not None and event.task == self.task else None
 
     def queue_depth(self) -> QueueDepth | None:
         """The fleet's queue as the lease queue last announced it (None before any announcement)."""
