@@ -56,7 +56,7 @@ def run_peer(prog: str, refused_event: str, identity: dict[str, str], main, *arg
 async def _until_stopped(main, *args) -> bool:
     """`main(*args)`, cancelled by a stop signal so that what it holds is let go on the way out (a robot's
     driver disconnected, the policy sandbox closed, its own scratch folder removed); whether one came."""
-    stopped = False
+    stopped, error = False, None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             async def watch() -> None:
@@ -65,6 +65,11 @@ async def _until_stopped(main, *args) -> bool:
                     stopped = True
                     nursery.cancel_scope.cancel()
             nursery.start_soon(watch)
-            await main(*args)
+            try:
+                await main(*args)
+            except Exception as e:  # raised below as itself, not inside the nursery's exception group
+                error = e
             nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
     return stopped
