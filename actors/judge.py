@@ -64,8 +64,9 @@ class Judge(Actor):
         self.promotions, self.committed = judging.restored(record for _, record in self.board.items("jobs", JobRecord))
         self._confirming, self._background = 0, set()
         if (champion := self.champion()) is not None:
-            if judging.decide(champion, self.config):  # stopped against another target (an earlier run's)
-                self.log.info("confirmation_decided_again", decision=champion.decision, target=self.config.fleet.target)
+            before = champion.decision
+            if judging.decide(champion, self.config):  # its stop against another target (an earlier run's), its lead
+                self.log.info("confirmation_decided_again", decision=champion.decision, was=before, leads=champion.leads)
                 await self.board.transact(lambda w: w.put("champion", champion.task, champion))  # before it is heard
             self._publish(champion)
         self._publish_pool(self.board.get("heldout", self.task, HeldoutRecord) or HeldoutRecord(self.task))
@@ -239,7 +240,8 @@ class Judge(Actor):
         now = time.time()
         if spec.purpose is Purpose.EVAL:
             await self.board.transact(lambda w: judging.count_evaluation(w, spec, done.episodes, now))
-        elif crowned := await self.board.transact(lambda w: judging.count_baseline(w, spec, done.episodes, now)):
+        elif crowned := await self.board.transact(lambda w: judging.count_baseline(w, spec, done.episodes,
+                                                                                    self.config, now)):
             await self._crowned(crowned)
             self.log.info("baseline_judged", policy=spec.policy.ref, judged=f"{crowned.judged_successes}/{crowned.judged_n}")
 

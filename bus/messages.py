@@ -576,7 +576,7 @@ class ChampionChanged(Message, frozen=True):
     n: int
     decision: str  # "" while confirming, "met" or "not_met" once the sequential rule stopped
     t: float
-    # The rule's state as the judge applies it (`judging.confirmation`): "" on course (ahead of agents'
+    # The rule's state as the judge applies it (`judging.confirmation`): "" it leads (ahead of agents'
     # experiments; agents hold), "unlikely" (idle cells only; the search goes on), "met", "not_met".
     confirmation: str = ""
 

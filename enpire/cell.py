@@ -118,7 +118,7 @@ def build_driver(args: argparse.Namespace):
 
 async def run(args: argparse.Namespace, secret: bytes | None, driver, interface: RealInterface | None = None) -> None:
     if args.scratch is None:  # a scratch of our own goes with the cell
-        with tempfile.TemporaryDirectory(prefix=f"enpire-{args.cell_id}-") as own:
+        with tempfile.TemporaryDirectory(prefix=f"enpire-{args.cell_id}-", ignore_cleanup_errors=True) as own:
             return await run(argparse.Namespace(**{**vars(args), "scratch": Path(own)}), secret, driver, interface)
     scratch, limits = args.scratch, sandbox_limits(args)
     # Authenticate before anything runs: a refused robot stops with a clear message instead of retrying.

@@ -42,7 +42,7 @@ PRIORITY = {"final": 300, "decisive": 200, "judging": 100, "smoke": 50, "backgro
 # start-up cost), and the sequential rule is checked as each job ends.
 CONFIRM_EPISODES_PER_CELL = 4
 BETA = 0.1  # the confirmation's chance to look "unlikely" for a policy at the halfway rate (sprt)
-# A confirmation starts to lead (ahead of agents' experiments, agents holding) at this chance of saying
+# A confirmation starts to lead (runs ahead of agents' experiments) at this chance of saying
 # "met" within its cap, and keeps the lead until the chance falls below the second: one episode more or
 # less must not toss the fleet between confirming and searching (`leads`).
 JOIN, LEAVE = 0.5, 0.2
@@ -99,12 +99,10 @@ def promotion(spec: m.JobSpec, s: int, n: int, champion: Champion | None, config
 
 def yields(c: Champion, config: Config) -> str:
     """The champion's confirmation state when it lets a merely higher record take its place ("" when it does
-    not): stopped short, or finds the target unlikely once it ran `min_heldout` episodes (a few early
-    failures are not enough to act on) or where it does not run at all (no background work)."""
+    not): stopped short, or finds the target unlikely (it does not lead: its record makes "met" within the
+    cap unlikely, and it runs on idle cells only, so on a busy fleet it may never stop)."""
     state = confirmation(c, config)
-    if state == "not_met" or state == "unlikely" and (c.n >= config.fleet.min_heldout or not config.scheduler.background):
-        return state
-    return ""
+    return state if state in ("not_met", "unlikely") else ""
 
 
 def goal(config: Config) -> str:
@@ -131,7 +129,7 @@ def goal(config: Config) -> str:
              f"no judging of {sched.promote_seeds} episodes alone leads")
     return (f"held-out success of at least {100 * t:g}% on seeds no agent sees. {judged} The champion is then "
             f"confirmed on further held-out episodes by a sequential test (alpha {alpha:g}) that stops short after "
-            f"at most {cap} episodes. The confirmation leads (runs ahead of agents' experiments, agents holding) "
+            f"at most {cap} episodes. The confirmation leads (runs ahead of agents' experiments) "
             f"while, at the rate the champion's whole held-out record shows, its chance to say met within that cap "
             f"is at least {JOIN:.0%} ({LEAVE:.0%} to keep a lead; {fresh}); {where}, the search going on. "
             f"It says met{ends} after "
@@ -195,11 +193,11 @@ def chance_met(s: int, n: int, successes: int, confirmed_n: int, target: float, 
 
 def decide(c: Champion, config: Config) -> bool:
     """Record the rule's stop ("met" / "not_met") on the champion against the current target, and whether
-    its confirmation leads now; whether the stop changed."""
+    its confirmation leads now; whether either changed."""
     state = confirmation(c, config)
     decision = state if state in ("met", "not_met") else ""
     target = config.fleet.target if decision else 0.0
-    changed = (decision, target) != (c.decision, c.decision_target)
+    changed = (decision, target, state == "") != (c.decision, c.decision_target, c.leads)
     c.decision, c.decision_target, c.leads = decision, target, state == ""
     return changed
 
@@ -214,7 +212,7 @@ def announce(c: Champion, config: Config, now: float) -> m.ChampionChanged:
 def confirmation_plan(c: Champion, config: Config, cells: int) -> tuple[int, int] | None:
     """(episodes per confirmation job, its priority), or None when the champion needs no more."""
     state = confirmation(c, config)
-    decisive = state == ""  # on course: the fleet's goal hangs on it
+    decisive = state == ""  # it leads: the fleet's goal likely hangs on it
     if state in ("met", "not_met") or not (decisive or config.scheduler.background):
         return None
     return CONFIRM_EPISODES_PER_CELL * max(1, cells), PRIORITY["decisive" if decisive else "background"]
@@ -295,7 +293,8 @@ def count_promotion(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary
     return decision, champion
 
 
-def count_baseline(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], now: float) -> Champion | None:
+def count_baseline(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary], config: Config,
+                   now: float) -> Champion | None:
     """The starting policy's judging crowns it while there is no champion; the champion it made, if any."""
     if w.get("tallied", spec.job_id, Tallied) is not None:
         return None
@@ -303,6 +302,7 @@ def count_baseline(w: Txn, spec: m.JobSpec, episodes: Sequence[m.EpisodeSummary]
     if w.get("champion", spec.task, Champion) is None:  # else a promotion came first
         s, n = tally(episodes)
         crowned = Champion(spec.task, spec.policy, judged_successes=s, judged_n=n, promoted=now, agent="baseline")
+        decide(crowned, config)  # whether its confirmation leads
         w.put("champion", spec.task, crowned)
     w.put("tallied", spec.job_id, Tallied(now, counted=crowned is not None))
     return crowned

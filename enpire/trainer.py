@@ -177,7 +177,7 @@ class FetchError(RuntimeError):
 
 async def run(args: argparse.Namespace, secret: bytes | None, device: str, gpu: str, processes: int) -> None:
     if args.cache is None:  # a cache of our own goes with the trainer
-        with tempfile.TemporaryDirectory(prefix=f"enpire-trainer-{args.trainer_id}-") as own:
+        with tempfile.TemporaryDirectory(prefix=f"enpire-trainer-{args.trainer_id}-", ignore_cleanup_errors=True) as own:
             return await run(argparse.Namespace(**{**vars(args), "cache": Path(own)}), secret, device, gpu, processes)
     cache = args.cache
     cache.mkdir(parents=True, exist_ok=True)

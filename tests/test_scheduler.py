@@ -26,6 +26,7 @@ from bus.messages import (
     PolicySpec,
     PromoteRequest,
     PromoteResult,
+    QueueDepth,
     Verdict,
 )
 from bus.records import CandidateRecord, Champion, EpisodeRecord, HeldoutRecord, Tallied
@@ -681,7 +682,7 @@ async def test_an_off_course_confirmation_yields_the_cell_to_agents_and_says_so(
         assert (await _judge(ref, a, "pa", 17, 20)).promoted
         await _eventually(lambda: ref.events.latest(ChampionChanged).confirmation == "unlikely")
         nursery.start_soon(ref.ask, EvalRequest(job_id="e1", agent="a", task="pusht", policy=b, seeds=[1, 2]))
-        await trio.sleep(0.3)
+        await _eventually(lambda: ref.events.latest(QueueDepth).waiting == 2)  # queued behind nothing
         assert [lease.job_id for lease in await _serve(ref, 2)] == ["e1", "e1"]
         await _confirm(ref, 17, 20)  # on the idle cell: 34/40 in all, still unlikely, and now min_heldout long
         await _eventually(lambda: ref.events.latest(ChampionChanged).n == 20)
@@ -706,14 +707,14 @@ async def test_a_confirmation_that_leads_goes_first_and_says_so(tmp_path):
         await _eventually(lambda: ref.events.latest(ChampionChanged) is not None)
         assert ref.events.latest(ChampionChanged).confirmation == ""
         nursery.start_soon(ref.ask, EvalRequest(job_id="e2", agent="a", task="pusht", policy=a, seeds=[3, 4]))
-        await trio.sleep(0.3)
+        await _eventually(lambda: ref.events.latest(QueueDepth).waiting == 2)
         lease = await ref.ask(LeaseRequest(cell_id="cell-0"))
         assert lease.kind == "background" and lease.policy == a
         await ref.ask(_report(lease, False))
         await _confirm(ref, 1, 3)  # its first job: 1/4, 21/24 in all, a chance under 1%: it loses the lead
         await _eventually(lambda: ref.events.latest(ChampionChanged).n == 4)
         assert ref.events.latest(ChampionChanged).confirmation == "unlikely"
-        await trio.sleep(0.3)  # what was already queued of it (its second job) runs out; then agents' work
+        await _eventually(lambda: ref.events.latest(QueueDepth).background >= 8)  # its next job, behind agents
         jobs = [lease.job_id for lease in await _serve(ref, 6)]
         assert jobs[-2:] == ["e2", "e2"] and len(set(jobs[:4])) == 1 and jobs[0].startswith("confirm-"), jobs
         nursery.cancel_scope.cancel()

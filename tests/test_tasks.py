@@ -152,7 +152,7 @@ def test_card_states_the_fleet_goal_as_the_judge_decides_it():
     assert abs(chance - met) < 1e-9 and abs(mean - met_n / met) < 1e-6 and round(chance, 2) == 0.70
     assert "at least 90%" in out and "judged on 40 held-out episodes" in out and "ending the run" in out
     assert "merely higher, once the champion's confirmation has stopped short" in out and "only on idle cells" in out
-    assert "agents holding" in out and "at least 50% (20% to keep a lead; a champion judged 38 of 40 or more" in out
+    assert "runs ahead of agents' experiments" in out and "at least 50% (20% to keep a lead; a champion judged 38 of 40 or more" in out
     assert f"stops short after at most {cap} episodes" in out
     assert (f"after {perfect} episodes for a policy that always succeeds, one at 95% within that cap with a chance "
             f"of 70% (after about {mean:.0f} episodes when it is)") in out

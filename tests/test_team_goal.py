@@ -14,7 +14,7 @@ from enpire.agents import budget
 @dataclass
 class _Tools:
     current: Champion | None
-    state: str = ""  # the judge's announced state of the confirmation ("" on course)
+    state: str = ""  # the judge's announced state of the confirmation ("" it leads)
 
     def champion(self) -> Champion | None:
         return self.current

@@ -25,8 +25,8 @@ def line(token_budget: int, wall_budget_s: float, used: int, elapsed: float) -> 
 def team_goal_met(tools: Tools, target: float, *, margin: float = 0.0, confirm_after: int = 20) -> bool:
     """The champion already meets the target (plus `margin`) on its judging and on what confirmation has
     seen so far, once it has seen `confirm_after` episodes. A confirmation that stopped "not_met", or that
-    the judge finds unlikely to say "met" (it then runs on idle cells only), says it does not, however its
-    point estimate looks: the team works on. A target of 0 or less is no goal."""
+    the judge finds unlikely to say "met" (it then runs on idle cells only, if at all), says it does not,
+    however its point estimate looks: the team works on. A target of 0 or less is no goal."""
     c = tools.champion()
     if (target <= 0 or c is None or c.decision == "not_met" or tools.confirmation() in ("not_met", "unlikely")
             or c.judged_n == 0 or c.judged_rate < target + margin):
