@@ -577,7 +577,7 @@ class ChampionChanged(Message, frozen=True):
     decision: str  # "" while confirming, "met" or "not_met" once the sequential rule stopped
     t: float
     # The rule's state as the judge applies it (`judging.confirmation`): "" it leads (ahead of agents'
-    # experiments; agents hold), "unlikely" (idle cells only; the search goes on), "met", "not_met".
+    # experiments; agents may hold), "unlikely" (idle cells only; the search goes on), "met", "not_met".
     confirmation: str = ""
 
 

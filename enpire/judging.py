@@ -13,7 +13,7 @@ and its counts as functions of a blackboard transaction the caller holds.
   often it is checked; it stops "not_met" as soon as "met" is out of reach within its cap). A
   confirmation that leads (its chance to say "met" within its cap, at the rate the champion's held-out
   record shows, is at least JOIN, or LEAVE once it leads) is decisive and goes before agents' experiments,
-  and agents hold meanwhile; otherwise ("unlikely") only idle cells run it, only with `[scheduler]
+  and agents may hold meanwhile (their own rule: `agents/budget.py`); otherwise ("unlikely") only idle cells run it, only with `[scheduler]
   background`, and the search goes on.
 - Rollback: a confirmation that shows the champion worse, with confidence, than the one it replaced
   (tested once per look, `rollback_look`, so repeated checks do not inflate alpha).
@@ -203,7 +203,7 @@ def decide(c: Champion, config: Config) -> bool:
 
 
 def announce(c: Champion, config: Config, now: float) -> m.ChampionChanged:
-    """The champion as the judge publishes it, with its confirmation's state (agents hold while it leads)."""
+    """The champion as the judge publishes it, with its confirmation's state (agents may hold while it leads)."""
     return m.ChampionChanged(task=c.task, policy=c.policy, agent=c.agent, judged_successes=c.judged_successes,
                              judged_n=c.judged_n, successes=c.successes, n=c.n, decision=c.decision, t=now,
                              confirmation=confirmation(c, config))

@@ -103,8 +103,8 @@ def test_a_confirmation_leads_while_the_target_is_likely_and_keeps_its_lead_thro
     assert judging.confirmation(crowned, config) == "" and not judging.decide(crowned, config) and crowned.leads
     fresh = Champion("pusht", NEW, judged_successes=38, judged_n=40, promoted=0.0, successes=7, n=8)
     assert judging.confirmation(fresh, config) == "unlikely"  # ... which the same record would not take
-    crowned.successes, crowned.n = 29, 32  # three in 32: it loses it
-    judging.decide(crowned, config)
+    crowned.successes, crowned.n = 29, 32  # three in 32: it loses it, a change decide() reports (to be stored)
+    assert judging.decide(crowned, config) and crowned.decision == ""
     assert not crowned.leads and judging.confirmation(crowned, config) == "unlikely"
     crowned.successes, crowned.n = 36, 39  # and takes it again only at JOIN: six successes more give 30%
     assert 0.2 < judging.chance_met(74, 79, 36, 39, 0.9, config.scheduler.alpha, 40) < 0.5

@@ -672,8 +672,8 @@ async def test_a_judging_finished_before_a_crash_is_decided_at_the_restart(tmp_p
 
 async def test_an_off_course_confirmation_yields_the_cell_to_agents_and_says_so(tmp_path):
     """A champion judged 17/20 against a target of 0.9 is unlikely to be confirmed within the cap: the judge
-    says so (agents search on), its confirmation waits behind an agent's evaluation, and once it ran
-    min_heldout episodes a merely higher record takes its place."""
+    says so (agents search on), its confirmation runs on the idle cell, behind an agent's evaluation, and a
+    merely higher record takes its place."""
     config = cfg.with_overrides(_config(promote_seeds=20), **{"fleet.target": 0.9, "fleet.min_heldout": 20})
     async with trio.open_nursery() as nursery:
         ref, _, _ = await _start(nursery, tmp_path, config)
@@ -684,7 +684,7 @@ async def test_an_off_course_confirmation_yields_the_cell_to_agents_and_says_so(
         nursery.start_soon(ref.ask, EvalRequest(job_id="e1", agent="a", task="pusht", policy=b, seeds=[1, 2]))
         await _eventually(lambda: ref.events.latest(QueueDepth).waiting == 2)  # queued behind nothing
         assert [lease.job_id for lease in await _serve(ref, 2)] == ["e1", "e1"]
-        await _confirm(ref, 17, 20)  # on the idle cell: 34/40 in all, still unlikely, and now min_heldout long
+        await _confirm(ref, 17, 20)  # on the idle cell: 34/40 in all, still unlikely
         await _eventually(lambda: ref.events.latest(ChampionChanged).n == 20)
         assert ref.events.latest(ChampionChanged).confirmation == "unlikely"
         judged = await _judge(ref, b, "pb", 19, 20)  # 19/20 is not better than 34/40 with confidence, only higher
@@ -695,7 +695,7 @@ async def test_an_off_course_confirmation_yields_the_cell_to_agents_and_says_so(
 
 
 async def test_a_confirmation_that_leads_goes_first_and_says_so(tmp_path):
-    """A champion judged 20/20 against 0.9 is likely to be confirmed: the judge says so (agents hold) and its
+    """A champion judged 20/20 against 0.9 is likely to be confirmed: the judge says so (agents may hold) and its
     confirmation goes before an agent's evaluation queued meanwhile. When failures take the lead away, its
     job already queued runs out (a job is counted whole or not at all) and the rest goes behind agents' work."""
     config = cfg.with_overrides(_config(promote_seeds=20), **{"fleet.target": 0.9, "fleet.min_heldout": 20})

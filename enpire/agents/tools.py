@@ -185,7 +185,7 @@ class Tools:
                         successes=event.successes, n=event.n, decision=event.decision)
 
     def confirmation(self) -> str | None:
-        """The champion's confirmation as the judge last announced it: "" while it leads (agents hold),
+        """The champion's confirmation as the judge last announced it: "" while it leads (agents may hold),
         "unlikely" (the search goes on), "met" or "not_met"; None before any announcement."""
         event = self.events.latest(ChampionChanged) if self.events else None
         return event.confirmation if event is not None and event.task == self.task else None
