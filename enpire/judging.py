@@ -4,8 +4,8 @@ and its counts as functions of a blackboard transaction the caller holds.
 - Promotion: a candidate replaces the champion only when it is better with statistical confidence
   (one-sided two-proportion z-test) than the champion's whole held-out record (judging + confirmation),
   or, once the champion's confirmation stopped "not_met" or finds the target unlikely (`yields`), when
-  its record is higher than that record and its own earlier confirmation (if any) does not show it worse (each
-  champion's own confirmation then holds its target claim to `alpha`). A policy's confirmation
+  its record is higher than that record and its own earlier confirmation (if any) does not show it worse
+  (each champion's own confirmation then holds its target claim to `alpha`). A policy's confirmation
   tally is kept when it is replaced (table "confirmed"): champion again (a promotion anew, a
   rollback), its record and its sequential test go on from there, never from a clean slate.
 - Confirmation: the champion runs on further fresh held-out seeds until a sequential rule stops
@@ -13,8 +13,8 @@ and its counts as functions of a blackboard transaction the caller holds.
   often it is checked; it stops "not_met" as soon as "met" is out of reach within its cap). A
   confirmation that leads (its chance to say "met" within its cap, at the rate the champion's held-out
   record shows, is at least JOIN, or LEAVE once it leads) is decisive and goes before agents' experiments,
-  and agents may hold meanwhile (their own rule: `agents/budget.py`); otherwise ("unlikely") only idle cells run it, only with `[scheduler]
-  background`, and the search goes on.
+  and agents may hold meanwhile (their own rule: `agents/budget.py`); otherwise ("unlikely") only idle
+  cells run it, only with `[scheduler] background`, and the search goes on.
 - Rollback: a confirmation that shows the champion worse, with confidence, than the one it replaced
   (tested once per look, `rollback_look`, so repeated checks do not inflate alpha).
 - Smoke test: a policy may run on cells marked real once it ran faultlessly and succeeded in simulation.
